@@ -1,0 +1,81 @@
+"""c2sp.org/tlog-checkpoint v1.0.0: the checkpoint note body, parsed strictly."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import MalformedError
+from .hashes import HASH_SIZE
+from .merkle import MAX_TREE_SIZE
+from .note import b64decode_strict, b64encode, check_text
+
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")  # [0-9], never \d
+MAX_EXTENSION_LINES = 16
+MAX_ORIGIN_BYTES = 255
+
+
+def parse_decimal(s: str, what: str, limit: int = MAX_TREE_SIZE) -> int:
+    """Parse an ASCII decimal with no sign and no leading zeros, at most limit. Raises MalformedError."""
+    if not _DECIMAL.fullmatch(s) or int(s) > limit:
+        raise MalformedError(f"malformed {what} {s[:32]!r}")
+    return int(s)
+
+
+def parse_hash(s: str, what: str = "hash") -> bytes:
+    """Parse one canonical base64 SHA-256 hash. Raises MalformedError."""
+    h = b64decode_strict(s, what)
+    if len(h) != HASH_SIZE:
+        raise MalformedError(f"{what} is {len(h)} bytes, want {HASH_SIZE}")
+    return h
+
+
+def is_valid_origin(origin: str) -> bool:
+    """Whether an origin meets the spec's SHOULD (a schema-less URL: no spaces, no '+').
+
+    We hold our own origins to this; parsing accepts any non-empty origin line.
+    """
+    return (
+        0 < len(origin.encode()) <= MAX_ORIGIN_BYTES
+        and "+" not in origin
+        and not any(c.isspace() or c < " " for c in origin)
+    )
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A tree head: origin, tree size, root hash, and optional extension lines."""
+
+    origin: str
+    size: int
+    root_hash: bytes
+    extensions: tuple[str, ...] = ()
+
+    def text(self) -> str:
+        """The checkpoint note text, ending in newline."""
+        lines = [self.origin, str(self.size), b64encode(self.root_hash), *self.extensions]
+        return "".join(line + "\n" for line in lines)
+
+
+def parse_checkpoint(text: str) -> Checkpoint:
+    """Parse a checkpoint note text (not the signatures) that must re-encode to the same text.
+
+    Raises MalformedError.
+    """
+    check_text(text)
+    if not text.endswith("\n"):
+        raise MalformedError("checkpoint does not end in newline")
+    lines = text[:-1].split("\n")
+    if len(lines) < 3:
+        raise MalformedError("checkpoint has fewer than 3 lines")
+    if len(lines) > 3 + MAX_EXTENSION_LINES:
+        raise MalformedError("checkpoint has too many extension lines")
+    origin, size_s, root_s, *extensions = lines
+    if not origin or len(origin.encode()) > MAX_ORIGIN_BYTES:
+        raise MalformedError("malformed checkpoint origin")
+    if any(not e for e in extensions):
+        raise MalformedError("empty checkpoint extension line")
+    cp = Checkpoint(origin, parse_decimal(size_s, "tree size"), parse_hash(root_s, "root hash"), tuple(extensions))
+    if cp.text() != text:
+        raise MalformedError("non-canonical checkpoint")
+    return cp

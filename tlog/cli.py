@@ -1,0 +1,151 @@
+"""The ``wasmlog`` command: thin wrappers that parse flags, build objects, and run one thing."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import re
+import sys
+
+import click
+from aiohttp import web
+
+from .errors import TlogError
+from .log import Log
+from .note import ALG_COSIGNATURE_V1, ALG_ED25519, Ed25519Signer, is_valid_key_name, parse_private_key
+from .sequencer import DEFAULT_BATCH_MAX, DEFAULT_INTERVAL, DEFAULT_MAX_PENDING, Sequencer
+from .server import make_app
+from .storage.lmdb_store import DEFAULT_MAP_SIZE, LMDBLogStore
+
+DEFAULT_LISTEN = "127.0.0.1:7380"
+UP_LOG_NAME = "localhost/wasmlog"
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"want HOST:PORT, got {listen!r}", param_hint="--listen")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def write_key_pair(signer: Ed25519Signer, prefix: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """Write PREFIX.key (mode 0600, never overwritten) and PREFIX.vkey."""
+    key_path, vkey_path = prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".vkey")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(signer.private_key + "\n")
+    vkey_path.write_text(signer.vkey + "\n")
+    return key_path, vkey_path
+
+
+def read_signer(path: pathlib.Path, *, alg: int = ALG_ED25519) -> Ed25519Signer:
+    """Read a private key file: the key text and one newline."""
+    text = path.read_text()
+    if text.endswith("\n"):
+        text = text[:-1]
+    return parse_private_key(text, alg=alg)
+
+
+def load_or_create_signer(prefix: pathlib.Path, name: str, *, alg: int = ALG_ED25519) -> Ed25519Signer:
+    key_path = prefix.with_name(prefix.name + ".key")
+    if key_path.exists():
+        return read_signer(key_path, alg=alg)
+    signer = Ed25519Signer.generate(name, alg)
+    write_key_pair(signer, prefix)
+    return signer
+
+
+def serve_log(
+    *, data: pathlib.Path, signer: Ed25519Signer, origin: str | None, listen: str,
+    interval_ms: int, batch_max: int, max_pending: int, map_size: int, banner: str = "",
+) -> None:
+    host, port = split_listen(listen)
+    store = LMDBLogStore(str(data), map_size=map_size)
+    try:
+        log = Log(store, signer, origin=origin)
+        sequencer = Sequencer(log, interval=interval_ms / 1000, batch_max=batch_max, max_pending=max_pending)
+        app = make_app(sequencer)
+        click.echo(banner or f"log {log.origin} at http://{host}:{port}/ (size {log.published.checkpoint.size})")
+        web.run_app(app, host=host, port=port, print=None, access_log=None)
+    finally:
+        store.close()
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """wasmlog: a transparency log and registry for WebAssembly modules."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--out", "prefix", type=click.Path(path_type=pathlib.Path), help="Write PREFIX.key and PREFIX.vkey.")
+@click.option("--witness", is_flag=True, help="A cosigner key (tlog-cosignature v1, type 0x04).")
+def keygen(name: str, prefix: pathlib.Path | None, witness: bool) -> None:
+    """Generate an Ed25519 key pair in signed-note form."""
+    if not is_valid_key_name(name):
+        raise click.BadParameter("a key name is non-empty, with no spaces and no '+'", param_hint="NAME")
+    prefix = prefix or pathlib.Path(re.sub(r"[^A-Za-z0-9._-]", "_", name))
+    signer = Ed25519Signer.generate(name, ALG_COSIGNATURE_V1 if witness else ALG_ED25519)
+    try:
+        key_path, vkey_path = write_key_pair(signer, prefix)
+    except FileExistsError as e:
+        raise click.ClickException(f"{e.filename} exists; not overwriting a key") from None
+    click.echo(f"wrote {key_path} and {vkey_path}")
+    click.echo(signer.vkey)
+
+
+def log_options(f):  # type: ignore[no-untyped-def]
+    for option in reversed(
+        [
+            click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve on."),
+            click.option("--interval-ms", default=int(DEFAULT_INTERVAL * 1000), show_default=True, type=click.IntRange(1, 60_000), help="Longest wait before a pending batch is integrated."),
+            click.option("--batch-max", default=DEFAULT_BATCH_MAX, show_default=True, type=click.IntRange(1, 1 << 20), help="Integrate at once when this many entries wait."),
+            click.option("--max-pending", default=DEFAULT_MAX_PENDING, show_default=True, type=click.IntRange(1, 1 << 24), help="Pending entries beyond which submissions get 503."),
+            click.option("--map-size", default=DEFAULT_MAP_SIZE, show_default=True, type=click.IntRange(1 << 20), help="LMDB map size in bytes (address space)."),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+@main.group("log")
+def log_group() -> None:
+    """Run a standalone transparency log."""
+
+
+@log_group.command("serve")
+@click.option("--data", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path), help="LMDB directory.")
+@click.option("--key", "key_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@click.option("--origin", default=None, help="Checkpoint origin (default: the key name).")
+@log_options
+def log_serve(data: pathlib.Path, key_file: pathlib.Path, origin: str | None, **opts: int | str) -> None:
+    """Serve a c2sp.org/tlog-tiles log with POST /add and proof endpoints."""
+    try:
+        signer = read_signer(key_file)
+        serve_log(data=data, signer=signer, origin=origin, **opts)  # type: ignore[arg-type]
+    except TlogError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@main.command()
+@click.option("--data", default="wasmlog-data", show_default=True, type=click.Path(file_okay=False, path_type=pathlib.Path))
+@log_options
+def up(data: pathlib.Path, **opts: int | str) -> None:
+    """Start wasmlog on embedded defaults, creating keys in DATA on first run."""
+    try:
+        signer = load_or_create_signer(data / "keys" / "log", UP_LOG_NAME)
+        host, port = split_listen(str(opts["listen"]))
+        banner = (
+            f"wasmlog log at http://{host}:{port}/  (data in {data})\n"
+            f"log key (vkey): {signer.vkey}\n"
+            f"append:         curl --data-binary @FILE http://{host}:{port}/add\n"
+            f"checkpoint:     curl http://{host}:{port}/checkpoint"
+        )
+        serve_log(data=data / "log", signer=signer, origin=None, banner=banner, **opts)  # type: ignore[arg-type]
+    except TlogError as e:
+        raise click.ClickException(str(e)) from e

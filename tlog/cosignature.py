@@ -1,0 +1,71 @@
+"""c2sp.org/tlog-cosignature v1: timestamped Ed25519 cosignatures (type 0x04)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import nacl.exceptions
+import nacl.signing
+
+from .errors import MalformedError
+from .note import ALG_COSIGNATURE_V1, Ed25519Signer, NoteSignature, format_vkey, key_id, parse_vkey
+
+MAX_TIMESTAMP = 2**63 - 1  # c2sp.org/tlog-cosignature: the timestamp must fit in int64
+TIMESTAMPED_SIGNATURE_SIZE = 8 + 64
+
+
+def signed_message(checkpoint_text: str, timestamp: int) -> bytes:
+    """The bytes a v1 cosigner signs: label, time line, then the checkpoint body."""
+    if not 0 <= timestamp <= MAX_TIMESTAMP:
+        raise MalformedError(f"cosignature timestamp {timestamp} out of range")
+    return b"cosignature/v1\ntime %d\n" % timestamp + checkpoint_text.encode()
+
+
+def cosignature_timestamp(signature: bytes) -> int:
+    """The timestamp of a v1 timestamped_signature (72 bytes). Raises MalformedError."""
+    if len(signature) != TIMESTAMPED_SIGNATURE_SIZE:
+        raise MalformedError(f"cosignature is {len(signature)} bytes, want {TIMESTAMPED_SIGNATURE_SIZE}")
+    (timestamp,) = struct.unpack(">Q", signature[:8])
+    if timestamp > MAX_TIMESTAMP:
+        raise MalformedError("cosignature timestamp out of range")
+    return int(timestamp)
+
+
+def cosign(signer: Ed25519Signer, checkpoint_text: str, timestamp: int) -> NoteSignature:
+    """Cosign a checkpoint body at timestamp (POSIX seconds) with a type 0x04 key."""
+    if signer.alg != ALG_COSIGNATURE_V1:
+        raise ValueError("cosigning needs a cosignature/v1 (type 0x04) key")
+    sig = signer.sign(signed_message(checkpoint_text, timestamp))
+    return NoteSignature(signer.name, signer.key_id, struct.pack(">Q", timestamp) + sig)
+
+
+@dataclass(frozen=True)
+class CosignatureV1Verifier:
+    """A note Verifier for cosignature/v1 signatures by one witness key."""
+
+    name: str
+    public_key: bytes
+
+    @property
+    def key_id(self) -> int:
+        return key_id(self.name, ALG_COSIGNATURE_V1, self.public_key)
+
+    @property
+    def vkey(self) -> str:
+        return format_vkey(self.name, ALG_COSIGNATURE_V1, self.public_key)
+
+    def verify(self, text: bytes, signature: bytes) -> bool:
+        try:
+            timestamp = cosignature_timestamp(signature)
+            msg = signed_message(text.decode(), timestamp)
+            nacl.signing.VerifyKey(self.public_key).verify(msg, signature[8:])
+        except (MalformedError, nacl.exceptions.BadSignatureError, UnicodeDecodeError):
+            return False
+        return True
+
+
+def cosignature_verifier_from_vkey(vkey: str) -> CosignatureV1Verifier:
+    """Parse a type 0x04 vkey. Raises MalformedError."""
+    name, _, public_key = parse_vkey(vkey, alg=ALG_COSIGNATURE_V1)
+    return CosignatureV1Verifier(name, public_key)

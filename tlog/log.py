@@ -1,0 +1,139 @@
+"""The log over a store: integrate batches, sign checkpoints, serve tiles and proofs.
+
+Synchronous and blocking (it calls the store): the sequencer and the HTTP
+handlers call it from worker threads. One writer (integrate) at a time;
+readers may run concurrently and see either the old or the new tree.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .checkpoint import Checkpoint, is_valid_origin, parse_checkpoint
+from .errors import NotFoundError, ProofError, TlogError
+from .hashes import HASH_SIZE, leaf_hash
+from .integrate import TreeState, plan_batch
+from .merkle import consistency_proof, inclusion_proof
+from .note import Ed25519Signer, Ed25519Verifier, open_note, sign_note
+from .proof_file import TlogProof
+from .storage.base import LogStore
+from .tiles import ENTRIES, TILE_HEIGHT, TILE_WIDTH, TileID, TileNodeReader, encode_entry_bundle
+
+
+@dataclass(frozen=True)
+class Published:
+    """The latest signed checkpoint: parsed, and as the exact note bytes served."""
+
+    checkpoint: Checkpoint
+    note: bytes
+
+
+class Log:
+    """A transparency log with one signing key, over a LogStore."""
+
+    def __init__(self, store: LogStore, signer: Ed25519Signer, *, origin: str | None = None, cache_tiles: int = 4096) -> None:
+        self.store = store
+        self.signer = signer
+        self.origin = signer.name if origin is None else origin
+        if not is_valid_origin(self.origin):
+            raise TlogError(f"invalid origin {self.origin!r}: want a schema-less URL, no spaces or '+'")
+        self._write_lock = threading.Lock()
+        self._state, note = store.load()
+        self.reader = TileNodeReader(self._fetch_tile, cache_tiles=cache_tiles)
+        if note is None:
+            self.integrate([])  # an empty log still publishes its size-0 checkpoint
+        else:
+            self._published = self._check_stored(note)
+
+    def _check_stored(self, note: bytes) -> Published:
+        """Refuse to serve a database whose checkpoint is not ours or does not match its tiles."""
+        opened, _ = open_note(note, [self.signer_verifier()])
+        cp = parse_checkpoint(opened.text)
+        if cp.origin != self.origin:
+            raise TlogError(f"stored log has origin {cp.origin!r}, not {self.origin!r}")
+        if cp.size != self._state.size or cp.root_hash != self._state.root_hash:
+            raise TlogError("stored checkpoint does not match the stored tree")
+        return Published(cp, note)
+
+    def signer_verifier(self) -> Ed25519Verifier:
+        return Ed25519Verifier(self.signer.name, self.signer.public_key)
+
+    @property
+    def published(self) -> Published:
+        return self._published
+
+    @property
+    def state(self) -> TreeState:
+        return self._state
+
+    def _fetch_tile(self, level: int, index: int) -> bytes:
+        state = self._state
+        if state.tile_index(level) == index:
+            return state.partial_tiles[level]
+        return self.store.read_tile(level, index)
+
+    def sign(self, state: TreeState) -> bytes:
+        cp = Checkpoint(self.origin, state.size, state.root_hash)
+        return sign_note(cp.text(), [self.signer])
+
+    def integrate(self, entries: Sequence[bytes]) -> tuple[tuple[int, ...], Published]:
+        """Append entries (duplicates get their first index) durably; return indexes and the new checkpoint.
+
+        Raises StorageFullError or TlogError; then nothing is published and
+        the in-memory state is reloaded from the store.
+        """
+        with self._write_lock:
+            hashes = [leaf_hash(e) for e in entries]
+            known = self.store.lookup(hashes)
+            plan = plan_batch(self._state, entries, known.get)
+            note = self.sign(plan.state)
+            try:
+                self.store.commit(plan, note)
+            except BaseException:
+                # The commit may or may not have happened (a failure after the
+                # commit point): take the truth from the store, never from memory.
+                self._state, stored = self.store.load()
+                if stored is not None:
+                    self._published = self._check_stored(stored)
+                raise
+            self._state = plan.state
+            self._published = Published(Checkpoint(self.origin, plan.state.size, plan.state.root_hash), note)
+            return plan.indexes, self._published
+
+    def _check_size(self, size: int) -> None:
+        if size > self._published.checkpoint.size:
+            raise NotFoundError(f"tree size {size} is beyond the latest checkpoint")
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """Inclusion proof of entry index in the published tree of this size."""
+        self._check_size(size)
+        return inclusion_proof(index, size, self.reader)
+
+    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
+        """Consistency proof between two published tree sizes (old_size >= 1)."""
+        self._check_size(new_size)
+        if old_size > new_size:
+            raise ProofError(f"old size {old_size} is beyond new size {new_size}")
+        return consistency_proof(old_size, new_size, self.reader)
+
+    def tlog_proof(self, index: int, published: Published, extra: bytes | None = None) -> bytes:
+        """A c2sp.org/tlog-proof of entry index against a published checkpoint."""
+        proof = inclusion_proof(index, published.checkpoint.size, self.reader)
+        return TlogProof(index, tuple(proof), published.note, extra).encode()
+
+    def check_tile(self, tile: TileID) -> None:
+        size = self._published.checkpoint.size
+        stored = size >> (TILE_HEIGHT * max(tile.level, 0))
+        if tile.index * TILE_WIDTH + tile.width > stored:
+            raise NotFoundError(f"{tile.path()} does not exist at size {size}")
+
+    def read_tile(self, tile: TileID) -> bytes:
+        """The bytes of a hash tile or entry bundle that exists at the published size."""
+        self.check_tile(tile)
+        if tile.level == ENTRIES:
+            start = tile.index * TILE_WIDTH
+            return encode_entry_bundle(self.store.read_entries(start, start + tile.width))
+        return self._fetch_tile(tile.level, tile.index)[: tile.width * HASH_SIZE]
+

@@ -1,0 +1,239 @@
+"""RFC 9162 §2.1 tree hashes and proofs, planned as node reads and then computed.
+
+A *node* is a perfect subtree, named (height, index): it covers the entries
+[index * 2**height, (index + 1) * 2**height). Proof generation follows Go's
+sumdb/tlog split: the ``*_nodes`` functions say which stored nodes a
+computation needs, a ``NodeReader`` fetches them, and pure code folds them.
+Verification is the RFC 9162 algorithm, written independently of generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from .errors import ProofError
+from .hashes import EMPTY_ROOT, HASH_SIZE, node_hash
+
+Node = tuple[int, int]  # (height, index)
+Range = tuple[int, int]  # [lo, hi) of entry indexes
+
+MAX_TREE_SIZE = 2**63 - 1  # what Go's tlog (int64) and C2SP clients accept
+MAX_PROOF_HASHES = 63  # c2sp.org/tlog-witness: a proof never needs more for a 2**63 tree
+
+
+class NodeReader(Protocol):
+    def read_nodes(self, nodes: Sequence[Node], /) -> Sequence[bytes]:
+        """Return the hashes of the given perfect-subtree nodes, in the same order.
+
+        Raises NotFoundError if a node is not stored.
+        """
+        ...
+
+
+def _split(n: int) -> int:
+    """The largest power of two smaller than n (RFC 9162 §2.1.1 k), for n >= 2."""
+    return 1 << ((n - 1).bit_length() - 1)
+
+
+def range_nodes(lo: int, hi: int) -> list[Node]:
+    """The perfect subtrees whose hashes fold into MTH(D[lo:hi]), left to right.
+
+    Requires lo < hi and lo aligned as in RFC 9162's recursion (a multiple of
+    the largest power of two <= hi - lo), which holds for every subtree a proof
+    or tree hash names.
+    """
+    nodes: list[Node] = []
+    while lo < hi:
+        height = (hi - lo).bit_length() - 1
+        if lo & ((1 << height) - 1):
+            raise ValueError(f"range [{lo}, {hi}) is not an RFC 9162 subtree")
+        nodes.append((height, lo >> height))
+        lo += 1 << height
+    return nodes
+
+
+def fold_range(hashes: Sequence[bytes]) -> bytes:
+    """Fold the hashes of range_nodes(lo, hi) into MTH(D[lo:hi])."""
+    root = hashes[-1]
+    for h in reversed(hashes[:-1]):
+        root = node_hash(h, root)
+    return root
+
+
+def inclusion_ranges(index: int, size: int) -> list[Range]:
+    """The subtrees whose hashes form the inclusion proof, leaf sibling first (RFC 9162 §2.1.3.1)."""
+    if not 0 <= index < size <= MAX_TREE_SIZE:
+        raise ProofError(f"no inclusion proof for index {index} in a tree of size {size}")
+    ranges: list[Range] = []
+    lo, hi = 0, size
+    while hi - lo > 1:
+        k = _split(hi - lo)
+        if index < lo + k:
+            ranges.append((lo + k, hi))
+            hi = lo + k
+        else:
+            ranges.append((lo, lo + k))
+            lo = lo + k
+    ranges.reverse()
+    return ranges
+
+
+def consistency_ranges(old_size: int, new_size: int) -> list[Range]:
+    """The subtrees whose hashes form the consistency proof (RFC 9162 §2.1.4.1).
+
+    Requires 0 < old_size <= new_size. The proof for equal sizes is empty.
+    """
+    if not 0 < old_size <= new_size <= MAX_TREE_SIZE:
+        raise ProofError(f"no consistency proof from size {old_size} to size {new_size}")
+    ranges: list[Range] = []
+    lo, hi, m, whole = 0, new_size, old_size, True
+    # SUBPROOF(m, D[lo:hi], whole): collect right-hand siblings on the way down.
+    while m != hi - lo:
+        k = _split(hi - lo)
+        if m <= k:
+            ranges.append((lo + k, hi))
+            hi = lo + k
+        else:
+            ranges.append((lo, lo + k))
+            m -= k
+            lo = lo + k
+            whole = False
+    if not whole:
+        ranges.append((lo, hi))
+    ranges.reverse()
+    return ranges
+
+
+def plan(ranges: Sequence[Range]) -> list[Node]:
+    """All nodes needed to compute the hashes of ranges, in order."""
+    return [node for lo, hi in ranges for node in range_nodes(lo, hi)]
+
+
+def compute(ranges: Sequence[Range], hashes: Sequence[bytes]) -> list[bytes]:
+    """Fold the hashes of plan(ranges) into one hash per range."""
+    out: list[bytes] = []
+    i = 0
+    for lo, hi in ranges:
+        n = len(range_nodes(lo, hi))
+        out.append(fold_range(hashes[i : i + n]))
+        i += n
+    if i != len(hashes):
+        raise ValueError("hash count does not match the plan")
+    return out
+
+
+def _read(ranges: Sequence[Range], reader: NodeReader) -> list[bytes]:
+    if not ranges:
+        return []
+    return compute(ranges, reader.read_nodes(plan(ranges)))
+
+
+def tree_hash(size: int, reader: NodeReader) -> bytes:
+    """Return the root hash of the tree of this size (RFC 9162 §2.1.1)."""
+    if size == 0:
+        return EMPTY_ROOT
+    return _read([(0, size)], reader)[0]
+
+
+def inclusion_proof(index: int, size: int, reader: NodeReader) -> list[bytes]:
+    """Return the inclusion proof for entry index in the tree of this size."""
+    return _read(inclusion_ranges(index, size), reader)
+
+
+def consistency_proof(old_size: int, new_size: int, reader: NodeReader) -> list[bytes]:
+    """Return the consistency proof from the tree of old_size to the tree of new_size."""
+    return _read(consistency_ranges(old_size, new_size), reader)
+
+
+def _check_hash(name: str, h: bytes) -> None:
+    if len(h) != HASH_SIZE:
+        raise ProofError(f"{name} is {len(h)} bytes, want {HASH_SIZE}")
+
+
+def root_from_inclusion_proof(index: int, size: int, leaf: bytes, proof: Sequence[bytes]) -> bytes:
+    """Return the root implied by an inclusion proof (RFC 9162 §2.1.3.2).
+
+    Requires 0 <= index < size and len(leaf) == HASH_SIZE. Raises ProofError
+    if the proof has the wrong length for (index, size).
+    """
+    # Check the leaf length first: without it an empty leaf and an empty root
+    # "verify" for size 1 (a case in transparency-dev's vectors).
+    _check_hash("leaf hash", leaf)
+    if not 0 <= index < size <= MAX_TREE_SIZE:
+        raise ProofError(f"index {index} is not in a tree of size {size}")
+    fn, sn, r = index, size - 1, leaf
+    for p in proof:
+        _check_hash("proof hash", p)
+        if sn == 0:
+            raise ProofError(f"inclusion proof for {index} in size {size} is too long")
+        if fn & 1 or fn == sn:
+            r = node_hash(p, r)
+            while not fn & 1 and fn != 0:
+                fn >>= 1
+                sn >>= 1
+        else:
+            r = node_hash(r, p)
+        fn >>= 1
+        sn >>= 1
+    if sn != 0:
+        raise ProofError(f"inclusion proof for {index} in size {size} is too short")
+    return r
+
+
+def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes], root: bytes) -> None:
+    """Check that leaf is entry index of the tree with this size and root. Raises ProofError."""
+    _check_hash("root hash", root)
+    if root_from_inclusion_proof(index, size, leaf, proof) != root:
+        raise ProofError(f"inclusion proof for index {index} does not match the root of size {size}")
+
+
+def verify_consistency(
+    old_size: int, new_size: int, proof: Sequence[bytes], old_root: bytes, new_root: bytes
+) -> None:
+    """Check that the tree (old_size, old_root) is a prefix of (new_size, new_root) (RFC 9162 §2.1.4.2).
+
+    Requires 0 < old_size <= new_size; an old size of 0 is the caller's case to
+    handle (every tree extends the empty tree). Raises ProofError.
+    """
+    _check_hash("old root", old_root)
+    _check_hash("new root", new_root)
+    for p in proof:
+        _check_hash("proof hash", p)
+    if not 0 < old_size <= new_size <= MAX_TREE_SIZE:
+        raise ProofError(f"no consistency proof from size {old_size} to size {new_size}")
+    if old_size == new_size:
+        if proof:
+            raise ProofError("consistency proof between equal sizes must be empty")
+        if old_root != new_root:
+            raise ProofError(f"different roots for the same size {old_size}")
+        return
+    if not proof:
+        raise ProofError("empty consistency proof")
+    path = list(proof)
+    if old_size & (old_size - 1) == 0:  # an exact power of two: the old root is a node
+        path.insert(0, old_root)
+    fn, sn = old_size - 1, new_size - 1
+    while fn & 1:
+        fn >>= 1
+        sn >>= 1
+    fr = sr = path[0]
+    for c in path[1:]:
+        if sn == 0:
+            raise ProofError("consistency proof is too long")
+        if fn & 1 or fn == sn:
+            fr = node_hash(c, fr)
+            sr = node_hash(c, sr)
+            while not fn & 1 and fn != 0:
+                fn >>= 1
+                sn >>= 1
+        else:
+            sr = node_hash(sr, c)
+        fn >>= 1
+        sn >>= 1
+    if sn != 0:
+        raise ProofError("consistency proof is too short")
+    if fr != old_root:
+        raise ProofError(f"consistency proof does not match the root of size {old_size}")
+    if sr != new_root:
+        raise ProofError(f"consistency proof does not match the root of size {new_size}")

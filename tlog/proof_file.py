@@ -1,0 +1,101 @@
+"""c2sp.org/tlog-proof@v1: an offline proof that an entry is in a checkpointed tree.
+
+    c2sp.org/tlog-proof@v1
+    extra <base64>            (optional)
+    index <decimal>
+    <base64 hash>             (0 to 63 inclusion proof lines, leaf sibling first)
+
+    <checkpoint note, verbatim, with its signatures and cosignatures>
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .checkpoint import Checkpoint, parse_checkpoint, parse_decimal, parse_hash
+from .errors import MalformedError, ProofError, TooLargeError
+from .merkle import MAX_PROOF_HASHES, verify_inclusion
+from .note import MAX_NOTE_BYTES, Note, NoteSignature, Verifier, b64decode_strict, b64encode, open_note, parse_note
+from .tiles import MAX_ENTRY_SIZE
+
+HEADER = "c2sp.org/tlog-proof@v1"
+MAX_EXTRA_BYTES = MAX_ENTRY_SIZE + 1024  # wasmlog carries one log entry in extra
+MAX_TLOG_PROOF_BYTES = MAX_NOTE_BYTES + 2 * MAX_EXTRA_BYTES
+
+
+@dataclass(frozen=True)
+class TlogProof:
+    """The parts of a tlog-proof file; checkpoint is the signed note bytes, verbatim."""
+
+    index: int
+    proof: tuple[bytes, ...]
+    checkpoint: bytes
+    extra: bytes | None = None
+
+    def encode(self) -> bytes:
+        lines = [HEADER]
+        if self.extra is not None:
+            lines.append(f"extra {b64encode(self.extra)}")
+        lines.append(f"index {self.index}")
+        lines += [b64encode(h) for h in self.proof]
+        return ("\n".join(lines) + "\n\n").encode() + self.checkpoint
+
+
+def parse_tlog_proof(data: bytes) -> TlogProof:
+    """Parse a tlog-proof strictly: it must re-encode to exactly data. Raises MalformedError."""
+    if len(data) > MAX_TLOG_PROOF_BYTES:
+        raise TooLargeError(f"tlog-proof of {len(data)} bytes is over {MAX_TLOG_PROOF_BYTES}")
+    head, sep, checkpoint = data.partition(b"\n\n")
+    if not sep:
+        raise MalformedError("tlog-proof has no checkpoint")
+    try:
+        lines = head.decode("ascii").split("\n")
+    except UnicodeDecodeError:
+        raise MalformedError("tlog-proof header is not ASCII") from None
+    if lines[0] != HEADER:
+        raise MalformedError(f"tlog-proof does not start with {HEADER}")
+    i = 1
+    extra = None
+    if i < len(lines) and lines[i].startswith("extra "):
+        if len(lines[i]) > 6 + (MAX_EXTRA_BYTES + 2) // 3 * 4:
+            raise TooLargeError("tlog-proof extra data is too large")
+        extra = b64decode_strict(lines[i][6:], "tlog-proof extra data")
+        if not extra:
+            raise MalformedError("empty tlog-proof extra line")
+        i += 1
+    if i >= len(lines) or not lines[i].startswith("index "):
+        raise MalformedError("tlog-proof has no index line")
+    index = parse_decimal(lines[i][6:], "tlog-proof index")
+    hashes = lines[i + 1 :]
+    if len(hashes) > MAX_PROOF_HASHES:
+        raise MalformedError(f"tlog-proof has more than {MAX_PROOF_HASHES} proof hashes")
+    proof = tuple(parse_hash(h, "tlog-proof hash") for h in hashes)
+    parse_checkpoint(parse_note(checkpoint).text)  # a well-formed, signed tlog-checkpoint
+    tp = TlogProof(index, proof, checkpoint, extra)
+    if tp.encode() != data:
+        raise MalformedError("non-canonical tlog-proof")
+    return tp
+
+
+def verify_tlog_proof(
+    tp: TlogProof, leaf: bytes, log_verifier: Verifier, *, origin: str | None = None, extra_verifiers: Sequence[Verifier] = ()
+) -> tuple[Checkpoint, Note, list[NoteSignature]]:
+    """Check the log signature, the origin and the inclusion of leaf (steps 2 and 4 of c2sp.org/tlog-proof).
+
+    origin defaults to the log key's name. extra_verifiers (witnesses) are
+    checked too: a known witness key whose signature fails rejects the proof.
+    Returns the checkpoint, the note and every signature that verified;
+    quorum and freshness are the caller's policy. Raises TlogError.
+    """
+    note, verified = open_note(tp.checkpoint, [log_verifier, *extra_verifiers])
+    if not any(s.name == log_verifier.name and s.key_id == log_verifier.key_id for s in verified):
+        raise ProofError("checkpoint is not signed by the log")
+    cp = parse_checkpoint(note.text)
+    want = log_verifier.name if origin is None else origin
+    if cp.origin != want:
+        raise ProofError(f"checkpoint origin {cp.origin!r}, want {want!r}")
+    if tp.index >= cp.size:
+        raise ProofError(f"index {tp.index} is beyond the checkpoint size {cp.size}")
+    verify_inclusion(tp.index, cp.size, leaf, tp.proof, cp.root_hash)
+    return cp, note, verified

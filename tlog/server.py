@@ -1,0 +1,169 @@
+"""The log's HTTP API: c2sp.org/tlog-tiles reads, POST /add, and proof endpoints.
+
+Handlers are thin: they parse, call the Log or Sequencer (blocking work in
+worker threads), and raise; one middleware maps errors to statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from .checkpoint import parse_decimal
+from .errors import (
+    MalformedError,
+    NotFoundError,
+    ProofError,
+    PushbackError,
+    StorageFullError,
+    TlogError,
+    TooLargeError,
+)
+from .log import Log
+from .note import b64encode
+from .sequencer import Sequencer
+from .tiles import ENTRIES, MAX_ENTRY_SIZE, parse_tile_path
+
+LOG = web.AppKey("log", Log)
+SEQUENCER = web.AppKey("sequencer", Sequencer)
+BUNDLE_CACHE = web.AppKey("bundle_cache", OrderedDict)
+
+logger = logging.getLogger("wasmlog.server")
+
+RETRY_AFTER_SECONDS = 1
+IMMUTABLE = "public, max-age=31536000, immutable"  # tiles never change once served
+CHECKPOINT_CACHE = "public, max-age=2"  # c2sp.org/tlog-tiles: no caching beyond a few seconds
+BUNDLE_CACHE_SIZE = 256
+
+# Every TlogError maps to one status here (the order matters: subclasses first).
+STATUS: list[tuple[type[TlogError], int]] = [
+    (TooLargeError, 413),
+    (MalformedError, 400),
+    (ProofError, 400),
+    (NotFoundError, 404),
+    (PushbackError, 503),
+    (StorageFullError, 507),
+    (TlogError, 500),
+]
+
+
+def status_for(e: TlogError) -> int:
+    return next(status for cls, status in STATUS if isinstance(e, cls))
+
+
+def error_response(e: TlogError) -> web.Response:
+    status = status_for(e)
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else {}
+    return web.Response(status=status, text=f"{e}\n", headers=headers)
+
+
+@web.middleware
+async def errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except TlogError as e:
+        if status_for(e) >= 500:
+            logger.warning("%s %s: %s", request.method, request.path, e)
+        return error_response(e)
+
+
+def query_int(request: web.Request, name: str) -> int:
+    values = request.query.getall(name, [])
+    if len(values) != 1:
+        raise MalformedError(f"want exactly one {name} parameter")
+    return parse_decimal(values[0], name)
+
+
+def hash_lines(hashes: list[bytes]) -> web.Response:
+    return web.Response(text="".join(b64encode(h) + "\n" for h in hashes), content_type="text/plain")
+
+
+async def get_checkpoint(request: web.Request) -> web.Response:
+    note = request.app[LOG].published.note
+    return web.Response(
+        body=note,
+        headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": CHECKPOINT_CACHE},
+    )
+
+
+async def get_tile(request: web.Request) -> web.Response:
+    tile = parse_tile_path("tile/" + request.match_info["tail"])
+    log = request.app[LOG]
+    headers = {"Content-Type": "application/octet-stream", "Cache-Control": IMMUTABLE}
+    if tile.level != ENTRIES:
+        return web.Response(body=await asyncio.to_thread(log.read_tile, tile), headers=headers)
+    # c2sp.org/tlog-tiles: entry bundles SHOULD be compressed; we gzip when the client accepts it.
+    gzip_ok = "gzip" in request.headers.get("Accept-Encoding", "")
+    cache = request.app[BUNDLE_CACHE]
+    key = (tile, gzip_ok)
+    body = cache.get(key)
+    if body is None:
+        raw = await asyncio.to_thread(log.read_tile, tile)
+        body = await asyncio.to_thread(gzip.compress, raw, 6, mtime=0) if gzip_ok else raw
+        cache[key] = body
+        if len(cache) > BUNDLE_CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        log.check_tile(tile)  # a cached bundle is served only while its size is published
+    if gzip_ok:
+        headers["Content-Encoding"] = "gzip"
+    headers["Vary"] = "Accept-Encoding"
+    return web.Response(body=body, headers=headers)
+
+
+async def post_add(request: web.Request) -> web.Response:
+    if request.content_length is not None and request.content_length > MAX_ENTRY_SIZE:
+        raise TooLargeError(f"entry over {MAX_ENTRY_SIZE} bytes")
+    entry = await request.read()
+    if len(entry) > MAX_ENTRY_SIZE:
+        raise TooLargeError(f"entry over {MAX_ENTRY_SIZE} bytes")
+    if not entry:
+        raise MalformedError("empty entry")
+    proof = await request.app[SEQUENCER].add(entry)
+    return web.Response(body=proof, headers={"Content-Type": "text/plain; charset=utf-8"})
+
+
+async def get_inclusion(request: web.Request) -> web.Response:
+    index, size = query_int(request, "index"), query_int(request, "size")
+    return hash_lines(await asyncio.to_thread(request.app[LOG].inclusion_proof, index, size))
+
+
+async def get_consistency(request: web.Request) -> web.Response:
+    old, new = query_int(request, "old"), query_int(request, "new")
+    return hash_lines(await asyncio.to_thread(request.app[LOG].consistency_proof, old, new))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_routes(
+        [
+            web.get("/checkpoint", get_checkpoint),
+            web.get("/tile/{tail:.+}", get_tile),
+            web.post("/add", post_add),
+            web.get("/proof/inclusion", get_inclusion),
+            web.get("/proof/consistency", get_consistency),
+        ]
+    )
+
+
+def make_app(sequencer: Sequencer) -> web.Application:
+    """The log app. The sequencer runs while the app runs; the caller owns the log's store."""
+
+    async def run_sequencer(app: web.Application) -> AsyncIterator[None]:
+        async with sequencer.running():
+            yield
+
+    # A body one byte over the entry limit is enough to answer 413 ourselves.
+    app = web.Application(client_max_size=MAX_ENTRY_SIZE + 1, middlewares=[errors_middleware])
+    app[LOG] = sequencer.log
+    app[SEQUENCER] = sequencer
+    app[BUNDLE_CACHE] = OrderedDict()
+    app.cleanup_ctx.append(run_sequencer)
+    add_routes(app)
+    return app

@@ -1,0 +1,1 @@
+"""Log storage behind one small interface (base.LogStore): LMDB on disk, or memory for tests."""

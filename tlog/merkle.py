@@ -2,8 +2,9 @@
 
 A *node* is a perfect subtree, named (height, index): it covers the entries
 [index * 2**height, (index + 1) * 2**height). Proof generation follows Go's
-sumdb/tlog split: the ``*_nodes`` functions say which stored nodes a
-computation needs, a ``NodeReader`` fetches them, and pure code folds them.
+sumdb/tlog split: ``*_ranges`` and ``range_nodes`` say which stored nodes a
+computation needs, one ``NodeReader.read_nodes`` call fetches them, and pure
+code folds them.
 Verification is the RFC 9162 algorithm, written independently of generation.
 """
 
@@ -43,6 +44,9 @@ def range_nodes(lo: int, hi: int) -> list[Node]:
     the largest power of two <= hi - lo), which holds for every subtree a proof
     or tree hash names.
     """
+    n = hi - lo
+    if n > 0 and n & (n - 1) == 0 and lo & (n - 1) == 0:  # the common case: one perfect subtree
+        return [(n.bit_length() - 1, lo >> (n.bit_length() - 1))]
     nodes: list[Node] = []
     while lo < hi:
         height = (hi - lo).bit_length() - 1
@@ -105,28 +109,19 @@ def consistency_ranges(old_size: int, new_size: int) -> list[Range]:
     return ranges
 
 
-def plan(ranges: Sequence[Range]) -> list[Node]:
-    """All nodes needed to compute the hashes of ranges, in order."""
-    return [node for lo, hi in ranges for node in range_nodes(lo, hi)]
-
-
-def compute(ranges: Sequence[Range], hashes: Sequence[bytes]) -> list[bytes]:
-    """Fold the hashes of plan(ranges) into one hash per range."""
-    out: list[bytes] = []
-    i = 0
-    for lo, hi in ranges:
-        n = len(range_nodes(lo, hi))
-        out.append(fold_range(hashes[i : i + n]))
-        i += n
-    if i != len(hashes):
-        raise ValueError("hash count does not match the plan")
-    return out
-
-
 def _read(ranges: Sequence[Range], reader: NodeReader) -> list[bytes]:
+    """Read the nodes every range needs in one call, then fold each range's hash."""
     if not ranges:
         return []
-    return compute(ranges, reader.read_nodes(plan(ranges)))
+    parts = [range_nodes(lo, hi) for lo, hi in ranges]
+    hashes = reader.read_nodes([node for part in parts for node in part])
+    out: list[bytes] = []
+    i = 0
+    for part in parts:
+        n = len(part)
+        out.append(hashes[i] if n == 1 else fold_range(hashes[i : i + n]))
+        i += n
+    return out
 
 
 def tree_hash(size: int, reader: NodeReader) -> bytes:

@@ -212,15 +212,19 @@ class TileNodeReader:
 
     def read_nodes(self, nodes: Sequence[Node], /) -> list[bytes]:
         out = []
+        tiles: dict[tuple[int, int], list[list[bytes]]] = {}  # each tile looked up once per call
         for height, index in nodes:
             level, k = divmod(height, TILE_HEIGHT)
             first = index << k  # index of the node's first hash at this tile level
-            tile_index, offset = divmod(first, TILE_WIDTH)
-            rows = self._expanded(level, tile_index)
+            key = (level, first >> TILE_HEIGHT)
+            rows = tiles.get(key)
+            if rows is None:
+                rows = tiles[key] = self._expanded(*key)
             row = rows[k] if k < len(rows) else []
-            if offset >> k >= len(row):
+            position = (first & (TILE_WIDTH - 1)) >> k
+            if position >= len(row):
                 raise NotFoundError(f"node {height}/{index} is not stored")
-            out.append(row[offset >> k])
+            out.append(row[position])
         return out
 
 

@@ -1,0 +1,155 @@
+"""Durable append throughput and submit-to-proof latency over HTTP. Prints JSON.
+
+    python bench/append.py [--seconds 10] [--concurrency 256] [--client-procs 1]
+
+Runs, in the same way and in the same run: (1) a bare aiohttp POST handler
+(the baseline: HTTP alone), (2) the log server (`wasmlog log serve`, LMDB,
+fsync per batch) at full load, (3) the log at half the load it reached.
+Load comes from separate client processes on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import aiohttp
+
+BARE_SERVER = """
+from aiohttp import web
+async def ok(request):
+    await request.read()
+    return web.Response(text="ok")
+app = web.Application()
+app.router.add_post("/add", ok)
+app.router.add_get("/checkpoint", ok)
+web.run_app(app, host="127.0.0.1", port={port}, print=None, access_log=None)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str) -> None:
+    import urllib.request
+
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/checkpoint", timeout=1)
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not start")
+
+
+async def _load(url: str, tag: str, concurrency: int, seconds: float, rate: float | None) -> tuple[int, int, list[float]]:
+    latencies: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn) as session:
+
+        async def worker(w: int) -> None:
+            nonlocal errors
+            n = 0
+            start = time.perf_counter()
+            while (now := time.perf_counter()) < stop:
+                if rate is not None:  # open loop: this worker's share of the target rate
+                    due = start + n * concurrency / rate
+                    if due > now:
+                        await asyncio.sleep(due - now)
+                body = f"{tag}-{w}-{n}-".encode() + b"x" * 200
+                n += 1
+                t = time.perf_counter()
+                try:
+                    async with session.post(url + "/add", data=body) as r:
+                        await r.read()
+                        ok = r.status == 200
+                except aiohttp.ClientError:
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - t)
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return len(latencies), errors, latencies
+
+
+def _client(args: tuple[str, str, int, float, float | None]) -> tuple[int, int, list[float]]:
+    return asyncio.run(_load(*args))
+
+
+def run_load(url: str, tag: str, *, procs: int, concurrency: int, seconds: float, rate: float | None = None) -> dict[str, float]:
+    per_rate = None if rate is None else rate / procs
+    with multiprocessing.Pool(procs) as pool:
+        results = pool.map(_client, [(url, f"{tag}{p}", concurrency // procs, seconds, per_rate) for p in range(procs)])
+    lat = sorted(x for _, _, ls in results for x in ls)
+    ok = sum(n for n, _, _ in results)
+
+    def pct(p: float) -> float:
+        return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
+
+    return {
+        "requests_per_s": ok / seconds,
+        "errors": sum(e for _, e, _ in results),
+        "latency_p50_s": pct(0.50),
+        "latency_p99_s": pct(0.99),
+        "latency_max_s": lat[-1] if lat else float("nan"),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--concurrency", type=int, default=256)
+    p.add_argument("--client-procs", type=int, default=1)
+    p.add_argument("--interval-ms", type=int, default=100)
+    args = p.parse_args()
+    kw = dict(procs=args.client_procs, concurrency=args.concurrency, seconds=args.seconds)
+    result: dict[str, object] = {"benchmark": "append", "cores": os.cpu_count(), **vars(args)}
+
+    port = free_port()
+    bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER.format(port=port)])
+    try:
+        wait_ready(f"http://127.0.0.1:{port}")
+        result["baseline_bare_aiohttp_post"] = run_load(f"http://127.0.0.1:{port}", "b", **kw)
+    finally:
+        bare.terminate()
+        bare.wait()
+
+    with tempfile.TemporaryDirectory() as d:
+        key = os.path.join(d, "log")
+        subprocess.run([sys.executable, "-m", "tlog", "keygen", "bench.example/log", "--out", key], check=True, capture_output=True)
+        port = free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tlog", "log", "serve", "--data", os.path.join(d, "db"), "--key", key + ".key",
+             "--listen", f"127.0.0.1:{port}", "--interval-ms", str(args.interval_ms)]
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url)
+            full = run_load(url, "f", **kw)
+            result["log_full_load"] = full
+            result["log_half_load"] = run_load(url, "h", rate=full["requests_per_s"] / 2, **kw)
+        finally:
+            server.terminate()
+            server.wait()
+    json.dump(result, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()

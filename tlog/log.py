@@ -15,8 +15,8 @@ from .checkpoint import Checkpoint, is_valid_origin, parse_checkpoint
 from .errors import NotFoundError, ProofError, TlogError
 from .hashes import HASH_SIZE, leaf_hash
 from .integrate import TreeState, plan_batch
-from .merkle import consistency_proof, inclusion_proof
-from .note import Ed25519Signer, Ed25519Verifier, open_note, sign_note
+from .merkle import consistency_proof, inclusion_proof, inclusion_proofs
+from .note import Ed25519Signer, Ed25519Verifier, b64encode, open_note, sign_note
 from .proof_file import TlogProof
 from .storage.base import LogStore
 from .tiles import ENTRIES, TILE_HEIGHT, TILE_WIDTH, TileID, TileNodeReader, encode_entry_bundle
@@ -118,10 +118,18 @@ class Log:
             raise ProofError(f"old size {old_size} is beyond new size {new_size}")
         return consistency_proof(old_size, new_size, self.reader)
 
-    def tlog_proof(self, index: int, published: Published, extra: bytes | None = None) -> bytes:
-        """A c2sp.org/tlog-proof of entry index against a published checkpoint."""
-        proof = inclusion_proof(index, published.checkpoint.size, self.reader)
-        return TlogProof(index, tuple(proof), published.note, extra).encode()
+    def tlog_proofs(self, indexes: Sequence[int], published: Published) -> list[bytes]:
+        """c2sp.org/tlog-proofs (no extra line) of many entries against one published checkpoint."""
+        proofs = inclusion_proofs(indexes, published.checkpoint.size, self.reader)
+        encoded: dict[bytes, str] = {}  # neighbours share most proof hashes: encode each once
+
+        def b64(h: bytes) -> str:
+            s = encoded.get(h)
+            if s is None:
+                s = encoded[h] = b64encode(h)
+            return s
+
+        return [TlogProof(i, tuple(p), published.note).encode(b64) for i, p in zip(indexes, proofs, strict=True)]
 
     def check_tile(self, tile: TileID) -> None:
         size = self._published.checkpoint.size

@@ -136,6 +136,18 @@ def inclusion_proof(index: int, size: int, reader: NodeReader) -> list[bytes]:
     return _read(inclusion_ranges(index, size), reader)
 
 
+def inclusion_proofs(indexes: Sequence[int], size: int, reader: NodeReader) -> list[list[bytes]]:
+    """Inclusion proofs for many entries in one tree: shared subtrees are read and hashed once.
+
+    A batch of neighbouring entries shares most of its proof; this is how the
+    sequencer answers a whole batch.
+    """
+    plans = [inclusion_ranges(i, size) for i in indexes]
+    needed = list(dict.fromkeys(r for plan in plans for r in plan))
+    hashes = dict(zip(needed, _read(needed, reader), strict=True))
+    return [[hashes[r] for r in plan] for plan in plans]
+
+
 def consistency_proof(old_size: int, new_size: int, reader: NodeReader) -> list[bytes]:
     """Return the consistency proof from the tree of old_size to the tree of new_size."""
     return _read(consistency_ranges(old_size, new_size), reader)

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, parse_checkpoint, parse_decimal, parse_hash
@@ -33,12 +33,13 @@ class TlogProof:
     checkpoint: bytes
     extra: bytes | None = None
 
-    def encode(self) -> bytes:
+    def encode(self, b64: Callable[[bytes], str] = b64encode) -> bytes:
+        """The file's bytes; b64 may be a memoizing encoder when many proofs share hashes."""
         lines = [HEADER]
         if self.extra is not None:
             lines.append(f"extra {b64encode(self.extra)}")
         lines.append(f"index {self.index}")
-        lines += [b64encode(h) for h in self.proof]
+        lines += [b64(h) for h in self.proof]
         return ("\n".join(lines) + "\n\n").encode() + self.checkpoint
 
 

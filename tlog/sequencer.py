@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 from .errors import PushbackError, TlogError
 from .hashes import leaf_hash
-from .log import Log, Published
+from .log import Log
 
 log = logging.getLogger("wasmlog.sequencer")
 
@@ -105,10 +105,7 @@ class Sequencer:
 
     def _integrate(self, entries: list[bytes]) -> list[bytes]:
         indexes, published = self.log.integrate(entries)
-        return self._proofs(indexes, published)
-
-    def _proofs(self, indexes: tuple[int, ...], published: Published) -> list[bytes]:
-        return [self.log.tlog_proof(i, published) for i in indexes]
+        return self.log.tlog_proofs(indexes, published)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Sequencer]:

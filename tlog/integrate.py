@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .compact import CompactRange
-from .hashes import leaf_hash
+from .hashes import HASH_SIZE, leaf_hash
 from .merkle import range_nodes
 from .tiles import TILE_HEIGHT, TileBuilder, TileNodeReader, partial_width
 
@@ -45,7 +45,7 @@ def state_from_tiles(size: int, fetch: Callable[[int, int], bytes]) -> TreeState
         width = partial_width(size, level)
         if width:
             tile = fetch(level, size >> (TILE_HEIGHT * (level + 1)))
-            partial[level] = tile[: width * 32]
+            partial[level] = tile[: width * HASH_SIZE]
         level += 1
     return TreeState(size, compact, partial)
 

@@ -47,3 +47,12 @@ def test_layers_import_only_downwards() -> None:
         for dep in relative:
             dep_layer = "storage" if dep == "storage" else dep
             assert LAYER[dep_layer] <= LAYER[layer_name], f"{path.name} ({layer_name}) imports {dep}"
+
+
+WITNESS_PURE = ["errors", "loglist", "protocol", "rules"]
+
+
+@pytest.mark.parametrize("name", WITNESS_PURE)
+def test_witness_pure_module_does_no_io(name: str) -> None:
+    absolute, _ = imports(ROOT / "witness" / f"{name}.py")
+    assert not absolute & IO

@@ -149,3 +149,35 @@ def up(data: pathlib.Path, **opts: int | str) -> None:
         serve_log(data=data / "log", signer=signer, origin=None, banner=banner, **opts)  # type: ignore[arg-type]
     except TlogError as e:
         raise click.ClickException(str(e)) from e
+
+
+@main.group("witness")
+def witness_group() -> None:
+    """Run a c2sp.org/tlog-witness cosigner."""
+
+
+@witness_group.command("serve")
+@click.option("--data", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path), help="LMDB directory.")
+@click.option("--key", "key_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="A cosigner key (keygen --witness).")
+@click.option("--log-list", "log_list", required=True, type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="Known logs, witness-network logs/v0 format.")
+@click.option("--listen", default="127.0.0.1:7381", show_default=True)
+def witness_serve(data: pathlib.Path, key_file: pathlib.Path, log_list: pathlib.Path, listen: str) -> None:
+    """Serve POST /add-checkpoint and GET /<sha256(origin)>/checkpoint."""
+    from witness.loglist import parse_log_list
+    from witness.server import make_app as make_witness_app
+    from witness.state import WitnessState
+    from witness.witness import Witness
+
+    host, port = split_listen(listen)
+    try:
+        signer = read_signer(key_file, alg=ALG_COSIGNATURE_V1)
+        logs = parse_log_list(log_list.read_text())
+        state = WitnessState(str(data))
+    except TlogError as e:
+        raise click.ClickException(str(e)) from e
+    try:
+        app = make_witness_app(Witness(signer=signer, logs=logs, state=state))
+        click.echo(f"witness {signer.name} at http://{host}:{port}/ for {len(logs)} log(s)\n{signer.vkey}")
+        web.run_app(app, host=host, port=port, print=None, access_log=None)
+    finally:
+        state.close()

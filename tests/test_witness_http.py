@@ -1,0 +1,175 @@
+"""c2sp.org/tlog-witness add-checkpoint through the real HTTP server: one test per status."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+
+from tlog.checkpoint import Checkpoint
+from tlog.cosignature import CosignatureV1Verifier, cosignature_timestamp
+from tlog.errors import MalformedError
+from tlog.hashes import EMPTY_ROOT
+from tlog.merkle import tree_hash
+from tlog.log import Log
+from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer, Ed25519Verifier, open_note, sign_note
+from tlog.storage.memory import MemoryLogStore
+from witness.loglist import parse_log_list
+from witness.protocol import AddCheckpoint
+from witness.server import make_app
+from witness.state import WitnessState
+from witness.witness import Witness
+
+LOG_KEY = Ed25519Signer.generate("example.com/wlog")
+W_KEY = Ed25519Signer.generate("witness.example", ALG_COSIGNATURE_V1)
+NOW = 1_800_000_000
+
+
+def log_list(qpd: int = 86400) -> str:
+    return f"logs/v0\nvkey {LOG_KEY.vkey}\nqpd {qpd}\ncontact ops@example.com\n"
+
+
+@pytest.fixture
+def log() -> Log:
+    return Log(MemoryLogStore(), LOG_KEY)
+
+
+async def client_for(aiohttp_client, tmp_path, qpd: int = 86400):  # type: ignore[no-untyped-def]
+    w = Witness(signer=W_KEY, logs=parse_log_list(log_list(qpd)), state=WitnessState(str(tmp_path)), clock=lambda: NOW)
+    return await aiohttp_client(make_app(w))
+
+
+def body(old: int, proof: list[bytes], note: bytes) -> bytes:
+    return AddCheckpoint(old, tuple(proof), note).encode()
+
+
+async def test_cosigns_first_checkpoint_and_serves_it(aiohttp_client, tmp_path, log: Log) -> None:
+    c = await client_for(aiohttp_client, tmp_path)
+    log.integrate([b"a", b"b", b"c"])
+    r = await c.post("/add-checkpoint", data=body(0, [], log.published.note))
+    assert r.status == 200, await r.text()
+    cosig = await r.read()
+    note = log.published.note + cosig
+    opened, verified = open_note(note, [Ed25519Verifier(LOG_KEY.name, LOG_KEY.public_key), CosignatureV1Verifier(W_KEY.name, W_KEY.public_key)])
+    assert [s.name for s in verified] == [LOG_KEY.name, W_KEY.name]
+    assert cosignature_timestamp(verified[1].signature) == NOW
+    h = hashlib.sha256(LOG_KEY.name.encode()).hexdigest()
+    got = await c.get(f"/{h}/checkpoint")
+    assert got.status == 200 and await got.read() == note
+    assert (await c.get(f"/{'0' * 64}/checkpoint")).status == 404
+
+
+async def test_consistent_update_then_409_for_stale_old(aiohttp_client, tmp_path, log: Log) -> None:
+    c = await client_for(aiohttp_client, tmp_path)
+    log.integrate([b"a", b"b", b"c"])
+    assert (await c.post("/add-checkpoint", data=body(0, [], log.published.note))).status == 200
+    log.integrate([b"d", b"e"])
+    proof = log.consistency_proof(3, 5)
+    assert (await c.post("/add-checkpoint", data=body(3, proof, log.published.note))).status == 200
+    r = await c.post("/add-checkpoint", data=body(3, proof, log.published.note))
+    assert r.status == 409
+    assert r.headers["Content-Type"] == "text/x.tlog.size" and await r.read() == b"5\n"
+
+
+async def test_unknown_origin_is_404(aiohttp_client, tmp_path) -> None:
+    c = await client_for(aiohttp_client, tmp_path)
+    other = Log(MemoryLogStore(), Ed25519Signer.generate("example.com/other"))
+    assert (await c.post("/add-checkpoint", data=body(0, [], other.published.note))).status == 404
+
+
+async def test_bad_or_missing_log_signature_is_403(aiohttp_client, tmp_path) -> None:
+    c = await client_for(aiohttp_client, tmp_path)
+    impostor = Ed25519Signer.generate(LOG_KEY.name)  # same name, other key: an unknown key ID
+    note = sign_note(Checkpoint(LOG_KEY.name, 0, EMPTY_ROOT).text(), [impostor])
+    assert (await c.post("/add-checkpoint", data=body(0, [], note))).status == 403
+    good = sign_note(Checkpoint(LOG_KEY.name, 1, b"\x01" * 32).text(), [LOG_KEY])
+    forged = good.replace(b"\n1\n", b"\n2\n")  # text changed under a known key's signature
+    assert (await c.post("/add-checkpoint", data=body(0, [], forged))).status == 403
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"old 0\n",
+        b"old 01\n\n",
+        b"old -1\n\nx",
+        b"new 0\n\n",
+        b"old 0\nnot base64\n\n",
+    ],
+)
+async def test_malformed_is_400(aiohttp_client, tmp_path, log: Log, raw: bytes) -> None:
+    c = await client_for(aiohttp_client, tmp_path)
+    r = await c.post("/add-checkpoint", data=raw + (log.published.note if raw.endswith(b"\n\n") else b""))
+    assert r.status == 400
+
+
+async def test_old_beyond_size_is_400(aiohttp_client, tmp_path, log: Log) -> None:
+    c = await client_for(aiohttp_client, tmp_path)
+    log.integrate([b"a"])
+    assert (await c.post("/add-checkpoint", data=body(2, [], log.published.note))).status == 400
+
+
+async def test_more_than_63_proof_lines_is_400(aiohttp_client, tmp_path, log: Log) -> None:
+    c = await client_for(aiohttp_client, tmp_path)
+    log.integrate([b"a"])
+    assert (await c.post("/add-checkpoint", data=body(0, [b"\x00" * 32] * 64, log.published.note))).status == 400
+
+
+async def test_422_cases(aiohttp_client, tmp_path, log: Log) -> None:
+    c = await client_for(aiohttp_client, tmp_path)
+    log.integrate([b"a", b"b"])
+    # old 0 with a non-empty proof
+    assert (await c.post("/add-checkpoint", data=body(0, [b"\x00" * 32], log.published.note))).status == 422
+    # a size-0 checkpoint whose root is not the empty root
+    bad_empty = sign_note(Checkpoint(LOG_KEY.name, 0, b"\x01" * 32).text(), [LOG_KEY])
+    assert (await c.post("/add-checkpoint", data=body(0, [], bad_empty))).status == 422
+    assert (await c.post("/add-checkpoint", data=body(0, [], log.published.note))).status == 200
+    log.integrate([b"c"])
+    proof = log.consistency_proof(2, 3)
+    wrong = [bytes([proof[0][0] ^ 1]) + proof[0][1:]] + proof[1:]
+    assert (await c.post("/add-checkpoint", data=body(2, wrong, log.published.note))).status == 422
+    # same size, different root: a fork (422 as on C2SP main)
+    fork = sign_note(Checkpoint(LOG_KEY.name, 2, b"\x02" * 32).text(), [LOG_KEY])
+    assert (await c.post("/add-checkpoint", data=body(2, [], fork))).status == 422
+
+
+async def test_rate_limit_is_429(aiohttp_client, tmp_path, log: Log) -> None:
+    c = await client_for(aiohttp_client, tmp_path, qpd=2)
+    log.integrate([b"a"])
+    assert (await c.post("/add-checkpoint", data=body(0, [], log.published.note))).status == 200
+    assert (await c.post("/add-checkpoint", data=body(1, [], log.published.note))).status == 200
+    assert (await c.post("/add-checkpoint", data=body(1, [], log.published.note))).status == 429
+
+
+async def test_competing_checkpoints_never_get_inconsistent_cosignatures(aiohttp_client, tmp_path) -> None:
+    """Two forks of one log (same key) race; every cosignature returned is on one fork's chain."""
+    c = await client_for(aiohttp_client, tmp_path)
+    forks = {"a": Log(MemoryLogStore(), LOG_KEY), "b": Log(MemoryLogStore(), LOG_KEY)}
+    requests: list[tuple[str, bytes]] = []
+    for i in range(1, 9):
+        for name, fork in forks.items():
+            fork.integrate([b"%s%d" % (name.encode(), i)])
+            proof = fork.consistency_proof(i - 1, i) if i > 1 else []
+            requests.append((name, body(i - 1, proof, fork.published.note)))
+    results = await asyncio.gather(*(c.post("/add-checkpoint", data=r) for _, r in requests))
+    winners = {name for (name, _), res in zip(requests, results) if res.status == 200}
+    assert len(winners) == 1, "the witness cosigned checkpoints from both forks"
+    statuses = sorted(res.status for res in results)
+    assert statuses.count(200) >= 1 and set(statuses) <= {200, 409, 422}
+    # the stored checkpoint is the winner's, at the largest size it cosigned
+    winner = forks[winners.pop()]
+    stored = await c.get(f"/{hashlib.sha256(LOG_KEY.name.encode()).hexdigest()}/checkpoint")
+    text = (await stored.read()).split(b"\n\n")[0].decode() + "\n"
+    size = int(text.split("\n")[1])
+    assert text == Checkpoint(LOG_KEY.name, size, tree_hash(size, winner.reader)).text()
+
+
+def test_log_list_parsing() -> None:
+    logs = parse_log_list(log_list() + f"vkey {Ed25519Signer.generate('b.example/x').vkey}\norigin b.example/other\nqpd 1\n")
+    assert set(logs) == {LOG_KEY.name, "b.example/other"}
+    for bad in ["", "logs/v1\n", "logs/v0\nqpd 1\n", f"logs/v0\nvkey {LOG_KEY.vkey}\n", f"logs/v0\nvkey {LOG_KEY.vkey}\nqpd 0\n",
+                f"logs/v0\nvkey {LOG_KEY.vkey}\nqpd 1\nqpd 2\n", f"logs/v0\nvkey {LOG_KEY.vkey}\nqpd 01\n"]:
+        with pytest.raises(MalformedError):
+            parse_log_list(bad)

@@ -1,0 +1,39 @@
+"""Witness errors, one class per c2sp.org/tlog-witness status."""
+
+from __future__ import annotations
+
+from tlog.errors import TlogError
+
+
+class WitnessError(TlogError):
+    status = 500
+
+
+class BadRequest(WitnessError):
+    status = 400
+
+
+class Forbidden(WitnessError):
+    status = 403
+
+
+class UnknownOrigin(WitnessError):
+    status = 404
+
+
+class Conflict(WitnessError):
+    """old size is not the latest size this witness cosigned; known_size goes in the 409 body."""
+
+    status = 409
+
+    def __init__(self, known_size: int) -> None:
+        super().__init__(f"the latest cosigned size is {known_size}")
+        self.known_size = known_size
+
+
+class BadProof(WitnessError):
+    status = 422
+
+
+class TooManyRequests(WitnessError):
+    status = 429

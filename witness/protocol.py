@@ -1,0 +1,48 @@
+"""c2sp.org/tlog-witness add-checkpoint request bodies, parsed strictly. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tlog.checkpoint import parse_checkpoint, parse_decimal, parse_hash
+from tlog.errors import MalformedError
+from tlog.merkle import MAX_PROOF_HASHES
+from tlog.note import Note, b64encode, parse_note
+
+MAX_REQUEST_BYTES = 64 << 10  # a checkpoint with many cosignatures and 63 proof lines fits
+
+
+@dataclass(frozen=True)
+class AddCheckpoint:
+    old_size: int
+    proof: tuple[bytes, ...]
+    checkpoint: bytes  # the signed note, verbatim
+
+    def encode(self) -> bytes:
+        lines = [f"old {self.old_size}", *(b64encode(h) for h in self.proof)]
+        return ("\n".join(lines) + "\n\n").encode() + self.checkpoint
+
+
+def parse_add_checkpoint(body: bytes) -> tuple[AddCheckpoint, Note]:
+    """Parse ``old N``, up to 63 proof lines, a blank line and a signed checkpoint. Raises MalformedError."""
+    if len(body) > MAX_REQUEST_BYTES:
+        raise MalformedError("request body too large")
+    head, sep, note_bytes = body.partition(b"\n\n")
+    if not sep:
+        raise MalformedError("no blank line before the checkpoint")
+    try:
+        lines = head.decode("ascii").split("\n")
+    except UnicodeDecodeError:
+        raise MalformedError("request head is not ASCII") from None
+    if not lines[0].startswith("old "):
+        raise MalformedError("request does not start with an old line")
+    old_size = parse_decimal(lines[0][4:], "old size")
+    if len(lines) - 1 > MAX_PROOF_HASHES:
+        raise MalformedError(f"more than {MAX_PROOF_HASHES} proof lines")
+    proof = tuple(parse_hash(h, "proof hash") for h in lines[1:])
+    note = parse_note(note_bytes)
+    parse_checkpoint(note.text)
+    req = AddCheckpoint(old_size, proof, note_bytes)
+    if req.encode() != body:
+        raise MalformedError("non-canonical request")
+    return req, note

@@ -1,0 +1,46 @@
+"""The tlog-witness add-checkpoint rules as one pure function."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tlog.errors import ProofError
+from tlog.hashes import EMPTY_ROOT
+from tlog.merkle import verify_consistency
+
+from .errors import BadProof, BadRequest, Conflict
+
+
+@dataclass(frozen=True)
+class Tree:
+    size: int
+    root_hash: bytes
+
+
+EMPTY_TREE = Tree(0, EMPTY_ROOT)
+
+
+def check_update(known: Tree, old_size: int, proof: Sequence[bytes], new: Tree) -> None:
+    """Apply the c2sp.org/tlog-witness rules to a checkpoint whose log signature verified.
+
+    known is the latest tree cosigned for this origin (EMPTY_TREE if none).
+    Raises BadRequest (400), Conflict (409) or BadProof (422).
+    """
+    if old_size > new.size:
+        raise BadRequest(f"old size {old_size} > checkpoint size {new.size}")
+    if old_size != known.size:
+        raise Conflict(known.size)
+    if new.size == 0 and new.root_hash != EMPTY_ROOT:
+        raise BadProof("a tree of size 0 must have the empty root")
+    if old_size == 0:
+        if proof:
+            raise BadProof("a proof from size 0 must be empty")
+        return
+    if old_size == new.size and known.root_hash != new.root_hash:
+        # v1.0.0 said 409 here; C2SP main (PR #280) says 422, which cannot loop a client.
+        raise BadProof(f"a different root for the cosigned size {old_size}")
+    try:
+        verify_consistency(old_size, new.size, proof, known.root_hash, new.root_hash)
+    except ProofError as e:
+        raise BadProof(str(e)) from e

@@ -8,10 +8,12 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PURE = ["hashes", "merkle", "compact", "tiles", "note", "checkpoint", "cosignature", "proof_file", "integrate", "errors"]
+PURE = ["hashes", "merkle", "compact", "tiles", "note", "checkpoint", "cosignature", "proof_file", "integrate",
+        "errors", "policy", "witness_protocol"]
 IO = {"asyncio", "aiohttp", "lmdb", "click", "socket", "os", "requests", "subprocess", "pathlib", "io", "time", "shutil"}
 # cli → server → sequencer → log → storage → pure core
-LAYER = {"cli": 5, "__main__": 5, "server": 4, "sequencer": 3, "log": 2, "storage": 1, **{m: 0 for m in PURE}}
+LAYER = {"cli": 5, "__main__": 5, "server": 4, "sequencer": 3, "witnessing": 3, "log": 2, "storage": 1,
+         **{m: 0 for m in PURE}}
 
 
 def imports(path: pathlib.Path) -> tuple[set[str], set[str]]:
@@ -49,7 +51,7 @@ def test_layers_import_only_downwards() -> None:
             assert LAYER[dep_layer] <= LAYER[layer_name], f"{path.name} ({layer_name}) imports {dep}"
 
 
-WITNESS_PURE = ["errors", "loglist", "protocol", "rules"]
+WITNESS_PURE = ["errors", "loglist", "rules"]
 
 
 @pytest.mark.parametrize("name", WITNESS_PURE)

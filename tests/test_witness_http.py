@@ -16,7 +16,7 @@ from tlog.log import Log
 from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer, Ed25519Verifier, open_note, sign_note
 from tlog.storage.memory import MemoryLogStore
 from witness.loglist import parse_log_list
-from witness.protocol import AddCheckpoint
+from tlog.witness_protocol import AddCheckpoint
 from witness.server import make_app
 from witness.state import WitnessState
 from witness.witness import Witness

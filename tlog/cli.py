@@ -9,12 +9,15 @@ import re
 import sys
 
 import click
+import uvloop
 from aiohttp import web
 
 from .errors import TlogError
 from .log import Log
 from .note import ALG_COSIGNATURE_V1, ALG_ED25519, Ed25519Signer, is_valid_key_name, parse_private_key
-from .sequencer import DEFAULT_BATCH_MAX, DEFAULT_INTERVAL, DEFAULT_MAX_PENDING, Sequencer
+from .policy import NONE, Policy, parse_policy
+from .sequencer import DEFAULT_BATCH_MAX, DEFAULT_INTERVAL, DEFAULT_MAX_PENDING, DEFAULT_REPUBLISH_INTERVAL, Sequencer
+from .witnessing import DEFAULT_WITNESS_TIMEOUT
 from .server import make_app
 from .storage.lmdb_store import DEFAULT_MAP_SIZE, LMDBLogStore
 
@@ -27,6 +30,11 @@ def split_listen(listen: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise click.BadParameter(f"want HOST:PORT, got {listen!r}", param_hint="--listen")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def run_app(app: web.Application, host: str, port: int) -> None:
+    """Serve app until SIGINT/SIGTERM, on uvloop (about 1.5x aiohttp's request rate on the default loop)."""
+    web.run_app(app, host=host, port=port, print=None, access_log=None, loop=uvloop.new_event_loop())
 
 
 def write_key_pair(signer: Ed25519Signer, prefix: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
@@ -57,18 +65,33 @@ def load_or_create_signer(prefix: pathlib.Path, name: str, *, alg: int = ALG_ED2
     return signer
 
 
+def read_witness_policy(path: pathlib.Path, signer: Ed25519Signer) -> Policy:
+    """Read a tlog-policy for our log; if it lists logs, ours must be one of them."""
+    policy = parse_policy(path.read_bytes())
+    if policy.logs and signer.vkey not in {log.verifier.vkey for log in policy.logs}:
+        raise TlogError(f"the witness policy does not list this log's key {signer.vkey}")
+    if policy.quorum != NONE and not any(w.url for w in policy.witnesses.values()):
+        raise TlogError("the witness policy gives no witness URL to submit checkpoints to")
+    return policy
+
+
 def serve_log(
     *, data: pathlib.Path, signer: Ed25519Signer, origin: str | None, listen: str,
     interval_ms: int, batch_max: int, max_pending: int, map_size: int, banner: str = "",
+    witness_policy: Policy | None = None, republish_interval: float = DEFAULT_REPUBLISH_INTERVAL,
+    witness_timeout: float = DEFAULT_WITNESS_TIMEOUT,
 ) -> None:
     host, port = split_listen(listen)
     store = LMDBLogStore(str(data), map_size=map_size)
     try:
-        log = Log(store, signer, origin=origin)
-        sequencer = Sequencer(log, interval=interval_ms / 1000, batch_max=batch_max, max_pending=max_pending)
-        app = make_app(sequencer)
+        log = Log(store, signer, origin=origin, witnessed=witness_policy is not None)
+        sequencer = Sequencer(
+            log, interval=interval_ms / 1000, batch_max=batch_max, max_pending=max_pending,
+            republish_interval=republish_interval,
+        )
+        app = make_app(sequencer, witness_policy=witness_policy, witness_timeout=witness_timeout)
         click.echo(banner or f"log {log.origin} at http://{host}:{port}/ (size {log.published.checkpoint.size})")
-        web.run_app(app, host=host, port=port, print=None, access_log=None)
+        run_app(app, host, port)
     finally:
         store.close()
 
@@ -122,12 +145,22 @@ def log_group() -> None:
 @click.option("--data", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path), help="LMDB directory.")
 @click.option("--key", "key_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
 @click.option("--origin", default=None, help="Checkpoint origin (default: the key name).")
+@click.option("--witness-policy", "policy_file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="A c2sp.org/tlog-policy file: publish only checkpoints its witness quorum cosigned.")
+@click.option("--republish-interval", default=DEFAULT_REPUBLISH_INTERVAL, show_default=True, type=click.FloatRange(1), help="Seconds between witness cosignings of an unchanged tree.")
+@click.option("--witness-timeout", default=DEFAULT_WITNESS_TIMEOUT, show_default=True, type=click.FloatRange(0.1), help="Seconds to wait for witnesses per checkpoint.")
 @log_options
-def log_serve(data: pathlib.Path, key_file: pathlib.Path, origin: str | None, **opts: int | str) -> None:
+def log_serve(
+    data: pathlib.Path, key_file: pathlib.Path, origin: str | None, policy_file: pathlib.Path | None,
+    republish_interval: float, witness_timeout: float, **opts: int | str,
+) -> None:
     """Serve a c2sp.org/tlog-tiles log with POST /add and proof endpoints."""
     try:
         signer = read_signer(key_file)
-        serve_log(data=data, signer=signer, origin=origin, **opts)  # type: ignore[arg-type]
+        policy = read_witness_policy(policy_file, signer) if policy_file else None
+        serve_log(
+            data=data, signer=signer, origin=origin, witness_policy=policy,
+            republish_interval=republish_interval, witness_timeout=witness_timeout, **opts,  # type: ignore[arg-type]
+        )
     except TlogError as e:
         raise click.ClickException(str(e)) from e
 
@@ -178,6 +211,6 @@ def witness_serve(data: pathlib.Path, key_file: pathlib.Path, log_list: pathlib.
     try:
         app = make_witness_app(Witness(signer=signer, logs=logs, state=state))
         click.echo(f"witness {signer.name} at http://{host}:{port}/ for {len(logs)} log(s)\n{signer.vkey}")
-        web.run_app(app, host=host, port=port, print=None, access_log=None)
+        run_app(app, host, port)
     finally:
         state.close()

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, is_valid_origin, parse_checkpoint
 from .errors import NotFoundError, ProofError, TlogError
-from .hashes import HASH_SIZE, leaf_hash
+from .hashes import EMPTY_ROOT, HASH_SIZE, leaf_hash
 from .integrate import TreeState, plan_batch
-from .merkle import consistency_proof, inclusion_proof, inclusion_proofs
+from .merkle import consistency_proof, inclusion_proof, inclusion_proofs, tree_hash
 from .note import Ed25519Signer, Ed25519Verifier, b64encode, open_note, sign_note
 from .proof_file import TlogProof
 from .storage.base import LogStore
@@ -33,9 +33,15 @@ class Published:
 class Log:
     """A transparency log with one signing key, over a LogStore."""
 
-    def __init__(self, store: LogStore, signer: Ed25519Signer, *, origin: str | None = None, cache_tiles: int = 4096) -> None:
+    def __init__(
+        self, store: LogStore, signer: Ed25519Signer, *, origin: str | None = None,
+        witnessed: bool = False, cache_tiles: int = 4096,
+    ) -> None:
+        """witnessed: checkpoints are published only through publish() (after a witness quorum);
+        otherwise every integrated checkpoint is published at once."""
         self.store = store
         self.signer = signer
+        self.witnessed = witnessed
         self.origin = signer.name if origin is None else origin
         if not is_valid_origin(self.origin):
             raise TlogError(f"invalid origin {self.origin!r}: want a schema-less URL, no spaces or '+'")
@@ -43,9 +49,14 @@ class Log:
         self._state, note = store.load()
         self.reader = TileNodeReader(self._fetch_tile, cache_tiles=cache_tiles)
         if note is None:
-            self.integrate([])  # an empty log still publishes its size-0 checkpoint
+            self._published = Published(Checkpoint(self.origin, 0, EMPTY_ROOT), b"")
+            self.integrate([])  # an empty log still signs its size-0 checkpoint
         else:
-            self._published = self._check_stored(note)
+            self._integrated = self._check_stored(note)
+            published = store.published()
+            self._published = self._check_published(published) if published else self._integrated
+            if not witnessed:
+                self._published = self._integrated
 
     def _check_stored(self, note: bytes) -> Published:
         """Refuse to serve a database whose checkpoint is not ours or does not match its tiles."""
@@ -57,12 +68,27 @@ class Log:
             raise TlogError("stored checkpoint does not match the stored tree")
         return Published(cp, note)
 
+    def _check_published(self, note: bytes) -> Published:
+        opened, _ = open_note(note, [self.signer_verifier()])
+        cp = parse_checkpoint(opened.text)
+        if cp.origin != self.origin or cp.size > self._state.size:
+            raise TlogError("stored published checkpoint does not belong to the stored tree")
+        if cp.size and tree_hash(cp.size, self.reader) != cp.root_hash:
+            raise TlogError("stored published checkpoint does not match the stored tree")
+        return Published(cp, note)
+
     def signer_verifier(self) -> Ed25519Verifier:
         return Ed25519Verifier(self.signer.name, self.signer.public_key)
 
     @property
     def published(self) -> Published:
+        """The checkpoint served at /checkpoint: quorum-cosigned when the log is witnessed."""
         return self._published
+
+    @property
+    def integrated(self) -> Published:
+        """The latest checkpoint signed by the log over the committed tree (maybe not yet published)."""
+        return self._integrated
 
     @property
     def state(self) -> TreeState:
@@ -96,14 +122,26 @@ class Log:
                 # commit point): take the truth from the store, never from memory.
                 self._state, stored = self.store.load()
                 if stored is not None:
-                    self._published = self._check_stored(stored)
+                    self._integrated = self._check_stored(stored)
+                    if not self.witnessed:
+                        self._published = self._integrated
                 raise
             self._state = plan.state
-            self._published = Published(Checkpoint(self.origin, plan.state.size, plan.state.root_hash), note)
-            return plan.indexes, self._published
+            self._integrated = Published(Checkpoint(self.origin, plan.state.size, plan.state.root_hash), note)
+            if not self.witnessed:
+                self._published = self._integrated
+            return plan.indexes, self._integrated
 
-    def _check_size(self, size: int) -> None:
-        if size > self._published.checkpoint.size:
+    def publish(self, published: Published) -> None:
+        """Durably publish a cosigned checkpoint of the integrated tree; never moves backwards."""
+        with self._write_lock:
+            if published.checkpoint.size < self._published.checkpoint.size:
+                raise TlogError("refusing to publish a smaller tree than the published one")
+            self.store.publish(published.note)
+            self._published = published
+
+    def _check_size(self, size: int, limit: Published | None = None) -> None:
+        if size > (limit or self._published).checkpoint.size:
             raise NotFoundError(f"tree size {size} is beyond the latest checkpoint")
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
@@ -111,9 +149,9 @@ class Log:
         self._check_size(size)
         return inclusion_proof(index, size, self.reader)
 
-    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
-        """Consistency proof between two published tree sizes (old_size >= 1)."""
-        self._check_size(new_size)
+    def consistency_proof(self, old_size: int, new_size: int, *, unpublished: bool = False) -> list[bytes]:
+        """Consistency proof between two published (or, for witnesses, integrated) sizes; old_size >= 1."""
+        self._check_size(new_size, self._integrated if unpublished else None)
         if old_size > new_size:
             raise ProofError(f"old size {old_size} is beyond new size {new_size}")
         return consistency_proof(old_size, new_size, self.reader)

@@ -11,17 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from .errors import PushbackError, TlogError
 from .hashes import leaf_hash
-from .log import Log
+from .log import Log, Published
+from .witnessing import Cosigner
 
 log = logging.getLogger("wasmlog.sequencer")
 
 DEFAULT_INTERVAL = 0.1  # seconds; the issue asks for at most 1 s
 DEFAULT_BATCH_MAX = 4096
 DEFAULT_MAX_PENDING = 65536  # beyond this, submissions get 503 with Retry-After
+DEFAULT_REPUBLISH_INTERVAL = 60.0  # seconds between cosignings of an unchanged tree (witness budgets)
+RETRY_INTERVAL = 1.0  # seconds between attempts to publish a tree whose quorum was not met
 
 
 class Sequencer:
@@ -34,7 +38,12 @@ class Sequencer:
         interval: float = DEFAULT_INTERVAL,
         batch_max: int = DEFAULT_BATCH_MAX,
         max_pending: int = DEFAULT_MAX_PENDING,
+        cosigner: Cosigner | None = None,
+        republish_interval: float = DEFAULT_REPUBLISH_INTERVAL,
     ) -> None:
+        """With a cosigner, a checkpoint is published (and submitters answered) only once
+        the witness quorum cosigned it; an unchanged tree is resubmitted to witnesses at most
+        every republish_interval seconds, an unpublished one every RETRY_INTERVAL."""
         if interval <= 0 or batch_max < 1 or max_pending < batch_max:
             raise ValueError("need interval > 0, batch_max >= 1 and max_pending >= batch_max")
         self.log = log
@@ -44,6 +53,10 @@ class Sequencer:
         self._pool: dict[bytes, tuple[bytes, asyncio.Future[bytes]]] = {}  # leaf hash -> (entry, waiter)
         self._nonempty = asyncio.Event()
         self._full = asyncio.Event()
+        self.cosigner = cosigner
+        self.republish_interval = republish_interval
+        self._publish_lock = asyncio.Lock()
+        self._last_publish = float("-inf")
         self.batches = 0  # counters for metrics and tests
         self.integrated = 0
 
@@ -84,18 +97,18 @@ class Sequencer:
             return
         entries = [entry for entry, _ in batch]
         try:
-            proofs = await asyncio.to_thread(self._integrate, entries)
-        except TlogError as e:
-            log.error("batch of %d entries failed: %s", len(entries), e)
+            indexes, integrated = await asyncio.to_thread(self.log.integrate, entries)
+            published = await self.publish(integrated) if self.cosigner else integrated
+            proofs = await asyncio.to_thread(self.log.tlog_proofs, indexes, published)
+        except Exception as e:  # every waiter must hear of a failure
+            if not isinstance(e, TlogError):
+                log.exception("batch of %d entries failed", len(entries))
+                e = TlogError(f"integration failed: {e}")
+            else:
+                log.error("batch of %d entries failed: %s", len(entries), e)
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(e)
-            return
-        except Exception as e:  # an unexpected failure must not strand waiters
-            log.exception("batch of %d entries failed", len(entries))
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(TlogError(f"integration failed: {e}"))
             return
         self.batches += 1
         self.integrated += len(entries)
@@ -103,17 +116,45 @@ class Sequencer:
             if not fut.done():
                 fut.set_result(proof)
 
-    def _integrate(self, entries: list[bytes]) -> list[bytes]:
-        indexes, published = self.log.integrate(entries)
-        return self.log.tlog_proofs(indexes, published)
+    async def _prove(self, old_size: int, new_size: int) -> list[bytes]:
+        return await asyncio.to_thread(self.log.consistency_proof, old_size, new_size, unpublished=True)
+
+    async def publish(self, integrated: Published) -> Published:
+        """Have the witnesses cosign an integrated checkpoint, then publish it. Raises QuorumError."""
+        assert self.cosigner is not None
+        async with self._publish_lock:
+            current = self.log.published
+            if current.checkpoint.size > integrated.checkpoint.size:
+                return current  # a later batch already published a larger tree that covers this one
+            note = await self.cosigner.cosign(integrated.note, integrated.checkpoint, self._prove)
+            published = Published(integrated.checkpoint, note)
+            await asyncio.to_thread(self.log.publish, published)
+            self._last_publish = time.monotonic()
+            return published
+
+    async def _republish(self) -> None:
+        """Publish trees left unpublished (after a failed quorum or a restart), and refresh old cosignatures."""
+        while True:
+            behind = self.log.published.checkpoint.size < self.log.integrated.checkpoint.size or not self.log.published.note
+            stale = time.monotonic() - self._last_publish >= self.republish_interval
+            if (behind or stale) and not self._pool:
+                try:
+                    await self.publish(self.log.integrated)
+                except TlogError as e:
+                    log.warning("publishing size %d: %s", self.log.integrated.checkpoint.size, e)
+            await asyncio.sleep(min(RETRY_INTERVAL, self.republish_interval))
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Sequencer]:
         """Run the batching loop for the duration of the context."""
-        task = asyncio.create_task(self._run(), name="sequencer")
+        tasks = [asyncio.create_task(self._run(), name="sequencer")]
+        if self.cosigner is not None:
+            tasks.append(asyncio.create_task(self._republish(), name="republisher"))
         try:
             yield self
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task

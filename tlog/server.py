@@ -12,6 +12,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 
 from .checkpoint import parse_decimal
@@ -28,6 +29,8 @@ from .log import Log
 from .note import b64encode
 from .sequencer import Sequencer
 from .tiles import ENTRIES, MAX_ENTRY_SIZE, parse_tile_path
+from .policy import Policy
+from .witnessing import DEFAULT_WITNESS_TIMEOUT, Cosigner, QuorumError
 
 LOG = web.AppKey("log", Log)
 SEQUENCER = web.AppKey("sequencer", Sequencer)
@@ -47,6 +50,7 @@ STATUS: list[tuple[type[TlogError], int]] = [
     (ProofError, 400),
     (NotFoundError, 404),
     (PushbackError, 503),
+    (QuorumError, 503),  # the entry is durable; its checkpoint waits for witnesses
     (StorageFullError, 507),
     (TlogError, 500),
 ]
@@ -87,6 +91,8 @@ def hash_lines(hashes: list[bytes]) -> web.Response:
 
 async def get_checkpoint(request: web.Request) -> web.Response:
     note = request.app[LOG].published.note
+    if not note:
+        raise NotFoundError("no checkpoint is published yet (waiting for the witness quorum)")
     return web.Response(
         body=note,
         headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": CHECKPOINT_CACHE},
@@ -152,12 +158,26 @@ def add_routes(app: web.Application) -> None:
     )
 
 
-def make_app(sequencer: Sequencer) -> web.Application:
-    """The log app. The sequencer runs while the app runs; the caller owns the log's store."""
+def make_app(
+    sequencer: Sequencer, *, witness_policy: Policy | None = None, witness_timeout: float = DEFAULT_WITNESS_TIMEOUT
+) -> web.Application:
+    """The log app. The sequencer runs while the app runs; the caller owns the log's store.
+
+    With a witness policy, checkpoints are published only once its quorum cosigned them.
+    """
+    if witness_policy is not None and not sequencer.log.witnessed:
+        raise TlogError("a witnessed log needs Log(witnessed=True)")
 
     async def run_sequencer(app: web.Application) -> AsyncIterator[None]:
-        async with sequencer.running():
-            yield
+        if witness_policy is None:
+            async with sequencer.running():
+                yield
+            return
+        timeout = aiohttp.ClientTimeout(total=witness_timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            sequencer.cosigner = Cosigner(witness_policy, session, timeout=witness_timeout)
+            async with sequencer.running():
+                yield
 
     # A body one byte over the entry limit is enough to answer 413 ourselves.
     app = web.Application(client_max_size=MAX_ENTRY_SIZE + 1, middlewares=[errors_middleware])

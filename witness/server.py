@@ -9,7 +9,7 @@ from aiohttp import web
 from tlog.errors import MalformedError, TlogError
 
 from .errors import Conflict, WitnessError
-from .protocol import MAX_REQUEST_BYTES
+from tlog.witness_protocol import MAX_REQUEST_BYTES
 from .witness import Witness
 
 WITNESS = web.AppKey("witness", Witness)

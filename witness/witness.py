@@ -15,7 +15,7 @@ from tlog.note import Ed25519Signer, open_note
 
 from .errors import Forbidden, TooManyRequests, UnknownOrigin
 from .loglist import KnownLog
-from .protocol import parse_add_checkpoint
+from tlog.witness_protocol import parse_add_checkpoint
 from .rules import Tree, check_update
 from .state import WitnessState
 

@@ -28,6 +28,14 @@ class LogStore(Protocol):
         """
         ...
 
+    def publish(self, note: bytes) -> None:
+        """Durably record the latest published (quorum-cosigned) checkpoint note."""
+        ...
+
+    def published(self) -> bytes | None:
+        """The latest published checkpoint note, or None."""
+        ...
+
     def lookup(self, leaf_hashes: Sequence[bytes]) -> dict[bytes, int]:
         """Return the index of each leaf hash that is already logged."""
         ...

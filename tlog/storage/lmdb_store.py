@@ -4,6 +4,7 @@
     tiles    uint8 level, uint64 index -> concatenated hashes (full, or the current partial tile)
     dedup    leaf hash (32 bytes)      -> uint64 BE index
     meta     b"size", b"checkpoint"    -> uint64 BE size, signed checkpoint note
+             b"published"              -> the latest published (cosigned) checkpoint note
 
 Storage is about each entry plus 32 bytes of tile hash (plus the dedup index).
 """
@@ -89,6 +90,15 @@ class LMDBLogStore:
             raise StorageFullError("log storage is full (LMDB map size reached); nothing of this batch was written") from None
         if self.after_commit is not None:
             self.after_commit(plan)
+
+    def publish(self, note: bytes) -> None:
+        with self._env.begin(write=True, db=self._meta) as txn:
+            txn.put(b"published", note)
+
+    def published(self) -> bytes | None:
+        with self._env.begin(db=self._meta) as txn:
+            raw = txn.get(b"published")
+        return None if raw is None else bytes(raw)
 
     def lookup(self, leaf_hashes: Sequence[bytes]) -> dict[bytes, int]:
         found: dict[bytes, int] = {}

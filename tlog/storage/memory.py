@@ -20,6 +20,7 @@ class MemoryLogStore:
         self.dedup: dict[bytes, int] = {}
         self.size = 0
         self._checkpoint: bytes | None = None
+        self._published: bytes | None = None
         self.before_commit = before_commit
         self.after_commit = after_commit
 
@@ -46,6 +47,12 @@ class MemoryLogStore:
         self._checkpoint = checkpoint
         if self.after_commit is not None:
             self.after_commit(plan)
+
+    def publish(self, note: bytes) -> None:
+        self._published = note
+
+    def published(self) -> bytes | None:
+        return self._published
 
     def lookup(self, leaf_hashes: Sequence[bytes]) -> dict[bytes, int]:
         return {h: self.dedup[h] for h in leaf_hashes if h in self.dedup}

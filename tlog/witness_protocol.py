@@ -1,13 +1,13 @@
-"""c2sp.org/tlog-witness add-checkpoint request bodies, parsed strictly. Pure."""
+"""c2sp.org/tlog-witness add-checkpoint request bodies: built by the log, parsed strictly by witnesses. Pure."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tlog.checkpoint import parse_checkpoint, parse_decimal, parse_hash
-from tlog.errors import MalformedError
-from tlog.merkle import MAX_PROOF_HASHES
-from tlog.note import Note, b64encode, parse_note
+from .checkpoint import parse_checkpoint, parse_decimal, parse_hash
+from .errors import MalformedError
+from .merkle import MAX_PROOF_HASHES
+from .note import Note, b64encode, parse_note
 
 MAX_REQUEST_BYTES = 64 << 10  # a checkpoint with many cosignatures and 63 proof lines fits
 

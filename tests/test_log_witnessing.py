@@ -1,0 +1,157 @@
+"""A log publishing only quorum-cosigned checkpoints, with real witness servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from tlog.cosignature import cosignature_timestamp
+from tlog.errors import MalformedError
+from tlog.hashes import leaf_hash
+from tlog.log import Log
+from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer, Ed25519Verifier, open_note
+from tlog.policy import parse_policy
+from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
+from tlog.sequencer import Sequencer
+from tlog.server import make_app
+from tlog.storage.lmdb_store import LMDBLogStore
+from witness.loglist import KnownLog
+from witness.server import make_app as make_witness_app
+from witness.state import WitnessState
+from witness.witness import Witness
+
+LOG_KEY = Ed25519Signer.generate("example.com/witnessed")
+LOG_VERIFIER = Ed25519Verifier(LOG_KEY.name, LOG_KEY.public_key)
+W_KEYS = [Ed25519Signer.generate(f"w{i}.example", ALG_COSIGNATURE_V1) for i in range(3)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def policy_text(ports: list[int]) -> bytes:
+    lines = [f"log {LOG_KEY.vkey}"]
+    lines += [f"witness W{i} {k.vkey} http://127.0.0.1:{p}" for i, (k, p) in enumerate(zip(W_KEYS, ports))]
+    lines += ["group two-of-three 2 W0 W1 W2", "quorum two-of-three"]
+    return ("\n".join(lines) + "\n").encode()
+
+
+async def start_witness(aiohttp_server, tmp_path, i: int, port: int):  # type: ignore[no-untyped-def]
+    w = Witness(
+        signer=W_KEYS[i], logs={LOG_KEY.name: KnownLog(LOG_KEY.name, LOG_VERIFIER, 86400)},
+        state=WitnessState(str(tmp_path / f"w{i}")),
+    )
+    return await aiohttp_server(make_witness_app(w), port=port)
+
+
+async def start_log(aiohttp_client, tmp_path, ports: list[int], store: LMDBLogStore | None = None):  # type: ignore[no-untyped-def]
+    store = store or LMDBLogStore(str(tmp_path / "log"))
+    log = Log(store, LOG_KEY, witnessed=True)
+    seq = Sequencer(log, interval=0.01, republish_interval=3600)
+    policy = parse_policy(policy_text(ports))
+    client = await aiohttp_client(make_app(seq, witness_policy=policy, witness_timeout=2.0))
+    return client, policy, store
+
+
+async def add_ok(client, policy, entry: bytes):  # type: ignore[no-untyped-def]
+    r = await client.post("/add", data=entry)
+    assert r.status == 200, await r.text()
+    tp = parse_tlog_proof(await r.read())
+    witnesses = [w.verifier for w in policy.witnesses.values()]
+    cp, _, verified = verify_tlog_proof(tp, leaf_hash(entry), LOG_VERIFIER, extra_verifiers=witnesses)
+    assert policy.satisfied(policy.witnessed_by(verified))
+    return tp, cp, verified
+
+
+async def test_published_checkpoints_carry_the_quorum(aiohttp_client, aiohttp_server, tmp_path) -> None:
+    ports = [free_port() for _ in range(3)]
+    for i in range(3):
+        await start_witness(aiohttp_server, tmp_path, i, ports[i])
+    client, policy, _ = await start_log(aiohttp_client, tmp_path, ports)
+    results = await asyncio.gather(*(add_ok(client, policy, b"e%d" % i) for i in range(50)))
+    for _, _, verified in results:
+        assert len(policy.witnessed_by(verified)) == 3
+        assert all(cosignature_timestamp(s.signature) > 0 for s in verified if s.name != LOG_KEY.name)
+    r = await client.get("/checkpoint")
+    note, verified = open_note(await r.read(), [LOG_VERIFIER, *(w.verifier for w in policy.witnesses.values())])
+    assert policy.satisfied(policy.witnessed_by(verified))
+
+
+async def test_one_witness_down_still_publishes(aiohttp_client, aiohttp_server, tmp_path) -> None:
+    ports = [free_port() for _ in range(3)]
+    for i in (0, 2):
+        await start_witness(aiohttp_server, tmp_path, i, ports[i])
+    client, policy, _ = await start_log(aiohttp_client, tmp_path, ports)
+    _, _, verified = await add_ok(client, policy, b"x")
+    assert policy.witnessed_by(verified) == {"W0", "W2"}
+
+
+async def test_unmet_quorum_publishes_nothing_until_witnesses_return(aiohttp_client, aiohttp_server, tmp_path) -> None:
+    ports = [free_port() for _ in range(3)]
+    await start_witness(aiohttp_server, tmp_path, 0, ports[0])
+    client, policy, _ = await start_log(aiohttp_client, tmp_path, ports)
+    r = await client.post("/add", data=b"waits for witnesses")
+    assert r.status == 503 and r.headers["Retry-After"] == "1"
+    # Not even the empty tree is published without its quorum.
+    assert (await client.get("/checkpoint")).status == 404
+    await start_witness(aiohttp_server, tmp_path, 1, ports[1])
+    await asyncio.sleep(1.5)  # the republisher retries every second
+    tp, cp, _ = await add_ok(client, policy, b"waits for witnesses")
+    assert tp.index == 0 and cp.size == 1  # the same entry, logged once
+
+
+async def test_a_new_log_process_catches_up_after_409(aiohttp_client, aiohttp_server, tmp_path) -> None:
+    ports = [free_port() for _ in range(3)]
+    for i in range(3):
+        await start_witness(aiohttp_server, tmp_path, i, ports[i])
+    client, policy, store = await start_log(aiohttp_client, tmp_path, ports)
+    for i in range(5):
+        await add_ok(client, policy, b"first %d" % i)
+    await client.close()
+    # A fresh sequencer knows nothing of the witnesses' state: they answer 409 with their size,
+    # and it re-proves from there.
+    client2, policy, _ = await start_log(aiohttp_client, tmp_path, ports, store=store)
+    _, cp, verified = await add_ok(client2, policy, b"second")
+    assert cp.size == 6 and len(policy.witnessed_by(verified)) == 3
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"quorum Q\n",
+        b"witness A " + W_KEYS[0].vkey.encode() + b"\nwitness A " + W_KEYS[1].vkey.encode() + b"\nquorum A\n",
+        b"witness A " + W_KEYS[0].vkey.encode() + b"\nwitness B " + W_KEYS[0].vkey.encode() + b"\nquorum A\n",
+        b"witness A " + W_KEYS[0].vkey.encode() + b"\ngroup G 2 A\nquorum G\n",
+        b"witness A " + W_KEYS[0].vkey.encode() + b"\ngroup G 1 A A\nquorum G\n",
+        b"witness A " + W_KEYS[0].vkey.encode() + b"\ngroup G any B\nquorum G\n",
+        b"witness A " + W_KEYS[0].vkey.encode() + b"\nquorum A\nquorum A\n",
+        b"witness none " + W_KEYS[0].vkey.encode() + b"\nquorum none\n",
+        b"witness A " + LOG_KEY.vkey.encode() + b"\nquorum A\n",  # a note key is not a cosigner key
+        b"log " + LOG_KEY.vkey.encode() + b"\n",  # no quorum
+        b"quorum none\x01\n",
+    ],
+)
+def test_bad_policies_rejected(text: bytes) -> None:
+    with pytest.raises(MalformedError):
+        parse_policy(text)
+
+
+def test_policy_quorum_evaluation() -> None:
+    ks = [Ed25519Signer.generate(f"x{i}", ALG_COSIGNATURE_V1).vkey for i in range(6)]
+    text = "\n".join(
+        [f"  log {LOG_KEY.vkey}  ", "# comment", ""]
+        + [f"witness X{i}\t{ks[i]}" for i in range(3)]
+        + ["group X 2 X1 X2 X0"]
+        + [f"witness Y{i} {ks[3 + i]}" for i in range(3)]
+        + ["group Y any Y0 Y1 Y2", "group XY all X Y", "quorum XY"]
+    ).encode()
+    p = parse_policy(text)
+    assert p.satisfied({"X0", "X1", "Y2"})
+    assert not p.satisfied({"X0", "Y0", "Y1", "Y2"})
+    assert not p.satisfied({"X0", "X1"})
+    assert parse_policy(p.encode().encode()).satisfied({"X0", "X2", "Y1"})
+    assert parse_policy(b"quorum none\n").satisfied(set())

@@ -1,0 +1,153 @@
+"""c2sp.org/tlog-policy: which logs and witnesses are trusted, and the witness quorum. Pure.
+
+    log <vkey> [<url>]
+    witness <name> <vkey> [<url>]
+    group <name> all|any|<k> <name>...
+    quorum <name>|none
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from .cosignature import CosignatureV1Verifier, cosignature_verifier_from_vkey
+from .errors import MalformedError, TooLargeError
+from .note import Ed25519Verifier, NoteSignature, verifier_from_vkey
+
+MAX_POLICY_BYTES = 1 << 20
+MAX_LOGS = MAX_WITNESSES = MAX_GROUPS = 1024  # the spec asks for at least 32 of each
+NONE = "none"
+_WS = re.compile(r"[ \t]+")
+_K = re.compile(r"[1-9][0-9]{0,3}")
+
+
+@dataclass(frozen=True)
+class PolicyLog:
+    verifier: Ed25519Verifier
+    url: str | None = None
+
+    @property
+    def origin(self) -> str:
+        return self.verifier.name  # tlog-policy: the key name MUST be the log's origin
+
+
+@dataclass(frozen=True)
+class PolicyWitness:
+    name: str
+    verifier: CosignatureV1Verifier
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    threshold: int
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Policy:
+    logs: tuple[PolicyLog, ...]
+    witnesses: Mapping[str, PolicyWitness]
+    groups: Mapping[str, Group]
+    quorum: str  # a witness or group name, or NONE
+
+    def log_for(self, origin: str) -> PolicyLog | None:
+        return next((log for log in self.logs if log.origin == origin), None)
+
+    def satisfied(self, witnessed: Iterable[str]) -> bool:
+        """Whether the quorum holds when exactly these witnesses (policy names) cosigned."""
+        done = frozenset(witnessed)
+
+        def holds(name: str) -> bool:
+            if name in self.witnesses:
+                return name in done
+            group = self.groups[name]
+            return sum(holds(m) for m in group.members) >= group.threshold
+
+        return self.quorum == NONE or holds(self.quorum)
+
+    def witnessed_by(self, signatures: Iterable[NoteSignature]) -> set[str]:
+        """Names of policy witnesses among verified note signatures (matched by key name and ID)."""
+        keys = {(w.verifier.name, w.verifier.key_id): w.name for w in self.witnesses.values()}
+        return {keys[(s.name, s.key_id)] for s in signatures if (s.name, s.key_id) in keys}
+
+    def encode(self) -> str:
+        lines = [f"log {log.verifier.vkey}" + (f" {log.url}" if log.url else "") for log in self.logs]
+        lines += [f"witness {w.name} {w.verifier.vkey}" + (f" {w.url}" if w.url else "") for w in self.witnesses.values()]
+        lines += [f"group {g.name} {g.threshold} {' '.join(g.members)}" for g in self.groups.values()]
+        lines.append(f"quorum {self.quorum}")
+        return "\n".join(lines) + "\n"
+
+
+def parse_policy(data: bytes) -> Policy:
+    """Parse a tlog-policy file. Raises MalformedError naming the line at fault."""
+    if len(data) > MAX_POLICY_BYTES:
+        raise TooLargeError("policy file is too large")
+    if any(b < 0x20 and b not in (0x09, 0x0A) or b == 0x7F for b in data):
+        raise MalformedError("policy has a control character")
+    text = data.decode("utf-8", "surrogateescape")  # non-ASCII octets are opaque
+    logs: list[PolicyLog] = []
+    witnesses: dict[str, PolicyWitness] = {}
+    groups: dict[str, Group] = {}
+    quorum: str | None = None
+    log_keys: set[bytes] = set()
+    witness_keys: set[bytes] = set()
+    for n, raw in enumerate(text.split("\n"), start=1):
+        line = raw.strip(" \t")
+        if not line or line.startswith("#"):
+            continue
+        words = _WS.split(line)
+
+        def fail(why: str) -> MalformedError:
+            return MalformedError(f"policy line {n}: {why}")
+
+        def define(name: str) -> None:
+            if name == NONE or name in witnesses or name in groups:
+                raise fail(f"name {name!r} is reserved or already defined")
+
+        if words[0] == "log" and len(words) in (2, 3):
+            v = verifier_from_vkey(words[1])
+            if v.public_key in log_keys:
+                raise fail("duplicate log key")
+            log_keys.add(v.public_key)
+            logs.append(PolicyLog(v, words[2] if len(words) == 3 else None))
+        elif words[0] == "witness" and len(words) in (3, 4):
+            define(words[1])
+            w = cosignature_verifier_from_vkey(words[2])
+            if w.public_key in witness_keys:
+                raise fail("duplicate witness key")
+            witness_keys.add(w.public_key)
+            witnesses[words[1]] = PolicyWitness(words[1], w, words[3] if len(words) == 4 else None)
+        elif words[0] == "group" and len(words) >= 4:
+            name, k, members = words[1], words[2], tuple(words[3:])
+            define(name)
+            if len(set(members)) != len(members):
+                raise fail("a member is listed twice")
+            for m in members:
+                if m not in witnesses and m not in groups:
+                    raise fail(f"member {m!r} is not defined above")
+            if k == "all":
+                threshold = len(members)
+            elif k == "any":
+                threshold = 1
+            elif _K.fullmatch(k) and int(k) <= len(members):
+                threshold = int(k)
+            else:
+                raise fail(f"bad threshold {k!r}")
+            groups[name] = Group(name, threshold, members)
+        elif words[0] == "quorum" and len(words) == 2:
+            if quorum is not None:
+                raise fail("a second quorum line")
+            if words[1] != NONE and words[1] not in witnesses and words[1] not in groups:
+                raise fail(f"quorum {words[1]!r} is not defined above")
+            quorum = words[1]
+        else:
+            raise fail("not a log, witness, group or quorum line")
+        if len(logs) > MAX_LOGS or len(witnesses) > MAX_WITNESSES or len(groups) > MAX_GROUPS:
+            raise TooLargeError("policy has too many logs, witnesses or groups")
+    if quorum is None:
+        raise MalformedError("policy has no quorum line")
+    return Policy(tuple(logs), witnesses, groups, quorum)

@@ -1,0 +1,122 @@
+"""The log's side of c2sp.org/tlog-witness: collect cosignatures until the policy quorum holds.
+
+Each witness gets the checkpoint with a consistency proof from the size it last
+cosigned; a 409 tells us that size and we re-prove from it. Only cosignatures
+that verify are counted, and the quorum is the policy's (c2sp.org/tlog-policy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+
+from .checkpoint import Checkpoint, parse_decimal
+from .errors import MalformedError, TlogError
+from .note import NoteSignature, parse_note
+from .policy import Policy, PolicyWitness
+from .witness_protocol import AddCheckpoint
+
+log = logging.getLogger("wasmlog.witnessing")
+
+Prover = Callable[[int, int], Awaitable[list[bytes]]]  # (old size, new size) -> consistency proof
+DEFAULT_WITNESS_TIMEOUT = 5.0
+MAX_RESPONSE_BYTES = 64 << 10
+MAX_409_RETRIES = 3
+
+
+class WitnessFailure(TlogError):
+    """One witness did not cosign."""
+
+
+class QuorumError(TlogError):
+    """Not enough witnesses cosigned within the timeout: the checkpoint must not be published."""
+
+
+class WitnessClient:
+    """Talks to one witness; remembers the size it last cosigned for our log."""
+
+    def __init__(self, witness: PolicyWitness, session: aiohttp.ClientSession) -> None:
+        if not witness.url:
+            raise TlogError(f"witness {witness.name} has no URL in the policy")
+        self.witness = witness
+        self.url = witness.url.rstrip("/") + "/add-checkpoint"
+        self.session = session
+        self.known_size = 0
+        self.latency: float | None = None
+        self.failures = 0
+
+    async def cosign(self, note: bytes, cp: Checkpoint, prove: Prover) -> NoteSignature:
+        """Return this witness's verified cosignature of cp. Raises WitnessFailure."""
+        start = time.monotonic()
+        old = self.known_size
+        for _ in range(MAX_409_RETRIES):
+            if old > cp.size:
+                raise WitnessFailure(f"{self.witness.name} has cosigned size {old} > {cp.size}: a fork or a rollback")
+            proof = await prove(old, cp.size) if 0 < old < cp.size else []
+            try:
+                async with self.session.post(self.url, data=AddCheckpoint(old, tuple(proof), note).encode()) as r:
+                    body = await r.content.read(MAX_RESPONSE_BYTES)
+                    status = r.status
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                raise WitnessFailure(f"{self.witness.name}: {e!r}") from e
+            if status == 409:
+                try:
+                    old = parse_decimal(body.decode("ascii").removesuffix("\n"), "witness size")
+                except (UnicodeDecodeError, MalformedError) as e:
+                    raise WitnessFailure(f"{self.witness.name}: malformed 409 body") from e
+                continue
+            if status != 200:
+                raise WitnessFailure(f"{self.witness.name}: HTTP {status}: {body[:200]!r}")
+            sig = self._verified(body, cp)
+            self.known_size = cp.size
+            self.latency = time.monotonic() - start
+            return sig
+        raise WitnessFailure(f"{self.witness.name}: too many 409 answers")
+
+    def _verified(self, body: bytes, cp: Checkpoint) -> NoteSignature:
+        """Find and check this witness's cosignature among the returned signature lines."""
+        try:
+            lines = parse_note(cp.text().encode() + b"\n" + body).signatures
+        except TlogError as e:
+            raise WitnessFailure(f"{self.witness.name}: malformed cosignature lines") from e
+        v = self.witness.verifier
+        for sig in lines:
+            if sig.name == v.name and sig.key_id == v.key_id:
+                if v.verify(cp.text().encode(), sig.signature):
+                    return sig
+                raise WitnessFailure(f"{self.witness.name}: cosignature does not verify")
+        raise WitnessFailure(f"{self.witness.name}: no cosignature by its key")
+
+
+class Cosigner:
+    """Collects cosignatures for our checkpoints from the witnesses of a policy."""
+
+    def __init__(self, policy: Policy, session: aiohttp.ClientSession, *, timeout: float = DEFAULT_WITNESS_TIMEOUT) -> None:
+        self.policy = policy
+        self.timeout = timeout
+        self.clients = [WitnessClient(w, session) for w in policy.witnesses.values() if w.url]
+
+    async def cosign(self, note: bytes, cp: Checkpoint, prove: Prover) -> bytes:
+        """Return note with the cosignatures gathered within the timeout. Raises QuorumError."""
+        tasks = {asyncio.create_task(c.cosign(note, cp, prove)): c for c in self.clients}
+        got: dict[str, NoteSignature] = {}
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=self.timeout)
+            for t in pending:
+                t.cancel()
+                tasks[t].failures += 1
+                log.warning("witness %s timed out after %.1fs", tasks[t].witness.name, self.timeout)
+            for t in done:
+                client = tasks[t]
+                if t.exception() is None:
+                    got[client.witness.name] = t.result()
+                else:
+                    client.failures += 1
+                    log.warning("witness %s: %s", client.witness.name, t.exception())
+        if not self.policy.satisfied(got):
+            raise QuorumError(f"witness quorum not met for size {cp.size}: cosigned by {sorted(got) or 'none'}")
+        return note + b"".join(got[c.witness.name].line().encode() for c in self.clients if c.witness.name in got)

@@ -194,8 +194,13 @@ def witness_group() -> None:
 @click.option("--key", "key_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="A cosigner key (keygen --witness).")
 @click.option("--log-list", "log_list", required=True, type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="Known logs, witness-network logs/v0 format.")
 @click.option("--listen", default="127.0.0.1:7381", show_default=True)
-def witness_serve(data: pathlib.Path, key_file: pathlib.Path, log_list: pathlib.Path, listen: str) -> None:
-    """Serve POST /add-checkpoint and GET /<sha256(origin)>/checkpoint."""
+@click.option("--peer", "peers", multiple=True, help="Another witness's monitoring prefix URL to gossip with (repeatable).")
+@click.option("--gossip-interval", default=60.0, show_default=True, type=click.FloatRange(0.1), help="Seconds between gossip rounds.")
+def witness_serve(
+    data: pathlib.Path, key_file: pathlib.Path, log_list: pathlib.Path, listen: str,
+    peers: tuple[str, ...], gossip_interval: float,
+) -> None:
+    """Serve POST /add-checkpoint, GET /<sha256(origin)>/checkpoint and GET /evidence."""
     from witness.loglist import parse_log_list
     from witness.server import make_app as make_witness_app
     from witness.state import WitnessState
@@ -209,7 +214,7 @@ def witness_serve(data: pathlib.Path, key_file: pathlib.Path, log_list: pathlib.
     except TlogError as e:
         raise click.ClickException(str(e)) from e
     try:
-        app = make_witness_app(Witness(signer=signer, logs=logs, state=state))
+        app = make_witness_app(Witness(signer=signer, logs=logs, state=state), peers=peers, gossip_interval=gossip_interval)
         click.echo(f"witness {signer.name} at http://{host}:{port}/ for {len(logs)} log(s)\n{signer.vkey}")
         run_app(app, host, port)
     finally:

@@ -37,3 +37,9 @@ class BadProof(WitnessError):
 
 class TooManyRequests(WitnessError):
     status = 429
+
+
+class Frozen(WitnessError):
+    """This witness holds split-view evidence for the log and cosigns nothing more until an operator acts."""
+
+    status = 422

@@ -19,12 +19,14 @@ class KnownLog:
     verifier: Ed25519Verifier
     qpd: int
     contact: str = ""
+    url: str | None = None  # wasmlog extension: the log's tlog-tiles prefix, for gossip proofs
 
 
 def parse_log_list(text: str) -> dict[str, KnownLog]:
     """Parse a log list: the header, then blocks of ``vkey``, optional ``origin``, ``qpd``, ``contact``.
 
-    The origin defaults to the key name. Raises MalformedError.
+    The origin defaults to the key name. A ``url`` line (the log's tlog-tiles
+    prefix) is a wasmlog extension used for gossip. Raises MalformedError.
     """
     if len(text) > MAX_LOG_LIST_BYTES:
         raise MalformedError("log list is too large")
@@ -38,7 +40,7 @@ def parse_log_list(text: str) -> dict[str, KnownLog]:
         if not line or line.startswith("#"):
             continue
         key, sep, value = line.partition(" ")
-        if not sep or not value or key not in ("vkey", "origin", "qpd", "contact"):
+        if not sep or not value or key not in ("vkey", "origin", "qpd", "contact", "url"):
             raise MalformedError(f"log list line {n}: malformed")
         if key == "vkey":
             blocks.append({})
@@ -58,5 +60,5 @@ def parse_log_list(text: str) -> dict[str, KnownLog]:
         origin = b.get("origin", verifier.name)
         if origin in logs:
             raise MalformedError(f"log list names origin {origin!r} twice")
-        logs[origin] = KnownLog(origin, verifier, qpd, b.get("contact", ""))
+        logs[origin] = KnownLog(origin, verifier, qpd, b.get("contact", ""), b.get("url"))
     return logs

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
+import aiohttp
 from aiohttp import web
 
 from tlog.errors import MalformedError, TlogError
 
 from .errors import Conflict, WitnessError
 from tlog.witness_protocol import MAX_REQUEST_BYTES
+from .gossip import DEFAULT_GOSSIP_INTERVAL, Gossip
 from .witness import Witness
 
 WITNESS = web.AppKey("witness", Witness)
+GOSSIP = web.AppKey("gossip", Gossip)
 
 
 @web.middleware
@@ -43,9 +48,33 @@ async def get_checkpoint(request: web.Request) -> web.Response:
     return web.Response(body=note, headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "public, max-age=60"})
 
 
-def make_app(witness: Witness) -> web.Application:
+async def get_evidence(request: web.Request) -> web.Response:
+    records = await asyncio.to_thread(request.app[WITNESS].state.evidence)
+    return web.Response(body=b"[" + b",".join(records) + b"]", content_type="application/json")
+
+
+def make_app(
+    witness: Witness, *, peers: Sequence[str] = (), gossip_interval: float = DEFAULT_GOSSIP_INTERVAL
+) -> web.Application:
+    """The witness app; with peers, a gossip task runs while the app runs."""
+
+    async def run_gossip(app: web.Application) -> AsyncIterator[None]:
+        if not peers:
+            yield
+            return
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            gossip = Gossip(witness, list(peers), session, interval=gossip_interval)
+            app[GOSSIP] = gossip
+            task = asyncio.create_task(gossip.run(), name="gossip")
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[errors_middleware])
     app[WITNESS] = witness
+    app.cleanup_ctx.append(run_gossip)
     app.router.add_post("/add-checkpoint", add_checkpoint)
     app.router.add_get("/{origin_hash:[0-9a-f]{64}}/checkpoint", get_checkpoint)
+    app.router.add_get("/evidence", get_evidence)
     return app

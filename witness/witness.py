@@ -1,25 +1,36 @@
-"""The witness: open the note, check the rules, cosign the re-encoding, persist, then reply."""
+"""The witness: open the note, check the rules, cosign the re-encoding, persist, then reply.
+
+It also takes checkpoints seen elsewhere (gossip): a newer one is adopted only
+with a consistency proof computed from the log's tiles, and two checkpoints the
+log signed that cannot both be true are kept as evidence, freezing that log.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from tlog.checkpoint import Checkpoint, parse_checkpoint
+from tlog.client import TileClient
 from tlog.cosignature import cosign
-from tlog.errors import MalformedError, SignatureError, UnverifiedNoteError
-from tlog.note import Ed25519Signer, open_note
-
-from .errors import Forbidden, TooManyRequests, UnknownOrigin
-from .loglist import KnownLog
+from tlog.errors import MalformedError, ProofError, SignatureError, TlogError, UnverifiedNoteError
+from tlog.hashes import EMPTY_ROOT
+from tlog.merkle import verify_consistency
+from tlog.note import Ed25519Signer, Note, b64encode, open_note
 from tlog.witness_protocol import parse_add_checkpoint
+
+from .errors import BadProof, Forbidden, Frozen, TooManyRequests, UnknownOrigin
+from .loglist import KnownLog
 from .rules import Tree, check_update
 from .state import WitnessState
 
 DAY = 86400
+logger = logging.getLogger("wasmlog.witness")
 
 
 class Witness:
@@ -45,28 +56,94 @@ class Witness:
             raise TooManyRequests(f"over {log.qpd} requests per day for {log.origin}")
         recent.append(now)
 
-    async def add_checkpoint(self, body: bytes) -> bytes:
-        """Handle one add-checkpoint request; return the cosignature line(s). Raises WitnessError/MalformedError."""
-        req, note = parse_add_checkpoint(body)
-        origin = note.text.split("\n", 1)[0]
+    def _open(self, note_bytes: bytes) -> tuple[KnownLog, Note, Checkpoint]:
+        """Verify the log's signature on a checkpoint note. Raises UnknownOrigin, Forbidden, MalformedError."""
+        origin = note_bytes.split(b"\n", 1)[0].decode("utf-8", "replace")
         log = self.logs.get(origin)
         if log is None:
             raise UnknownOrigin(f"unknown log {origin!r}")
-        self._rate_limit(log)
         try:
-            opened, _ = open_note(req.checkpoint, [log.verifier])
+            opened, verified = open_note(note_bytes, [log.verifier])
         except (SignatureError, UnverifiedNoteError) as e:
             raise Forbidden(str(e)) from e
         cp = parse_checkpoint(opened.text)
+        # Keep only the log's signature: we never pass on lines we did not verify.
+        return log, Note(opened.text, tuple(verified)), cp
+
+    async def _cosign_and_store(self, cp: Checkpoint, log_note: Note, old_size: int) -> bytes:
+        # Sign a re-encoding of what we parsed, not the bytes we were sent.
+        text = cp.text()
+        if text != log_note.text:
+            raise MalformedError("checkpoint does not re-encode")
+        cosig = cosign(self.signer, text, int(self.clock())).line().encode()
         new = Tree(cp.size, cp.root_hash)
-        async with self._locks[origin]:
-            known = await asyncio.to_thread(self.state.latest, origin)
-            check_update(known, req.old_size, req.proof, new)
-            # Sign a re-encoding of what we parsed, not the bytes we were sent.
-            text = Checkpoint(cp.origin, cp.size, cp.root_hash, cp.extensions).text()
-            if text != opened.text:
-                raise MalformedError("checkpoint does not re-encode")
-            cosig = cosign(self.signer, text, int(self.clock()))
-            stored = req.checkpoint + cosig.line().encode()
-            await asyncio.to_thread(self.state.compare_and_swap, origin, known.size, new, stored)
-        return cosig.line().encode()  # leaves only after the compare-and-swap is durable
+        await asyncio.to_thread(self.state.compare_and_swap, cp.origin, old_size, new, log_note.encode() + cosig)
+        return cosig  # leaves only after the compare-and-swap is durable
+
+    async def add_checkpoint(self, body: bytes) -> bytes:
+        """Handle one add-checkpoint request; return the cosignature line. Raises WitnessError/MalformedError."""
+        req, _ = parse_add_checkpoint(body)
+        log, log_note, cp = self._open(req.checkpoint)
+        self._rate_limit(log)
+        async with self._locks[cp.origin]:
+            if await asyncio.to_thread(self.state.is_frozen, cp.origin):
+                raise Frozen(f"split-view evidence is held for {cp.origin}")
+            known = await asyncio.to_thread(self.state.latest, cp.origin)
+            if 0 < known.size == cp.size == req.old_size and known.root_hash != cp.root_hash:
+                await self._record_split_view(cp.origin, log_note.encode(), [], "same size, different root")
+                raise BadProof(f"a different root for the cosigned size {cp.size}: kept as evidence")
+            check_update(known, req.old_size, req.proof, Tree(cp.size, cp.root_hash))
+            return await self._cosign_and_store(cp, log_note, known.size)
+
+    async def _record_split_view(self, origin: str, other: bytes, proof: Sequence[bytes], reason: str) -> None:
+        ours = await asyncio.to_thread(self.state.cosigned_checkpoint, origin)
+        record = {
+            "origin": origin,
+            "kind": "split-view",
+            "reason": reason,
+            "cosigned": (ours or b"").decode(),
+            "other": other.decode(),
+            "proof": [b64encode(h) for h in proof],
+            "time": int(self.clock()),
+        }
+        await asyncio.to_thread(self.state.add_evidence, origin, json.dumps(record, sort_keys=True).encode())
+        logger.critical("SPLIT VIEW for %s (%s): evidence kept, no more cosignatures for this log", origin, reason)
+
+    async def observe(self, note_bytes: bytes, tiles: TileClient | None) -> str:
+        """Take a log checkpoint seen elsewhere (from a peer). Returns what happened, for logs and tests."""
+        try:
+            _, log_note, cp = self._open(note_bytes)
+        except TlogError as e:
+            return f"rejected: {e}"
+        async with self._locks[cp.origin]:
+            if await asyncio.to_thread(self.state.is_frozen, cp.origin):
+                return "frozen"
+            known = await asyncio.to_thread(self.state.latest, cp.origin)
+            if cp.size == known.size:
+                if cp.root_hash == known.root_hash:
+                    return "same"
+                if cp.size == 0:
+                    return "rejected: a size-0 checkpoint with a non-empty root"
+                await self._record_split_view(cp.origin, log_note.encode(), [], "same size, different root")
+                return "split view"
+            small, big = (known, Tree(cp.size, cp.root_hash)) if known.size < cp.size else (Tree(cp.size, cp.root_hash), known)
+            proof: list[bytes] = []
+            if small.size == 0:
+                if small.root_hash != EMPTY_ROOT:
+                    return "rejected: a size-0 checkpoint with a non-empty root"
+            else:
+                if tiles is None:
+                    return "unverifiable: no URL for this log"
+                try:
+                    proof = await tiles.consistency_proof(small.size, big.size)
+                except TlogError as e:
+                    return f"unverifiable: {e}"
+                try:
+                    verify_consistency(small.size, big.size, proof, small.root_hash, big.root_hash)
+                except ProofError as e:
+                    await self._record_split_view(cp.origin, log_note.encode(), proof, f"inconsistent: {e}")
+                    return "split view"
+            if cp.size < known.size:
+                return "older, consistent"
+            await self._cosign_and_store(cp, log_note, known.size)
+            return "advanced"

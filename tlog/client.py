@@ -1,0 +1,96 @@
+"""An async client for any c2sp.org/tlog-tiles log: checkpoints, tiles, bundles, computed proofs.
+
+It trusts nothing it fetches: callers verify checkpoints with their keys, and
+proofs computed from tiles only verify if the tiles are honest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import aiohttp
+
+from .errors import MalformedError, NotFoundError, TlogError
+from .hashes import HASH_SIZE
+from .merkle import Node, Range, consistency_ranges, inclusion_ranges, range_nodes
+from .merkle import consistency_proof as _consistency_proof
+from .merkle import inclusion_proof as _inclusion_proof
+from .merkle import tree_hash as _tree_hash
+from .note import MAX_NOTE_BYTES
+from .tiles import ENTRIES, TILE_HEIGHT, TileID, TileNodeReader, parse_entry_bundle, tile_for_size
+
+MAX_BUNDLE_BYTES = 256 * (2 + 0xFFFF)
+
+
+class FetchError(TlogError):
+    """The log did not serve a resource (network error or non-200)."""
+
+
+class TileClient:
+    """Reads a tlog-tiles log at prefix (e.g. ``http://127.0.0.1:7380``)."""
+
+    def __init__(self, prefix: str, session: aiohttp.ClientSession) -> None:
+        self.prefix = prefix.rstrip("/")
+        self.session = session
+
+    async def _get(self, path: str, limit: int) -> bytes:
+        try:
+            async with self.session.get(f"{self.prefix}/{path}", headers={"Accept-Encoding": "gzip, identity"}) as r:
+                if r.status == 404:
+                    raise NotFoundError(f"{path}: not found")
+                if r.status != 200:
+                    raise FetchError(f"{path}: HTTP {r.status}")
+                body = await r.content.read(limit + 1)
+        except aiohttp.ClientError as e:
+            raise FetchError(f"{path}: {e!r}") from e
+        if len(body) > limit:
+            raise MalformedError(f"{path}: response over {limit} bytes")
+        return body
+
+    async def checkpoint(self) -> bytes:
+        return await self._get("checkpoint", MAX_NOTE_BYTES)
+
+    async def tile(self, tile: TileID) -> bytes:
+        """A hash tile, checked to be exactly width hashes."""
+        data = await self._get(tile.path(), tile.width * HASH_SIZE)
+        if len(data) != tile.width * HASH_SIZE:
+            raise MalformedError(f"{tile.path()}: {len(data)} bytes, want {tile.width * HASH_SIZE}")
+        return data
+
+    async def entries(self, tile: TileID) -> list[bytes]:
+        """An entry bundle's entries (the caller checks them against the level-0 tile)."""
+        if tile.level != ENTRIES:
+            raise ValueError("not an entry bundle")
+        return parse_entry_bundle(await self._get(tile.path(), MAX_BUNDLE_BYTES), tile.width)
+
+    async def reader_for(self, size: int, nodes: Iterable[Node]) -> TileNodeReader:
+        """Fetch the tiles (as they exist at size) that hold nodes; return a reader over them."""
+        wanted: dict[tuple[int, int], TileID] = {}
+        for height, index in nodes:
+            level, k = divmod(height, TILE_HEIGHT)
+            tile_index = (index << k) >> TILE_HEIGHT
+            wanted[(level, tile_index)] = tile_for_size(size, level, tile_index)
+        fetched = {key: await self.tile(t) for key, t in wanted.items()}
+
+        def fetch(level: int, index: int) -> bytes:
+            try:
+                return fetched[(level, index)]
+            except KeyError:
+                raise NotFoundError(f"tile {level}/{index} was not fetched") from None
+
+        return TileNodeReader(fetch, cache_tiles=len(fetched) + 1)
+
+    async def _reader(self, size: int, ranges: list[Range]) -> TileNodeReader:
+        return await self.reader_for(size, [n for lo, hi in ranges for n in range_nodes(lo, hi)])
+
+    async def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
+        """Compute the consistency proof old_size -> new_size from the log's tiles."""
+        ranges = consistency_ranges(old_size, new_size)
+        return _consistency_proof(old_size, new_size, await self._reader(new_size, ranges))
+
+    async def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        ranges = inclusion_ranges(index, size)
+        return _inclusion_proof(index, size, await self._reader(size, ranges))
+
+    async def tree_hash(self, size: int) -> bytes:
+        return _tree_hash(size, await self._reader(size, [(0, size)] if size else []))

@@ -173,3 +173,17 @@ def test_log_list_parsing() -> None:
                 f"logs/v0\nvkey {LOG_KEY.vkey}\nqpd 1\nqpd 2\n", f"logs/v0\nvkey {LOG_KEY.vkey}\nqpd 01\n"]:
         with pytest.raises(MalformedError):
             parse_log_list(bad)
+
+
+async def test_state_survives_restart(aiohttp_client, tmp_path, log: Log) -> None:
+    """The witness persists before it replies: a new process on the same data knows the size."""
+    state = WitnessState(str(tmp_path / "w"))
+    w = Witness(signer=W_KEY, logs=parse_log_list(log_list()), state=state, clock=lambda: NOW)
+    c = await aiohttp_client(make_app(w))
+    log.integrate([b"a", b"b"])
+    assert (await c.post("/add-checkpoint", data=body(0, [], log.published.note))).status == 200
+    await c.close()
+    state.close()
+    c2 = await client_for(aiohttp_client, tmp_path / "w")
+    r = await c2.post("/add-checkpoint", data=body(0, [], log.published.note))
+    assert r.status == 409 and await r.read() == b"2\n"

@@ -111,7 +111,7 @@ async def test_sigkill_under_load_loses_nothing_and_never_forks(tmp_path) -> Non
                 os.kill(proc.pid, signal.SIGKILL)
                 await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
                 assert len(acked) > before, "no entry was acknowledged before the kill"
-                for entry, (index, cp_note) in acked.items():
+                for _, (_, cp_note) in acked.items():
                     c = checkpoint_of(cp_note, verifier)
                     seen_checkpoints.setdefault(c.size, cp_note)
                     assert seen_checkpoints[c.size] == cp_note or checkpoint_of(seen_checkpoints[c.size], verifier) == c

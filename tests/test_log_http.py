@@ -58,7 +58,7 @@ async def test_concurrent_adds_get_distinct_indexes_and_duplicates_the_first(aio
     entries = [b"entry %d" % i for i in range(300)]
     results = await asyncio.gather(*(add(client, e) for e in entries))
     assert sorted(i for i, _ in results) == list(range(300))
-    index_of = {e: i for e, (i, _) in zip(entries, results)}
+    index_of = {e: i for e, (i, _) in zip(entries, results, strict=True)}
     again = await asyncio.gather(*(add(client, e) for e in entries[:20]), add(client, entries[0]))
     assert [i for i, _ in again[:20]] == [index_of[e] for e in entries[:20]]
     # the tiles and bundles at the final size are the RFC 6962 hashes of the entries, in index order

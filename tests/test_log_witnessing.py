@@ -35,7 +35,7 @@ def free_port() -> int:
 
 def policy_text(ports: list[int]) -> bytes:
     lines = [f"log {LOG_KEY.vkey}"]
-    lines += [f"witness W{i} {k.vkey} http://127.0.0.1:{p}" for i, (k, p) in enumerate(zip(W_KEYS, ports))]
+    lines += [f"witness W{i} {k.vkey} http://127.0.0.1:{p}" for i, (k, p) in enumerate(zip(W_KEYS, ports, strict=True))]
     lines += ["group two-of-three 2 W0 W1 W2", "quorum two-of-three"]
     return ("\n".join(lines) + "\n").encode()
 

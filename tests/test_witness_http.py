@@ -154,7 +154,7 @@ async def test_competing_checkpoints_never_get_inconsistent_cosignatures(aiohttp
             proof = fork.consistency_proof(i - 1, i) if i > 1 else []
             requests.append((name, body(i - 1, proof, fork.published.note)))
     results = await asyncio.gather(*(c.post("/add-checkpoint", data=r) for _, r in requests))
-    winners = {name for (name, _), res in zip(requests, results) if res.status == 200}
+    winners = {name for (name, _), res in zip(requests, results, strict=True) if res.status == 200}
     assert len(winners) == 1, "the witness cosigned checkpoints from both forks"
     statuses = sorted(res.status for res in results)
     assert statuses.count(200) >= 1 and set(statuses) <= {200, 409, 422}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
 import re
 import sys
@@ -13,8 +12,9 @@ import uvloop
 from aiohttp import web
 
 from .errors import TlogError
+from .keys import read_signer, write_key_pair
 from .log import Log
-from .note import ALG_COSIGNATURE_V1, ALG_ED25519, Ed25519Signer, is_valid_key_name, parse_private_key
+from .note import ALG_COSIGNATURE_V1, ALG_ED25519, Ed25519Signer, is_valid_key_name
 from .policy import NONE, Policy, parse_policy
 from .sequencer import DEFAULT_BATCH_MAX, DEFAULT_INTERVAL, DEFAULT_MAX_PENDING, DEFAULT_REPUBLISH_INTERVAL, Sequencer
 from .witnessing import DEFAULT_WITNESS_TIMEOUT
@@ -22,7 +22,6 @@ from .server import make_app
 from .storage.lmdb_store import DEFAULT_MAP_SIZE, LMDBLogStore
 
 DEFAULT_LISTEN = "127.0.0.1:7380"
-UP_LOG_NAME = "localhost/wasmlog"
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -35,34 +34,6 @@ def split_listen(listen: str) -> tuple[str, int]:
 def run_app(app: web.Application, host: str, port: int) -> None:
     """Serve app until SIGINT/SIGTERM, on uvloop (about 1.5x aiohttp's request rate on the default loop)."""
     web.run_app(app, host=host, port=port, print=None, access_log=None, loop=uvloop.new_event_loop())
-
-
-def write_key_pair(signer: Ed25519Signer, prefix: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    """Write PREFIX.key (mode 0600, never overwritten) and PREFIX.vkey."""
-    key_path, vkey_path = prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".vkey")
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(signer.private_key + "\n")
-    vkey_path.write_text(signer.vkey + "\n")
-    return key_path, vkey_path
-
-
-def read_signer(path: pathlib.Path, *, alg: int = ALG_ED25519) -> Ed25519Signer:
-    """Read a private key file: the key text and one newline."""
-    text = path.read_text()
-    if text.endswith("\n"):
-        text = text[:-1]
-    return parse_private_key(text, alg=alg)
-
-
-def load_or_create_signer(prefix: pathlib.Path, name: str, *, alg: int = ALG_ED25519) -> Ed25519Signer:
-    key_path = prefix.with_name(prefix.name + ".key")
-    if key_path.exists():
-        return read_signer(key_path, alg=alg)
-    signer = Ed25519Signer.generate(name, alg)
-    write_key_pair(signer, prefix)
-    return signer
 
 
 def read_witness_policy(path: pathlib.Path, signer: Ed25519Signer) -> Policy:
@@ -167,20 +138,15 @@ def log_serve(
 
 @main.command()
 @click.option("--data", default="wasmlog-data", show_default=True, type=click.Path(file_okay=False, path_type=pathlib.Path))
-@log_options
-def up(data: pathlib.Path, **opts: int | str) -> None:
-    """Start wasmlog on embedded defaults, creating keys in DATA on first run."""
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT of the log; witnesses take the next three ports.")
+def up(data: pathlib.Path, listen: str) -> None:
+    """Start the whole network on embedded defaults: a log and three witnesses (quorum 2)."""
+    from .network import NetworkConfig, run_network
+
+    host, port = split_listen(listen)
     try:
-        signer = load_or_create_signer(data / "keys" / "log", UP_LOG_NAME)
-        host, port = split_listen(str(opts["listen"]))
-        banner = (
-            f"wasmlog log at http://{host}:{port}/  (data in {data})\n"
-            f"log key (vkey): {signer.vkey}\n"
-            f"append:         curl --data-binary @FILE http://{host}:{port}/add\n"
-            f"checkpoint:     curl http://{host}:{port}/checkpoint"
-        )
-        serve_log(data=data / "log", signer=signer, origin=None, banner=banner, **opts)  # type: ignore[arg-type]
-    except TlogError as e:
+        uvloop.run(run_network(NetworkConfig(data=data, host=host, port=port)))
+    except (TlogError, OSError) as e:
         raise click.ClickException(str(e)) from e
 
 

@@ -82,6 +82,10 @@ class Policy:
         return "\n".join(lines) + "\n"
 
 
+def _fail(line: int, why: str) -> MalformedError:
+    return MalformedError(f"policy line {line}: {why}")
+
+
 def parse_policy(data: bytes) -> Policy:
     """Parse a tlog-policy file. Raises MalformedError naming the line at fault."""
     if len(data) > MAX_POLICY_BYTES:
@@ -101,34 +105,31 @@ def parse_policy(data: bytes) -> Policy:
             continue
         words = _WS.split(line)
 
-        def fail(why: str) -> MalformedError:
-            return MalformedError(f"policy line {n}: {why}")
-
-        def define(name: str) -> None:
+        def define(name: str, n: int = n) -> None:
             if name == NONE or name in witnesses or name in groups:
-                raise fail(f"name {name!r} is reserved or already defined")
+                raise _fail(n, f"name {name!r} is reserved or already defined")
 
         if words[0] == "log" and len(words) in (2, 3):
             v = verifier_from_vkey(words[1])
             if v.public_key in log_keys:
-                raise fail("duplicate log key")
+                raise _fail(n, "duplicate log key")
             log_keys.add(v.public_key)
             logs.append(PolicyLog(v, words[2] if len(words) == 3 else None))
         elif words[0] == "witness" and len(words) in (3, 4):
             define(words[1])
             w = cosignature_verifier_from_vkey(words[2])
             if w.public_key in witness_keys:
-                raise fail("duplicate witness key")
+                raise _fail(n, "duplicate witness key")
             witness_keys.add(w.public_key)
             witnesses[words[1]] = PolicyWitness(words[1], w, words[3] if len(words) == 4 else None)
         elif words[0] == "group" and len(words) >= 4:
             name, k, members = words[1], words[2], tuple(words[3:])
             define(name)
             if len(set(members)) != len(members):
-                raise fail("a member is listed twice")
+                raise _fail(n, "a member is listed twice")
             for m in members:
                 if m not in witnesses and m not in groups:
-                    raise fail(f"member {m!r} is not defined above")
+                    raise _fail(n, f"member {m!r} is not defined above")
             if k == "all":
                 threshold = len(members)
             elif k == "any":
@@ -136,16 +137,16 @@ def parse_policy(data: bytes) -> Policy:
             elif _K.fullmatch(k) and int(k) <= len(members):
                 threshold = int(k)
             else:
-                raise fail(f"bad threshold {k!r}")
+                raise _fail(n, f"bad threshold {k!r}")
             groups[name] = Group(name, threshold, members)
         elif words[0] == "quorum" and len(words) == 2:
             if quorum is not None:
-                raise fail("a second quorum line")
+                raise _fail(n, "a second quorum line")
             if words[1] != NONE and words[1] not in witnesses and words[1] not in groups:
-                raise fail(f"quorum {words[1]!r} is not defined above")
+                raise _fail(n, f"quorum {words[1]!r} is not defined above")
             quorum = words[1]
         else:
-            raise fail("not a log, witness, group or quorum line")
+            raise _fail(n, "not a log, witness, group or quorum line")
         if len(logs) > MAX_LOGS or len(witnesses) > MAX_WITNESSES or len(groups) > MAX_GROUPS:
             raise TooLargeError("policy has too many logs, witnesses or groups")
     if quorum is None:

@@ -1,0 +1,110 @@
+"""`wasmlog up`: the whole network in one process, on embedded defaults.
+
+A log (LMDB) whose checkpoints are published only with a 2-of-3 witness quorum,
+and three witnesses gossiping with each other. Keys and data live under one
+folder, created on the first run and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+import signal
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from witness.loglist import parse_log_list
+from witness.server import make_app as make_witness_app
+from witness.state import WitnessState
+from witness.witness import Witness
+
+from .keys import load_or_create_signer
+from .log import Log
+from .note import ALG_COSIGNATURE_V1, Ed25519Signer
+from .policy import parse_policy
+from .sequencer import Sequencer
+from .server import make_app
+from .storage.lmdb_store import LMDBLogStore
+
+LOG_NAME = "localhost/wasmlog"
+WITNESS_NAMES = ("witness1.localhost", "witness2.localhost", "witness3.localhost")
+QUORUM = 2
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    data: pathlib.Path
+    host: str = "127.0.0.1"
+    port: int = 7380  # the log; witnesses take the next three ports
+    interval: float = 0.05
+    gossip_interval: float = 60.0
+
+
+def network_policy(log_key: Ed25519Signer, witness_keys: list[Ed25519Signer], urls: list[str]) -> str:
+    """The c2sp.org/tlog-policy text for this network: our log and a 2-of-3 witness quorum."""
+    lines = [f"log {log_key.vkey}"]
+    lines += [f"witness W{i + 1} {k.vkey} {u}" for i, (k, u) in enumerate(zip(witness_keys, urls, strict=True))]
+    lines += [f"group witnesses {QUORUM} " + " ".join(f"W{i + 1}" for i in range(len(witness_keys))), "quorum witnesses"]
+    return "\n".join(lines) + "\n"
+
+
+async def run_network(cfg: NetworkConfig, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
+    """Run until stop is set (or SIGINT/SIGTERM when stop is None)."""
+    keys = cfg.data / "keys"
+    log_key = load_or_create_signer(keys / "log", LOG_NAME)
+    witness_keys = [load_or_create_signer(keys / f"witness{i + 1}", n, alg=ALG_COSIGNATURE_V1) for i, n in enumerate(WITNESS_NAMES)]
+    log_url = f"http://{cfg.host}:{cfg.port}"
+    witness_urls = [f"http://{cfg.host}:{cfg.port + 1 + i}" for i in range(len(witness_keys))]
+    policy_text = network_policy(log_key, witness_keys, witness_urls)
+    (cfg.data / "tlog-policy.txt").write_text(policy_text)
+    log_list = parse_log_list(f"logs/v0\nvkey {log_key.vkey}\nqpd 864000\nurl {log_url}\n")
+
+    runners: list[web.AppRunner] = []
+    closers = []
+    try:
+        for i, key in enumerate(witness_keys):
+            state = WitnessState(str(cfg.data / f"witness{i + 1}"))
+            closers.append(state.close)
+            peers = [u for j, u in enumerate(witness_urls) if j != i]
+            app = make_witness_app(Witness(signer=key, logs=log_list, state=state), peers=peers, gossip_interval=cfg.gossip_interval)
+            runners.append(await _start(app, cfg.host, cfg.port + 1 + i))
+        store = LMDBLogStore(str(cfg.data / "log"))
+        closers.append(store.close)
+        log = Log(store, log_key, witnessed=True)
+        sequencer = Sequencer(log, interval=cfg.interval)
+        runners.append(await _start(make_app(sequencer, witness_policy=parse_policy(policy_text.encode())), cfg.host, cfg.port))
+        print(
+            f"wasmlog network up (data in {cfg.data})\n"
+            f"  log       {log_url}/   origin {log.origin}\n"
+            + "".join(f"  witness   {u}/\n" for u in witness_urls)
+            + f"  trust policy (c2sp.org/tlog-policy, 2-of-3 witnesses): {cfg.data / 'tlog-policy.txt'}\n"
+            f"  append:   curl --data-binary @FILE {log_url}/add",
+            flush=True,
+        )
+        if ready is not None:
+            ready.set()
+        await _wait(stop)
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+        for close in reversed(closers):
+            close()
+
+
+async def _start(app: web.Application, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def _wait(stop: asyncio.Event | None) -> None:
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -1,0 +1,1 @@
+"""wasmlog's registry: release statements, log records, namespace state, blobs and the HTTP API."""

@@ -1,0 +1,13 @@
+(module
+  (type $t (func (param i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+  (import "env" "memory" (memory 1 16))
+  (import "env" "table" (table 1 10 funcref))
+  (import "env" "ext" (table 0 externref))
+  (import "env" "g" (global (mut i32)))
+  (import "env" "f64" (global f64))
+  (import "env" "v128" (global v128))
+  (import "env" "tag" (tag (param i32)))
+  (import "fastly_http_req" "send" (func (param i32 i32) (result i32)))
+  (func (export "run") (result i32) i32.const 42)
+  (export "mem" (memory 0)))

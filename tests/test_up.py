@@ -8,7 +8,7 @@ import socket
 import aiohttp
 
 from tlog.hashes import leaf_hash
-from tlog.network import NetworkConfig, run_network
+from registry.network import NetworkConfig, run_network
 from tlog.policy import parse_policy
 from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
 

@@ -136,20 +136,6 @@ def log_serve(
         raise click.ClickException(str(e)) from e
 
 
-@main.command()
-@click.option("--data", default="wasmlog-data", show_default=True, type=click.Path(file_okay=False, path_type=pathlib.Path))
-@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT of the log; witnesses take the next three ports.")
-def up(data: pathlib.Path, listen: str) -> None:
-    """Start the whole network on embedded defaults: a log and three witnesses (quorum 2)."""
-    from .network import NetworkConfig, run_network
-
-    host, port = split_listen(listen)
-    try:
-        uvloop.run(run_network(NetworkConfig(data=data, host=host, port=port)))
-    except (TlogError, OSError) as e:
-        raise click.ClickException(str(e)) from e
-
-
 @main.group("witness")
 def witness_group() -> None:
     """Run a c2sp.org/tlog-witness cosigner."""

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from .errors import PushbackError, TlogError
 from .hashes import leaf_hash
@@ -54,6 +54,9 @@ class Sequencer:
         self._nonempty = asyncio.Event()
         self._full = asyncio.Event()
         self.cosigner = cosigner
+        # Called on the event loop after each batch is durable (entries, their indexes), before
+        # any submitter is answered: how an application keeps state derived from the log in step.
+        self.on_integrated: list[Callable[[Sequence[bytes], Sequence[int]], None]] = []
         self.republish_interval = republish_interval
         self._publish_lock = asyncio.Lock()
         self._last_publish = float("-inf")
@@ -98,6 +101,8 @@ class Sequencer:
         entries = [entry for entry, _ in batch]
         try:
             indexes, integrated = await asyncio.to_thread(self.log.integrate, entries)
+            for listener in self.on_integrated:
+                listener(entries, indexes)
             published = await self.publish(integrated) if self.cosigner else integrated
             proofs = await asyncio.to_thread(self.log.tlog_proofs, indexes, published)
         except Exception as e:  # every waiter must hear of a failure

@@ -1,8 +1,8 @@
 """`wasmlog up`: the whole network in one process, on embedded defaults.
 
-A log (LMDB) whose checkpoints are published only with a 2-of-3 witness quorum,
-and three witnesses gossiping with each other. Keys and data live under one
-folder, created on the first run and reused afterwards.
+A registry with its embedded log (LMDB) whose checkpoints are published only
+with a 2-of-3 witness quorum, and three witnesses gossiping with each other.
+Keys and data live under one folder, created on the first run and reused after.
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ from witness.server import make_app as make_witness_app
 from witness.state import WitnessState
 from witness.witness import Witness
 
-from .keys import load_or_create_signer
-from .log import Log
-from .note import ALG_COSIGNATURE_V1, Ed25519Signer
-from .policy import parse_policy
-from .sequencer import Sequencer
+from tlog.keys import load_or_create_signer
+from tlog.log import Log
+from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer
+from tlog.policy import parse_policy
+from tlog.sequencer import Sequencer
+from tlog.storage.lmdb_store import LMDBLogStore
+
+from .blobs import BlobStore
 from .server import make_app
-from .storage.lmdb_store import LMDBLogStore
+from .service import Registry
 
 LOG_NAME = "localhost/wasmlog"
 WITNESS_NAMES = ("witness1.localhost", "witness2.localhost", "witness3.localhost")
@@ -37,7 +40,7 @@ QUORUM = 2
 class NetworkConfig:
     data: pathlib.Path
     host: str = "127.0.0.1"
-    port: int = 7380  # the log; witnesses take the next three ports
+    port: int = 7380  # the registry (its log under /log/); witnesses take the next three ports
     interval: float = 0.05
     gossip_interval: float = 60.0
 
@@ -55,7 +58,8 @@ async def run_network(cfg: NetworkConfig, *, ready: asyncio.Event | None = None,
     keys = cfg.data / "keys"
     log_key = load_or_create_signer(keys / "log", LOG_NAME)
     witness_keys = [load_or_create_signer(keys / f"witness{i + 1}", n, alg=ALG_COSIGNATURE_V1) for i, n in enumerate(WITNESS_NAMES)]
-    log_url = f"http://{cfg.host}:{cfg.port}"
+    registry_url = f"http://{cfg.host}:{cfg.port}"
+    log_url = f"{registry_url}/log"
     witness_urls = [f"http://{cfg.host}:{cfg.port + 1 + i}" for i in range(len(witness_keys))]
     policy_text = network_policy(log_key, witness_keys, witness_urls)
     (cfg.data / "tlog-policy.txt").write_text(policy_text)
@@ -74,13 +78,17 @@ async def run_network(cfg: NetworkConfig, *, ready: asyncio.Event | None = None,
         closers.append(store.close)
         log = Log(store, log_key, witnessed=True)
         sequencer = Sequencer(log, interval=cfg.interval)
-        runners.append(await _start(make_app(sequencer, witness_policy=parse_policy(policy_text.encode())), cfg.host, cfg.port))
+        registry = Registry(sequencer=sequencer, blobs=BlobStore(str(cfg.data / "blobs")))
+        app = make_app(registry, sequencer, witness_policy=parse_policy(policy_text.encode()))
+        runners.append(await _start(app, cfg.host, cfg.port))
+        write_trust_policy(cfg.data / "trust-policy.toml", policy_text)
         print(
             f"wasmlog network up (data in {cfg.data})\n"
+            f"  registry  {registry_url}/api/v1/\n"
             f"  log       {log_url}/   origin {log.origin}\n"
             + "".join(f"  witness   {u}/\n" for u in witness_urls)
-            + f"  trust policy (c2sp.org/tlog-policy, 2-of-3 witnesses): {cfg.data / 'tlog-policy.txt'}\n"
-            f"  append:   curl --data-binary @FILE {log_url}/add",
+            + f"  edge trust policy: {cfg.data / 'trust-policy.toml'}\n"
+            f"  publish:  wasmlog publish --registry {registry_url} --key KEY NAMESPACE:NAME@VERSION MODULE.wasm",
             flush=True,
         )
         if ready is not None:
@@ -91,6 +99,12 @@ async def run_network(cfg: NetworkConfig, *, ready: asyncio.Event | None = None,
             await runner.cleanup()
         for close in reversed(closers):
             close()
+
+
+def write_trust_policy(path: pathlib.Path, tlog_policy: str, max_age: int = 86400) -> None:
+    """The edge verifier's trust policy (spec/trust-policy.md) for this network."""
+    body = tlog_policy.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+    path.write_text(f'# wasmlog edge trust policy, written by `wasmlog up`\nmax_checkpoint_age = {max_age}\ntlog_policy = """\n{body}"""\n')
 
 
 async def _start(app: web.Application, host: str, port: int) -> web.AppRunner:

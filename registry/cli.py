@@ -1,0 +1,210 @@
+"""The ``wasmlog`` command: the log and witness commands of tlog.cli plus the registry's."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import pathlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import aiohttp
+import click
+import uvloop
+
+from tlog.cli import DEFAULT_LISTEN, keygen, log_group, read_witness_policy, run_app, split_listen, witness_group
+from tlog.cli import main as tlog_main
+from tlog.errors import TlogError
+from tlog.keys import read_signer
+from tlog.log import Log
+from tlog.sequencer import Sequencer
+from tlog.storage.lmdb_store import LMDBLogStore
+from tlog.witnessing import DEFAULT_WITNESS_TIMEOUT
+
+from .blobs import BlobStore
+from .client import RegistryClient
+from .network import NetworkConfig, run_network
+from .record import Action, PackageRef, check_label, parse_package_ref
+from .sbom import CYCLONEDX, SPDX
+from .server import make_app
+from .service import Registry
+
+T = TypeVar("T")
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
+    """wasmlog: a transparency log and registry for WebAssembly modules."""
+    ctx.invoke(tlog_main.callback, verbose=verbose)  # type: ignore[arg-type]
+
+
+main.add_command(keygen)
+main.add_command(log_group)
+main.add_command(witness_group)
+
+
+def one_line_errors(f: Callable[..., T]) -> Callable[..., T]:
+    """Turn our errors, network errors and bad files into one line and exit status 1."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return f(*args, **kwargs)
+        except (TlogError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            raise click.ClickException(str(e) or type(e).__name__) from None
+
+    return wrapper
+
+
+def with_client(url: str, work: Callable[[RegistryClient], Awaitable[T]]) -> T:
+    async def go() -> T:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            return await work(RegistryClient(url, session))
+
+    return uvloop.run(go())
+
+
+def package_ref(_ctx: click.Context, _param: click.Parameter, value: str) -> PackageRef:
+    try:
+        return parse_package_ref(value)
+    except TlogError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def namespace_label(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    try:
+        return check_label(value, "namespace")
+    except TlogError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+registry_opt = click.option("--registry", "url", required=True, help="The registry's URL, e.g. http://127.0.0.1:7380")
+key_opt = click.option("--key", "key_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="The publisher's private key file (wasmlog keygen).")
+
+
+@main.group("registry")
+def registry_group() -> None:
+    """Run a registry with its embedded log."""
+
+
+@registry_group.command("serve")
+@click.option("--data", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path), help="Data directory (LMDB log, blobs).")
+@key_opt
+@click.option("--witness-policy", "policy_file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="A c2sp.org/tlog-policy file: publish only checkpoints its witness quorum cosigned.")
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True)
+@one_line_errors
+def registry_serve(data: pathlib.Path, key_file: pathlib.Path, policy_file: pathlib.Path | None, listen: str) -> None:
+    """Serve the registry API under /api/v1/ and its log under /log/."""
+    host, port = split_listen(listen)
+    signer = read_signer(key_file)
+    policy = read_witness_policy(policy_file, signer) if policy_file else None
+    store = LMDBLogStore(str(data / "log"))
+    try:
+        sequencer = Sequencer(Log(store, signer, witnessed=policy is not None))
+        registry = Registry(sequencer=sequencer, blobs=BlobStore(str(data / "blobs")))
+        click.echo(f"registry at http://{host}:{port}/api/v1/ with its log {sequencer.log.origin} at /log/")
+        run_app(make_app(registry, sequencer, witness_policy=policy, witness_timeout=DEFAULT_WITNESS_TIMEOUT), host, port)
+    finally:
+        store.close()
+
+
+@main.command()
+@registry_opt
+@key_opt
+@click.option("--sbom", "sbom_file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="A CycloneDX or SPDX JSON SBOM.")
+@click.argument("ref", metavar="NAMESPACE:NAME@VERSION", callback=package_ref)
+@click.argument("module", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@one_line_errors
+def publish(url: str, key_file: pathlib.Path, sbom_file: pathlib.Path | None, ref: PackageRef, module: pathlib.Path) -> None:
+    """Sign and publish a module; write MODULE.tlog-proof beside it."""
+    signer = read_signer(key_file)
+    sbom = sbom_file.read_bytes() if sbom_file else None
+    media_type = None
+    if sbom is not None:
+        media_type = CYCLONEDX if b'"bomFormat"' in sbom else SPDX
+    proof = with_client(url, lambda c: c.publish(signer, ref, module.read_bytes(), sbom, media_type))
+    out = module.with_name(module.name + ".tlog-proof")
+    out.write_bytes(proof)
+    click.echo(f"published {ref}; proof written to {out}")
+
+
+@main.command()
+@registry_opt
+@click.option("-o", "--out", "out_dir", default=".", type=click.Path(file_okay=False, path_type=pathlib.Path), show_default=True)
+@click.argument("ref", metavar="NAMESPACE:NAME@VERSION", callback=package_ref)
+@one_line_errors
+def fetch(url: str, out_dir: pathlib.Path, ref: PackageRef) -> None:
+    """Download a module, its .tlog-proof and its SBOM."""
+
+    async def go(c: RegistryClient) -> list[pathlib.Path]:
+        path = c.package_path(ref)
+        meta = await c.get_json(path)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"{ref.namespace}_{ref.name}_{ref.version}"  # labels and semver only: safe file names
+        written = [out_dir / f"{stem}.wasm", out_dir / f"{stem}.wasm.tlog-proof"]
+        written[0].write_bytes(await c.get(path + "/module.wasm"))
+        written[1].write_bytes(await c.get(path + "/tlog-proof"))
+        if meta["sbom"] is not None:
+            written.append(out_dir / f"{stem}.sbom.json")
+            written[-1].write_bytes(await c.get(path + "/sbom"))
+        return written
+
+    for p in with_client(url, go):
+        click.echo(f"wrote {p}")
+
+
+@main.group("key")
+def key_group() -> None:
+    """Grant or revoke a publisher key in a namespace."""
+
+
+def _act(url: str, key_file: pathlib.Path, action: Action) -> None:
+    signer = read_signer(key_file)
+    with_client(url, lambda c: c.act(signer, action))
+    click.echo(f"logged {action.action} in {action.namespace}")
+
+
+@key_group.command("grant")
+@registry_opt
+@key_opt
+@click.argument("namespace", callback=namespace_label)
+@click.argument("vkey")
+@one_line_errors
+def key_grant(url: str, key_file: pathlib.Path, namespace: str, vkey: str) -> None:
+    """Allow VKEY to publish, grant, revoke and yank in NAMESPACE."""
+    _act(url, key_file, Action("key-grant", namespace, key=vkey, issued=int(time.time())))
+
+
+@key_group.command("revoke")
+@registry_opt
+@key_opt
+@click.argument("namespace", callback=namespace_label)
+@click.argument("vkey")
+@one_line_errors
+def key_revoke(url: str, key_file: pathlib.Path, namespace: str, vkey: str) -> None:
+    """Revoke VKEY in NAMESPACE: nothing it signs is accepted after this record."""
+    _act(url, key_file, Action("key-revocation", namespace, key=vkey, issued=int(time.time())))
+
+
+@main.command()
+@registry_opt
+@key_opt
+@click.option("--reason", default="", help="Why (logged).")
+@click.argument("ref", metavar="NAMESPACE:NAME@VERSION", callback=package_ref)
+@one_line_errors
+def yank(url: str, key_file: pathlib.Path, reason: str, ref: PackageRef) -> None:
+    """Mark a release as yanked (it stays in the log; verifiers refuse it)."""
+    _act(url, key_file, Action("yank", ref.namespace, name=ref.name, version=ref.version, issued=int(time.time()), reason=reason))
+
+
+@main.command()
+@click.option("--data", default="wasmlog-data", show_default=True, type=click.Path(file_okay=False, path_type=pathlib.Path))
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT of the registry; witnesses take the next three ports.")
+@one_line_errors
+def up(data: pathlib.Path, listen: str) -> None:
+    """Start the whole network on embedded defaults: a registry with its log and three witnesses (quorum 2)."""
+    host, port = split_listen(listen)
+    uvloop.run(run_network(NetworkConfig(data=data, host=host, port=port)))

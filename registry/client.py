@@ -1,0 +1,96 @@
+"""The publisher's side: build and sign statements and actions, talk to a registry's API."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import aiohttp
+
+from tlog.errors import TlogError
+from tlog.note import Ed25519Signer
+
+from .dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope
+from .record import Action, PackageRef, Release, module_digest
+from .wasm import parse_wasm
+
+
+class RegistryError(TlogError):
+    """The registry answered with an error: status and message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"registry answered {status}: {message}")
+        self.status = status
+
+
+def release_statement(ref: PackageRef, module: bytes, sbom: bytes | None, sbom_media_type: str | None) -> Release:
+    """The release for a module: its digest and its imports as the registry will read them."""
+    info = parse_wasm(module)
+    return Release(
+        ref, module_digest(module), info.imports,
+        None if sbom is None else module_digest(sbom), None if sbom is None else sbom_media_type,
+    )
+
+
+class RegistryClient:
+    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+        self.url = url.rstrip("/")
+        self.session = session
+
+    async def _check(self, r: aiohttp.ClientResponse) -> bytes:
+        body = await r.read()
+        if r.status != 200:
+            try:
+                message = json.loads(body)["message"]
+            except (ValueError, KeyError, TypeError):
+                message = body[:300].decode("utf-8", "replace")
+            raise RegistryError(r.status, message)
+        return body
+
+    async def get(self, path: str) -> bytes:
+        async with self.session.get(self.url + path) as r:
+            return await self._check(r)
+
+    async def get_json(self, path: str) -> Any:
+        return json.loads(await self.get(path))
+
+    async def namespace(self, ns: str) -> dict[str, Any] | None:
+        try:
+            return await self.get_json(f"/api/v1/namespaces/{ns}")  # type: ignore[no-any-return]
+        except RegistryError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def act(self, signer: Ed25519Signer, action: Action) -> bytes:
+        env = sign_envelope(ACTION_PAYLOAD_TYPE, action.payload(), signer)
+        body = {"type": action.action, "signer": signer.vkey, "envelope": json.loads(env.to_json())}
+        async with self.session.post(self.url + "/api/v1/records", json=body) as r:
+            return await self._check(r)
+
+    async def claim_if_unclaimed(self, signer: Ed25519Signer, ns: str) -> bool:
+        """Claim a namespace for signer (a self-grant) if nobody has; return whether we did."""
+        if await self.namespace(ns) is not None:
+            return False
+        await self.act(signer, Action("key-grant", ns, key=signer.vkey, issued=int(time.time())))
+        return True
+
+    async def publish(
+        self, signer: Ed25519Signer, ref: PackageRef, module: bytes, sbom: bytes | None = None, sbom_media_type: str | None = None
+    ) -> bytes:
+        """Sign the release statement and publish; return the module's tlog-proof."""
+        await self.claim_if_unclaimed(signer, ref.namespace)
+        release = release_statement(ref, module, sbom, sbom_media_type)
+        env = sign_envelope(INTOTO_PAYLOAD_TYPE, release.statement(), signer)
+        form = aiohttp.FormData()
+        form.add_field("signer", signer.vkey)
+        form.add_field("envelope", env.to_json().decode(), content_type="application/json")
+        form.add_field("module", module, content_type="application/wasm", filename="module.wasm")
+        if sbom is not None:
+            form.add_field("sbom", sbom, content_type=sbom_media_type or "application/json", filename="sbom.json")
+        async with self.session.post(self.url + "/api/v1/publish", data=form) as r:
+            return await self._check(r)
+
+    def package_path(self, ref: PackageRef) -> str:
+        return f"/api/v1/packages/{ref.namespace}/{ref.name}/{ref.version}"

@@ -1,0 +1,312 @@
+"""Release statements, actions and the log entry that carries them. Pure.
+
+A log entry is deterministic CBOR (text keys, canonical encoding):
+
+    {"v": 1, "type": "release" | "key-grant" | "key-revocation" | "yank",
+     "signer": <publisher vkey>,
+     "envelope": {"payloadType": str, "payload": bytes,
+                  "signatures": [{"keyid": str, "sig": bytes}, ...]}}
+
+A release carries an in-toto Statement v1; the other types carry a wasmlog
+action. See spec/registry.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+
+from tlog.errors import MalformedError, TooLargeError
+from tlog.note import Ed25519Verifier, verifier_from_vkey
+from tlog.tiles import MAX_ENTRY_SIZE
+
+from .dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, Envelope, Signature, strict_json
+from .wasm import Import
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://wasmlog.dev/release/v1"
+RECORD_TYPES = ("release", "key-grant", "key-revocation", "yank")
+ACTIONS = ("key-grant", "key-revocation", "yank")
+SBOM_MEDIA_TYPES = ("application/vnd.cyclonedx+json", "application/spdx+json")
+IMPORT_KINDS = ("func", "table", "memory", "global", "tag", "module", "value", "type", "component", "instance")
+MAX_IMPORTS = 4096  # keeps a release inside one 64 KiB log entry
+
+_LABEL = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # component-model kebab-case label
+# semver 2.0.0 (semver.org's regex, without build metadata)
+_SEMVER = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?", re.ASCII)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+MAX_LABEL = 64
+MAX_VERSION = 64
+
+
+class RecordError(MalformedError):
+    """A statement, action or log entry that does not follow spec/registry.md (HTTP 422)."""
+
+
+@dataclass(frozen=True, order=True)
+class PackageRef:
+    """``namespace:name@version``."""
+
+    namespace: str
+    name: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}:{self.name}@{self.version}"
+
+
+def check_label(s: object, what: str) -> str:
+    if not isinstance(s, str) or len(s) > MAX_LABEL or not _LABEL.fullmatch(s):
+        raise RecordError(f"{what} must be a kebab-case label (a-z, 0-9, '-'), at most {MAX_LABEL} characters")
+    return s
+
+
+def check_version(s: object) -> str:
+    if not isinstance(s, str) or len(s) > MAX_VERSION or not _SEMVER.fullmatch(s):
+        raise RecordError("version must be a semantic version (MAJOR.MINOR.PATCH[-pre])")
+    return s
+
+
+def parse_package_ref(s: str) -> PackageRef:
+    """Parse ``namespace:name@version``. Raises RecordError."""
+    ns, colon, rest = s.partition(":")
+    name, at, version = rest.partition("@")
+    if not colon or not at:
+        raise RecordError(f"want NAMESPACE:NAME@VERSION, got {s[:100]!r}")
+    return PackageRef(check_label(ns, "namespace"), check_label(name, "name"), check_version(version))
+
+
+def check_digest(obj: object, what: str) -> str:
+    if not isinstance(obj, dict) or set(obj) != {"sha256"} or not isinstance(obj["sha256"], str) or not _HEX64.fullmatch(obj["sha256"]):
+        raise RecordError(f"{what} must be {{\"sha256\": <64 lowercase hex>}}")
+    return obj["sha256"]
+
+
+def _exact_keys(obj: object, required: set[str], optional: set[str], what: str) -> dict[str, Any]:
+    if not isinstance(obj, dict) or not required <= set(obj) <= required | optional:
+        raise RecordError(f"{what} must have the fields {sorted(required)} (optional {sorted(optional)})")
+    return obj
+
+
+@dataclass(frozen=True)
+class Release:
+    """The predicate of a release statement, with its subject digest."""
+
+    ref: PackageRef
+    module_sha256: str
+    imports: tuple[Import, ...]
+    sbom_sha256: str | None = None
+    sbom_media_type: str | None = None
+
+    def statement(self) -> bytes:
+        """The in-toto Statement v1 JSON payload (fixed key order, compact)."""
+        predicate: dict[str, Any] = {
+            "namespace": self.ref.namespace,
+            "name": self.ref.name,
+            "version": self.ref.version,
+            "imports": [{"module": i.module, "name": i.name, "kind": i.kind} for i in self.imports],
+        }
+        if self.sbom_sha256 is not None:
+            predicate["sbom"] = {"digest": {"sha256": self.sbom_sha256}, "mediaType": self.sbom_media_type}
+        obj = {
+            "_type": STATEMENT_TYPE,
+            "subject": [{"name": str(self.ref), "digest": {"sha256": self.module_sha256}}],
+            "predicateType": PREDICATE_TYPE,
+            "predicate": predicate,
+        }
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def parse_statement(payload: bytes) -> Release:
+    """Parse a release statement. Raises RecordError."""
+    obj = _exact_keys(strict_json(payload, "statement"), {"_type", "subject", "predicateType", "predicate"}, set(), "statement")
+    if obj["_type"] != STATEMENT_TYPE or obj["predicateType"] != PREDICATE_TYPE:
+        raise RecordError(f"want _type {STATEMENT_TYPE} and predicateType {PREDICATE_TYPE}")
+    subjects = obj["subject"]
+    if not isinstance(subjects, list) or len(subjects) != 1:
+        raise RecordError("a release statement has exactly one subject: the module")
+    subject = _exact_keys(subjects[0], {"name", "digest"}, set(), "subject")
+    pred = _exact_keys(obj["predicate"], {"namespace", "name", "version", "imports"}, {"sbom"}, "predicate")
+    ref = PackageRef(check_label(pred["namespace"], "namespace"), check_label(pred["name"], "name"), check_version(pred["version"]))
+    if subject["name"] != str(ref):
+        raise RecordError(f"subject name {str(subject['name'])[:100]!r} is not {ref}")
+    imports_raw = pred["imports"]
+    if not isinstance(imports_raw, list) or len(imports_raw) > MAX_IMPORTS:
+        raise RecordError(f"imports must be a list of at most {MAX_IMPORTS}")
+    imports = []
+    for i in imports_raw:
+        d = _exact_keys(i, {"module", "name", "kind"}, set(), "import")
+        if not all(isinstance(d[k], str) for k in d) or d["kind"] not in IMPORT_KINDS:
+            raise RecordError("an import is {module: str, name: str, kind: one of " + ", ".join(IMPORT_KINDS) + "}")
+        imports.append(Import(d["module"], d["name"], d["kind"]))
+    sbom_sha256 = sbom_media_type = None
+    if "sbom" in pred:
+        sbom = _exact_keys(pred["sbom"], {"digest", "mediaType"}, set(), "sbom")
+        sbom_sha256 = check_digest(sbom["digest"], "sbom digest")
+        if sbom["mediaType"] not in SBOM_MEDIA_TYPES:
+            raise RecordError(f"sbom mediaType must be one of {', '.join(SBOM_MEDIA_TYPES)}")
+        sbom_media_type = sbom["mediaType"]
+    release = Release(ref, check_digest(subject["digest"], "subject digest"), tuple(imports), sbom_sha256, sbom_media_type)
+    return release
+
+
+@dataclass(frozen=True)
+class Action:
+    """A key grant, key revocation or yank, signed by an authorized key of the namespace."""
+
+    action: str
+    namespace: str
+    key: str | None = None  # vkey, for grants and revocations
+    name: str | None = None  # for yanks
+    version: str | None = None
+    issued: int = 0  # POSIX seconds: makes a repeated decision a distinct entry
+    reason: str = ""
+
+    def payload(self) -> bytes:
+        obj: dict[str, Any] = {"action": self.action, "namespace": self.namespace, "issued": self.issued}
+        if self.action == "yank":
+            obj.update(name=self.name, version=self.version, reason=self.reason)
+        else:
+            obj["key"] = self.key
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+    @property
+    def ref(self) -> PackageRef:
+        assert self.name is not None and self.version is not None
+        return PackageRef(self.namespace, self.name, self.version)
+
+
+def parse_action(payload: bytes) -> Action:
+    obj = strict_json(payload, "action")
+    if not isinstance(obj, dict) or obj.get("action") not in ACTIONS:
+        raise RecordError(f"action must be one of {', '.join(ACTIONS)}")
+    if obj["action"] == "yank":
+        d = _exact_keys(obj, {"action", "namespace", "name", "version", "issued", "reason"}, set(), "yank")
+        if not isinstance(d["reason"], str) or len(d["reason"]) > 1024:
+            raise RecordError("yank reason must be a string of at most 1024 characters")
+        action = Action("yank", check_label(d["namespace"], "namespace"), None, check_label(d["name"], "name"),
+                        check_version(d["version"]), _issued(d["issued"]), d["reason"])
+    else:
+        d = _exact_keys(obj, {"action", "namespace", "key", "issued"}, set(), str(obj["action"]))
+        if not isinstance(d["key"], str):
+            raise RecordError("key must be a vkey")
+        verifier_from_vkey(d["key"])  # must be an Ed25519 note key
+        action = Action(d["action"], check_label(d["namespace"], "namespace"), d["key"], issued=_issued(d["issued"]))
+    return action
+
+
+def _issued(v: object) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
+        raise RecordError("issued must be a non-negative integer (POSIX seconds)")
+    return v
+
+
+@dataclass(frozen=True)
+class Record:
+    """A decoded log entry. body is the parsed payload (Release or Action)."""
+
+    type: str
+    signer: str
+    envelope: Envelope
+    body: Release | Action
+
+    @property
+    def namespace(self) -> str:
+        return self.body.ref.namespace if isinstance(self.body, Release) else self.body.namespace
+
+    @property
+    def signer_verifier(self) -> Ed25519Verifier:
+        return verifier_from_vkey(self.signer)
+
+    def encode(self) -> bytes:
+        return encode_entry(self.type, self.signer, self.envelope)
+
+
+def encode_entry(record_type: str, signer: str, envelope: Envelope) -> bytes:
+    obj = {
+        "v": 1,
+        "type": record_type,
+        "signer": signer,
+        "envelope": {
+            "payloadType": envelope.payload_type,
+            "payload": envelope.payload,
+            "signatures": [{"keyid": s.keyid, "sig": s.sig} for s in envelope.signatures],
+        },
+    }
+    data = cbor2.dumps(obj, canonical=True)
+    if len(data) > MAX_ENTRY_SIZE:
+        raise TooLargeError(f"log entry of {len(data)} bytes is over {MAX_ENTRY_SIZE}")
+    return data
+
+
+def _check_cbor_types(obj: object) -> None:
+    """Only maps with text keys, arrays, text, bytes and integers: no tags, floats or simple values."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise RecordError("log entry map keys must be text")
+            _check_cbor_types(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            _check_cbor_types(v)
+    elif isinstance(obj, bool) or not isinstance(obj, (str, bytes, int)):
+        raise RecordError(f"log entry holds a CBOR {type(obj).__name__}")
+
+
+def record_for(record_type: str, signer: str, envelope: Envelope) -> Record:
+    """Check that the envelope's payload is what record_type says and parse it. Raises RecordError."""
+    if record_type not in RECORD_TYPES:
+        raise RecordError(f"unknown record type {record_type[:40]!r}")
+    verifier_from_vkey(signer)
+    if record_type == "release":
+        if envelope.payload_type != INTOTO_PAYLOAD_TYPE:
+            raise RecordError(f"a release is signed as {INTOTO_PAYLOAD_TYPE}")
+        body: Release | Action = parse_statement(envelope.payload)
+    else:
+        if envelope.payload_type != ACTION_PAYLOAD_TYPE:
+            raise RecordError(f"a {record_type} is signed as {ACTION_PAYLOAD_TYPE}")
+        body = parse_action(envelope.payload)
+        if body.action != record_type:
+            raise RecordError(f"the payload is a {body.action}, not a {record_type}")
+    return Record(record_type, signer, envelope, body)
+
+
+def decode_entry(data: bytes) -> Record:
+    """Decode a log entry strictly: canonical CBOR only, then the record rules. Raises RecordError."""
+    if len(data) > MAX_ENTRY_SIZE:
+        raise TooLargeError("log entry too large")
+    try:
+        obj = cbor2.loads(data)
+    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as e:
+        raise RecordError(f"log entry is not CBOR: {e}") from None
+    _check_cbor_types(obj)
+    if cbor2.dumps(obj, canonical=True) != data:  # duplicates, indefinite lengths, long ints, key order
+        raise RecordError("log entry is not canonical CBOR")
+    top = _exact_keys(obj, {"v", "type", "signer", "envelope"}, set(), "log entry")
+    if top["v"] != 1 or not isinstance(top["type"], str) or not isinstance(top["signer"], str):
+        raise RecordError("log entry v must be 1, type and signer text")
+    env = _exact_keys(top["envelope"], {"payloadType", "payload", "signatures"}, set(), "envelope")
+    sigs = env["signatures"]
+    if not isinstance(env["payloadType"], str) or not isinstance(env["payload"], bytes) or not isinstance(sigs, list) or not sigs:
+        raise RecordError("malformed envelope in log entry")
+    signatures = []
+    for s in sigs:
+        d = _exact_keys(s, {"keyid", "sig"}, set(), "signature")
+        if not isinstance(d["keyid"], str) or not isinstance(d["sig"], bytes):
+            raise RecordError("malformed signature in log entry")
+        signatures.append(Signature(d["keyid"], d["sig"]))
+    return record_for(top["type"], top["signer"], Envelope(env["payloadType"], env["payload"], tuple(signatures)))
+
+
+def module_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def imports_equal(a: Sequence[Import], b: Sequence[Import]) -> bool:
+    return list(a) == list(b)

@@ -1,0 +1,199 @@
+"""The registry's HTTP API (spec/registry-api.md), with the log's API mounted under /log/."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from tlog.checkpoint import parse_decimal
+from tlog.errors import MalformedError, NotFoundError, PushbackError, StorageFullError, TlogError, TooLargeError
+from tlog.note import b64encode
+from tlog.policy import Policy
+from tlog.sequencer import Sequencer
+from tlog.server import RETRY_AFTER_SECONDS
+from tlog.server import make_app as make_log_app
+from tlog.witnessing import QuorumError
+
+from .dsse import MAX_ENVELOPE_BYTES
+from .record import RecordError, check_label, decode_entry, parse_package_ref
+from .sbom import MAX_SBOM_BYTES
+from .service import NotYetPublished, Registry
+from .state import ValidationError
+from .wasm import MAX_MODULE_BYTES, WasmError
+
+REGISTRY = web.AppKey("registry", Registry)
+MAX_PUBLISH_BYTES = MAX_MODULE_BYTES + MAX_SBOM_BYTES + MAX_ENVELOPE_BYTES + (64 << 10)
+
+# Every error maps to one status here; subclasses come before their bases.
+STATUS: list[tuple[type[TlogError], int]] = [
+    (TooLargeError, 413),
+    (RecordError, 422),
+    (WasmError, 422),
+    (MalformedError, 400),
+    (NotFoundError, 404),
+    (PushbackError, 503),
+    (QuorumError, 503),
+    (NotYetPublished, 503),
+    (StorageFullError, 507),
+    (TlogError, 500),
+]
+
+
+def status_for(e: TlogError) -> int:
+    if isinstance(e, ValidationError):
+        return e.status
+    return next(status for cls, status in STATUS if isinstance(e, cls))
+
+
+@web.middleware
+async def errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except TlogError as e:
+        status = status_for(e)
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else {}
+        return web.json_response({"error": type(e).__name__, "message": str(e)}, status=status, headers=headers)
+
+
+async def read_parts(request: web.Request, limits: dict[str, int]) -> dict[str, bytes]:
+    """Read a multipart/form-data body with only the named parts, each within its limit."""
+    if not request.content_type.startswith("multipart/"):
+        raise MalformedError("want multipart/form-data")
+    parts: dict[str, bytes] = {}
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        name = getattr(part, "name", None)
+        if name not in limits or name in parts:
+            raise MalformedError(f"unexpected or repeated part {str(name)[:40]!r}")
+        data = bytearray()
+        while chunk := await part.read_chunk(1 << 16):  # type: ignore[union-attr]
+            data += chunk
+            if len(data) > limits[name]:
+                raise TooLargeError(f"part {name} is over {limits[name]} bytes")
+        parts[name] = bytes(data)
+    return parts
+
+
+def _text(parts: dict[str, bytes], name: str) -> str:
+    try:
+        return parts[name].decode("utf-8").strip()
+    except (KeyError, UnicodeDecodeError):
+        raise MalformedError(f"missing or non-UTF-8 part {name}") from None
+
+
+async def publish(request: web.Request) -> web.Response:
+    parts = await read_parts(request, {"signer": 1024, "envelope": MAX_ENVELOPE_BYTES, "module": MAX_MODULE_BYTES, "sbom": MAX_SBOM_BYTES})
+    if "envelope" not in parts or "module" not in parts:
+        raise MalformedError("publish needs the parts signer, envelope and module (and sbom when the statement names one)")
+    proof = await request.app[REGISTRY].publish(
+        signer=_text(parts, "signer"), envelope=parts["envelope"], module=parts["module"], sbom=parts.get("sbom")
+    )
+    return web.Response(body=proof, content_type="text/plain")
+
+
+async def post_record(request: web.Request) -> web.Response:
+    body = await request.read()
+    try:
+        obj = json.loads(body)
+        record_type, signer, envelope = obj["type"], obj["signer"], obj["envelope"]
+        if not isinstance(record_type, str) or not isinstance(signer, str) or not isinstance(envelope, dict) or len(obj) != 3:
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise MalformedError('want {"type": ..., "signer": <vkey>, "envelope": <DSSE envelope>}') from None
+    proof = await request.app[REGISTRY].act(record_type=record_type, signer=signer, envelope=json.dumps(envelope).encode())
+    return web.Response(body=proof, content_type="text/plain")
+
+
+def _ref(request: web.Request) -> Any:
+    m = request.match_info
+    return parse_package_ref(f"{m['ns']}:{m['name']}@{m['version']}")
+
+
+async def get_namespace(request: web.Request) -> web.Response:
+    ns_name = check_label(request.match_info["ns"], "namespace")
+    ns = request.app[REGISTRY].namespace(ns_name)
+    packages: dict[str, list[str]] = {}
+    for key in ns.releases:
+        name, version = key.split("@", 1)
+        packages.setdefault(name, []).append(version)
+    return web.json_response(
+        {"namespace": ns_name, "keys": sorted(ns.keys), "revoked": dict(ns.revoked), "packages": packages}
+    )
+
+
+async def get_versions(request: web.Request) -> web.Response:
+    ns_name = check_label(request.match_info["ns"], "namespace")
+    name = check_label(request.match_info["name"], "name")
+    ns = request.app[REGISTRY].namespace(ns_name)
+    versions = ns.versions(name)
+    if not versions:
+        raise NotFoundError(f"{ns_name}:{name} has no releases")
+    return web.json_response({"package": f"{ns_name}:{name}", "versions": versions})
+
+
+async def get_metadata(request: web.Request) -> web.Response:
+    return web.json_response(request.app[REGISTRY].metadata(_ref(request)))
+
+
+async def get_module(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    digest = registry.release(_ref(request)).release.module_sha256
+    data = await asyncio.to_thread(registry.blobs.get, digest)
+    return web.Response(body=data, content_type="application/wasm", headers={"Cache-Control": "public, max-age=31536000, immutable"})
+
+
+async def get_sbom(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    rel = registry.release(_ref(request)).release
+    if rel.sbom_sha256 is None or rel.sbom_media_type is None:
+        raise NotFoundError("this release has no SBOM")
+    data = await asyncio.to_thread(registry.blobs.get, rel.sbom_sha256)
+    return web.Response(body=data, headers={"Content-Type": rel.sbom_media_type})
+
+
+async def get_statement(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    entry = await asyncio.to_thread(registry.entry, registry.release(_ref(request)).index)
+    return web.Response(body=decode_entry(entry).envelope.to_json(), content_type="application/json")
+
+
+async def get_proof(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    index = registry.release(_ref(request)).index
+    old = request.query.get("old")
+    proof, consistency = await asyncio.to_thread(registry.tlog_proof, index, None if old is None else parse_decimal(old, "old"))
+    if old is None:
+        return web.Response(body=proof, content_type="text/plain")
+    return web.json_response(
+        {"tlog_proof": proof.decode(), "old_size": int(old), "consistency_proof": [b64encode(h) for h in consistency]}
+    )
+
+
+def make_app(
+    registry: Registry, sequencer: Sequencer, *, witness_policy: Policy | None = None, witness_timeout: float = 5.0
+) -> web.Application:
+    app = web.Application(client_max_size=MAX_PUBLISH_BYTES, middlewares=[errors_middleware])
+    app[REGISTRY] = registry
+    base = "/api/v1"
+    pkg = base + "/packages/{ns}/{name}/{version}"
+    app.router.add_routes(
+        [
+            web.post(base + "/publish", publish),
+            web.post(base + "/records", post_record),
+            web.get(base + "/namespaces/{ns}", get_namespace),
+            web.get(base + "/packages/{ns}/{name}", get_versions),
+            web.get(pkg, get_metadata),
+            web.get(pkg + "/module.wasm", get_module),
+            web.get(pkg + "/sbom", get_sbom),
+            web.get(pkg + "/statement", get_statement),
+            web.get(pkg + "/tlog-proof", get_proof),
+        ]
+    )
+    app.add_subapp("/log/", make_log_app(sequencer, witness_policy=witness_policy, witness_timeout=witness_timeout))
+    return app

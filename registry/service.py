@@ -1,0 +1,182 @@
+"""The registry: checks releases and actions, stores blobs, appends records to its embedded log.
+
+State is derived from the log: at start-up by replaying every entry, and after
+each batch by applying the newly integrated entries in index order. New
+submissions are checked against that state plus the submissions still waiting
+for integration, in the order the sequencer will append them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from tlog.errors import NotFoundError, TlogError
+from tlog.hashes import leaf_hash
+from tlog.log import Log
+from tlog.merkle import consistency_proof
+from tlog.proof_file import TlogProof, parse_tlog_proof
+from tlog.sequencer import Sequencer
+from tlog.tiles import TILE_WIDTH
+
+from .blobs import BlobStore
+from .dsse import parse_envelope
+from .record import PackageRef, Record, RecordError, Release, decode_entry, module_digest, record_for
+from .sbom import validate_sbom
+from .state import NamespaceState, RegistryState, ReleaseState, ValidationError
+from .wasm import parse_wasm
+
+logger = logging.getLogger("wasmlog.registry")
+
+
+class NotYetPublished(TlogError):
+    """The record is logged but no published (cosigned) checkpoint covers it yet: retry later."""
+
+
+class Registry:
+    def __init__(self, *, sequencer: Sequencer, blobs: BlobStore) -> None:
+        self.sequencer = sequencer
+        self.log: Log = sequencer.log
+        self.blobs = blobs
+        self.rejected: list[tuple[int, TlogError]] = []
+        self.state = RegistryState()
+        self._applied_size = 0
+        self._replay()
+        self._pending: dict[bytes, Record] = {}  # leaf hash -> record, in submission order
+        self.pending_state = self.state
+        sequencer.on_integrated.append(self._on_integrated)
+
+    def _replay(self) -> None:
+        size = self.log.integrated.checkpoint.size
+        for start in range(0, size, TILE_WIDTH):
+            entries = self.log.store.read_entries(start, min(size, start + TILE_WIDTH))
+            self._apply([(start + i, e) for i, e in enumerate(entries)])
+        logger.info("replayed %d log entries (%d rejected)", size, len(self.rejected))
+
+    def _apply(self, entries: Sequence[tuple[int, bytes]]) -> None:
+        for index, entry in entries:
+            if index < self._applied_size:
+                continue
+            try:
+                self.state = self.state.apply(decode_entry(entry), index)
+            except (RecordError, ValidationError) as e:
+                self.rejected.append((index, e))  # logged but void: replay reports it, state ignores it
+            self._applied_size = index + 1
+
+    def _on_integrated(self, entries: Sequence[bytes], indexes: Sequence[int]) -> None:
+        fresh = sorted({i: e for e, i in zip(entries, indexes, strict=True) if i >= self._applied_size}.items())
+        self._apply(fresh)
+        for _, e in fresh:
+            self._pending.pop(leaf_hash(e), None)
+        self._rebuild_pending()
+
+    def _rebuild_pending(self) -> None:
+        state = self.state
+        for h, record in list(self._pending.items()):
+            try:
+                state = state.apply(record, -1)
+            except ValidationError:
+                self._pending.pop(h)
+        self.pending_state = state
+
+    async def _logged(self, record: Record) -> bool:
+        h = leaf_hash(record.encode())
+        return h in self._pending or bool(await asyncio.to_thread(self.log.store.lookup, [h]))
+
+    async def submit(self, record: Record) -> bytes:
+        """Append a checked record; return its tlog-proof with the entry as extra data."""
+        entry = record.encode()
+        h = leaf_hash(entry)
+        if h not in self._pending:
+            logged = await asyncio.to_thread(self.log.store.lookup, [h])
+            if not logged and h not in self._pending:
+                # Check and reserve with no await in between, then hand the entry to the
+                # sequencer, which appends in this same order.
+                self.pending_state = self.pending_state.apply(record, -1)
+                self._pending[h] = record
+        try:
+            proof = await self.sequencer.add(entry)
+        except Exception:
+            if self._pending.pop(h, None) is not None:
+                self._rebuild_pending()
+            raise
+        tp = parse_tlog_proof(proof)
+        return TlogProof(tp.index, tp.proof, tp.checkpoint, entry).encode()
+
+    async def publish(self, *, signer: str, envelope: bytes, module: bytes, sbom: bytes | None) -> bytes:
+        """Check a release against its module (and SBOM), store the blobs, and log it."""
+        record = record_for("release", signer, parse_envelope(envelope))
+        release = record.body
+        assert isinstance(release, Release)
+        if module_digest(module) != release.module_sha256:
+            raise RecordError("the module's SHA-256 is not the statement's subject digest")
+        info = await asyncio.to_thread(parse_wasm, module)
+        if list(info.imports) != list(release.imports):
+            raise RecordError("the statement's import list is not exactly the module's imports")
+        if (sbom is None) != (release.sbom_sha256 is None):
+            raise RecordError("an SBOM must be sent exactly when the statement names one")
+        if sbom is not None:
+            if module_digest(sbom) != release.sbom_sha256:
+                raise RecordError("the SBOM's SHA-256 is not the statement's sbom digest")
+            assert release.sbom_media_type is not None
+            await asyncio.to_thread(validate_sbom, release.sbom_media_type, sbom)
+        if not await self._logged(record):
+            self.pending_state.check(record)  # fail before writing blobs for a record we would refuse
+        if sbom is not None:
+            await asyncio.to_thread(self.blobs.put, sbom)
+        await asyncio.to_thread(self.blobs.put, module)
+        return await self.submit(record)
+
+    async def act(self, *, record_type: str, signer: str, envelope: bytes) -> bytes:
+        """Log a key grant, key revocation or yank."""
+        if record_type == "release":
+            raise RecordError("releases are published with their module")
+        return await self.submit(record_for(record_type, signer, parse_envelope(envelope)))
+
+    # ── reads ───────────────────────────────────────────────────────────────
+    def namespace(self, ns: str) -> NamespaceState:
+        state = self.state.namespaces.get(ns)
+        if state is None:
+            raise NotFoundError(f"namespace {ns} is unclaimed")
+        return state
+
+    def release(self, ref: PackageRef) -> ReleaseState:
+        found = self.state.release(ref)
+        if found is None:
+            raise NotFoundError(f"{ref} is not published")
+        return found
+
+    def metadata(self, ref: PackageRef) -> dict[str, Any]:
+        r = self.release(ref)
+        rel = r.release
+        return {
+            "package": str(ref),
+            "index": r.index,
+            "module": {"sha256": rel.module_sha256},
+            "sbom": None if rel.sbom_sha256 is None else {"sha256": rel.sbom_sha256, "mediaType": rel.sbom_media_type},
+            "imports": [{"module": i.module, "name": i.name, "kind": i.kind} for i in rel.imports],
+            "signer": r.signer,
+            "yanked_at": r.yanked_at,
+        }
+
+    def entry(self, index: int) -> bytes:
+        return self.log.store.read_entries(index, index + 1)[0]
+
+    def tlog_proof(self, index: int, old_size: int | None = None) -> tuple[bytes, list[bytes]]:
+        """A tlog-proof of entry index against the latest published checkpoint (extra: the entry),
+        and the consistency proof from old_size to that checkpoint if asked."""
+        published = self.log.published
+        size = published.checkpoint.size
+        if index >= size:
+            raise NotYetPublished(f"index {index} is logged but not yet in a published checkpoint")
+        entry = self.entry(index)
+        proof = self.log.tlog_proofs([index], published)[0]
+        tp = parse_tlog_proof(proof)
+        consistency: list[bytes] = []
+        if old_size is not None:
+            if not 0 < old_size <= size:
+                raise NotFoundError(f"old size {old_size} is not in 1..{size}")
+            consistency = consistency_proof(old_size, size, self.log.reader)
+        return TlogProof(tp.index, tp.proof, tp.checkpoint, entry).encode(), consistency

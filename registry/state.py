@@ -1,0 +1,130 @@
+"""Namespace state as a pure reducer over the log's records.
+
+Anyone replaying the log applies every record in index order and gets the same
+state; a record that fails a rule changes nothing (replay reports it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+from tlog.errors import TlogError
+
+from .record import Action, PackageRef, Record, Release
+
+
+class ValidationError(TlogError):
+    status = 422
+
+
+class InvalidSignature(ValidationError):
+    status = 403
+
+
+class Unauthorized(ValidationError):
+    status = 403
+
+
+class VersionExists(ValidationError):
+    status = 409
+
+
+class UnknownRelease(ValidationError):
+    status = 404
+
+
+@dataclass(frozen=True)
+class ReleaseState:
+    index: int
+    release: Release
+    signer: str
+    yanked_at: int | None = None
+
+
+@dataclass(frozen=True)
+class NamespaceState:
+    keys: frozenset[str] = frozenset()  # vkeys that may act in the namespace
+    revoked: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # vkey -> revocation index
+    releases: Mapping[str, ReleaseState] = field(default_factory=lambda: MappingProxyType({}))  # "name@version"
+
+    def versions(self, name: str) -> list[str]:
+        return [k.split("@", 1)[1] for k in self.releases if k.split("@", 1)[0] == name]
+
+
+def _frozen(d: dict) -> Mapping:  # type: ignore[type-arg]
+    return MappingProxyType(d)
+
+
+@dataclass(frozen=True)
+class RegistryState:
+    namespaces: Mapping[str, NamespaceState] = field(default_factory=lambda: MappingProxyType({}))
+
+    def release(self, ref: PackageRef) -> ReleaseState | None:
+        ns = self.namespaces.get(ref.namespace)
+        return None if ns is None else ns.releases.get(f"{ref.name}@{ref.version}")
+
+    def check(self, record: Record) -> None:
+        """Raise the ValidationError that apply() would raise, without building a new state."""
+        self.apply(record, index=-1)
+
+    def apply(self, record: Record, index: int) -> RegistryState:
+        """Return the state after the record at this log index. Raises ValidationError; self never changes."""
+        if not record.envelope.verified_by(record.signer_verifier):
+            raise InvalidSignature(f"the envelope is not signed by {record.signer}")
+        ns_name = record.namespace
+        ns = self.namespaces.get(ns_name)
+        body = record.body
+        if ns is None:
+            # The first key to act in a namespace claims it, and only by granting itself.
+            if isinstance(body, Action) and body.action == "key-grant" and body.key == record.signer:
+                return self._with(ns_name, NamespaceState(keys=frozenset({record.signer})))
+            raise Unauthorized(f"namespace {ns_name} is unclaimed: its first record must be a key grant to the signer itself")
+        if record.signer in ns.revoked:
+            raise Unauthorized(f"key {record.signer} was revoked at index {ns.revoked[record.signer]}")
+        if record.signer not in ns.keys:
+            raise Unauthorized(f"key {record.signer} may not act in namespace {ns_name}")
+        if isinstance(body, Release):
+            key = f"{body.ref.name}@{body.ref.version}"
+            if key in ns.releases:
+                raise VersionExists(f"{body.ref} is already published (index {ns.releases[key].index})")
+            releases = {**ns.releases, key: ReleaseState(index, body, record.signer)}
+            return self._with(ns_name, replace(ns, releases=_frozen(releases)))
+        if body.action == "key-grant":
+            assert body.key is not None
+            if body.key in ns.revoked:
+                raise Unauthorized(f"key {body.key} was revoked in {ns_name} and cannot be granted again")
+            if body.key in ns.keys:
+                raise VersionExists(f"key {body.key} is already granted in {ns_name}")
+            return self._with(ns_name, replace(ns, keys=ns.keys | {body.key}))
+        if body.action == "key-revocation":
+            assert body.key is not None
+            if body.key not in ns.keys:
+                raise UnknownRelease(f"key {body.key} is not granted in {ns_name}")
+            revoked = {**ns.revoked, body.key: index}
+            return self._with(ns_name, replace(ns, keys=ns.keys - {body.key}, revoked=_frozen(revoked)))
+        # yank
+        key = f"{body.name}@{body.version}"
+        current = ns.releases.get(key)
+        if current is None:
+            raise UnknownRelease(f"{body.ref} is not published")
+        if current.yanked_at is not None:
+            raise VersionExists(f"{body.ref} was already yanked at index {current.yanked_at}")
+        releases = {**ns.releases, key: replace(current, yanked_at=index)}
+        return self._with(ns_name, replace(ns, releases=_frozen(releases)))
+
+    def _with(self, name: str, ns: NamespaceState) -> RegistryState:
+        return RegistryState(_frozen({**self.namespaces, name: ns}))
+
+
+def replay(records: Iterable[tuple[int, Record]]) -> tuple[RegistryState, list[tuple[int, ValidationError]]]:
+    """Apply records in index order; return the state and the records that were rejected."""
+    state = RegistryState()
+    rejected: list[tuple[int, ValidationError]] = []
+    for index, record in records:
+        try:
+            state = state.apply(record, index)
+        except ValidationError as e:
+            rejected.append((index, e))
+    return state, rejected

@@ -1,0 +1,43 @@
+"""Builders for registry tests: a real registry app on loopback and real modules."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+import sys
+
+from registry.blobs import BlobStore
+from registry.client import RegistryClient
+from registry.server import make_app
+from registry.service import Registry
+from tlog.log import Log
+from tlog.note import Ed25519Signer
+from tlog.sequencer import Sequencer
+from tlog.storage.lmdb_store import LMDBLogStore
+
+WASM_TOOLS = shutil.which("wasm-tools") or str(pathlib.Path(sys.executable).parent / "wasm-tools")
+CORPUS = pathlib.Path(__file__).parent / "wasm"
+REGISTRY_KEY = Ed25519Signer.generate("registry.example/log")
+
+CYCLONEDX = b"""{"bomFormat":"CycloneDX","specVersion":"1.5","version":1,
+"metadata":{"component":{"type":"application","name":"hello","version":"1.0.0"}},
+"components":[{"type":"library","name":"serde","version":"1.0.200","purl":"pkg:cargo/serde@1.0.200"}]}"""
+
+
+def wat_module(name: str, tmp: pathlib.Path) -> bytes:
+    out = tmp / f"{name}.wasm"
+    subprocess.run([WASM_TOOLS, "parse", str(CORPUS / f"{name}.wat"), "-o", str(out)], check=True)
+    return out.read_bytes()
+
+
+def build_registry(tmp: pathlib.Path) -> tuple[Registry, Sequencer, LMDBLogStore]:
+    store = LMDBLogStore(str(tmp / "log"))
+    seq = Sequencer(Log(store, REGISTRY_KEY), interval=0.005)
+    return Registry(sequencer=seq, blobs=BlobStore(str(tmp / "blobs"))), seq, store
+
+
+async def start_registry(aiohttp_client, tmp: pathlib.Path):  # type: ignore[no-untyped-def]
+    registry, seq, store = build_registry(tmp)
+    client = await aiohttp_client(make_app(registry, seq))
+    return RegistryClient(str(client.make_url("")), client.session), client, registry, store

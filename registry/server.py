@@ -195,5 +195,5 @@ def make_app(
             web.get(pkg + "/tlog-proof", get_proof),
         ]
     )
-    app.add_subapp("/log/", make_log_app(sequencer, witness_policy=witness_policy, witness_timeout=witness_timeout))
+    app.add_subapp("/log/", make_log_app(sequencer, witness_policy=witness_policy, witness_timeout=witness_timeout, writable=False))
     return app

@@ -12,7 +12,7 @@ PURE = ["hashes", "merkle", "compact", "tiles", "note", "checkpoint", "cosignatu
         "errors", "policy", "witness_protocol"]
 IO = {"asyncio", "aiohttp", "lmdb", "click", "socket", "os", "requests", "subprocess", "pathlib", "io", "time", "shutil"}
 # cli → server → sequencer → log → storage → pure core
-LAYER = {"cli": 5, "__main__": 5, "network": 5, "keys": 1, "server": 4, "sequencer": 3, "witnessing": 3, "client": 3, "log": 2, "storage": 1,
+LAYER = {"cli": 5, "__main__": 5, "keys": 1, "server": 4, "sequencer": 3, "witnessing": 3, "client": 3, "log": 2, "storage": 1,
          **{m: 0 for m in PURE}}
 
 
@@ -58,3 +58,18 @@ WITNESS_PURE = ["errors", "loglist", "rules"]
 def test_witness_pure_module_does_no_io(name: str) -> None:
     absolute, _ = imports(ROOT / "witness" / f"{name}.py")
     assert not absolute & IO
+
+
+REGISTRY_PURE = ["wasm", "dsse", "record", "state", "sbom"]
+
+
+@pytest.mark.parametrize("name", REGISTRY_PURE)
+def test_registry_pure_module_does_no_io(name: str) -> None:
+    absolute, _ = imports(ROOT / "registry" / f"{name}.py")
+    assert not absolute & IO
+
+
+def test_tlog_never_imports_registry() -> None:
+    for path in (ROOT / "tlog").rglob("*.py"):
+        absolute, _ = imports(path)
+        assert "registry" not in absolute, path

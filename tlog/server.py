@@ -146,24 +146,27 @@ async def get_consistency(request: web.Request) -> web.Response:
     return hash_lines(await asyncio.to_thread(request.app[LOG].consistency_proof, old, new))
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, *, writable: bool) -> None:
     app.router.add_routes(
         [
             web.get("/checkpoint", get_checkpoint),
             web.get("/tile/{tail:.+}", get_tile),
-            web.post("/add", post_add),
             web.get("/proof/inclusion", get_inclusion),
             web.get("/proof/consistency", get_consistency),
         ]
     )
+    if writable:
+        app.router.add_post("/add", post_add)
 
 
 def make_app(
-    sequencer: Sequencer, *, witness_policy: Policy | None = None, witness_timeout: float = DEFAULT_WITNESS_TIMEOUT
+    sequencer: Sequencer, *, witness_policy: Policy | None = None, witness_timeout: float = DEFAULT_WITNESS_TIMEOUT,
+    writable: bool = True,
 ) -> web.Application:
     """The log app. The sequencer runs while the app runs; the caller owns the log's store.
 
     With a witness policy, checkpoints are published only once its quorum cosigned them.
+    writable=False leaves out POST /add (an application, like the registry, appends instead).
     """
     if witness_policy is not None and not sequencer.log.witnessed:
         raise TlogError("a witnessed log needs Log(witnessed=True)")
@@ -185,5 +188,5 @@ def make_app(
     app[SEQUENCER] = sequencer
     app[BUNDLE_CACHE] = OrderedDict()
     app.cleanup_ctx.append(run_sequencer)
-    add_routes(app)
+    add_routes(app, writable=writable)
     return app

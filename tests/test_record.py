@@ -1,0 +1,193 @@
+"""Log entries, DSSE envelopes and statements: strict decoding, round trips, the reducer."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from registry.dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, Envelope, Signature, pae, parse_envelope, sign_envelope
+from registry.record import Action, PackageRef, Record, RecordError, Release, decode_entry, encode_entry, parse_package_ref, parse_statement, record_for
+from registry.state import InvalidSignature, RegistryState, Unauthorized, UnknownRelease, VersionExists, replay
+from registry.wasm import Import
+from tlog.errors import MalformedError
+from tlog.note import Ed25519Signer
+
+ALICE = Ed25519Signer.generate("alice")
+BOB = Ed25519Signer.generate("bob")
+REF = PackageRef("acme", "hello", "1.0.0")
+RELEASE = Release(REF, "ab" * 32, (Import("env", "f", "func"), Import("", "wasi:http/types@0.2.0", "instance")))
+
+
+def release_record(signer: Ed25519Signer = ALICE, release: Release = RELEASE) -> Record:
+    return record_for("release", signer.vkey, sign_envelope(INTOTO_PAYLOAD_TYPE, release.statement(), signer))
+
+
+def action_record(signer: Ed25519Signer, action: Action) -> Record:
+    return record_for(action.action, signer.vkey, sign_envelope(ACTION_PAYLOAD_TYPE, action.payload(), signer))
+
+
+def test_dsse_pae_vector() -> None:  # secure-systems-lab/dsse protocol.md
+    assert pae("http://example.com/HelloWorld", b"hello world") == b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+
+
+def test_envelope_accepts_std_and_urlsafe_base64_and_rejects_junk() -> None:
+    env = sign_envelope(INTOTO_PAYLOAD_TYPE, RELEASE.statement(), ALICE)
+    parsed = parse_envelope(env.to_json())
+    assert parsed == env
+    obj = json.loads(env.to_json())
+    obj["signatures"][0]["sig"] = base64.urlsafe_b64encode(env.signatures[0].sig).decode()
+    assert parse_envelope(json.dumps(obj).encode()).signatures[0].sig == env.signatures[0].sig
+    for bad in [
+        b'{"payload":"","payloadType":"application/vnd.in-toto+json","signatures":[],"extra":1}',
+        b'{"payload":"","payloadType":"text/plain","signatures":[{"sig":""}]}',
+        b'{"payload":"","payload":"","payloadType":"application/vnd.in-toto+json","signatures":[{"sig":""}]}',
+        b'{"payload":"!!","payloadType":"application/vnd.in-toto+json","signatures":[{"sig":""}]}',
+        b'{"payload":"","payloadType":"application/vnd.in-toto+json","signatures":[]}',
+        b"[1]",
+        b"\xff",
+        b'{"payload":NaN}',
+    ]:
+        with pytest.raises(MalformedError):
+            parse_envelope(bad)
+
+
+def test_entry_round_trip_and_signature() -> None:
+    rec = release_record()
+    entry = rec.encode()
+    again = decode_entry(entry)
+    assert again == rec and again.encode() == entry
+    assert again.envelope.verified_by(again.signer_verifier)
+
+
+def _cbor_head(major: int, n: int) -> bytes:
+    return bytes([major << 5 | 24, n]) if n >= 24 else bytes([major << 5 | n])
+
+
+def test_non_canonical_cbor_is_rejected() -> None:
+    entry = release_record().encode()
+    obj = cbor2.loads(entry)
+    # unsorted keys
+    unsorted = cbor2.dumps(dict(reversed(list(obj.items()))))
+    assert unsorted != entry
+    # indefinite-length map
+    items = b"".join(cbor2.dumps(k, canonical=True) + cbor2.dumps(v, canonical=True) for k, v in sorted(obj.items(), key=lambda kv: (len(kv[0]), kv[0])))
+    indefinite = b"\xbf" + items + b"\xff"
+    # duplicate key: the canonical map with its first pair repeated and the count raised
+    first_key = sorted(obj, key=lambda k: (len(k), k))[0]
+    dup = _cbor_head(5, len(obj) + 1) + cbor2.dumps(first_key, canonical=True) + cbor2.dumps(obj[first_key], canonical=True) + entry[1:]
+    # a non-minimal integer for "v": 1 written as 0x18 0x01
+    long_int = entry.replace(b"\x61v\x01", b"\x61v\x18\x01")
+    # a tag around the signer
+    tagged = cbor2.dumps({**obj, "signer": cbor2.CBORTag(32, obj["signer"])}, canonical=True)
+    # a float where an int belongs
+    floaty = cbor2.dumps({**obj, "v": 1.0}, canonical=True)
+    for bad in (unsorted, indefinite, dup, long_int, tagged, floaty, entry + b"\x00", entry[:-1]):
+        assert bad != entry
+        with pytest.raises(RecordError):
+            decode_entry(bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_decode_entry_never_crashes(data: bytes) -> None:
+    try:
+        rec = decode_entry(data)
+    except MalformedError:
+        return
+    assert rec.encode() == data
+
+
+@settings(max_examples=100, deadline=None)
+@given(i=st.integers(0, 10_000), b=st.integers(1, 255))
+def test_byte_flips_in_entries_are_rejected_or_unsigned(i: int, b: int) -> None:
+    entry = bytearray(release_record().encode())
+    entry[i % len(entry)] ^= b
+    try:
+        rec = decode_entry(bytes(entry))
+    except MalformedError:
+        return
+    # it still decodes (e.g. a changed payload byte): then the signature must fail
+    assert not rec.envelope.verified_by(rec.signer_verifier) or rec.signer != ALICE.vkey
+
+
+@pytest.mark.parametrize("s", ["acme:hello@1.0.0", "a-b:c-d@0.1.0-rc.1", "x:y@10.20.30"])
+def test_package_refs(s: str) -> None:
+    assert str(parse_package_ref(s)) == s
+
+
+@pytest.mark.parametrize("s", ["acme:hello", "Acme:hello@1.0.0", "acme:hello@1.0", "acme:hello@01.0.0", "acme:he_llo@1.0.0", "acme:-x@1.0.0", ":x@1.0.0", "a:b@1.0.0+build", "a:b@1.0.0-01"])
+def test_bad_package_refs(s: str) -> None:
+    with pytest.raises(RecordError):
+        parse_package_ref(s)
+
+
+def test_statement_is_strict() -> None:
+    good = json.loads(RELEASE.statement())
+    assert parse_statement(RELEASE.statement()) == RELEASE
+    bad_cases = [
+        {**good, "_type": "https://in-toto.io/Statement/v0.1"},
+        {**good, "subject": []},
+        {**good, "subject": [good["subject"][0], good["subject"][0]]},
+        {**good, "subject": [{"name": "acme:other@1.0.0", "digest": {"sha256": "ab" * 32}}]},
+        {**good, "subject": [{"name": "acme:hello@1.0.0", "digest": {"sha256": "AB" * 32}}]},
+        {**good, "subject": [{"name": "acme:hello@1.0.0", "digest": {"sha512": "ab" * 64}}]},
+        {**good, "predicate": {**good["predicate"], "imports": [{"module": "m", "name": "n", "kind": "weird"}]}},
+        {**good, "predicate": {**good["predicate"], "extra": 1}},
+        {**good, "predicate": {**good["predicate"], "sbom": {"digest": {"sha256": "ab" * 32}, "mediaType": "text/plain"}}},
+        {k: v for k, v in good.items() if k != "predicate"},
+    ]
+    for bad in bad_cases:
+        with pytest.raises(RecordError):
+            parse_statement(json.dumps(bad).encode())
+
+
+def test_reducer_rules() -> None:
+    s = RegistryState()
+    with pytest.raises(Unauthorized):  # a namespace is claimed only by a self-grant
+        s.apply(release_record(), 0)
+    with pytest.raises(Unauthorized):
+        s.apply(action_record(ALICE, Action("key-grant", "acme", key=BOB.vkey)), 0)
+    s = s.apply(action_record(ALICE, Action("key-grant", "acme", key=ALICE.vkey)), 0)
+    s = s.apply(release_record(), 1)
+    with pytest.raises(VersionExists):
+        s.apply(release_record(), 2)
+    with pytest.raises(Unauthorized):
+        s.apply(release_record(BOB, Release(PackageRef("acme", "hello", "2.0.0"), "cd" * 32, ())), 2)
+    s = s.apply(action_record(ALICE, Action("key-grant", "acme", key=BOB.vkey)), 2)
+    s = s.apply(release_record(BOB, Release(PackageRef("acme", "hello", "2.0.0"), "cd" * 32, ())), 3)
+    s = s.apply(action_record(ALICE, Action("key-revocation", "acme", key=BOB.vkey)), 4)
+    with pytest.raises(Unauthorized):
+        s.apply(release_record(BOB, Release(PackageRef("acme", "hello", "3.0.0"), "ef" * 32, ())), 5)
+    with pytest.raises(Unauthorized):  # a revoked key cannot come back
+        s.apply(action_record(ALICE, Action("key-grant", "acme", key=BOB.vkey, issued=9)), 5)
+    with pytest.raises(UnknownRelease):
+        s.apply(action_record(ALICE, Action("yank", "acme", name="hello", version="9.0.0")), 5)
+    s = s.apply(action_record(ALICE, Action("yank", "acme", name="hello", version="2.0.0", reason="bad")), 5)
+    assert s.release(PackageRef("acme", "hello", "2.0.0")).yanked_at == 5  # type: ignore[union-attr]
+    assert s.release(PackageRef("acme", "hello", "2.0.0")).index == 3  # type: ignore[union-attr]
+    forged = Record("release", ALICE.vkey, Envelope(INTOTO_PAYLOAD_TYPE, RELEASE.statement(), (Signature("", b"\0" * 64),)), RELEASE)
+    with pytest.raises(InvalidSignature):
+        s.apply(forged, 6)
+    assert s.namespaces["acme"].revoked == {BOB.vkey: 4}
+
+
+def test_replay_skips_invalid_records_and_reports_them() -> None:
+    records = [
+        (0, action_record(ALICE, Action("key-grant", "acme", key=ALICE.vkey))),
+        (1, release_record(BOB)),  # not authorized: void
+        (2, release_record()),
+    ]
+    state, rejected = replay(records)
+    assert [i for i, _ in rejected] == [1]
+    assert state.release(REF).index == 2  # type: ignore[union-attr]
+
+
+def test_entry_size_limit() -> None:
+    big = Release(REF, "ab" * 32, tuple(Import("m" * 200, f"f{i}", "func") for i in range(400)))
+    with pytest.raises(MalformedError):
+        encode_entry("release", ALICE.vkey, sign_envelope(INTOTO_PAYLOAD_TYPE, big.statement(), ALICE))

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import aiohttp
+import cbor2
 
 from tlog.errors import TlogError
 from tlog.note import Ed25519Signer
@@ -83,13 +84,15 @@ class RegistryClient:
         await self.claim_if_unclaimed(signer, ref.namespace)
         release = release_statement(ref, module, sbom, sbom_media_type)
         env = sign_envelope(INTOTO_PAYLOAD_TYPE, release.statement(), signer)
-        form = aiohttp.FormData()
-        form.add_field("signer", signer.vkey)
-        form.add_field("envelope", env.to_json().decode(), content_type="application/json")
-        form.add_field("module", module, content_type="application/wasm", filename="module.wasm")
+        return await self.publish_signed(signer.vkey, env.to_json(), module, sbom)
+
+    async def publish_signed(self, signer: str, envelope: bytes, module: bytes, sbom: bytes | None = None) -> bytes:
+        """Send an already signed release (spec/registry-api.md, CBOR body)."""
+        parts = {"signer": signer.encode(), "envelope": envelope, "module": module}
         if sbom is not None:
-            form.add_field("sbom", sbom, content_type=sbom_media_type or "application/json", filename="sbom.json")
-        async with self.session.post(self.url + "/api/v1/publish", data=form) as r:
+            parts["sbom"] = sbom
+        body = cbor2.dumps(parts)
+        async with self.session.post(self.url + "/api/v1/publish", data=body, headers={"Content-Type": "application/cbor"}) as r:
             return await self._check(r)
 
     def package_path(self, ref: PackageRef) -> str:

@@ -13,6 +13,7 @@ action. See spec/registry.md.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -223,6 +224,11 @@ class Record:
     @property
     def signer_verifier(self) -> Ed25519Verifier:
         return verifier_from_vkey(self.signer)
+
+    @functools.cached_property
+    def signed_by_signer(self) -> bool:
+        """Whether the envelope verifies with the signer's key (computed once per record)."""
+        return self.envelope.verified_by(self.signer_verifier)
 
     def encode(self) -> bytes:
         return encode_entry(self.type, self.signer, self.envelope)

@@ -7,6 +7,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import cbor2
 from aiohttp import web
 
 from tlog.checkpoint import parse_decimal
@@ -87,8 +88,29 @@ def _text(parts: dict[str, bytes], name: str) -> str:
         raise MalformedError(f"missing or non-UTF-8 part {name}") from None
 
 
+PUBLISH_PARTS = {"signer": 1024, "envelope": MAX_ENVELOPE_BYTES, "module": MAX_MODULE_BYTES, "sbom": MAX_SBOM_BYTES}
+
+
+async def read_cbor_parts(request: web.Request, limits: dict[str, int]) -> dict[str, bytes]:
+    """Read an application/cbor body: one map of the named parts (text keys, byte-string values)."""
+    body = await request.read()
+    try:
+        obj = cbor2.loads(body)
+    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError):
+        raise MalformedError("publish body is not CBOR") from None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and k in limits and isinstance(v, bytes) for k, v in obj.items()):
+        raise MalformedError(f"a CBOR publish body is a map of byte strings named {', '.join(limits)}")
+    for k, v in obj.items():
+        if len(v) > limits[k]:
+            raise TooLargeError(f"part {k} is over {limits[k]} bytes")
+    return obj
+
+
 async def publish(request: web.Request) -> web.Response:
-    parts = await read_parts(request, {"signer": 1024, "envelope": MAX_ENVELOPE_BYTES, "module": MAX_MODULE_BYTES, "sbom": MAX_SBOM_BYTES})
+    if request.content_type == "application/cbor":  # what the CLI sends: cheap to parse
+        parts = await read_cbor_parts(request, PUBLISH_PARTS)
+    else:  # multipart/form-data, for curl
+        parts = await read_parts(request, PUBLISH_PARTS)
     if "envelope" not in parts or "module" not in parts:
         raise MalformedError("publish needs the parts signer, envelope and module (and sbom when the statement names one)")
     proof = await request.app[REGISTRY].publish(

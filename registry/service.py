@@ -55,22 +55,32 @@ class Registry:
             self._apply([(start + i, e) for i, e in enumerate(entries)])
         logger.info("replayed %d log entries (%d rejected)", size, len(self.rejected))
 
-    def _apply(self, entries: Sequence[tuple[int, bytes]]) -> None:
+    def _apply(self, entries: Sequence[tuple[int, bytes]], known: dict[bytes, Record] | None = None) -> bool:
+        """Apply entries in index order; return whether all of them were valid."""
+        ok = True
         for index, entry in entries:
             if index < self._applied_size:
                 continue
             try:
-                self.state = self.state.apply(decode_entry(entry), index)
+                # A record we checked at submission is reused: its signature was verified once.
+                record = (known or {}).get(leaf_hash(entry)) or decode_entry(entry)
+                self.state = self.state.apply(record, index)
             except (RecordError, ValidationError) as e:
                 self.rejected.append((index, e))  # logged but void: replay reports it, state ignores it
+                ok = False
             self._applied_size = index + 1
+        return ok
 
     def _on_integrated(self, entries: Sequence[bytes], indexes: Sequence[int]) -> None:
         fresh = sorted({i: e for e, i in zip(entries, indexes, strict=True) if i >= self._applied_size}.items())
-        self._apply(fresh)
+        all_pending = all(leaf_hash(e) in self._pending for _, e in fresh)
+        ok = self._apply(fresh, self._pending)
         for _, e in fresh:
             self._pending.pop(leaf_hash(e), None)
-        self._rebuild_pending()
+        # pending_state already is state + the remaining pending records, in the same order,
+        # unless something we did not submit, or a void record, came in between.
+        if not (ok and all_pending):
+            self._rebuild_pending()
 
     def _rebuild_pending(self) -> None:
         state = self.state

@@ -71,7 +71,7 @@ class RegistryState:
 
     def apply(self, record: Record, index: int) -> RegistryState:
         """Return the state after the record at this log index. Raises ValidationError; self never changes."""
-        if not record.envelope.verified_by(record.signer_verifier):
+        if not record.signed_by_signer:
             raise InvalidSignature(f"the envelope is not signed by {record.signer}")
         ns_name = record.namespace
         ns = self.namespaces.get(ns_name)

@@ -1,0 +1,155 @@
+"""Registry publishes per second end to end, with many concurrent publishers. Prints JSON.
+
+    python bench/publish.py [--publishers 64] [--per-publisher 40] [--seconds-baseline 1]
+
+Starts `wasmlog registry serve` (LMDB, blobs fsynced, no witnesses) as a subprocess. Each publisher
+has its own key and namespace and publishes distinct modules (a custom section varies), so every
+publish pays: multipart parsing, DSSE signature check, authorization, wasm parse, SBOM-less statement
+checks, one durable blob write, and a durable append. Signing happens before the clock starts.
+Baselines in the same run: Ed25519 verify rate, and SHA-256 + fsync'd file writes per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import aiohttp
+import nacl.signing
+
+from registry.client import RegistryClient, RegistryError, release_statement
+from registry.dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope
+from registry.record import Action, PackageRef
+from tlog.note import Ed25519Signer
+
+BASE_MODULE = bytes.fromhex("0061736d01000000010401600000020b0103656e76036c6f670000")
+
+
+def module_variant(n: int) -> bytes:
+    name = b"bench"
+    payload = bytes([len(name)]) + name + n.to_bytes(8, "big")
+    return BASE_MODULE + b"\x00" + bytes([len(payload)]) + payload
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ed25519_verify_rate(seconds: float) -> float:
+    sk = nacl.signing.SigningKey.generate()
+    sig = sk.sign(b"x" * 600).signature
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        sk.verify_key.verify(b"x" * 600, sig)
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def fsync_write_rate(seconds: float, d: str) -> float:
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        path = os.path.join(d, f"f{n}")
+        with open(path, "wb") as f:
+            f.write(module_variant(n))
+            f.flush()
+            os.fsync(f.fileno())
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def prepare(publishers: int, per: int) -> list[tuple[Ed25519Signer, bytes, list[tuple[bytes, bytes]]]]:
+    out = []
+    for p in range(publishers):
+        key = Ed25519Signer.generate(f"bench{p}")
+        ns = f"bench{p}"
+        claim = sign_envelope(ACTION_PAYLOAD_TYPE, Action("key-grant", ns, key=key.vkey, issued=1).payload(), key)
+        claim_body = json.dumps({"type": "key-grant", "signer": key.vkey, "envelope": json.loads(claim.to_json())}).encode()
+        releases = []
+        for v in range(per):
+            module = module_variant(p * 1_000_000 + v)
+            rel = release_statement(PackageRef(ns, "mod", f"1.0.{v}"), module, None, None)
+            releases.append((sign_envelope(INTOTO_PAYLOAD_TYPE, rel.statement(), key).to_json(), module))
+        out.append((key, claim_body, releases))
+    return out
+
+
+async def drive(url: str, work) -> tuple[float, list[float], int]:  # type: ignore[no-untyped-def]
+    latencies: list[float] = []
+    errors = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=len(work))) as session:
+        async def claim(body: bytes) -> None:
+            async with session.post(url + "/api/v1/records", data=body, headers={"Content-Type": "application/json"}) as r:
+                assert r.status == 200, await r.text()
+
+        await asyncio.gather(*(claim(c) for _, c, _ in work))
+
+        api = RegistryClient(url, session)
+
+        async def publisher(key: Ed25519Signer, releases: list[tuple[bytes, bytes]]) -> None:
+            nonlocal errors
+            for envelope, module in releases:
+                t = time.perf_counter()
+                try:
+                    await api.publish_signed(key.vkey, envelope, module)
+                except RegistryError:
+                    errors += 1
+                latencies.append(time.perf_counter() - t)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(publisher(k, rel) for k, _, rel in work))
+        return time.perf_counter() - start, latencies, errors
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--publishers", type=int, default=64)
+    p.add_argument("--per-publisher", type=int, default=40)
+    p.add_argument("--seconds-baseline", type=float, default=1.0)
+    args = p.parse_args()
+    work = prepare(args.publishers, args.per_publisher)
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run([sys.executable, "-m", "registry", "keygen", "bench.example/registry", "--out", os.path.join(d, "reg")], check=True, capture_output=True)
+        port = free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "registry", "registry", "serve", "--data", os.path.join(d, "data"), "--key", os.path.join(d, "reg.key"),
+             "--listen", f"127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(1.5)
+            elapsed, lat, errors = asyncio.run(drive(f"http://127.0.0.1:{port}", work))
+        finally:
+            server.terminate()
+            server.wait()
+        os.makedirs(os.path.join(d, "fs"))
+        fsync_rate = fsync_write_rate(args.seconds_baseline, os.path.join(d, "fs"))
+    lat.sort()
+    json.dump(
+        {
+            "benchmark": "registry_publish",
+            "publishers": args.publishers,
+            "publishes": len(lat),
+            "errors": errors,
+            "publishes_per_s": len(lat) / elapsed,
+            "latency_p50_s": lat[len(lat) // 2],
+            "latency_p99_s": lat[int(len(lat) * 0.99)],
+            "baseline_ed25519_verify_per_s": ed25519_verify_rate(args.seconds_baseline),
+            "baseline_fsynced_file_writes_per_s": fsync_rate,
+        },
+        sys.stdout,
+        indent=1,
+    )
+    print()
+
+
+if __name__ == "__main__":
+    main()

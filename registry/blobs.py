@@ -8,9 +8,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 
 from tlog.errors import MalformedError, NotFoundError
+from tlog.files import atomic_write
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -31,24 +31,7 @@ class BlobStore:
         path = self._path(digest)
         if os.path.exists(path):
             return digest
-        # Write to a temporary name in the same directory, fsync, rename, fsync the directory:
-        # a crash leaves either no blob or the whole blob, never a torn one under its digest.
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(path, data)
         return digest
 
     def get(self, digest: str) -> bytes:

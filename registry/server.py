@@ -149,6 +149,15 @@ async def get_namespace(request: web.Request) -> web.Response:
     )
 
 
+async def get_actions(request: web.Request) -> web.Response:
+    """tlog-proofs of the namespace's key revocations and yanks, for verifiers refreshing online."""
+    registry = request.app[REGISTRY]
+    ns = registry.namespace(check_label(request.match_info["ns"], "namespace"))
+    indexes = sorted({*ns.revoked.values(), *(r.yanked_at for r in ns.releases.values() if r.yanked_at is not None)})
+    proofs = [await asyncio.to_thread(registry.tlog_proof, i) for i in indexes]
+    return web.json_response({"proofs": [p.decode() for p, _ in proofs]})
+
+
 async def get_versions(request: web.Request) -> web.Response:
     ns_name = check_label(request.match_info["ns"], "namespace")
     name = check_label(request.match_info["name"], "name")
@@ -209,6 +218,7 @@ def make_app(
             web.post(base + "/publish", publish),
             web.post(base + "/records", post_record),
             web.get(base + "/namespaces/{ns}", get_namespace),
+            web.get(base + "/namespaces/{ns}/actions", get_actions),
             web.get(base + "/packages/{ns}/{name}", get_versions),
             web.get(pkg, get_metadata),
             web.get(pkg + "/module.wasm", get_module),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import tomllib
 
 import aiohttp
@@ -11,6 +12,7 @@ import aiohttp
 from registry.client import RegistryClient
 from registry.network import NetworkConfig, run_network
 from registry.record import parse_package_ref
+from registry.verify import parse_trust_policy, verify_module
 from registry_helpers import wat_module
 from tlog.hashes import leaf_hash
 from tlog.note import Ed25519Signer
@@ -61,5 +63,9 @@ async def test_up_publishes_with_quorum_and_restarts_with_the_same_keys(tmp_path
             tp, leaf_hash(tp.extra), policy.logs[0].verifier, extra_verifiers=[w.verifier for w in policy.witnesses.values()]
         )
         assert policy.satisfied(policy.witnessed_by(verified))
+        # the edge trust policy that `up` wrote accepts the module it published
+        trust_policy = parse_trust_policy((tmp_path / "data" / "trust-policy.toml").read_text())
+        v = verify_module(module=module, proof=proof, policy=trust_policy, now=int(time.time()))
+        assert v.ref == parse_package_ref(f"acme:hello@1.0.{run}") and len(v.witnesses) >= 2
         stop.set()
         await task

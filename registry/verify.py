@@ -1,0 +1,298 @@
+"""The edge verifier: decide offline, before running a module, whether to trust it. Pure.
+
+Bytes and a trust policy in, a Verified result or a VerifyError with a stable
+reason code out. No network, no clock (the caller passes ``now``), no disk: the
+anti-rollback state is passed in and the new state handed back.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from tlog.checkpoint import Checkpoint, parse_checkpoint
+from tlog.cosignature import cosignature_timestamp
+from tlog.errors import MalformedError, ProofError, SignatureError, TlogError, UnverifiedNoteError
+from tlog.hashes import leaf_hash
+from tlog.merkle import verify_consistency, verify_inclusion
+from tlog.note import Note, NoteSignature, open_note, parse_note, verifier_from_vkey
+from tlog.policy import Policy, parse_policy
+from tlog.proof_file import TlogProof, parse_tlog_proof
+
+from .record import PackageRef, Record, RecordError, Release, decode_entry
+from .wasm import Import, parse_wasm
+
+MAX_FUTURE_SKEW = 600  # seconds a cosignature timestamp may lie ahead of `now` and still count
+MAX_TRUST_POLICY_BYTES = 1 << 20
+
+# Stable reason codes, one per check (spec/trust-policy.md).
+REASONS = (
+    "proof-malformed", "entry-invalid", "not-a-release", "module-digest", "module-invalid", "imports-mismatch",
+    "import-not-allowed", "signature-invalid", "publisher-not-allowed", "sbom-digest", "log-unknown",
+    "log-signature", "inclusion", "witness-signature", "witness-quorum", "stale", "consistency-required",
+    "fork", "yanked", "key-revoked", "policy-malformed",
+)
+
+
+class VerifyError(Exception):
+    """A failed check: reason is one of REASONS; evidence holds what proves a fork."""
+
+    def __init__(self, reason: str, message: str, *, evidence: Mapping[str, object] | None = None) -> None:
+        assert reason in REASONS, reason
+        super().__init__(message)
+        self.reason = reason
+        self.evidence = dict(evidence or {})
+
+    @property
+    def unusable_input(self) -> bool:
+        """Input that could not be read at all (exit status 2), as opposed to a failed check (1)."""
+        return self.reason in ("proof-malformed", "policy-malformed")
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """What an edge node trusts (spec/trust-policy.md)."""
+
+    tlog: Policy
+    max_checkpoint_age: int | None = None
+    namespace_keys: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    allowed_imports: tuple[str, ...] | None = None  # None: no restriction
+
+    def import_allowed(self, imp: Import) -> bool:
+        if self.allowed_imports is None:
+            return True
+        return any(fnmatch.fnmatchcase(imp.qualified, pattern) for pattern in self.allowed_imports)
+
+
+def parse_trust_policy(text: str) -> TrustPolicy:
+    """Parse a TOML trust policy. Raises VerifyError('policy-malformed')."""
+    if len(text) > MAX_TRUST_POLICY_BYTES:
+        raise VerifyError("policy-malformed", "trust policy too large")
+    try:
+        obj = tomllib.loads(text)
+        unknown = set(obj) - {"tlog_policy", "max_checkpoint_age", "namespaces", "imports"}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}")
+        tlog = parse_policy(obj["tlog_policy"].encode())
+        if not tlog.logs:
+            raise ValueError("tlog_policy names no log")
+        age = obj.get("max_checkpoint_age")
+        if age is not None and (not isinstance(age, int) or isinstance(age, bool) or age < 0):
+            raise ValueError("max_checkpoint_age is a non-negative integer (seconds)")
+        pins: dict[str, frozenset[str]] = {}
+        for ns, table in obj.get("namespaces", {}).items():
+            if not isinstance(table, dict) or set(table) != {"keys"} or not isinstance(table["keys"], list):
+                raise ValueError(f"[namespaces.{ns}] holds exactly keys = [vkeys]")
+            pins[ns] = frozenset(verifier_from_vkey(k).vkey for k in table["keys"])
+        allowed = None
+        if "imports" in obj:
+            imports = obj["imports"]
+            if not isinstance(imports, dict) or set(imports) != {"allow"} or not all(isinstance(p, str) for p in imports["allow"]):
+                raise ValueError('[imports] holds exactly allow = ["module.field", "module.*", ...]')
+            allowed = tuple(imports["allow"])
+    except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError, AttributeError, TlogError) as e:
+        raise VerifyError("policy-malformed", f"trust policy: {e}") from None
+    return TrustPolicy(tlog, age, pins, allowed)
+
+
+@dataclass(frozen=True)
+class KnownCheckpoint:
+    """The newest checkpoint this node accepted for a log: anti-rollback state."""
+
+    checkpoint: Checkpoint
+    note: bytes
+
+
+@dataclass(frozen=True)
+class Verified:
+    ref: PackageRef
+    module_sha256: str
+    signer: str
+    index: int
+    checkpoint: Checkpoint
+    witnesses: tuple[str, ...]
+    newest_cosignature: int | None
+    record: Record
+    known: KnownCheckpoint  # the anti-rollback state to keep after this verification
+
+    def summary(self) -> str:
+        w = ",".join(self.witnesses) or "none"
+        return (
+            f"OK {self.ref} sha256:{self.module_sha256[:16]} signed by {self.signer.split('+')[0]} "
+            f"at index {self.index} of {self.checkpoint.origin} size {self.checkpoint.size}, witnesses {w}"
+        )
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "ok": True, "package": str(self.ref), "module_sha256": self.module_sha256, "signer": self.signer,
+            "index": self.index, "origin": self.checkpoint.origin, "tree_size": self.checkpoint.size,
+            "witnesses": list(self.witnesses), "newest_cosignature": self.newest_cosignature,
+        }
+
+
+def open_checkpoint(note_bytes: bytes, policy: TrustPolicy, now: int) -> tuple[Checkpoint, Note, tuple[str, ...], int | None]:
+    """Verify a checkpoint note against the policy: log signature, witness quorum, freshness.
+
+    Returns the checkpoint, the note, the witnesses counted, and the newest counted cosignature time.
+    """
+    try:
+        origin = parse_note(note_bytes).text.split("\n", 1)[0]
+    except TlogError as e:
+        raise VerifyError("log-signature", f"checkpoint note: {e}") from None
+    log = policy.tlog.log_for(origin)
+    if log is None:
+        raise VerifyError("log-unknown", f"log {origin!r} is not in the trust policy")
+    witnesses = [w.verifier for w in policy.tlog.witnesses.values()]
+    try:
+        note, verified = open_note(note_bytes, [log.verifier, *witnesses])
+    except SignatureError as e:
+        reason = "log-signature" if log.verifier.name in str(e) else "witness-signature"
+        raise VerifyError(reason, str(e)) from None
+    except UnverifiedNoteError:
+        raise VerifyError("log-signature", "checkpoint is not signed by the log") from None
+    if not any(s.name == log.verifier.name and s.key_id == log.verifier.key_id for s in verified):
+        raise VerifyError("log-signature", "checkpoint is not signed by the log")
+    try:
+        cp = parse_checkpoint(note.text)
+    except TlogError as e:
+        raise VerifyError("log-signature", f"checkpoint: {e}") from None
+    counted: list[NoteSignature] = []
+    times: list[int] = []
+    for s in verified:
+        if s.name == log.verifier.name and s.key_id == log.verifier.key_id:
+            continue
+        t = cosignature_timestamp(s.signature)
+        if t > now + MAX_FUTURE_SKEW:
+            continue  # a cosignature from the future does not count
+        counted.append(s)
+        times.append(t)
+    names = policy.tlog.witnessed_by(counted)
+    if not policy.tlog.satisfied(names):
+        raise VerifyError("witness-quorum", f"cosigned by {sorted(names) or 'no witness'}: the quorum {policy.tlog.quorum} is not met")
+    newest = max(times) if times else None
+    if policy.max_checkpoint_age is not None:
+        if newest is None or now - newest > policy.max_checkpoint_age:
+            age = "no cosignature" if newest is None else f"newest cosignature {now - newest}s old"
+            raise VerifyError("stale", f"checkpoint too old: {age}, the policy allows {policy.max_checkpoint_age}s")
+    return cp, note, tuple(sorted(names)), newest
+
+
+def check_against_known(
+    cp: Checkpoint, note: bytes, known: KnownCheckpoint | None, consistency: Sequence[bytes] | None
+) -> KnownCheckpoint:
+    """Anti-rollback: accept cp only if consistent with the newest checkpoint we accepted; return the new known."""
+    if known is None or known.checkpoint.origin != cp.origin:
+        return KnownCheckpoint(cp, note)
+    k = known.checkpoint
+    if cp.size == k.size:
+        if cp.root_hash != k.root_hash:
+            raise VerifyError("fork", f"two checkpoints of size {cp.size} with different roots", evidence={"known": known.note, "new": note})
+        return known
+    small, big = (k, cp) if k.size < cp.size else (cp, k)
+    if small.size == 0:
+        return KnownCheckpoint(cp, note) if cp.size > k.size else known
+    if consistency is None:
+        raise VerifyError("consistency-required", f"need a consistency proof between sizes {small.size} and {big.size}")
+    try:
+        verify_consistency(small.size, big.size, consistency, small.root_hash, big.root_hash)
+    except ProofError as e:
+        raise VerifyError("fork", f"checkpoints of sizes {small.size} and {big.size} are inconsistent: {e}",
+                          evidence={"known": known.note, "new": note, "proof": [h.hex() for h in consistency]}) from None
+    return KnownCheckpoint(cp, note) if cp.size > k.size else known
+
+
+@dataclass(frozen=True)
+class NamespaceStatus:
+    """Verified yank and revocation facts for a namespace, from the log (online refresh)."""
+
+    yanked: frozenset[str] = frozenset()  # "name@version"
+    revoked: Mapping[str, int] = field(default_factory=dict)  # vkey -> revocation index
+
+
+def verify_module(
+    *, module: bytes, proof: bytes, policy: TrustPolicy, now: int, sbom: bytes | None = None,
+    known: KnownCheckpoint | None = None, consistency: Sequence[bytes] | None = None,
+    status: NamespaceStatus | None = None,
+) -> Verified:
+    """Every check of spec/trust-policy.md, in order; the first failure raises VerifyError."""
+    try:
+        tp: TlogProof = parse_tlog_proof(proof)
+    except TlogError as e:
+        raise VerifyError("proof-malformed", f"tlog-proof: {e}") from None
+    if tp.extra is None:
+        raise VerifyError("proof-malformed", "the tlog-proof has no extra line carrying the log entry")
+    try:
+        record = decode_entry(tp.extra)
+    except (RecordError, MalformedError) as e:
+        raise VerifyError("entry-invalid", f"log entry: {e}") from None
+    if not isinstance(record.body, Release):
+        raise VerifyError("not-a-release", f"the log entry is a {record.type}, not a release")
+    release = record.body
+    digest = hashlib.sha256(module).hexdigest()
+    if digest != release.module_sha256:
+        raise VerifyError("module-digest", f"module sha256 {digest} is not the released {release.module_sha256}")
+    try:
+        info = parse_wasm(module)
+    except TlogError as e:
+        raise VerifyError("module-invalid", f"module: {e}") from None
+    if list(info.imports) != list(release.imports):
+        raise VerifyError("imports-mismatch", "the statement's import list is not the module's imports")
+    refused = [i.qualified for i in info.imports if not policy.import_allowed(i)]
+    if refused:
+        raise VerifyError("import-not-allowed", f"imports not provided by this node: {', '.join(refused[:10])}")
+    if not record.signed_by_signer:
+        raise VerifyError("signature-invalid", f"the release statement is not signed by {record.signer}")
+    pins = policy.namespace_keys.get(release.ref.namespace)
+    if pins is not None and record.signer not in pins:
+        raise VerifyError("publisher-not-allowed", f"{record.signer} is not pinned for namespace {release.ref.namespace}")
+    if sbom is not None and (release.sbom_sha256 is None or hashlib.sha256(sbom).hexdigest() != release.sbom_sha256):
+        raise VerifyError("sbom-digest", "the SBOM's digest is not the one in the statement")
+    cp, _, witnesses, newest = open_checkpoint(tp.checkpoint, policy, now)
+    try:
+        verify_inclusion(tp.index, cp.size, leaf_hash(tp.extra), tp.proof, cp.root_hash)
+    except ProofError as e:
+        raise VerifyError("inclusion", f"inclusion proof: {e}") from None
+    new_known = check_against_known(cp, tp.checkpoint, known, consistency)
+    if status is not None:
+        if f"{release.ref.name}@{release.ref.version}" in status.yanked:
+            raise VerifyError("yanked", f"{release.ref} was yanked")
+        revoked_at = status.revoked.get(record.signer)
+        if revoked_at is not None and revoked_at < tp.index:
+            raise VerifyError("key-revoked", f"{record.signer} was revoked at index {revoked_at}, before this release ({tp.index})")
+    return Verified(release.ref, digest, record.signer, tp.index, cp, witnesses, newest, record, new_known)
+
+
+def namespace_status(namespace: str, proofs: Iterable[bytes], policy: TrustPolicy, now: int) -> NamespaceStatus:
+    """Build yank/revocation facts from the namespace's action records, each with its tlog-proof.
+
+    Every record must be included in a checkpoint the policy accepts (log signature and
+    quorum), else VerifyError. Completeness is not provable offline: a registry that
+    withholds a revocation is caught by auditors replaying the log, not here. A void
+    record (signed by an unauthorized key) can only make us refuse more, never accept more.
+    """
+    yanked: set[str] = set()
+    revoked: dict[str, int] = {}
+    for proof in proofs:
+        try:
+            tp = parse_tlog_proof(proof)
+            record = decode_entry(tp.extra or b"")
+        except TlogError as e:
+            raise VerifyError("entry-invalid", f"namespace record: {e}") from None
+        cp, _, _, _ = open_checkpoint(tp.checkpoint, TrustPolicy(policy.tlog), now)  # freshness is the release's
+        try:
+            verify_inclusion(tp.index, cp.size, leaf_hash(tp.extra or b""), tp.proof, cp.root_hash)
+        except ProofError as e:
+            raise VerifyError("inclusion", f"namespace record inclusion: {e}") from None
+        if record.namespace != namespace or not record.signed_by_signer:
+            raise VerifyError("entry-invalid", "a namespace record is for another namespace or not signed")
+        body = record.body
+        if isinstance(body, Release):
+            continue
+        if body.action == "yank":
+            yanked.add(f"{body.name}@{body.version}")
+        elif body.action == "key-revocation" and body.key is not None:
+            revoked[body.key] = min(tp.index, revoked.get(body.key, tp.index))
+    return NamespaceStatus(frozenset(yanked), revoked)

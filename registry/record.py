@@ -221,7 +221,7 @@ class Record:
     def namespace(self) -> str:
         return self.body.ref.namespace if isinstance(self.body, Release) else self.body.namespace
 
-    @property
+    @functools.cached_property
     def signer_verifier(self) -> Ed25519Verifier:
         return verifier_from_vkey(self.signer)
 

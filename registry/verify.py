@@ -18,7 +18,7 @@ from tlog.cosignature import cosignature_timestamp
 from tlog.errors import MalformedError, ProofError, SignatureError, TlogError, UnverifiedNoteError
 from tlog.hashes import leaf_hash
 from tlog.merkle import verify_consistency, verify_inclusion
-from tlog.note import Note, NoteSignature, open_note, parse_note, verifier_from_vkey
+from tlog.note import Note, NoteSignature, open_note, verifier_from_vkey
 from tlog.policy import Policy, parse_policy
 from tlog.proof_file import TlogProof, parse_tlog_proof
 
@@ -138,10 +138,7 @@ def open_checkpoint(note_bytes: bytes, policy: TrustPolicy, now: int) -> tuple[C
 
     Returns the checkpoint, the note, the witnesses counted, and the newest counted cosignature time.
     """
-    try:
-        origin = parse_note(note_bytes).text.split("\n", 1)[0]
-    except TlogError as e:
-        raise VerifyError("log-signature", f"checkpoint note: {e}") from None
+    origin = note_bytes.split(b"\n", 1)[0].decode("utf-8", "replace")  # open_note below checks it all
     log = policy.tlog.log_for(origin)
     if log is None:
         raise VerifyError("log-unknown", f"log {origin!r} is not in the trust policy")
@@ -153,6 +150,8 @@ def open_checkpoint(note_bytes: bytes, policy: TrustPolicy, now: int) -> tuple[C
         raise VerifyError(reason, str(e)) from None
     except UnverifiedNoteError:
         raise VerifyError("log-signature", "checkpoint is not signed by the log") from None
+    except TlogError as e:
+        raise VerifyError("log-signature", f"checkpoint note: {e}") from None
     if not any(s.name == log.verifier.name and s.key_id == log.verifier.key_id for s in verified):
         raise VerifyError("log-signature", "checkpoint is not signed by the log")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -47,9 +48,13 @@ class CosignatureV1Verifier:
     name: str
     public_key: bytes
 
-    @property
+    @functools.cached_property
     def key_id(self) -> int:
         return key_id(self.name, ALG_COSIGNATURE_V1, self.public_key)
+
+    @functools.cached_property
+    def _verify_key(self) -> nacl.signing.VerifyKey:
+        return nacl.signing.VerifyKey(self.public_key)
 
     @property
     def vkey(self) -> str:
@@ -59,7 +64,7 @@ class CosignatureV1Verifier:
         try:
             timestamp = cosignature_timestamp(signature)
             msg = signed_message(text.decode(), timestamp)
-            nacl.signing.VerifyKey(self.public_key).verify(msg, signature[8:])
+            self._verify_key.verify(msg, signature[8:])
         except (MalformedError, nacl.exceptions.BadSignatureError, UnicodeDecodeError):
             return False
         return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import re
 import struct
@@ -50,8 +51,13 @@ def b64decode_strict(s: str, what: str = "base64") -> bytes:
     return data
 
 
+_ASCII_NAME = re.compile(r"[\x21-\x2a\x2c-\x7e]+")  # printable ASCII without space and '+'
+
+
 def is_valid_key_name(name: str) -> bool:
     """c2sp.org/signed-note: non-empty, no Unicode spaces, no '+', valid text."""
+    if name.isascii():
+        return len(name) <= MAX_KEY_NAME and _ASCII_NAME.fullmatch(name) is not None
     return (
         0 < len(name.encode("utf-8", "surrogatepass")) <= MAX_KEY_NAME
         and "+" not in name
@@ -114,7 +120,7 @@ class Ed25519Verifier:
     public_key: bytes
     alg: int = ALG_ED25519
 
-    @property
+    @functools.cached_property
     def key_id(self) -> int:
         return key_id(self.name, self.alg, self.public_key)
 
@@ -122,11 +128,15 @@ class Ed25519Verifier:
     def vkey(self) -> str:
         return format_vkey(self.name, self.alg, self.public_key)
 
+    @functools.cached_property
+    def _verify_key(self) -> nacl.signing.VerifyKey:
+        return nacl.signing.VerifyKey(self.public_key)
+
     def verify(self, text: bytes, signature: bytes) -> bool:
         if len(signature) != 64:
             return False
         try:
-            nacl.signing.VerifyKey(self.public_key).verify(text, signature)
+            self._verify_key.verify(text, signature)
         except nacl.exceptions.BadSignatureError:
             return False
         return True
@@ -226,11 +236,13 @@ class Note:
         return (self.text + "\n" + "".join(s.line() for s in self.signatures)).encode()
 
 
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f]")
+
+
 def check_text(text: str) -> None:
     """Reject ASCII control characters other than newline (c2sp.org/signed-note). Raises MalformedError."""
-    for c in text:
-        if c < " " and c != "\n":
-            raise MalformedError("note has a control character")
+    if _CONTROL.search(text):
+        raise MalformedError("note has a control character")
 
 
 def parse_note(data: bytes) -> Note:

@@ -1,0 +1,91 @@
+"""Edge verifications per second of a module with a 3-cosignature tlog-proof, beside Ed25519. Prints JSON.
+
+    python bench/verify.py [--seconds 3]
+
+One verification checks 5 Ed25519 signatures (log, 3 witnesses, the publisher's DSSE envelope)
+plus parsing, hashing and the inclusion proof; the signature bound is the raw pynacl verify rate
+measured in this run divided by 5. Target (DESIGN.md): at least 80% of that bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import nacl.signing
+
+from registry.dsse import INTOTO_PAYLOAD_TYPE, sign_envelope
+from registry.record import PackageRef, Release, encode_entry, module_digest
+from registry.verify import parse_trust_policy, verify_module
+from registry.wasm import parse_wasm
+from tlog.cosignature import cosign
+from tlog.log import Log
+from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer
+from tlog.proof_file import TlogProof, parse_tlog_proof
+from tlog.storage.memory import MemoryLogStore
+
+MODULE = bytes.fromhex("0061736d01000000010401600000020b0103656e76036c6f670000")
+SIGNATURES_PER_VERIFICATION = 5
+
+
+def setup(log_size: int) -> tuple[bytes, str, int]:
+    log_key = Ed25519Signer.generate("bench.example/log")
+    witnesses = [Ed25519Signer.generate(f"w{i}.example", ALG_COSIGNATURE_V1) for i in range(3)]
+    alice = Ed25519Signer.generate("alice")
+    rel = Release(PackageRef("acme", "hello", "1.0.0"), module_digest(MODULE), parse_wasm(MODULE).imports)
+    entry = encode_entry("release", alice.vkey, sign_envelope(INTOTO_PAYLOAD_TYPE, rel.statement(), alice))
+    log = Log(MemoryLogStore(), log_key)
+    log.integrate([b"filler %d" % i for i in range(log_size)])
+    (index,), published = log.integrate([entry])
+    now = int(time.time())
+    note = published.note + b"".join(cosign(w, published.checkpoint.text(), now).line().encode() for w in witnesses)
+    tp = parse_tlog_proof(log.tlog_proofs([index], published)[0])
+    proof = TlogProof(index, tp.proof, note, entry).encode()
+    policy = "\n".join(
+        [f"log {log_key.vkey}"] + [f"witness W{i} {w.vkey}" for i, w in enumerate(witnesses)] + ["group g 3 W0 W1 W2", "quorum g"]
+    )
+    return proof, f'max_checkpoint_age = 3600\ntlog_policy = """\n{policy}\n"""\n', now
+
+
+def rate(fn, seconds: float) -> float:  # type: ignore[no-untyped-def]
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--log-size", type=int, default=100_000)
+    args = p.parse_args()
+    proof, policy_text, now = setup(args.log_size)
+    policy = parse_trust_policy(policy_text)
+    verify_module(module=MODULE, proof=proof, policy=policy, now=now)  # must pass before timing
+    sk = nacl.signing.SigningKey.generate()
+    msg = b"x" * 200
+    sig = sk.sign(msg).signature
+    ed25519 = rate(lambda: sk.verify_key.verify(msg, sig), args.seconds)
+    verifications = rate(lambda: verify_module(module=MODULE, proof=proof, policy=policy, now=now), args.seconds)
+    bound = ed25519 / SIGNATURES_PER_VERIFICATION
+    json.dump(
+        {
+            "benchmark": "edge_verify",
+            "log_size": args.log_size + 1,
+            "cosignatures": 3,
+            "verifications_per_s": verifications,
+            "baseline_ed25519_verify_per_s": ed25519,
+            "signature_bound_per_s": bound,
+            "fraction_of_bound": verifications / bound,
+        },
+        sys.stdout,
+        indent=1,
+    )
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -18,13 +18,13 @@ import asyncio
 import json
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import aiohttp
+from common import free_port
 
 BARE_SERVER = """
 from aiohttp import web
@@ -37,11 +37,6 @@ app.router.add_get("/checkpoint", ok)
 web.run_app(app, host="127.0.0.1", port={port}, print=None, access_log=None)
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_ready(url: str) -> None:

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import time
 
 import aiohttp
 import nacl.signing
+from common import free_port
 
 from registry.client import RegistryClient, RegistryError, release_statement
 from registry.dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope
@@ -37,11 +37,6 @@ def module_variant(n: int) -> bytes:
     payload = bytes([len(name)]) + name + n.to_bytes(8, "big")
     return BASE_MODULE + b"\x00" + bytes([len(payload)]) + payload
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ed25519_verify_rate(seconds: float) -> float:

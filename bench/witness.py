@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,17 +22,12 @@ import time
 
 import aiohttp
 import nacl.signing
+from common import free_port
 
 from tlog.log import Log
 from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer
 from tlog.storage.memory import MemoryLogStore
 from tlog.witness_protocol import AddCheckpoint
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ed25519_rate(seconds: float = 1.0) -> float:

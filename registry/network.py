@@ -15,17 +15,16 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from witness.loglist import parse_log_list
-from witness.server import make_app as make_witness_app
-from witness.state import WitnessState
-from witness.witness import Witness
-
 from tlog.keys import load_or_create_signer
 from tlog.log import Log
 from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer
 from tlog.policy import parse_policy
 from tlog.sequencer import Sequencer
 from tlog.storage.lmdb_store import LMDBLogStore
+from witness.loglist import parse_log_list
+from witness.server import make_app as make_witness_app
+from witness.state import WitnessState
+from witness.witness import Witness
 
 from .blobs import BlobStore
 from .server import make_app

@@ -266,10 +266,17 @@ def _check_cbor_types(obj: object) -> None:
 
 
 def record_for(record_type: str, signer: str, envelope: Envelope) -> Record:
-    """Check that the envelope's payload is what record_type says and parse it. Raises RecordError."""
+    """Check that the envelope's payload is what record_type says and parse it. Raises RecordError.
+
+    A record carries exactly one signature, with the signer's key ID as its keyid: keyids are
+    not signed, so fixing them is what makes one signed statement one entry, byte for byte.
+    """
     if record_type not in RECORD_TYPES:
         raise RecordError(f"unknown record type {record_type[:40]!r}")
-    verifier_from_vkey(signer)
+    keyid = f"{verifier_from_vkey(signer).key_id:08x}"
+    if len(envelope.signatures) != 1:
+        raise RecordError("a record's envelope carries exactly one signature, by its signer")
+    envelope = Envelope(envelope.payload_type, envelope.payload, (Signature(keyid, envelope.signatures[0].sig),))
     if record_type == "release":
         if envelope.payload_type != INTOTO_PAYLOAD_TYPE:
             raise RecordError(f"a release is signed as {INTOTO_PAYLOAD_TYPE}")
@@ -307,7 +314,10 @@ def decode_entry(data: bytes) -> Record:
         if not isinstance(d["keyid"], str) or not isinstance(d["sig"], bytes):
             raise RecordError("malformed signature in log entry")
         signatures.append(Signature(d["keyid"], d["sig"]))
-    return record_for(top["type"], top["signer"], Envelope(env["payloadType"], env["payload"], tuple(signatures)))
+    record = record_for(top["type"], top["signer"], Envelope(env["payloadType"], env["payload"], tuple(signatures)))
+    if record.envelope.signatures != tuple(signatures):
+        raise RecordError("the signature's keyid is not the signer's key ID")
+    return record
 
 
 def module_digest(data: bytes) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import cbor2
@@ -15,7 +14,7 @@ from tlog.errors import MalformedError, NotFoundError, PushbackError, StorageFul
 from tlog.note import b64encode
 from tlog.policy import Policy
 from tlog.sequencer import Sequencer
-from tlog.server import RETRY_AFTER_SECONDS
+from tlog.server import RETRY_AFTER_SECONDS, errors_middleware_for
 from tlog.server import make_app as make_log_app
 from tlog.witnessing import QuorumError
 
@@ -50,16 +49,10 @@ def status_for(e: TlogError) -> int:
     return next(status for cls, status in STATUS if isinstance(e, cls))
 
 
-@web.middleware
-async def errors_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except TlogError as e:
-        status = status_for(e)
-        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else {}
-        return web.json_response({"error": type(e).__name__, "message": str(e)}, status=status, headers=headers)
+def registry_error_response(e: TlogError) -> web.Response:
+    status = status_for(e)
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else {}
+    return web.json_response({"error": type(e).__name__, "message": str(e)}, status=status, headers=headers)
 
 
 async def read_parts(request: web.Request, limits: dict[str, int]) -> dict[str, bytes]:
@@ -209,7 +202,7 @@ async def get_proof(request: web.Request) -> web.Response:
 def make_app(
     registry: Registry, sequencer: Sequencer, *, witness_policy: Policy | None = None, witness_timeout: float = 5.0
 ) -> web.Application:
-    app = web.Application(client_max_size=MAX_PUBLISH_BYTES, middlewares=[errors_middleware])
+    app = web.Application(client_max_size=MAX_PUBLISH_BYTES, middlewares=[errors_middleware_for(registry_error_response)])
     app[REGISTRY] = registry
     base = "/api/v1"
     pkg = base + "/packages/{ns}/{name}/{version}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from tlog.integrate import TreeState, plan_batch
 from tlog.storage.memory import MemoryLogStore
 from tlog.tiles import TileNodeReader
@@ -20,3 +22,10 @@ def grow(entries: list[bytes], batch: int = 97) -> tuple[MemoryLogStore, TreeSta
 
 def reader(store: MemoryLogStore) -> TileNodeReader:
     return TileNodeReader(store.read_tile, cache_tiles=16)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

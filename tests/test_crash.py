@@ -7,12 +7,12 @@ import base64
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import aiohttp
+from helpers import free_port
 
 from tlog.checkpoint import Checkpoint, parse_checkpoint
 from tlog.hashes import leaf_hash
@@ -23,11 +23,6 @@ from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
 ROUNDS = 3
 CLIENTS = 32
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_server(data: str, key: str, port: int) -> subprocess.Popen[bytes]:

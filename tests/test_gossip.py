@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 
+from helpers import free_port
+
+from tlog.cosignature import CosignatureV1Verifier
 from tlog.log import Log
 from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer, Ed25519Verifier, open_note
-from tlog.cosignature import CosignatureV1Verifier
 from tlog.policy import parse_policy
 from tlog.sequencer import Sequencer
 from tlog.server import make_app as make_log_app
@@ -25,11 +26,6 @@ VERIFIER = Ed25519Verifier(LOG_KEY.name, LOG_KEY.public_key)
 W_KEYS = [Ed25519Signer.generate(f"peer{i}.example", ALG_COSIGNATURE_V1) for i in range(2)]
 ORIGIN_HASH = hashlib.sha256(LOG_KEY.name.encode()).hexdigest()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def serve_log(aiohttp_server, witness_index: int, witness_port: int):  # type: ignore[no-untyped-def]

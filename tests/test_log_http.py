@@ -8,8 +8,8 @@ import gzip
 import pathlib
 
 import pytest
-
 import reference
+
 from tlog.checkpoint import parse_checkpoint
 from tlog.errors import TlogError
 from tlog.hashes import leaf_hash

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
+from helpers import free_port
 
 from tlog.cosignature import cosignature_timestamp
 from tlog.errors import MalformedError
@@ -26,11 +26,6 @@ LOG_KEY = Ed25519Signer.generate("example.com/witnessed")
 LOG_VERIFIER = Ed25519Verifier(LOG_KEY.name, LOG_KEY.public_key)
 W_KEYS = [Ed25519Signer.generate(f"w{i}.example", ALG_COSIGNATURE_V1) for i in range(3)]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def policy_text(ports: list[int]) -> bytes:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import base64
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 import reference
 from conftest import load_vectors
 from helpers import grow, reader
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from tlog.compact import CompactRange
 from tlog.errors import ProofError
 from tlog.hashes import EMPTY_ROOT, leaf_hash, node_hash

@@ -6,10 +6,10 @@ import base64
 import struct
 
 import pytest
+from conftest import load_vectors
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import load_vectors
 from tlog.checkpoint import Checkpoint, parse_checkpoint
 from tlog.cosignature import (
     CosignatureV1Verifier,

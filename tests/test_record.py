@@ -11,7 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from registry.dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, Envelope, Signature, pae, parse_envelope, sign_envelope
-from registry.record import Action, PackageRef, Record, RecordError, Release, decode_entry, encode_entry, parse_package_ref, parse_statement, record_for
+from registry.record import (
+    Action,
+    PackageRef,
+    Record,
+    RecordError,
+    Release,
+    decode_entry,
+    encode_entry,
+    parse_package_ref,
+    parse_statement,
+    record_for,
+)
 from registry.state import InvalidSignature, RegistryState, Unauthorized, UnknownRelease, VersionExists, replay
 from registry.wasm import Import
 from tlog.errors import MalformedError

@@ -8,18 +8,17 @@ import json
 import time
 
 import aiohttp
-
 import pytest
+from registry_helpers import CYCLONEDX, REGISTRY_KEY, build_registry, start_registry, wat_module
 
 from registry.client import RegistryError, release_statement
 from registry.dsse import INTOTO_PAYLOAD_TYPE, sign_envelope
 from registry.record import Action, Release, decode_entry, parse_package_ref
 from registry.wasm import Import
-from registry_helpers import CYCLONEDX, REGISTRY_KEY, build_registry, start_registry, wat_module
+from tlog.checkpoint import parse_checkpoint
 from tlog.hashes import leaf_hash
 from tlog.merkle import verify_consistency
 from tlog.note import Ed25519Signer, Ed25519Verifier, open_note
-from tlog.checkpoint import parse_checkpoint
 from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
 
 REG_VERIFIER = Ed25519Verifier(REGISTRY_KEY.name, REGISTRY_KEY.public_key)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 import reference
 from conftest import load_vectors
 from helpers import grow
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from tlog.checkpoint import Checkpoint
 from tlog.errors import MalformedError, ProofError, TooLargeError
 from tlog.hashes import leaf_hash

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from registry.dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope
-from registry.record import Action, PackageRef, Release, encode_entry, module_digest
+from registry.record import Action, PackageRef, Release, encode_entry, module_digest, record_for
 from registry.verify import (
     KnownCheckpoint,
     NamespaceStatus,
@@ -56,7 +56,7 @@ def release_entry(*, signer: Ed25519Signer = ALICE, envelope_key: Ed25519Signer 
     rel = Release(REF, module_digest(module), parse_wasm(MODULE).imports if imports is None else imports,
                   None if sbom is None else module_digest(sbom), None if sbom is None else "application/vnd.cyclonedx+json")
     env = sign_envelope(INTOTO_PAYLOAD_TYPE, rel.statement(), envelope_key or signer)
-    return encode_entry("release", signer.vkey, env)
+    return record_for("release", signer.vkey, env).encode()  # the registry's canonical keyid
 
 
 def make_proof(entry: bytes, *, cosigners: int = 3, timestamp: int = NOW - 60, others: list[bytes] | None = None) -> tuple[bytes, Log]:

@@ -11,12 +11,12 @@ from tlog.checkpoint import Checkpoint
 from tlog.cosignature import CosignatureV1Verifier, cosignature_timestamp
 from tlog.errors import MalformedError
 from tlog.hashes import EMPTY_ROOT
-from tlog.merkle import tree_hash
 from tlog.log import Log
+from tlog.merkle import tree_hash
 from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer, Ed25519Verifier, open_note, sign_note
 from tlog.storage.memory import MemoryLogStore
-from witness.loglist import parse_log_list
 from tlog.witness_protocol import AddCheckpoint
+from witness.loglist import parse_log_list
 from witness.server import make_app
 from witness.state import WitnessState
 from witness.witness import Witness

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import MalformedError
+from .errors import MalformedError, TooLargeError
 from .hashes import HASH_SIZE
 from .merkle import MAX_TREE_SIZE
 from .note import b64decode_strict, b64encode, check_text
@@ -28,6 +28,22 @@ def parse_hash(s: str, what: str = "hash") -> bytes:
     if len(h) != HASH_SIZE:
         raise MalformedError(f"{what} is {len(h)} bytes, want {HASH_SIZE}")
     return h
+
+
+def split_head(data: bytes, max_bytes: int, what: str) -> tuple[list[str], bytes]:
+    """Split ``<ASCII lines>\n\n<signed checkpoint>`` (tlog-proof, tlog-witness bodies).
+
+    Raises TooLargeError over max_bytes, MalformedError without the blank line or on non-ASCII.
+    """
+    if len(data) > max_bytes:
+        raise TooLargeError(f"{what} of {len(data)} bytes is over {max_bytes}")
+    head, sep, note = data.partition(b"\n\n")
+    if not sep:
+        raise MalformedError(f"{what} has no blank line before the checkpoint")
+    try:
+        return head.decode("ascii").split("\n"), note
+    except UnicodeDecodeError:
+        raise MalformedError(f"{what} head is not ASCII") from None
 
 
 def is_valid_origin(origin: str) -> bool:

@@ -19,9 +19,9 @@ from .log import Log
 from .note import ALG_COSIGNATURE_V1, ALG_ED25519, Ed25519Signer, is_valid_key_name
 from .policy import NONE, Policy, parse_policy
 from .sequencer import DEFAULT_BATCH_MAX, DEFAULT_INTERVAL, DEFAULT_MAX_PENDING, DEFAULT_REPUBLISH_INTERVAL, Sequencer
-from .witnessing import DEFAULT_WITNESS_TIMEOUT
 from .server import make_app
 from .storage.lmdb_store import DEFAULT_MAP_SIZE, LMDBLogStore
+from .witnessing import DEFAULT_WITNESS_TIMEOUT
 
 DEFAULT_LISTEN = "127.0.0.1:7380"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .checkpoint import Checkpoint, parse_checkpoint, parse_decimal, parse_hash
+from .checkpoint import Checkpoint, parse_checkpoint, parse_decimal, parse_hash, split_head
 from .errors import MalformedError, ProofError, TooLargeError
 from .merkle import MAX_PROOF_HASHES, verify_inclusion
 from .note import MAX_NOTE_BYTES, Note, NoteSignature, Verifier, b64decode_strict, b64encode, open_note, parse_note
@@ -45,15 +45,7 @@ class TlogProof:
 
 def parse_tlog_proof(data: bytes) -> TlogProof:
     """Parse a tlog-proof strictly: it must re-encode to exactly data. Raises MalformedError."""
-    if len(data) > MAX_TLOG_PROOF_BYTES:
-        raise TooLargeError(f"tlog-proof of {len(data)} bytes is over {MAX_TLOG_PROOF_BYTES}")
-    head, sep, checkpoint = data.partition(b"\n\n")
-    if not sep:
-        raise MalformedError("tlog-proof has no checkpoint")
-    try:
-        lines = head.decode("ascii").split("\n")
-    except UnicodeDecodeError:
-        raise MalformedError("tlog-proof header is not ASCII") from None
+    lines, checkpoint = split_head(data, MAX_TLOG_PROOF_BYTES, "tlog-proof")
     if lines[0] != HEADER:
         raise MalformedError(f"tlog-proof does not start with {HEADER}")
     i = 1

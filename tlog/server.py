@@ -27,9 +27,9 @@ from .errors import (
 )
 from .log import Log
 from .note import b64encode
+from .policy import Policy
 from .sequencer import Sequencer
 from .tiles import ENTRIES, MAX_ENTRY_SIZE, parse_tile_path
-from .policy import Policy
 from .witnessing import DEFAULT_WITNESS_TIMEOUT, Cosigner, QuorumError
 
 LOG = web.AppKey("log", Log)
@@ -66,16 +66,26 @@ def error_response(e: TlogError) -> web.Response:
     return web.Response(status=status, text=f"{e}\n", headers=headers)
 
 
-@web.middleware
-async def errors_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except TlogError as e:
-        if status_for(e) >= 500:
-            logger.warning("%s %s: %s", request.method, request.path, e)
-        return error_response(e)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def errors_middleware_for(respond: Callable[[TlogError], web.Response]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """A middleware turning every TlogError into respond(e): each server's one status table."""
+
+    @web.middleware
+    async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except TlogError as e:
+            response = respond(e)
+            if response.status >= 500:
+                logger.warning("%s %s: %s", request.method, request.path, e)
+            return response
+
+    return errors_middleware
+
+
+errors_middleware = errors_middleware_for(error_response)
 
 
 def query_int(request: web.Request, name: str) -> int:

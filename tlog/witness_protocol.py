@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checkpoint import parse_checkpoint, parse_decimal, parse_hash
+from .checkpoint import parse_checkpoint, parse_decimal, parse_hash, split_head
 from .errors import MalformedError
 from .merkle import MAX_PROOF_HASHES
 from .note import Note, b64encode, parse_note
@@ -25,15 +25,7 @@ class AddCheckpoint:
 
 def parse_add_checkpoint(body: bytes) -> tuple[AddCheckpoint, Note]:
     """Parse ``old N``, up to 63 proof lines, a blank line and a signed checkpoint. Raises MalformedError."""
-    if len(body) > MAX_REQUEST_BYTES:
-        raise MalformedError("request body too large")
-    head, sep, note_bytes = body.partition(b"\n\n")
-    if not sep:
-        raise MalformedError("no blank line before the checkpoint")
-    try:
-        lines = head.decode("ascii").split("\n")
-    except UnicodeDecodeError:
-        raise MalformedError("request head is not ASCII") from None
+    lines, note_bytes = split_head(body, MAX_REQUEST_BYTES, "add-checkpoint request")
     if not lines[0].startswith("old "):
         raise MalformedError("request does not start with an old line")
     old_size = parse_decimal(lines[0][4:], "old size")

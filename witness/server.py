@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
 from aiohttp import web
 
-from tlog.errors import MalformedError, TlogError
+from tlog.errors import MalformedError, TlogError, TooLargeError
+from tlog.server import errors_middleware_for
+from tlog.witness_protocol import MAX_REQUEST_BYTES
 
 from .errors import Conflict, WitnessError
-from tlog.witness_protocol import MAX_REQUEST_BYTES
 from .gossip import DEFAULT_GOSSIP_INTERVAL, Gossip
 from .witness import Witness
 
@@ -20,18 +21,12 @@ WITNESS = web.AppKey("witness", Witness)
 GOSSIP = web.AppKey("gossip", Gossip)
 
 
-@web.middleware
-async def errors_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except Conflict as e:  # body= keeps the exact type; text= would add a charset
+def witness_error_response(e: TlogError) -> web.Response:
+    """c2sp.org/tlog-witness statuses (witness/errors.py); malformed input is 400."""
+    if isinstance(e, Conflict):  # body= keeps the exact type; text= would add a charset
         return web.Response(status=409, body=f"{e.known_size}\n".encode(), headers={"Content-Type": "text/x.tlog.size"})
-    except WitnessError as e:
-        return web.Response(status=e.status, text=f"{e}\n")
-    except (MalformedError, TlogError) as e:
-        return web.Response(status=400, text=f"{e}\n")
+    status = e.status if isinstance(e, WitnessError) else 413 if isinstance(e, TooLargeError) else 400 if isinstance(e, MalformedError) else 500
+    return web.Response(status=status, text=f"{e}\n")
 
 
 async def add_checkpoint(request: web.Request) -> web.Response:
@@ -71,7 +66,7 @@ def make_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[errors_middleware])
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[errors_middleware_for(witness_error_response)])
     app[WITNESS] = witness
     app.cleanup_ctx.append(run_gossip)
     app.router.add_post("/add-checkpoint", add_checkpoint)

@@ -234,3 +234,160 @@ def verify(
     )
     click.echo(line, err=code != 0 and not as_json)
     raise SystemExit(code)
+
+
+def _verifiers(vkeys: tuple[str, ...], policy_file: pathlib.Path | None) -> list:  # type: ignore[type-arg]
+    from tlog.note import verifier_from_vkey
+
+    from .verify import parse_trust_policy
+
+    verifiers = [verifier_from_vkey(v) for v in vkeys]
+    if policy_file is not None:
+        verifiers += [log.verifier for log in parse_trust_policy(policy_file.read_text()).tlog.logs]
+    if not verifiers:
+        raise click.UsageError("give the log's key with --vkey or a trust policy with --policy")
+    return verifiers
+
+
+async def _log_and_registry(session: aiohttp.ClientSession, url: str) -> tuple[str, str | None]:
+    """A registry URL serves its log under /log/; a plain log URL serves /checkpoint itself."""
+    url = url.rstrip("/")
+    async with session.get(url + "/checkpoint") as r:
+        if r.status == 200:
+            return url, None
+    return url + "/log", url
+
+
+audit_opts = [
+    click.option("--vkey", "vkeys", multiple=True, help="The log's verifier key (repeatable)."),
+    click.option("--policy", "policy_file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="Take the log keys from an edge trust policy."),
+    click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=pathlib.Path), help="Resume from (and save) progress here."),
+]
+
+
+def _with_opts(opts):  # type: ignore[no-untyped-def]
+    def deco(f):  # type: ignore[no-untyped-def]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return deco
+
+
+@main.command()
+@click.argument("url")
+@_with_opts(audit_opts)
+@click.option("--no-blobs", is_flag=True, help="Do not fetch modules and SBOMs to check their digests and imports.")
+@one_line_errors
+def audit(url: str, vkeys: tuple[str, ...], policy_file: pathlib.Path | None, state_dir: pathlib.Path | None, no_blobs: bool) -> None:
+    """Replay a log from its tiles: recompute every hash, check signatures, re-derive the registry.
+
+    Prints a JSON report; exit status 1 if there is any finding.
+    """
+    import sys
+
+    from .audit import AuditState, dumps_report, make_auditor
+
+    verifiers = _verifiers(vkeys, policy_file)
+    state = AuditState.load(state_dir)
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            width = 40
+            filled = width * done // max(total, 1)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} entries")
+            sys.stderr.flush()
+
+    async def go() -> dict:  # type: ignore[type-arg]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            log_url, registry_url = await _log_and_registry(session, url)
+            auditor = make_auditor(log_url=log_url, session=session, verifiers=verifiers, state=state,
+                                   registry_url=None if no_blobs else registry_url)
+            await auditor.run(progress)
+            return auditor.report(log_url)
+
+    report = uvloop.run(go())
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    if state_dir is not None:
+        state.save(state_dir)
+    click.echo(dumps_report(report))
+    if report["findings"]:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("url")
+@_with_opts(audit_opts)
+@click.option("--namespace", "namespaces", multiple=True, required=True, help="A namespace to watch (repeatable).")
+@click.option("--expect-key", "expected", multiple=True, help="A vkey the owner expects to sign; any other signer is reported.")
+@click.option("--follow", is_flag=True, help="Keep following the log.")
+@click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(0.1), help="Seconds between polls with --follow.")
+@click.option("--webhook", help="Also POST each event as JSON to this URL.")
+@one_line_errors
+def monitor(
+    url: str, vkeys: tuple[str, ...], policy_file: pathlib.Path | None, state_dir: pathlib.Path | None,
+    namespaces: tuple[str, ...], expected: tuple[str, ...], follow: bool, interval: float, webhook: str | None,
+) -> None:
+    """Report releases, key changes, yanks, unexpected signers and capability escalations as JSON lines."""
+    import json
+    import sys
+
+    from .audit import AuditState, make_auditor
+
+    verifiers = _verifiers(vkeys, policy_file)
+    state = AuditState.load(state_dir)
+
+    async def go() -> int:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            log_url, _ = await _log_and_registry(session, url)
+            pending: list[dict] = []  # type: ignore[type-arg]
+            auditor = make_auditor(log_url=log_url, session=session, verifiers=verifiers, state=state,
+                                   namespaces=frozenset(namespaces), expected_keys=frozenset(expected),
+                                   on_event=lambda e: pending.append(e.as_json()))
+            while True:
+                await auditor.run()
+                for event in pending:
+                    click.echo(json.dumps(event, sort_keys=True))
+                    if webhook:
+                        try:
+                            async with session.post(webhook, json=event) as r:
+                                await r.read()
+                        except aiohttp.ClientError as e:
+                            print(f"webhook: {e}", file=sys.stderr)
+                pending.clear()
+                for f in auditor.findings:
+                    click.echo(json.dumps({"event": "finding", **f.as_json()}, sort_keys=True))
+                found = len(auditor.findings)
+                auditor.findings.clear()
+                if state_dir is not None:
+                    state.save(state_dir)
+                if not follow:
+                    return found
+                await asyncio.sleep(interval)
+
+    if uvloop.run(go()):
+        raise SystemExit(1)
+
+
+@main.command()
+@registry_opt
+@click.option("--json", "as_json", is_flag=True)
+@click.argument("old", metavar="NAMESPACE:NAME@V1", callback=package_ref)
+@click.argument("new", metavar="NAMESPACE:NAME@V2", callback=package_ref)
+@one_line_errors
+def diff(url: str, as_json: bool, old: PackageRef, new: PackageRef) -> None:
+    """The SBOM and import differences between two releases."""
+    import json
+
+    from .diff import diff_releases, format_diff
+
+    async def go(c: RegistryClient) -> dict:  # type: ignore[type-arg]
+        metas, sboms = [], []
+        for ref in (old, new):
+            meta = await c.get_json(c.package_path(ref))
+            metas.append(meta)
+            sboms.append(await c.get(c.package_path(ref) + "/sbom") if meta["sbom"] else None)
+        return diff_releases(metas[0], metas[1], sboms[0], sboms[1])
+
+    d = with_client(url, go)
+    click.echo(json.dumps(d, indent=1) if as_json else format_diff(d))

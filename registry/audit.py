@@ -1,0 +1,211 @@
+"""Auditing and monitoring a log from its tiles: recompute everything, replay the registry's records."""
+
+from __future__ import annotations
+
+import copyreg
+import hashlib
+import json
+import pathlib
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import aiohttp
+
+from tlog.client import TileClient
+from tlog.errors import TlogError
+from tlog.files import atomic_write
+from tlog.note import Verifier
+
+from .client import RegistryClient
+from .follow import Finding, Follower, FollowState
+from .record import Action, Record, Release, decode_entry
+from .state import RegistryState, ValidationError
+from .wasm import parse_wasm
+
+STATE_VERSION = 1
+# RegistryState keeps its maps read-only; saved state stores them as dicts and restores the proxies.
+def _read_only(d: dict) -> MappingProxyType:  # type: ignore[type-arg]
+    return MappingProxyType(d)
+
+
+copyreg.pickle(MappingProxyType, lambda m: (_read_only, (dict(m),)))
+
+
+@dataclass
+class AuditState:
+    follow: FollowState = field(default_factory=FollowState)
+    registry: RegistryState = field(default_factory=RegistryState)
+    registry_log: bool | None = None  # None until the first entry says whether this is a wasmlog registry
+    previous: dict[str, str] = field(default_factory=dict)  # "ns:name" -> latest version by log order
+
+    def save(self, directory: pathlib.Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / "audit-state.pickle", pickle.dumps((STATE_VERSION, self)))
+
+    @classmethod
+    def load(cls, directory: pathlib.Path | None) -> AuditState:
+        """Our own state file, written by save(); a missing one starts from scratch."""
+        path = None if directory is None else directory / "audit-state.pickle"
+        if path is None or not path.exists():
+            return cls()
+        version, state = pickle.loads(path.read_bytes())  # noqa: S301 - our own file in our state dir
+        if version != STATE_VERSION:
+            raise TlogError(f"audit state version {version} is not {STATE_VERSION}; start again without it")
+        return state  # type: ignore[no-any-return]
+
+
+@dataclass
+class Event:
+    """A monitor event: one record in a watched namespace, or a capability escalation."""
+
+    kind: str
+    index: int
+    namespace: str
+    detail: dict[str, Any]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"event": self.kind, "index": self.index, "namespace": self.namespace, **self.detail}
+
+
+def events_for(record: Record, index: int, previous_imports: frozenset[str] | None, expected_keys: frozenset[str]) -> list[Event]:
+    """What a monitor reports about one valid record."""
+    body = record.body
+    ns = record.namespace
+    if isinstance(body, Release):
+        detail: dict[str, Any] = {"package": str(body.ref), "signer": record.signer, "module_sha256": body.module_sha256}
+        events = [Event("release", index, ns, detail)]
+        if expected_keys and record.signer not in expected_keys:
+            events.append(Event("unexpected-key", index, ns, {"package": str(body.ref), "signer": record.signer}))
+        imports = frozenset(i.qualified for i in body.imports)
+        if previous_imports is not None and imports - previous_imports:
+            events.append(Event("capability-escalation", index, ns, {"package": str(body.ref), "added_imports": sorted(imports - previous_imports)}))
+        return events
+    assert isinstance(body, Action)
+    detail = {"signer": record.signer}
+    if body.action == "yank":
+        detail["package"] = str(body.ref)
+        detail["reason"] = body.reason
+    else:
+        detail["key"] = body.key
+    if expected_keys and record.signer not in expected_keys:
+        return [Event(body.action, index, ns, detail), Event("unexpected-key", index, ns, detail)]
+    return [Event(body.action, index, ns, detail)]
+
+
+@dataclass
+class Auditor:
+    follower: Follower
+    state: AuditState
+    registry: RegistryClient | None = None  # where blobs can be fetched
+    on_event: Callable[[Event], None] | None = None
+    namespaces: frozenset[str] = frozenset()  # watched (monitor); empty: none
+    expected_keys: frozenset[str] = frozenset()
+    findings: list[Finding] = field(default_factory=list)
+    releases_checked: int = 0
+
+    async def run(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Audit up to the latest checkpoint; return its size (or the audited size if it failed)."""
+        latest = await self.follower.latest()
+        if latest is None:
+            return self.state.follow.size
+        cp, note = latest
+        self.follower.state = self.state.follow
+        async for index, entry in self.follower.entries(cp, progress):
+            await self._entry(index, entry)
+        self.findings.extend(self.follower.findings)
+        self.follower.findings.clear()
+        if self.follower.state.size == cp.size:
+            self.state.follow = FollowState(cp.size, self.follower.state.compact, note.decode())
+        return self.state.follow.size
+
+    async def _entry(self, index: int, entry: bytes) -> None:
+        try:
+            record = decode_entry(entry)
+        except TlogError as e:
+            if self.state.registry_log is None:
+                self.state.registry_log = False  # not a wasmlog registry log: only the tree is audited
+            if self.state.registry_log:
+                self.findings.append(Finding("void-record", f"entry does not decode: {e}", f"index {index}"))
+            return
+        if self.state.registry_log is None:
+            self.state.registry_log = True
+        if not self.state.registry_log:
+            return
+        try:
+            self.state.registry = self.state.registry.apply(record, index)
+        except ValidationError as e:
+            self.findings.append(Finding("void-record", f"the registry logged a record its rules refuse: {e}", f"index {index}"))
+            return
+        body = record.body
+        key = None
+        previous = None
+        if isinstance(body, Release):
+            key = f"{body.ref.namespace}:{body.ref.name}"
+            prev_version = self.state.previous.get(key)
+            if prev_version is not None:
+                prev = self.state.registry.namespaces[body.ref.namespace].releases[f"{body.ref.name}@{prev_version}"]
+                previous = frozenset(i.qualified for i in prev.release.imports)
+            self.state.previous[key] = body.ref.version
+            if self.registry is not None:
+                await self._check_blobs(body, index)
+        if self.on_event is not None and record.namespace in self.namespaces:
+            for event in events_for(record, index, previous, self.expected_keys):
+                self.on_event(event)
+
+    async def _check_blobs(self, release: Release, index: int) -> None:
+        assert self.registry is not None
+        path = self.registry.package_path(release.ref)
+        where = f"index {index} ({release.ref})"
+        try:
+            module = await self.registry.get(path + "/module.wasm")
+        except (TlogError, aiohttp.ClientError) as e:
+            self.findings.append(Finding("blob-unavailable", str(e), where))
+            return
+        self.releases_checked += 1
+        if hashlib.sha256(module).hexdigest() != release.module_sha256:
+            self.findings.append(Finding("blob-mismatch", "the served module is not the logged digest", where))
+            return
+        try:
+            imports = parse_wasm(module).imports
+        except TlogError as e:
+            self.findings.append(Finding("blob-mismatch", f"the logged module is not valid wasm: {e}", where))
+            return
+        if list(imports) != list(release.imports):
+            self.findings.append(Finding("blob-mismatch", "the logged import list is not the module's", where))
+        if release.sbom_sha256 is not None:
+            try:
+                sbom = await self.registry.get(path + "/sbom")
+            except (TlogError, aiohttp.ClientError) as e:
+                self.findings.append(Finding("blob-unavailable", f"SBOM: {e}", where))
+                return
+            if hashlib.sha256(sbom).hexdigest() != release.sbom_sha256:
+                self.findings.append(Finding("blob-mismatch", "the served SBOM is not the logged digest", where))
+
+    def report(self, origin_url: str) -> dict[str, Any]:
+        ns = self.state.registry.namespaces
+        return {
+            "log": origin_url,
+            "tree_size": self.state.follow.size,
+            "checkpoint": self.state.follow.checkpoint,
+            "registry_log": bool(self.state.registry_log),
+            "namespaces": len(ns),
+            "releases": sum(len(n.releases) for n in ns.values()),
+            "blobs_checked": self.releases_checked,
+            "findings": [f.as_json() for f in self.findings],
+        }
+
+
+def make_auditor(
+    *, log_url: str, session: aiohttp.ClientSession, verifiers: Sequence[Verifier], state: AuditState,
+    registry_url: str | None = None, **kw: Any,
+) -> Auditor:
+    follower = Follower(TileClient(log_url, session), list(verifiers))
+    registry = RegistryClient(registry_url, session) if registry_url else None
+    return Auditor(follower, state, registry, **kw)
+
+
+def dumps_report(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=1, sort_keys=True)

@@ -1,0 +1,103 @@
+"""Audit, monitor and diff against a real registry on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+
+from registry_helpers import CYCLONEDX, REGISTRY_KEY, build_registry, start_registry, wat_module
+
+from registry.audit import AuditState, Event, make_auditor
+from registry.diff import diff_releases, format_diff
+from registry.record import Action, parse_package_ref
+from registry.server import make_app
+from tlog.note import Ed25519Signer, Ed25519Verifier
+
+VERIFIER = Ed25519Verifier(REGISTRY_KEY.name, REGISTRY_KEY.public_key)
+ALICE = Ed25519Signer.generate("alice")
+BOB = Ed25519Signer.generate("bob")
+
+
+def module_variant(base: bytes, n: int) -> bytes:
+    payload = b"\x04note" + n.to_bytes(4, "big")
+    return base + b"\x00" + bytes([len(payload)]) + payload
+
+
+async def audit(client, state: AuditState | None = None, **kw):  # type: ignore[no-untyped-def]
+    log_url = str(client.make_url("/log"))
+    auditor = make_auditor(log_url=log_url, session=client.session, verifiers=[VERIFIER], state=state or AuditState(),
+                           registry_url=str(client.make_url("")), **kw)
+    await auditor.run()
+    return auditor
+
+
+async def test_audit_of_hundreds_of_releases_then_a_flipped_tile_byte(aiohttp_client, aiohttp_server, tmp_path) -> None:
+    api, client, _, store = await start_registry(aiohttp_client, tmp_path)
+    base = wat_module("no_imports", tmp_path)
+    await api.claim_if_unclaimed(ALICE, "acme")
+    await asyncio.gather(*(api.publish(ALICE, parse_package_ref(f"acme:m{i % 7}@1.0.{i}"), module_variant(base, i)) for i in range(299)))
+    auditor = await audit(client)
+    report = auditor.report("x")
+    assert report["findings"] == [] and report["tree_size"] == 300 and report["releases"] == 299
+    assert report["blobs_checked"] == 299
+    tile = store.read_tile(0, 0)
+    await client.close()
+    store.close()
+    # Flip one byte of the stored level-0 tile 0, in the LMDB file itself.
+    db = pathlib.Path(tmp_path / "log" / "data.mdb")
+    raw = bytearray(db.read_bytes())
+    at = raw.find(tile)
+    assert at >= 0 and raw.find(tile, at + 1) < 0
+    raw[at + 100] ^= 0x01
+    db.write_bytes(bytes(raw))
+    registry, seq, store2 = build_registry(tmp_path)
+    client2 = await aiohttp_client(make_app(registry, seq))
+    auditor = await audit(client2)
+    assert [(f.kind, f.where) for f in auditor.findings] == [("tile-mismatch", "tile/0/000")]
+    store2.close()
+
+
+async def test_audit_resumes_from_its_state(aiohttp_client, tmp_path) -> None:
+    api, client, _, _ = await start_registry(aiohttp_client, tmp_path)
+    base = wat_module("no_imports", tmp_path)
+    await api.publish(ALICE, parse_package_ref("acme:a@1.0.0"), base)
+    state = AuditState()
+    first = await audit(client, state)
+    assert first.report("x")["tree_size"] == 2
+    state.save(tmp_path / "st")
+    await asyncio.gather(*(api.publish(ALICE, parse_package_ref(f"acme:a@1.1.{i}"), module_variant(base, i)) for i in range(300)))
+    resumed = AuditState.load(tmp_path / "st")
+    second = await audit(client, resumed)
+    report = second.report("x")
+    assert report["findings"] == [] and report["tree_size"] == 302 and report["blobs_checked"] == 300  # only the new ones
+
+
+async def test_monitor_reports_unexpected_keys_and_capability_escalation(aiohttp_client, tmp_path) -> None:
+    api, client, _, _ = await start_registry(aiohttp_client, tmp_path)
+    await api.publish(ALICE, parse_package_ref("acme:hello@1.0.0"), wat_module("no_imports", tmp_path))
+    await api.act(ALICE, Action("key-grant", "acme", key=BOB.vkey, issued=1))
+    await api.publish(BOB, parse_package_ref("acme:hello@1.1.0"), wat_module("imports_all_kinds", tmp_path))
+    await api.act(ALICE, Action("yank", "acme", name="hello", version="1.1.0", issued=2, reason="escalation"))
+    await api.publish(ALICE, parse_package_ref("other:x@1.0.0"), wat_module("no_imports", tmp_path))
+    events: list[Event] = []
+    await audit(client, namespaces=frozenset({"acme"}), expected_keys=frozenset({ALICE.vkey}), on_event=events.append)
+    kinds = [(e.kind, e.index) for e in events]
+    assert kinds == [
+        ("key-grant", 0), ("release", 1), ("key-grant", 2), ("release", 3), ("unexpected-key", 3),
+        ("capability-escalation", 3), ("yank", 4),
+    ]
+    escalation = next(e for e in events if e.kind == "capability-escalation")
+    assert "fastly_http_req.send" in escalation.detail["added_imports"]
+
+
+async def test_diff_of_two_releases(aiohttp_client, tmp_path) -> None:
+    api, client, _, _ = await start_registry(aiohttp_client, tmp_path)
+    sbom2 = CYCLONEDX.replace(b'"1.0.200"', b'"1.0.201"').replace(b"}]}", b'},{"type":"library","name":"tokio","version":"1.0.0"}]}')
+    await api.publish(ALICE, parse_package_ref("acme:hello@1.0.0"), wat_module("no_imports", tmp_path), CYCLONEDX, "application/vnd.cyclonedx+json")
+    await api.publish(ALICE, parse_package_ref("acme:hello@1.1.0"), wat_module("many_funcs", tmp_path), sbom2, "application/vnd.cyclonedx+json")
+    metas = [await api.get_json(api.package_path(parse_package_ref(f"acme:hello@{v}"))) for v in ("1.0.0", "1.1.0")]
+    d = diff_releases(metas[0], metas[1], CYCLONEDX, sbom2)
+    assert d["components"]["added"] == {"tokio": "1.0.0"}
+    assert d["components"]["changed"] == {"pkg:cargo/serde": {"from": "1.0.200", "to": "1.0.201"}}
+    assert d["imports"]["added"] == ["a.f0", "a.f1", "a.f2", "a.f3", "b.f4", "b.f5"] and d["imports"]["removed"] == []
+    assert "+ tokio 1.0.0" in format_diff(d)

@@ -13,8 +13,17 @@ import aiohttp
 import click
 import uvloop
 
-from tlog.cli import DEFAULT_LISTEN, keygen, log_group, read_witness_policy, run_app, split_listen, witness_group
-from tlog.cli import main as tlog_main
+from tlog.cli import (
+    DEFAULT_HEALTHZ_MAX_AGE,
+    DEFAULT_LISTEN,
+    configure_logging,
+    keygen,
+    log_group,
+    read_witness_policy,
+    run_app,
+    split_listen,
+    witness_group,
+)
 from tlog.errors import TlogError
 from tlog.keys import read_signer
 from tlog.log import Log
@@ -34,11 +43,11 @@ T = TypeVar("T")
 
 
 @click.group()
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.pass_context
-def main(ctx: click.Context, verbose: int) -> None:
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Log lines as text or one JSON object each.")
+def main(verbose: int, log_format: str) -> None:
     """wasmlog: a transparency log and registry for WebAssembly modules."""
-    ctx.invoke(tlog_main.callback, verbose=verbose)  # type: ignore[arg-type]
+    configure_logging(verbose, log_format)
 
 
 main.add_command(keygen)
@@ -106,7 +115,8 @@ def registry_serve(data: pathlib.Path, key_file: pathlib.Path, policy_file: path
         sequencer = Sequencer(Log(store, signer, witnessed=policy is not None))
         registry = Registry(sequencer=sequencer, blobs=BlobStore(str(data / "blobs")))
         click.echo(f"registry at http://{host}:{port}/api/v1/ with its log {sequencer.log.origin} at /log/")
-        run_app(make_app(registry, sequencer, witness_policy=policy, witness_timeout=DEFAULT_WITNESS_TIMEOUT), host, port)
+        run_app(make_app(registry, sequencer, witness_policy=policy, witness_timeout=DEFAULT_WITNESS_TIMEOUT,
+                         max_checkpoint_age=DEFAULT_HEALTHZ_MAX_AGE), host, port)
     finally:
         store.close()
 
@@ -391,3 +401,27 @@ def diff(url: str, as_json: bool, old: PackageRef, new: PackageRef) -> None:
 
     d = with_client(url, go)
     click.echo(json.dumps(d, indent=1) if as_json else format_diff(d))
+
+
+@main.command()
+@click.option("--from", "source", required=True, help="The source registry's URL.")
+@click.option("--policy", "policy_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="Edge trust policy: the log key and witness quorum every copied checkpoint must meet.")
+@click.option("--data", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path))
+@click.option("--listen", default="127.0.0.1:7390", show_default=True)
+@click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(0.1), help="Seconds between copy rounds.")
+@one_line_errors
+def mirror(source: str, policy_file: pathlib.Path, data: pathlib.Path, listen: str, interval: float) -> None:
+    """Replicate a registry's log and blobs, verifying everything, and serve the same read API."""
+    from aiohttp import web
+
+    from tlog.cli import new_loop
+
+    from .mirror import run_mirror
+    from .verify import parse_trust_policy
+
+    host, port = split_listen(listen)
+    policy = parse_trust_policy(policy_file.read_text())
+    loop = new_loop()
+    app = run_mirror(source=source, policy=policy, data=data, interval=interval)
+    click.echo(f"mirror of {source} at http://{host}:{port}/ (data in {data})")
+    web.run_app(app, host=host, port=port, print=None, access_log=None, loop=loop)

@@ -78,7 +78,7 @@ async def run_network(cfg: NetworkConfig, *, ready: asyncio.Event | None = None,
         log = Log(store, log_key, witnessed=True)
         sequencer = Sequencer(log, interval=cfg.interval)
         registry = Registry(sequencer=sequencer, blobs=BlobStore(str(cfg.data / "blobs")))
-        app = make_app(registry, sequencer, witness_policy=parse_policy(policy_text.encode()))
+        app = make_app(registry, sequencer, witness_policy=parse_policy(policy_text.encode()), max_checkpoint_age=300.0)
         runners.append(await _start(app, cfg.host, cfg.port))
         write_trust_policy(cfg.data / "trust-policy.toml", policy_text)
         print(

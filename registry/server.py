@@ -11,6 +11,7 @@ from aiohttp import web
 
 from tlog.checkpoint import parse_decimal
 from tlog.errors import MalformedError, NotFoundError, PushbackError, StorageFullError, TlogError, TooLargeError
+from tlog.metrics import install
 from tlog.note import b64encode
 from tlog.policy import Policy
 from tlog.sequencer import Sequencer
@@ -200,16 +201,18 @@ async def get_proof(request: web.Request) -> web.Response:
 
 
 def make_app(
-    registry: Registry, sequencer: Sequencer, *, witness_policy: Policy | None = None, witness_timeout: float = 5.0
+    registry: Registry, sequencer: Sequencer, *, witness_policy: Policy | None = None, witness_timeout: float = 5.0,
+    max_checkpoint_age: float | None = None, read_only: bool = False,
 ) -> web.Application:
+    """The registry app. read_only leaves out publishing and records (a mirror)."""
     app = web.Application(client_max_size=MAX_PUBLISH_BYTES, middlewares=[errors_middleware_for(registry_error_response)])
     app[REGISTRY] = registry
     base = "/api/v1"
     pkg = base + "/packages/{ns}/{name}/{version}"
+    if not read_only:
+        app.router.add_routes([web.post(base + "/publish", publish), web.post(base + "/records", post_record)])
     app.router.add_routes(
         [
-            web.post(base + "/publish", publish),
-            web.post(base + "/records", post_record),
             web.get(base + "/namespaces/{ns}", get_namespace),
             web.get(base + "/namespaces/{ns}/actions", get_actions),
             web.get(base + "/packages/{ns}/{name}", get_versions),
@@ -220,5 +223,7 @@ def make_app(
             web.get(pkg + "/tlog-proof", get_proof),
         ]
     )
-    app.add_subapp("/log/", make_log_app(sequencer, witness_policy=witness_policy, witness_timeout=witness_timeout, writable=False))
+    install(app, "wasmlog_registry")
+    app.add_subapp("/log/", make_log_app(sequencer, witness_policy=witness_policy, witness_timeout=witness_timeout, writable=False,
+                                          max_checkpoint_age=max_checkpoint_age))
     return app

@@ -67,6 +67,7 @@ async def test_two_forks_are_caught_within_two_gossip_rounds(aiohttp_server, aio
         c = await aiohttp_client(w)
         evidence = json.loads(await (await c.get("/evidence")).read())
         assert len(evidence) == 1 and evidence[0]["origin"] == LOG_KEY.name
+        assert "wasmlog_witness_split_view_evidence 1.0" in await (await c.get("/metrics")).text()
         # both sides of the evidence are checkpoints the log signed
         for side in ("cosigned", "other"):
             open_note(evidence[0][side].encode(), [VERIFIER])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import pathlib
 import re
@@ -24,6 +25,7 @@ from .storage.lmdb_store import DEFAULT_MAP_SIZE, LMDBLogStore
 from .witnessing import DEFAULT_WITNESS_TIMEOUT
 
 DEFAULT_LISTEN = "127.0.0.1:7380"
+DEFAULT_HEALTHZ_MAX_AGE = 300.0  # five republish intervals
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -62,7 +64,7 @@ def serve_log(
     *, data: pathlib.Path, signer: Ed25519Signer, origin: str | None, listen: str,
     interval_ms: int, batch_max: int, max_pending: int, map_size: int, banner: str = "",
     witness_policy: Policy | None = None, republish_interval: float = DEFAULT_REPUBLISH_INTERVAL,
-    witness_timeout: float = DEFAULT_WITNESS_TIMEOUT,
+    witness_timeout: float = DEFAULT_WITNESS_TIMEOUT, healthz_max_age: float = 300.0,
 ) -> None:
     host, port = split_listen(listen)
     store = LMDBLogStore(str(data), map_size=map_size)
@@ -72,19 +74,45 @@ def serve_log(
             log, interval=interval_ms / 1000, batch_max=batch_max, max_pending=max_pending,
             republish_interval=republish_interval,
         )
-        app = make_app(sequencer, witness_policy=witness_policy, witness_timeout=witness_timeout)
+        app = make_app(sequencer, witness_policy=witness_policy, witness_timeout=witness_timeout, max_checkpoint_age=healthz_max_age)
         click.echo(banner or f"log {log.origin} at http://{host}:{port}/ (size {log.published.checkpoint.size})")
         run_app(app, host, port)
     finally:
         store.close()
 
 
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            obj["exception"] = self.formatException(record.exc_info)
+        return json.dumps(obj)
+
+
+def configure_logging(verbose: int, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING - 10 * min(verbose, 2))
+
+
 @click.group()
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-def main(verbose: int) -> None:
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Log lines as text or one JSON object each.")
+def main(verbose: int, log_format: str) -> None:
     """wasmlog: a transparency log and registry for WebAssembly modules."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(verbose, log_format)
 
 
 @main.command()
@@ -112,6 +140,7 @@ def log_options(f):  # type: ignore[no-untyped-def]
             click.option("--interval-ms", default=int(DEFAULT_INTERVAL * 1000), show_default=True, type=click.IntRange(1, 60_000), help="Longest wait before a pending batch is integrated."),
             click.option("--batch-max", default=DEFAULT_BATCH_MAX, show_default=True, type=click.IntRange(1, 1 << 20), help="Integrate at once when this many entries wait."),
             click.option("--max-pending", default=DEFAULT_MAX_PENDING, show_default=True, type=click.IntRange(1, 1 << 24), help="Pending entries beyond which submissions get 503."),
+            click.option("--healthz-max-age", default=DEFAULT_HEALTHZ_MAX_AGE, show_default=True, type=click.FloatRange(1), help="GET /healthz fails when a witnessed log's checkpoint is older (seconds)."),
             click.option("--map-size", default=DEFAULT_MAP_SIZE, show_default=True, type=click.IntRange(1 << 20), help="LMDB map size in bytes (address space)."),
         ]
     ):

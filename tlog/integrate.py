@@ -67,8 +67,13 @@ class BatchPlan:
     state: TreeState
 
 
-def plan_batch(state: TreeState, entries: Sequence[bytes], lookup: Callable[[bytes], int | None]) -> BatchPlan:
-    """Append entries that are not already logged; lookup(leaf hash) returns an earlier index or None."""
+def plan_batch(
+    state: TreeState, entries: Sequence[bytes], lookup: Callable[[bytes], int | None], *, dedup: bool = True
+) -> BatchPlan:
+    """Append entries that are not already logged; lookup(leaf hash) returns an earlier index or None.
+
+    dedup=False appends every entry as given (a mirror copying another log, duplicates included).
+    """
     compact = CompactRange(state.size, state.compact_hashes)
     builder = TileBuilder(state.partial_tiles)
     seen: dict[bytes, int] = {}
@@ -77,8 +82,8 @@ def plan_batch(state: TreeState, entries: Sequence[bytes], lookup: Callable[[byt
     new_hashes: list[bytes] = []
     for entry in entries:
         h = leaf_hash(entry)
-        index = seen.get(h)
-        if index is None:
+        index = seen.get(h) if dedup else None
+        if index is None and dedup:
             index = lookup(h)
         if index is None:
             index = compact.size

@@ -34,15 +34,24 @@ class Log:
     """A transparency log with one signing key, over a LogStore."""
 
     def __init__(
-        self, store: LogStore, signer: Ed25519Signer, *, origin: str | None = None,
-        witnessed: bool = False, cache_tiles: int = 4096,
+        self, store: LogStore, signer: Ed25519Signer | None, *, origin: str | None = None,
+        witnessed: bool = False, cache_tiles: int = 4096, verifier: Ed25519Verifier | None = None,
     ) -> None:
         """witnessed: checkpoints are published only through publish() (after a witness quorum);
-        otherwise every integrated checkpoint is published at once."""
+        otherwise every integrated checkpoint is published at once.
+
+        A mirror has no signer: it passes the source log's verifier, and integrate() takes the
+        source's (already verified) checkpoint note for each batch.
+        """
         self.store = store
         self.signer = signer
         self.witnessed = witnessed
-        self.origin = signer.name if origin is None else origin
+        if signer is not None:
+            verifier = Ed25519Verifier(signer.name, signer.public_key)
+        if verifier is None:
+            raise TlogError("a log needs a signer, or a mirror the source log's verifier")
+        self.verifier = verifier
+        self.origin = verifier.name if origin is None else origin
         if not is_valid_origin(self.origin):
             raise TlogError(f"invalid origin {self.origin!r}: want a schema-less URL, no spaces or '+'")
         self._write_lock = threading.Lock()
@@ -50,7 +59,9 @@ class Log:
         self.reader = TileNodeReader(self._fetch_tile, cache_tiles=cache_tiles)
         if note is None:
             self._published = Published(Checkpoint(self.origin, 0, EMPTY_ROOT), b"")
-            self.integrate([])  # an empty log still signs its size-0 checkpoint
+            self._integrated = self._published
+            if signer is not None:
+                self.integrate([])  # an empty log still signs its size-0 checkpoint
         else:
             self._integrated = self._check_stored(note)
             published = store.published()
@@ -78,7 +89,7 @@ class Log:
         return Published(cp, note)
 
     def signer_verifier(self) -> Ed25519Verifier:
-        return Ed25519Verifier(self.signer.name, self.signer.public_key)
+        return self.verifier
 
     @property
     def published(self) -> Published:
@@ -101,20 +112,28 @@ class Log:
         return self.store.read_tile(level, index)
 
     def sign(self, state: TreeState) -> bytes:
+        if self.signer is None:
+            raise TlogError("a mirror does not sign checkpoints")
         cp = Checkpoint(self.origin, state.size, state.root_hash)
         return sign_note(cp.text(), [self.signer])
 
-    def integrate(self, entries: Sequence[bytes]) -> tuple[tuple[int, ...], Published]:
+    def integrate(self, entries: Sequence[bytes], *, note: bytes | None = None) -> tuple[tuple[int, ...], Published]:
         """Append entries (duplicates get their first index) durably; return indexes and the new checkpoint.
 
-        Raises StorageFullError or TlogError; then nothing is published and
-        the in-memory state is reloaded from the store.
+        With note (a mirror), every entry is appended as given and note must be a checkpoint,
+        verified by the caller, of exactly the resulting tree. Raises StorageFullError or
+        TlogError; then nothing is published and the in-memory state is reloaded from the store.
         """
         with self._write_lock:
             hashes = [leaf_hash(e) for e in entries]
-            known = self.store.lookup(hashes)
-            plan = plan_batch(self._state, entries, known.get)
-            note = self.sign(plan.state)
+            known = self.store.lookup(hashes) if note is None else {}
+            plan = plan_batch(self._state, entries, known.get, dedup=note is None)
+            if note is None:
+                note = self.sign(plan.state)
+            else:
+                cp = parse_checkpoint(open_note(note, [self.verifier])[0].text)
+                if (cp.origin, cp.size, cp.root_hash) != (self.origin, plan.state.size, plan.state.root_hash):
+                    raise TlogError(f"the source checkpoint does not match the copied tree of size {plan.state.size}")
             try:
                 self.store.commit(plan, note)
             except BaseException:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol
 
 from .errors import PushbackError, TlogError
 from .hashes import leaf_hash
@@ -26,6 +27,14 @@ DEFAULT_BATCH_MAX = 4096
 DEFAULT_MAX_PENDING = 65536  # beyond this, submissions get 503 with Retry-After
 DEFAULT_REPUBLISH_INTERVAL = 60.0  # seconds between cosignings of an unchanged tree (witness budgets)
 RETRY_INTERVAL = 1.0  # seconds between attempts to publish a tree whose quorum was not met
+
+
+class Observer(Protocol):
+    """What a sequencer reports (tlog/metrics.py implements it)."""
+
+    def batch(self, entries: int, seconds: float) -> None: ...
+    def batch_failed(self) -> None: ...
+    def published(self) -> None: ...
 
 
 class Sequencer:
@@ -60,6 +69,7 @@ class Sequencer:
         self.republish_interval = republish_interval
         self._publish_lock = asyncio.Lock()
         self._last_publish = float("-inf")
+        self.observer: Observer | None = None
         self.batches = 0  # counters for metrics and tests
         self.integrated = 0
 
@@ -99,8 +109,13 @@ class Sequencer:
         if not batch:
             return
         entries = [entry for entry, _ in batch]
+        started = time.monotonic()
         try:
             indexes, integrated = await asyncio.to_thread(self.log.integrate, entries)
+            if self.observer is not None:
+                self.observer.batch(len(entries), time.monotonic() - started)
+                if self.cosigner is None:
+                    self.observer.published()
             for listener in self.on_integrated:
                 listener(entries, indexes)
             published = await self.publish(integrated) if self.cosigner else integrated
@@ -111,6 +126,8 @@ class Sequencer:
                 e = TlogError(f"integration failed: {e}")
             else:
                 log.error("batch of %d entries failed: %s", len(entries), e)
+            if self.observer is not None:
+                self.observer.batch_failed()
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(e)
@@ -135,6 +152,8 @@ class Sequencer:
             published = Published(integrated.checkpoint, note)
             await asyncio.to_thread(self.log.publish, published)
             self._last_publish = time.monotonic()
+            if self.observer is not None:
+                self.observer.published()
             return published
 
     async def _republish(self) -> None:

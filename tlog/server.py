@@ -26,6 +26,7 @@ from .errors import (
     TooLargeError,
 )
 from .log import Log
+from .metrics import LogMetrics, install
 from .note import b64encode
 from .policy import Policy
 from .sequencer import Sequencer
@@ -35,6 +36,8 @@ from .witnessing import DEFAULT_WITNESS_TIMEOUT, Cosigner, QuorumError
 LOG = web.AppKey("log", Log)
 SEQUENCER = web.AppKey("sequencer", Sequencer)
 BUNDLE_CACHE = web.AppKey("bundle_cache", OrderedDict)
+LOG_METRICS = web.AppKey("log_metrics", LogMetrics)
+MAX_CHECKPOINT_AGE = web.AppKey("max_checkpoint_age", object)
 
 logger = logging.getLogger("wasmlog.server")
 
@@ -169,9 +172,18 @@ def add_routes(app: web.Application, *, writable: bool) -> None:
         app.router.add_post("/add", post_add)
 
 
+async def get_healthz(request: web.Request) -> web.Response:
+    """200 while the log publishes; 503 when a witnessed log's checkpoint is older than the bound."""
+    log, metrics, bound = request.app[LOG], request.app[LOG_METRICS], request.app[MAX_CHECKPOINT_AGE]
+    age = metrics.age()
+    if log.witnessed and bound is not None and (age > bound or not log.published.note):
+        return web.Response(status=503, text=f"checkpoint is {age:.0f}s old (bound {bound}s)\n")
+    return web.Response(text=f"ok: size {log.published.checkpoint.size}, checkpoint {age:.0f}s old\n")
+
+
 def make_app(
     sequencer: Sequencer, *, witness_policy: Policy | None = None, witness_timeout: float = DEFAULT_WITNESS_TIMEOUT,
-    writable: bool = True,
+    writable: bool = True, max_checkpoint_age: float | None = None,
 ) -> web.Application:
     """The log app. The sequencer runs while the app runs; the caller owns the log's store.
 
@@ -189,6 +201,7 @@ def make_app(
         timeout = aiohttp.ClientTimeout(total=witness_timeout)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             sequencer.cosigner = Cosigner(witness_policy, session, timeout=witness_timeout)
+            sequencer.cosigner.on_result = metrics.witness_result
             async with sequencer.running():
                 yield
 
@@ -197,6 +210,14 @@ def make_app(
     app[LOG] = sequencer.log
     app[SEQUENCER] = sequencer
     app[BUNDLE_CACHE] = OrderedDict()
+    app[MAX_CHECKPOINT_AGE] = max_checkpoint_age
+    metrics = LogMetrics(install(app, "wasmlog_log"))
+    metrics.entries.set_function(lambda: sequencer.log.integrated.checkpoint.size)
+    metrics.published_size.set_function(lambda: sequencer.log.published.checkpoint.size)
+    metrics.checkpoint_age.set_function(metrics.age)
+    app[LOG_METRICS] = metrics
+    sequencer.observer = metrics
     app.cleanup_ctx.append(run_sequencer)
     add_routes(app, writable=writable)
+    app.router.add_get("/healthz", get_healthz)
     return app

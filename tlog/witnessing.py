@@ -99,6 +99,11 @@ class Cosigner:
         self.policy = policy
         self.timeout = timeout
         self.clients = [WitnessClient(w, session) for w in policy.witnesses.values() if w.url]
+        self.on_result: Callable[[str, float | None], None] | None = None  # (witness, latency or None if failed)
+
+    def _report(self, witness: str, seconds: float | None) -> None:
+        if self.on_result is not None:
+            self.on_result(witness, seconds)
 
     async def cosign(self, note: bytes, cp: Checkpoint, prove: Prover) -> bytes:
         """Return note with the cosignatures gathered within the timeout. Raises QuorumError."""
@@ -109,13 +114,16 @@ class Cosigner:
             for t in pending:
                 t.cancel()
                 tasks[t].failures += 1
+                self._report(tasks[t].witness.name, None)
                 log.warning("witness %s timed out after %.1fs", tasks[t].witness.name, self.timeout)
             for t in done:
                 client = tasks[t]
                 if t.exception() is None:
                     got[client.witness.name] = t.result()
+                    self._report(client.witness.name, client.latency)
                 else:
                     client.failures += 1
+                    self._report(client.witness.name, None)
                     log.warning("witness %s: %s", client.witness.name, t.exception())
         if not self.policy.satisfied(got):
             raise QuorumError(f"witness quorum not met for size {cp.size}: cosigned by {sorted(got) or 'none'}")

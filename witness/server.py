@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import Gauge
 
 from tlog.errors import MalformedError, TlogError, TooLargeError
+from tlog.metrics import install
 from tlog.server import errors_middleware_for
 from tlog.witness_protocol import MAX_REQUEST_BYTES
 
@@ -69,6 +71,11 @@ def make_app(
     app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[errors_middleware_for(witness_error_response)])
     app[WITNESS] = witness
     app.cleanup_ctx.append(run_gossip)
+    registry = install(app, "wasmlog_witness")
+    Gauge("wasmlog_witness_split_view_evidence", "Split-view evidence records held", registry=registry).set_function(
+        lambda: len(witness.state.evidence())
+    )
+    Gauge("wasmlog_witness_known_logs", "Logs in the log list", registry=registry).set_function(lambda: len(witness.logs))
     app.router.add_post("/add-checkpoint", add_checkpoint)
     app.router.add_get("/{origin_hash:[0-9a-f]{64}}/checkpoint", get_checkpoint)
     app.router.add_get("/evidence", get_evidence)

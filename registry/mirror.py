@@ -1,0 +1,162 @@
+"""A verifying mirror: copy a registry's log and blobs, check everything, serve the same read API.
+
+Each round fetches the source's checkpoint (verified against the trust policy: log
+signature and witness quorum), every new entry bundle and tile (each hash recomputed by
+the Follower), and every new release's module and SBOM (digests and imports checked).
+Only when all of that holds does it append the entries locally, with the source's cosigned
+checkpoint, in one transaction. Anything that does not verify stops the mirror where it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import pathlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from tlog.client import TileClient
+from tlog.errors import TlogError
+from tlog.log import Log
+from tlog.sequencer import Sequencer
+from tlog.storage.lmdb_store import LMDBLogStore
+
+from .blobs import BlobStore
+from .client import RegistryClient
+from .follow import Finding, Follower, FollowState
+from .record import Release, decode_entry
+from .service import Registry
+from .verify import TrustPolicy, VerifyError, open_checkpoint
+from .wasm import parse_wasm
+
+logger = logging.getLogger("wasmlog.mirror")
+
+
+@dataclass
+class Mirror:
+    source: str  # the source registry's URL
+    policy: TrustPolicy
+    log: Log
+    sequencer: Sequencer
+    registry: Registry
+    blobs: BlobStore
+    stopped: str | None = None  # why the mirror refuses to advance, if it does
+    findings: list[Finding] = field(default_factory=list)
+
+    async def round(self, session: aiohttp.ClientSession, now: int) -> int:
+        """Copy up to the source's latest checkpoint; return the local size. Sets stopped on a failure."""
+        if self.stopped:
+            return self.log.published.checkpoint.size
+        tiles = TileClient(self.source.rstrip("/") + "/log", session)
+        api = RegistryClient(self.source, session)
+        note = await tiles.checkpoint()
+        try:
+            cp, _, _, _ = open_checkpoint(note, self.policy, now)
+        except VerifyError as e:
+            return self._stop(f"source checkpoint refused: {e.reason}: {e}")
+        local = self.log.published.checkpoint
+        if cp.size == local.size:
+            if cp.root_hash != local.root_hash:
+                return self._stop("the source shows a different tree at our size: a fork")
+            return local.size
+        follower = Follower(tiles, [self.log.verifier], FollowState(local.size, self.log.state.compact_hashes))
+        entries: list[bytes] = []
+        async for _, entry in follower.entries(cp):
+            entries.append(entry)
+        if follower.findings:
+            self.findings.extend(follower.findings)
+            return self._stop(f"source tiles do not verify: {follower.findings[0].kind} at {follower.findings[0].where}")
+        for entry in entries:
+            if not await self._copy_blobs(api, entry):
+                return self.log.published.checkpoint.size
+        indexes, _ = await asyncio.to_thread(self.log.integrate, entries, note=note)
+        for listener in self.sequencer.on_integrated:
+            listener(entries, indexes)
+        return self.log.published.checkpoint.size
+
+    async def _copy_blobs(self, api: RegistryClient, entry: bytes) -> bool:
+        try:
+            record = decode_entry(entry)
+        except Exception:  # noqa: BLE001 - not ours to judge: the registry replay reports void records
+            return True
+        release = record.body
+        if not isinstance(release, Release):
+            return True
+        path = api.package_path(release.ref)
+        module = await api.get(path + "/module.wasm")
+        if hashlib.sha256(module).hexdigest() != release.module_sha256:
+            return bool(self._stop(f"{release.ref}: the source serves a module that is not the logged one"))
+        if list(parse_wasm(module).imports) != list(release.imports):
+            return bool(self._stop(f"{release.ref}: the module's imports are not the logged ones"))
+        blobs = [module]
+        if release.sbom_sha256 is not None:
+            sbom = await api.get(path + "/sbom")
+            if hashlib.sha256(sbom).hexdigest() != release.sbom_sha256:
+                return bool(self._stop(f"{release.ref}: the source serves an SBOM that is not the logged one"))
+            blobs.append(sbom)
+        for blob in blobs:
+            await asyncio.to_thread(self.blobs.put, blob)
+        return True
+
+    def _stop(self, why: str) -> int:
+        self.stopped = why
+        logger.error("mirror stopped: %s", why)
+        return 0
+
+    async def run(self, session: aiohttp.ClientSession, interval: float, clock) -> None:  # type: ignore[no-untyped-def]
+        while not self.stopped:
+            try:
+                await self.round(session, int(clock()))
+            except Exception as e:  # noqa: BLE001 - a network failure is retried, not fatal
+                logger.warning("mirror round failed: %r", e)
+            await asyncio.sleep(interval)
+
+
+MIRROR = web.AppKey("mirror", Mirror)
+
+
+def open_mirror(*, source: str, policy: TrustPolicy, data: pathlib.Path) -> tuple[Mirror, LMDBLogStore]:
+    """A mirror over a local LMDB store and blob directory; the policy must name exactly one log."""
+    if len(policy.tlog.logs) != 1:
+        raise TlogError("a mirror's trust policy names exactly one log: the one it copies")
+    store = LMDBLogStore(str(data / "log"))
+    log = Log(store, None, verifier=policy.tlog.logs[0].verifier)
+    sequencer = Sequencer(log)  # never fed: the mirror appends itself; the app needs one to serve
+    blobs = BlobStore(str(data / "blobs"))
+    return Mirror(source, policy, log, sequencer, Registry(sequencer=sequencer, blobs=blobs), blobs), store
+
+
+async def mirror_status(request: web.Request) -> web.Response:
+    m = request.app[MIRROR]
+    return web.json_response({
+        "source": m.source, "size": m.log.published.checkpoint.size, "stopped": m.stopped,
+        "findings": [f.as_json() for f in m.findings],
+    }, status=503 if m.stopped else 200)
+
+
+def run_mirror(*, source: str, policy: TrustPolicy, data: pathlib.Path, interval: float) -> web.Application:
+    """The mirror's app: the registry read API and tiles, plus GET /mirror/status; copying runs alongside."""
+    from .server import make_app
+
+    mirror, store = open_mirror(source=source, policy=policy, data=data)
+    app = make_app(mirror.registry, mirror.sequencer, read_only=True)
+    app[MIRROR] = mirror
+    app.router.add_get("/mirror/status", mirror_status)
+
+    async def copying(app: web.Application) -> AsyncIterator[None]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            task = asyncio.create_task(mirror.run(session, interval, time.time))
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        store.close()
+
+    app.cleanup_ctx.append(copying)
+    return app

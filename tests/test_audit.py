@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import pathlib
+import sys
 
+from aiohttp import web
 from registry_helpers import CYCLONEDX, REGISTRY_KEY, build_registry, start_registry, wat_module
 
 from registry.audit import AuditState, Event, make_auditor
 from registry.diff import diff_releases, format_diff
 from registry.record import Action, parse_package_ref
 from registry.server import make_app
+from tlog.log import Log
 from tlog.note import Ed25519Signer, Ed25519Verifier
+from tlog.sequencer import Sequencer
+from tlog.server import make_app as make_log_app
+from tlog.storage.memory import MemoryLogStore
 
 VERIFIER = Ed25519Verifier(REGISTRY_KEY.name, REGISTRY_KEY.public_key)
 ALICE = Ed25519Signer.generate("alice")
@@ -101,3 +108,40 @@ async def test_diff_of_two_releases(aiohttp_client, tmp_path) -> None:
     assert d["components"]["changed"] == {"pkg:cargo/serde": {"from": "1.0.200", "to": "1.0.201"}}
     assert d["imports"]["added"] == ["a.f0", "a.f1", "a.f2", "a.f3", "b.f4", "b.f5"] and d["imports"]["removed"] == []
     assert "+ tokio 1.0.0" in format_diff(d)
+
+
+async def test_audit_of_a_plain_tlog_tiles_log(aiohttp_client, tmp_path) -> None:
+    """Any C2SP tlog-tiles log: only the tree is audited, and a clean one has no findings."""
+    key = Ed25519Signer.generate("example.com/plain")
+    log = Log(MemoryLogStore(), key)
+    log.integrate([b"plain entry %d" % i for i in range(700)])
+    client = await aiohttp_client(make_log_app(Sequencer(log)))
+    auditor = make_auditor(log_url=str(client.make_url("")), session=client.session,
+                           verifiers=[Ed25519Verifier(key.name, key.public_key)], state=AuditState())
+    await auditor.run()
+    report = auditor.report("x")
+    assert report["findings"] == [] and report["tree_size"] == 700 and report["registry_log"] is False
+
+
+async def test_monitor_cli_posts_events_to_a_webhook(aiohttp_client, aiohttp_server, tmp_path) -> None:
+    api, client, _, _ = await start_registry(aiohttp_client, tmp_path)
+    await api.publish(ALICE, parse_package_ref("acme:hello@1.0.0"), wat_module("no_imports", tmp_path))
+    received: list[dict] = []  # type: ignore[type-arg]
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    receiver = await aiohttp_server(app)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "registry", "monitor", str(client.make_url("")), "--vkey", REGISTRY_KEY.vkey,
+        "--namespace", "acme", "--expect-key", BOB.vkey, "--webhook", str(receiver.make_url("/hook")),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    assert [e["event"] for e in lines] == ["key-grant", "unexpected-key", "release", "unexpected-key"]
+    assert received == lines

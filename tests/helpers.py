@@ -20,8 +20,9 @@ def grow(entries: list[bytes], batch: int = 97) -> tuple[MemoryLogStore, TreeSta
     return store, state
 
 
-def reader(store: MemoryLogStore) -> TileNodeReader:
-    return TileNodeReader(store.read_tile, cache_tiles=16)
+def reader(store: MemoryLogStore, *, summaries: bool = False) -> TileNodeReader:
+    """A reader over the store's tiles; with summaries, cold tiles are read through their stored summaries."""
+    return TileNodeReader(store.read_tile, cache_tiles=16, summary=store.read_summary if summaries else None)
 
 
 def free_port() -> int:

@@ -73,7 +73,7 @@ STORE, _ = grow(list(ENTRIES), batch=41)
 
 @pytest.mark.parametrize("size", range(1, N + 1))
 def test_inclusion_matches_reference(size: int) -> None:
-    r = reader(STORE)
+    r = reader(STORE, summaries=size % 2 == 0)  # both ways of reading tiles
     root = reference.mth(ENTRIES, 0, size)
     assert tree_hash(size, r) == root
     for index in range(size):
@@ -84,7 +84,7 @@ def test_inclusion_matches_reference(size: int) -> None:
 
 @pytest.mark.parametrize("new", range(1, N + 1))
 def test_consistency_matches_reference(new: int) -> None:
-    r = reader(STORE)
+    r = reader(STORE, summaries=new % 2 == 1)
     new_root = reference.mth(ENTRIES, 0, new)
     for old in range(1, new + 1):
         proof = consistency_proof(old, new, r)
@@ -95,13 +95,14 @@ def test_consistency_matches_reference(new: int) -> None:
 def test_large_tree_crosses_three_tile_levels() -> None:
     entries = [b"%d" % i for i in range(70_000)]
     store, state = grow(entries, batch=4099)
-    r = reader(store)
     ref = tuple(entries)
-    assert tree_hash(70_000, r) == reference.mth(ref) == state.root_hash
-    for index, size in [(0, 70_000), (65_535, 65_536), (65_536, 69_999), (69_999, 70_000), (12_345, 66_000)]:
-        assert inclusion_proof(index, size, r) == reference.inclusion_proof(index, size, ref)
-    for old, new in [(1, 70_000), (256, 65_537), (65_536, 70_000), (69_999, 70_000), (4097, 65_535)]:
-        assert consistency_proof(old, new, r) == reference.consistency_proof(old, new, ref)
+    assert len(store.summaries[(0, 0)]) == 16 * 32 and len(store.summaries[(1, 1)]) == (17 // 16) * 32
+    for r in (reader(store), reader(store, summaries=True)):
+        assert tree_hash(70_000, r) == reference.mth(ref) == state.root_hash
+        for index, size in [(0, 70_000), (65_535, 65_536), (65_536, 69_999), (69_999, 70_000), (12_345, 66_000)]:
+            assert inclusion_proof(index, size, r) == reference.inclusion_proof(index, size, ref)
+        for old, new in [(1, 70_000), (256, 65_537), (65_536, 70_000), (69_999, 70_000), (4097, 65_535)]:
+            assert consistency_proof(old, new, r) == reference.consistency_proof(old, new, ref)
 
 
 # Verifiers must reject every single-bit or structural mangling.

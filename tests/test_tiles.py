@@ -205,3 +205,16 @@ def test_tlog_proof_byte_flips_never_verify_wrongly(i: int, b: int) -> None:
 
 def test_entries_level_is_named_entries() -> None:
     assert TileID(ENTRIES, 1234067, 3).path() == "tile/entries/x001/x234/067.p/3"
+
+
+def test_tile_summaries_follow_the_formula() -> None:
+    entries = [b"s%d" % i for i in range(70_000)]
+    store, _ = grow(entries, batch=7000)
+    ref = tuple(entries)
+    for (level, index), width in [((0, 0), 256), ((0, 273), 112), ((1, 0), 256), ((1, 1), 17)]:
+        summary = store.read_summary(level, index)
+        assert summary is not None and len(summary) == (width // 16) * 32
+        span = 16 * 256**level  # entries under one summary hash
+        for j in range(width // 16):
+            lo = index * 256 ** (level + 1) + j * span
+            assert summary[j * 32 : j * 32 + 32] == reference.mth(ref, lo, lo + span)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .compact import CompactRange
 from .hashes import HASH_SIZE, leaf_hash
 from .merkle import range_nodes
-from .tiles import TILE_HEIGHT, TileBuilder, TileNodeReader, partial_width
+from .tiles import TILE_HEIGHT, TileBuilder, TileNodeReader, partial_width, tile_summary
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class BatchPlan:
     new_leaf_hashes: tuple[bytes, ...]
     tiles: Mapping[tuple[int, int], bytes]
     state: TreeState
+    summaries: Mapping[tuple[int, int], bytes] = field(default_factory=dict)  # tile_summary of each changed tile
 
 
 def plan_batch(
@@ -94,4 +95,5 @@ def plan_batch(
         indexes.append(index)
     new_state = TreeState(compact.size, compact.hashes, builder.partial_tiles(compact.size))
     tiles = {k: bytes(v) for k, v in builder.changed.items()}
-    return BatchPlan(state.size, tuple(indexes), tuple(new_entries), tuple(new_hashes), tiles, new_state)
+    summaries = {k: tile_summary(v) for k, v in tiles.items()}
+    return BatchPlan(state.size, tuple(indexes), tuple(new_entries), tuple(new_hashes), tiles, new_state, summaries)

@@ -56,7 +56,7 @@ class Log:
             raise TlogError(f"invalid origin {self.origin!r}: want a schema-less URL, no spaces or '+'")
         self._write_lock = threading.Lock()
         self._state, note = store.load()
-        self.reader = TileNodeReader(self._fetch_tile, cache_tiles=cache_tiles)
+        self.reader = TileNodeReader(self._fetch_tile, cache_tiles=cache_tiles, summary=self._fetch_summary)
         if note is None:
             self._published = Published(Checkpoint(self.origin, 0, EMPTY_ROOT), b"")
             self._integrated = self._published
@@ -110,6 +110,11 @@ class Log:
         if state.tile_index(level) == index:
             return state.partial_tiles[level]
         return self.store.read_tile(level, index)
+
+    def _fetch_summary(self, level: int, index: int) -> bytes | None:
+        if self._state.tile_index(level) == index:
+            return None  # the hot partial tile: expanded once per width, in memory
+        return self.store.read_summary(level, index)
 
     def sign(self, state: TreeState) -> bytes:
         if self.signer is None:

@@ -44,6 +44,10 @@ class LogStore(Protocol):
         """Return the stored hashes of a hash tile (full, or the latest partial). Raises NotFoundError."""
         ...
 
+    def read_summary(self, level: int, index: int) -> bytes | None:
+        """Return the stored tiles.tile_summary of a hash tile, or None if there is none."""
+        ...
+
     def read_entries(self, start: int, end: int) -> list[bytes]:
         """Return entries [start, end). Raises NotFoundError if any is missing."""
         ...

@@ -2,11 +2,12 @@
 
     entries  uint64 BE index          -> entry bytes
     tiles    uint8 level, uint64 index -> concatenated hashes (full, or the current partial tile)
+    sums     uint8 level, uint64 index -> tiles.tile_summary of that tile (16 hashes per full tile)
     dedup    leaf hash (32 bytes)      -> uint64 BE index
     meta     b"size", b"checkpoint"    -> uint64 BE size, signed checkpoint note
              b"published"              -> the latest published (cosigned) checkpoint note
 
-Storage is about each entry plus 32 bytes of tile hash (plus the dedup index).
+Storage is about each entry plus 34 bytes of tile hash and summary (plus the dedup index).
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ class LMDBLogStore:
     ) -> None:
         os.makedirs(path, exist_ok=True)
         # sync and metasync stay on: a commit that returned is on disk (the crash story).
-        self._env = lmdb.open(path, map_size=map_size, max_dbs=4, sync=True, metasync=True, max_readers=256)
+        self._env = lmdb.open(path, map_size=map_size, max_dbs=5, sync=True, metasync=True, max_readers=256)
         self._entries = self._env.open_db(b"entries")
         self._tiles = self._env.open_db(b"tiles")
+        self._sums = self._env.open_db(b"sums")
         self._dedup = self._env.open_db(b"dedup")
         self._meta = self._env.open_db(b"meta")
         self.before_commit = before_commit  # fault injection for tests: raise to abort the txn
@@ -82,6 +84,8 @@ class LMDBLogStore:
                     txn.put(h, _U64.pack(index + i), db=self._dedup)
                 for (level, tile_index), data in plan.tiles.items():
                     txn.put(_TILE_KEY.pack(level, tile_index), data, db=self._tiles)
+                for (level, tile_index), data in plan.summaries.items():
+                    txn.put(_TILE_KEY.pack(level, tile_index), data, db=self._sums)
                 txn.put(b"size", _U64.pack(plan.state.size), db=self._meta)
                 txn.put(b"checkpoint", checkpoint, db=self._meta)
                 if self.before_commit is not None:
@@ -115,6 +119,11 @@ class LMDBLogStore:
         if raw is None:
             raise NotFoundError(f"tile {level}/{index} not found")
         return bytes(raw)
+
+    def read_summary(self, level: int, index: int) -> bytes | None:
+        with self._env.begin(db=self._sums) as txn:
+            raw = txn.get(_TILE_KEY.pack(level, index))
+        return None if raw is None else bytes(raw)
 
     def read_entries(self, start: int, end: int) -> list[bytes]:
         out: list[bytes] = []

@@ -17,6 +17,7 @@ class MemoryLogStore:
     def __init__(self, *, before_commit: CommitHook | None = None, after_commit: CommitHook | None = None) -> None:
         self.entries: dict[int, bytes] = {}
         self.tiles: dict[tuple[int, int], bytes] = {}
+        self.summaries: dict[tuple[int, int], bytes] = {}
         self.dedup: dict[bytes, int] = {}
         self.size = 0
         self._checkpoint: bytes | None = None
@@ -43,6 +44,7 @@ class MemoryLogStore:
         for i, h in enumerate(plan.new_leaf_hashes):
             self.dedup[h] = plan.old_size + i
         self.tiles.update(plan.tiles)
+        self.summaries.update(plan.summaries)
         self.size = plan.state.size
         self._checkpoint = checkpoint
         if self.after_commit is not None:
@@ -65,6 +67,9 @@ class MemoryLogStore:
             return self.tiles[(level, index)]
         except KeyError:
             raise NotFoundError(f"tile {level}/{index} not found") from None
+
+    def read_summary(self, level: int, index: int) -> bytes | None:
+        return self.summaries.get((level, index))
 
     def read_entries(self, start: int, end: int) -> list[bytes]:
         try:

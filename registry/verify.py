@@ -18,7 +18,7 @@ from tlog.cosignature import cosignature_timestamp
 from tlog.errors import MalformedError, ProofError, SignatureError, TlogError, UnverifiedNoteError
 from tlog.hashes import leaf_hash
 from tlog.merkle import verify_consistency, verify_inclusion
-from tlog.note import Note, NoteSignature, open_note, verifier_from_vkey
+from tlog.note import Note, NoteSignature, open_note, verifier_from_vkey, verify_note
 from tlog.policy import Policy, parse_policy
 from tlog.proof_file import TlogProof, parse_tlog_proof
 
@@ -133,9 +133,12 @@ class Verified:
         }
 
 
-def open_checkpoint(note_bytes: bytes, policy: TrustPolicy, now: int) -> tuple[Checkpoint, Note, tuple[str, ...], int | None]:
+def open_checkpoint(
+    note_bytes: bytes, policy: TrustPolicy, now: int, parsed: tuple[Note, Checkpoint] | None = None
+) -> tuple[Checkpoint, Note, tuple[str, ...], int | None]:
     """Verify a checkpoint note against the policy: log signature, witness quorum, freshness.
 
+    parsed: the note and checkpoint already parsed from note_bytes (saves parsing them again).
     Returns the checkpoint, the note, the witnesses counted, and the newest counted cosignature time.
     """
     origin = note_bytes.split(b"\n", 1)[0].decode("utf-8", "replace")  # open_note below checks it all
@@ -144,7 +147,10 @@ def open_checkpoint(note_bytes: bytes, policy: TrustPolicy, now: int) -> tuple[C
         raise VerifyError("log-unknown", f"log {origin!r} is not in the trust policy")
     witnesses = [w.verifier for w in policy.tlog.witnesses.values()]
     try:
-        note, verified = open_note(note_bytes, [log.verifier, *witnesses])
+        if parsed is not None:
+            note, verified = parsed[0], verify_note(parsed[0], [log.verifier, *witnesses])
+        else:
+            note, verified = open_note(note_bytes, [log.verifier, *witnesses])
     except SignatureError as e:
         reason = "log-signature" if log.verifier.name in str(e) else "witness-signature"
         raise VerifyError(reason, str(e)) from None
@@ -155,7 +161,7 @@ def open_checkpoint(note_bytes: bytes, policy: TrustPolicy, now: int) -> tuple[C
     if not any(s.name == log.verifier.name and s.key_id == log.verifier.key_id for s in verified):
         raise VerifyError("log-signature", "checkpoint is not signed by the log")
     try:
-        cp = parse_checkpoint(note.text)
+        cp = parsed[1] if parsed is not None else parse_checkpoint(note.text)
     except TlogError as e:
         raise VerifyError("log-signature", f"checkpoint: {e}") from None
     counted: list[NoteSignature] = []
@@ -249,7 +255,8 @@ def verify_module(
         raise VerifyError("publisher-not-allowed", f"{record.signer} is not pinned for namespace {release.ref.namespace}")
     if sbom is not None and (release.sbom_sha256 is None or hashlib.sha256(sbom).hexdigest() != release.sbom_sha256):
         raise VerifyError("sbom-digest", "the SBOM's digest is not the one in the statement")
-    cp, _, witnesses, newest = open_checkpoint(tp.checkpoint, policy, now)
+    parsed = (tp.note, tp.parsed) if tp.note is not None and tp.parsed is not None else None
+    cp, _, witnesses, newest = open_checkpoint(tp.checkpoint, policy, now, parsed)
     try:
         verify_inclusion(tp.index, cp.size, leaf_hash(tp.extra), tp.proof, cp.root_hash)
     except ProofError as e:

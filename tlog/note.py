@@ -298,6 +298,11 @@ def open_note(data: bytes, verifiers: Sequence[Verifier]) -> tuple[Note, list[No
     SHOULD reject the whole note), UnverifiedNoteError if no known key signed.
     """
     note = parse_note(data)
+    return note, verify_note(note, verifiers)
+
+
+def verify_note(note: Note, verifiers: Sequence[Verifier]) -> list[NoteSignature]:
+    """Verify an already parsed note (see open_note); return the signatures that verified."""
     known = {(v.name, v.key_id): v for v in verifiers}
     raw = note.text.encode()
     verified: list[NoteSignature] = []
@@ -313,4 +318,4 @@ def open_note(data: bytes, verifiers: Sequence[Verifier]) -> tuple[Note, list[No
             verified.append(sig)
     if not verified:
         raise UnverifiedNoteError("note has no signature from a known key")
-    return note, verified
+    return verified

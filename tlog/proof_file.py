@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint, parse_checkpoint, parse_decimal, parse_hash, split_head
 from .errors import MalformedError, ProofError, TooLargeError
@@ -32,6 +32,9 @@ class TlogProof:
     proof: tuple[bytes, ...]
     checkpoint: bytes
     extra: bytes | None = None
+    # What parse_tlog_proof already read from checkpoint (not part of the value: compare=False).
+    note: Note | None = field(default=None, compare=False, repr=False)
+    parsed: Checkpoint | None = field(default=None, compare=False, repr=False)
 
     def encode(self, b64: Callable[[bytes], str] = b64encode) -> bytes:
         """The file's bytes; b64 may be a memoizing encoder when many proofs share hashes."""
@@ -64,8 +67,8 @@ def parse_tlog_proof(data: bytes) -> TlogProof:
     if len(hashes) > MAX_PROOF_HASHES:
         raise MalformedError(f"tlog-proof has more than {MAX_PROOF_HASHES} proof hashes")
     proof = tuple(parse_hash(h, "tlog-proof hash") for h in hashes)
-    parse_checkpoint(parse_note(checkpoint).text)  # a well-formed, signed tlog-checkpoint
-    tp = TlogProof(index, proof, checkpoint, extra)
+    note = parse_note(checkpoint)
+    tp = TlogProof(index, proof, checkpoint, extra, note=note, parsed=parse_checkpoint(note.text))
     if tp.encode() != data:
         raise MalformedError("non-canonical tlog-proof")
     return tp

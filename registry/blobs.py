@@ -40,6 +40,3 @@ class BlobStore:
                 return f.read()
         except FileNotFoundError:
             raise NotFoundError(f"blob {digest} not found") from None
-
-    def has(self, digest: str) -> bool:
-        return os.path.exists(self._path(digest))

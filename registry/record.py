@@ -17,7 +17,6 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -323,6 +322,3 @@ def decode_entry(data: bytes) -> Record:
 def module_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
-
-def imports_equal(a: Sequence[Import], b: Sequence[Import]) -> bool:
-    return list(a) == list(b)

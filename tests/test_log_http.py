@@ -149,13 +149,13 @@ async def test_full_pool_gets_503_with_retry_after(aiohttp_client, tmp_path) -> 
     import time
 
     def slow(plan) -> None:  # type: ignore[no-untyped-def]
-        time.sleep(0.3)  # a slow disk: the next entries pile up while this batch commits
+        time.sleep(1.0)  # a slow disk: the next entries pile up while this batch commits
 
     client, _ = await start(aiohttp_client, tmp_path, interval=0.01, batch_max=2, max_pending=2, before_commit=slow)
     in_flight = [asyncio.create_task(client.post("/add", data=b"p%d" % i)) for i in range(2)]
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.3)  # the first batch is now committing (for a second)
     queued = [asyncio.create_task(client.post("/add", data=b"q%d" % i)) for i in range(2)]
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
     r = await client.post("/add", data=b"one too many")
     assert r.status == 503 and r.headers["Retry-After"] == "1"
     assert [x.status for x in await asyncio.gather(*in_flight, *queued)] == [200] * 4

@@ -102,13 +102,13 @@ class Follower:
             start = n * TILE_WIDTH + width
             if progress is not None:
                 progress(start, cp.size)
-            await self._check_upper(completed, cp.size)
+            await self._check_upper(completed)
         if compact.root() != cp.root_hash:
             self.findings.append(Finding("root-mismatch", f"the entries hash to a different root than the checkpoint of size {cp.size}", "checkpoint"))
             return
         self.state = FollowState(cp.size, compact.hashes, self.state.checkpoint)
 
-    async def _check_upper(self, completed: dict[tuple[int, int], tuple[int, bytearray]], size: int) -> None:
+    async def _check_upper(self, completed: dict[tuple[int, int], tuple[int, bytearray]]) -> None:
         """Compare the upper-level hashes our range computed with the log's tiles, tile by tile."""
         for (level, index), (first, mine) in list(completed.items()):
             tile = TileID(level, index, first + len(mine) // HASH_SIZE)

@@ -73,41 +73,44 @@ class Mirror:
             self.findings.extend(follower.findings)
             return self._stop(f"source tiles do not verify: {follower.findings[0].kind} at {follower.findings[0].where}")
         for entry in entries:
-            if not await self._copy_blobs(api, entry):
-                return self.log.published.checkpoint.size
+            refused = await self._copy_blobs(api, entry)
+            if refused is not None:
+                return self._stop(refused)
         indexes, _ = await asyncio.to_thread(self.log.integrate, entries, note=note)
         for listener in self.sequencer.on_integrated:
             listener(entries, indexes)
         return self.log.published.checkpoint.size
 
-    async def _copy_blobs(self, api: RegistryClient, entry: bytes) -> bool:
+    async def _copy_blobs(self, api: RegistryClient, entry: bytes) -> str | None:
+        """Fetch and check a release's module and SBOM; return why they are refused, or None once stored."""
         try:
             record = decode_entry(entry)
-        except Exception:  # noqa: BLE001 - not ours to judge: the registry replay reports void records
-            return True
+        except TlogError:  # not ours to judge: the registry replay reports void records
+            return None
         release = record.body
         if not isinstance(release, Release):
-            return True
+            return None
         path = api.package_path(release.ref)
         module = await api.get(path + "/module.wasm")
         if hashlib.sha256(module).hexdigest() != release.module_sha256:
-            return bool(self._stop(f"{release.ref}: the source serves a module that is not the logged one"))
+            return f"{release.ref}: the source serves a module that is not the logged one"
         if list(parse_wasm(module).imports) != list(release.imports):
-            return bool(self._stop(f"{release.ref}: the module's imports are not the logged ones"))
+            return f"{release.ref}: the module's imports are not the logged ones"
         blobs = [module]
         if release.sbom_sha256 is not None:
             sbom = await api.get(path + "/sbom")
             if hashlib.sha256(sbom).hexdigest() != release.sbom_sha256:
-                return bool(self._stop(f"{release.ref}: the source serves an SBOM that is not the logged one"))
+                return f"{release.ref}: the source serves an SBOM that is not the logged one"
             blobs.append(sbom)
         for blob in blobs:
             await asyncio.to_thread(self.blobs.put, blob)
-        return True
+        return None
 
     def _stop(self, why: str) -> int:
+        """Refuse to advance from here on; return the size we stay at."""
         self.stopped = why
         logger.error("mirror stopped: %s", why)
-        return 0
+        return self.log.published.checkpoint.size
 
     async def run(self, session: aiohttp.ClientSession, interval: float, clock) -> None:  # type: ignore[no-untyped-def]
         while not self.stopped:

@@ -181,12 +181,10 @@ class Registry:
         size = published.checkpoint.size
         if index >= size:
             raise NotYetPublished(f"index {index} is logged but not yet in a published checkpoint")
-        entry = self.entry(index)
-        proof = self.log.tlog_proofs([index], published)[0]
-        tp = parse_tlog_proof(proof)
+        proof = self.log.tlog_proofs([index], published, [self.entry(index)])[0]
         consistency: list[bytes] = []
         if old_size is not None:
             if not 0 < old_size <= size:
                 raise NotFoundError(f"old size {old_size} is not in 1..{size}")
             consistency = consistency_proof(old_size, size, self.log.reader)
-        return TlogProof(tp.index, tp.proof, tp.checkpoint, entry).encode(), consistency
+        return proof, consistency

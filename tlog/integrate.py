@@ -69,11 +69,13 @@ class BatchPlan:
 
 
 def plan_batch(
-    state: TreeState, entries: Sequence[bytes], lookup: Callable[[bytes], int | None], *, dedup: bool = True
+    state: TreeState, entries: Sequence[bytes], lookup: Callable[[bytes], int | None], *, dedup: bool = True,
+    leaf_hashes: Sequence[bytes] | None = None,
 ) -> BatchPlan:
     """Append entries that are not already logged; lookup(leaf hash) returns an earlier index or None.
 
     dedup=False appends every entry as given (a mirror copying another log, duplicates included).
+    leaf_hashes, if the caller has them, are the entries' leaf hashes (not computed again).
     """
     compact = CompactRange(state.size, state.compact_hashes)
     builder = TileBuilder(state.partial_tiles)
@@ -81,8 +83,8 @@ def plan_batch(
     indexes: list[int] = []
     new_entries: list[bytes] = []
     new_hashes: list[bytes] = []
-    for entry in entries:
-        h = leaf_hash(entry)
+    hashes = leaf_hashes if leaf_hashes is not None else [leaf_hash(e) for e in entries]
+    for entry, h in zip(entries, hashes, strict=True):
         index = seen.get(h) if dedup else None
         if index is None and dedup:
             index = lookup(h)

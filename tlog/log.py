@@ -19,7 +19,7 @@ from .merkle import consistency_proof, inclusion_proof, inclusion_proofs, tree_h
 from .note import Ed25519Signer, Ed25519Verifier, b64encode, open_note, sign_note
 from .proof_file import TlogProof
 from .storage.base import LogStore
-from .tiles import ENTRIES, TILE_HEIGHT, TILE_WIDTH, TileID, TileNodeReader, encode_entry_bundle
+from .tiles import ENTRIES, TILE_WIDTH, TileID, TileNodeReader, encode_entry_bundle, tile_for_size
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,9 @@ class Log:
         cp = Checkpoint(self.origin, state.size, state.root_hash)
         return sign_note(cp.text(), [self.signer])
 
-    def integrate(self, entries: Sequence[bytes], *, note: bytes | None = None) -> tuple[tuple[int, ...], Published]:
+    def integrate(
+        self, entries: Sequence[bytes], *, note: bytes | None = None, leaf_hashes: Sequence[bytes] | None = None
+    ) -> tuple[tuple[int, ...], Published]:
         """Append entries (duplicates get their first index) durably; return indexes and the new checkpoint.
 
         With note (a mirror), every entry is appended as given and note must be a checkpoint,
@@ -130,9 +132,9 @@ class Log:
         TlogError; then nothing is published and the in-memory state is reloaded from the store.
         """
         with self._write_lock:
-            hashes = [leaf_hash(e) for e in entries]
+            hashes = leaf_hashes if leaf_hashes is not None else [leaf_hash(e) for e in entries]
             known = self.store.lookup(hashes) if note is None else {}
-            plan = plan_batch(self._state, entries, known.get, dedup=note is None)
+            plan = plan_batch(self._state, entries, known.get, dedup=note is None, leaf_hashes=hashes)
             if note is None:
                 note = self.sign(plan.state)
             else:
@@ -180,8 +182,10 @@ class Log:
             raise ProofError(f"old size {old_size} is beyond new size {new_size}")
         return consistency_proof(old_size, new_size, self.reader)
 
-    def tlog_proofs(self, indexes: Sequence[int], published: Published) -> list[bytes]:
-        """c2sp.org/tlog-proofs (no extra line) of many entries against one published checkpoint."""
+    def tlog_proofs(
+        self, indexes: Sequence[int], published: Published, extras: Sequence[bytes | None] | None = None
+    ) -> list[bytes]:
+        """c2sp.org/tlog-proofs of many entries against one published checkpoint (extras: each one's extra line)."""
         proofs = inclusion_proofs(indexes, published.checkpoint.size, self.reader)
         encoded: dict[bytes, str] = {}  # neighbours share most proof hashes: encode each once
 
@@ -191,12 +195,15 @@ class Log:
                 s = encoded[h] = b64encode(h)
             return s
 
-        return [TlogProof(i, tuple(p), published.note).encode(b64) for i, p in zip(indexes, proofs, strict=True)]
+        extras = extras if extras is not None else [None] * len(indexes)
+        return [
+            TlogProof(i, tuple(p), published.note, x).encode(b64)
+            for i, p, x in zip(indexes, proofs, extras, strict=True)
+        ]
 
     def check_tile(self, tile: TileID) -> None:
         size = self._published.checkpoint.size
-        stored = size >> (TILE_HEIGHT * max(tile.level, 0))
-        if tile.index * TILE_WIDTH + tile.width > stored:
+        if tile_for_size(size, tile.level, tile.index).width < tile.width:  # raises NotFoundError if absent
             raise NotFoundError(f"{tile.path()} does not exist at size {size}")
 
     def read_tile(self, tile: TileID) -> bytes:

@@ -111,7 +111,7 @@ class Sequencer:
         entries = [entry for entry, _ in batch]
         started = time.monotonic()
         try:
-            indexes, integrated = await asyncio.to_thread(self.log.integrate, entries)
+            indexes, integrated = await asyncio.to_thread(self.log.integrate, entries, leaf_hashes=keys)
             if self.observer is not None:
                 self.observer.batch(len(entries), time.monotonic() - started)
                 if self.cosigner is None:

@@ -63,10 +63,10 @@ def strict_json(data: bytes, what: str) -> object:
     """Parse JSON that is UTF-8, with no duplicate keys and no NaN/Infinity. Raises MalformedError."""
 
     def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
+        d = dict(pairs)
+        if len(d) != len(pairs):
             raise MalformedError(f"{what}: duplicate JSON key")
-        return dict(pairs)
+        return d
 
     def no_constants(name: str) -> object:
         raise MalformedError(f"{what}: {name} is not JSON")

@@ -145,7 +145,7 @@ def open_checkpoint(
     log = policy.tlog.log_for(origin)
     if log is None:
         raise VerifyError("log-unknown", f"log {origin!r} is not in the trust policy")
-    witnesses = [w.verifier for w in policy.tlog.witnesses.values()]
+    witnesses = policy.tlog.witness_verifiers
     try:
         if parsed is not None:
             note, verified = parsed[0], verify_note(parsed[0], [log.verifier, *witnesses])

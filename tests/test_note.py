@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import struct
 
 import pytest
@@ -21,6 +22,7 @@ from tlog.cosignature import (
 from tlog.errors import MalformedError, SignatureError, TlogError, UnverifiedNoteError
 from tlog.hashes import leaf_hash
 from tlog.note import (
+    b64decode_strict,
     ALG_COSIGNATURE_V1,
     MIN_ACCEPTED_SIGNATURES,
     Ed25519Signer,
@@ -218,3 +220,40 @@ def test_private_key_with_wrong_type_rejected() -> None:
         parse_private_key(k.private_key)
     assert parse_private_key(k.private_key, alg=ALG_COSIGNATURE_V1).vkey == k.vkey
     assert struct.pack(">I", k.key_id)  # the key ID is a uint32
+
+
+_B64_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+
+
+@given(st.one_of(st.text(alphabet=_B64_CHARS, max_size=12), st.text(max_size=12), st.binary(max_size=9).map(lambda b: base64.b64encode(b).decode())))
+def test_b64decode_strict_accepts_exactly_the_canonical_encoding(s: str) -> None:
+    """Reference: a string is canonical when it is the standard padded encoding of what it decodes to."""
+    try:
+        want: bytes | None = base64.b64decode(s, validate=True)
+        if base64.b64encode(want).decode() != s:
+            want = None
+    except (ValueError, binascii.Error):
+        want = None
+    try:
+        got: bytes | None = b64decode_strict(s)
+    except MalformedError:
+        got = None
+    assert got == want
+
+
+@given(st.one_of(st.text(alphabet=_B64_CHARS, min_size=40, max_size=48),
+                 st.binary(min_size=31, max_size=33).map(lambda b: base64.b64encode(b).decode())))
+def test_parse_hash_accepts_exactly_canonical_32_bytes(s: str) -> None:
+    from tlog.checkpoint import parse_hash
+
+    try:
+        want: bytes | None = base64.b64decode(s, validate=True)
+        if base64.b64encode(want).decode() != s or len(want) != 32:
+            want = None
+    except (ValueError, binascii.Error):
+        want = None
+    try:
+        got: bytes | None = parse_hash(s)
+    except MalformedError:
+        got = None
+    assert got == want

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import binascii
 import re
 from dataclasses import dataclass
 
@@ -22,9 +23,15 @@ def parse_decimal(s: str, what: str, limit: int = MAX_TREE_SIZE) -> int:
     return int(s)
 
 
+# The canonical base64 of 32 bytes: 43 characters, the last carrying 4 bits and two zero pad bits.
+_CANONICAL_HASH_B64 = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")
+
+
 def parse_hash(s: str, what: str = "hash") -> bytes:
     """Parse one canonical base64 SHA-256 hash. Raises MalformedError."""
-    h = b64decode_strict(s, what)
+    if _CANONICAL_HASH_B64.fullmatch(s):
+        return binascii.a2b_base64(s)
+    h = b64decode_strict(s, what)  # not canonical 32 bytes: raises with the precise reason
     if len(h) != HASH_SIZE:
         raise MalformedError(f"{what} is {len(h)} bytes, want {HASH_SIZE}")
     return h

@@ -16,11 +16,12 @@ MAX_TIMESTAMP = 2**63 - 1  # c2sp.org/tlog-cosignature: the timestamp must fit i
 TIMESTAMPED_SIGNATURE_SIZE = 8 + 64
 
 
-def signed_message(checkpoint_text: str, timestamp: int) -> bytes:
-    """The bytes a v1 cosigner signs: label, time line, then the checkpoint body."""
+def signed_message(checkpoint_text: str | bytes, timestamp: int) -> bytes:
+    """The bytes a v1 cosigner signs: label, time line, then the checkpoint body (text or its UTF-8)."""
     if not 0 <= timestamp <= MAX_TIMESTAMP:
         raise MalformedError(f"cosignature timestamp {timestamp} out of range")
-    return b"cosignature/v1\ntime %d\n" % timestamp + checkpoint_text.encode()
+    body = checkpoint_text.encode() if isinstance(checkpoint_text, str) else checkpoint_text
+    return b"cosignature/v1\ntime %d\n%s" % (timestamp, body)
 
 
 def cosignature_timestamp(signature: bytes) -> int:
@@ -63,13 +64,13 @@ class CosignatureV1Verifier:
     def verify(self, text: bytes, signature: bytes) -> bool:
         try:
             timestamp = cosignature_timestamp(signature)
-            msg = signed_message(text.decode(), timestamp)
-            self._verify_key.verify(msg, signature[8:])
-        except (MalformedError, nacl.exceptions.BadSignatureError, UnicodeDecodeError):
+            self._verify_key.verify(signed_message(text, timestamp), signature[8:])
+        except (MalformedError, nacl.exceptions.BadSignatureError):
             return False
         return True
 
 
+@functools.lru_cache(maxsize=4096)
 def cosignature_verifier_from_vkey(vkey: str) -> CosignatureV1Verifier:
     """Parse a type 0x04 vkey. Raises MalformedError."""
     name, _, public_key = parse_vkey(vkey, alg=ALG_COSIGNATURE_V1)

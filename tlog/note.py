@@ -40,13 +40,19 @@ def b64encode(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+_ZERO_2_BITS = frozenset(b"AEIMQUYcgkosw048")  # base64 digits whose low 2 bits are zero
+_ZERO_4_BITS = frozenset(b"AQgw")  # ... low 4 bits
+
+
 def b64decode_strict(s: str, what: str = "base64") -> bytes:
     """Decode standard base64 in canonical form only (padding, zero pad bits). Raises MalformedError."""
     try:
-        data = base64.b64decode(s.encode("ascii"), validate=True)
+        raw = s.encode("ascii")
+        data = binascii.a2b_base64(raw, strict_mode=True)  # alphabet, padding only at the end
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise MalformedError(f"malformed {what}") from None
-    if base64.b64encode(data).decode("ascii") != s:
+    # One encoding per value: full padding and zero pad bits (what re-encoding would give).
+    if len(raw) % 4 or (raw[-3] not in _ZERO_4_BITS if raw[-2:] == b"==" else raw[-1:] == b"=" and raw[-2] not in _ZERO_2_BITS):
         raise MalformedError(f"non-canonical {what}")
     return data
 
@@ -142,8 +148,12 @@ class Ed25519Verifier:
         return True
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_vkey(vkey: str, *, alg: int = ALG_ED25519) -> tuple[str, int, bytes]:
-    """Parse a vkey of the given type into (name, key_id, public key). Raises MalformedError."""
+    """Parse a vkey of the given type into (name, key_id, public key). Raises MalformedError.
+
+    Memoized (keys are immutable text): a verifier sees the same few keys again and again.
+    """
     name, kid, got_alg, public_key = _parse_key_fields(vkey, "", "verifier key")
     if got_alg != alg:
         raise MalformedError(f"verifier key type 0x{got_alg:02x}, want 0x{alg:02x}")
@@ -154,8 +164,9 @@ def parse_vkey(vkey: str, *, alg: int = ALG_ED25519) -> tuple[str, int, bytes]:
     return name, kid, public_key
 
 
+@functools.lru_cache(maxsize=4096)
 def verifier_from_vkey(vkey: str) -> Ed25519Verifier:
-    """Parse an Ed25519 (type 0x01) vkey. Raises MalformedError."""
+    """Parse an Ed25519 (type 0x01) vkey. Raises MalformedError. Memoized: the result is immutable."""
     name, _, public_key = parse_vkey(vkey)
     return Ed25519Verifier(name, public_key)
 
@@ -236,12 +247,16 @@ class Note:
         return (self.text + "\n" + "".join(s.line() for s in self.signatures)).encode()
 
 
-_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f]")
+_CONTROL_BYTES = bytes(range(0x0A)) + bytes(range(0x0B, 0x20))  # never part of a multi-byte UTF-8 sequence
 
 
-def check_text(text: str) -> None:
-    """Reject ASCII control characters other than newline (c2sp.org/signed-note). Raises MalformedError."""
-    if _CONTROL.search(text):
+def check_text(text: str | bytes) -> None:
+    """Reject ASCII control characters other than newline (c2sp.org/signed-note). Raises MalformedError.
+
+    text may be a str or its UTF-8 encoding.
+    """
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    if len(raw.translate(None, _CONTROL_BYTES)) != len(raw):
         raise MalformedError("note has a control character")
 
 
@@ -256,7 +271,7 @@ def parse_note(data: bytes) -> Note:
         s = data.decode("utf-8")
     except UnicodeDecodeError:
         raise MalformedError("note is not valid UTF-8") from None
-    check_text(s)
+    check_text(data)
     split = s.rfind("\n\n")
     if split < 0 or not s.endswith("\n"):
         raise MalformedError("note has no signatures")
@@ -270,8 +285,8 @@ def parse_note(data: bytes) -> Note:
     for line in lines:
         if not line.startswith(SIGNATURE_PREFIX):
             raise MalformedError("malformed note signature line")
-        name, sep, b64 = line[len(SIGNATURE_PREFIX) :].partition(" ")
-        if not sep or not is_valid_key_name(name):
+        name, sep, b64 = line[2:].partition(" ")
+        if not sep or not (_ASCII_NAME.fullmatch(name) and len(name) <= MAX_KEY_NAME or is_valid_key_name(name)):
             raise MalformedError("malformed note signature line")
         raw = b64decode_strict(b64, "note signature")
         if len(raw) < 5:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -69,9 +70,17 @@ class Policy:
 
         return self.quorum == NONE or holds(self.quorum)
 
+    @functools.cached_property
+    def _witness_names(self) -> dict[tuple[str, int], str]:
+        return {(w.verifier.name, w.verifier.key_id): w.name for w in self.witnesses.values()}
+
+    @functools.cached_property
+    def witness_verifiers(self) -> tuple[CosignatureV1Verifier, ...]:
+        return tuple(w.verifier for w in self.witnesses.values())
+
     def witnessed_by(self, signatures: Iterable[NoteSignature]) -> set[str]:
         """Names of policy witnesses among verified note signatures (matched by key name and ID)."""
-        keys = {(w.verifier.name, w.verifier.key_id): w.name for w in self.witnesses.values()}
+        keys = self._witness_names
         return {keys[(s.name, s.key_id)] for s in signatures if (s.name, s.key_id) in keys}
 
     def encode(self) -> str:

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -63,9 +64,10 @@ def fsync_write_rate(seconds: float, d: str) -> float:
 
 def prepare(publishers: int, per: int) -> list[tuple[Ed25519Signer, bytes, list[tuple[bytes, bytes]]]]:
     out = []
+    run = secrets.token_hex(4)  # fresh namespaces, so --url can drive the same registry again
     for p in range(publishers):
         key = Ed25519Signer.generate(f"bench{p}")
-        ns = f"bench{p}"
+        ns = f"bench{p}-{run}"
         claim = sign_envelope(ACTION_PAYLOAD_TYPE, Action("key-grant", ns, key=key.vkey, issued=1).payload(), key)
         claim_body = json.dumps({"type": "key-grant", "signer": key.vkey, "envelope": json.loads(claim.to_json())}).encode()
         releases = []
@@ -109,14 +111,20 @@ def main() -> None:
     p.add_argument("--publishers", type=int, default=64)
     p.add_argument("--per-publisher", type=int, default=40)
     p.add_argument("--seconds-baseline", type=float, default=1.0)
+    p.add_argument("--url", help="drive a registry already running there instead of starting one")
+    p.add_argument("--interval-ms", type=int, default=100, help="the registry's sequencer interval (registry serve --interval-ms)")
     args = p.parse_args()
     work = prepare(args.publishers, args.per_publisher)
+    if args.url:
+        elapsed, lat, errors = asyncio.run(drive(args.url, work))
+        print(json.dumps({"publishes_per_s": len(lat) / elapsed, "errors": errors, "latency_p50_s": sorted(lat)[len(lat) // 2]}))
+        return
     with tempfile.TemporaryDirectory() as d:
         subprocess.run([sys.executable, "-m", "registry", "keygen", "bench.example/registry", "--out", os.path.join(d, "reg")], check=True, capture_output=True)
         port = free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "registry", "registry", "serve", "--data", os.path.join(d, "data"), "--key", os.path.join(d, "reg.key"),
-             "--listen", f"127.0.0.1:{port}"],
+             "--listen", f"127.0.0.1:{port}", "--interval-ms", str(args.interval_ms)],
             stdout=subprocess.DEVNULL,
         )
         try:
@@ -132,6 +140,7 @@ def main() -> None:
         {
             "benchmark": "registry_publish",
             "publishers": args.publishers,
+            "interval_ms": args.interval_ms,
             "publishes": len(lat),
             "errors": errors,
             "publishes_per_s": len(lat) / elapsed,

@@ -87,7 +87,7 @@ def main() -> None:
     )
     ed25519, verifications = statistics.median(base), statistics.median(subj)
     bound = ed25519 / SIGNATURES_PER_VERIFICATION
-    ratios = sorted(v * SIGNATURES_PER_VERIFICATION / b for b, v in zip(base, subj))
+    ratios = sorted(v * SIGNATURES_PER_VERIFICATION / b for b, v in zip(base, subj, strict=True))
     json.dump(
         {
             "benchmark": "edge_verify",

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copyreg
 import hashlib
 import json
 import pathlib
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import aiohttp
@@ -25,13 +23,7 @@ from .record import Action, Record, Release, decode_entry
 from .state import RegistryState, ValidationError
 from .wasm import parse_wasm
 
-STATE_VERSION = 1
-# RegistryState keeps its maps read-only; saved state stores them as dicts and restores the proxies.
-def _read_only(d: dict) -> MappingProxyType:  # type: ignore[type-arg]
-    return MappingProxyType(d)
-
-
-copyreg.pickle(MappingProxyType, lambda m: (_read_only, (dict(m),)))
+STATE_VERSION = 2  # 2: registry state in immutables.Map
 
 
 @dataclass

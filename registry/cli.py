@@ -21,6 +21,7 @@ from tlog.cli import (
     log_group,
     read_witness_policy,
     run_app,
+    sequencer_options,
     split_listen,
     witness_group,
 )
@@ -104,15 +105,20 @@ def registry_group() -> None:
 @key_opt
 @click.option("--witness-policy", "policy_file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="A c2sp.org/tlog-policy file: publish only checkpoints its witness quorum cosigned.")
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True)
+@sequencer_options
 @one_line_errors
-def registry_serve(data: pathlib.Path, key_file: pathlib.Path, policy_file: pathlib.Path | None, listen: str) -> None:
+def registry_serve(
+    data: pathlib.Path, key_file: pathlib.Path, policy_file: pathlib.Path | None, listen: str,
+    interval_ms: int, batch_max: int, max_pending: int,
+) -> None:
     """Serve the registry API under /api/v1/ and its log under /log/."""
     host, port = split_listen(listen)
     signer = read_signer(key_file)
     policy = read_witness_policy(policy_file, signer) if policy_file else None
     store = LMDBLogStore(str(data / "log"))
     try:
-        sequencer = Sequencer(Log(store, signer, witnessed=policy is not None))
+        sequencer = Sequencer(Log(store, signer, witnessed=policy is not None), interval=interval_ms / 1000,
+                              batch_max=batch_max, max_pending=max_pending)
         registry = Registry(sequencer=sequencer, blobs=BlobStore(str(data / "blobs")))
         click.echo(f"registry at http://{host}:{port}/api/v1/ with its log {sequencer.log.origin} at /log/")
         run_app(make_app(registry, sequencer, witness_policy=policy, witness_timeout=DEFAULT_WITNESS_TIMEOUT,

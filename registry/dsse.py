@@ -59,21 +59,31 @@ def sign_envelope(payload_type: str, payload: bytes, signer: Ed25519Signer) -> E
     return Envelope(payload_type, payload, (Signature(f"{signer.key_id:08x}", sig),))
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise _DuplicateKey
+    return d
+
+
+def _no_constants(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)  # stateless: shared
+
+
 def strict_json(data: bytes, what: str) -> object:
     """Parse JSON that is UTF-8, with no duplicate keys and no NaN/Infinity. Raises MalformedError."""
-
-    def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        d = dict(pairs)
-        if len(d) != len(pairs):
-            raise MalformedError(f"{what}: duplicate JSON key")
-        return d
-
-    def no_constants(name: str) -> object:
-        raise MalformedError(f"{what}: {name} is not JSON")
-
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=no_constants)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        return _STRICT_JSON.decode(data.decode("utf-8"))
+    except _DuplicateKey:
+        raise MalformedError(f"{what}: duplicate JSON key") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
         raise MalformedError(f"{what}: not valid JSON ({e})") from None
 
 

@@ -229,22 +229,33 @@ class Record:
         """Whether the envelope verifies with the signer's key (computed once per record)."""
         return self.envelope.verified_by(self.signer_verifier)
 
-    def encode(self) -> bytes:
+    @functools.cached_property
+    def entry(self) -> bytes:
+        """The log entry bytes (computed once per record)."""
         return encode_entry(self.type, self.signer, self.envelope)
+
+    def encode(self) -> bytes:
+        return self.entry
 
 
 def encode_entry(record_type: str, signer: str, envelope: Envelope) -> bytes:
+    """The deterministic CBOR of a record (spec/registry.md).
+
+    Keys are inserted in deterministic order (shorter first, then bytewise), so the plain
+    encoder, which always writes shortest forms and definite lengths, gives exactly what
+    cbor2.dumps(..., canonical=True) gives, without sorting (tests/test_record.py checks).
+    """
     obj = {
         "v": 1,
         "type": record_type,
         "signer": signer,
         "envelope": {
-            "payloadType": envelope.payload_type,
             "payload": envelope.payload,
-            "signatures": [{"keyid": s.keyid, "sig": s.sig} for s in envelope.signatures],
+            "signatures": [{"sig": s.sig, "keyid": s.keyid} for s in envelope.signatures],
+            "payloadType": envelope.payload_type,
         },
     }
-    data = cbor2.dumps(obj, canonical=True)
+    data = cbor2.dumps(obj)
     if len(data) > MAX_ENTRY_SIZE:
         raise TooLargeError(f"log entry of {len(data)} bytes is over {MAX_ENTRY_SIZE}")
     return data

@@ -17,18 +17,20 @@ from tlog.errors import NotFoundError, TlogError
 from tlog.hashes import leaf_hash
 from tlog.log import Log
 from tlog.merkle import consistency_proof
-from tlog.proof_file import TlogProof, parse_tlog_proof
 from tlog.sequencer import Sequencer
 from tlog.tiles import TILE_WIDTH
 
 from .blobs import BlobStore
 from .dsse import parse_envelope
+from .groupsync import GroupSync
 from .record import PackageRef, Record, RecordError, Release, decode_entry, module_digest, record_for
 from .sbom import validate_sbom
 from .state import NamespaceState, RegistryState, ReleaseState, ValidationError
 from .wasm import parse_wasm
 
 logger = logging.getLogger("wasmlog.registry")
+
+INLINE_IO_BYTES = 64 << 10  # blobs this small are parsed and written on the event loop: a thread hop costs more
 
 
 class NotYetPublished(TlogError):
@@ -47,6 +49,8 @@ class Registry:
         self._pending: dict[bytes, Record] = {}  # leaf hash -> record, in submission order
         self.pending_state = self.state
         sequencer.on_integrated.append(self._on_integrated)
+        sequencer.entry_as_extra = True  # every proof we hand out carries its entry
+        self._blob_sync = GroupSync(blobs.sync)
 
     def _replay(self) -> None:
         size = self.log.integrated.checkpoint.size
@@ -91,29 +95,24 @@ class Registry:
                 self._pending.pop(h)
         self.pending_state = state
 
-    async def _logged(self, record: Record) -> bool:
-        h = leaf_hash(record.encode())
-        return h in self._pending or bool(await asyncio.to_thread(self.log.store.lookup, [h]))
+    def _logged(self, h: bytes) -> bool:
+        """Whether the entry with leaf hash h is pending or logged (one read of the memory-mapped dedup index)."""
+        return h in self._pending or bool(self.log.store.lookup([h]))
 
     async def submit(self, record: Record) -> bytes:
         """Append a checked record; return its tlog-proof with the entry as extra data."""
-        entry = record.encode()
-        h = leaf_hash(entry)
-        if h not in self._pending:
-            logged = await asyncio.to_thread(self.log.store.lookup, [h])
-            if not logged and h not in self._pending:
-                # Check and reserve with no await in between, then hand the entry to the
-                # sequencer, which appends in this same order.
-                self.pending_state = self.pending_state.apply(record, -1)
-                self._pending[h] = record
+        h = leaf_hash(record.entry)
+        if not self._logged(h):
+            # Check and reserve with no await in between, then hand the entry to the
+            # sequencer, which appends in this same order.
+            self.pending_state = self.pending_state.apply(record, -1)
+            self._pending[h] = record
         try:
-            proof = await self.sequencer.add(entry)
+            return await self.sequencer.add(record.entry)
         except Exception:
             if self._pending.pop(h, None) is not None:
                 self._rebuild_pending()
             raise
-        tp = parse_tlog_proof(proof)
-        return TlogProof(tp.index, tp.proof, tp.checkpoint, entry).encode()
 
     async def publish(self, *, signer: str, envelope: bytes, module: bytes, sbom: bytes | None) -> bytes:
         """Check a release against its module (and SBOM), store the blobs, and log it."""
@@ -122,7 +121,7 @@ class Registry:
         assert isinstance(release, Release)
         if module_digest(module) != release.module_sha256:
             raise RecordError("the module's SHA-256 is not the statement's subject digest")
-        info = await asyncio.to_thread(parse_wasm, module)
+        info = parse_wasm(module) if len(module) <= INLINE_IO_BYTES else await asyncio.to_thread(parse_wasm, module)
         if list(info.imports) != list(release.imports):
             raise RecordError("the statement's import list is not exactly the module's imports")
         if (sbom is None) != (release.sbom_sha256 is None):
@@ -132,11 +131,16 @@ class Registry:
                 raise RecordError("the SBOM's SHA-256 is not the statement's sbom digest")
             assert release.sbom_media_type is not None
             await asyncio.to_thread(validate_sbom, release.sbom_media_type, sbom)
-        if not await self._logged(record):
+        if not self._logged(leaf_hash(record.entry)):
             self.pending_state.check(record)  # fail before writing blobs for a record we would refuse
-        if sbom is not None:
-            await asyncio.to_thread(self.blobs.put, sbom)
-        await asyncio.to_thread(self.blobs.put, module)
+        for blob in (sbom, module):
+            if blob is None:
+                continue
+            if len(blob) <= INLINE_IO_BYTES:
+                self.blobs.write(blob)  # into the page cache: cheaper here than a thread hop
+            else:
+                await asyncio.to_thread(self.blobs.write, blob)
+        await self._blob_sync.wait()  # blobs durable before the entry that names them is logged
         return await self.submit(record)
 
     async def act(self, *, record_type: str, signer: str, envelope: bytes) -> bytes:

@@ -6,9 +6,10 @@ state; a record that fails a rule changes nothing (replay reports it).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
+
+from immutables import Map
 
 from tlog.errors import TlogError
 
@@ -43,23 +44,21 @@ class ReleaseState:
     yanked_at: int | None = None
 
 
+# States are persistent maps (immutables.Map, a HAMT): applying a record costs O(log n) and
+# shares everything else with the previous state, so replaying N records is O(N log N).
 @dataclass(frozen=True)
 class NamespaceState:
     keys: frozenset[str] = frozenset()  # vkeys that may act in the namespace
-    revoked: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # vkey -> revocation index
-    releases: Mapping[str, ReleaseState] = field(default_factory=lambda: MappingProxyType({}))  # "name@version"
+    revoked: Map[str, int] = field(default_factory=Map)  # vkey -> revocation index
+    releases: Map[str, ReleaseState] = field(default_factory=Map)  # "name@version"
 
     def versions(self, name: str) -> list[str]:
         return [k.split("@", 1)[1] for k in self.releases if k.split("@", 1)[0] == name]
 
 
-def _frozen(d: dict) -> Mapping:  # type: ignore[type-arg]
-    return MappingProxyType(d)
-
-
 @dataclass(frozen=True)
 class RegistryState:
-    namespaces: Mapping[str, NamespaceState] = field(default_factory=lambda: MappingProxyType({}))
+    namespaces: Map[str, NamespaceState] = field(default_factory=Map)
 
     def release(self, ref: PackageRef) -> ReleaseState | None:
         ns = self.namespaces.get(ref.namespace)
@@ -89,8 +88,7 @@ class RegistryState:
             key = f"{body.ref.name}@{body.ref.version}"
             if key in ns.releases:
                 raise VersionExists(f"{body.ref} is already published (index {ns.releases[key].index})")
-            releases = {**ns.releases, key: ReleaseState(index, body, record.signer)}
-            return self._with(ns_name, replace(ns, releases=_frozen(releases)))
+            return self._with(ns_name, replace(ns, releases=ns.releases.set(key, ReleaseState(index, body, record.signer))))
         if body.action == "key-grant":
             assert body.key is not None
             if body.key in ns.revoked:
@@ -102,8 +100,7 @@ class RegistryState:
             assert body.key is not None
             if body.key not in ns.keys:
                 raise UnknownRelease(f"key {body.key} is not granted in {ns_name}")
-            revoked = {**ns.revoked, body.key: index}
-            return self._with(ns_name, replace(ns, keys=ns.keys - {body.key}, revoked=_frozen(revoked)))
+            return self._with(ns_name, replace(ns, keys=ns.keys - {body.key}, revoked=ns.revoked.set(body.key, index)))
         # yank
         key = f"{body.name}@{body.version}"
         current = ns.releases.get(key)
@@ -111,11 +108,10 @@ class RegistryState:
             raise UnknownRelease(f"{body.ref} is not published")
         if current.yanked_at is not None:
             raise VersionExists(f"{body.ref} was already yanked at index {current.yanked_at}")
-        releases = {**ns.releases, key: replace(current, yanked_at=index)}
-        return self._with(ns_name, replace(ns, releases=_frozen(releases)))
+        return self._with(ns_name, replace(ns, releases=ns.releases.set(key, replace(current, yanked_at=index))))
 
     def _with(self, name: str, ns: NamespaceState) -> RegistryState:
-        return RegistryState(_frozen({**self.namespaces, name: ns}))
+        return RegistryState(self.namespaces.set(name, ns))
 
 
 def replay(records: Iterable[tuple[int, Record]]) -> tuple[RegistryState, list[tuple[int, ValidationError]]]:

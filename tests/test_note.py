@@ -22,11 +22,11 @@ from tlog.cosignature import (
 from tlog.errors import MalformedError, SignatureError, TlogError, UnverifiedNoteError
 from tlog.hashes import leaf_hash
 from tlog.note import (
-    b64decode_strict,
     ALG_COSIGNATURE_V1,
     MIN_ACCEPTED_SIGNATURES,
     Ed25519Signer,
     Ed25519Verifier,
+    b64decode_strict,
     open_note,
     parse_note,
     parse_private_key,

@@ -133,13 +133,25 @@ def keygen(name: str, prefix: pathlib.Path | None, witness: bool) -> None:
     click.echo(signer.vkey)
 
 
+SEQUENCER_OPTIONS = [
+    click.option("--interval-ms", default=int(DEFAULT_INTERVAL * 1000), show_default=True, type=click.IntRange(1, 60_000), help="Longest wait before a pending batch is integrated."),
+    click.option("--batch-max", default=DEFAULT_BATCH_MAX, show_default=True, type=click.IntRange(1, 1 << 20), help="Integrate at once when this many entries wait."),
+    click.option("--max-pending", default=DEFAULT_MAX_PENDING, show_default=True, type=click.IntRange(1, 1 << 24), help="Pending entries beyond which submissions get 503."),
+]
+
+
+def sequencer_options(f):  # type: ignore[no-untyped-def]
+    """--interval-ms, --batch-max and --max-pending (Sequencer arguments)."""
+    for option in reversed(SEQUENCER_OPTIONS):
+        f = option(f)
+    return f
+
+
 def log_options(f):  # type: ignore[no-untyped-def]
     for option in reversed(
         [
             click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve on."),
-            click.option("--interval-ms", default=int(DEFAULT_INTERVAL * 1000), show_default=True, type=click.IntRange(1, 60_000), help="Longest wait before a pending batch is integrated."),
-            click.option("--batch-max", default=DEFAULT_BATCH_MAX, show_default=True, type=click.IntRange(1, 1 << 20), help="Integrate at once when this many entries wait."),
-            click.option("--max-pending", default=DEFAULT_MAX_PENDING, show_default=True, type=click.IntRange(1, 1 << 24), help="Pending entries beyond which submissions get 503."),
+            *SEQUENCER_OPTIONS,
             click.option("--healthz-max-age", default=DEFAULT_HEALTHZ_MAX_AGE, show_default=True, type=click.FloatRange(1), help="GET /healthz fails when a witnessed log's checkpoint is older (seconds)."),
             click.option("--map-size", default=DEFAULT_MAP_SIZE, show_default=True, type=click.IntRange(1 << 20), help="LMDB map size in bytes (address space)."),
         ]

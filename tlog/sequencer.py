@@ -72,6 +72,7 @@ class Sequencer:
         self.observer: Observer | None = None
         self.batches = 0  # counters for metrics and tests
         self.integrated = 0
+        self.entry_as_extra = False  # answer with tlog-proofs whose extra line is the entry itself
 
     async def add(self, entry: bytes) -> bytes:
         """Submit an entry; return its tlog-proof once a checkpoint covering it is signed.
@@ -119,7 +120,8 @@ class Sequencer:
             for listener in self.on_integrated:
                 listener(entries, indexes)
             published = await self.publish(integrated) if self.cosigner else integrated
-            proofs = await asyncio.to_thread(self.log.tlog_proofs, indexes, published)
+            extras = entries if self.entry_as_extra else None
+            proofs = await asyncio.to_thread(self.log.tlog_proofs, indexes, published, extras)
         except Exception as e:  # every waiter must hear of a failure
             if not isinstance(e, TlogError):
                 log.exception("batch of %d entries failed", len(entries))

@@ -156,6 +156,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=256)
     p.add_argument("--client-procs", type=int, default=1)
     p.add_argument("--interval-ms", type=int, default=100)
+    p.add_argument("--workers", type=int, default=1, help="log serve --workers: HTTP front-end processes (1: one process)")
     p.add_argument("--client", choices=["python", "wrk"], default="python")
     args = p.parse_args()
     kw = dict(procs=args.client_procs, concurrency=args.concurrency, seconds=args.seconds)
@@ -177,7 +178,7 @@ def main() -> None:
         port = free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "tlog", "log", "serve", "--data", os.path.join(d, "db"), "--key", key + ".key",
-             "--listen", f"127.0.0.1:{port}", "--interval-ms", str(args.interval_ms)],
+             "--listen", f"127.0.0.1:{port}", "--interval-ms", str(args.interval_ms), "--workers", str(args.workers)],
             stdout=subprocess.DEVNULL,
         )
         try:

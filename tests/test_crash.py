@@ -12,7 +12,9 @@ import sys
 import time
 
 import aiohttp
+import pytest
 from helpers import free_port
+from test_frontend import front_end_pids
 
 from tlog.checkpoint import Checkpoint, parse_checkpoint
 from tlog.hashes import leaf_hash
@@ -25,10 +27,10 @@ CLIENTS = 32
 
 
 
-def start_server(data: str, key: str, port: int) -> subprocess.Popen[bytes]:
+def start_server(data: str, key: str, port: int, workers: int = 1) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "tlog", "log", "serve", "--data", data, "--key", key,
-         "--listen", f"127.0.0.1:{port}", "--interval-ms", "5"],
+         "--listen", f"127.0.0.1:{port}", "--interval-ms", "5", "--workers", str(workers)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
 
@@ -67,7 +69,9 @@ def checkpoint_of(note: bytes, verifier: Ed25519Verifier) -> Checkpoint:
     return parse_checkpoint(open_note(note, [verifier])[0].text)
 
 
-async def test_sigkill_under_load_loses_nothing_and_never_forks(tmp_path) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-front-ends"])
+async def test_sigkill_under_load_loses_nothing_and_never_forks(tmp_path, workers: int) -> None:
+    """With front-ends, the sequencing process is the one killed; its front-ends must exit too."""
     signer = Ed25519Signer.generate("example.com/crashlog")
     key = tmp_path / "log.key"
     key.write_text(signer.private_key + "\n")
@@ -80,7 +84,7 @@ async def test_sigkill_under_load_loses_nothing_and_never_forks(tmp_path) -> Non
         for round_ in range(ROUNDS + 1):
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            proc = start_server(data, str(key), port)
+            proc = start_server(data, str(key), port, workers)
             try:
                 note = await wait_ready(session, url, proc)
                 cp = checkpoint_of(note, verifier)
@@ -105,6 +109,10 @@ async def test_sigkill_under_load_loses_nothing_and_never_forks(tmp_path) -> Non
                 await asyncio.sleep(rng.uniform(0.5, 1.5))
                 os.kill(proc.pid, signal.SIGKILL)
                 await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+                deadline = time.monotonic() + 10
+                while front_end_pids(port) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert not front_end_pids(port), "front-ends outlived the killed log"
                 assert len(acked) > before, "no entry was acknowledged before the kill"
                 for _, (_, cp_note) in acked.items():
                     c = checkpoint_of(cp_note, verifier)

@@ -6,21 +6,27 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import os
 import pathlib
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 
 import click
 import uvloop
 from aiohttp import web
 
+from .addipc import AddServer
 from .errors import TlogError
+from .frontend import ADD_SOCKET, HTTP_SOCKET, make_frontend_app
 from .keys import read_signer, write_key_pair
 from .log import Log
 from .note import ALG_COSIGNATURE_V1, ALG_ED25519, Ed25519Signer, is_valid_key_name
 from .policy import NONE, Policy, parse_policy
 from .sequencer import DEFAULT_BATCH_MAX, DEFAULT_INTERVAL, DEFAULT_MAX_PENDING, DEFAULT_REPUBLISH_INTERVAL, Sequencer
-from .server import make_app
+from .server import SEQUENCER, make_app, status_for
 from .storage.lmdb_store import DEFAULT_MAP_SIZE, LMDBLogStore
 from .witnessing import DEFAULT_WITNESS_TIMEOUT
 
@@ -45,9 +51,37 @@ def new_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-def run_app(app: web.Application, host: str, port: int) -> None:
-    """Serve app until SIGINT/SIGTERM on uvloop (measured: about 5% more appends/s than asyncio's loop)."""
-    web.run_app(app, host=host, port=port, print=None, access_log=None, loop=new_loop())
+def run_app(app: web.Application, host: str | None, port: int | None, *, path: str | None = None, reuse_port: bool = False) -> None:
+    """Serve app until SIGINT/SIGTERM on uvloop (measured: about 5% more appends/s than asyncio's loop).
+
+    path: serve on this Unix socket (also, or only when host and port are None); reuse_port: share the port.
+    """
+    web.run_app(app, host=host, port=port, path=path, reuse_port=reuse_port or None, print=None, access_log=None,
+                loop=new_loop())
+
+
+def front_ends(ipc_dir: str, listen: str, count: int):  # type: ignore[no-untyped-def]
+    """An app cleanup context: answer forwarded entries, run count front-end processes, stop them after."""
+
+    async def run(app: web.Application):  # type: ignore[no-untyped-def]
+        server = await AddServer(app[SEQUENCER], status_for).start(os.path.join(ipc_dir, ADD_SOCKET))
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "tlog", "log", "front", "--ipc", ipc_dir, "--listen", listen])
+            for _ in range(count)
+        ]
+        try:
+            yield
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    await asyncio.to_thread(p.wait, 10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            server.close()
+
+    return run
 
 
 def read_witness_policy(path: pathlib.Path, signer: Ed25519Signer) -> Policy:
@@ -64,8 +98,9 @@ def serve_log(
     *, data: pathlib.Path, signer: Ed25519Signer, origin: str | None, listen: str,
     interval_ms: int, batch_max: int, max_pending: int, map_size: int, banner: str = "",
     witness_policy: Policy | None = None, republish_interval: float = DEFAULT_REPUBLISH_INTERVAL,
-    witness_timeout: float = DEFAULT_WITNESS_TIMEOUT, healthz_max_age: float = 300.0,
+    witness_timeout: float = DEFAULT_WITNESS_TIMEOUT, healthz_max_age: float = 300.0, workers: int = 1,
 ) -> None:
+    """Serve a log; with workers > 1, that many HTTP front-end processes serve the port and this one sequences."""
     host, port = split_listen(listen)
     store = LMDBLogStore(str(data), map_size=map_size)
     try:
@@ -76,7 +111,15 @@ def serve_log(
         )
         app = make_app(sequencer, witness_policy=witness_policy, witness_timeout=witness_timeout, max_checkpoint_age=healthz_max_age)
         click.echo(banner or f"log {log.origin} at http://{host}:{port}/ (size {log.published.checkpoint.size})")
-        run_app(app, host, port)
+        if workers <= 1:
+            run_app(app, host, port)
+            return
+        ipc_dir = tempfile.mkdtemp(prefix="wasmlog-")  # mode 0700: only this user reaches the sockets
+        try:
+            app.cleanup_ctx.append(front_ends(ipc_dir, listen, workers))
+            run_app(app, None, None, path=os.path.join(ipc_dir, HTTP_SOCKET))
+        finally:
+            shutil.rmtree(ipc_dir, ignore_errors=True)
     finally:
         store.close()
 
@@ -152,6 +195,7 @@ def log_options(f):  # type: ignore[no-untyped-def]
         [
             click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve on."),
             *SEQUENCER_OPTIONS,
+            click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="With N > 1, N HTTP front-end processes share the port and forward to this one, which sequences."),
             click.option("--healthz-max-age", default=DEFAULT_HEALTHZ_MAX_AGE, show_default=True, type=click.FloatRange(1), help="GET /healthz fails when a witnessed log's checkpoint is older (seconds)."),
             click.option("--map-size", default=DEFAULT_MAP_SIZE, show_default=True, type=click.IntRange(1 << 20), help="LMDB map size in bytes (address space)."),
         ]
@@ -187,6 +231,15 @@ def log_serve(
         )
     except TlogError as e:
         raise click.ClickException(str(e)) from e
+
+
+@log_group.command("front", hidden=True)
+@click.option("--ipc", "ipc_dir", required=True, type=click.Path(exists=True, file_okay=False), help="The sequencing process's socket directory.")
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True)
+def log_front(ipc_dir: str, listen: str) -> None:
+    """An HTTP front-end process of `log serve --workers N` (started by it, not by hand)."""
+    host, port = split_listen(listen)
+    run_app(make_frontend_app(ipc_dir), host, port, reuse_port=True)
 
 
 @main.group("witness")

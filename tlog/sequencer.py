@@ -80,6 +80,13 @@ class Sequencer:
         A duplicate of a pending or logged entry gets the original index.
         Raises PushbackError when the pool is full, TlogError if the batch failed.
         """
+        return await asyncio.shield(self.submit(entry))
+
+    def submit(self, entry: bytes) -> asyncio.Future[bytes]:
+        """add() without a coroutine: the future (shared by duplicates: do not cancel it).
+
+        Raises PushbackError when the pool is full.
+        """
         h = leaf_hash(entry)
         pending = self._pool.get(h)
         if pending is None:
@@ -90,7 +97,7 @@ class Sequencer:
             self._nonempty.set()
             if len(self._pool) >= self.batch_max:
                 self._full.set()
-        return await asyncio.shield(pending[1])
+        return pending[1]
 
     async def _run(self) -> None:
         while True:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
+from .addipc import ForwardedError
 from .checkpoint import parse_decimal
 from .errors import (
     MalformedError,
@@ -60,6 +61,8 @@ STATUS: list[tuple[type[TlogError], int]] = [
 
 
 def status_for(e: TlogError) -> int:
+    if isinstance(e, ForwardedError):
+        return e.status  # already mapped by the sequencing process's table
     return next(status for cls, status in STATUS if isinstance(e, cls))
 
 
@@ -137,7 +140,8 @@ async def get_tile(request: web.Request) -> web.Response:
     return web.Response(body=body, headers=headers)
 
 
-async def post_add(request: web.Request) -> web.Response:
+async def read_entry(request: web.Request) -> bytes:
+    """The body of POST /add: 1 to MAX_ENTRY_SIZE bytes. Raises TooLargeError or MalformedError."""
     if request.content_length is not None and request.content_length > MAX_ENTRY_SIZE:
         raise TooLargeError(f"entry over {MAX_ENTRY_SIZE} bytes")
     entry = await request.read()
@@ -145,8 +149,15 @@ async def post_add(request: web.Request) -> web.Response:
         raise TooLargeError(f"entry over {MAX_ENTRY_SIZE} bytes")
     if not entry:
         raise MalformedError("empty entry")
-    proof = await request.app[SEQUENCER].add(entry)
+    return entry
+
+
+def proof_response(proof: bytes) -> web.Response:
     return web.Response(body=proof, headers={"Content-Type": "text/plain; charset=utf-8"})
+
+
+async def post_add(request: web.Request) -> web.Response:
+    return proof_response(await request.app[SEQUENCER].add(await read_entry(request)))
 
 
 async def get_inclusion(request: web.Request) -> web.Response:

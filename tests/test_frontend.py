@@ -1,0 +1,110 @@
+"""`wasmlog log serve --workers N`: front-end processes on one port, one sequencing process."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import aiohttp
+from helpers import free_port
+
+from tlog.hashes import leaf_hash
+from tlog.merkle import verify_inclusion
+from tlog.note import Ed25519Signer, Ed25519Verifier
+from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
+from tlog.tiles import encode_entry_bundle
+
+KEY = Ed25519Signer.generate("example.com/frontlog")
+VERIFIER = Ed25519Verifier(KEY.name, KEY.public_key)
+
+
+def front_end_pids(port: int) -> list[int]:
+    """Processes running `log front ... --listen 127.0.0.1:port` (Linux /proc)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"front" in args and f"127.0.0.1:{port}".encode() in args:
+            pids.append(int(pid))
+    return pids
+
+
+def start(tmp_path, port: int, workers: int) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
+    key = tmp_path / "log.key"
+    key.write_text(KEY.private_key + "\n")
+    return subprocess.Popen(
+        [sys.executable, "-m", "tlog", "log", "serve", "--data", str(tmp_path / "db"), "--key", str(key),
+         "--listen", f"127.0.0.1:{port}", "--interval-ms", "5", "--workers", str(workers)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+async def wait_ready(session: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "exited"
+        try:
+            async with session.get(url + "/checkpoint") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("log did not start")
+
+
+async def test_front_ends_forward_adds_and_proxy_reads_byte_for_byte(tmp_path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start(tmp_path, port, workers=2)
+    try:
+        # force_close: every request a new connection, so both front-ends serve some.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True), auto_decompress=False) as s:
+            await wait_ready(s, url, proc)
+            assert len(front_end_pids(port)) == 2
+
+            async def add(entry: bytes) -> int:
+                async with s.post(url + "/add", data=entry) as r:
+                    assert r.status == 200 and r.content_type == "text/plain"
+                    tp = parse_tlog_proof(await r.read())
+                verify_tlog_proof(tp, leaf_hash(entry), VERIFIER)
+                return tp.index
+
+            entries = [b"front %d" % i for i in range(200)]
+            indexes = await asyncio.gather(*(add(e) for e in entries))
+            assert sorted(indexes) == list(range(200))
+            assert await add(entries[3]) == indexes[3]  # a duplicate: its first index
+
+            async with s.post(url + "/add", data=b"") as r:
+                assert r.status == 400
+            async with s.post(url + "/add", data=b"x" * 65536) as r:
+                assert r.status == 413
+            async with s.get(url + "/tile/entries/000.p/200", headers={"Accept-Encoding": "gzip"}) as r:
+                assert r.status == 200
+                assert r.headers["Content-Encoding"] == "gzip" and "immutable" in r.headers["Cache-Control"]
+                by_index = dict(zip(indexes, entries, strict=True))
+                assert gzip.decompress(await r.read()) == encode_entry_bundle([by_index[i] for i in range(200)])
+            async with s.get(url + "/tile/0/001") as r:  # beyond the tree
+                assert r.status == 404
+            async with s.get(url + "/checkpoint") as r:
+                size = int((await r.text()).split("\n")[1])
+                root = base64.b64decode((await r.text()).split("\n")[2])
+            async with s.get(f"{url}/proof/inclusion?index={indexes[5]}&size={size}") as r:
+                proof = [base64.b64decode(x) for x in (await r.text()).splitlines()]
+            verify_inclusion(indexes[5], size, leaf_hash(entries[5]), proof, root)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    deadline = time.monotonic() + 10
+    while front_end_pids(port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not front_end_pids(port), "front-ends outlived the log"

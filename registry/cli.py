@@ -13,6 +13,7 @@ import aiohttp
 import click
 import uvloop
 
+from tlog.addipc import AddServer
 from tlog.cli import (
     DEFAULT_HEALTHZ_MAX_AGE,
     DEFAULT_LISTEN,
@@ -22,10 +23,12 @@ from tlog.cli import (
     read_witness_policy,
     run_app,
     sequencer_options,
+    serve_with_front_ends,
     split_listen,
     witness_group,
 )
 from tlog.errors import TlogError
+from tlog.frontend import ADD_SOCKET
 from tlog.keys import read_signer
 from tlog.log import Log
 from tlog.sequencer import Sequencer
@@ -34,10 +37,11 @@ from tlog.witnessing import DEFAULT_WITNESS_TIMEOUT
 
 from .blobs import BlobStore
 from .client import RegistryClient
+from .frontend import CHECK_SOCKET, make_registry_frontend_app
 from .network import NetworkConfig, run_network
 from .record import Action, PackageRef, check_label, parse_package_ref
 from .sbom import CYCLONEDX, SPDX
-from .server import make_app
+from .server import error_body, make_app, status_for
 from .service import Registry
 
 T = TypeVar("T")
@@ -106,10 +110,11 @@ def registry_group() -> None:
 @click.option("--witness-policy", "policy_file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="A c2sp.org/tlog-policy file: publish only checkpoints its witness quorum cosigned.")
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True)
 @sequencer_options
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="With N > 1, N HTTP front-end processes share the port, check publishes and write blobs; this one keeps the state and the log.")
 @one_line_errors
 def registry_serve(
     data: pathlib.Path, key_file: pathlib.Path, policy_file: pathlib.Path | None, listen: str,
-    interval_ms: int, batch_max: int, max_pending: int,
+    interval_ms: int, batch_max: int, max_pending: int, workers: int,
 ) -> None:
     """Serve the registry API under /api/v1/ and its log under /log/."""
     host, port = split_listen(listen)
@@ -121,10 +126,31 @@ def registry_serve(
                               batch_max=batch_max, max_pending=max_pending)
         registry = Registry(sequencer=sequencer, blobs=BlobStore(str(data / "blobs")))
         click.echo(f"registry at http://{host}:{port}/api/v1/ with its log {sequencer.log.origin} at /log/")
-        run_app(make_app(registry, sequencer, witness_policy=policy, witness_timeout=DEFAULT_WITNESS_TIMEOUT,
-                         max_checkpoint_age=DEFAULT_HEALTHZ_MAX_AGE), host, port)
+        app = make_app(registry, sequencer, witness_policy=policy, witness_timeout=DEFAULT_WITNESS_TIMEOUT,
+                       max_checkpoint_age=DEFAULT_HEALTHZ_MAX_AGE)
+        if workers <= 1:
+            run_app(app, host, port)
+            return
+        serve_with_front_ends(
+            app, workers,
+            lambda ipc_dir: ["registry", "registry", "front", "--ipc", ipc_dir, "--data", str(data), "--listen", listen],
+            {
+                CHECK_SOCKET: lambda _: AddServer(registry.check_entry, status_for, error_body),
+                ADD_SOCKET: lambda _: AddServer(registry.submit_entry, status_for, error_body),
+            },
+        )
     finally:
         store.close()
+
+
+@registry_group.command("front", hidden=True)
+@click.option("--ipc", "ipc_dir", required=True, type=click.Path(exists=True, file_okay=False), help="The registry process's socket directory.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="The registry's data directory (blobs are written here).")
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True)
+def registry_front(ipc_dir: str, data: str, listen: str) -> None:
+    """An HTTP front-end process of `registry serve --workers N` (started by it, not by hand)."""
+    host, port = split_listen(listen)
+    run_app(make_registry_frontend_app(ipc_dir, data), host, port, reuse_port=True)
 
 
 @main.command()

@@ -9,6 +9,7 @@ from typing import Any
 import cbor2
 from aiohttp import web
 
+from tlog.addipc import ForwardedError
 from tlog.checkpoint import parse_decimal
 from tlog.errors import MalformedError, NotFoundError, PushbackError, StorageFullError, TlogError, TooLargeError
 from tlog.metrics import install
@@ -45,15 +46,24 @@ STATUS: list[tuple[type[TlogError], int]] = [
 
 
 def status_for(e: TlogError) -> int:
-    if isinstance(e, ValidationError):
+    if isinstance(e, (ValidationError, ForwardedError)):
         return e.status
     return next(status for cls, status in STATUS if isinstance(e, cls))
+
+
+def error_body(e: TlogError) -> bytes:
+    return json.dumps({"error": type(e).__name__, "message": str(e)}).encode()
 
 
 def registry_error_response(e: TlogError) -> web.Response:
     status = status_for(e)
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else {}
-    return web.json_response({"error": type(e).__name__, "message": str(e)}, status=status, headers=headers)
+    if isinstance(e, ForwardedError) and e.body is not None:  # the registry process's own reply
+        return web.Response(body=e.body, status=status, headers=headers, content_type="application/json")
+    return web.Response(body=error_body(e), status=status, headers=headers, content_type="application/json")
+
+
+registry_errors_middleware = errors_middleware_for(registry_error_response)
 
 
 async def read_parts(request: web.Request, limits: dict[str, int]) -> dict[str, bytes]:
@@ -75,7 +85,7 @@ async def read_parts(request: web.Request, limits: dict[str, int]) -> dict[str, 
     return parts
 
 
-def _text(parts: dict[str, bytes], name: str) -> str:
+def part_text(parts: dict[str, bytes], name: str) -> str:
     try:
         return parts[name].decode("utf-8").strip()
     except (KeyError, UnicodeDecodeError):
@@ -100,15 +110,21 @@ async def read_cbor_parts(request: web.Request, limits: dict[str, int]) -> dict[
     return obj
 
 
-async def publish(request: web.Request) -> web.Response:
-    if request.content_type == "application/cbor":  # what the CLI sends: cheap to parse
+async def read_publish_parts(request: web.Request) -> dict[str, bytes]:
+    """The parts of a publish: CBOR (what the CLI sends: cheap to parse) or multipart/form-data (curl)."""
+    if request.content_type == "application/cbor":
         parts = await read_cbor_parts(request, PUBLISH_PARTS)
-    else:  # multipart/form-data, for curl
+    else:
         parts = await read_parts(request, PUBLISH_PARTS)
     if "envelope" not in parts or "module" not in parts:
         raise MalformedError("publish needs the parts signer, envelope and module (and sbom when the statement names one)")
+    return parts
+
+
+async def publish(request: web.Request) -> web.Response:
+    parts = await read_publish_parts(request)
     proof = await request.app[REGISTRY].publish(
-        signer=_text(parts, "signer"), envelope=parts["envelope"], module=parts["module"], sbom=parts.get("sbom")
+        signer=part_text(parts, "signer"), envelope=parts["envelope"], module=parts["module"], sbom=parts.get("sbom")
     )
     return web.Response(body=proof, content_type="text/plain")
 
@@ -135,7 +151,7 @@ async def get_namespace(request: web.Request) -> web.Response:
     ns_name = check_label(request.match_info["ns"], "namespace")
     ns = request.app[REGISTRY].namespace(ns_name)
     packages: dict[str, list[str]] = {}
-    for key in ns.releases:
+    for key in ns.in_log_order():
         name, version = key.split("@", 1)
         packages.setdefault(name, []).append(version)
     return web.json_response(
@@ -205,7 +221,7 @@ def make_app(
     max_checkpoint_age: float | None = None, read_only: bool = False,
 ) -> web.Application:
     """The registry app. read_only leaves out publishing and records (a mirror)."""
-    app = web.Application(client_max_size=MAX_PUBLISH_BYTES, middlewares=[errors_middleware_for(registry_error_response)])
+    app = web.Application(client_max_size=MAX_PUBLISH_BYTES, middlewares=[registry_errors_middleware])
     app[REGISTRY] = registry
     base = "/api/v1"
     pkg = base + "/packages/{ns}/{name}/{version}"

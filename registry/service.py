@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ from .dsse import parse_envelope
 from .groupsync import GroupSync
 from .record import PackageRef, Record, RecordError, Release, decode_entry, module_digest, record_for
 from .sbom import validate_sbom
-from .state import NamespaceState, RegistryState, ReleaseState, ValidationError
+from .state import InvalidSignature, NamespaceState, RegistryState, ReleaseState, ValidationError
 from .wasm import parse_wasm
 
 logger = logging.getLogger("wasmlog.registry")
@@ -35,6 +36,50 @@ INLINE_IO_BYTES = 64 << 10  # blobs this small are parsed and written on the eve
 
 class NotYetPublished(TlogError):
     """The record is logged but no published (cosigned) checkpoint covers it yet: retry later."""
+
+
+async def check_release(*, signer: str, envelope: bytes, module: bytes, sbom: bytes | None) -> Record:
+    """Every check of a release that needs no registry state: envelope, statement, signature,
+    module digest and imports, SBOM digest and schema. Raises RecordError, ValidationError."""
+    record = record_for("release", signer, parse_envelope(envelope))
+    release = record.body
+    assert isinstance(release, Release)
+    if module_digest(module) != release.module_sha256:
+        raise RecordError("the module's SHA-256 is not the statement's subject digest")
+    info = parse_wasm(module) if len(module) <= INLINE_IO_BYTES else await asyncio.to_thread(parse_wasm, module)
+    if list(info.imports) != list(release.imports):
+        raise RecordError("the statement's import list is not exactly the module's imports")
+    if (sbom is None) != (release.sbom_sha256 is None):
+        raise RecordError("an SBOM must be sent exactly when the statement names one")
+    if sbom is not None:
+        if module_digest(sbom) != release.sbom_sha256:
+            raise RecordError("the SBOM's SHA-256 is not the statement's sbom digest")
+        assert release.sbom_media_type is not None
+        await asyncio.to_thread(validate_sbom, release.sbom_media_type, sbom)
+    if not record.signed_by_signer:
+        raise InvalidSignature(f"the envelope is not signed by {record.signer}")
+    return record
+
+
+async def store_blobs(blobs: BlobStore, group: GroupSync, *datas: bytes | None) -> None:
+    """Write each blob and return once all are durable (one shared filesystem sync per round)."""
+    for data in datas:
+        if data is None:
+            continue
+        if len(data) <= INLINE_IO_BYTES:
+            blobs.write(data)  # into the page cache: cheaper here than a thread hop
+        else:
+            await asyncio.to_thread(blobs.write, data)
+    await group.wait()
+
+
+def _done(value: bytes) -> asyncio.Future[bytes]:
+    fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    fut.set_result(value)
+    return fut
+
+
+CHECKED_CACHE = 65536  # records checked for front-ends, kept until they submit them
 
 
 class Registry:
@@ -50,7 +95,8 @@ class Registry:
         self.pending_state = self.state
         sequencer.on_integrated.append(self._on_integrated)
         sequencer.entry_as_extra = True  # every proof we hand out carries its entry
-        self._blob_sync = GroupSync(blobs.sync)
+        self.blob_sync = GroupSync(blobs.sync)
+        self._checked: OrderedDict[bytes, Record] = OrderedDict()  # leaf hash -> record (front-ends)
 
     def _replay(self) -> None:
         size = self.log.integrated.checkpoint.size
@@ -99,49 +145,71 @@ class Registry:
         """Whether the entry with leaf hash h is pending or logged (one read of the memory-mapped dedup index)."""
         return h in self._pending or bool(self.log.store.lookup([h]))
 
-    async def submit(self, record: Record) -> bytes:
-        """Append a checked record; return its tlog-proof with the entry as extra data."""
-        h = leaf_hash(record.entry)
-        if not self._logged(h):
-            # Check and reserve with no await in between, then hand the entry to the
-            # sequencer, which appends in this same order.
+    def _queue(self, record: Record) -> asyncio.Future[bytes]:
+        """Check the record against the pending state, reserve it and queue it; the future is its tlog-proof.
+
+        Nothing may await between the check and the queueing: the sequencer appends in
+        reservation order. Raises ValidationError (nothing reserved).
+        """
+        entry = record.entry
+        h = leaf_hash(entry)
+        reserved = not self._logged(h)
+        if reserved:
             self.pending_state = self.pending_state.apply(record, -1)
             self._pending[h] = record
         try:
-            return await self.sequencer.add(record.entry)
+            fut = self.sequencer.submit(entry)
         except Exception:
-            if self._pending.pop(h, None) is not None:
-                self._rebuild_pending()
+            self._unreserve(h)
             raise
+        if reserved:
+            def unreserve_on_failure(f: asyncio.Future[bytes]) -> None:
+                if f.cancelled() or f.exception() is not None:
+                    self._unreserve(h)
+
+            fut.add_done_callback(unreserve_on_failure)
+        return fut
+
+    def _unreserve(self, h: bytes) -> None:
+        if self._pending.pop(h, None) is not None:
+            self._rebuild_pending()
+
+    async def submit(self, record: Record) -> bytes:
+        """Append a checked record; return its tlog-proof with the entry as extra data."""
+        return await asyncio.shield(self._queue(record))
 
     async def publish(self, *, signer: str, envelope: bytes, module: bytes, sbom: bytes | None) -> bytes:
         """Check a release against its module (and SBOM), store the blobs, and log it."""
-        record = record_for("release", signer, parse_envelope(envelope))
-        release = record.body
-        assert isinstance(release, Release)
-        if module_digest(module) != release.module_sha256:
-            raise RecordError("the module's SHA-256 is not the statement's subject digest")
-        info = parse_wasm(module) if len(module) <= INLINE_IO_BYTES else await asyncio.to_thread(parse_wasm, module)
-        if list(info.imports) != list(release.imports):
-            raise RecordError("the statement's import list is not exactly the module's imports")
-        if (sbom is None) != (release.sbom_sha256 is None):
-            raise RecordError("an SBOM must be sent exactly when the statement names one")
-        if sbom is not None:
-            if module_digest(sbom) != release.sbom_sha256:
-                raise RecordError("the SBOM's SHA-256 is not the statement's sbom digest")
-            assert release.sbom_media_type is not None
-            await asyncio.to_thread(validate_sbom, release.sbom_media_type, sbom)
+        record = await check_release(signer=signer, envelope=envelope, module=module, sbom=sbom)
         if not self._logged(leaf_hash(record.entry)):
             self.pending_state.check(record)  # fail before writing blobs for a record we would refuse
-        for blob in (sbom, module):
-            if blob is None:
-                continue
-            if len(blob) <= INLINE_IO_BYTES:
-                self.blobs.write(blob)  # into the page cache: cheaper here than a thread hop
-            else:
-                await asyncio.to_thread(self.blobs.write, blob)
-        await self._blob_sync.wait()  # blobs durable before the entry that names them is logged
+        await store_blobs(self.blobs, self.blob_sync, sbom, module)  # durable before the entry naming them
         return await self.submit(record)
+
+    # ── for front-end processes (registry/frontend.py), over tlog/addipc.py ──
+    def _decoded(self, entry: bytes) -> Record:
+        record = self._checked.pop(leaf_hash(entry), None) or decode_entry(entry)
+        if record.type != "release":
+            raise RecordError("front-ends forward releases only")
+        return record
+
+    def check_entry(self, entry: bytes) -> asyncio.Future[bytes]:
+        """Would this release entry be accepted now? Resolves to b"" or raises ValidationError.
+
+        The front-end asks before it writes blobs, so a refused release writes nothing.
+        """
+        record = self._decoded(entry)
+        h = leaf_hash(entry)
+        if not self._logged(h):
+            self.pending_state.check(record)  # verifies the signature here too: never trust a front-end's word
+        self._checked[h] = record
+        while len(self._checked) > CHECKED_CACHE:
+            self._checked.popitem(last=False)
+        return _done(b"")
+
+    def submit_entry(self, entry: bytes) -> asyncio.Future[bytes]:
+        """Queue a release entry whose blobs the front-end made durable; the future is its tlog-proof."""
+        return self._queue(self._decoded(entry))
 
     async def act(self, *, record_type: str, signer: str, envelope: bytes) -> bytes:
         """Log a key grant, key revocation or yank."""

@@ -53,7 +53,12 @@ class NamespaceState:
     releases: Map[str, ReleaseState] = field(default_factory=Map)  # "name@version"
 
     def versions(self, name: str) -> list[str]:
-        return [k.split("@", 1)[1] for k in self.releases if k.split("@", 1)[0] == name]
+        """The versions of name in publication (log index) order."""
+        return [k.split("@", 1)[1] for k in self.in_log_order() if k.split("@", 1)[0] == name]
+
+    def in_log_order(self) -> list[str]:
+        """Every "name@version" in publication (log index) order (the maps themselves are unordered)."""
+        return sorted(self.releases, key=lambda k: self.releases[k].index)
 
 
 @dataclass(frozen=True)

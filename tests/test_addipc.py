@@ -31,7 +31,7 @@ async def connected(tmp_path: pathlib.Path, **kw):  # type: ignore[no-untyped-de
     store_kw = {k: kw.pop(k) for k in ("before_commit",) if k in kw}
     store = LMDBLogStore(str(tmp_path / "db"), **store_kw)
     seq = Sequencer(Log(store, KEY), interval=kw.pop("interval", 0.01), **kw)
-    server = await AddServer(seq, status_for).start(str(tmp_path / "add.sock"))
+    server = await AddServer(seq.submit, status_for).start(str(tmp_path / "add.sock"))
     client = AddClient()
     await client.connect(str(tmp_path / "add.sock"))
     return seq, server, client, store

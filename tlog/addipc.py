@@ -22,7 +22,6 @@ import struct
 from collections.abc import Callable
 
 from .errors import MalformedError, TlogError, TooLargeError
-from .sequencer import Sequencer
 from .tiles import MAX_ENTRY_SIZE
 
 REQUEST = struct.Struct(">II")
@@ -34,11 +33,16 @@ logger = logging.getLogger("wasmlog.addipc")
 
 
 class ForwardedError(TlogError):
-    """An error status the sequencing process answered for a forwarded entry."""
+    """An error status for a forwarded entry; body is the sequencing process's reply body (None if it never answered)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, body: bytes | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.body = body
+
+
+def text_error_body(e: TlogError) -> bytes:
+    return f"{e}\n".encode()
 
 
 class _FrameWriter:
@@ -82,12 +86,21 @@ async def _read_frames(reader: asyncio.StreamReader, header: struct.Struct, max_
         buf = buf[pos:]
 
 
-class AddServer:
-    """In the sequencing process: answer forwarded entries through the sequencer."""
+Submit = Callable[[bytes], "asyncio.Future[bytes]"]
 
-    def __init__(self, sequencer: Sequencer, status_for: Callable[[TlogError], int]) -> None:
-        self.sequencer = sequencer
+
+class AddServer:
+    """In the sequencing process: answer each forwarded entry with what submit(entry) resolves to.
+
+    submit returns a future (Sequencer.submit, or an application's check-and-queue) or raises
+    a TlogError at once; errors become status_for(e) with error_body(e) as the reply body.
+    """
+
+    def __init__(self, submit: Submit, status_for: Callable[[TlogError], int],
+                 error_body: Callable[[TlogError], bytes] = text_error_body) -> None:
+        self.submit = submit
         self.status_for = status_for
+        self.error_body = error_body
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.StreamWriter] = set()
 
@@ -111,7 +124,7 @@ class AddServer:
                 status, body = 503, b"cancelled\n"
             elif (e := fut.exception()) is not None:
                 err = e if isinstance(e, TlogError) else TlogError(f"integration failed: {e}")
-                status, body = self.status_for(err), f"{err}\n".encode()
+                status, body = self.status_for(err), self.error_body(err)
             else:
                 status, body = 200, fut.result()
             out.send(REPLY.pack(request_id, status, len(body)), body)
@@ -121,9 +134,9 @@ class AddServer:
             try:
                 if not entry:
                     raise MalformedError("empty entry")
-                fut = self.sequencer.submit(entry)
+                fut = self.submit(entry)
             except TlogError as e:
-                body = f"{e}\n".encode()
+                body = self.error_body(e)
                 out.send(REPLY.pack(request_id, self.status_for(e), len(body)), body)
                 return
             fut.add_done_callback(lambda f, i=request_id: reply(i, f))
@@ -191,7 +204,7 @@ class AddClient:
         self._out.send(REQUEST.pack(request_id, len(entry)), entry)
         status, body = await fut
         if status != 200:
-            raise ForwardedError(status, body.decode("utf-8", "replace").rstrip("\n"))
+            raise ForwardedError(status, body.decode("utf-8", "replace").rstrip("\n"), body)
         return body
 
     async def close(self) -> None:

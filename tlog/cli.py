@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Mapping
 
 import click
 import uvloop
@@ -60,15 +61,13 @@ def run_app(app: web.Application, host: str | None, port: int | None, *, path: s
                 loop=new_loop())
 
 
-def front_ends(ipc_dir: str, listen: str, count: int):  # type: ignore[no-untyped-def]
-    """An app cleanup context: answer forwarded entries, run count front-end processes, stop them after."""
+def front_ends(ipc_dir: str, command: list[str], count: int, servers: Mapping[str, Callable[[web.Application], AddServer]]):  # type: ignore[no-untyped-def]
+    """An app cleanup context: start each AddServer on its socket in ipc_dir, run count front-end
+    processes (python -m <command>), and stop them (then the servers) when the app stops."""
 
     async def run(app: web.Application):  # type: ignore[no-untyped-def]
-        server = await AddServer(app[SEQUENCER], status_for).start(os.path.join(ipc_dir, ADD_SOCKET))
-        procs = [
-            subprocess.Popen([sys.executable, "-m", "tlog", "log", "front", "--ipc", ipc_dir, "--listen", listen])
-            for _ in range(count)
-        ]
+        started = [await make(app).start(os.path.join(ipc_dir, name)) for name, make in servers.items()]
+        procs = [subprocess.Popen([sys.executable, "-m", *command]) for _ in range(count)]
         try:
             yield
         finally:
@@ -79,9 +78,21 @@ def front_ends(ipc_dir: str, listen: str, count: int):  # type: ignore[no-untype
                     await asyncio.to_thread(p.wait, 10)
                 except subprocess.TimeoutExpired:
                     p.kill()
-            server.close()
+            for server in started:
+                server.close()
 
     return run
+
+
+def serve_with_front_ends(app: web.Application, workers: int, front_command: Callable[[str], list[str]],
+                          servers: Mapping[str, Callable[[web.Application], AddServer]]) -> None:
+    """Serve app on a private Unix socket with `workers` front-end processes on the public port."""
+    ipc_dir = tempfile.mkdtemp(prefix="wasmlog-")  # mode 0700: only this user reaches the sockets
+    try:
+        app.cleanup_ctx.append(front_ends(ipc_dir, front_command(ipc_dir), workers, servers))
+        run_app(app, None, None, path=os.path.join(ipc_dir, HTTP_SOCKET))
+    finally:
+        shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
 def read_witness_policy(path: pathlib.Path, signer: Ed25519Signer) -> Policy:
@@ -114,12 +125,10 @@ def serve_log(
         if workers <= 1:
             run_app(app, host, port)
             return
-        ipc_dir = tempfile.mkdtemp(prefix="wasmlog-")  # mode 0700: only this user reaches the sockets
-        try:
-            app.cleanup_ctx.append(front_ends(ipc_dir, listen, workers))
-            run_app(app, None, None, path=os.path.join(ipc_dir, HTTP_SOCKET))
-        finally:
-            shutil.rmtree(ipc_dir, ignore_errors=True)
+        serve_with_front_ends(
+            app, workers, lambda ipc_dir: ["tlog", "log", "front", "--ipc", ipc_dir, "--listen", listen],
+            {ADD_SOCKET: lambda a: AddServer(a[SEQUENCER].submit, status_for)},
+        )
     finally:
         store.close()
 

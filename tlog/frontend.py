@@ -1,10 +1,10 @@
-"""HTTP front-end processes for ``wasmlog log serve --workers N``.
+"""HTTP front-end processes for ``wasmlog log serve --workers N`` (and the registry's).
 
-The sequencing process listens on the public port and on a private Unix socket; each
-front-end listens on the same public port (SO_REUSEPORT: the kernel spreads connections),
-forwards POST /add over tlog/addipc.py, and proxies every other request to the private
-socket, so every reply, status and header comes from the one process that owns the log.
-A front-end exits when the sequencing process goes away.
+The sequencing process listens on a private Unix socket only; N front-ends listen on the
+public port (SO_REUSEPORT: the kernel spreads connections), forward entries over
+tlog/addipc.py, and proxy every other request to the private socket, so every read reply,
+status and header comes from the one process that owns the log. A front-end exits when the
+sequencing process goes away.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -32,11 +32,8 @@ _HOP_BY_HOP = frozenset(
 )
 
 
-async def forward_add(request: web.Request) -> web.Response:
-    return proof_response(await request.app[ADD_CLIENT].add(await read_entry(request)))
-
-
 async def proxy(request: web.Request) -> web.Response:
+    """Replay the request on the sequencing process's private socket; return its reply as it is."""
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
     body = await request.read() if request.can_read_body else None
     async with request.app[UPSTREAM].request(request.method, request.rel_url, headers=headers, data=body) as r:
@@ -45,27 +42,42 @@ async def proxy(request: web.Request) -> web.Response:
         return web.Response(status=r.status, body=data, headers=out)
 
 
-def make_frontend_app(ipc_dir: str) -> web.Application:
-    async def connect(app: web.Application) -> AsyncIterator[None]:
-        client = AddClient()
-        await client.connect(os.path.join(ipc_dir, ADD_SOCKET))
-        app[ADD_CLIENT] = client
+def frontend_context(
+    ipc_dir: str, clients: Mapping[web.AppKey[AddClient], str]
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context: connect each AddClient to its socket in ipc_dir and the upstream
+    session to the private HTTP socket; SIGTERM this process when the sequencing process goes away."""
+
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        for key, name in clients.items():
+            client = AddClient()
+            await client.connect(os.path.join(ipc_dir, name))
+            app[key] = client
         connector = aiohttp.UnixConnector(path=os.path.join(ipc_dir, HTTP_SOCKET))
         # auto_decompress off: gzip entry bundles pass through as the log encoded them.
         app[UPSTREAM] = aiohttp.ClientSession("http://log", connector=connector, auto_decompress=False)
 
         async def exit_with_upstream() -> None:
-            await client.closed.wait()
+            await asyncio.wait([asyncio.ensure_future(app[k].closed.wait()) for k in clients], return_when="FIRST_COMPLETED")
             os.kill(os.getpid(), signal.SIGTERM)  # run_app shuts down cleanly
 
         watcher = asyncio.create_task(exit_with_upstream())
         yield
         watcher.cancel()
         await app[UPSTREAM].close()
-        await client.close()
+        for key in clients:
+            await app[key].close()
 
+    return run
+
+
+async def forward_add(request: web.Request) -> web.Response:
+    return proof_response(await request.app[ADD_CLIENT].add(await read_entry(request)))
+
+
+def make_frontend_app(ipc_dir: str) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_ENTRY_SIZE + 1)
-    app.cleanup_ctx.append(connect)
+    app.cleanup_ctx.append(frontend_context(ipc_dir, {ADD_CLIENT: ADD_SOCKET}))
     app.router.add_post("/add", forward_add)
     app.router.add_route("*", "/{tail:.*}", proxy)
     return app

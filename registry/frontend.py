@@ -1,0 +1,52 @@
+"""HTTP front-end processes for ``wasmlog registry serve --workers N``.
+
+A front-end does the stateless work of a publish (HTTP and body parsing, envelope, statement,
+signature, wasm and SBOM checks, durable blob writes) and leaves the stateful part to the one
+registry process: it asks that process whether the release would be accepted (before writing
+any blob), writes the blobs, and then forwards the entry to be logged. Every other request is
+proxied to the registry process (tlog/frontend.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from tlog.addipc import AddClient
+from tlog.frontend import ADD_CLIENT, ADD_SOCKET, frontend_context, proxy
+
+from .blobs import BlobStore
+from .groupsync import GroupSync
+from .server import MAX_PUBLISH_BYTES, part_text, read_publish_parts, registry_errors_middleware
+from .service import check_release, store_blobs
+
+CHECK_SOCKET = "check.sock"
+CHECK_CLIENT = web.AppKey("check_client", AddClient)
+BLOBS = web.AppKey("blobs", BlobStore)
+BLOB_SYNC = web.AppKey("blob_sync", GroupSync)
+
+
+async def publish(request: web.Request) -> web.Response:
+    parts = await read_publish_parts(request)
+    record = await check_release(signer=part_text(parts, "signer"), envelope=parts["envelope"],
+                                 module=parts["module"], sbom=parts.get("sbom"))
+    await request.app[CHECK_CLIENT].add(record.entry)  # refused releases stop here, before any blob is written
+    await store_blobs(request.app[BLOBS], request.app[BLOB_SYNC], parts.get("sbom"), parts["module"])
+    proof = await request.app[ADD_CLIENT].add(record.entry)
+    return web.Response(body=proof, content_type="text/plain")
+
+
+def make_registry_frontend_app(ipc_dir: str, data: str) -> web.Application:
+    async def blobs(app: web.Application) -> AsyncIterator[None]:
+        app[BLOBS] = BlobStore(os.path.join(data, "blobs"))
+        app[BLOB_SYNC] = GroupSync(app[BLOBS].sync)
+        yield
+
+    app = web.Application(client_max_size=MAX_PUBLISH_BYTES, middlewares=[registry_errors_middleware])
+    app.cleanup_ctx.append(frontend_context(ipc_dir, {CHECK_CLIENT: CHECK_SOCKET, ADD_CLIENT: ADD_SOCKET}))
+    app.cleanup_ctx.append(blobs)
+    app.router.add_post("/api/v1/publish", publish)
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    return app

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
+import subprocess
+import time
+
+import aiohttp
 
 from tlog.integrate import TreeState, plan_batch
 from tlog.storage.memory import MemoryLogStore
@@ -30,3 +36,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def front_end_pids(port: int) -> list[int]:
+    """Processes running a `... front ... --listen 127.0.0.1:port` front-end (Linux /proc)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"front" in args and f"127.0.0.1:{port}".encode() in args:
+            pids.append(int(pid))
+    return pids
+
+
+def wait_front_ends_gone(port: int, seconds: float = 10.0) -> list[int]:
+    """Wait until no front-end of port runs; return those still running after seconds."""
+    deadline = time.monotonic() + seconds
+    while (pids := front_end_pids(port)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pids
+
+
+async def wait_ready(session: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes]) -> bytes:
+    """Poll url/checkpoint until the server answers 200; return the checkpoint. Fails if proc exits."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "server exited"
+        try:
+            async with session.get(url + "/checkpoint") as r:
+                if r.status == 200:
+                    return await r.read()
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("server did not start")

@@ -9,12 +9,10 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import aiohttp
 import pytest
-from helpers import free_port
-from test_frontend import front_end_pids
+from helpers import free_port, wait_front_ends_gone, wait_ready
 
 from tlog.checkpoint import Checkpoint, parse_checkpoint
 from tlog.hashes import leaf_hash
@@ -33,20 +31,6 @@ def start_server(data: str, key: str, port: int, workers: int = 1) -> subprocess
          "--listen", f"127.0.0.1:{port}", "--interval-ms", "5", "--workers", str(workers)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
-
-
-async def wait_ready(session: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes]) -> bytes:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "server exited"
-        try:
-            async with session.get(url + "/checkpoint") as r:
-                if r.status == 200:
-                    return await r.read()
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError("server did not start")
 
 
 async def load(session: aiohttp.ClientSession, url: str, tag: str, acked: dict[bytes, tuple[int, bytes]]) -> None:
@@ -109,10 +93,7 @@ async def test_sigkill_under_load_loses_nothing_and_never_forks(tmp_path, worker
                 await asyncio.sleep(rng.uniform(0.5, 1.5))
                 os.kill(proc.pid, signal.SIGKILL)
                 await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
-                deadline = time.monotonic() + 10
-                while front_end_pids(port) and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
-                assert not front_end_pids(port), "front-ends outlived the killed log"
+                assert not await asyncio.to_thread(wait_front_ends_gone, port), "front-ends outlived the killed log"
                 assert len(acked) > before, "no entry was acknowledged before the kill"
                 for _, (_, cp_note) in acked.items():
                     c = checkpoint_of(cp_note, verifier)

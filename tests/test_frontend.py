@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import aiohttp
-from helpers import free_port
+from helpers import free_port, front_end_pids, wait_front_ends_gone, wait_ready
 
 from tlog.hashes import leaf_hash
 from tlog.merkle import verify_inclusion
@@ -24,20 +22,6 @@ KEY = Ed25519Signer.generate("example.com/frontlog")
 VERIFIER = Ed25519Verifier(KEY.name, KEY.public_key)
 
 
-def front_end_pids(port: int) -> list[int]:
-    """Processes running `log front ... --listen 127.0.0.1:port` (Linux /proc)."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"front" in args and f"127.0.0.1:{port}".encode() in args:
-            pids.append(int(pid))
-    return pids
-
-
 def start(tmp_path, port: int, workers: int) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
     key = tmp_path / "log.key"
     key.write_text(KEY.private_key + "\n")
@@ -46,20 +30,6 @@ def start(tmp_path, port: int, workers: int) -> subprocess.Popen[bytes]:  # type
          "--listen", f"127.0.0.1:{port}", "--interval-ms", "5", "--workers", str(workers)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
-
-
-async def wait_ready(session: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "exited"
-        try:
-            async with session.get(url + "/checkpoint") as r:
-                if r.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError("log did not start")
 
 
 async def test_front_ends_forward_adds_and_proxy_reads_byte_for_byte(tmp_path) -> None:
@@ -104,7 +74,4 @@ async def test_front_ends_forward_adds_and_proxy_reads_byte_for_byte(tmp_path) -
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
-    deadline = time.monotonic() + 10
-    while front_end_pids(port) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not front_end_pids(port), "front-ends outlived the log"
+    assert not wait_front_ends_gone(port), "front-ends outlived the log"

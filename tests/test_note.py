@@ -225,15 +225,18 @@ def test_private_key_with_wrong_type_rejected() -> None:
 _B64_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 
+def _canonical_b64_reference(s: str) -> bytes | None:
+    """Reference: s is canonical when it is the standard padded encoding of what it decodes to."""
+    try:
+        data = base64.b64decode(s, validate=True)
+    except (ValueError, binascii.Error):
+        return None
+    return data if base64.b64encode(data).decode() == s else None
+
+
 @given(st.one_of(st.text(alphabet=_B64_CHARS, max_size=12), st.text(max_size=12), st.binary(max_size=9).map(lambda b: base64.b64encode(b).decode())))
 def test_b64decode_strict_accepts_exactly_the_canonical_encoding(s: str) -> None:
-    """Reference: a string is canonical when it is the standard padded encoding of what it decodes to."""
-    try:
-        want: bytes | None = base64.b64decode(s, validate=True)
-        if base64.b64encode(want).decode() != s:
-            want = None
-    except (ValueError, binascii.Error):
-        want = None
+    want = _canonical_b64_reference(s)
     try:
         got: bytes | None = b64decode_strict(s)
     except MalformedError:
@@ -246,12 +249,8 @@ def test_b64decode_strict_accepts_exactly_the_canonical_encoding(s: str) -> None
 def test_parse_hash_accepts_exactly_canonical_32_bytes(s: str) -> None:
     from tlog.checkpoint import parse_hash
 
-    try:
-        want: bytes | None = base64.b64decode(s, validate=True)
-        if base64.b64encode(want).decode() != s or len(want) != 32:
-            want = None
-    except (ValueError, binascii.Error):
-        want = None
+    want = _canonical_b64_reference(s)
+    want = want if want is not None and len(want) == 32 else None
     try:
         got: bytes | None = parse_hash(s)
     except MalformedError:

@@ -12,9 +12,8 @@ import time
 
 import aiohttp
 import pytest
-from helpers import free_port
+from helpers import free_port, front_end_pids, wait_front_ends_gone, wait_ready
 from registry_helpers import CYCLONEDX, wat_module
-from test_frontend import front_end_pids, wait_ready
 
 from registry.client import RegistryClient, RegistryError, release_statement
 from registry.dsse import INTOTO_PAYLOAD_TYPE, sign_envelope
@@ -83,8 +82,5 @@ async def test_front_ends_publish_and_refuse_like_one_process(tmp_path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
-    deadline = time.monotonic() + 10
-    while front_end_pids(port) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not front_end_pids(port)
+    assert not wait_front_ends_gone(port)
     assert not [n for n in os.listdir(data / "blobs" / "sha256") if n.startswith(".tmp-")]

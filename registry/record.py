@@ -286,6 +286,11 @@ def record_for(record_type: str, signer: str, envelope: Envelope) -> Record:
     return Record(record_type, signer, envelope, body)
 
 
+_ENTRY_KEYS = ["v", "type", "signer", "envelope"]  # deterministic order: shorter keys first, then bytewise
+_ENVELOPE_KEYS = ["payload", "signatures", "payloadType"]
+_SIGNATURE_KEYS = ["sig", "keyid"]
+
+
 def decode_entry(data: bytes) -> Record:
     """Decode a log entry strictly: canonical CBOR only, then the record rules. Raises RecordError."""
     if len(data) > MAX_ENTRY_SIZE:
@@ -296,8 +301,6 @@ def decode_entry(data: bytes) -> Record:
         raise RecordError(f"log entry is not CBOR: {e}") from None
     # Every value's type is checked below (exact types: no bool for int, no tags, floats or
     # simple values); a tag that decodes to a plain type fails the re-encoding comparison.
-    if cbor2.dumps(obj, canonical=True) != data:  # duplicates, indefinite lengths, long ints, key order
-        raise RecordError("log entry is not canonical CBOR")
     top = _exact_keys(obj, {"v", "type", "signer", "envelope"}, set(), "log entry")
     if type(top["v"]) is not int or top["v"] != 1 or type(top["type"]) is not str or type(top["signer"]) is not str:
         raise RecordError("log entry v must be 1, type and signer text")
@@ -311,6 +314,12 @@ def decode_entry(data: bytes) -> Record:
         if type(d["keyid"]) is not str or type(d["sig"]) is not bytes:
             raise RecordError("malformed signature in log entry")
         signatures.append(Signature(d["keyid"], d["sig"]))
+    # Maps in deterministic key order (checked here) re-encode by the plain encoder to exactly
+    # the canonical bytes, so one comparison rejects duplicates, indefinite lengths, long
+    # integers and unsorted keys alike.
+    if list(top) != _ENTRY_KEYS or list(env) != _ENVELOPE_KEYS or any(list(s) != _SIGNATURE_KEYS for s in sigs) \
+            or cbor2.dumps(obj) != data:
+        raise RecordError("log entry is not canonical CBOR")
     record = record_for(top["type"], top["signer"], Envelope(env["payloadType"], env["payload"], tuple(signatures)))
     if record.envelope.signatures != tuple(signatures):
         raise RecordError("the signature's keyid is not the signer's key ID")

@@ -97,7 +97,11 @@ def test_non_canonical_cbor_is_rejected() -> None:
     tagged = cbor2.dumps({**obj, "signer": cbor2.CBORTag(32, obj["signer"])}, canonical=True)
     # a float where an int belongs
     floaty = cbor2.dumps({**obj, "v": 1.0}, canonical=True)
-    for bad in (unsorted, indefinite, dup, long_int, tagged, floaty, entry + b"\x00", entry[:-1]):
+    # unsorted keys one and two levels down (envelope, signature)
+    env = obj["envelope"]
+    inner = cbor2.dumps({**obj, "envelope": dict(reversed(list(env.items())))})
+    sig_keys = cbor2.dumps({**obj, "envelope": {**env, "signatures": [dict(reversed(list(x.items()))) for x in env["signatures"]]}})
+    for bad in (unsorted, indefinite, dup, long_int, tagged, floaty, entry + b"\x00", entry[:-1], inner, sig_keys):
         assert bad != entry
         with pytest.raises(RecordError):
             decode_entry(bad)

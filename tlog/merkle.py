@@ -72,7 +72,7 @@ def inclusion_ranges(index: int, size: int) -> list[Range]:
     ranges: list[Range] = []
     lo, hi = 0, size
     while hi - lo > 1:
-        k = _split(hi - lo)
+        k = 1 << ((hi - lo - 1).bit_length() - 1)  # _split, inlined: this loop is the proof server's hot path
         if index < lo + k:
             ranges.append((lo + k, hi))
             hi = lo + k
@@ -113,7 +113,14 @@ def _read(ranges: Sequence[Range], reader: NodeReader) -> list[bytes]:
     """Read the nodes every range needs in one call, then fold each range's hash."""
     if not ranges:
         return []
-    parts = [range_nodes(lo, hi) for lo, hi in ranges]
+    parts: list[Sequence[Node]] = []
+    for lo, hi in ranges:
+        n = hi - lo
+        if n > 0 and n & (n - 1) == 0 and lo & (n - 1) == 0:  # one perfect subtree (range_nodes' common case, inlined)
+            height = n.bit_length() - 1
+            parts.append(((height, lo >> height),))
+        else:
+            parts.append(range_nodes(lo, hi))
     hashes = reader.read_nodes([node for part in parts for node in part])
     out: list[bytes] = []
     i = 0

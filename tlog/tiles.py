@@ -20,6 +20,7 @@ from .merkle import Node
 
 TILE_HEIGHT = 8  # c2sp.org/tlog-tiles: full tiles hold 2**8 hashes
 TILE_WIDTH = 1 << TILE_HEIGHT
+TILE_HEIGHT_BITS = 3  # TILE_HEIGHT == 1 << TILE_HEIGHT_BITS: level and height in a tile by shift and mask
 FULL_TILE_BYTES = TILE_WIDTH * HASH_SIZE  # 8,192
 MAX_LEVEL = 63  # c2sp.org/tlog-tiles: "between 0 and 63"
 ENTRIES = -1  # the level we give entry bundles (tile/entries/...)
@@ -272,7 +273,7 @@ class TileNodeReader:
         out = []
         tiles: dict[tuple[int, int], _Expanded | _Summarized] = {}  # each tile looked up once per call
         for height, index in nodes:
-            level, k = divmod(height, TILE_HEIGHT)
+            level, k = height >> TILE_HEIGHT_BITS, height & (TILE_HEIGHT - 1)
             first = index << k  # index of the node's first hash at this tile level
             key = (level, first >> TILE_HEIGHT)
             view = tiles.get(key)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import os
 import signal
 import subprocess
 import sys
+import time
 
 import aiohttp
 from helpers import free_port, front_end_pids, wait_front_ends_gone, wait_ready
@@ -71,6 +73,18 @@ async def test_front_ends_forward_adds_and_proxy_reads_byte_for_byte(tmp_path) -
             async with s.get(f"{url}/proof/inclusion?index={indexes[5]}&size={size}") as r:
                 proof = [base64.b64decode(x) for x in (await r.text()).splitlines()]
             verify_inclusion(indexes[5], size, leaf_hash(entries[5]), proof, root)
+
+            victim = front_end_pids(port)[0]  # a front-end dies: the log starts another
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                pids = front_end_pids(port)
+                if len(pids) == 2 and victim not in pids:
+                    break
+                await asyncio.sleep(0.1)
+            assert len(pids) == 2 and victim not in pids
+            await wait_ready(s, url, proc)
+            assert await add(b"after a front-end died") == len(entries)  # the next index
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)

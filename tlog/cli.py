@@ -10,7 +10,6 @@ import os
 import pathlib
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -21,7 +20,7 @@ from aiohttp import web
 
 from .addipc import AddServer
 from .errors import TlogError
-from .frontend import ADD_SOCKET, HTTP_SOCKET, make_frontend_app
+from .frontend import ADD_SOCKET, HTTP_SOCKET, front_ends, make_frontend_app
 from .keys import read_signer, write_key_pair
 from .log import Log
 from .note import ALG_COSIGNATURE_V1, ALG_ED25519, Ed25519Signer, is_valid_key_name
@@ -61,35 +60,12 @@ def run_app(app: web.Application, host: str | None, port: int | None, *, path: s
                 loop=new_loop())
 
 
-def front_ends(ipc_dir: str, command: list[str], count: int, servers: Mapping[str, Callable[[web.Application], AddServer]]):  # type: ignore[no-untyped-def]
-    """An app cleanup context: start each AddServer on its socket in ipc_dir, run count front-end
-    processes (python -m <command>), and stop them (then the servers) when the app stops."""
-
-    async def run(app: web.Application):  # type: ignore[no-untyped-def]
-        started = [await make(app).start(os.path.join(ipc_dir, name)) for name, make in servers.items()]
-        procs = [subprocess.Popen([sys.executable, "-m", *command]) for _ in range(count)]
-        try:
-            yield
-        finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    await asyncio.to_thread(p.wait, 10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-            for server in started:
-                server.close()
-
-    return run
-
-
 def serve_with_front_ends(app: web.Application, workers: int, front_command: Callable[[str], list[str]],
                           servers: Mapping[str, Callable[[web.Application], AddServer]]) -> None:
     """Serve app on a private Unix socket with `workers` front-end processes on the public port."""
     ipc_dir = tempfile.mkdtemp(prefix="wasmlog-")  # mode 0700: only this user reaches the sockets
     try:
-        app.cleanup_ctx.append(front_ends(ipc_dir, front_command(ipc_dir), workers, servers))
+        app.cleanup_ctx.append(front_ends(ipc_dir, front_command(ipc_dir), workers, servers))  # supervised
         run_app(app, None, None, path=os.path.join(ipc_dir, HTTP_SOCKET))
     finally:
         shutil.rmtree(ipc_dir, ignore_errors=True)

@@ -10,16 +10,22 @@ sequencing process goes away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
 
-from .addipc import AddClient
+from .addipc import AddClient, AddServer
 from .server import errors_middleware, proof_response, read_entry
 from .tiles import MAX_ENTRY_SIZE
+
+logger = logging.getLogger("wasmlog.frontend")
 
 ADD_SOCKET = "add.sock"
 HTTP_SOCKET = "http.sock"
@@ -81,3 +87,48 @@ def make_frontend_app(ipc_dir: str) -> web.Application:
     app.router.add_post("/add", forward_add)
     app.router.add_route("*", "/{tail:.*}", proxy)
     return app
+
+
+SUPERVISE_INTERVAL = 1.0  # seconds between checks that every front-end still runs
+
+
+def front_ends(
+    ipc_dir: str, command: list[str], count: int, servers: Mapping[str, Callable[[web.Application], AddServer]]
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context for the sequencing process: start each AddServer on its socket in ipc_dir,
+    run count front-end processes (python -m <command>), restart any that dies, and stop them
+    (then the servers) when the app stops."""
+
+    def spawn() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", *command])
+
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        started = [await make(app).start(os.path.join(ipc_dir, name)) for name, make in servers.items()]
+        procs = [spawn() for _ in range(count)]
+
+        async def supervise() -> None:
+            while True:
+                await asyncio.sleep(SUPERVISE_INTERVAL)
+                for i, p in enumerate(procs):
+                    if p.poll() is not None:
+                        logger.warning("front-end %d exited with status %s; starting another", p.pid, p.returncode)
+                        procs[i] = spawn()
+
+        supervisor = asyncio.create_task(supervise(), name="front-end-supervisor")
+        try:
+            yield
+        finally:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    await asyncio.to_thread(p.wait, 10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            for server in started:
+                server.close()
+
+    return run

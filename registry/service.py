@@ -79,7 +79,7 @@ def _done(value: bytes) -> asyncio.Future[bytes]:
     return fut
 
 
-CHECKED_CACHE = 65536  # records checked for front-ends, kept until they submit them
+CHECKED_CACHE = 4096  # records checked for front-ends, kept until they submit them (a miss only decodes again)
 
 
 class Registry:

@@ -1,6 +1,10 @@
 """Durable append throughput and submit-to-proof latency over HTTP. Prints JSON.
 
-    python bench/append.py [--seconds 10] [--concurrency 256] [--client-procs 1] [--client wrk]
+    python bench/append.py [--seconds 10] [--concurrency 256] [--client-procs 1] [--client wrk] [--workers N]
+
+--workers N runs the log with N HTTP front-end processes (`log serve --workers N`); the
+bare baseline stays one process (two bare processes measured ~26.8k req/s on the 2-core
+machine, so the baseline is not what limits the log).
 
 --client wrk drives the load with wrk (apt-get install wrk), a C client that
 leaves more of the 2 cores to the server than the Python client does.

@@ -1,8 +1,12 @@
 """Registry publishes per second end to end, with many concurrent publishers. Prints JSON.
 
     python bench/publish.py [--publishers 64] [--per-publisher 40] [--seconds-baseline 1]
+                            [--interval-ms 100] [--workers N] [--passes 2] [--url URL]
 
-Starts `wasmlog registry serve` (LMDB, blobs fsynced, no witnesses) as a subprocess. Each publisher
+Each pass publishes with fresh keys and namespaces on the same server (the first pass also pays for a
+fresh data directory). --workers N runs `registry serve --workers N` (front-end processes).
+
+Starts `wasmlog registry serve` (LMDB, blobs synced before their entry is logged, no witnesses) as a subprocess. Each publisher
 has its own key and namespace and publishes distinct modules (a custom section varies), so every
 publish pays: multipart parsing, DSSE signature check, authorization, wasm parse, SBOM-less statement
 checks, one durable blob write, and a durable append. Signing happens before the clock starts.

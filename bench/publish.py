@@ -8,7 +8,7 @@ fresh data directory). --workers N runs `registry serve --workers N` (front-end 
 
 Starts `wasmlog registry serve` (LMDB, blobs synced before their entry is logged, no witnesses) as a subprocess. Each publisher
 has its own key and namespace and publishes distinct modules (a custom section varies), so every
-publish pays: multipart parsing, DSSE signature check, authorization, wasm parse, SBOM-less statement
+publish pays: CBOR body parsing, DSSE signature check, authorization, wasm parse, SBOM-less statement
 checks, one durable blob write, and a durable append. Signing happens before the clock starts.
 Baselines in the same run: Ed25519 verify rate, and SHA-256 + fsync'd file writes per second.
 """

@@ -160,7 +160,8 @@ class Registry:
         try:
             fut = self.sequencer.submit(entry)
         except Exception:
-            self._unreserve(h)
+            if reserved:  # a record another submitter reserved stays theirs
+                self._unreserve(h)
             raise
         if reserved:
             def unreserve_on_failure(f: asyncio.Future[bytes]) -> None:

@@ -75,12 +75,20 @@ def _no_constants(name: str) -> object:
 
 
 _STRICT_JSON = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)  # stateless: shared
+_scan_value = _STRICT_JSON.scan_once
 
 
 def strict_json(data: bytes, what: str) -> object:
     """Parse JSON that is UTF-8, with no duplicate keys and no NaN/Infinity. Raises MalformedError."""
     try:
-        return _STRICT_JSON.decode(data.decode("utf-8"))
+        text = data.decode("utf-8")
+        try:
+            value, end = _scan_value(text, 0)  # the common case: no whitespace around the value
+            if end == len(text):
+                return value
+        except StopIteration:
+            pass
+        return _STRICT_JSON.decode(text)
     except _DuplicateKey:
         raise MalformedError(f"{what}: duplicate JSON key") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError

@@ -83,7 +83,7 @@ def parse_package_ref(s: str) -> PackageRef:
 
 
 def check_digest(obj: object, what: str) -> str:
-    if not isinstance(obj, dict) or set(obj) != {"sha256"} or not isinstance(obj["sha256"], str) or not _HEX64.fullmatch(obj["sha256"]):
+    if type(obj) is not dict or obj.keys() != {"sha256"} or type(obj["sha256"]) is not str or not _HEX64.fullmatch(obj["sha256"]):
         raise RecordError(f"{what} must be {{\"sha256\": <64 lowercase hex>}}")
     return obj["sha256"]
 
@@ -123,26 +123,40 @@ class Release:
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+_STATEMENT_KEYS = frozenset({"_type", "subject", "predicateType", "predicate"})
+_SUBJECT_KEYS = frozenset({"name", "digest"})
+_PREDICATE_KEYS = frozenset({"namespace", "name", "version", "imports"})
+_PREDICATE_SBOM_KEYS = _PREDICATE_KEYS | {"sbom"}
+_IMPORT_KEYS = frozenset({"module", "name", "kind"})
+_IMPORT_KIND_SET = frozenset(IMPORT_KINDS)
+
+
 def parse_statement(payload: bytes) -> Release:
     """Parse a release statement. Raises RecordError."""
-    obj = _exact_keys(strict_json(payload, "statement"), {"_type", "subject", "predicateType", "predicate"}, set(), "statement")
+    obj = strict_json(payload, "statement")
+    if type(obj) is not dict or obj.keys() != _STATEMENT_KEYS:
+        raise RecordError(f"statement must have the fields {sorted(_STATEMENT_KEYS)}")
     if obj["_type"] != STATEMENT_TYPE or obj["predicateType"] != PREDICATE_TYPE:
         raise RecordError(f"want _type {STATEMENT_TYPE} and predicateType {PREDICATE_TYPE}")
     subjects = obj["subject"]
-    if not isinstance(subjects, list) or len(subjects) != 1:
+    if type(subjects) is not list or len(subjects) != 1:
         raise RecordError("a release statement has exactly one subject: the module")
-    subject = _exact_keys(subjects[0], {"name", "digest"}, set(), "subject")
-    pred = _exact_keys(obj["predicate"], {"namespace", "name", "version", "imports"}, {"sbom"}, "predicate")
+    subject = subjects[0]
+    if type(subject) is not dict or subject.keys() != _SUBJECT_KEYS:
+        raise RecordError(f"subject must have the fields {sorted(_SUBJECT_KEYS)}")
+    pred = obj["predicate"]
+    if type(pred) is not dict or not (pred.keys() == _PREDICATE_KEYS or pred.keys() == _PREDICATE_SBOM_KEYS):
+        raise RecordError(f"predicate must have the fields {sorted(_PREDICATE_KEYS)} (optional ['sbom'])")
     ref = PackageRef(check_label(pred["namespace"], "namespace"), check_label(pred["name"], "name"), check_version(pred["version"]))
     if subject["name"] != str(ref):
         raise RecordError(f"subject name {str(subject['name'])[:100]!r} is not {ref}")
     imports_raw = pred["imports"]
-    if not isinstance(imports_raw, list) or len(imports_raw) > MAX_IMPORTS:
+    if type(imports_raw) is not list or len(imports_raw) > MAX_IMPORTS:
         raise RecordError(f"imports must be a list of at most {MAX_IMPORTS}")
     imports = []
-    for i in imports_raw:
-        d = _exact_keys(i, {"module", "name", "kind"}, set(), "import")
-        if not all(isinstance(d[k], str) for k in d) or d["kind"] not in IMPORT_KINDS:
+    for d in imports_raw:
+        if type(d) is not dict or d.keys() != _IMPORT_KEYS or type(d["module"]) is not str or type(d["name"]) is not str \
+                or d["kind"] not in _IMPORT_KIND_SET:
             raise RecordError("an import is {module: str, name: str, kind: one of " + ", ".join(IMPORT_KINDS) + "}")
         imports.append(Import(d["module"], d["name"], d["kind"]))
     sbom_sha256 = sbom_media_type = None
@@ -152,8 +166,7 @@ def parse_statement(payload: bytes) -> Release:
         if sbom["mediaType"] not in SBOM_MEDIA_TYPES:
             raise RecordError(f"sbom mediaType must be one of {', '.join(SBOM_MEDIA_TYPES)}")
         sbom_media_type = sbom["mediaType"]
-    release = Release(ref, check_digest(subject["digest"], "subject digest"), tuple(imports), sbom_sha256, sbom_media_type)
-    return release
+    return Release(ref, check_digest(subject["digest"], "subject digest"), tuple(imports), sbom_sha256, sbom_media_type)
 
 
 @dataclass(frozen=True)
@@ -267,28 +280,46 @@ def record_for(record_type: str, signer: str, envelope: Envelope) -> Record:
     A record carries exactly one signature, with the signer's key ID as its keyid: keyids are
     not signed, so fixing them is what makes one signed statement one entry, byte for byte.
     """
-    if record_type not in RECORD_TYPES:
-        raise RecordError(f"unknown record type {record_type[:40]!r}")
-    keyid = f"{verifier_from_vkey(signer).key_id:08x}"
+    keyid = _keyid(record_type, signer)
     if len(envelope.signatures) != 1:
         raise RecordError("a record's envelope carries exactly one signature, by its signer")
     envelope = Envelope(envelope.payload_type, envelope.payload, (Signature(keyid, envelope.signatures[0].sig),))
+    return Record(record_type, signer, envelope, _body(record_type, envelope))
+
+
+def _keyid(record_type: str, signer: str) -> str:
+    """The keyid a record's one signature carries: the signer's key ID. Raises RecordError."""
+    if record_type not in RECORD_TYPES:
+        raise RecordError(f"unknown record type {record_type[:40]!r}")
+    return f"{verifier_from_vkey(signer).key_id:08x}"
+
+
+def _body(record_type: str, envelope: Envelope) -> Release | Action:
     if record_type == "release":
         if envelope.payload_type != INTOTO_PAYLOAD_TYPE:
             raise RecordError(f"a release is signed as {INTOTO_PAYLOAD_TYPE}")
-        body: Release | Action = parse_statement(envelope.payload)
-    else:
-        if envelope.payload_type != ACTION_PAYLOAD_TYPE:
-            raise RecordError(f"a {record_type} is signed as {ACTION_PAYLOAD_TYPE}")
-        body = parse_action(envelope.payload)
-        if body.action != record_type:
-            raise RecordError(f"the payload is a {body.action}, not a {record_type}")
-    return Record(record_type, signer, envelope, body)
+        return parse_statement(envelope.payload)
+    if envelope.payload_type != ACTION_PAYLOAD_TYPE:
+        raise RecordError(f"a {record_type} is signed as {ACTION_PAYLOAD_TYPE}")
+    body = parse_action(envelope.payload)
+    if body.action != record_type:
+        raise RecordError(f"the payload is a {body.action}, not a {record_type}")
+    return body
 
 
-_ENTRY_KEYS = ["v", "type", "signer", "envelope"]  # deterministic order: shorter keys first, then bytewise
+# Deterministic key order (shorter keys first, then bytewise), which decode_entry requires.
+_ENTRY_KEYS = ["v", "type", "signer", "envelope"]
 _ENVELOPE_KEYS = ["payload", "signatures", "payloadType"]
 _SIGNATURE_KEYS = ["sig", "keyid"]
+
+
+def _ordered_fields(obj: object, keys: list[str], what: str) -> list[Any]:
+    """The values of a CBOR map with exactly these keys, in this order. Raises RecordError."""
+    if type(obj) is not dict or list(obj) != keys:
+        if type(obj) is dict and obj.keys() == set(keys):
+            raise RecordError("log entry is not canonical CBOR")
+        raise RecordError(f"{what} must have the fields {sorted(keys)}")
+    return list(obj.values())
 
 
 def decode_entry(data: bytes) -> Record:
@@ -299,31 +330,30 @@ def decode_entry(data: bytes) -> Record:
         obj = cbor2.loads(data)
     except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as e:
         raise RecordError(f"log entry is not CBOR: {e}") from None
-    # Every value's type is checked below (exact types: no bool for int, no tags, floats or
-    # simple values); a tag that decodes to a plain type fails the re-encoding comparison.
-    top = _exact_keys(obj, {"v", "type", "signer", "envelope"}, set(), "log entry")
-    if type(top["v"]) is not int or top["v"] != 1 or type(top["type"]) is not str or type(top["signer"]) is not str:
+    # Every value's type is checked (exact types: no bool for int, no tags, floats or simple
+    # values), every map's keys in deterministic order. Such a value re-encodes by the plain
+    # encoder to exactly the canonical bytes, so one comparison then rejects duplicates,
+    # indefinite lengths, long integers and tags that decode to plain types alike.
+    v, record_type, signer, env = _ordered_fields(obj, _ENTRY_KEYS, "log entry")
+    if type(v) is not int or v != 1 or type(record_type) is not str or type(signer) is not str:
         raise RecordError("log entry v must be 1, type and signer text")
-    env = _exact_keys(top["envelope"], {"payloadType", "payload", "signatures"}, set(), "envelope")
-    sigs = env["signatures"]
-    if type(env["payloadType"]) is not str or type(env["payload"]) is not bytes or type(sigs) is not list or not sigs:
+    payload, sigs, payload_type = _ordered_fields(env, _ENVELOPE_KEYS, "envelope")
+    if type(payload_type) is not str or type(payload) is not bytes or type(sigs) is not list or not sigs:
         raise RecordError("malformed envelope in log entry")
     signatures = []
     for s in sigs:
-        d = _exact_keys(s, {"keyid", "sig"}, set(), "signature")
-        if type(d["keyid"]) is not str or type(d["sig"]) is not bytes:
+        sig, keyid = _ordered_fields(s, _SIGNATURE_KEYS, "signature")
+        if type(keyid) is not str or type(sig) is not bytes:
             raise RecordError("malformed signature in log entry")
-        signatures.append(Signature(d["keyid"], d["sig"]))
-    # Maps in deterministic key order (checked here) re-encode by the plain encoder to exactly
-    # the canonical bytes, so one comparison rejects duplicates, indefinite lengths, long
-    # integers and unsorted keys alike.
-    if list(top) != _ENTRY_KEYS or list(env) != _ENVELOPE_KEYS or any(list(s) != _SIGNATURE_KEYS for s in sigs) \
-            or cbor2.dumps(obj) != data:
+        signatures.append(Signature(keyid, sig))
+    if cbor2.dumps(obj) != data:
         raise RecordError("log entry is not canonical CBOR")
-    record = record_for(top["type"], top["signer"], Envelope(env["payloadType"], env["payload"], tuple(signatures)))
-    if record.envelope.signatures != tuple(signatures):
+    if len(signatures) != 1:
+        raise RecordError("a record's envelope carries exactly one signature, by its signer")
+    if signatures[0].keyid != _keyid(record_type, signer):
         raise RecordError("the signature's keyid is not the signer's key ID")
-    return record
+    envelope = Envelope(payload_type, payload, tuple(signatures))
+    return Record(record_type, signer, envelope, _body(record_type, envelope))
 
 
 def module_digest(data: bytes) -> str:

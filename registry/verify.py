@@ -18,7 +18,7 @@ from tlog.cosignature import cosignature_timestamp
 from tlog.errors import MalformedError, ProofError, SignatureError, TlogError, UnverifiedNoteError
 from tlog.hashes import leaf_hash
 from tlog.merkle import verify_consistency, verify_inclusion
-from tlog.note import Note, NoteSignature, open_note, verifier_from_vkey, verify_note
+from tlog.note import Note, parse_note, verifier_from_vkey
 from tlog.policy import Policy, parse_policy
 from tlog.proof_file import TlogProof, parse_tlog_proof
 
@@ -140,44 +140,46 @@ def open_checkpoint(
 
     parsed: the note and checkpoint already parsed from note_bytes (saves parsing them again).
     Returns the checkpoint, the note, the witnesses counted, and the newest counted cosignature time.
+    Signatures by keys the policy does not name are ignored; a named key's bad signature fails.
     """
-    origin = note_bytes.split(b"\n", 1)[0].decode("utf-8", "replace")  # open_note below checks it all
+    origin = parsed[1].origin if parsed is not None else note_bytes.split(b"\n", 1)[0].decode("utf-8", "replace")
     log = policy.tlog.log_for(origin)
     if log is None:
         raise VerifyError("log-unknown", f"log {origin!r} is not in the trust policy")
-    witnesses = policy.tlog.witness_verifiers
-    try:
-        if parsed is not None:
-            note, verified = parsed[0], verify_note(parsed[0], [log.verifier, *witnesses])
-        else:
-            note, verified = open_note(note_bytes, [log.verifier, *witnesses])
-    except SignatureError as e:
-        reason = "log-signature" if log.verifier.name in str(e) else "witness-signature"
-        raise VerifyError(reason, str(e)) from None
-    except UnverifiedNoteError:
-        raise VerifyError("log-signature", "checkpoint is not signed by the log") from None
-    except TlogError as e:
-        raise VerifyError("log-signature", f"checkpoint note: {e}") from None
-    if not any(s.name == log.verifier.name and s.key_id == log.verifier.key_id for s in verified):
-        raise VerifyError("log-signature", "checkpoint is not signed by the log")
-    try:
-        cp = parsed[1] if parsed is not None else parse_checkpoint(note.text)
-    except TlogError as e:
-        raise VerifyError("log-signature", f"checkpoint: {e}") from None
-    counted: list[NoteSignature] = []
-    times: list[int] = []
-    for s in verified:
-        if s.name == log.verifier.name and s.key_id == log.verifier.key_id:
+    if parsed is not None:
+        note, cp = parsed
+    else:
+        try:
+            note = parse_note(note_bytes)
+            cp = parse_checkpoint(note.text)
+        except TlogError as e:
+            raise VerifyError("log-signature", f"checkpoint note: {e}") from None
+    text = note.text.encode()
+    log_key = (log.verifier.name, log.verifier.key_id)
+    witness_keys = policy.tlog.witness_keys
+    log_signed = False
+    newest_by_witness: dict[str, int] = {}
+    for sig in note.signatures:
+        key = (sig.name, sig.key_id)
+        if key == log_key:
+            if not log.verifier.verify(text, sig.signature):
+                raise VerifyError("log-signature", f"invalid signature by {sig.name}+{sig.key_id:08x}")
+            log_signed = True
             continue
-        t = cosignature_timestamp(s.signature)
-        if t > now + MAX_FUTURE_SKEW:
-            continue  # a cosignature from the future does not count
-        counted.append(s)
-        times.append(t)
-    names = policy.tlog.witnessed_by(counted)
+        witness = witness_keys.get(key)
+        if witness is None:
+            continue
+        if not witness.verifier.verify(text, sig.signature):
+            raise VerifyError("witness-signature", f"invalid signature by {sig.name}+{sig.key_id:08x}")
+        t = cosignature_timestamp(sig.signature)
+        if t <= now + MAX_FUTURE_SKEW and t >= newest_by_witness.get(witness.name, t):  # a cosignature from the future does not count
+            newest_by_witness[witness.name] = t
+    if not log_signed:
+        raise VerifyError("log-signature", "checkpoint is not signed by the log")
+    names = newest_by_witness.keys()
     if not policy.tlog.satisfied(names):
         raise VerifyError("witness-quorum", f"cosigned by {sorted(names) or 'no witness'}: the quorum {policy.tlog.quorum} is not met")
-    newest = max(times) if times else None
+    newest = max(newest_by_witness.values()) if newest_by_witness else None
     if policy.max_checkpoint_age is not None:
         if newest is None or now - newest > policy.max_checkpoint_age:
             age = "no cosignature" if newest is None else f"newest cosignature {now - newest}s old"
@@ -248,7 +250,7 @@ def verify_module(
     refused = [i.qualified for i in info.imports if not policy.import_allowed(i)]
     if refused:
         raise VerifyError("import-not-allowed", f"imports not provided by this node: {', '.join(refused[:10])}")
-    if not record.signed_by_signer:
+    if not record.envelope.verified_by(verifier_from_vkey(record.signer)):
         raise VerifyError("signature-invalid", f"the release statement is not signed by {record.signer}")
     pins = policy.namespace_keys.get(release.ref.namespace)
     if pins is not None and record.signer not in pins:

@@ -10,6 +10,7 @@ names (e.g. ``wasi:http/types@0.2.0``) with the module part empty.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from tlog.errors import MalformedError, TooLargeError
 
@@ -20,7 +21,7 @@ CORE_VERSION = b"\x01\x00\x00\x00"
 COMPONENT_VERSION = b"\x0d\x00\x01\x00"
 
 # Core section ids in their required order (tag 13 sits between memory and global; datacount before code).
-_CORE_ORDER = [1, 2, 3, 4, 5, 13, 6, 7, 8, 9, 12, 10, 11]
+_CORE_ORDER = {section_id: order for order, section_id in enumerate([1, 2, 3, 4, 5, 13, 6, 7, 8, 9, 12, 10, 11])}
 _CORE_IMPORT, _CORE_EXPORT = 2, 7
 _COMPONENT_IMPORT, _COMPONENT_EXPORT = 10, 11
 _COMPONENT_SECTIONS = set(range(0, 12))
@@ -33,8 +34,9 @@ class WasmError(MalformedError):
     """Not a well-formed WebAssembly binary."""
 
 
-@dataclass(frozen=True, order=True)
-class Import:
+class Import(NamedTuple):
+    """One import: a NamedTuple (immutable, ordered, cheap to build: verifiers parse them twice)."""
+
     module: str  # "" for component imports
     name: str
     kind: str
@@ -72,6 +74,10 @@ class _Reader:
 
     def uleb(self, bits: int = 32) -> int:
         """Unsigned LEB128 of at most ceil(bits/7) bytes whose value fits in bits (unused bits zero)."""
+        pos = self.pos
+        if pos < self.end and self.data[pos] < 0x80:  # one byte: the common case
+            self.pos = pos + 1
+            return self.data[pos]
         result, shift = 0, 0
         for _ in range((bits + 6) // 7):
             b = self.byte()
@@ -231,17 +237,18 @@ def parse_wasm(data: bytes) -> WasmInfo:
     while not r.done():
         section_id = r.byte()
         size = r.uleb()
-        body = _Reader(data, r.pos, r.pos + size)
-        if body.end > len(data):
+        start, end = r.pos, r.pos + size
+        if end > len(data):
             raise WasmError("section runs past the end of the binary")
-        r.pos = body.end
+        r.pos = end
         if section_id == 0:
-            custom.append(body.name())
+            custom.append(_Reader(data, start, end).name())
             continue
         if component:
             if section_id not in _COMPONENT_SECTIONS:
                 raise WasmError(f"bad component section id {section_id}")
             if section_id == _COMPONENT_IMPORT:
+                body = _Reader(data, start, end)
                 for _ in range(body.uleb()):
                     imports.append(_component_import(body))
                     if len(imports) > MAX_IMPORTS:
@@ -249,18 +256,20 @@ def parse_wasm(data: bytes) -> WasmInfo:
                 if not body.done():
                     raise WasmError("trailing bytes in import section")
             continue  # other component sections are framed, not decoded
-        if section_id not in _CORE_ORDER:
+        order = _CORE_ORDER.get(section_id)
+        if order is None:
             raise WasmError(f"bad section id {section_id}")
-        order = _CORE_ORDER.index(section_id)
         if order <= last_order:
             raise WasmError(f"section {section_id} out of order or repeated")
         last_order = order
         if section_id == _CORE_IMPORT:
+            body = _Reader(data, start, end)
             for _ in range(body.uleb()):
                 imports.append(_core_import(body))
                 if len(imports) > MAX_IMPORTS:
                     raise TooLargeError("too many imports")
         elif section_id == _CORE_EXPORT:
+            body = _Reader(data, start, end)
             exports = _core_exports(body)
         else:
             continue

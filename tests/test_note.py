@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import struct
+import unicodedata
 
 import pytest
 from conftest import load_vectors
@@ -256,3 +257,117 @@ def test_parse_hash_accepts_exactly_canonical_32_bytes(s: str) -> None:
     except MalformedError:
         got = None
     assert got == want
+
+
+# Differential tests: the one-regex fast paths of parse_note and parse_checkpoint against naive
+# line-by-line references written from the specs (canonical base64 by re-encoding).
+
+def _note_reference(data: bytes, min_signature: int = 5) -> tuple[str, list[tuple[str, int, bytes]]] | None:
+    try:
+        s = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if any(c < " " and c != "\n" for c in s) or not s.endswith("\n") or "\n\n" not in s:
+        return None
+    split = s.rfind("\n\n")
+    text, block = s[: split + 1], s[split + 2 :]
+    if not block:
+        return None
+    sigs = []
+    for line in block[:-1].split("\n"):
+        if not line.startswith("\u2014 ") or " " not in line[2:]:
+            return None
+        name, b64 = line[2:].split(" ", 1)
+        if not name or "+" in name or any(c.isspace() or unicodedata.category(c) == "Cc" for c in name) or len(name.encode()) > 255:
+            return None
+        raw = _canonical_b64_reference(b64)
+        if raw is None or len(raw) < min_signature:
+            return None
+        sigs.append((name, int.from_bytes(raw[:4], "big"), raw[4:]))
+    return text, sigs
+
+
+_valid_sig_lines = st.tuples(
+    st.one_of(st.sampled_from(["log.example", "w1", "é.example", "x" * 255]),
+              st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, blacklist_characters="+"), min_size=1, max_size=8)),
+    st.binary(min_size=5, max_size=80).map(lambda b: base64.b64encode(b).decode()),
+)
+# (what to replace, with what): each produces a line the spec rejects, one fault at a time
+_SIG_FAULTS = [("name", "a+b"), ("name", ""), ("name", "x" * 256), ("name", "sp ace"), ("name", "a\x7f"), ("name", "\u2028"),
+               ("prefix", "- "), ("prefix", "\u2014"), ("sep", "  "), ("b64", "AAAAAAA"), ("b64", "AAAAAAB="), ("b64", "AAAA"),
+               ("b64", "AAAAAA=="), ("b64", "AAAA AAA=")]
+
+
+@st.composite
+def _sig_lines(draw: st.DrawFn) -> list[str]:
+    lines = []
+    for name, b64 in draw(st.lists(_valid_sig_lines, max_size=4)):
+        parts = {"prefix": "\u2014 ", "name": name, "sep": " ", "b64": b64}
+        if draw(st.integers(0, 3)) == 0:
+            what, bad = draw(st.sampled_from(_SIG_FAULTS))
+            parts[what] = bad
+        lines.append(parts["prefix"] + parts["name"] + parts["sep"] + parts["b64"])
+    return lines
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.sampled_from(["o\n1\nAAAA\n", "t\n", "", "t\n\n"]), lines=_sig_lines(), end=st.sampled_from(["\n", "", "\n\n"]))
+def test_parse_note_matches_line_by_line_reference(text: str, lines: list[str], end: str) -> None:
+    data = (text + "\n" + "\n".join(lines) + end).encode()
+    want = _note_reference(data)
+    try:
+        note = parse_note(data)
+    except MalformedError:
+        assert want is None, data
+        return
+    assert want is not None, data
+    assert (note.text, [(s.name, s.key_id, s.signature) for s in note.signatures]) == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=_sig_lines())
+def test_ascii_signature_fast_path_takes_every_valid_ascii_block(lines: list[str]) -> None:
+    """The one-regex path of parse_note must not silently fall back for ordinary notes."""
+    from tlog.note import _ASCII_SIGNATURE_BLOCK
+
+    block = "".join(line + "\n" for line in lines)
+    valid = bool(lines) and _note_reference(("t\n\n" + block).encode(), min_signature=0) is not None
+    ascii_names = all(line[2:].split(" ")[0].isascii() for line in lines)
+    fast = _ASCII_SIGNATURE_BLOCK.fullmatch(block) is not None and all(len(line.split(" ")[-1]) % 4 == 0 for line in lines)
+    assert fast == (valid and ascii_names), block
+
+
+def _checkpoint_reference(text: str) -> Checkpoint | None:
+    if any(c < " " and c != "\n" for c in text) or not text.endswith("\n"):
+        return None
+    lines = text[:-1].split("\n")
+    if not 3 <= len(lines) <= 19 or not lines[0] or len(lines[0].encode()) > 255 or not all(lines[3:]):
+        return None
+    size_s, root = lines[1], _canonical_b64_reference(lines[2])
+    if not size_s.isascii() or not size_s.isdigit() or str(int(size_s)) != size_s or int(size_s) >= 2**63 or root is None or len(root) != 32:
+        return None
+    return Checkpoint(lines[0], int(size_s), root, tuple(lines[3:]))
+
+
+_CP_FAULTS = ["", "01", "+1", "\u0661", "9223372036854775808", "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFV=",
+              "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU", "AAAA", "x" * 256, "é" * 128, "\r", "o\n"]
+
+
+@st.composite
+def _checkpoint_texts(draw: st.DrawFn) -> str:
+    lines = [draw(st.one_of(origins, st.sampled_from(["é" * 127, "x" * 255]))), str(draw(st.integers(0, 2**63 - 1))),
+             base64.b64encode(draw(st.binary(min_size=32, max_size=32))).decode(), *draw(st.lists(ext, max_size=17))]
+    if draw(st.booleans()):
+        lines[draw(st.integers(0, len(lines) - 1))] = draw(st.sampled_from(_CP_FAULTS))
+    return "\n".join(lines) + draw(st.sampled_from(["\n", "\n", "", "\n\n"]))
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=_checkpoint_texts())
+def test_parse_checkpoint_matches_reference(text: str) -> None:
+    want = _checkpoint_reference(text)
+    try:
+        got: Checkpoint | None = parse_checkpoint(text)
+    except MalformedError:
+        got = None
+    assert got == want, text

@@ -226,3 +226,43 @@ def test_encode_entry_is_the_canonical_cbor_encoding(record_type: str, signer: s
         canonical=True,
     )
     assert encode_entry(record_type, signer, env) == want
+
+
+_json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=3), inner, max_size=3)),
+    max_leaves=8,
+)
+
+
+def _strict_json_reference(text: str) -> object:
+    """json.loads with a duplicate-key check and no NaN/Infinity: what strict_json must accept."""
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        if len(dict(items)) != len(items):
+            raise ValueError("duplicate")
+        return dict(items)
+
+    def constant(name: str) -> object:
+        raise ValueError(name)
+
+    return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_json_values, before=st.sampled_from(["", " ", "\n", "x", "{"]), after=st.sampled_from(["", " ", "\t\n", "x", "}", ',"a":1}']),
+       duplicate=st.booleans())
+def test_strict_json_matches_reference(value: object, before: str, after: str, duplicate: bool) -> None:
+    from registry.dsse import strict_json
+
+    text = before + json.dumps(value) + after
+    if duplicate and text.endswith("}") and text.count(":"):
+        text = text[:-1] + ',"' + "k" + '":1,"k":2}'
+    try:
+        want: object = _strict_json_reference(text)
+    except ValueError:
+        want = MalformedError
+    try:
+        got: object = strict_json(text.encode(), "test")
+    except MalformedError:
+        got = MalformedError
+    assert got == want, text

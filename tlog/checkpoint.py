@@ -80,25 +80,42 @@ class Checkpoint:
         return "".join(line + "\n" for line in lines)
 
 
+# A checkpoint in canonical form: origin, decimal size, canonical base64 root, extension lines.
+_CHECKPOINT = re.compile(
+    r"([^\n]+)\n(0|[1-9][0-9]{0,18})\n([A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=)\n((?:[^\n]+\n){0,%d})" % MAX_EXTENSION_LINES
+)
+
+
 def parse_checkpoint(text: str) -> Checkpoint:
     """Parse a checkpoint note text (not the signatures) that must re-encode to the same text.
 
     Raises MalformedError.
     """
     check_text(text)
+    m = _CHECKPOINT.fullmatch(text)
+    if m is None or int(m[2]) > MAX_TREE_SIZE or len(m[1].encode()) > MAX_ORIGIN_BYTES:
+        raise MalformedError(_checkpoint_fault(text))
+    extensions = tuple(m[4][:-1].split("\n")) if m[4] else ()
+    return Checkpoint(m[1], int(m[2]), binascii.a2b_base64(m[3]), extensions)
+
+
+def _checkpoint_fault(text: str) -> str:
+    """Why text is not a canonical checkpoint (for the error message)."""
     if not text.endswith("\n"):
-        raise MalformedError("checkpoint does not end in newline")
+        return "checkpoint does not end in newline"
     lines = text[:-1].split("\n")
     if len(lines) < 3:
-        raise MalformedError("checkpoint has fewer than 3 lines")
+        return "checkpoint has fewer than 3 lines"
     if len(lines) > 3 + MAX_EXTENSION_LINES:
-        raise MalformedError("checkpoint has too many extension lines")
+        return "checkpoint has too many extension lines"
     origin, size_s, root_s, *extensions = lines
     if not origin or len(origin.encode()) > MAX_ORIGIN_BYTES:
-        raise MalformedError("malformed checkpoint origin")
+        return "malformed checkpoint origin"
     if any(not e for e in extensions):
-        raise MalformedError("empty checkpoint extension line")
-    cp = Checkpoint(origin, parse_decimal(size_s, "tree size"), parse_hash(root_s, "root hash"), tuple(extensions))
-    if cp.text() != text:
-        raise MalformedError("non-canonical checkpoint")
-    return cp
+        return "empty checkpoint extension line"
+    try:
+        parse_decimal(size_s, "tree size")
+        parse_hash(root_s, "root hash")
+    except MalformedError as e:
+        return str(e)
+    return "non-canonical checkpoint"

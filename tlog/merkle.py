@@ -10,11 +10,14 @@ Verification is the RFC 9162 algorithm, written independently of generation.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Protocol
 
 from .errors import ProofError
 from .hashes import EMPTY_ROOT, HASH_SIZE, node_hash
+
+_sha256 = hashlib.sha256
 
 Node = tuple[int, int]  # (height, index)
 Range = tuple[int, int]  # [lo, hi) of entry indexes
@@ -178,16 +181,17 @@ def root_from_inclusion_proof(index: int, size: int, leaf: bytes, proof: Sequenc
         raise ProofError(f"index {index} is not in a tree of size {size}")
     fn, sn, r = index, size - 1, leaf
     for p in proof:
-        _check_hash("proof hash", p)
+        if len(p) != HASH_SIZE:
+            _check_hash("proof hash", p)
         if sn == 0:
             raise ProofError(f"inclusion proof for {index} in size {size} is too long")
         if fn & 1 or fn == sn:
-            r = node_hash(p, r)
+            r = _sha256(b"\x01" + p + r).digest()  # node_hash(p, r), inlined: verifiers run this per module
             while not fn & 1 and fn != 0:
                 fn >>= 1
                 sn >>= 1
         else:
-            r = node_hash(r, p)
+            r = _sha256(b"\x01" + r + p).digest()  # node_hash(r, p)
         fn >>= 1
         sn >>= 1
     if sn != 0:

@@ -56,7 +56,14 @@ class Policy:
     quorum: str  # a witness or group name, or NONE
 
     def log_for(self, origin: str) -> PolicyLog | None:
-        return next((log for log in self.logs if log.origin == origin), None)
+        return self._logs_by_origin.get(origin)
+
+    @functools.cached_property
+    def _logs_by_origin(self) -> dict[str, PolicyLog]:
+        by_origin: dict[str, PolicyLog] = {}
+        for log in self.logs:
+            by_origin.setdefault(log.origin, log)  # the first log line for an origin wins
+        return by_origin
 
     def satisfied(self, witnessed: Iterable[str]) -> bool:
         """Whether the quorum holds when exactly these witnesses (policy names) cosigned."""
@@ -77,6 +84,11 @@ class Policy:
     @functools.cached_property
     def witness_verifiers(self) -> tuple[CosignatureV1Verifier, ...]:
         return tuple(w.verifier for w in self.witnesses.values())
+
+    @functools.cached_property
+    def witness_keys(self) -> dict[tuple[str, int], PolicyWitness]:
+        """The policy's witnesses by the (key name, key ID) of their signature lines."""
+        return {(w.verifier.name, w.verifier.key_id): w for w in self.witnesses.values()}
 
     def witnessed_by(self, signatures: Iterable[NoteSignature]) -> set[str]:
         """Names of policy witnesses among verified note signatures (matched by key name and ID)."""

@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import binascii
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint, parse_checkpoint, parse_decimal, parse_hash, split_head
 from .errors import MalformedError, ProofError, TooLargeError
-from .merkle import MAX_PROOF_HASHES, verify_inclusion
+from .hashes import HASH_SIZE
+from .merkle import MAX_PROOF_HASHES, MAX_TREE_SIZE, verify_inclusion
 from .note import MAX_NOTE_BYTES, Note, NoteSignature, Verifier, b64decode_strict, b64encode, open_note, parse_note
 from .tiles import MAX_ENTRY_SIZE
 
@@ -46,6 +49,14 @@ class TlogProof:
         return ("\n".join(lines) + "\n\n").encode() + self.checkpoint
 
 
+# The common, canonical head in one match: header, extra (checked below), index, canonical hash lines.
+_CANONICAL_HEAD = re.compile(
+    rb"c2sp\.org/tlog-proof@v1\n(?:extra ([A-Za-z0-9+/]+={0,2})\n)?index (0|[1-9][0-9]{0,18})\n"
+    rb"((?:[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=\n){0,%d})\n" % MAX_PROOF_HASHES
+)
+_HASH_LINE_BYTES = 45  # 43 base64 digits, "=", newline
+
+
 def parse_tlog_proof(data: bytes) -> TlogProof:
     """Parse a tlog-proof strictly: it must re-encode to exactly data. Raises MalformedError.
 
@@ -53,17 +64,40 @@ def parse_tlog_proof(data: bytes) -> TlogProof:
     base64 and decimals) and the checkpoint is the verbatim rest, so accepting the lines
     one by one is accepting exactly the bytes TlogProof.encode writes.
     """
+    if len(data) > MAX_TLOG_PROOF_BYTES:
+        raise TooLargeError(f"tlog-proof of {len(data)} bytes is over {MAX_TLOG_PROOF_BYTES}")
+    m = _CANONICAL_HEAD.match(data)
+    if m is None or int(m[2]) > MAX_TREE_SIZE:
+        index, proof, extra, checkpoint = _parse_head_by_lines(data)
+    else:
+        extra = None if m[1] is None else _extra(m[1].decode("ascii"))
+        index, checkpoint = int(m[2]), data[m.end() :]
+        # Canonical hash lines end in a digit with two zero bits and "=": read as the digit "A"
+        # instead, each line is 33 bytes, the last one zero, so all decode in one call.
+        joined = binascii.a2b_base64(m[3].replace(b"=\n", b"A"))
+        proof = tuple(joined[i : i + HASH_SIZE] for i in range(0, len(joined), HASH_SIZE + 1))
+    note = parse_note(checkpoint)
+    return TlogProof(index, proof, checkpoint, extra, note=note, parsed=parse_checkpoint(note.text))
+
+
+def _extra(b64: str) -> bytes:
+    if len(b64) > (MAX_EXTRA_BYTES + 2) // 3 * 4:
+        raise TooLargeError("tlog-proof extra data is too large")
+    extra = b64decode_strict(b64, "tlog-proof extra data")
+    if not extra:
+        raise MalformedError("empty tlog-proof extra line")
+    return extra
+
+
+def _parse_head_by_lines(data: bytes) -> tuple[int, tuple[bytes, ...], bytes | None, bytes]:
+    """The head line by line, for the precise reason a head is refused (and any the regex did not take)."""
     lines, checkpoint = split_head(data, MAX_TLOG_PROOF_BYTES, "tlog-proof")
     if lines[0] != HEADER:
         raise MalformedError(f"tlog-proof does not start with {HEADER}")
     i = 1
     extra = None
     if i < len(lines) and lines[i].startswith("extra "):
-        if len(lines[i]) > 6 + (MAX_EXTRA_BYTES + 2) // 3 * 4:
-            raise TooLargeError("tlog-proof extra data is too large")
-        extra = b64decode_strict(lines[i][6:], "tlog-proof extra data")
-        if not extra:
-            raise MalformedError("empty tlog-proof extra line")
+        extra = _extra(lines[i][6:])
         i += 1
     if i >= len(lines) or not lines[i].startswith("index "):
         raise MalformedError("tlog-proof has no index line")
@@ -71,9 +105,7 @@ def parse_tlog_proof(data: bytes) -> TlogProof:
     hashes = lines[i + 1 :]
     if len(hashes) > MAX_PROOF_HASHES:
         raise MalformedError(f"tlog-proof has more than {MAX_PROOF_HASHES} proof hashes")
-    proof = tuple(parse_hash(h, "tlog-proof hash") for h in hashes)
-    note = parse_note(checkpoint)
-    return TlogProof(index, proof, checkpoint, extra, note=note, parsed=parse_checkpoint(note.text))
+    return index, tuple(parse_hash(h, "tlog-proof hash") for h in hashes), extra, checkpoint
 
 
 def verify_tlog_proof(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from tlog.checkpoint import Checkpoint, parse_checkpoint
 from tlog.cosignature import cosignature_timestamp
-from tlog.errors import MalformedError, ProofError, SignatureError, TlogError, UnverifiedNoteError
+from tlog.errors import MalformedError, ProofError, TlogError
 from tlog.hashes import leaf_hash
 from tlog.merkle import verify_consistency, verify_inclusion
 from tlog.note import Note, parse_note, verifier_from_vkey

@@ -289,7 +289,7 @@ def parse_note(data: bytes) -> Note:
         # the padding has zero pad bits (canonical once the length is a multiple of 4).
         words = sig_block[:-1].replace("\n", " ").split(" ")  # em dash, name, base64, em dash, ...
         signatures = []
-        for name, b64 in zip(words[1::3], words[2::3]):
+        for name, b64 in zip(words[1::3], words[2::3], strict=True):
             if len(b64) & 3:
                 break
             raw = binascii.a2b_base64(b64)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tlog.errors import MalformedError, TooLargeError
 from tlog.note import Ed25519Signer, Ed25519Verifier, b64encode
@@ -27,14 +27,12 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
 
 
-@dataclass(frozen=True)
-class Signature:
+class Signature(NamedTuple):
     keyid: str  # a hint only: never trusted
     sig: bytes
 
 
-@dataclass(frozen=True)
-class Envelope:
+class Envelope(NamedTuple):
     payload_type: str
     payload: bytes
     signatures: tuple[Signature, ...]

@@ -14,7 +14,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tlog.checkpoint import Checkpoint, parse_checkpoint
-from tlog.cosignature import cosignature_timestamp
 from tlog.errors import MalformedError, ProofError, TlogError
 from tlog.hashes import leaf_hash
 from tlog.merkle import verify_consistency, verify_inclusion
@@ -155,24 +154,24 @@ def open_checkpoint(
         except TlogError as e:
             raise VerifyError("log-signature", f"checkpoint note: {e}") from None
     text = note.text.encode()
-    log_key = (log.verifier.name, log.verifier.key_id)
+    log_verifier = log.verifier
     witness_keys = policy.tlog.witness_keys
     log_signed = False
     newest_by_witness: dict[str, int] = {}
-    for sig in note.signatures:
-        key = (sig.name, sig.key_id)
-        if key == log_key:
-            if not log.verifier.verify(text, sig.signature):
-                raise VerifyError("log-signature", f"invalid signature by {sig.name}+{sig.key_id:08x}")
+    latest = now + MAX_FUTURE_SKEW  # a cosignature from further in the future does not count
+    for name, key_id, signature in note.signatures:
+        if name == log_verifier.name and key_id == log_verifier.key_id:
+            if not log_verifier.verify(text, signature):
+                raise VerifyError("log-signature", f"invalid signature by {name}+{key_id:08x}")
             log_signed = True
             continue
-        witness = witness_keys.get(key)
+        witness = witness_keys.get((name, key_id))
         if witness is None:
             continue
-        if not witness.verifier.verify(text, sig.signature):
-            raise VerifyError("witness-signature", f"invalid signature by {sig.name}+{sig.key_id:08x}")
-        t = cosignature_timestamp(sig.signature)
-        if t <= now + MAX_FUTURE_SKEW and t >= newest_by_witness.get(witness.name, t):  # a cosignature from the future does not count
+        t = witness.verifier.verified_timestamp(text, signature)
+        if t is None:
+            raise VerifyError("witness-signature", f"invalid signature by {name}+{key_id:08x}")
+        if t <= latest and t >= newest_by_witness.get(witness.name, t):
             newest_by_witness[witness.name] = t
     if not log_signed:
         raise VerifyError("log-signature", "checkpoint is not signed by the log")

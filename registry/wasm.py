@@ -9,7 +9,6 @@ names (e.g. ``wasi:http/types@0.2.0``) with the module part empty.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from tlog.errors import MalformedError, TooLargeError
@@ -46,8 +45,7 @@ class Import(NamedTuple):
         return f"{self.module}.{self.name}" if self.module else self.name
 
 
-@dataclass(frozen=True)
-class WasmInfo:
+class WasmInfo(NamedTuple):
     component: bool
     imports: tuple[Import, ...]
     exports: tuple[str, ...]
@@ -102,9 +100,17 @@ class _Reader:
         raise WasmError("s33 integer too long")
 
     def name(self) -> str:
-        raw = self.bytes(self.uleb())
+        pos = self.pos
+        if pos < self.end and self.data[pos] < 0x80:  # a one-byte length: the common case
+            start, end = pos + 1, pos + 1 + self.data[pos]
+        else:
+            n = self.uleb()
+            start, end = self.pos, self.pos + n
+        if end > self.end:
+            raise WasmError("unexpected end of section")
+        self.pos = end
         try:
-            return raw.decode("utf-8")
+            return self.data[start:end].decode("utf-8")
         except UnicodeDecodeError:
             raise WasmError("name is not valid UTF-8") from None
 
@@ -234,13 +240,18 @@ def parse_wasm(data: bytes) -> WasmInfo:
     exports: list[str] = []
     custom: list[str] = []
     last_order = -1
-    while not r.done():
-        section_id = r.byte()
-        size = r.uleb()
-        start, end = r.pos, r.pos + size
-        if end > len(data):
+    pos, length = 8, len(data)
+    while pos < length:
+        section_id = data[pos]
+        if pos + 1 < length and data[pos + 1] < 0x80:  # a one-byte size: read inline (the common case)
+            size, start = data[pos + 1], pos + 2
+        else:
+            r.pos = pos + 1
+            size = r.uleb()
+            start = r.pos
+        pos = end = start + size
+        if end > length:
             raise WasmError("section runs past the end of the binary")
-        r.pos = end
         if section_id == 0:
             custom.append(_Reader(data, start, end).name())
             continue

@@ -6,6 +6,8 @@ import asyncio
 
 import pytest
 from helpers import free_port
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tlog.cosignature import cosignature_timestamp
 from tlog.errors import MalformedError
@@ -150,3 +152,35 @@ def test_policy_quorum_evaluation() -> None:
     assert not p.satisfied({"X0", "X1"})
     assert parse_policy(p.encode().encode()).satisfied({"X0", "X2", "Y1"})
     assert parse_policy(b"quorum none\n").satisfied(set())
+
+
+_QUORUM_KEYS = [Ed25519Signer.generate(f"q{i}", ALG_COSIGNATURE_V1).vkey for i in range(5)]
+
+
+@st.composite
+def _policies(draw: st.DrawFn) -> tuple[str, dict[str, tuple[int, list[str]]], str]:
+    """A random policy text with nested groups, its groups, and its quorum name."""
+    names = [f"W{i}" for i in range(draw(st.integers(1, 5)))]
+    lines = [f"witness {n} {_QUORUM_KEYS[i]}" for i, n in enumerate(names)]
+    groups: dict[str, tuple[int, list[str]]] = {}
+    for g in range(draw(st.integers(0, 4))):
+        members = draw(st.lists(st.sampled_from(names + list(groups)), min_size=1, max_size=4, unique=True))
+        k = draw(st.integers(1, len(members)))
+        groups[f"G{g}"] = (k, members)
+        lines.append(f"group G{g} {k} {' '.join(members)}")
+    quorum = draw(st.sampled_from(names + list(groups)))
+    return "\n".join([*lines, f"quorum {quorum}"]) + "\n", groups, quorum
+
+
+@settings(max_examples=200, deadline=None)
+@given(policy=_policies(), witnessed=st.sets(st.sampled_from([f"W{i}" for i in range(5)])))
+def test_policy_quorum_matches_recursive_definition(policy: tuple[str, dict[str, tuple[int, list[str]]], str], witnessed: set[str]) -> None:
+    text, groups, quorum = policy
+
+    def holds(name: str) -> bool:  # tlog-policy's definition, literally
+        if name not in groups:
+            return name in witnessed
+        k, members = groups[name]
+        return sum(holds(m) for m in members) >= k
+
+    assert parse_policy(text.encode()).satisfied(witnessed) == holds(quorum)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import binascii
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import MalformedError, TooLargeError
 from .hashes import HASH_SIZE
@@ -65,8 +65,7 @@ def is_valid_origin(origin: str) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class Checkpoint:
+class Checkpoint(NamedTuple):
     """A tree head: origin, tree size, root hash, and optional extension lines."""
 
     origin: str
@@ -81,9 +80,17 @@ class Checkpoint:
 
 
 # A checkpoint in canonical form: origin, decimal size, canonical base64 root, extension lines.
-_CHECKPOINT = re.compile(
+CHECKPOINT_PATTERN = (  # four groups: origin, size, root, extension lines (each ending in newline)
     r"([^\n]+)\n(0|[1-9][0-9]{0,18})\n([A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=)\n((?:[^\n]+\n){0,%d})" % MAX_EXTENSION_LINES
 )
+_CHECKPOINT = re.compile(CHECKPOINT_PATTERN)
+
+
+def checkpoint_from_fields(origin: str, size: str | bytes, root: str | bytes, extensions: str) -> Checkpoint | None:
+    """The checkpoint of fields CHECKPOINT_PATTERN matched, or None when the size or origin is out of bounds."""
+    if int(size) > MAX_TREE_SIZE or len(origin) > MAX_ORIGIN_BYTES // 4 and len(origin.encode()) > MAX_ORIGIN_BYTES:
+        return None
+    return Checkpoint(origin, int(size), binascii.a2b_base64(root), tuple(extensions[:-1].split("\n")) if extensions else ())
 
 
 def parse_checkpoint(text: str) -> Checkpoint:
@@ -93,10 +100,10 @@ def parse_checkpoint(text: str) -> Checkpoint:
     """
     check_text(text)
     m = _CHECKPOINT.fullmatch(text)
-    if m is None or int(m[2]) > MAX_TREE_SIZE or len(m[1].encode()) > MAX_ORIGIN_BYTES:
+    cp = None if m is None else checkpoint_from_fields(m[1], m[2], m[3], m[4])
+    if cp is None:
         raise MalformedError(_checkpoint_fault(text))
-    extensions = tuple(m[4][:-1].split("\n")) if m[4] else ()
-    return Checkpoint(m[1], int(m[2]), binascii.a2b_base64(m[3]), extensions)
+    return cp
 
 
 def _checkpoint_fault(text: str) -> str:

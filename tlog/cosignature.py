@@ -14,6 +14,7 @@ from .note import ALG_COSIGNATURE_V1, Ed25519Signer, NoteSignature, format_vkey,
 
 MAX_TIMESTAMP = 2**63 - 1  # c2sp.org/tlog-cosignature: the timestamp must fit in int64
 TIMESTAMPED_SIGNATURE_SIZE = 8 + 64
+_TIMESTAMP = struct.Struct(">Q")
 
 
 def signed_message(checkpoint_text: str | bytes, timestamp: int) -> bytes:
@@ -62,12 +63,20 @@ class CosignatureV1Verifier:
         return format_vkey(self.name, ALG_COSIGNATURE_V1, self.public_key)
 
     def verify(self, text: bytes, signature: bytes) -> bool:
+        return self.verified_timestamp(text, signature) is not None
+
+    def verified_timestamp(self, text: bytes, signature: bytes) -> int | None:
+        """The cosignature's timestamp if it is valid for the checkpoint text, else None."""
+        if len(signature) != TIMESTAMPED_SIGNATURE_SIZE:
+            return None
+        (timestamp,) = _TIMESTAMP.unpack_from(signature)
+        if timestamp > MAX_TIMESTAMP:
+            return None
         try:
-            timestamp = cosignature_timestamp(signature)
-            self._verify_key.verify(signed_message(text, timestamp), signature[8:])
-        except (MalformedError, nacl.exceptions.BadSignatureError):
-            return False
-        return True
+            self._verify_key.verify(b"cosignature/v1\ntime %d\n%s" % (timestamp, text), signature[8:])  # signed_message
+        except nacl.exceptions.BadSignatureError:
+            return None
+        return int(timestamp)
 
 
 @functools.lru_cache(maxsize=4096)

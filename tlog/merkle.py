@@ -179,23 +179,21 @@ def root_from_inclusion_proof(index: int, size: int, leaf: bytes, proof: Sequenc
     _check_hash("leaf hash", leaf)
     if not 0 <= index < size <= MAX_TREE_SIZE:
         raise ProofError(f"index {index} is not in a tree of size {size}")
-    fn, sn, r = index, size - 1, leaf
-    for p in proof:
-        if len(p) != HASH_SIZE:
-            _check_hash("proof hash", p)
-        if sn == 0:
-            raise ProofError(f"inclusion proof for {index} in size {size} is too long")
-        if fn & 1 or fn == sn:
-            r = _sha256(b"\x01" + p + r).digest()  # node_hash(p, r), inlined: verifiers run this per module
-            while not fn & 1 and fn != 0:
-                fn >>= 1
-                sn >>= 1
-        else:
-            r = _sha256(b"\x01" + r + p).digest()  # node_hash(r, p)
-        fn >>= 1
-        sn >>= 1
-    if sn != 0:
-        raise ProofError(f"inclusion proof for {index} in size {size} is too short")
+    # The path splits where index and the last index (size - 1) diverge: below that level the
+    # proof hashes are siblings on either side (the index's bits say which); above it, the
+    # index's subtree is a left child only where the index has a 1 bit (RFC 9162 §2.1.3.2,
+    # computed as transparency-dev/merkle does).
+    inner = (index ^ (size - 1)).bit_length()
+    if len(proof) != inner + (index >> inner).bit_count():
+        raise ProofError(f"inclusion proof for {index} in size {size} has {len(proof)} hashes, want {inner + (index >> inner).bit_count()}")
+    if set(map(len, proof)) - {HASH_SIZE}:
+        raise ProofError(f"a proof hash is not {HASH_SIZE} bytes")
+    r = leaf
+    for p in proof[:inner]:
+        r = _sha256(b"\x01" + p + r).digest() if index & 1 else _sha256(b"\x01" + r + p).digest()  # node_hash, inlined
+        index >>= 1
+    for p in proof[inner:]:
+        r = _sha256(b"\x01" + p + r).digest()
     return r
 
 

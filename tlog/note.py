@@ -262,8 +262,28 @@ def check_text(text: str | bytes) -> None:
         raise MalformedError("note has a control character")
 
 
-_ASCII_SIGNATURE_BLOCK = re.compile(r"(?:\u2014 [\x21-\x2a\x2c-\x7e]{1,%d} [A-Za-z0-9+/]*(?:[AQgw]==|[AEIMQUYcgkosw048]=)?\n)+" % MAX_KEY_NAME)
+# Signature lines with ASCII key names and base64 whose last digit before the padding has zero
+# pad bits (canonical once its length is a multiple of 4): the common case, matched at once.
+ASCII_SIGNATURE_LINES = r"(?:\u2014 [\x21-\x2a\x2c-\x7e]{1,%d} [A-Za-z0-9+/]*(?:[AQgw]==|[AEIMQUYcgkosw048]=)?\n)" % MAX_KEY_NAME
+_ASCII_SIGNATURE_BLOCK = re.compile(ASCII_SIGNATURE_LINES + "+")
 _KEY_ID = struct.Struct(">I")
+
+
+def ascii_signatures(block: str) -> tuple[NoteSignature, ...] | None:
+    """The signatures of a block ASCII_SIGNATURE_LINES matched, or None if a base64 length is not canonical.
+
+    Raises MalformedError for a signature too short to hold a key ID.
+    """
+    words = block[:-1].replace("\n", " ").split(" ")  # em dash, name, base64, em dash, ...
+    signatures = []
+    for name, b64 in zip(words[1::3], words[2::3], strict=True):
+        if len(b64) & 3:
+            return None
+        raw = binascii.a2b_base64(b64)
+        if len(raw) < 5:
+            raise MalformedError("note signature is too short")
+        signatures.append(NoteSignature(name, _KEY_ID.unpack_from(raw)[0], raw[4:]))
+    return tuple(signatures)
 
 
 def parse_note(data: bytes) -> Note:
@@ -285,19 +305,9 @@ def parse_note(data: bytes) -> Note:
     if sig_block.count("\n") > MAX_SIGNATURES:
         raise TooLargeError(f"note has more than {MAX_SIGNATURES} signatures")
     if _ASCII_SIGNATURE_BLOCK.fullmatch(sig_block):
-        # The common case in one match: ASCII key names, and base64 whose last digit before
-        # the padding has zero pad bits (canonical once the length is a multiple of 4).
-        words = sig_block[:-1].replace("\n", " ").split(" ")  # em dash, name, base64, em dash, ...
-        signatures = []
-        for name, b64 in zip(words[1::3], words[2::3], strict=True):
-            if len(b64) & 3:
-                break
-            raw = binascii.a2b_base64(b64)
-            if len(raw) < 5:
-                raise MalformedError("note signature is too short")
-            signatures.append(NoteSignature(name, _KEY_ID.unpack_from(raw)[0], raw[4:]))
-        else:
-            return Note(text, tuple(signatures))
+        signatures = ascii_signatures(sig_block)
+        if signatures is not None:
+            return Note(text, signatures)
     if not sig_block:
         raise MalformedError("note has no signatures")
     # Line by line: Unicode key names, and the precise reason for a rejection.

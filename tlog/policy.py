@@ -50,6 +50,8 @@ class Group:
 
 @dataclass(frozen=True)
 class Policy:
+    """A parsed tlog-policy. groups are in definition order: every member is defined before its group."""
+
     logs: tuple[PolicyLog, ...]
     witnesses: Mapping[str, PolicyWitness]
     groups: Mapping[str, Group]
@@ -67,15 +69,13 @@ class Policy:
 
     def satisfied(self, witnessed: Iterable[str]) -> bool:
         """Whether the quorum holds when exactly these witnesses (policy names) cosigned."""
-        done = frozenset(witnessed)
-
-        def holds(name: str) -> bool:
-            if name in self.witnesses:
-                return name in done
-            group = self.groups[name]
-            return sum(holds(m) for m in group.members) >= group.threshold
-
-        return self.quorum == NONE or holds(self.quorum)
+        if self.quorum == NONE:
+            return True
+        holds = set(witnessed)
+        for group in self.groups.values():  # in definition order: a group's members come before it
+            if len(holds.intersection(group.members)) >= group.threshold:
+                holds.add(group.name)
+        return self.quorum in holds
 
     @functools.cached_property
     def _witness_names(self) -> dict[tuple[str, int], str]:

@@ -15,11 +15,24 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .checkpoint import Checkpoint, parse_checkpoint, parse_decimal, parse_hash, split_head
+from .checkpoint import CHECKPOINT_PATTERN, Checkpoint, checkpoint_from_fields, parse_checkpoint, parse_decimal, parse_hash, split_head
 from .errors import MalformedError, ProofError, TooLargeError
 from .hashes import HASH_SIZE
 from .merkle import MAX_PROOF_HASHES, MAX_TREE_SIZE, verify_inclusion
-from .note import MAX_NOTE_BYTES, Note, NoteSignature, Verifier, b64decode_strict, b64encode, open_note, parse_note
+from .note import (
+    ASCII_SIGNATURE_LINES,
+    MAX_NOTE_BYTES,
+    MAX_SIGNATURES,
+    Note,
+    NoteSignature,
+    Verifier,
+    ascii_signatures,
+    b64decode_strict,
+    b64encode,
+    check_text,
+    open_note,
+    parse_note,
+)
 from .tiles import MAX_ENTRY_SIZE
 
 HEADER = "c2sp.org/tlog-proof@v1"
@@ -49,12 +62,13 @@ class TlogProof:
         return ("\n".join(lines) + "\n\n").encode() + self.checkpoint
 
 
-# The common, canonical head in one match: header, extra (checked below), index, canonical hash lines.
-_CANONICAL_HEAD = re.compile(
-    rb"c2sp\.org/tlog-proof@v1\n(?:extra ([A-Za-z0-9+/]+={0,2})\n)?index (0|[1-9][0-9]{0,18})\n"
-    rb"((?:[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=\n){0,%d})\n" % MAX_PROOF_HASHES
+# A canonical tlog-proof in one match: header, extra (checked after), index, canonical hash lines,
+# then the checkpoint note (text as CHECKPOINT_PATTERN, one blank line, ASCII signature lines).
+_CANONICAL_PROOF = re.compile(
+    (r"c2sp\.org/tlog-proof@v1\n(?:extra ([^\n]+)\n)?index (0|[1-9][0-9]{0,18})\n"
+     r"((?:[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=\n){0,%d})\n"
+     r"((%s)\n(%s{1,%d}))") % (MAX_PROOF_HASHES, CHECKPOINT_PATTERN, ASCII_SIGNATURE_LINES, MAX_SIGNATURES),
 )
-_HASH_LINE_BYTES = 45  # 43 base64 digits, "=", newline
 
 
 def parse_tlog_proof(data: bytes) -> TlogProof:
@@ -62,20 +76,29 @@ def parse_tlog_proof(data: bytes) -> TlogProof:
 
     Every head line is consumed by a canonical-only parser (the exact header, canonical
     base64 and decimals) and the checkpoint is the verbatim rest, so accepting the lines
-    one by one is accepting exactly the bytes TlogProof.encode writes.
+    one by one is accepting exactly the bytes TlogProof.encode writes. The common case
+    (ASCII head and signature lines) is read in one match; anything else, line by line.
     """
     if len(data) > MAX_TLOG_PROOF_BYTES:
         raise TooLargeError(f"tlog-proof of {len(data)} bytes is over {MAX_TLOG_PROOF_BYTES}")
-    m = _CANONICAL_HEAD.match(data)
-    if m is None or int(m[2]) > MAX_TREE_SIZE:
-        index, proof, extra, checkpoint = _parse_head_by_lines(data)
-    else:
-        extra = None if m[1] is None else _extra(m[1].decode("ascii"))
-        index, checkpoint = int(m[2]), data[m.end() :]
-        # Canonical hash lines end in a digit with two zero bits and "=": read as the digit "A"
-        # instead, each line is 33 bytes, the last one zero, so all decode in one call.
-        joined = binascii.a2b_base64(m[3].replace(b"=\n", b"A"))
-        proof = tuple(joined[i : i + HASH_SIZE] for i in range(0, len(joined), HASH_SIZE + 1))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    m = _CANONICAL_PROOF.fullmatch(text)
+    if m is not None and int(m[2]) <= MAX_TREE_SIZE:
+        checkpoint = m[4].encode()
+        cp = checkpoint_from_fields(m[6], m[7], m[8], m[9])
+        signatures = ascii_signatures(m[10])
+        if cp is not None and signatures is not None and len(checkpoint) <= MAX_NOTE_BYTES:
+            check_text(checkpoint)
+            # Canonical hash lines end in a digit with two zero pad bits and "=": read with the
+            # digit "A" instead, each line is 33 bytes, the last one zero, and all decode at once.
+            joined = binascii.a2b_base64(m[3].replace("=\n", "A"))
+            proof = tuple([joined[i : i + HASH_SIZE] for i in range(0, len(joined), HASH_SIZE + 1)])
+            extra = None if m[1] is None else _extra(m[1])
+            return TlogProof(int(m[2]), proof, checkpoint, extra, note=Note(m[5], signatures), parsed=cp)
+    index, proof, extra, checkpoint = _parse_head_by_lines(data)
     note = parse_note(checkpoint)
     return TlogProof(index, proof, checkpoint, extra, note=note, parsed=parse_checkpoint(note.text))
 

@@ -12,6 +12,7 @@ import hashlib
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from tlog.checkpoint import Checkpoint, parse_checkpoint
 from tlog.errors import MalformedError, ProofError, TlogError
@@ -97,16 +98,14 @@ def parse_trust_policy(text: str) -> TrustPolicy:
     return TrustPolicy(tlog, age, pins, allowed)
 
 
-@dataclass(frozen=True)
-class KnownCheckpoint:
+class KnownCheckpoint(NamedTuple):
     """The newest checkpoint this node accepted for a log: anti-rollback state."""
 
     checkpoint: Checkpoint
     note: bytes
 
 
-@dataclass(frozen=True)
-class Verified:
+class Verified(NamedTuple):
     ref: PackageRef
     module_sha256: str
     signer: str

@@ -275,15 +275,14 @@ def ascii_signatures(block: str) -> tuple[NoteSignature, ...] | None:
     Raises MalformedError for a signature too short to hold a key ID.
     """
     words = block[:-1].replace("\n", " ").split(" ")  # em dash, name, base64, em dash, ...
-    signatures = []
-    for name, b64 in zip(words[1::3], words[2::3], strict=True):
-        if len(b64) & 3:
-            return None
-        raw = binascii.a2b_base64(b64)
-        if len(raw) < 5:
-            raise MalformedError("note signature is too short")
-        signatures.append(NoteSignature(name, _KEY_ID.unpack_from(raw)[0], raw[4:]))
-    return tuple(signatures)
+    encoded = words[2::3]
+    if any([len(b64) & 3 for b64 in encoded]):
+        return None
+    raw = list(map(binascii.a2b_base64, encoded))
+    if min(map(len, raw)) < 5:
+        raise MalformedError("note signature is too short")
+    key_ids = [int.from_bytes(r[:4], "big") for r in raw]
+    return tuple(map(NoteSignature, words[1::3], key_ids, [r[4:] for r in raw]))
 
 
 def parse_note(data: bytes) -> Note:

@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import cbor2
 
@@ -49,8 +49,7 @@ class RecordError(MalformedError):
     """A statement, action or log entry that does not follow spec/registry.md (HTTP 422)."""
 
 
-@dataclass(frozen=True, order=True)
-class PackageRef:
+class PackageRef(NamedTuple):
     """``namespace:name@version``."""
 
     namespace: str
@@ -94,8 +93,7 @@ def _exact_keys(obj: object, required: set[str], optional: set[str], what: str) 
     return obj
 
 
-@dataclass(frozen=True)
-class Release:
+class Release(NamedTuple):
     """The predicate of a release statement, with its subject digest."""
 
     ref: PackageRef

@@ -49,7 +49,10 @@ class Envelope(NamedTuple):
     def verified_by(self, verifier: Ed25519Verifier) -> bool:
         """Whether any signature verifies with this key (keyids are not consulted)."""
         message = pae(self.payload_type, self.payload)
-        return any(verifier.verify(message, s.sig) for s in self.signatures)
+        for s in self.signatures:
+            if verifier.verify(message, s.sig):
+                return True
+        return False
 
 
 def sign_envelope(payload_type: str, payload: bytes, signer: Ed25519Signer) -> Envelope:

@@ -218,3 +218,82 @@ def test_tile_summaries_follow_the_formula() -> None:
         for j in range(width // 16):
             lo = index * 256 ** (level + 1) + j * span
             assert summary[j * 32 : j * 32 + 32] == reference.mth(ref, lo, lo + span)
+
+
+def _parse_tlog_proof_by_lines(data: bytes) -> tuple[TlogProof, object, object]:
+    """The line-by-line path of parse_tlog_proof alone: the reference for its one-match fast path."""
+    from tlog.checkpoint import parse_checkpoint
+    from tlog.note import parse_note
+    from tlog.proof_file import MAX_TLOG_PROOF_BYTES, _parse_head_by_lines
+
+    if len(data) > MAX_TLOG_PROOF_BYTES:
+        raise TooLargeError("too large")
+    index, proof, extra, checkpoint = _parse_head_by_lines(data)
+    note = parse_note(checkpoint)
+    return TlogProof(index, proof, checkpoint, extra), note, parse_checkpoint(note.text)
+
+
+_COSIGNER = Ed25519Signer.generate("w.example", 0x04)
+_PROOF_EDITS = [b"\x00", b"\x1f", b"\n", b"\n\n", b" ", b"=", b"A", b"+", b"\xe2\x80\x94 ", b"\xc3\xa9", b"\xff", b"0", b"-"]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(index=st.integers(0, 9), extra=st.one_of(st.none(), st.binary(min_size=1, max_size=40)),
+       cosigned=st.booleans(), exts=st.lists(st.sampled_from(["ext", "é", "a b"]), max_size=2),
+       edit=st.one_of(st.none(), st.tuples(st.integers(0, 2000), st.integers(-1, 1), st.integers(0, 3), st.sampled_from(_PROOF_EDITS))))
+def test_tlog_proof_fast_path_matches_line_by_line(index: int, extra: bytes | None, cosigned: bool, exts: list[str],
+                                                   edit: tuple[int, int, int, bytes] | None) -> None:
+    from tlog.cosignature import cosign
+
+    tp, key, _ = _proof_fixture(index, extra)
+    text = Checkpoint("example.com/log", 10, b"\x07" * 32, tuple(exts)).text()
+    note = sign_note(text, [key]) + (cosign(_COSIGNER, text, 1_700_000_000).line().encode() if cosigned else b"")
+    data = TlogProof(tp.index, tp.proof, note, tp.extra).encode()
+    if edit is not None:  # replace `drop` bytes with `insert` next to a field boundary (space or newline)
+        k, offset, drop, insert = edit
+        boundaries = [i for i, c in enumerate(data) if c in b" \n"]
+        at = min(max(boundaries[k % len(boundaries)] + offset, 0), len(data))
+        data = data[:at] + insert + data[at + drop :]
+    try:
+        want: object = _parse_tlog_proof_by_lines(data)
+    except MalformedError as e:  # TooLargeError is a MalformedError
+        want = type(e)
+    try:
+        got = parse_tlog_proof(data)
+        result: object = (got, got.note, got.parsed)
+    except MalformedError as e:
+        result = type(e)
+    assert result == want, data
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda d: d.replace(b"index 5", b"index 05"),
+    lambda d: d.replace(b"index 5", b"index 99999999999999999999"),
+    lambda d: d.replace(b"index 5", b"index 9223372036854775808"),
+    lambda d: d.replace(b"example.com/log\n10", b"example.com/\x01log\n10"),
+    lambda d: d.replace(b"example.com/log\n10", b"example.com/\x7flog\n10"),
+    lambda d: d.replace(b"example.com/log\n10", b"example.com/log\n010"),
+    lambda d: d.replace(b"Bwc=\n\n", b"Bwc=\next\x09x\n\n"),
+    lambda d: d.replace(b"Bwc=\n\n", b"Bwc=\n\xc3\xa9\n\n"),
+    lambda d: d.replace(b"BwcHBwc=\n", b"BwcHBwd=\n"),
+    lambda d: d.replace(b"\xe2\x80\x94 example.com/log ", b"\xe2\x80\x94 example.com/l\xc3\xb6g "),
+    lambda d: d.replace(b"\xe2\x80\x94 example.com/log ", b"\xe2\x80\x94 example.com/l\x01g "),
+    lambda d: d.replace(b"=\n\n", b"\n\n", 1),
+    lambda d: d + b"\xe2\x80\x94 w.example AAAAAAA=\n",
+    lambda d: d + b"\xe2\x80\x94 w.example AAAAAA==\n",
+    lambda d: d + b"\xe2\x80\x94 w.example AAAA\n",
+])
+def test_tlog_proof_fast_path_matches_line_by_line_on_edge_cases(mangle) -> None:  # type: ignore[no-untyped-def]
+    tp, key, _ = _proof_fixture()
+    note = sign_note(Checkpoint("example.com/log", 10, b"\x07" * 32).text(), [key])
+    data = mangle(TlogProof(tp.index, tp.proof, note, tp.extra).encode())
+    try:
+        want: object = _parse_tlog_proof_by_lines(data)
+    except MalformedError as e:
+        want = type(e)
+    try:
+        got = parse_tlog_proof(data)
+        result: object = (got, got.note, got.parsed)
+    except MalformedError as e:
+        result = type(e)
+    assert result == want, data

@@ -80,8 +80,8 @@ class Checkpoint(NamedTuple):
 
 
 # A checkpoint in canonical form: origin, decimal size, canonical base64 root, extension lines.
-CHECKPOINT_PATTERN = (  # four groups: origin, size, root, extension lines (each ending in newline)
-    r"([^\n]+)\n(0|[1-9][0-9]{0,18})\n([A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=)\n((?:[^\n]+\n){0,%d})" % MAX_EXTENSION_LINES
+CHECKPOINT_PATTERN = (  # four groups: origin, size, root, extension lines (each ending in newline); no control characters
+    r"([^\x00-\x1f]+)\n(0|[1-9][0-9]{0,18})\n([A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=)\n((?:[^\x00-\x1f]+\n){0,%d})" % MAX_EXTENSION_LINES
 )
 _CHECKPOINT = re.compile(CHECKPOINT_PATTERN)
 

@@ -29,7 +29,6 @@ from .note import (
     ascii_signatures,
     b64decode_strict,
     b64encode,
-    check_text,
     open_note,
     parse_note,
 )
@@ -90,12 +89,11 @@ def parse_tlog_proof(data: bytes) -> TlogProof:
         checkpoint = m[4].encode()
         cp = checkpoint_from_fields(m[6], m[7], m[8], m[9])
         signatures = ascii_signatures(m[10])
-        if cp is not None and signatures is not None and len(checkpoint) <= MAX_NOTE_BYTES:
-            check_text(checkpoint)
+        if cp is not None and signatures is not None and len(checkpoint) <= MAX_NOTE_BYTES:  # no control characters: matched
             # Canonical hash lines end in a digit with two zero pad bits and "=": read with the
             # digit "A" instead, each line is 33 bytes, the last one zero, and all decode at once.
             joined = binascii.a2b_base64(m[3].replace("=\n", "A"))
-            proof = tuple([joined[i : i + HASH_SIZE] for i in range(0, len(joined), HASH_SIZE + 1)])
+            proof = tuple(map(joined.__getitem__, map(slice, range(0, len(joined), HASH_SIZE + 1), range(HASH_SIZE, len(joined) + 1, HASH_SIZE + 1))))
             extra = None if m[1] is None else _extra(m[1])
             return TlogProof(int(m[2]), proof, checkpoint, extra, note=Note(m[5], signatures), parsed=cp)
     index, proof, extra, checkpoint = _parse_head_by_lines(data)

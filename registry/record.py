@@ -311,13 +311,11 @@ _ENVELOPE_KEYS = ["payload", "signatures", "payloadType"]
 _SIGNATURE_KEYS = ["sig", "keyid"]
 
 
-def _ordered_fields(obj: object, keys: list[str], what: str) -> list[Any]:
-    """The values of a CBOR map with exactly these keys, in this order. Raises RecordError."""
-    if type(obj) is not dict or list(obj) != keys:
-        if type(obj) is dict and obj.keys() == set(keys):
-            raise RecordError("log entry is not canonical CBOR")
-        raise RecordError(f"{what} must have the fields {sorted(keys)}")
-    return list(obj.values())
+def _fields_error(obj: object, keys: list[str], what: str) -> RecordError:
+    """Why a CBOR map does not have exactly these keys in this order."""
+    if type(obj) is dict and obj.keys() == set(keys):
+        return RecordError("log entry is not canonical CBOR")
+    return RecordError(f"{what} must have the fields {sorted(keys)}")
 
 
 def decode_entry(data: bytes) -> Record:
@@ -332,15 +330,21 @@ def decode_entry(data: bytes) -> Record:
     # values), every map's keys in deterministic order. Such a value re-encodes by the plain
     # encoder to exactly the canonical bytes, so one comparison then rejects duplicates,
     # indefinite lengths, long integers and tags that decode to plain types alike.
-    v, record_type, signer, env = _ordered_fields(obj, _ENTRY_KEYS, "log entry")
+    if type(obj) is not dict or list(obj) != _ENTRY_KEYS:
+        raise _fields_error(obj, _ENTRY_KEYS, "log entry")
+    v, record_type, signer, env = obj.values()
     if type(v) is not int or v != 1 or type(record_type) is not str or type(signer) is not str:
         raise RecordError("log entry v must be 1, type and signer text")
-    payload, sigs, payload_type = _ordered_fields(env, _ENVELOPE_KEYS, "envelope")
+    if type(env) is not dict or list(env) != _ENVELOPE_KEYS:
+        raise _fields_error(env, _ENVELOPE_KEYS, "envelope")
+    payload, sigs, payload_type = env.values()
     if type(payload_type) is not str or type(payload) is not bytes or type(sigs) is not list or not sigs:
         raise RecordError("malformed envelope in log entry")
     signatures = []
     for s in sigs:
-        sig, keyid = _ordered_fields(s, _SIGNATURE_KEYS, "signature")
+        if type(s) is not dict or list(s) != _SIGNATURE_KEYS:
+            raise _fields_error(s, _SIGNATURE_KEYS, "signature")
+        sig, keyid = s.values()
         if type(keyid) is not str or type(sig) is not bytes:
             raise RecordError("malformed signature in log entry")
         signatures.append(Signature(keyid, sig))

@@ -11,6 +11,7 @@ import base64
 import binascii
 import functools
 import hashlib
+import operator
 import re
 import struct
 import unicodedata
@@ -44,10 +45,10 @@ _ZERO_2_BITS = frozenset(b"AEIMQUYcgkosw048")  # base64 digits whose low 2 bits 
 _ZERO_4_BITS = frozenset(b"AQgw")  # ... low 4 bits
 
 
-def b64decode_strict(s: str, what: str = "base64") -> bytes:
+def b64decode_strict(s: str | bytes, what: str = "base64") -> bytes:
     """Decode standard base64 in canonical form only (padding, zero pad bits). Raises MalformedError."""
     try:
-        raw = s.encode("ascii")
+        raw = s.encode("ascii") if isinstance(s, str) else s
         data = binascii.a2b_base64(raw, strict_mode=True)  # alphabet, padding only at the end
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise MalformedError(f"malformed {what}") from None
@@ -264,7 +265,7 @@ def check_text(text: str | bytes) -> None:
 
 # Signature lines with ASCII key names and base64 whose last digit before the padding has zero
 # pad bits (canonical once its length is a multiple of 4): the common case, matched at once.
-ASCII_SIGNATURE_LINES = r"(?:\u2014 [\x21-\x2a\x2c-\x7e]{1,%d} [A-Za-z0-9+/]*(?:[AQgw]==|[AEIMQUYcgkosw048]=)?\n)" % MAX_KEY_NAME
+ASCII_SIGNATURE_LINES = r"(?:— [\x21-\x2a\x2c-\x7e]{1,%d} [A-Za-z0-9+/]*(?:[AQgw]==|[AEIMQUYcgkosw048]=)?\n)" % MAX_KEY_NAME
 _ASCII_SIGNATURE_BLOCK = re.compile(ASCII_SIGNATURE_LINES + "+")
 _KEY_ID = struct.Struct(">I")
 
@@ -276,13 +277,19 @@ def ascii_signatures(block: str) -> tuple[NoteSignature, ...] | None:
     """
     words = block[:-1].replace("\n", " ").split(" ")  # em dash, name, base64, em dash, ...
     encoded = words[2::3]
-    if any([len(b64) & 3 for b64 in encoded]):
+    if any(map(_LOW_2_BITS, map(len, encoded))):  # a length that is not a multiple of 4
         return None
     raw = list(map(binascii.a2b_base64, encoded))
     if min(map(len, raw)) < 5:
         raise MalformedError("note signature is too short")
-    key_ids = [int.from_bytes(r[:4], "big") for r in raw]
-    return tuple(map(NoteSignature, words[1::3], key_ids, [r[4:] for r in raw]))
+    # Key ID and signature of each, split by C-level maps (a verifier parses a note per module).
+    key_ids = map(_FIRST, map(_KEY_ID.unpack_from, raw))
+    return tuple(map(NoteSignature, words[1::3], key_ids, map(_AFTER_KEY_ID, raw)))
+
+
+_LOW_2_BITS = (3).__and__
+_FIRST = operator.itemgetter(0)
+_AFTER_KEY_ID = operator.itemgetter(slice(4, None))
 
 
 def parse_note(data: bytes) -> Note:

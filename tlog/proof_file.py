@@ -63,11 +63,11 @@ class TlogProof:
 
 # A canonical tlog-proof in one match: header, extra (checked after), index, canonical hash lines,
 # then the checkpoint note (text as CHECKPOINT_PATTERN, one blank line, ASCII signature lines).
-_CANONICAL_PROOF = re.compile(
+_CANONICAL_PROOF = re.compile((
     (r"c2sp\.org/tlog-proof@v1\n(?:extra ([^\n]+)\n)?index (0|[1-9][0-9]{0,18})\n"
      r"((?:[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=\n){0,%d})\n"
-     r"((%s)\n(%s{1,%d}))") % (MAX_PROOF_HASHES, CHECKPOINT_PATTERN, ASCII_SIGNATURE_LINES, MAX_SIGNATURES),
-)
+     r"((%s)\n(%s{1,%d}))") % (MAX_PROOF_HASHES, CHECKPOINT_PATTERN, ASCII_SIGNATURE_LINES, MAX_SIGNATURES)
+).encode())  # matched on the bytes: UTF-8 is checked where text can be non-ASCII (the checkpoint text)
 
 
 def parse_tlog_proof(data: bytes) -> TlogProof:
@@ -80,28 +80,28 @@ def parse_tlog_proof(data: bytes) -> TlogProof:
     """
     if len(data) > MAX_TLOG_PROOF_BYTES:
         raise TooLargeError(f"tlog-proof of {len(data)} bytes is over {MAX_TLOG_PROOF_BYTES}")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        text = ""
-    m = _CANONICAL_PROOF.fullmatch(text)
-    if m is not None and int(m[2]) <= MAX_TREE_SIZE:
-        checkpoint = m[4].encode()
-        cp = checkpoint_from_fields(m[6], m[7], m[8], m[9])
-        signatures = ascii_signatures(m[10])
-        if cp is not None and signatures is not None and len(checkpoint) <= MAX_NOTE_BYTES:  # no control characters: matched
+    m = _CANONICAL_PROOF.fullmatch(data)
+    if m is not None and int(m[2]) <= MAX_TREE_SIZE and len(m[4]) <= MAX_NOTE_BYTES:
+        try:
+            text = m[5].decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        # origin and extensions are whole lines of that valid UTF-8 text
+        cp = None if text is None else checkpoint_from_fields(m[6].decode(), m[7], m[8], m[9].decode())
+        signatures = ascii_signatures(m[10].decode())
+        if cp is not None and signatures is not None:
             # Canonical hash lines end in a digit with two zero pad bits and "=": read with the
             # digit "A" instead, each line is 33 bytes, the last one zero, and all decode at once.
-            joined = binascii.a2b_base64(m[3].replace("=\n", "A"))
+            joined = binascii.a2b_base64(m[3].replace(b"=\n", b"A"))
             proof = tuple(map(joined.__getitem__, map(slice, range(0, len(joined), HASH_SIZE + 1), range(HASH_SIZE, len(joined) + 1, HASH_SIZE + 1))))
             extra = None if m[1] is None else _extra(m[1])
-            return TlogProof(int(m[2]), proof, checkpoint, extra, note=Note(m[5], signatures), parsed=cp)
+            return TlogProof(int(m[2]), proof, m[4], extra, note=Note(text, signatures), parsed=cp)
     index, proof, extra, checkpoint = _parse_head_by_lines(data)
     note = parse_note(checkpoint)
     return TlogProof(index, proof, checkpoint, extra, note=note, parsed=parse_checkpoint(note.text))
 
 
-def _extra(b64: str) -> bytes:
+def _extra(b64: str | bytes) -> bytes:
     if len(b64) > (MAX_EXTRA_BYTES + 2) // 3 * 4:
         raise TooLargeError("tlog-proof extra data is too large")
     extra = b64decode_strict(b64, "tlog-proof extra data")

@@ -318,10 +318,94 @@ def _fields_error(obj: object, keys: list[str], what: str) -> RecordError:
     return RecordError(f"{what} must have the fields {sorted(keys)}")
 
 
+class _NotCanonicalLayout(Exception):
+    """The bytes are not the one canonical layout _read_canonical_entry reads (the general decoder decides)."""
+
+
+def _cbor_string(data: bytes, pos: int, head_type: int) -> tuple[bytes, int]:
+    """The definite-length string at pos with a shortest-form head: (content, end).
+
+    head_type is the major type in the top 3 bits (0x40 bytes, 0x60 text). Lengths of 65,536
+    or more cannot occur in an entry (MAX_ENTRY_SIZE), so 1- and 2-byte lengths suffice.
+    """
+    head = data[pos]
+    info = head & 0x1F
+    if head & 0xE0 != head_type:
+        raise _NotCanonicalLayout
+    if info < 24:
+        start = pos + 1
+        end = start + info
+    elif info == 24 and data[pos + 1] >= 24:
+        start = pos + 2
+        end = start + data[pos + 1]
+    elif info == 25 and data[pos + 1]:  # the high byte is non-zero: the length needs two bytes
+        start = pos + 3
+        end = start + (data[pos + 1] << 8 | data[pos + 2])
+    else:
+        raise _NotCanonicalLayout
+    if end > len(data):
+        raise _NotCanonicalLayout
+    return data[start:end], end
+
+
+# The fixed parts of the canonical layout, each followed by a string (see _read_canonical_entry).
+_LAYOUT_TYPE = b"\xa4\x61v\x01\x64type"
+_LAYOUT_SIGNER = b"\x66signer"
+_LAYOUT_PAYLOAD = b"\x68envelope\xa3\x67payload"
+_LAYOUT_SIG = b"\x6asignatures\x81\xa2\x63sig"
+_LAYOUT_KEYID = b"\x65keyid"
+_LAYOUT_PAYLOAD_TYPE = b"\x6bpayloadType"
+
+
+def _read_canonical_entry(data: bytes) -> tuple[str, str, bytes, bytes, str, str]:
+    """(type, signer, payload, sig, keyid, payloadType) of an entry in the one canonical layout of
+    spec/registry.md with one signature, read without a general CBOR decoder:
+
+        A4 61"v" 01 64"type" tstr 66"signer" tstr 68"envelope" A3 67"payload" bstr
+        6A"signatures" 81 A2 63"sig" bstr 65"keyid" tstr 6B"payloadType" tstr
+
+    with every head in its shortest form. Raises _NotCanonicalLayout (or IndexError,
+    UnicodeDecodeError) for anything else, which the general decoder then judges.
+    """
+    if not data.startswith(_LAYOUT_TYPE):
+        raise _NotCanonicalLayout
+    record_type, pos = _cbor_string(data, len(_LAYOUT_TYPE), 0x60)
+    if not data.startswith(_LAYOUT_SIGNER, pos):
+        raise _NotCanonicalLayout
+    signer, pos = _cbor_string(data, pos + len(_LAYOUT_SIGNER), 0x60)
+    if not data.startswith(_LAYOUT_PAYLOAD, pos):
+        raise _NotCanonicalLayout
+    payload, pos = _cbor_string(data, pos + len(_LAYOUT_PAYLOAD), 0x40)
+    if not data.startswith(_LAYOUT_SIG, pos):
+        raise _NotCanonicalLayout
+    sig, pos = _cbor_string(data, pos + len(_LAYOUT_SIG), 0x40)
+    if not data.startswith(_LAYOUT_KEYID, pos):
+        raise _NotCanonicalLayout
+    keyid, pos = _cbor_string(data, pos + len(_LAYOUT_KEYID), 0x60)
+    if not data.startswith(_LAYOUT_PAYLOAD_TYPE, pos):
+        raise _NotCanonicalLayout
+    payload_type, pos = _cbor_string(data, pos + len(_LAYOUT_PAYLOAD_TYPE), 0x60)
+    if pos != len(data):
+        raise _NotCanonicalLayout
+    return record_type.decode(), signer.decode(), payload, sig, keyid.decode(), payload_type.decode()
+
+
 def decode_entry(data: bytes) -> Record:
     """Decode a log entry strictly: canonical CBOR only, then the record rules. Raises RecordError."""
     if len(data) > MAX_ENTRY_SIZE:
         raise TooLargeError("log entry too large")
+    try:
+        record_type, signer, payload, sig, keyid, payload_type = _read_canonical_entry(data)
+    except (_NotCanonicalLayout, IndexError, UnicodeDecodeError):
+        return _decode_entry_generally(data)
+    if keyid != _keyid(record_type, signer):
+        raise RecordError("the signature's keyid is not the signer's key ID")
+    envelope = Envelope(payload_type, payload, (Signature(keyid, sig),))
+    return Record(record_type, signer, envelope, _body(record_type, envelope))
+
+
+def _decode_entry_generally(data: bytes) -> Record:
+    """decode_entry with cbor2: the reference for any layout, and the precise reason for a refusal."""
     try:
         obj = cbor2.loads(data)
     except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as e:

@@ -266,3 +266,93 @@ def test_strict_json_matches_reference(value: object, before: str, after: str, d
     except MalformedError:
         got = MalformedError
     assert got == want, text
+
+
+def _entry_fields_reference(data: bytes) -> tuple[object, ...] | None:
+    """What _read_canonical_entry must read: a canonical (cbor2, canonical=True) map of that shape, one signature."""
+    try:
+        obj = cbor2.loads(data)
+    except Exception:  # noqa: BLE001 - any decoding failure
+        return None
+    try:
+        if cbor2.dumps(obj, canonical=True) != data or list(obj) != ["v", "type", "signer", "envelope"] or obj["v"] != 1:
+            return None
+        env = obj["envelope"]
+        (s,) = env["signatures"]
+        if list(env) != ["payload", "signatures", "payloadType"] or list(s) != ["sig", "keyid"]:
+            return None
+        fields = (obj["type"], obj["signer"], env["payload"], s["sig"], s["keyid"], env["payloadType"])
+    except (TypeError, ValueError, KeyError):
+        return None
+    if type(obj["v"]) is not int or [type(f) for f in fields] != [str, str, bytes, bytes, str, str]:
+        return None
+    return fields
+
+
+_lengths = st.sampled_from([0, 1, 23, 24, 25, 255, 256, 257, 1000])
+_entry_texts = st.one_of(_lengths.map(lambda n: "x" * n), st.text(max_size=30))
+_entry_bytes = st.one_of(_lengths.map(lambda n: b"\x01" * n), st.binary(max_size=30))
+
+
+@settings(max_examples=400, deadline=None)
+@given(fields=st.tuples(_entry_texts, _entry_texts, _entry_bytes, _entry_bytes, _entry_texts, _entry_texts),
+       edit=st.one_of(st.none(), st.tuples(st.integers(0, 3000), st.integers(0, 2), st.binary(max_size=2))))
+def test_canonical_entry_reader_matches_cbor2(fields: tuple[str, str, bytes, bytes, str, str], edit: tuple[int, int, bytes] | None) -> None:
+    from registry.record import _NotCanonicalLayout, _read_canonical_entry
+
+    t, signer, payload, sig, keyid, payload_type = fields
+    data = cbor2.dumps({"v": 1, "type": t, "signer": signer, "envelope": {
+        "payload": payload, "signatures": [{"sig": sig, "keyid": keyid}], "payloadType": payload_type}}, canonical=True)
+    if edit is not None:
+        at, drop, insert = edit
+        at %= len(data) + 1
+        data = data[:at] + insert + data[at + drop :]
+    want = _entry_fields_reference(data)
+    try:
+        got: tuple[object, ...] | None = _read_canonical_entry(data)
+    except (_NotCanonicalLayout, IndexError, UnicodeDecodeError):
+        got = None
+    assert got == want, data
+
+
+def _head(major: int, n: int, width: int) -> bytes:
+    """A CBOR head with 0 (only if n < 24), 1, 2, 4 or 8 length bytes; the shortest that holds n if width is too small."""
+    widths = [(0, n), (1, 24), (2, 25), (4, 26), (8, 27)]
+    for w, info in widths:
+        if w >= width and (n < 24 if w == 0 else n < 256**w):
+            return bytes([major << 5 | info]) + (n.to_bytes(w, "big") if w else b"")
+    raise AssertionError(n)
+
+
+@settings(max_examples=400, deadline=None)
+@given(fields=st.tuples(_entry_texts, _entry_texts, _entry_bytes, _entry_bytes, _entry_texts, _entry_texts),
+       widths=st.lists(st.sampled_from([0, 0, 0, 1, 2, 4, 8]), min_size=6, max_size=6))
+def test_canonical_entry_reader_refuses_longer_heads(fields: tuple[str, str, bytes, bytes, str, str], widths: list[int]) -> None:
+    """Strings written with longer heads than needed: the reader takes exactly the shortest forms cbor2 would write."""
+    from registry.record import _NotCanonicalLayout, _read_canonical_entry
+
+    def item(value: str | bytes, width: int) -> bytes:
+        raw, major = (value.encode(), 3) if isinstance(value, str) else (value, 2)
+        return _head(major, len(raw), width) + raw
+
+    t, signer, payload, sig, keyid, payload_type = fields
+    w = widths
+    data = (b"\xa4\x61v\x01\x64type" + item(t, w[0]) + b"\x66signer" + item(signer, w[1]) + b"\x68envelope\xa3\x67payload"
+            + item(payload, w[2]) + b"\x6asignatures\x81\xa2\x63sig" + item(sig, w[3]) + b"\x65keyid" + item(keyid, w[4])
+            + b"\x6bpayloadType" + item(payload_type, w[5]))
+    want = _entry_fields_reference(data)
+    assert (want is not None) == all(item(f, 0) == item(f, wi) for f, wi in zip(fields, w, strict=True))  # the reference
+    try:
+        got: tuple[object, ...] | None = _read_canonical_entry(data)
+    except (_NotCanonicalLayout, IndexError, UnicodeDecodeError):
+        got = None
+    assert got == want, data
+
+
+def test_decode_entry_reads_the_canonical_layout_as_the_general_decoder_does() -> None:
+    from registry.record import _decode_entry_generally, _read_canonical_entry
+
+    entry = encode_entry("release", ALICE.vkey, sign_envelope(INTOTO_PAYLOAD_TYPE, RELEASE.statement(), ALICE))
+    assert _read_canonical_entry(entry)[:2] == ("release", ALICE.vkey)  # the fast layout reader takes it
+    assert decode_entry(entry) == _decode_entry_generally(entry)
+    assert decode_entry(entry).signed_by_signer

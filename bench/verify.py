@@ -1,6 +1,6 @@
 """Edge verifications per second of a module with a 3-cosignature tlog-proof, beside Ed25519. Prints JSON.
 
-    python bench/verify.py [--seconds 3]
+    python bench/verify.py [--seconds 20] [--rounds 40] [--log-size 100000]
 
 One verification checks 5 Ed25519 signatures (log, 3 witnesses, the publisher's DSSE envelope)
 plus parsing, hashing and the inclusion proof; the signature bound is the raw pynacl verify rate
@@ -38,8 +38,11 @@ def setup(log_size: int) -> tuple[bytes, str, int]:
     rel = Release(PackageRef("acme", "hello", "1.0.0"), module_digest(MODULE), parse_wasm(MODULE).imports)
     entry = encode_entry("release", alice.vkey, sign_envelope(INTOTO_PAYLOAD_TYPE, rel.statement(), alice))
     log = Log(MemoryLogStore(), log_key)
-    log.integrate([b"filler %d" % i for i in range(log_size)])
-    (index,), published = log.integrate([entry])
+    # The entry in the middle of the tree: its inclusion proof has the full log2(size) hashes
+    # (the last entry's would be shorter).
+    log.integrate([b"filler %d" % i for i in range(log_size // 2)])
+    (index,), _ = log.integrate([entry])
+    _, published = log.integrate([b"filler %d" % i for i in range(log_size // 2, log_size)])
     now = int(time.time())
     note = published.note + b"".join(cosign(w, published.checkpoint.text(), now).line().encode() for w in witnesses)
     tp = parse_tlog_proof(log.tlog_proofs([index], published)[0])
@@ -70,11 +73,12 @@ def paired_rates(baseline, subject, seconds: float, rounds: int) -> tuple[list[f
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--seconds", type=float, default=6.0, help="total, split between baseline and verification")
-    p.add_argument("--rounds", type=int, default=12, help="alternating rounds; the median round ratio is reported")
+    p.add_argument("--seconds", type=float, default=20.0, help="total, split between baseline and verification")
+    p.add_argument("--rounds", type=int, default=40, help="alternating rounds; the median round ratio is reported")
     p.add_argument("--log-size", type=int, default=100_000)
     args = p.parse_args()
     proof, policy_text, now = setup(args.log_size)
+    proof_hashes = len(parse_tlog_proof(proof).proof)
     policy = parse_trust_policy(policy_text)
     verify_module(module=MODULE, proof=proof, policy=policy, now=now)  # must pass before timing
     sk = nacl.signing.SigningKey.generate()
@@ -92,6 +96,7 @@ def main() -> None:
         {
             "benchmark": "edge_verify",
             "log_size": args.log_size + 1,
+            "inclusion_proof_hashes": proof_hashes,
             "cosignatures": 3,
             "verifications_per_s": verifications,
             "baseline_ed25519_verify_per_s": ed25519,

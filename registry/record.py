@@ -289,7 +289,7 @@ def _keyid(record_type: str, signer: str) -> str:
     """The keyid a record's one signature carries: the signer's key ID. Raises RecordError."""
     if record_type not in RECORD_TYPES:
         raise RecordError(f"unknown record type {record_type[:40]!r}")
-    return f"{verifier_from_vkey(signer).key_id:08x}"
+    return verifier_from_vkey(signer).key_id_hex
 
 
 def _body(record_type: str, envelope: Envelope) -> Release | Action:

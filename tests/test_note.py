@@ -333,7 +333,8 @@ def test_ascii_signature_fast_path_takes_every_valid_ascii_block(lines: list[str
     block = "".join(line + "\n" for line in lines)
     valid = bool(lines) and _note_reference(("t\n\n" + block).encode(), min_signature=0) is not None
     ascii_names = all(line[2:].split(" ")[0].isascii() for line in lines)
-    fast = _ASCII_SIGNATURE_BLOCK.fullmatch(block) is not None and all(len(line.split(" ")[-1]) % 4 == 0 for line in lines)
+    fast = _ASCII_SIGNATURE_BLOCK.fullmatch(block) is not None and all(
+        len(line.split(" ")[-1]) % 4 == 0 and len(line[2:].split(" ")[0]) <= 255 for line in lines)
     assert fast == (valid and ascii_names), block
 
 

@@ -136,6 +136,11 @@ class Ed25519Verifier:
         return format_vkey(self.name, self.alg, self.public_key)
 
     @functools.cached_property
+    def key_id_hex(self) -> str:
+        """The key ID as 8 lowercase hex digits (DSSE keyids, vkeys)."""
+        return f"{self.key_id:08x}"
+
+    @functools.cached_property
     def _verify_key(self) -> nacl.signing.VerifyKey:
         return nacl.signing.VerifyKey(self.public_key)
 
@@ -265,26 +270,27 @@ def check_text(text: str | bytes) -> None:
 
 # Signature lines with ASCII key names and base64 whose last digit before the padding has zero
 # pad bits (canonical once its length is a multiple of 4): the common case, matched at once.
-ASCII_SIGNATURE_LINES = r"(?:— [\x21-\x2a\x2c-\x7e]{1,%d} [A-Za-z0-9+/]*(?:[AQgw]==|[AEIMQUYcgkosw048]=)?\n)" % MAX_KEY_NAME
+ASCII_SIGNATURE_LINES = r"(?:— [\x21-\x2a\x2c-\x7e]+ [A-Za-z0-9+/]*(?:[AQgw]==|[AEIMQUYcgkosw048]=)?\n)"  # names up to MAX_KEY_NAME: checked after
 _ASCII_SIGNATURE_BLOCK = re.compile(ASCII_SIGNATURE_LINES + "+")
 _KEY_ID = struct.Struct(">I")
 
 
 def ascii_signatures(block: str) -> tuple[NoteSignature, ...] | None:
-    """The signatures of a block ASCII_SIGNATURE_LINES matched, or None if a base64 length is not canonical.
+    """The signatures of a block ASCII_SIGNATURE_LINES matched, or None if a base64 length is not
+    canonical or a key name is too long (the line-by-line parser then decides).
 
     Raises MalformedError for a signature too short to hold a key ID.
     """
     words = block[:-1].replace("\n", " ").split(" ")  # em dash, name, base64, em dash, ...
-    encoded = words[2::3]
-    if any(map(_LOW_2_BITS, map(len, encoded))):  # a length that is not a multiple of 4
+    names, encoded = words[1::3], words[2::3]
+    if any(map(_LOW_2_BITS, map(len, encoded))) or max(map(len, names)) > MAX_KEY_NAME:  # base64 length not a multiple of 4
         return None
     raw = list(map(binascii.a2b_base64, encoded))
     if min(map(len, raw)) < 5:
         raise MalformedError("note signature is too short")
     # Key ID and signature of each, split by C-level maps (a verifier parses a note per module).
     key_ids = map(_FIRST, map(_KEY_ID.unpack_from, raw))
-    return tuple(map(NoteSignature, words[1::3], key_ids, map(_AFTER_KEY_ID, raw)))
+    return tuple(map(NoteSignature, names, key_ids, map(_AFTER_KEY_ID, raw)))
 
 
 _LOW_2_BITS = (3).__and__

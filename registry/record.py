@@ -43,6 +43,8 @@ _SEMVER = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-((?:0|[1-9]\d
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_LABEL = 64
 MAX_VERSION = 64
+# A release's subject name, namespace:name@version, split and checked in one match.
+_SUBJECT_NAME = re.compile(f"(?P<namespace>{_LABEL.pattern}):(?P<name>{_LABEL.pattern})@(?P<version>{_SEMVER.pattern})", re.ASCII)
 
 
 class RecordError(MalformedError):
@@ -145,9 +147,14 @@ def parse_statement(payload: bytes) -> Release:
     pred = obj["predicate"]
     if type(pred) is not dict or not (pred.keys() == _PREDICATE_KEYS or pred.keys() == _PREDICATE_SBOM_KEYS):
         raise RecordError(f"predicate must have the fields {sorted(_PREDICATE_KEYS)} (optional ['sbom'])")
-    ref = PackageRef(check_label(pred["namespace"], "namespace"), check_label(pred["name"], "name"), check_version(pred["version"]))
-    if subject["name"] != str(ref):
-        raise RecordError(f"subject name {str(subject['name'])[:100]!r} is not {ref}")
+    m = _SUBJECT_NAME.fullmatch(subject["name"]) if type(subject["name"]) is str else None
+    if m is not None and m.group("namespace", "name", "version") == (pred["namespace"], pred["name"], pred["version"]) \
+            and len(m["namespace"]) <= MAX_LABEL and len(m["name"]) <= MAX_LABEL and len(m["version"]) <= MAX_VERSION:
+        ref = PackageRef(m["namespace"], m["name"], m["version"])  # the common case: the fields and the subject agree
+    else:
+        ref = PackageRef(check_label(pred["namespace"], "namespace"), check_label(pred["name"], "name"), check_version(pred["version"]))
+        if subject["name"] != str(ref):
+            raise RecordError(f"subject name {str(subject['name'])[:100]!r} is not {ref}")
     imports_raw = pred["imports"]
     if type(imports_raw) is not list or len(imports_raw) > MAX_IMPORTS:
         raise RecordError(f"imports must be a list of at most {MAX_IMPORTS}")

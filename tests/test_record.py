@@ -356,3 +356,30 @@ def test_decode_entry_reads_the_canonical_layout_as_the_general_decoder_does() -
     assert _read_canonical_entry(entry)[:2] == ("release", ALICE.vkey)  # the fast layout reader takes it
     assert decode_entry(entry) == _decode_entry_generally(entry)
     assert decode_entry(entry).signed_by_signer
+
+
+_odd_parts = st.sampled_from(["x" * 64, "x" * 65, "A", "a--b", "-a", "01.0.0", "1.0.0+build", "1.0", "é", "a:b", "a@b", "", "1.0.0-" + "r" * 58, "1.0.0-" + "r" * 59])
+_labels = st.one_of(_odd_parts, st.from_regex(r"[a-z0-9]{1,3}(-[a-z0-9]{1,3})?", fullmatch=True))
+_versions = st.one_of(_odd_parts, st.from_regex(r"(0|[1-9][0-9]?)\.(0|[1-9])\.(0|[1-9])(-[0-9A-Za-z-]{1,3}(\.[0-9A-Za-z-]{1,3})?)?", fullmatch=True))
+
+
+@settings(max_examples=500, deadline=None)
+@given(ns=_labels, name=_labels, version=_versions, subject=st.one_of(st.none(), st.none(), _odd_parts, _labels))
+def test_statement_package_ref_matches_field_checks(ns: str, name: str, version: str, subject: str | None) -> None:
+    from registry.record import check_label, check_version, parse_statement
+
+    subject_name = f"{ns}:{name}@{version}" if subject is None else subject
+    statement = json.loads(RELEASE.statement())
+    statement["subject"][0]["name"] = subject_name
+    statement["predicate"].update(namespace=ns, name=name, version=version)
+    try:  # the reference: each field checked on its own, then the subject compared with their join
+        want: object = PackageRef(check_label(ns, "namespace"), check_label(name, "name"), check_version(version))
+        if subject_name != str(want):
+            want = RecordError
+    except RecordError:
+        want = RecordError
+    try:
+        got: object = parse_statement(json.dumps(statement).encode()).ref
+    except RecordError:
+        got = RecordError
+    assert got == want

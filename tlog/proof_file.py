@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import binascii
+import functools
 import re
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -91,14 +93,24 @@ def parse_tlog_proof(data: bytes) -> TlogProof:
         signatures = ascii_signatures(m[10].decode())
         if cp is not None and signatures is not None:
             # Canonical hash lines end in a digit with two zero pad bits and "=": read with the
-            # digit "A" instead, each line is 33 bytes, the last one zero, and all decode at once.
-            joined = binascii.a2b_base64(m[3].replace(b"=\n", b"A"))
-            proof = tuple(map(joined.__getitem__, map(slice, range(0, len(joined), HASH_SIZE + 1), range(HASH_SIZE, len(joined) + 1, HASH_SIZE + 1))))
+            # digit "A" instead (and no newline), each line is 33 bytes, the last one zero, and
+            # all decode at once.
+            joined = binascii.a2b_base64(m[3].translate(_PAD_AS_A, b"\n"))
+            proof = _hash_lines_layout(len(joined) // (HASH_SIZE + 1)).unpack(joined)
             extra = None if m[1] is None else _extra(m[1])
             return TlogProof(int(m[2]), proof, m[4], extra, note=Note(text, signatures), parsed=cp)
     index, proof, extra, checkpoint = _parse_head_by_lines(data)
     note = parse_note(checkpoint)
     return TlogProof(index, proof, checkpoint, extra, note=note, parsed=parse_checkpoint(note.text))
+
+
+_PAD_AS_A = bytes.maketrans(b"=", b"A")
+
+
+@functools.lru_cache(maxsize=MAX_PROOF_HASHES + 1)
+def _hash_lines_layout(count: int) -> struct.Struct:
+    """count hashes of HASH_SIZE bytes, each followed by one byte to skip."""
+    return struct.Struct(f"{HASH_SIZE}sx" * count)
 
 
 def _extra(b64: str | bytes) -> bytes:

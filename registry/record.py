@@ -355,13 +355,15 @@ def _cbor_string(data: bytes, pos: int, head_type: int) -> tuple[bytes, int]:
     return data[start:end], end
 
 
-# The fixed parts of the canonical layout, each followed by a string (see _read_canonical_entry).
-_LAYOUT_TYPE = b"\xa4\x61v\x01\x64type"
-_LAYOUT_SIGNER = b"\x66signer"
-_LAYOUT_PAYLOAD = b"\x68envelope\xa3\x67payload"
-_LAYOUT_SIG = b"\x6asignatures\x81\xa2\x63sig"
-_LAYOUT_KEYID = b"\x65keyid"
-_LAYOUT_PAYLOAD_TYPE = b"\x6bpayloadType"
+# The canonical layout as (fixed bytes, then a string of this major type): see _read_canonical_entry.
+_LAYOUT = (
+    (b"\xa4\x61v\x01\x64type", 0x60),
+    (b"\x66signer", 0x60),
+    (b"\x68envelope\xa3\x67payload", 0x40),
+    (b"\x6asignatures\x81\xa2\x63sig", 0x40),
+    (b"\x65keyid", 0x60),
+    (b"\x6bpayloadType", 0x60),
+)
 
 
 def _read_canonical_entry(data: bytes) -> tuple[str, str, bytes, bytes, str, str]:
@@ -374,26 +376,16 @@ def _read_canonical_entry(data: bytes) -> tuple[str, str, bytes, bytes, str, str
     with every head in its shortest form. Raises _NotCanonicalLayout (or IndexError,
     UnicodeDecodeError) for anything else, which the general decoder then judges.
     """
-    if not data.startswith(_LAYOUT_TYPE):
-        raise _NotCanonicalLayout
-    record_type, pos = _cbor_string(data, len(_LAYOUT_TYPE), 0x60)
-    if not data.startswith(_LAYOUT_SIGNER, pos):
-        raise _NotCanonicalLayout
-    signer, pos = _cbor_string(data, pos + len(_LAYOUT_SIGNER), 0x60)
-    if not data.startswith(_LAYOUT_PAYLOAD, pos):
-        raise _NotCanonicalLayout
-    payload, pos = _cbor_string(data, pos + len(_LAYOUT_PAYLOAD), 0x40)
-    if not data.startswith(_LAYOUT_SIG, pos):
-        raise _NotCanonicalLayout
-    sig, pos = _cbor_string(data, pos + len(_LAYOUT_SIG), 0x40)
-    if not data.startswith(_LAYOUT_KEYID, pos):
-        raise _NotCanonicalLayout
-    keyid, pos = _cbor_string(data, pos + len(_LAYOUT_KEYID), 0x60)
-    if not data.startswith(_LAYOUT_PAYLOAD_TYPE, pos):
-        raise _NotCanonicalLayout
-    payload_type, pos = _cbor_string(data, pos + len(_LAYOUT_PAYLOAD_TYPE), 0x60)
+    pos = 0
+    strings = []
+    for fixed, head_type in _LAYOUT:
+        if not data.startswith(fixed, pos):
+            raise _NotCanonicalLayout
+        string, pos = _cbor_string(data, pos + len(fixed), head_type)
+        strings.append(string)
     if pos != len(data):
         raise _NotCanonicalLayout
+    record_type, signer, payload, sig, keyid, payload_type = strings
     return record_type.decode(), signer.decode(), payload, sig, keyid.decode(), payload_type.decode()
 
 

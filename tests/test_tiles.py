@@ -233,6 +233,20 @@ def _parse_tlog_proof_by_lines(data: bytes) -> tuple[TlogProof, object, object]:
     return TlogProof(index, proof, checkpoint, extra), note, parse_checkpoint(note.text)
 
 
+def _assert_fast_path_agrees(data: bytes) -> None:
+    """parse_tlog_proof gives what the line-by-line path gives: the same value, or the same error type."""
+    try:
+        want: object = _parse_tlog_proof_by_lines(data)
+    except MalformedError as e:  # TooLargeError is a MalformedError
+        want = type(e)
+    try:
+        got = parse_tlog_proof(data)
+        result: object = (got, got.note, got.parsed)
+    except MalformedError as e:
+        result = type(e)
+    assert result == want, data
+
+
 _COSIGNER = Ed25519Signer.generate("w.example", 0x04)
 _PROOF_EDITS = [b"\x00", b"\x1f", b"\n", b"\n\n", b" ", b"=", b"A", b"+", b"\xe2\x80\x94 ", b"\xc3\xa9", b"\xff", b"0", b"-"]
 
@@ -254,16 +268,7 @@ def test_tlog_proof_fast_path_matches_line_by_line(index: int, extra: bytes | No
         boundaries = [i for i, c in enumerate(data) if c in b" \n"]
         at = min(max(boundaries[k % len(boundaries)] + offset, 0), len(data))
         data = data[:at] + insert + data[at + drop :]
-    try:
-        want: object = _parse_tlog_proof_by_lines(data)
-    except MalformedError as e:  # TooLargeError is a MalformedError
-        want = type(e)
-    try:
-        got = parse_tlog_proof(data)
-        result: object = (got, got.note, got.parsed)
-    except MalformedError as e:
-        result = type(e)
-    assert result == want, data
+    _assert_fast_path_agrees(data)
 
 
 @pytest.mark.parametrize("mangle", [
@@ -287,13 +292,4 @@ def test_tlog_proof_fast_path_matches_line_by_line_on_edge_cases(mangle) -> None
     tp, key, _ = _proof_fixture()
     note = sign_note(Checkpoint("example.com/log", 10, b"\x07" * 32).text(), [key])
     data = mangle(TlogProof(tp.index, tp.proof, note, tp.extra).encode())
-    try:
-        want: object = _parse_tlog_proof_by_lines(data)
-    except MalformedError as e:
-        want = type(e)
-    try:
-        got = parse_tlog_proof(data)
-        result: object = (got, got.note, got.parsed)
-    except MalformedError as e:
-        result = type(e)
-    assert result == want, data
+    _assert_fast_path_agrees(data)

@@ -181,6 +181,15 @@ def test_stale() -> None:
     verify(GOOD, now=NOW + 7200, policy=dataclasses.replace(POLICY, max_checkpoint_age=None))
 
 
+def test_two_failures_report_the_first_in_the_documented_order() -> None:
+    """spec/trust-policy.md: the checkpoint's signatures, quorum and freshness come before inclusion."""
+    wrong_index = GOOD.replace(b"\nindex 2\n", b"\nindex 1\n")
+    assert reason_of(proof=wrong_index, now=NOW + 7200) == "stale"
+    one_cosigner, _ = make_proof(release_entry(), cosigners=1)
+    assert reason_of(proof=one_cosigner.replace(b"\nindex 2\n", b"\nindex 1\n")) == "witness-quorum"
+    assert reason_of(proof=wrong_index, sbom=b"another SBOM") == "sbom-digest"
+
+
 def _known(log: Log) -> KnownCheckpoint:
     return KnownCheckpoint(log.published.checkpoint, log.published.note)
 

@@ -131,8 +131,38 @@ _IMPORT_KEYS = frozenset({"module", "name", "kind"})
 _IMPORT_KIND_SET = frozenset(IMPORT_KINDS)
 
 
+# The compact statement Release.statement() writes, with no escapes in its strings, in one match.
+_JSON_CHARS = r'[^"\\\x00-\x1f]*'  # a JSON string's characters when it has no escapes (those need the general parser)
+_IMPORT_JSON = r'\{"module":"%s","name":"%s","kind":"[a-z]+"\}' % (_JSON_CHARS, _JSON_CHARS)
+_IMPORT_FIELDS = re.compile(r'\{"module":"(%s)","name":"(%s)","kind":"([a-z]+)"\}' % (_JSON_CHARS, _JSON_CHARS))
+_COMPACT_STATEMENT = re.compile(
+    r'\{"_type":"https://in-toto\.io/Statement/v1","subject":\[\{"name":"(%s)","digest":\{"sha256":"([0-9a-f]{64})"\}\}\],'
+    r'"predicateType":"https://wasmlog\.dev/release/v1","predicate":\{"namespace":"(%s)","name":"(%s)","version":"(%s)",'
+    r'"imports":\[((?:%s(?:,%s)*)?)\](?:,"sbom":\{"digest":\{"sha256":"([0-9a-f]{64})"\},"mediaType":"(%s)"\})?\}\}'
+    % (_JSON_CHARS, _JSON_CHARS, _JSON_CHARS, _JSON_CHARS, _IMPORT_JSON, _IMPORT_JSON, _JSON_CHARS)
+)
+
+
 def parse_statement(payload: bytes) -> Release:
     """Parse a release statement. Raises RecordError."""
+    try:
+        m = _COMPACT_STATEMENT.fullmatch(payload.decode("utf-8"))
+    except UnicodeDecodeError:
+        m = None
+    if m is not None:  # the common case; the general parser decides anything this does not take
+        subject_name, digest, namespace, name, version, imports_json, sbom_sha256, sbom_media_type = m.groups()
+        ref = _SUBJECT_NAME.fullmatch(subject_name)
+        imports = tuple(map(Import._make, _IMPORT_FIELDS.findall(imports_json)))
+        if ref is not None and ref.group("namespace", "name", "version") == (namespace, name, version) \
+                and len(namespace) <= MAX_LABEL and len(name) <= MAX_LABEL and len(version) <= MAX_VERSION \
+                and len(imports) <= MAX_IMPORTS and all([i.kind in _IMPORT_KIND_SET for i in imports]) \
+                and (sbom_sha256 is None or sbom_media_type in SBOM_MEDIA_TYPES):
+            return Release(PackageRef(namespace, name, version), digest, imports, sbom_sha256, sbom_media_type)
+    return _parse_statement_generally(payload)
+
+
+def _parse_statement_generally(payload: bytes) -> Release:
+    """parse_statement for any JSON layout: the reference, and the precise reason for a refusal."""
     obj = strict_json(payload, "statement")
     if type(obj) is not dict or obj.keys() != _STATEMENT_KEYS:
         raise RecordError(f"statement must have the fields {sorted(_STATEMENT_KEYS)}")

@@ -383,3 +383,44 @@ def test_statement_package_ref_matches_field_checks(ns: str, name: str, version:
     except RecordError:
         got = RecordError
     assert got == want
+
+
+_import_texts = st.one_of(st.sampled_from(["env", "", 'q"uote', "back\\slash", "tab\t", "del\x7f", "é", "\u2028", "wasi:http/types@0.2.0"]),
+                          st.text(max_size=6))
+_statement_edits = [
+    lambda t: t,
+    lambda t: t.replace('{"_type"', '{ "_type"'),
+    lambda t: t + "\n",
+    lambda t: t.replace('"kind":"func"', '"kind":"funk"'),
+    lambda t: t.replace('"kind":"func"', '"kind":"func","kind":"func"'),
+    lambda t: t.replace('"name":"hello"', '"name":"hello","name":"hello"'),
+    lambda t: t.replace('"version":"1.0.0"', '"version":"1.0.00"'),
+    lambda t: t.replace('"imports":[', '"imports":[,'),
+    lambda t: t.replace('}],"predicateType"', '},{"name":"x","digest":{"sha256":"' + "0" * 64 + '"}}],"predicateType"'),
+    lambda t: t.replace('"mediaType":"application/spdx+json"', '"mediaType":"text/plain"'),
+    lambda t: t.replace('"sha256":"ab', '"sha256":"AB'),
+    lambda t: json.dumps(json.loads(t), indent=1),
+    lambda t: json.dumps(json.loads(t), separators=(",", ":")),  # escapes non-ASCII
+]
+
+
+@settings(max_examples=500, deadline=None)
+@given(imports=st.lists(st.tuples(_import_texts, _import_texts, st.sampled_from(["func", "memory", "instance"])), max_size=4),
+       sbom=st.booleans(), edit=st.sampled_from(_statement_edits))
+def test_compact_statement_reader_matches_the_general_parser(imports: list[tuple[str, str, str]], sbom: bool, edit) -> None:  # type: ignore[no-untyped-def]
+    from registry.record import _COMPACT_STATEMENT, _parse_statement_generally, parse_statement
+
+    release = Release(REF, "ab" * 32, tuple(Import(*i) for i in imports), "cd" * 32 if sbom else None,
+                      "application/spdx+json" if sbom else None)
+    payload = edit(release.statement().decode()).encode()
+    try:
+        want: object = _parse_statement_generally(payload)
+    except MalformedError as e:  # RecordError, or MalformedError for JSON itself
+        want = type(e)
+    try:
+        got: object = parse_statement(payload)
+    except MalformedError as e:
+        got = type(e)
+    assert got == want, payload
+    if edit is _statement_edits[0] and not any("\\" in f or '"' in f or any(c < " " for c in f) for i in imports for f in i):
+        assert _COMPACT_STATEMENT.fullmatch(payload.decode()) is not None  # the fast path takes what Release.statement() writes

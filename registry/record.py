@@ -359,33 +359,8 @@ class _NotCanonicalLayout(Exception):
     """The bytes are not the one canonical layout _read_canonical_entry reads (the general decoder decides)."""
 
 
-def _cbor_string(data: bytes, pos: int, head_type: int) -> tuple[bytes, int]:
-    """The definite-length string at pos with a shortest-form head: (content, end).
-
-    head_type is the major type in the top 3 bits (0x40 bytes, 0x60 text). Lengths of 65,536
-    or more cannot occur in an entry (MAX_ENTRY_SIZE), so 1- and 2-byte lengths suffice.
-    """
-    head = data[pos]
-    info = head & 0x1F
-    if head & 0xE0 != head_type:
-        raise _NotCanonicalLayout
-    if info < 24:
-        start = pos + 1
-        end = start + info
-    elif info == 24 and data[pos + 1] >= 24:
-        start = pos + 2
-        end = start + data[pos + 1]
-    elif info == 25 and data[pos + 1]:  # the high byte is non-zero: the length needs two bytes
-        start = pos + 3
-        end = start + (data[pos + 1] << 8 | data[pos + 2])
-    else:
-        raise _NotCanonicalLayout
-    if end > len(data):
-        raise _NotCanonicalLayout
-    return data[start:end], end
-
-
-# The canonical layout as (fixed bytes, then a string of this major type): see _read_canonical_entry.
+# The canonical layout as (fixed bytes, then a string whose head has this major type: 0x40 bytes,
+# 0x60 text): see _read_canonical_entry.
 _LAYOUT = (
     (b"\xa4\x61v\x01\x64type", 0x60),
     (b"\x66signer", 0x60),
@@ -411,9 +386,23 @@ def _read_canonical_entry(data: bytes) -> tuple[str, str, bytes, bytes, str, str
     for fixed, head_type in _LAYOUT:
         if not data.startswith(fixed, pos):
             raise _NotCanonicalLayout
-        string, pos = _cbor_string(data, pos + len(fixed), head_type)
-        strings.append(string)
-    if pos != len(data):
+        # A definite-length string with a shortest-form head. Lengths of 65,536 or more cannot
+        # occur in an entry (MAX_ENTRY_SIZE), so 1- and 2-byte lengths suffice.
+        pos += len(fixed)
+        info = data[pos] - head_type
+        if 0 <= info < 24:
+            start = pos + 1
+            pos = start + info
+        elif info == 24 and data[pos + 1] >= 24:
+            start = pos + 2
+            pos = start + data[pos + 1]
+        elif info == 25 and data[pos + 1]:  # the high byte is non-zero: the length needs two bytes
+            start = pos + 3
+            pos = start + (data[pos + 1] << 8 | data[pos + 2])
+        else:
+            raise _NotCanonicalLayout
+        strings.append(data[start:pos])
+    if pos != len(data):  # also when a string ran past the end
         raise _NotCanonicalLayout
     record_type, signer, payload, sig, keyid, payload_type = strings
     return record_type.decode(), signer.decode(), payload, sig, keyid.decode(), payload_type.decode()

@@ -424,3 +424,14 @@ def test_compact_statement_reader_matches_the_general_parser(imports: list[tuple
     assert got == want, payload
     if edit is _statement_edits[0] and not any("\\" in f or '"' in f or any(c < " " for c in f) for i in imports for f in i):
         assert _COMPACT_STATEMENT.fullmatch(payload.decode()) is not None  # the fast path takes what Release.statement() writes
+
+
+def test_canonical_entry_reader_refuses_every_truncation() -> None:
+    from registry.record import _NotCanonicalLayout, _read_canonical_entry
+
+    entry = encode_entry("release", ALICE.vkey, sign_envelope(INTOTO_PAYLOAD_TYPE, RELEASE.statement(), ALICE))
+    for cut in range(len(entry)):
+        with pytest.raises((_NotCanonicalLayout, IndexError, UnicodeDecodeError)):
+            _read_canonical_entry(entry[:cut])
+        with pytest.raises(RecordError):
+            decode_entry(entry[:cut])

@@ -76,7 +76,7 @@ class CosignatureV1Verifier:
             self._verify_key.verify(b"cosignature/v1\ntime %d\n%s" % (timestamp, text), signature[8:])  # signed_message
         except nacl.exceptions.BadSignatureError:
             return None
-        return int(timestamp)
+        return timestamp  # type: ignore[no-any-return]
 
 
 @functools.lru_cache(maxsize=4096)

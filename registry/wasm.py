@@ -235,7 +235,6 @@ def parse_wasm(data: bytes) -> WasmInfo:
         component = True
     else:
         raise WasmError("unsupported WebAssembly version or layer")
-    r = _Reader(data, 8)
     imports: list[Import] = []
     exports: list[str] = []
     custom: list[str] = []
@@ -246,7 +245,7 @@ def parse_wasm(data: bytes) -> WasmInfo:
         if pos + 1 < length and data[pos + 1] < 0x80:  # a one-byte size: read inline (the common case)
             size, start = data[pos + 1], pos + 2
         else:
-            r.pos = pos + 1
+            r = _Reader(data, pos + 1)
             size = r.uleb()
             start = r.pos
         pos = end = start + size

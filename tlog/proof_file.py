@@ -83,22 +83,24 @@ def parse_tlog_proof(data: bytes) -> TlogProof:
     if len(data) > MAX_TLOG_PROOF_BYTES:
         raise TooLargeError(f"tlog-proof of {len(data)} bytes is over {MAX_TLOG_PROOF_BYTES}")
     m = _CANONICAL_PROOF.fullmatch(data)
-    if m is not None and int(m[2]) <= MAX_TREE_SIZE and len(m[4]) <= MAX_NOTE_BYTES:
+    if m is not None:
+        extra_b64, index_digits, hash_lines, checkpoint, text_utf8, origin, size, root, extensions, signature_lines = m.groups()
         try:
-            text = m[5].decode("utf-8")
+            text = text_utf8.decode("utf-8")
         except UnicodeDecodeError:
             text = None
         # origin and extensions are whole lines of that valid UTF-8 text
-        cp = None if text is None else checkpoint_from_fields(m[6].decode(), m[7], m[8], m[9].decode())
-        signatures = ascii_signatures(m[10].decode())
-        if cp is not None and signatures is not None:
+        cp = None if text is None else checkpoint_from_fields(origin.decode(), size, root, extensions.decode())
+        signatures = ascii_signatures(signature_lines.decode())
+        index = int(index_digits)
+        if cp is not None and signatures is not None and index <= MAX_TREE_SIZE and len(checkpoint) <= MAX_NOTE_BYTES:
             # Canonical hash lines end in a digit with two zero pad bits and "=": read with the
             # digit "A" instead (and no newline), each line is 33 bytes, the last one zero, and
             # all decode at once.
-            joined = binascii.a2b_base64(m[3].translate(_PAD_AS_A, b"\n"))
+            joined = binascii.a2b_base64(hash_lines.translate(_PAD_AS_A, b"\n"))
             proof = _hash_lines_layout(len(joined) // (HASH_SIZE + 1)).unpack(joined)
-            extra = None if m[1] is None else _extra(m[1])
-            return TlogProof(int(m[2]), proof, m[4], extra, note=Note(text, signatures), parsed=cp)
+            extra = None if extra_b64 is None else _extra(extra_b64)
+            return TlogProof(index, proof, checkpoint, extra, note=Note(text, signatures), parsed=cp)
     index, proof, extra, checkpoint = _parse_head_by_lines(data)
     note = parse_note(checkpoint)
     return TlogProof(index, proof, checkpoint, extra, note=note, parsed=parse_checkpoint(note.text))

@@ -275,14 +275,14 @@ _ASCII_SIGNATURE_BLOCK = re.compile(ASCII_SIGNATURE_LINES + "+")
 _KEY_ID = struct.Struct(">I")
 
 
-def ascii_signatures(block: str) -> tuple[NoteSignature, ...] | None:
-    """The signatures of a block ASCII_SIGNATURE_LINES matched, or None if a base64 length is not
-    canonical or a key name is too long (the line-by-line parser then decides).
+def ascii_signatures(block: bytes) -> tuple[NoteSignature, ...] | None:
+    """The signatures of a block (UTF-8) ASCII_SIGNATURE_LINES matched, or None if a base64 length is
+    not canonical or a key name is too long (the line-by-line parser then decides).
 
     Raises MalformedError for a signature too short to hold a key ID.
     """
-    words = block[:-1].replace("\n", " ").split(" ")  # em dash, name, base64, em dash, ...
-    names, encoded = words[1::3], words[2::3]
+    words = block[:-1].replace(b"\n", b" ").split(b" ")  # em dash, name, base64, em dash, ...
+    names, encoded = list(map(bytes.decode, words[1::3])), words[2::3]
     if any(map(_LOW_2_BITS, map(len, encoded))) or max(map(len, names)) > MAX_KEY_NAME:  # base64 length not a multiple of 4
         return None
     raw = list(map(binascii.a2b_base64, encoded))
@@ -317,7 +317,7 @@ def parse_note(data: bytes) -> Note:
     if sig_block.count("\n") > MAX_SIGNATURES:
         raise TooLargeError(f"note has more than {MAX_SIGNATURES} signatures")
     if _ASCII_SIGNATURE_BLOCK.fullmatch(sig_block):
-        signatures = ascii_signatures(sig_block)
+        signatures = ascii_signatures(data[data.rfind(b"\n\n") + 2 :])  # the same block, as bytes
         if signatures is not None:
             return Note(text, signatures)
     if not sig_block:

@@ -91,7 +91,7 @@ def parse_tlog_proof(data: bytes) -> TlogProof:
             text = None
         # origin and extensions are whole lines of that valid UTF-8 text
         cp = None if text is None else checkpoint_from_fields(origin.decode(), size, root, extensions.decode())
-        signatures = ascii_signatures(signature_lines.decode())
+        signatures = ascii_signatures(signature_lines)
         index = int(index_digits)
         if cp is not None and signatures is not None and index <= MAX_TREE_SIZE and len(checkpoint) <= MAX_NOTE_BYTES:
             # Canonical hash lines end in a digit with two zero pad bits and "=": read with the

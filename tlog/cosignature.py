@@ -29,10 +29,10 @@ def cosignature_timestamp(signature: bytes) -> int:
     """The timestamp of a v1 timestamped_signature (72 bytes). Raises MalformedError."""
     if len(signature) != TIMESTAMPED_SIGNATURE_SIZE:
         raise MalformedError(f"cosignature is {len(signature)} bytes, want {TIMESTAMPED_SIGNATURE_SIZE}")
-    (timestamp,) = struct.unpack(">Q", signature[:8])
+    (timestamp,) = _TIMESTAMP.unpack_from(signature)
     if timestamp > MAX_TIMESTAMP:
         raise MalformedError("cosignature timestamp out of range")
-    return int(timestamp)
+    return timestamp  # type: ignore[no-any-return]
 
 
 def cosign(signer: Ed25519Signer, checkpoint_text: str, timestamp: int) -> NoteSignature:
@@ -67,16 +67,12 @@ class CosignatureV1Verifier:
 
     def verified_timestamp(self, text: bytes, signature: bytes) -> int | None:
         """The cosignature's timestamp if it is valid for the checkpoint text, else None."""
-        if len(signature) != TIMESTAMPED_SIGNATURE_SIZE:
-            return None
-        (timestamp,) = _TIMESTAMP.unpack_from(signature)
-        if timestamp > MAX_TIMESTAMP:
-            return None
         try:
+            timestamp = cosignature_timestamp(signature)
             self._verify_key.verify(b"cosignature/v1\ntime %d\n%s" % (timestamp, text), signature[8:])  # signed_message
-        except nacl.exceptions.BadSignatureError:
+        except (MalformedError, nacl.exceptions.BadSignatureError):
             return None
-        return timestamp  # type: ignore[no-any-return]
+        return timestamp
 
 
 @functools.lru_cache(maxsize=4096)

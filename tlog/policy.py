@@ -82,10 +82,6 @@ class Policy:
         return {(w.verifier.name, w.verifier.key_id): w.name for w in self.witnesses.values()}
 
     @functools.cached_property
-    def witness_verifiers(self) -> tuple[CosignatureV1Verifier, ...]:
-        return tuple(w.verifier for w in self.witnesses.values())
-
-    @functools.cached_property
     def witness_keys(self) -> dict[tuple[str, int], PolicyWitness]:
         """The policy's witnesses by the (key name, key ID) of their signature lines."""
         return {(w.verifier.name, w.verifier.key_id): w for w in self.witnesses.values()}

@@ -413,17 +413,19 @@ def decode_entry(data: bytes) -> Record:
     if len(data) > MAX_ENTRY_SIZE:
         raise TooLargeError("log entry too large")
     try:
-        record_type, signer, payload, sig, keyid, payload_type = _read_canonical_entry(data)
+        fields = _read_canonical_entry(data)
     except (_NotCanonicalLayout, IndexError, UnicodeDecodeError):
-        return _decode_entry_generally(data)
+        fields = _read_entry_generally(data)
+    record_type, signer, payload, sig, keyid, payload_type = fields
     if keyid != _keyid(record_type, signer):
         raise RecordError("the signature's keyid is not the signer's key ID")
     envelope = Envelope(payload_type, payload, (Signature(keyid, sig),))
     return Record(record_type, signer, envelope, _body(record_type, envelope))
 
 
-def _decode_entry_generally(data: bytes) -> Record:
-    """decode_entry with cbor2: the reference for any layout, and the precise reason for a refusal."""
+def _read_entry_generally(data: bytes) -> tuple[str, str, bytes, bytes, str, str]:
+    """_read_canonical_entry's fields with cbor2: the reference for any layout, and the precise
+    reason for a refusal. Raises RecordError."""
     try:
         obj = cbor2.loads(data)
     except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as e:
@@ -454,10 +456,7 @@ def _decode_entry_generally(data: bytes) -> Record:
         raise RecordError("log entry is not canonical CBOR")
     if len(signatures) != 1:
         raise RecordError("a record's envelope carries exactly one signature, by its signer")
-    if signatures[0].keyid != _keyid(record_type, signer):
-        raise RecordError("the signature's keyid is not the signer's key ID")
-    envelope = Envelope(payload_type, payload, tuple(signatures))
-    return Record(record_type, signer, envelope, _body(record_type, envelope))
+    return record_type, signer, payload, signatures[0].sig, signatures[0].keyid, payload_type
 
 
 def module_digest(data: bytes) -> str:

@@ -256,7 +256,8 @@ def verify_module(
         raise VerifyError("publisher-not-allowed", f"{record.signer} is not pinned for namespace {release.ref.namespace}")
     if sbom is not None and (release.sbom_sha256 is None or hashlib.sha256(sbom).hexdigest() != release.sbom_sha256):
         raise VerifyError("sbom-digest", "the SBOM's digest is not the one in the statement")
-    cp, _, witnesses, newest = open_checkpoint(tp.checkpoint, policy, now, (tp.note, tp.parsed) if tp.parsed else None)
+    parsed = (tp.note, tp.parsed) if tp.note is not None and tp.parsed is not None else None
+    cp, _, witnesses, newest = open_checkpoint(tp.checkpoint, policy, now, parsed)
     try:
         verify_inclusion(tp.index, cp.size, leaf_hash(tp.extra), tp.proof, cp.root_hash)
     except ProofError as e:

@@ -88,9 +88,11 @@ _CHECKPOINT = re.compile(CHECKPOINT_PATTERN)
 
 def checkpoint_from_fields(origin: str, size: str | bytes, root: str | bytes, extensions: str) -> Checkpoint | None:
     """The checkpoint of fields CHECKPOINT_PATTERN matched, or None when the size or origin is out of bounds."""
-    if int(size) > MAX_TREE_SIZE or len(origin) > MAX_ORIGIN_BYTES // 4 and len(origin.encode()) > MAX_ORIGIN_BYTES:
+    tree_size = int(size)
+    # Up to MAX_ORIGIN_BYTES // 4 characters always fit in MAX_ORIGIN_BYTES of UTF-8: encode only longer ones.
+    if tree_size > MAX_TREE_SIZE or len(origin) > MAX_ORIGIN_BYTES // 4 and len(origin.encode()) > MAX_ORIGIN_BYTES:
         return None
-    return Checkpoint(origin, int(size), binascii.a2b_base64(root), tuple(extensions[:-1].split("\n")) if extensions else ())
+    return Checkpoint(origin, tree_size, binascii.a2b_base64(root), tuple(extensions[:-1].split("\n")) if extensions else ())
 
 
 def parse_checkpoint(text: str) -> Checkpoint:

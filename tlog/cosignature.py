@@ -17,12 +17,15 @@ TIMESTAMPED_SIGNATURE_SIZE = 8 + 64
 _TIMESTAMP = struct.Struct(">Q")
 
 
+_SIGNED_MESSAGE = b"cosignature/v1\ntime %d\n%s"  # % (timestamp, checkpoint body)
+
+
 def signed_message(checkpoint_text: str | bytes, timestamp: int) -> bytes:
     """The bytes a v1 cosigner signs: label, time line, then the checkpoint body (text or its UTF-8)."""
     if not 0 <= timestamp <= MAX_TIMESTAMP:
         raise MalformedError(f"cosignature timestamp {timestamp} out of range")
     body = checkpoint_text.encode() if isinstance(checkpoint_text, str) else checkpoint_text
-    return b"cosignature/v1\ntime %d\n%s" % (timestamp, body)
+    return _SIGNED_MESSAGE % (timestamp, body)
 
 
 def cosignature_timestamp(signature: bytes) -> int:
@@ -69,7 +72,8 @@ class CosignatureV1Verifier:
         """The cosignature's timestamp if it is valid for the checkpoint text, else None."""
         try:
             timestamp = cosignature_timestamp(signature)
-            self._verify_key.verify(b"cosignature/v1\ntime %d\n%s" % (timestamp, text), signature[8:])  # signed_message
+            # signed_message, without its range check: cosignature_timestamp made it
+            self._verify_key.verify(_SIGNED_MESSAGE % (timestamp, text), signature[8:])
         except (MalformedError, nacl.exceptions.BadSignatureError):
             return None
         return timestamp

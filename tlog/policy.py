@@ -78,18 +78,14 @@ class Policy:
         return self.quorum in holds
 
     @functools.cached_property
-    def _witness_names(self) -> dict[tuple[str, int], str]:
-        return {(w.verifier.name, w.verifier.key_id): w.name for w in self.witnesses.values()}
-
-    @functools.cached_property
     def witness_keys(self) -> dict[tuple[str, int], PolicyWitness]:
         """The policy's witnesses by the (key name, key ID) of their signature lines."""
         return {(w.verifier.name, w.verifier.key_id): w for w in self.witnesses.values()}
 
     def witnessed_by(self, signatures: Iterable[NoteSignature]) -> set[str]:
         """Names of policy witnesses among verified note signatures (matched by key name and ID)."""
-        keys = self._witness_names
-        return {keys[(s.name, s.key_id)] for s in signatures if (s.name, s.key_id) in keys}
+        keys = self.witness_keys
+        return {keys[(s.name, s.key_id)].name for s in signatures if (s.name, s.key_id) in keys}
 
     def encode(self) -> str:
         lines = [f"log {log.verifier.vkey}" + (f" {log.url}" if log.url else "") for log in self.logs]

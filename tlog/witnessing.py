@@ -26,6 +26,40 @@ Prover = Callable[[int, int], Awaitable[list[bytes]]]  # (old size, new size) ->
 DEFAULT_WITNESS_TIMEOUT = 5.0
 MAX_RESPONSE_BYTES = 64 << 10
 MAX_409_RETRIES = 3
+DAY = 86400.0
+DEFAULT_BUDGET_BURST = 10
+
+
+class RequestBudget:
+    """The log's own pace: cosigning rounds (one request to each witness) from a token bucket
+    holding `burst`, refilled at `per_day` a day. In any day and 15 minutes (the window a wasmlog
+    witness counts) that is at most per_day * 97/96 + burst: the witnesses' qpd must allow it.
+    """
+
+    def __init__(self, per_day: int, *, burst: int = DEFAULT_BUDGET_BURST, clock: Callable[[], float] = time.monotonic) -> None:
+        if per_day < 1 or burst < 1:
+            raise ValueError("need per_day >= 1 and burst >= 1")
+        self.per_second = per_day / DAY
+        self.burst = burst
+        self.clock = clock
+        self._tokens = float(burst)
+        self._when = clock()
+        self.waits = 0  # rounds that had to wait for the budget
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self._tokens = min(float(self.burst), self._tokens + max(0.0, now - self._when) * self.per_second)
+        self._when = now
+
+    async def take(self) -> None:
+        """Wait until a round is within the budget, then spend it."""
+        self._refill()
+        if self._tokens < 1:
+            self.waits += 1
+        while self._tokens < 1:
+            await asyncio.sleep((1 - self._tokens) / self.per_second)
+            self._refill()
+        self._tokens -= 1
 
 
 class WitnessFailure(TlogError):

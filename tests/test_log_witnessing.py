@@ -109,23 +109,49 @@ async def test_unmet_quorum_publishes_nothing_until_witnesses_return(aiohttp_cli
 
 async def test_a_new_log_process_catches_up_after_409(aiohttp_client, aiohttp_server, tmp_path) -> None:
     ports = [free_port() for _ in range(3)]
-    for i in range(3):
-        await start_witness(aiohttp_server, tmp_path, i, ports[i])
+    servers = [await start_witness(aiohttp_server, tmp_path, i, ports[i]) for i in range(3)]
     client, policy, store = await start_log(aiohttp_client, tmp_path, ports)
     for i in range(5):
         await add_ok(client, policy, b"first %d" % i)
     await client.close()
-    # A fresh sequencer knows nothing of the witnesses' state: they answer 409 with their size,
-    # and it re-proves from there.
+    # A round the log never published (it stopped first): the witnesses are at 6, its checkpoint at 5.
+    log = Log(store, LOG_KEY, witnessed=True)
+    log.integrate([b"unpublished"])
+    req = AddCheckpoint(5, tuple(log.consistency_proof(5, 6, unpublished=True)), log.integrated.note).encode()
+    async with aiohttp.ClientSession() as s:
+        for port in ports:
+            async with s.post(f"http://127.0.0.1:{port}/add-checkpoint", data=req) as r:
+                assert r.status == 200
+    # A fresh sequencer starts each witness at its published size: they answer 409 with their
+    # size, and it re-proves from there.
     client2, policy, _ = await start_log(aiohttp_client, tmp_path, ports, store=store)
     _, cp, verified = await add_ok(client2, policy, b"second")
-    assert cp.size == 6 and len(policy.witnessed_by(verified)) == 3
+    assert cp.size == 7 and len(policy.witnessed_by(verified)) == 3
+    assert all(statuses_seen(s).get("409", 0) >= 1 for s in servers)
+
+
+async def test_a_restarted_log_resumes_in_step_without_a_409(aiohttp_client, aiohttp_server, tmp_path) -> None:
+    """Its published note says which witnesses hold its size: no refused request to find out."""
+    ports = [free_port() for _ in range(3)]
+    servers = [await start_witness(aiohttp_server, tmp_path, i, ports[i]) for i in range(3)]
+    client, policy, store = await start_log(aiohttp_client, tmp_path, ports)
+    await add_ok(client, policy, b"first")
+    await client.close()
+    client2, policy, _ = await start_log(aiohttp_client, tmp_path, ports, store=store)
+    _, cp, verified = await add_ok(client2, policy, b"second")
+    assert cp.size == 2 and len(policy.witnessed_by(verified)) == 3
+    assert [statuses_seen(s).get("409", 0) for s in servers] == [0, 0, 0]
+
+
+def statuses_seen(server) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """add-checkpoint requests a witness answered, by status (its HTTP response counter)."""
+    samples = [x for m in server.app[HTTP_RESPONSES].collect() for x in m.samples]
+    return {x.labels["status"]: int(x.value) for x in samples if x.name.endswith("_total") and x.labels["method"] == "POST"}
 
 
 def requests_seen(server) -> int:  # type: ignore[no-untyped-def]
-    """add-checkpoint requests a witness answered, whatever the status (its HTTP response counter)."""
-    samples = [x for m in server.app[HTTP_RESPONSES].collect() for x in m.samples]
-    return int(sum(x.value for x in samples if x.name.endswith("_total") and x.labels["method"] == "POST"))
+    """add-checkpoint requests a witness answered, whatever the status."""
+    return sum(statuses_seen(server).values())
 
 
 async def until(predicate, seconds: float = 10.0) -> None:  # type: ignore[no-untyped-def]

@@ -192,6 +192,7 @@ class Sequencer:
         """Run the batching loop for the duration of the context."""
         tasks = [asyncio.create_task(self._run(), name="sequencer")]
         if self.cosigner is not None:
+            self.cosigner.resume(self.log.published.note, self.log.published.checkpoint.size)
             tasks.append(asyncio.create_task(self._republish(), name="republisher"))
         try:
             yield self

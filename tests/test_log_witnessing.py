@@ -175,6 +175,19 @@ async def test_the_log_does_not_ask_witnesses_when_nothing_changed(aiohttp_clien
     assert [requests_seen(s) for s in servers] == seen
 
 
+async def test_a_witness_that_cosigned_is_not_asked_again_while_the_quorum_is_missing(aiohttp_client, aiohttp_server, tmp_path) -> None:
+    ports = [free_port() for _ in range(3)]
+    w0 = await start_witness(aiohttp_server, tmp_path, 0, ports[0])
+    client, _, _ = await start_log(aiohttp_client, tmp_path, ports)
+    seq = client.server.app[SEQUENCER]
+    assert seq.cosigner is not None
+    await until(lambda: seq.cosigner.clients[1].failures >= 2)  # two rounds without a quorum
+    assert requests_seen(w0) == 1
+    await start_witness(aiohttp_server, tmp_path, 1, ports[1])
+    await until(lambda: bool(seq.log.published.note))  # the republisher's next round meets the quorum
+    assert requests_seen(w0) == 1  # its cosignature of the empty tree was reused
+
+
 async def test_the_log_keeps_to_the_budget_it_was_given(aiohttp_client, aiohttp_server, tmp_path) -> None:
     """With K rounds to spend (and no refill worth a request during the test), each witness sees at
     most K requests however many entries come; the next round waits for the budget."""

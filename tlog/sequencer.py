@@ -167,7 +167,8 @@ class Sequencer:
             if self.witness_budget is not None:
                 await self.witness_budget.take()
                 integrated = self.log.integrated  # what was integrated while we waited supersedes it
-            note = await self.cosigner.cosign(integrated.note, integrated.checkpoint, self._prove)
+            refresh = bool(current.note) and current.checkpoint == integrated.checkpoint  # new timestamps wanted
+            note = await self.cosigner.cosign(integrated.note, integrated.checkpoint, self._prove, refresh=refresh)
             published = Published(integrated.checkpoint, note)
             await asyncio.to_thread(self.log.publish, published)
             self._last_publish = time.monotonic()

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from .checkpoint import Checkpoint, parse_decimal
+from .cosignature import cosignature_timestamp
 from .errors import MalformedError, TlogError
 from .note import NoteSignature, parse_note
 from .policy import Policy, PolicyWitness
@@ -26,6 +27,7 @@ Prover = Callable[[int, int], Awaitable[list[bytes]]]  # (old size, new size) ->
 DEFAULT_WITNESS_TIMEOUT = 5.0
 MAX_RESPONSE_BYTES = 64 << 10
 MAX_409_RETRIES = 3
+REUSE_SECONDS = 60.0  # a witness's cosignature of an unchanged checkpoint is reused this long
 DAY = 86400.0
 DEFAULT_BUDGET_BURST = 10
 
@@ -82,10 +84,24 @@ class WitnessClient:
         self.known_size = 0
         self.latency: float | None = None
         self.failures = 0
+        self.cosigned: tuple[Checkpoint, NoteSignature] | None = None  # its latest cosignature for us
 
-    async def cosign(self, note: bytes, cp: Checkpoint, prove: Prover) -> NoteSignature:
-        """Return this witness's verified cosignature of cp. Raises WitnessFailure."""
+    def _reusable(self, cp: Checkpoint, max_age: float) -> NoteSignature | None:
+        if self.cosigned is None or self.cosigned[0] != cp:
+            return None
+        sig = self.cosigned[1]
+        return sig if time.time() - cosignature_timestamp(sig.signature) < max_age else None
+
+    async def cosign(self, note: bytes, cp: Checkpoint, prove: Prover, *, reuse_for: float = 0.0) -> NoteSignature:
+        """Return this witness's verified cosignature of cp. Raises WitnessFailure.
+
+        Without asking, if it cosigned this very checkpoint less than reuse_for seconds ago.
+        """
         start = time.monotonic()
+        reused = self._reusable(cp, reuse_for)
+        if reused is not None:
+            self.latency = 0.0
+            return reused
         old = self.known_size
         for _ in range(MAX_409_RETRIES):
             if old > cp.size:
@@ -107,6 +123,7 @@ class WitnessClient:
                 raise WitnessFailure(f"{self.witness.name}: HTTP {status}: {body[:200]!r}")
             sig = self._verified(body, cp)
             self.known_size = cp.size
+            self.cosigned = (cp, sig)
             self.latency = time.monotonic() - start
             return sig
         raise WitnessFailure(f"{self.witness.name}: too many 409 answers")
@@ -153,9 +170,14 @@ class Cosigner:
         if self.on_result is not None:
             self.on_result(witness, seconds)
 
-    async def cosign(self, note: bytes, cp: Checkpoint, prove: Prover) -> bytes:
-        """Return note with the cosignatures gathered within the timeout. Raises QuorumError."""
-        tasks = {asyncio.create_task(c.cosign(note, cp, prove)): c for c in self.clients}
+    async def cosign(self, note: bytes, cp: Checkpoint, prove: Prover, *, refresh: bool = False) -> bytes:
+        """Return note with the cosignatures gathered within the timeout. Raises QuorumError.
+
+        Unless refresh (new timestamps wanted), a witness that cosigned cp in the last
+        REUSE_SECONDS is not asked again: the retries after a missed quorum cost it nothing.
+        """
+        reuse_for = 0.0 if refresh else REUSE_SECONDS
+        tasks = {asyncio.create_task(c.cosign(note, cp, prove, reuse_for=reuse_for)): c for c in self.clients}
         got: dict[str, NoteSignature] = {}
         if tasks:
             done, pending = await asyncio.wait(tasks, timeout=self.timeout)

@@ -48,6 +48,8 @@ METRICS = web.AppKey("witness_request_metrics", RequestMetrics)
 async def add_checkpoint(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     try:
+        if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+            raise MalformedError("add-checkpoint bodies take no Content-Encoding")  # nor a decompressor's errors
         cosignature = await request.app[WITNESS].add_checkpoint(await request.read(), client_key(request.remote))
     except TooManyRequests as e:
         metrics.rate_limited.labels(e.scope).inc()
@@ -90,7 +92,10 @@ def make_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[errors_middleware_for(witness_error_response)])
+    app = web.Application(
+        client_max_size=MAX_REQUEST_BYTES, middlewares=[errors_middleware_for(witness_error_response)],
+        handler_args={"auto_decompress": False},  # bodies are read as sent: no decompressor to fail
+    )
     app[WITNESS] = witness
     app.cleanup_ctx.append(run_gossip)
     registry = install(app, "wasmlog_witness")

@@ -90,7 +90,7 @@ class WitnessClient:
         if self.cosigned is None or self.cosigned[0] != cp:
             return None
         sig = self.cosigned[1]
-        return sig if time.time() - cosignature_timestamp(sig.signature) < max_age else None
+        return sig if 0 <= time.time() - cosignature_timestamp(sig.signature) < max_age else None
 
     async def cosign(self, note: bytes, cp: Checkpoint, prove: Prover, *, reuse_for: float = 0.0) -> NoteSignature:
         """Return this witness's verified cosignature of cp. Raises WitnessFailure.

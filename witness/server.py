@@ -46,11 +46,12 @@ METRICS = web.AppKey("witness_request_metrics", RequestMetrics)
 
 
 async def add_checkpoint(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS]
+    metrics, witness, client = request.app[METRICS], request.app[WITNESS], client_key(request.remote)
     try:
         if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+            witness.refusals.charge(client)
             raise MalformedError("add-checkpoint bodies take no Content-Encoding")  # nor a decompressor's errors
-        cosignature = await request.app[WITNESS].add_checkpoint(await request.read(), client_key(request.remote))
+        cosignature = await witness.add_checkpoint(await request.read(), client)
     except TooManyRequests as e:
         metrics.rate_limited.labels(e.scope).inc()
         raise

@@ -96,7 +96,7 @@ def serve_log(
         sequencer = Sequencer(
             log, interval=interval_ms / 1000, batch_max=batch_max, max_pending=max_pending,
             republish_interval=republish_interval,
-            witness_budget=RequestBudget(witness_rounds_per_day) if witness_rounds_per_day else None,
+            witness_budget=witness_budget(witness_rounds_per_day),
         )
         app = make_app(sequencer, witness_policy=witness_policy, witness_timeout=witness_timeout, max_checkpoint_age=healthz_max_age)
         click.echo(banner or f"log {log.origin} at http://{host}:{port}/ (size {log.published.checkpoint.size})")
@@ -170,6 +170,16 @@ SEQUENCER_OPTIONS = [
 ]
 
 
+witness_rounds_option = click.option(
+    "--witness-rounds-per-day", "witness_rounds_per_day", default=None, type=click.IntRange(1),
+    help="Ask the witnesses at most this often a day (plus a burst of 10); their log lists' qpd must allow it. Default: unpaced.",
+)
+
+
+def witness_budget(rounds_per_day: int | None) -> RequestBudget | None:
+    return RequestBudget(rounds_per_day) if rounds_per_day else None
+
+
 def sequencer_options(f):  # type: ignore[no-untyped-def]
     """--interval-ms, --batch-max and --max-pending (Sequencer arguments)."""
     for option in reversed(SEQUENCER_OPTIONS):
@@ -203,7 +213,7 @@ def log_group() -> None:
 @click.option("--witness-policy", "policy_file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="A c2sp.org/tlog-policy file: publish only checkpoints its witness quorum cosigned.")
 @click.option("--republish-interval", default=DEFAULT_REPUBLISH_INTERVAL, show_default=True, type=click.FloatRange(1), help="Seconds between witness cosignings of an unchanged tree.")
 @click.option("--witness-timeout", default=DEFAULT_WITNESS_TIMEOUT, show_default=True, type=click.FloatRange(0.1), help="Seconds to wait for witnesses per checkpoint.")
-@click.option("--witness-rounds-per-day", "witness_rounds_per_day", default=None, type=click.IntRange(1), help="Ask the witnesses at most this often (plus a burst of 10); their log lists' qpd must allow it. Default: unpaced.")
+@witness_rounds_option
 @log_options
 def log_serve(
     data: pathlib.Path, key_file: pathlib.Path, origin: str | None, policy_file: pathlib.Path | None,

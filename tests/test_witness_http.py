@@ -166,6 +166,23 @@ async def test_rate_limit_is_429(aiohttp_client, tmp_path, log: Log) -> None:
     assert await metric(c, "wasmlog_witness_rate_limited_requests_total", scope="log") == 1
 
 
+async def test_the_cosigned_tree_is_re_signed_once_its_cosignature_is_old_and_never_charged(aiohttp_client, tmp_path, log: Log) -> None:
+    now = [float(NOW)]
+    w = Witness(signer=W_KEY, logs=parse_log_list(log_list(qpd=1)), state=WitnessState(str(tmp_path)), clock=lambda: now[0])
+    c = await aiohttp_client(make_app(w))
+    log.integrate([b"a"])
+    first = await (await c.post("/add-checkpoint", data=body(0, [], log.published.note))).read()
+    assert w.refresh_age(w.logs[LOG_KEY.name]) == 86400  # 86400/qpd, at least 30 s
+    now[0] += 86399
+    assert await (await c.post("/add-checkpoint", data=body(1, [], log.published.note))).read() == first
+    now[0] += 1
+    r = await c.post("/add-checkpoint", data=body(1, [], log.published.note))
+    assert r.status == 200
+    fresh = open_note(log.published.note + await r.read(), [CosignatureV1Verifier(W_KEY.name, W_KEY.public_key)])[1][0]
+    assert cosignature_timestamp(fresh.signature) == NOW + 86400
+    assert w.charged(LOG_KEY.name) == 1  # the first cosignature only: qpd 1 is not exceeded
+
+
 async def metric(c, name: str, **labels: str) -> float:  # type: ignore[no-untyped-def]
     """A sample from the witness's GET /metrics (0 when absent)."""
     text = await (await c.get("/metrics")).text()

@@ -25,7 +25,9 @@ from tlog.cli import (
     sequencer_options,
     serve_with_front_ends,
     split_listen,
+    witness_budget,
     witness_group,
+    witness_rounds_option,
 )
 from tlog.errors import TlogError
 from tlog.frontend import ADD_SOCKET
@@ -110,11 +112,12 @@ def registry_group() -> None:
 @click.option("--witness-policy", "policy_file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="A c2sp.org/tlog-policy file: publish only checkpoints its witness quorum cosigned.")
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True)
 @sequencer_options
+@witness_rounds_option
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="With N > 1, N HTTP front-end processes share the port, check publishes and write blobs; this one keeps the state and the log.")
 @one_line_errors
 def registry_serve(
     data: pathlib.Path, key_file: pathlib.Path, policy_file: pathlib.Path | None, listen: str,
-    interval_ms: int, batch_max: int, max_pending: int, workers: int,
+    interval_ms: int, batch_max: int, max_pending: int, witness_rounds_per_day: int | None, workers: int,
 ) -> None:
     """Serve the registry API under /api/v1/ and its log under /log/."""
     host, port = split_listen(listen)
@@ -123,7 +126,7 @@ def registry_serve(
     store = LMDBLogStore(str(data / "log"))
     try:
         sequencer = Sequencer(Log(store, signer, witnessed=policy is not None), interval=interval_ms / 1000,
-                              batch_max=batch_max, max_pending=max_pending)
+                              batch_max=batch_max, max_pending=max_pending, witness_budget=witness_budget(witness_rounds_per_day))
         registry = Registry(sequencer=sequencer, blobs=BlobStore(str(data / "blobs")))
         click.echo(f"registry at http://{host}:{port}/api/v1/ with its log {sequencer.log.origin} at /log/")
         app = make_app(registry, sequencer, witness_policy=policy, witness_timeout=DEFAULT_WITNESS_TIMEOUT,

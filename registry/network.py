@@ -21,6 +21,7 @@ from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer
 from tlog.policy import parse_policy
 from tlog.sequencer import Sequencer
 from tlog.storage.lmdb_store import LMDBLogStore
+from tlog.witnessing import RequestBudget
 from witness.loglist import parse_log_list
 from witness.server import make_app as make_witness_app
 from witness.state import WitnessState
@@ -33,6 +34,11 @@ from .service import Registry
 LOG_NAME = "localhost/wasmlog"
 WITNESS_NAMES = ("witness1.localhost", "witness2.localhost", "witness3.localhost")
 QUORUM = 2
+# The log asks its witnesses at most 10 times a second (864,000 rounds a day, a burst of 10): with
+# 50 ms batches, entries that arrive while a round waits join the next round's checkpoint, so an
+# entry waits at most ~100 ms more for its cosigned checkpoint. The witnesses' log list allows twice that
+# (a day's rounds, the burst and the 15-minute slots of their window fit with room to spare).
+ROUNDS_PER_DAY = 864_000
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class NetworkConfig:
     port: int = 7380  # the registry (its log under /log/); witnesses take the next three ports
     interval: float = 0.05
     gossip_interval: float = 60.0
+    rounds_per_day: int = ROUNDS_PER_DAY  # the log's pace; the witnesses' qpd for it is twice that
 
 
 def network_policy(log_key: Ed25519Signer, witness_keys: list[Ed25519Signer], urls: list[str]) -> str:
@@ -62,7 +69,7 @@ async def run_network(cfg: NetworkConfig, *, ready: asyncio.Event | None = None,
     witness_urls = [f"http://{cfg.host}:{cfg.port + 1 + i}" for i in range(len(witness_keys))]
     policy_text = network_policy(log_key, witness_keys, witness_urls)
     (cfg.data / "tlog-policy.txt").write_text(policy_text)
-    log_list = parse_log_list(f"logs/v0\nvkey {log_key.vkey}\nqpd 864000\nurl {log_url}\n")
+    log_list = parse_log_list(f"logs/v0\nvkey {log_key.vkey}\nqpd {2 * cfg.rounds_per_day}\nurl {log_url}\n")
 
     runners: list[web.AppRunner] = []
     closers = []
@@ -76,7 +83,7 @@ async def run_network(cfg: NetworkConfig, *, ready: asyncio.Event | None = None,
         store = LMDBLogStore(str(cfg.data / "log"))
         closers.append(store.close)
         log = Log(store, log_key, witnessed=True)
-        sequencer = Sequencer(log, interval=cfg.interval)
+        sequencer = Sequencer(log, interval=cfg.interval, witness_budget=RequestBudget(cfg.rounds_per_day))
         registry = Registry(sequencer=sequencer, blobs=BlobStore(str(cfg.data / "blobs")))
         app = make_app(registry, sequencer, witness_policy=parse_policy(policy_text.encode()), max_checkpoint_age=300.0)
         runners.append(await _start(app, cfg.host, cfg.port))

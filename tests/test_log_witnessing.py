@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
 from helpers import free_port
 from hypothesis import given, settings
@@ -13,13 +14,18 @@ from tlog.cosignature import cosignature_timestamp
 from tlog.errors import MalformedError
 from tlog.hashes import leaf_hash
 from tlog.log import Log
+from tlog.metrics import HTTP_RESPONSES
 from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer, Ed25519Verifier, open_note
 from tlog.policy import parse_policy
 from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
 from tlog.sequencer import Sequencer
-from tlog.server import make_app
+from tlog.server import SEQUENCER, make_app
 from tlog.storage.lmdb_store import LMDBLogStore
+from tlog.witness_protocol import AddCheckpoint
+from tlog.witnessing import RequestBudget
 from witness.loglist import KnownLog
+from witness.ratelimit import RefusalLimiter
+from witness.server import WITNESS
 from witness.server import make_app as make_witness_app
 from witness.state import WitnessState
 from witness.witness import Witness
@@ -37,18 +43,18 @@ def policy_text(ports: list[int]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-async def start_witness(aiohttp_server, tmp_path, i: int, port: int):  # type: ignore[no-untyped-def]
+async def start_witness(aiohttp_server, tmp_path, i: int, port: int, qpd: int = 86400, refusals: RefusalLimiter | None = None):  # type: ignore[no-untyped-def]
     w = Witness(
-        signer=W_KEYS[i], logs={LOG_KEY.name: KnownLog(LOG_KEY.name, LOG_VERIFIER, 86400)},
-        state=WitnessState(str(tmp_path / f"w{i}")),
+        signer=W_KEYS[i], logs={LOG_KEY.name: KnownLog(LOG_KEY.name, LOG_VERIFIER, qpd)},
+        state=WitnessState(str(tmp_path / f"w{i}")), refusals=refusals,
     )
     return await aiohttp_server(make_witness_app(w), port=port)
 
 
-async def start_log(aiohttp_client, tmp_path, ports: list[int], store: LMDBLogStore | None = None):  # type: ignore[no-untyped-def]
+async def start_log(aiohttp_client, tmp_path, ports: list[int], store: LMDBLogStore | None = None, budget: RequestBudget | None = None):  # type: ignore[no-untyped-def]
     store = store or LMDBLogStore(str(tmp_path / "log"))
     log = Log(store, LOG_KEY, witnessed=True)
-    seq = Sequencer(log, interval=0.01, republish_interval=3600)
+    seq = Sequencer(log, interval=0.01, republish_interval=3600, witness_budget=budget)
     policy = parse_policy(policy_text(ports))
     client = await aiohttp_client(make_app(seq, witness_policy=policy, witness_timeout=2.0))
     return client, policy, store
@@ -103,17 +109,129 @@ async def test_unmet_quorum_publishes_nothing_until_witnesses_return(aiohttp_cli
 
 async def test_a_new_log_process_catches_up_after_409(aiohttp_client, aiohttp_server, tmp_path) -> None:
     ports = [free_port() for _ in range(3)]
-    for i in range(3):
-        await start_witness(aiohttp_server, tmp_path, i, ports[i])
+    servers = [await start_witness(aiohttp_server, tmp_path, i, ports[i]) for i in range(3)]
     client, policy, store = await start_log(aiohttp_client, tmp_path, ports)
     for i in range(5):
         await add_ok(client, policy, b"first %d" % i)
     await client.close()
-    # A fresh sequencer knows nothing of the witnesses' state: they answer 409 with their size,
-    # and it re-proves from there.
+    # A round the log never published (it stopped first): the witnesses are at 6, its checkpoint at 5.
+    log = Log(store, LOG_KEY, witnessed=True)
+    log.integrate([b"unpublished"])
+    req = AddCheckpoint(5, tuple(log.consistency_proof(5, 6, unpublished=True)), log.integrated.note).encode()
+    async with aiohttp.ClientSession() as s:
+        for port in ports:
+            async with s.post(f"http://127.0.0.1:{port}/add-checkpoint", data=req) as r:
+                assert r.status == 200
+    # A fresh sequencer starts each witness at its published size: they answer 409 with their
+    # size, and it re-proves from there.
     client2, policy, _ = await start_log(aiohttp_client, tmp_path, ports, store=store)
     _, cp, verified = await add_ok(client2, policy, b"second")
-    assert cp.size == 6 and len(policy.witnessed_by(verified)) == 3
+    assert cp.size == 7 and len(policy.witnessed_by(verified)) == 3
+    assert all(statuses_seen(s).get("409", 0) >= 1 for s in servers)
+
+
+async def test_a_restarted_log_resumes_in_step_without_a_409(aiohttp_client, aiohttp_server, tmp_path) -> None:
+    """Its published note says which witnesses hold its size: no refused request to find out."""
+    ports = [free_port() for _ in range(3)]
+    servers = [await start_witness(aiohttp_server, tmp_path, i, ports[i]) for i in range(3)]
+    client, policy, store = await start_log(aiohttp_client, tmp_path, ports)
+    await add_ok(client, policy, b"first")
+    await client.close()
+    client2, policy, _ = await start_log(aiohttp_client, tmp_path, ports, store=store)
+    _, cp, verified = await add_ok(client2, policy, b"second")
+    assert cp.size == 2 and len(policy.witnessed_by(verified)) == 3
+    assert [statuses_seen(s).get("409", 0) for s in servers] == [0, 0, 0]
+
+
+def statuses_seen(server) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """add-checkpoint requests a witness answered, by status (its HTTP response counter)."""
+    samples = [x for m in server.app[HTTP_RESPONSES].collect() for x in m.samples]
+    return {x.labels["status"]: int(x.value) for x in samples if x.name.endswith("_total") and x.labels["method"] == "POST"}
+
+
+def requests_seen(server) -> int:  # type: ignore[no-untyped-def]
+    """add-checkpoint requests a witness answered, whatever the status."""
+    return sum(statuses_seen(server).values())
+
+
+async def until(predicate, seconds: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll predicate until it holds; fail after seconds."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_the_log_does_not_ask_witnesses_when_nothing_changed(aiohttp_client, aiohttp_server, tmp_path) -> None:
+    ports = [free_port() for _ in range(3)]
+    servers = [await start_witness(aiohttp_server, tmp_path, i, ports[i]) for i in range(3)]
+    client, policy, _ = await start_log(aiohttp_client, tmp_path, ports)
+    first, _, _ = await add_ok(client, policy, b"once")
+    seen = [requests_seen(s) for s in servers]
+    again, _, _ = await add_ok(client, policy, b"once")  # a duplicate: the tree does not change
+    assert again.index == first.index
+    seq = client.server.app[SEQUENCER]
+    assert await seq.publish(seq.log.integrated) == seq.log.published
+    assert [requests_seen(s) for s in servers] == seen
+
+
+async def test_a_witness_that_cosigned_is_not_asked_again_while_the_quorum_is_missing(aiohttp_client, aiohttp_server, tmp_path) -> None:
+    ports = [free_port() for _ in range(3)]
+    w0 = await start_witness(aiohttp_server, tmp_path, 0, ports[0])
+    client, _, _ = await start_log(aiohttp_client, tmp_path, ports)
+    seq = client.server.app[SEQUENCER]
+    assert seq.cosigner is not None
+    await until(lambda: seq.cosigner.clients[1].failures >= 2)  # two rounds without a quorum
+    assert requests_seen(w0) == 1
+    await start_witness(aiohttp_server, tmp_path, 1, ports[1])
+    await until(lambda: bool(seq.log.published.note))  # the republisher's next round meets the quorum
+    assert requests_seen(w0) == 1  # its cosignature of the empty tree was reused
+
+
+async def test_the_log_keeps_to_the_budget_it_was_given(aiohttp_client, aiohttp_server, tmp_path) -> None:
+    """With K rounds to spend (and no refill worth a request during the test), each witness sees at
+    most K requests however many entries come; the next round waits for the budget."""
+    k = 3
+    ports = [free_port() for _ in range(3)]
+    servers = [await start_witness(aiohttp_server, tmp_path, i, ports[i]) for i in range(3)]
+    budget = RequestBudget(1, burst=k)  # one more round a day
+    client, _, _ = await start_log(aiohttp_client, tmp_path, ports, budget=budget)
+    answered = 0
+    for i in range(2 * k):
+        task = asyncio.ensure_future(client.post("/add", data=b"entry %d" % i))
+        await until(lambda: task.done() or budget.waits > 0)  # noqa: B023 (task is read at once)
+        if not task.done():
+            break
+        assert task.result().status == 200
+        answered += 1
+    assert budget.waits == 1 and not task.done()
+    assert [requests_seen(s) for s in servers] == [k, k, k]
+    assert k - 1 <= answered <= k  # the empty tree's round may have come first
+    task.cancel()
+
+
+async def test_replays_of_the_public_checkpoint_do_not_lock_the_log_out(aiohttp_client, aiohttp_server, tmp_path) -> None:
+    """Issue 12: from the log's own address, more replays with a wrong old than the log's qpd."""
+    qpd = 3
+    ports = [free_port() for _ in range(3)]
+    servers = [
+        await start_witness(aiohttp_server, tmp_path, i, ports[i], qpd=qpd, refusals=RefusalLimiter(burst=2, per_second=0))
+        for i in range(3)
+    ]
+    client, policy, _ = await start_log(aiohttp_client, tmp_path, ports)
+    await add_ok(client, policy, b"a")
+    public = await (await client.get("/checkpoint")).read()
+    async with aiohttp.ClientSession() as attacker:
+        for port in ports:
+            statuses = []
+            for _ in range(3 * qpd):
+                async with attacker.post(f"http://127.0.0.1:{port}/add-checkpoint", data=AddCheckpoint(0, (), public).encode()) as r:
+                    statuses.append(r.status)
+            assert statuses == [409, 409] + [429] * (3 * qpd - 2)
+    for entry in (b"b", b"c"):
+        _, _, verified = await add_ok(client, policy, entry)
+        assert len(policy.witnessed_by(verified)) == 3
+    assert [s.app[WITNESS].charged(LOG_KEY.name) for s in servers] == [qpd] * 3
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
+import aiohttp
 import pytest
 
 from tlog.checkpoint import Checkpoint
@@ -17,7 +18,8 @@ from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer, Ed25519Verifier, open_n
 from tlog.storage.memory import MemoryLogStore
 from tlog.witness_protocol import AddCheckpoint
 from witness.loglist import parse_log_list
-from witness.server import make_app
+from witness.ratelimit import RefusalLimiter, WindowCounter, client_key
+from witness.server import WITNESS, make_app
 from witness.state import WitnessState
 from witness.witness import Witness
 
@@ -105,6 +107,15 @@ async def test_malformed_is_400(aiohttp_client, tmp_path, log: Log, raw: bytes) 
     assert r.status == 400
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "x-unknown"])
+async def test_content_encoded_bodies_are_400_not_500(aiohttp_client, tmp_path, log: Log, encoding: str) -> None:
+    """Issue 12 finding 6: an invalid gzip/deflate body was a 500 and a traceback; nothing is decompressed now."""
+    c = await client_for(aiohttp_client, tmp_path)
+    r = await c.post("/add-checkpoint", data=b"\x1f\x8b not really compressed", headers={"Content-Encoding": encoding})
+    assert r.status == 400 and "Content-Encoding" in await r.text()
+    assert (await c.post("/add-checkpoint", data=body(0, [], log.published.note))).status == 200  # the server is fine
+
+
 async def test_old_beyond_size_is_400(aiohttp_client, tmp_path, log: Log) -> None:
     c = await client_for(aiohttp_client, tmp_path)
     log.integrate([b"a"])
@@ -136,11 +147,134 @@ async def test_422_cases(aiohttp_client, tmp_path, log: Log) -> None:
 
 
 async def test_rate_limit_is_429(aiohttp_client, tmp_path, log: Log) -> None:
+    """qpd counts the new trees cosigned; the tree already cosigned is answered from storage, never charged."""
     c = await client_for(aiohttp_client, tmp_path, qpd=2)
+    witness = c.server.app[WITNESS]
     log.integrate([b"a"])
     assert (await c.post("/add-checkpoint", data=body(0, [], log.published.note))).status == 200
-    assert (await c.post("/add-checkpoint", data=body(1, [], log.published.note))).status == 200
-    assert (await c.post("/add-checkpoint", data=body(1, [], log.published.note))).status == 429
+    log.integrate([b"b"])
+    r = await c.post("/add-checkpoint", data=body(1, log.consistency_proof(1, 2), log.published.note))
+    assert r.status == 200
+    cosig = await r.read()
+    for _ in range(5):  # anyone can replay the cosigned checkpoint: the stored cosignature, free
+        again = await c.post("/add-checkpoint", data=body(2, [], log.published.note))
+        assert again.status == 200 and await again.read() == cosig
+    assert witness.charged(LOG_KEY.name) == 2
+    log.integrate([b"c"])
+    r = await c.post("/add-checkpoint", data=body(2, log.consistency_proof(2, 3), log.published.note))
+    assert r.status == 429
+    assert await metric(c, "wasmlog_witness_rate_limited_requests_total", scope="log") == 1
+
+
+async def test_the_cosigned_tree_is_re_signed_once_its_cosignature_is_old_and_never_charged(aiohttp_client, tmp_path, log: Log) -> None:
+    now = [float(NOW)]
+    w = Witness(signer=W_KEY, logs=parse_log_list(log_list(qpd=1)), state=WitnessState(str(tmp_path)), clock=lambda: now[0])
+    c = await aiohttp_client(make_app(w))
+    log.integrate([b"a"])
+    first = await (await c.post("/add-checkpoint", data=body(0, [], log.published.note))).read()
+    assert w.refresh_age(w.logs[LOG_KEY.name]) == 86400  # 86400/qpd, at least 30 s
+    now[0] += 86399
+    assert await (await c.post("/add-checkpoint", data=body(1, [], log.published.note))).read() == first
+    now[0] += 1
+    r = await c.post("/add-checkpoint", data=body(1, [], log.published.note))
+    assert r.status == 200
+    fresh = open_note(log.published.note + await r.read(), [CosignatureV1Verifier(W_KEY.name, W_KEY.public_key)])[1][0]
+    assert cosignature_timestamp(fresh.signature) == NOW + 86400
+    assert w.charged(LOG_KEY.name) == 1  # the first cosignature only: qpd 1 is not exceeded
+
+
+async def metric(c, name: str, **labels: str) -> float:  # type: ignore[no-untyped-def]
+    """A sample from the witness's GET /metrics (0 when absent)."""
+    text = await (await c.get("/metrics")).text()
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == want:
+            return float(value)
+    return 0.0
+
+
+async def test_replays_with_a_wrong_old_do_not_spend_the_log_qpd(aiohttp_client, tmp_path, log: Log) -> None:
+    """Issue 12: 47 replays answered 409 used to spend qpd 50; refusals now cost the client, not the log."""
+    qpd = 5
+    c = await client_for(aiohttp_client, tmp_path, qpd=qpd)
+    log.integrate([b"a", b"b", b"c"])
+    assert (await c.post("/add-checkpoint", data=body(0, [], log.published.note))).status == 200
+    public = log.published.note  # the log's checkpoint, as anyone can fetch it
+    for _ in range(4 * qpd):
+        r = await c.post("/add-checkpoint", data=body(1, [], public))
+        assert r.status == 409 and await r.read() == b"3\n"
+    assert c.server.app[WITNESS].charged(LOG_KEY.name) == 1
+    for i in range(qpd - 1):  # the log still gets every cosignature its qpd allows
+        old = log.published.checkpoint.size
+        log.integrate([b"x%d" % i])
+        r = await c.post("/add-checkpoint", data=body(old, log.consistency_proof(old, old + 1), log.published.note))
+        assert r.status == 200, await r.text()
+    assert c.server.app[WITNESS].charged(LOG_KEY.name) == qpd
+    assert await metric(c, "wasmlog_witness_refused_requests_total", status="409") == 4 * qpd
+    assert await metric(c, "wasmlog_witness_rate_limited_requests_total", scope="log") == 0
+
+
+async def test_a_client_over_its_refusal_budget_gets_429_and_others_do_not(aiohttp_server, tmp_path, log: Log) -> None:
+    """Token buckets per address: 127.0.0.1 spends its refusals; 127.0.0.2 is untouched; a request
+    whose old size is the witness's (what the log sends) is never held back by the refusal budget."""
+    w = Witness(
+        signer=W_KEY, logs=parse_log_list(log_list()), state=WitnessState(str(tmp_path)), clock=lambda: NOW,
+        refusals=RefusalLimiter(burst=3, per_second=0),  # no refill: the test counts, it does not time
+    )
+    server = await aiohttp_server(make_app(w))
+    url = str(server.make_url("/add-checkpoint"))
+    log.integrate([b"a", b"b"])
+    async with aiohttp.ClientSession() as one, aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as two:
+        async def post(session: aiohttp.ClientSession, data: bytes) -> int:
+            async with session.post(url, data=data) as r:
+                return r.status
+
+        assert await post(one, body(0, [], log.published.note)) == 200
+        stale = body(1, [], log.published.note)
+        assert [await post(one, stale) for _ in range(3)] == [409, 409, 409]
+        assert await post(one, stale) == 429
+        assert await post(one, b"old x\n") == 429  # malformed, over budget: 429 before any work
+        assert await post(two, stale) == 409  # another client has its own budget
+        log.integrate([b"c"])
+        in_step = body(2, log.consistency_proof(2, 3), log.published.note)
+        assert await post(one, in_step) == 200  # the log, even behind the same address
+    assert w.charged(LOG_KEY.name) == 2
+    async with aiohttp.ClientSession() as s, s.get(server.make_url("/metrics")) as r:
+        text = await r.text()
+    assert 'wasmlog_witness_rate_limited_requests_total{scope="client"} 2.0' in text
+    assert 'wasmlog_witness_refused_requests_total{status="409"} 4.0' in text
+
+
+def test_refusal_limiter_counts_refills_and_forgets_the_oldest_client() -> None:
+    now = [0.0]
+    limiter = RefusalLimiter(burst=2, per_second=0.5, max_clients=2, clock=lambda: now[0])
+    limiter.charge("a")
+    limiter.charge("a")
+    assert limiter.exhausted("a") and not limiter.exhausted("b")
+    now[0] = 2.0  # one token back
+    assert not limiter.exhausted("a")
+    limiter.charge("a")
+    assert limiter.exhausted("a")
+    limiter.charge("b")
+    limiter.charge("c")  # a third client: "a", refused least recently, is forgotten (a full bucket again)
+    assert len(limiter) == 2 and not limiter.exhausted("a")
+    assert client_key("2001:db8::1") == client_key("2001:db8::ffff") == "2001:db8::/64"
+    assert client_key("::ffff:10.0.0.1") == "10.0.0.1" and client_key("127.0.0.1") == "127.0.0.1"
+
+
+def test_window_counter_never_lets_more_than_the_limit_through_a_day() -> None:
+    """Against a naive reference: every event time kept, any 24 h window checked."""
+    counter = WindowCounter(10)
+    accepted: list[float] = []
+    t = 0.0
+    for step in [100.0, 3000.0, 1.0, 40000.0, 20000.0, 7.0, 90000.0] * 6:
+        t += step
+        if not counter.full(t):
+            counter.add(t)
+            accepted.append(t)
+        assert sum(1 for a in accepted if a > t - 86400) <= 10
+    assert counter.count(t) >= sum(1 for a in accepted if a > t - 86400)
 
 
 async def test_competing_checkpoints_never_get_inconsistent_cosignatures(aiohttp_client, tmp_path) -> None:

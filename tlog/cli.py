@@ -28,7 +28,7 @@ from .policy import NONE, Policy, parse_policy
 from .sequencer import DEFAULT_BATCH_MAX, DEFAULT_INTERVAL, DEFAULT_MAX_PENDING, DEFAULT_REPUBLISH_INTERVAL, Sequencer
 from .server import SEQUENCER, make_app, status_for
 from .storage.lmdb_store import DEFAULT_MAP_SIZE, LMDBLogStore
-from .witnessing import DEFAULT_WITNESS_TIMEOUT
+from .witnessing import DEFAULT_WITNESS_TIMEOUT, RequestBudget
 
 DEFAULT_LISTEN = "127.0.0.1:7380"
 DEFAULT_HEALTHZ_MAX_AGE = 300.0  # five republish intervals
@@ -86,6 +86,7 @@ def serve_log(
     interval_ms: int, batch_max: int, max_pending: int, map_size: int, banner: str = "",
     witness_policy: Policy | None = None, republish_interval: float = DEFAULT_REPUBLISH_INTERVAL,
     witness_timeout: float = DEFAULT_WITNESS_TIMEOUT, healthz_max_age: float = 300.0, workers: int = 1,
+    witness_rounds_per_day: int | None = None,
 ) -> None:
     """Serve a log; with workers > 1, that many HTTP front-end processes serve the port and this one sequences."""
     host, port = split_listen(listen)
@@ -95,6 +96,7 @@ def serve_log(
         sequencer = Sequencer(
             log, interval=interval_ms / 1000, batch_max=batch_max, max_pending=max_pending,
             republish_interval=republish_interval,
+            witness_budget=witness_budget(witness_rounds_per_day),
         )
         app = make_app(sequencer, witness_policy=witness_policy, witness_timeout=witness_timeout, max_checkpoint_age=healthz_max_age)
         click.echo(banner or f"log {log.origin} at http://{host}:{port}/ (size {log.published.checkpoint.size})")
@@ -168,6 +170,16 @@ SEQUENCER_OPTIONS = [
 ]
 
 
+witness_rounds_option = click.option(
+    "--witness-rounds-per-day", "witness_rounds_per_day", default=None, type=click.IntRange(1),
+    help="Ask the witnesses at most this often a day (plus a burst of 10); their log lists' qpd must allow it. Default: unpaced.",
+)
+
+
+def witness_budget(rounds_per_day: int | None) -> RequestBudget | None:
+    return RequestBudget(rounds_per_day) if rounds_per_day else None
+
+
 def sequencer_options(f):  # type: ignore[no-untyped-def]
     """--interval-ms, --batch-max and --max-pending (Sequencer arguments)."""
     for option in reversed(SEQUENCER_OPTIONS):
@@ -201,10 +213,11 @@ def log_group() -> None:
 @click.option("--witness-policy", "policy_file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="A c2sp.org/tlog-policy file: publish only checkpoints its witness quorum cosigned.")
 @click.option("--republish-interval", default=DEFAULT_REPUBLISH_INTERVAL, show_default=True, type=click.FloatRange(1), help="Seconds between witness cosignings of an unchanged tree.")
 @click.option("--witness-timeout", default=DEFAULT_WITNESS_TIMEOUT, show_default=True, type=click.FloatRange(0.1), help="Seconds to wait for witnesses per checkpoint.")
+@witness_rounds_option
 @log_options
 def log_serve(
     data: pathlib.Path, key_file: pathlib.Path, origin: str | None, policy_file: pathlib.Path | None,
-    republish_interval: float, witness_timeout: float, **opts: int | str,
+    republish_interval: float, witness_timeout: float, witness_rounds_per_day: int | None, **opts: int | str,
 ) -> None:
     """Serve a c2sp.org/tlog-tiles log with POST /add and proof endpoints."""
     try:
@@ -212,7 +225,8 @@ def log_serve(
         policy = read_witness_policy(policy_file, signer) if policy_file else None
         serve_log(
             data=data, signer=signer, origin=origin, witness_policy=policy,
-            republish_interval=republish_interval, witness_timeout=witness_timeout, **opts,  # type: ignore[arg-type]
+            republish_interval=republish_interval, witness_timeout=witness_timeout,
+            witness_rounds_per_day=witness_rounds_per_day, **opts,  # type: ignore[arg-type]
         )
     except TlogError as e:
         raise click.ClickException(str(e)) from e

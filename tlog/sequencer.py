@@ -18,7 +18,7 @@ from typing import Protocol
 from .errors import PushbackError, TlogError
 from .hashes import leaf_hash
 from .log import Log, Published
-from .witnessing import Cosigner
+from .witnessing import Cosigner, RequestBudget
 
 log = logging.getLogger("wasmlog.sequencer")
 
@@ -49,10 +49,13 @@ class Sequencer:
         max_pending: int = DEFAULT_MAX_PENDING,
         cosigner: Cosigner | None = None,
         republish_interval: float = DEFAULT_REPUBLISH_INTERVAL,
+        witness_budget: RequestBudget | None = None,
     ) -> None:
         """With a cosigner, a checkpoint is published (and submitters answered) only once
         the witness quorum cosigned it; an unchanged tree is resubmitted to witnesses at most
-        every republish_interval seconds, an unpublished one every RETRY_INTERVAL."""
+        every republish_interval seconds, an unpublished one every RETRY_INTERVAL. With a
+        witness_budget, cosigning rounds wait for it (entries integrated meanwhile join the
+        round's checkpoint)."""
         if interval <= 0 or batch_max < 1 or max_pending < batch_max:
             raise ValueError("need interval > 0, batch_max >= 1 and max_pending >= batch_max")
         self.log = log
@@ -67,6 +70,7 @@ class Sequencer:
         # any submitter is answered: how an application keeps state derived from the log in step.
         self.on_integrated: list[Callable[[Sequence[bytes], Sequence[int]], None]] = []
         self.republish_interval = republish_interval
+        self.witness_budget = witness_budget
         self._publish_lock = asyncio.Lock()
         self._last_publish = float("-inf")
         self.observer: Observer | None = None
@@ -157,7 +161,14 @@ class Sequencer:
             current = self.log.published
             if current.checkpoint.size > integrated.checkpoint.size:
                 return current  # a later batch already published a larger tree that covers this one
-            note = await self.cosigner.cosign(integrated.note, integrated.checkpoint, self._prove)
+            fresh = time.monotonic() - self._last_publish < self.republish_interval
+            if current.note and current.checkpoint == integrated.checkpoint and fresh:
+                return current  # nothing changed: do not spend the witnesses' budget
+            if self.witness_budget is not None:
+                await self.witness_budget.take()
+                integrated = self.log.integrated  # what was integrated while we waited supersedes it
+            refresh = bool(current.note) and current.checkpoint == integrated.checkpoint  # new timestamps wanted
+            note = await self.cosigner.cosign(integrated.note, integrated.checkpoint, self._prove, refresh=refresh)
             published = Published(integrated.checkpoint, note)
             await asyncio.to_thread(self.log.publish, published)
             self._last_publish = time.monotonic()
@@ -182,6 +193,7 @@ class Sequencer:
         """Run the batching loop for the duration of the context."""
         tasks = [asyncio.create_task(self._run(), name="sequencer")]
         if self.cosigner is not None:
+            self.cosigner.resume(self.log.published.note, self.log.published.checkpoint.size)
             tasks.append(asyncio.create_task(self._republish(), name="republisher"))
         try:
             yield self

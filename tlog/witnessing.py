@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from .checkpoint import Checkpoint, parse_decimal
+from .cosignature import cosignature_timestamp
 from .errors import MalformedError, TlogError
 from .note import NoteSignature, parse_note
 from .policy import Policy, PolicyWitness
@@ -26,6 +27,41 @@ Prover = Callable[[int, int], Awaitable[list[bytes]]]  # (old size, new size) ->
 DEFAULT_WITNESS_TIMEOUT = 5.0
 MAX_RESPONSE_BYTES = 64 << 10
 MAX_409_RETRIES = 3
+REUSE_SECONDS = 60.0  # a witness's cosignature of an unchanged checkpoint is reused this long
+DAY = 86400.0
+DEFAULT_BUDGET_BURST = 10
+
+
+class RequestBudget:
+    """The log's own pace: cosigning rounds (one request to each witness) from a token bucket
+    holding `burst`, refilled at `per_day` a day. In any day and 15 minutes (the window a wasmlog
+    witness counts) that is at most per_day * 97/96 + burst: the witnesses' qpd must allow it.
+    """
+
+    def __init__(self, per_day: int, *, burst: int = DEFAULT_BUDGET_BURST, clock: Callable[[], float] = time.monotonic) -> None:
+        if per_day < 1 or burst < 1:
+            raise ValueError("need per_day >= 1 and burst >= 1")
+        self.per_second = per_day / DAY
+        self.burst = burst
+        self.clock = clock
+        self._tokens = float(burst)
+        self._when = clock()
+        self.waits = 0  # rounds that had to wait for the budget
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self._tokens = min(float(self.burst), self._tokens + max(0.0, now - self._when) * self.per_second)
+        self._when = now
+
+    async def take(self) -> None:
+        """Wait until a round is within the budget, then spend it."""
+        self._refill()
+        if self._tokens < 1:
+            self.waits += 1
+        while self._tokens < 1:
+            await asyncio.sleep((1 - self._tokens) / self.per_second)
+            self._refill()
+        self._tokens -= 1
 
 
 class WitnessFailure(TlogError):
@@ -48,10 +84,24 @@ class WitnessClient:
         self.known_size = 0
         self.latency: float | None = None
         self.failures = 0
+        self.cosigned: tuple[Checkpoint, NoteSignature] | None = None  # its latest cosignature for us
 
-    async def cosign(self, note: bytes, cp: Checkpoint, prove: Prover) -> NoteSignature:
-        """Return this witness's verified cosignature of cp. Raises WitnessFailure."""
+    def _reusable(self, cp: Checkpoint, max_age: float) -> NoteSignature | None:
+        if self.cosigned is None or self.cosigned[0] != cp:
+            return None
+        sig = self.cosigned[1]
+        return sig if 0 <= time.time() - cosignature_timestamp(sig.signature) < max_age else None
+
+    async def cosign(self, note: bytes, cp: Checkpoint, prove: Prover, *, reuse_for: float = 0.0) -> NoteSignature:
+        """Return this witness's verified cosignature of cp. Raises WitnessFailure.
+
+        Without asking, if it cosigned this very checkpoint less than reuse_for seconds ago.
+        """
         start = time.monotonic()
+        reused = self._reusable(cp, reuse_for)
+        if reused is not None:
+            self.latency = 0.0
+            return reused
         old = self.known_size
         for _ in range(MAX_409_RETRIES):
             if old > cp.size:
@@ -73,6 +123,7 @@ class WitnessClient:
                 raise WitnessFailure(f"{self.witness.name}: HTTP {status}: {body[:200]!r}")
             sig = self._verified(body, cp)
             self.known_size = cp.size
+            self.cosigned = (cp, sig)
             self.latency = time.monotonic() - start
             return sig
         raise WitnessFailure(f"{self.witness.name}: too many 409 answers")
@@ -101,13 +152,32 @@ class Cosigner:
         self.clients = [WitnessClient(w, session) for w in policy.witnesses.values() if w.url]
         self.on_result: Callable[[str, float | None], None] | None = None  # (witness, latency or None if failed)
 
+    def resume(self, published_note: bytes, size: int) -> None:
+        """Start each witness whose valid cosignature is on our published note at that size, not 0.
+
+        A restarted log then needs no 409 (a refused request) to find witnesses that are in step.
+        """
+        if not published_note:
+            return
+        note = parse_note(published_note)
+        text = note.text.encode()
+        for c in self.clients:
+            v = c.witness.verifier
+            if any(s.name == v.name and s.key_id == v.key_id and v.verify(text, s.signature) for s in note.signatures):
+                c.known_size = max(c.known_size, size)
+
     def _report(self, witness: str, seconds: float | None) -> None:
         if self.on_result is not None:
             self.on_result(witness, seconds)
 
-    async def cosign(self, note: bytes, cp: Checkpoint, prove: Prover) -> bytes:
-        """Return note with the cosignatures gathered within the timeout. Raises QuorumError."""
-        tasks = {asyncio.create_task(c.cosign(note, cp, prove)): c for c in self.clients}
+    async def cosign(self, note: bytes, cp: Checkpoint, prove: Prover, *, refresh: bool = False) -> bytes:
+        """Return note with the cosignatures gathered within the timeout. Raises QuorumError.
+
+        Unless refresh (new timestamps wanted), a witness that cosigned cp in the last
+        REUSE_SECONDS is not asked again: the retries after a missed quorum cost it nothing.
+        """
+        reuse_for = 0.0 if refresh else REUSE_SECONDS
+        tasks = {asyncio.create_task(c.cosign(note, cp, prove, reuse_for=reuse_for)): c for c in self.clients}
         got: dict[str, NoteSignature] = {}
         if tasks:
             done, pending = await asyncio.wait(tasks, timeout=self.timeout)

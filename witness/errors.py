@@ -37,6 +37,19 @@ class BadProof(WitnessError):
 
 class TooManyRequests(WitnessError):
     status = 429
+    scope = "log"
+
+
+class LogOverBudget(TooManyRequests):
+    """The log has had its qpd of cosignatures in the last day."""
+
+    scope = "log"
+
+
+class ClientOverBudget(TooManyRequests):
+    """This client made too many refused requests; it may still send one the witness can cosign."""
+
+    scope = "client"
 
 
 class Frozen(WitnessError):

@@ -5,34 +5,59 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from tlog.errors import MalformedError, TlogError, TooLargeError
 from tlog.metrics import install
 from tlog.server import errors_middleware_for
 from tlog.witness_protocol import MAX_REQUEST_BYTES
 
-from .errors import Conflict, WitnessError
+from .errors import Conflict, TooManyRequests, WitnessError
 from .gossip import DEFAULT_GOSSIP_INTERVAL, Gossip
+from .ratelimit import client_key
 from .witness import Witness
 
 WITNESS = web.AppKey("witness", Witness)
 GOSSIP = web.AppKey("gossip", Gossip)
 
 
-def witness_error_response(e: TlogError) -> web.Response:
+def witness_status(e: TlogError) -> int:
     """c2sp.org/tlog-witness statuses (witness/errors.py); malformed input is 400."""
+    return e.status if isinstance(e, WitnessError) else 413 if isinstance(e, TooLargeError) else 400 if isinstance(e, MalformedError) else 500
+
+
+def witness_error_response(e: TlogError) -> web.Response:
     if isinstance(e, Conflict):  # body= keeps the exact type; text= would add a charset
         return web.Response(status=409, body=f"{e.known_size}\n".encode(), headers={"Content-Type": "text/x.tlog.size"})
-    status = e.status if isinstance(e, WitnessError) else 413 if isinstance(e, TooLargeError) else 400 if isinstance(e, MalformedError) else 500
-    return web.Response(status=status, text=f"{e}\n")
+    return web.Response(status=witness_status(e), text=f"{e}\n")
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    refused: Counter  # by status: charged to the client, never to the log's qpd
+    rate_limited: Counter  # by scope: "log" (its qpd) or "client" (its refused requests)
+
+
+METRICS = web.AppKey("witness_request_metrics", RequestMetrics)
 
 
 async def add_checkpoint(request: web.Request) -> web.Response:
-    cosignature = await request.app[WITNESS].add_checkpoint(await request.read())
+    metrics, witness, client = request.app[METRICS], request.app[WITNESS], client_key(request.remote)
+    try:
+        if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+            witness.refusals.charge(client)
+            raise MalformedError("add-checkpoint bodies take no Content-Encoding")  # nor a decompressor's errors
+        cosignature = await witness.add_checkpoint(await request.read(), client)
+    except TooManyRequests as e:
+        metrics.rate_limited.labels(e.scope).inc()
+        raise
+    except TlogError as e:
+        metrics.refused.labels(str(witness_status(e))).inc()
+        raise
     return web.Response(body=cosignature, headers={"Content-Type": "text/plain; charset=utf-8"})
 
 
@@ -68,7 +93,10 @@ def make_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[errors_middleware_for(witness_error_response)])
+    app = web.Application(
+        client_max_size=MAX_REQUEST_BYTES, middlewares=[errors_middleware_for(witness_error_response)],
+        handler_args={"auto_decompress": False},  # bodies are read as sent: no decompressor to fail
+    )
     app[WITNESS] = witness
     app.cleanup_ctx.append(run_gossip)
     registry = install(app, "wasmlog_witness")
@@ -76,6 +104,13 @@ def make_app(
         lambda: len(witness.state.evidence())
     )
     Gauge("wasmlog_witness_known_logs", "Logs in the log list", registry=registry).set_function(lambda: len(witness.logs))
+    Gauge("wasmlog_witness_refusal_clients", "Clients whose refused requests are being counted", registry=registry).set_function(
+        lambda: len(witness.refusals)
+    )
+    app[METRICS] = RequestMetrics(
+        Counter("wasmlog_witness_refused_requests", "add-checkpoint requests refused, by status", ["status"], registry=registry),
+        Counter("wasmlog_witness_rate_limited_requests", "add-checkpoint requests answered 429, by scope (log qpd or client)", ["scope"], registry=registry),
+    )
     app.router.add_post("/add-checkpoint", add_checkpoint)
     app.router.add_get("/{origin_hash:[0-9a-f]{64}}/checkpoint", get_checkpoint)
     app.router.add_get("/evidence", get_evidence)

@@ -12,49 +12,49 @@ import hashlib
 import json
 import logging
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
 from tlog.checkpoint import Checkpoint, parse_checkpoint
 from tlog.client import TileClient
-from tlog.cosignature import cosign
+from tlog.cosignature import cosign, cosignature_timestamp
 from tlog.errors import MalformedError, ProofError, SignatureError, TlogError, UnverifiedNoteError
 from tlog.hashes import EMPTY_ROOT
 from tlog.merkle import verify_consistency
-from tlog.note import Ed25519Signer, Note, b64encode, open_note
-from tlog.witness_protocol import parse_add_checkpoint
+from tlog.note import Ed25519Signer, Note, b64encode, open_note, parse_note
+from tlog.witness_protocol import AddCheckpoint, parse_add_checkpoint
 
-from .errors import BadProof, Forbidden, Frozen, TooManyRequests, UnknownOrigin
+from .errors import BadProof, ClientOverBudget, Forbidden, Frozen, LogOverBudget, TooManyRequests, UnknownOrigin
 from .loglist import KnownLog
+from .ratelimit import DAY, RefusalLimiter, WindowCounter
 from .rules import Tree, check_update
 from .state import WitnessState
 
-DAY = 86400
+MIN_REFRESH_AGE = 30.0  # seconds; the log asks again for an unchanged tree every 60 s by default
 logger = logging.getLogger("wasmlog.witness")
 
 
 class Witness:
     def __init__(
         self, *, signer: Ed25519Signer, logs: Mapping[str, KnownLog], state: WitnessState,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, refusals: RefusalLimiter | None = None,
     ) -> None:
         self.signer = signer
         self.logs = dict(logs)
         self.state = state
         self.clock = clock
+        self.refusals = refusals if refusals is not None else RefusalLimiter()
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._recent: defaultdict[str, deque[float]] = defaultdict(deque)
+        self._budgets = {origin: WindowCounter(log.qpd) for origin, log in self.logs.items()}
         self.by_origin_hash = {hashlib.sha256(o.encode()).hexdigest(): o for o in self.logs}
 
-    def _rate_limit(self, log: KnownLog) -> None:
-        """Allow at most qpd requests per log in any 24-hour window."""
-        now = self.clock()
-        recent = self._recent[log.origin]
-        while recent and recent[0] <= now - DAY:
-            recent.popleft()
-        if len(recent) >= log.qpd:
-            raise TooManyRequests(f"over {log.qpd} requests per day for {log.origin}")
-        recent.append(now)
+    def charged(self, origin: str) -> int:
+        """Cosignatures of new trees charged to origin's qpd in the last day."""
+        return self._budgets[origin].count(self.clock())
+
+    def refresh_age(self, log: KnownLog) -> float:
+        """A request for the tree already cosigned gets the stored cosignature until it is this old."""
+        return max(MIN_REFRESH_AGE, DAY / log.qpd)
 
     def _open(self, note_bytes: bytes) -> tuple[KnownLog, Note, Checkpoint]:
         """Verify the log's signature on a checkpoint note. Raises UnknownOrigin, Forbidden, MalformedError."""
@@ -80,11 +80,40 @@ class Witness:
         await asyncio.to_thread(self.state.compare_and_swap, cp.origin, old_size, new, log_note.encode() + cosig)
         return cosig  # leaves only after the compare-and-swap is durable
 
-    async def add_checkpoint(self, body: bytes) -> bytes:
-        """Handle one add-checkpoint request; return the cosignature line. Raises WitnessError/MalformedError."""
-        req, _ = parse_add_checkpoint(body)
+    async def add_checkpoint(self, body: bytes, client: str = "") -> bytes:
+        """Handle one add-checkpoint request from client; return the cosignature line.
+
+        Only a request that gets a new tree cosigned is charged to the log's qpd. A refused
+        request (400/403/404/409/422) is charged to client instead; a client with none left
+        gets 429 for anything but a request whose old size is the one this witness holds.
+        Raises WitnessError/MalformedError.
+        """
+        try:
+            return await self._add_checkpoint(body, client)
+        except TooManyRequests:
+            raise
+        except TlogError:
+            self.refusals.charge(client)
+            raise
+
+    async def _in_step(self, req: AddCheckpoint) -> bool:
+        """Whether req's old size is the size this witness holds for its origin (as a log in step sends)."""
+        origin = req.checkpoint.split(b"\n", 1)[0].decode("utf-8", "replace")
+        if origin not in self.logs:
+            return False
+        return req.old_size == (await asyncio.to_thread(self.state.latest, origin)).size
+
+    async def _add_checkpoint(self, body: bytes, client: str) -> bytes:
+        over = self.refusals.exhausted(client)
+        try:
+            req, _ = parse_add_checkpoint(body)
+        except MalformedError:
+            if over:
+                raise ClientOverBudget("too many refused requests from this client") from None
+            raise
+        if over and not await self._in_step(req):
+            raise ClientOverBudget("too many refused requests from this client")
         log, log_note, cp = self._open(req.checkpoint)
-        self._rate_limit(log)
         async with self._locks[cp.origin]:
             if await asyncio.to_thread(self.state.is_frozen, cp.origin):
                 raise Frozen(f"split-view evidence is held for {cp.origin}")
@@ -93,7 +122,27 @@ class Witness:
                 await self._record_split_view(cp.origin, log_note.encode(), [], "same size, different root")
                 raise BadProof(f"a different root for the cosigned size {cp.size}: kept as evidence")
             check_update(known, req.old_size, req.proof, Tree(cp.size, cp.root_hash))
-            return await self._cosign_and_store(cp, log_note, known.size)
+            if cp.size == known.size:
+                # The tree already cosigned (check_update compared the roots): anyone can replay
+                # it, so it is never charged; it is re-signed at most once per refresh_age.
+                stored = await self._stored_cosignature(cp.origin, self.refresh_age(log))
+                return stored or await self._cosign_and_store(cp, log_note, known.size)
+            budget = self._budgets[cp.origin]
+            if budget.full(self.clock()):
+                raise LogOverBudget(f"over {log.qpd} cosignatures per day for {log.origin}")
+            cosig = await self._cosign_and_store(cp, log_note, known.size)
+            budget.add(self.clock())
+            return cosig
+
+    async def _stored_cosignature(self, origin: str, max_age: float) -> bytes | None:
+        """Our stored cosignature line for origin if it is younger than max_age seconds."""
+        stored = await asyncio.to_thread(self.state.cosigned_checkpoint, origin)
+        if stored is None:
+            return None
+        ours = [s for s in parse_note(stored).signatures if (s.name, s.key_id) == (self.signer.name, self.signer.key_id)]
+        if ours and self.clock() - cosignature_timestamp(ours[0].signature) < max_age:
+            return ours[0].line().encode()
+        return None
 
     async def _record_split_view(self, origin: str, other: bytes, proof: Sequence[bytes], reason: str) -> None:
         ours = await asyncio.to_thread(self.state.cosigned_checkpoint, origin)

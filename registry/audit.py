@@ -105,15 +105,20 @@ class Auditor:
             return self.state.follow.size
         cp, note = latest
         self.follower.state = self.state.follow
+        replayed_from = self.state.registry, self.state.registry_log, dict(self.state.previous)
         async for index, entry in self.follower.entries(cp, progress):
             await self._entry(index, entry)
         self.findings.extend(self.follower.findings)
         self.follower.findings.clear()
         if self.follower.state.size == cp.size:
             self.state.follow = FollowState(cp.size, self.follower.state.compact, note.decode())
+        else:  # not all verified: the next run replays these entries again, onto the state they started from
+            self.state.registry, self.state.registry_log, self.state.previous = replayed_from
         return self.state.follow.size
 
     async def _entry(self, index: int, entry: bytes) -> None:
+        if self.state.registry_log is False:  # not a wasmlog registry log: only the tree is audited
+            return
         try:
             record = decode_entry(entry)
         except TlogError as e:

@@ -17,7 +17,15 @@ from .merkle import consistency_proof as _consistency_proof
 from .merkle import inclusion_proof as _inclusion_proof
 from .merkle import tree_hash as _tree_hash
 from .note import MAX_NOTE_BYTES
-from .tiles import ENTRIES, TILE_HEIGHT, TileID, TileNodeReader, parse_entry_bundle, tile_for_size
+from .tiles import (
+    ENTRIES,
+    FULL_TILE_BYTES,
+    TILE_HEIGHT,
+    TileID,
+    TileNodeReader,
+    parse_entry_bundle,
+    tile_for_size,
+)
 
 MAX_BUNDLE_BYTES = 256 * (2 + 0xFFFF)
 
@@ -50,18 +58,36 @@ class TileClient:
     async def checkpoint(self) -> bytes:
         return await self._get("checkpoint", MAX_NOTE_BYTES)
 
+    async def _get_tile(self, tile: TileID, limit: int) -> tuple[TileID, bytes]:
+        """Fetch a tile or bundle; a partial one the log no longer has is read from the full one.
+
+        c2sp.org/tlog-tiles lets a log delete a partial tile once the full tile exists, and lets
+        clients fall back to the full tile. Returns the tile actually read and its bytes.
+        """
+        try:
+            return tile, await self._get(tile.path(), limit)
+        except NotFoundError:
+            if tile.is_full:
+                raise
+            full = TileID(tile.level, tile.index)
+            try:
+                return full, await self._get(full.path(), limit)
+            except NotFoundError:
+                raise NotFoundError(f"{tile.path()}: not found, nor {full.path()}") from None
+
     async def tile(self, tile: TileID) -> bytes:
-        """A hash tile, checked to be exactly width hashes."""
-        data = await self._get(tile.path(), tile.width * HASH_SIZE)
-        if len(data) != tile.width * HASH_SIZE:
-            raise MalformedError(f"{tile.path()}: {len(data)} bytes, want {tile.width * HASH_SIZE}")
-        return data
+        """A hash tile, checked to be exactly width hashes (the first width of the full tile if need be)."""
+        read, data = await self._get_tile(tile, FULL_TILE_BYTES)
+        if len(data) != read.width * HASH_SIZE:
+            raise MalformedError(f"{read.path()}: {len(data)} bytes, want {read.width * HASH_SIZE}")
+        return data[: tile.width * HASH_SIZE]
 
     async def entries(self, tile: TileID) -> list[bytes]:
         """An entry bundle's entries (the caller checks them against the level-0 tile)."""
         if tile.level != ENTRIES:
             raise ValueError("not an entry bundle")
-        return parse_entry_bundle(await self._get(tile.path(), MAX_BUNDLE_BYTES), tile.width)
+        read, data = await self._get_tile(tile, MAX_BUNDLE_BYTES)
+        return parse_entry_bundle(data, read.width)[: tile.width]
 
     async def reader_for(self, size: int, nodes: Iterable[Node]) -> TileNodeReader:
         """Fetch the tiles (as they exist at size) that hold nodes; return a reader over them."""

@@ -74,6 +74,11 @@ class Sequencer:
         self.integrated = 0
         self.entry_as_extra = False  # answer with tlog-proofs whose extra line is the entry itself
 
+    @property
+    def pending(self) -> int:
+        """Entries waiting in the pool (submitted, not yet taken into a batch)."""
+        return len(self._pool)
+
     async def add(self, entry: bytes) -> bytes:
         """Submit an entry; return its tlog-proof once a checkpoint covering it is signed.
 

@@ -73,6 +73,22 @@ def one_line_errors(f: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+class UnusableInput(click.ClickException):
+    """A file given on the command line that cannot be used: exit status 2, one line."""
+
+    exit_code = 2
+
+
+def load_audit_state(state_dir: pathlib.Path | None) -> Any:
+    """The audit state saved in state_dir (fresh when there is none); an unusable file is exit status 2."""
+    from .audit_state import AuditState, AuditStateError
+
+    try:
+        return AuditState.load(state_dir)
+    except AuditStateError as e:
+        raise UnusableInput(str(e)) from None
+
+
 def with_client(url: str, work: Callable[[RegistryClient], Awaitable[T]]) -> T:
     async def go() -> T:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
@@ -323,14 +339,14 @@ def _with_opts(opts):  # type: ignore[no-untyped-def]
 def audit(url: str, vkeys: tuple[str, ...], policy_file: pathlib.Path | None, state_dir: pathlib.Path | None, no_blobs: bool) -> None:
     """Replay a log from its tiles: recompute every hash, check signatures, re-derive the registry.
 
-    Prints a JSON report; exit status 1 if there is any finding.
+    Prints a JSON report; exit status 1 if there is any finding, 2 if the --state file is unusable.
     """
     import sys
 
-    from .audit import AuditState, dumps_report, make_auditor
+    from .audit import dumps_report, make_auditor
 
     verifiers = _verifiers(vkeys, policy_file)
-    state = AuditState.load(state_dir)
+    state = load_audit_state(state_dir)
 
     def progress(done: int, total: int) -> None:
         if sys.stderr.isatty():
@@ -374,10 +390,10 @@ def monitor(
     import json
     import sys
 
-    from .audit import AuditState, make_auditor
+    from .audit import make_auditor
 
     verifiers = _verifiers(vkeys, policy_file)
-    state = AuditState.load(state_dir)
+    state = load_audit_state(state_dir)
 
     async def go() -> int:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:

@@ -1,4 +1,4 @@
-"""The documented HTTP routes are the real ones, both ways.
+"""The documented HTTP routes and error statuses are the real ones, both ways.
 
 Route tables are read from the documents themselves: spec/registry-api.md (the registry),
 README.md's "HTTP API of the log" and "Witnesses" tables. Each documented route, with sample
@@ -154,3 +154,27 @@ async def test_an_undocumented_route_is_caught(tmp_path: pathlib.Path) -> None:
     with pytest.raises(AssertionError, match="GET /nowhere"):
         await check_both_ways(make_log_app(Sequencer(Log(MemoryLogStore(), Ed25519Signer.generate("example.com/r2")))),
                               [*LOG_ROUTES, ("GET", "/nowhere")])
+
+
+def subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *subclasses(sub))]
+
+
+def test_registry_statuses_are_documented_both_ways() -> None:
+    """Every status of the registry's error table (500 aside) is in the spec's status table, and only those."""
+    from registry.server import STATUS
+    from registry.state import ValidationError
+
+    in_code = {status for _, status in STATUS} | {cls.status for cls in [ValidationError, *subclasses(ValidationError)]}
+    table = section((ROOT / "spec" / "registry-api.md").read_text(), "wasmlog registry HTTP API (v1)")
+    documented_statuses = {int(m) for m in re.findall(r"^\| (\d{3}) \|", table, re.MULTILINE)}
+    assert documented_statuses == in_code - {500}
+
+
+def test_log_statuses_are_documented_both_ways() -> None:
+    from tlog.server import STATUS
+
+    errors = re.search(r"^Errors: (.*?)\n\n", section(README, "HTTP API of the log"), re.MULTILINE | re.DOTALL)
+    assert errors is not None
+    documented_statuses = {int(s) for s in re.findall(r"(?<![\d,])([45]\d\d)(?![\d,])", errors.group(1))}
+    assert documented_statuses - {500} == {status for _, status in STATUS} - {500}

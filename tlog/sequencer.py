@@ -22,7 +22,7 @@ from .witnessing import Cosigner
 
 log = logging.getLogger("wasmlog.sequencer")
 
-DEFAULT_INTERVAL = 0.1  # seconds; the issue asks for at most 1 s
+DEFAULT_INTERVAL = 0.1  # seconds: the longest wait before a pending batch is integrated
 DEFAULT_BATCH_MAX = 4096
 DEFAULT_MAX_PENDING = 65536  # beyond this, submissions get 503 with Retry-After
 DEFAULT_REPUBLISH_INTERVAL = 60.0  # seconds between cosignings of an unchanged tree (witness budgets)

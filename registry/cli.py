@@ -35,6 +35,7 @@ from tlog.sequencer import Sequencer
 from tlog.storage.lmdb_store import LMDBLogStore
 from tlog.witnessing import DEFAULT_WITNESS_TIMEOUT
 
+from .audit_state import AuditState, AuditStateError
 from .blobs import BlobStore
 from .client import RegistryClient
 from .frontend import CHECK_SOCKET, make_registry_frontend_app
@@ -79,10 +80,8 @@ class UnusableInput(click.ClickException):
     exit_code = 2
 
 
-def load_audit_state(state_dir: pathlib.Path | None) -> Any:
+def load_audit_state(state_dir: pathlib.Path | None) -> AuditState:
     """The audit state saved in state_dir (fresh when there is none); an unusable file is exit status 2."""
-    from .audit_state import AuditState, AuditStateError
-
     try:
         return AuditState.load(state_dir)
     except AuditStateError as e:

@@ -4,7 +4,7 @@
 
 One verification checks 5 Ed25519 signatures (log, 3 witnesses, the publisher's DSSE envelope)
 plus parsing, hashing and the inclusion proof; the signature bound is the raw pynacl verify rate
-measured in this run divided by 5. Target (DESIGN.md): at least 80% of that bound.
+measured in this run divided by 5. Target: at least 80% of that bound.
 """
 
 from __future__ import annotations

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pathlib
-import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,39 +12,14 @@ import aiohttp
 
 from tlog.client import TileClient
 from tlog.errors import TlogError
-from tlog.files import atomic_write
 from tlog.note import Verifier
 
+from .audit_state import AuditState
 from .client import RegistryClient
 from .follow import Finding, Follower, FollowState
 from .record import Action, Record, Release, decode_entry
-from .state import RegistryState, ValidationError
+from .state import ValidationError
 from .wasm import parse_wasm
-
-STATE_VERSION = 2  # 2: registry state in immutables.Map
-
-
-@dataclass
-class AuditState:
-    follow: FollowState = field(default_factory=FollowState)
-    registry: RegistryState = field(default_factory=RegistryState)
-    registry_log: bool | None = None  # None until the first entry says whether this is a wasmlog registry
-    previous: dict[str, str] = field(default_factory=dict)  # "ns:name" -> latest version by log order
-
-    def save(self, directory: pathlib.Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(directory / "audit-state.pickle", pickle.dumps((STATE_VERSION, self)))
-
-    @classmethod
-    def load(cls, directory: pathlib.Path | None) -> AuditState:
-        """Our own state file, written by save(); a missing one starts from scratch."""
-        path = None if directory is None else directory / "audit-state.pickle"
-        if path is None or not path.exists():
-            return cls()
-        version, state = pickle.loads(path.read_bytes())  # noqa: S301 - our own file in our state dir
-        if version != STATE_VERSION:
-            raise TlogError(f"audit state version {version} is not {STATE_VERSION}; start again without it")
-        return state  # type: ignore[no-any-return]
 
 
 @dataclass

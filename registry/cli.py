@@ -37,6 +37,7 @@ from tlog.sequencer import Sequencer
 from tlog.storage.lmdb_store import LMDBLogStore
 from tlog.witnessing import DEFAULT_WITNESS_TIMEOUT
 
+from .audit_state import AuditState, AuditStateError
 from .blobs import BlobStore
 from .client import RegistryClient
 from .frontend import CHECK_SOCKET, make_registry_frontend_app
@@ -73,6 +74,20 @@ def one_line_errors(f: Callable[..., T]) -> Callable[..., T]:
             raise click.ClickException(str(e) or type(e).__name__) from None
 
     return wrapper
+
+
+class UnusableInput(click.ClickException):
+    """A file given on the command line that cannot be used: exit status 2, one line."""
+
+    exit_code = 2
+
+
+def load_audit_state(state_dir: pathlib.Path | None) -> AuditState:
+    """The audit state saved in state_dir (fresh when there is none); an unusable file is exit status 2."""
+    try:
+        return AuditState.load(state_dir)
+    except AuditStateError as e:
+        raise UnusableInput(str(e)) from None
 
 
 def with_client(url: str, work: Callable[[RegistryClient], Awaitable[T]]) -> T:
@@ -326,14 +341,14 @@ def _with_opts(opts):  # type: ignore[no-untyped-def]
 def audit(url: str, vkeys: tuple[str, ...], policy_file: pathlib.Path | None, state_dir: pathlib.Path | None, no_blobs: bool) -> None:
     """Replay a log from its tiles: recompute every hash, check signatures, re-derive the registry.
 
-    Prints a JSON report; exit status 1 if there is any finding.
+    Prints a JSON report; exit status 1 if there is any finding, 2 if the --state file is unusable.
     """
     import sys
 
-    from .audit import AuditState, dumps_report, make_auditor
+    from .audit import dumps_report, make_auditor
 
     verifiers = _verifiers(vkeys, policy_file)
-    state = AuditState.load(state_dir)
+    state = load_audit_state(state_dir)
 
     def progress(done: int, total: int) -> None:
         if sys.stderr.isatty():
@@ -377,10 +392,10 @@ def monitor(
     import json
     import sys
 
-    from .audit import AuditState, make_auditor
+    from .audit import make_auditor
 
     verifiers = _verifiers(vkeys, policy_file)
-    state = AuditState.load(state_dir)
+    state = load_audit_state(state_dir)
 
     async def go() -> int:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:

@@ -12,10 +12,9 @@ range) can be saved and resumed.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tlog.checkpoint import Checkpoint, parse_checkpoint
 from tlog.client import TileClient
@@ -57,13 +56,18 @@ class FollowState:
     compact: tuple[bytes, ...] = ()
     checkpoint: str = ""
 
-    def to_json(self) -> str:
-        return json.dumps({"size": self.size, "compact": [b64encode(h) for h in self.compact], "checkpoint": self.checkpoint})
+    def as_json(self) -> dict[str, Any]:
+        """The state as JSON values (registry/audit_state.py stores it)."""
+        return {"size": self.size, "compact": [b64encode(h) for h in self.compact], "checkpoint": self.checkpoint}
 
     @classmethod
-    def from_json(cls, text: str) -> FollowState:
-        obj = json.loads(text)
-        return cls(int(obj["size"]), tuple(b64decode_strict(h) for h in obj["compact"]), str(obj["checkpoint"]))
+    def from_json(cls, obj: object) -> FollowState:
+        """Parse as_json's output. Raises MalformedError."""
+        if type(obj) is not dict or obj.keys() != {"size", "compact", "checkpoint"} or type(obj["size"]) is not int \
+                or obj["size"] < 0 or type(obj["checkpoint"]) is not str or type(obj["compact"]) is not list \
+                or not all(type(h) is str for h in obj["compact"]):
+            raise MalformedError("a follow state is {size: int >= 0, compact: [base64 hash, ...], checkpoint: str}")
+        return cls(obj["size"], tuple(b64decode_strict(h) for h in obj["compact"]), obj["checkpoint"])
 
 
 def subtree_hash(hashes: Sequence[bytes]) -> bytes:

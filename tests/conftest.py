@@ -17,12 +17,12 @@ if os.environ.get("CI"):
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-SHARED_VECTORS = ROOT.parent / "shared" / "vectors"  # the team's vectors, beside every checkout
+VECTORS = ROOT / "tests" / "vectors"  # published known-answer values; see tests/vectors/README.md
 
 
 def load_vectors(name: str) -> dict:
-    """Load a vector file from ../shared/vectors; a missing file fails the test."""
-    p = SHARED_VECTORS / name
+    """Load a vector file from tests/vectors; a missing file fails the test."""
+    p = VECTORS / name
     if not p.exists():
         pytest.fail(f"vector file {p} not found")
     return json.loads(p.read_text())

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
@@ -73,3 +74,17 @@ async def wait_ready(session: aiohttp.ClientSession, url: str, proc: subprocess.
             pass
         await asyncio.sleep(0.05)
     raise AssertionError("server did not start")
+
+
+async def wait_until(condition: Callable[[], bool | Awaitable[bool]], what: str, seconds: float = 10.0) -> None:
+    """Poll condition (a function or coroutine function) until it holds; fail naming what after seconds."""
+    deadline = time.monotonic() + seconds
+    while True:
+        held = condition()
+        if not isinstance(held, bool):
+            held = await held
+        if held:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"after {seconds}s still waiting for: {what}")
+        await asyncio.sleep(0.02)

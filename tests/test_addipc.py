@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
-import time
+import threading
 
 import pytest
+from helpers import wait_until
 
 from tlog.addipc import AddClient, AddServer, ForwardedError
 from tlog.errors import TlogError
@@ -58,49 +59,64 @@ async def test_forwarded_entries_get_verifiable_proofs_and_duplicates_their_firs
 
 
 async def test_statuses_of_the_sequencing_process_reach_the_front_end(tmp_path: pathlib.Path) -> None:
-    fail = {"on": False}
+    fail = {"on": False, "slow": False}
+    committing, release = threading.Event(), threading.Event()
 
     def before(plan) -> None:  # type: ignore[no-untyped-def]
         if fail["on"]:
             raise Boom("injected failure before commit")
-        if fail.get("slow"):
-            time.sleep(1.0)
+        if fail["slow"]:
+            committing.set()
+            release.wait(10)
 
     seq, server, client, store = await connected(tmp_path, before_commit=before, batch_max=2, max_pending=2)
-    async with seq.running():
-        with pytest.raises(ForwardedError) as empty:
-            await client.add(b"")
-        assert empty.value.status == 400
-        fail["on"] = True
-        with pytest.raises(ForwardedError) as failed:
-            await client.add(b"fails")
-        assert failed.value.status == 500 and "injected failure" in str(failed.value)
-        fail["on"], fail["slow"] = False, True
-        first = [asyncio.create_task(client.add(b"p%d" % i)) for i in range(2)]
-        await asyncio.sleep(0.3)  # that batch commits for a second; two more fill the pool
-        queued = [asyncio.create_task(client.add(b"q%d" % i)) for i in range(2)]
-        await asyncio.sleep(0.2)
-        with pytest.raises(ForwardedError) as full:
-            await client.add(b"one too many")
-        assert full.value.status == 503
-        assert len(await asyncio.gather(*first, *queued)) == 4
+    try:
+        async with seq.running():
+            with pytest.raises(ForwardedError) as empty:
+                await client.add(b"")
+            assert empty.value.status == 400
+            fail["on"] = True
+            with pytest.raises(ForwardedError) as failed:
+                await client.add(b"fails")
+            assert failed.value.status == 500 and "injected failure" in str(failed.value)
+            fail["on"], fail["slow"] = False, True
+            first = [asyncio.create_task(client.add(b"p%d" % i)) for i in range(2)]
+            assert await asyncio.to_thread(committing.wait, 10), "the first batch never reached its commit"
+            queued = [asyncio.create_task(client.add(b"q%d" % i)) for i in range(2)]  # these two fill the pool
+            await wait_until(lambda: seq.pending == 2, "two entries pending behind the committing batch")
+            with pytest.raises(ForwardedError) as full:
+                await client.add(b"one too many")
+            assert full.value.status == 503
+            release.set()
+            assert len(await asyncio.gather(*first, *queued)) == 4
+    finally:
+        release.set()
     await client.close()
     server.close()
     store.close()
 
 
 async def test_waiting_front_end_requests_fail_with_503_when_the_sequencer_goes_away(tmp_path: pathlib.Path) -> None:
+    committing, release = threading.Event(), threading.Event()
+
     def stall(plan) -> None:  # type: ignore[no-untyped-def]
-        time.sleep(0.5)
+        if plan.new_entries:  # not the empty tree's first checkpoint
+            committing.set()
+            release.wait(10)
 
     seq, server, client, store = await connected(tmp_path, before_commit=stall)
-    async with seq.running():
-        pending = asyncio.create_task(client.add(b"never answered"))
-        await asyncio.sleep(0.1)
-        server.close()
-        with pytest.raises(ForwardedError) as gone:
-            await asyncio.wait_for(pending, 5)
-        assert gone.value.status == 503
-        assert client.closed.is_set()
+    try:
+        async with seq.running():
+            pending = asyncio.create_task(client.add(b"never answered"))
+            assert await asyncio.to_thread(committing.wait, 10), "the entry never reached the sequencing side"
+            server.close()
+            with pytest.raises(ForwardedError) as gone:
+                await asyncio.wait_for(pending, 5)
+            assert gone.value.status == 503
+            assert client.closed.is_set()
+            release.set()
+            await wait_until(lambda: seq.integrated == 1, "the stalled batch to finish its commit")
+    finally:
+        release.set()
     await client.close()
     store.close()

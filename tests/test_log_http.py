@@ -6,9 +6,11 @@ import asyncio
 import base64
 import gzip
 import pathlib
+import threading
 
 import pytest
 import reference
+from helpers import wait_until
 
 from tlog.checkpoint import parse_checkpoint
 from tlog.errors import TlogError
@@ -18,7 +20,7 @@ from tlog.merkle import verify_consistency, verify_inclusion
 from tlog.note import Ed25519Signer, Ed25519Verifier, open_note
 from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
 from tlog.sequencer import Sequencer
-from tlog.server import make_app
+from tlog.server import SEQUENCER, make_app
 from tlog.storage.lmdb_store import LMDBLogStore
 from tlog.tiles import parse_entry_bundle, split_hashes
 
@@ -146,19 +148,26 @@ async def test_entry_size_limits(aiohttp_client, tmp_path) -> None:
 
 
 async def test_full_pool_gets_503_with_retry_after(aiohttp_client, tmp_path) -> None:
-    import time
+    committing, release = threading.Event(), threading.Event()
 
     def slow(plan) -> None:  # type: ignore[no-untyped-def]
-        time.sleep(1.0)  # a slow disk: the next entries pile up while this batch commits
+        if plan.new_entries:  # not the empty tree's first checkpoint
+            committing.set()  # a slow disk: the next entries pile up while this batch commits
+            release.wait(10)
 
     client, _ = await start(aiohttp_client, tmp_path, interval=0.01, batch_max=2, max_pending=2, before_commit=slow)
-    in_flight = [asyncio.create_task(client.post("/add", data=b"p%d" % i)) for i in range(2)]
-    await asyncio.sleep(0.3)  # the first batch is now committing (for a second)
-    queued = [asyncio.create_task(client.post("/add", data=b"q%d" % i)) for i in range(2)]
-    await asyncio.sleep(0.2)
-    r = await client.post("/add", data=b"one too many")
-    assert r.status == 503 and r.headers["Retry-After"] == "1"
-    assert [x.status for x in await asyncio.gather(*in_flight, *queued)] == [200] * 4
+    seq = client.app[SEQUENCER]
+    try:
+        in_flight = [asyncio.create_task(client.post("/add", data=b"p%d" % i)) for i in range(2)]
+        assert await asyncio.to_thread(committing.wait, 10), "the first batch never reached its commit"
+        queued = [asyncio.create_task(client.post("/add", data=b"q%d" % i)) for i in range(2)]
+        await wait_until(lambda: seq.pending == 2, "two entries pending behind the committing batch")
+        r = await client.post("/add", data=b"one too many")
+        assert r.status == 503 and r.headers["Retry-After"] == "1"
+        release.set()
+        assert [x.status for x in await asyncio.gather(*in_flight, *queued)] == [200] * 4
+    finally:
+        release.set()
 
 
 async def test_storage_full_is_a_clear_error_and_loses_nothing(aiohttp_client, tmp_path) -> None:

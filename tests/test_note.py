@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import struct
 import unicodedata
 
@@ -220,7 +221,15 @@ def test_private_key_with_wrong_type_rejected() -> None:
     with pytest.raises(MalformedError):
         parse_private_key(k.private_key)
     assert parse_private_key(k.private_key, alg=ALG_COSIGNATURE_V1).vkey == k.vkey
-    assert struct.pack(">I", k.key_id)  # the key ID is a uint32
+    # The key ID is SHA-256(name || "\n" || 0x04 || public key)[:4] (c2sp.org/signed-note), shown in the vkey.
+    want = hashlib.sha256(k.name.encode() + b"\n" + bytes([ALG_COSIGNATURE_V1]) + k.public_key).digest()[:4]
+    assert struct.pack(">I", k.key_id) == want and k.vkey.split("+")[1] == want.hex()
+
+
+def test_cosignature_key_id_of_the_published_vkey() -> None:
+    name, key_id, key = V["cosignature_v1"]["vkey_0x04"].split("+")
+    assert hashlib.sha256(name.encode() + b"\n" + base64.b64decode(key)).hexdigest()[:8] == key_id
+    assert cosignature_verifier_from_vkey(V["cosignature_v1"]["vkey_0x04"]).key_id == int(key_id, 16)
 
 
 _B64_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="

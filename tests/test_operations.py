@@ -9,7 +9,6 @@ from helpers import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from registry_helpers import start_registry, wat_module
 
-from registry.cli import main as cli_main
 from registry.record import parse_package_ref
 from tlog.cli import configure_logging
 from tlog.log import Log
@@ -72,4 +71,3 @@ def test_json_logs(capsys) -> None:  # type: ignore[no-untyped-def]
     obj = json.loads(line)
     assert obj["message"] == "hello world" and obj["level"] == "info" and obj["logger"] == "wasmlog.test"
     configure_logging(0, "text")
-    assert cli_main.name == "main"

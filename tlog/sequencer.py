@@ -22,7 +22,7 @@ from .witnessing import Cosigner, RequestBudget
 
 log = logging.getLogger("wasmlog.sequencer")
 
-DEFAULT_INTERVAL = 0.1  # seconds; the issue asks for at most 1 s
+DEFAULT_INTERVAL = 0.1  # seconds: the longest wait before a pending batch is integrated
 DEFAULT_BATCH_MAX = 4096
 DEFAULT_MAX_PENDING = 65536  # beyond this, submissions get 503 with Retry-After
 DEFAULT_REPUBLISH_INTERVAL = 60.0  # seconds between cosignings of an unchanged tree (witness budgets)
@@ -77,6 +77,11 @@ class Sequencer:
         self.batches = 0  # counters for metrics and tests
         self.integrated = 0
         self.entry_as_extra = False  # answer with tlog-proofs whose extra line is the entry itself
+
+    @property
+    def pending(self) -> int:
+        """Entries waiting in the pool (submitted, not yet taken into a batch)."""
+        return len(self._pool)
 
     async def add(self, entry: bytes) -> bytes:
         """Submit an entry; return its tlog-proof once a checkpoint covering it is signed.

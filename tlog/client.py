@@ -23,7 +23,22 @@ MAX_BUNDLE_BYTES = 256 * (2 + 0xFFFF)
 
 
 class FetchError(TlogError):
-    """The log did not serve a resource (network error or non-200)."""
+    """A server did not serve a resource (network error or non-200)."""
+
+
+UNREACHABLE = "unreachable"  # no connection, connection lost, or timed out
+BAD_RESPONSE = "bad-response"  # an error status, or a body that is not what was asked for
+INTERNAL = "internal"  # our own failure, not the server's
+
+
+def failure_kind(e: BaseException) -> str:
+    """Say what a failed exchange with a server was: UNREACHABLE, BAD_RESPONSE or INTERNAL."""
+    cause = e.__cause__ if isinstance(e, FetchError) and e.__cause__ is not None else e
+    if isinstance(cause, (aiohttp.ClientConnectionError, TimeoutError)):
+        return UNREACHABLE
+    if isinstance(cause, (aiohttp.ClientError, FetchError, MalformedError, NotFoundError, ValueError)):
+        return BAD_RESPONSE
+    return INTERNAL
 
 
 class TileClient:

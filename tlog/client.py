@@ -107,5 +107,6 @@ class TileClient:
         ranges = inclusion_ranges(index, size)
         return _inclusion_proof(index, size, await self._reader(size, ranges))
 
-    async def tree_hash(self, size: int) -> bytes:
-        return _tree_hash(size, await self._reader(size, [(0, size)] if size else []))
+    async def tree_hash(self, size: int, at: int | None = None) -> bytes:
+        """The root of the first size entries, read from the tiles as they exist at tree size at (default: size)."""
+        return _tree_hash(size, await self._reader(size if at is None else at, [(0, size)] if size else []))

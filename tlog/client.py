@@ -41,6 +41,19 @@ def failure_kind(e: BaseException) -> str:
     return INTERNAL
 
 
+async def read_bounded(r: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or at most limit + 1 bytes of it (one read may return fewer bytes than asked)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await r.content.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 class TileClient:
     """Reads a tlog-tiles log at prefix (e.g. ``http://127.0.0.1:7380``)."""
 
@@ -55,7 +68,7 @@ class TileClient:
                     raise NotFoundError(f"{path}: not found")
                 if r.status != 200:
                     raise FetchError(f"{path}: HTTP {r.status}")
-                body = await r.content.read(limit + 1)
+                body = await read_bounded(r, limit)
         except aiohttp.ClientError as e:
             raise FetchError(f"{path}: {e!r}") from e
         if len(body) > limit:

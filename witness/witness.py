@@ -18,7 +18,14 @@ from collections.abc import Callable, Mapping, Sequence
 from tlog.checkpoint import Checkpoint, parse_checkpoint
 from tlog.client import TileClient
 from tlog.cosignature import cosign
-from tlog.errors import MalformedError, ProofError, SignatureError, SplitViewError, TlogError, UnverifiedNoteError
+from tlog.errors import (
+    MalformedError,
+    ProofError,
+    SignatureError,
+    SplitViewError,
+    TlogError,
+    UnverifiedNoteError,
+)
 from tlog.hashes import EMPTY_ROOT
 from tlog.merkle import verify_consistency
 from tlog.note import Ed25519Signer, Note, b64encode, open_note

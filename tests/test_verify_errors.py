@@ -14,7 +14,17 @@ from aiohttp import web
 from helpers import free_port
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_verify import GOOD, LOG, MODULE, NOW, POLICY_TOML, _known, reason_of, release_entry, verify
+from test_verify import (
+    GOOD,
+    LOG,
+    MODULE,
+    NOW,
+    POLICY_TOML,
+    _known,
+    reason_of,
+    release_entry,
+    verify,
+)
 
 from registry.edge_state import save_known
 from registry.verify import REASONS, KnownCheckpoint, VerifyError
@@ -42,7 +52,7 @@ PROOF_3_5 = NEWER.consistency_proof(3, 5)
 def test_the_spec_table_lists_exactly_the_reason_codes() -> None:
     text = (ROOT / "spec" / "trust-policy.md").read_text()
     table = text.split("## The checks and their reason codes", 1)[1].split("\n## ", 1)[0]
-    codes = re.findall(r"^\| `([a-z-]+)`", table, re.M)
+    codes = re.findall(r"^\| `([a-z-]+)`", table, re.MULTILINE)
     assert sorted(codes) == sorted(REASONS) and len(codes) == len(set(codes))
 
 

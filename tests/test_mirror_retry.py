@@ -86,3 +86,36 @@ async def test_a_source_answering_errors_is_a_bad_response(aiohttp_client, aioht
     assert await asyncio.wait_for(delays.get(), 30) == 3.75
     retry = (await (await client.get("/mirror/status")).json())["retry"]
     assert retry["error_kind"] == "bad-response" and "HTTP 500" in retry["last_error"] and retry["attempts"] == 1
+
+
+async def test_tiles_that_cannot_be_fetched_are_retried_not_a_verdict(aiohttp_client, aiohttp_server, tmp_path) -> None:
+    from aiohttp import web
+
+    registry, seq, store = build_registry(tmp_path / "source")
+    source = await aiohttp_client(make_app(registry, seq))
+    api = RegistryClient(str(source.make_url("")), source.session)
+    await api.publish(ALICE, parse_package_ref("acme:hello@1.0.0"), wat_module("no_imports", tmp_path))
+    checkpoint = await (await source.get("/log/checkpoint")).read()
+
+    async def flaky(request: web.Request) -> web.Response:  # serves the checkpoint, fails every tile
+        if request.path == "/log/checkpoint":
+            return web.Response(body=checkpoint)
+        return web.Response(status=503, text="try later")
+
+    front = web.Application()
+    front.router.add_get("/{tail:.*}", flaky)
+    flaky_source = await aiohttp_server(front)
+    delays: asyncio.Queue[float] = asyncio.Queue()
+
+    async def sleep(seconds: float) -> None:
+        await delays.put(seconds)
+        await asyncio.Event().wait()
+
+    app = run_mirror(source=str(flaky_source.make_url("")), policy=POLICY, data=tmp_path / "mirror", interval=5.0,
+                     clock=lambda: NOW, sleep=sleep, backoff=Backoff(5.0, jitter=lambda: 1.0))
+    client = await aiohttp_client(app)
+    assert await asyncio.wait_for(delays.get(), 30) == 5.0
+    status = await (await client.get("/mirror/status")).json()
+    assert status["stopped"] is None and status["findings"] == []
+    assert status["retry"]["attempts"] == 1 and "HTTP 503" in status["retry"]["last_error"]
+    store.close()

@@ -151,8 +151,9 @@ async def verify_online(d: pathlib.Path, url: str) -> tuple[int, dict]:  # type:
     return proc.returncode or 0, json.loads(out)
 
 
-async def test_an_unreachable_registry_is_registry_unreachable(tmp_path: pathlib.Path) -> None:
-    code, out = await verify_online(edge_dir(tmp_path, _known(NEWER)), f"http://127.0.0.1:{free_port()}")
+@pytest.mark.parametrize("remembered", [False, True])
+async def test_an_unreachable_registry_is_registry_unreachable(tmp_path: pathlib.Path, remembered: bool) -> None:
+    code, out = await verify_online(edge_dir(tmp_path, _known(NEWER) if remembered else None), f"http://127.0.0.1:{free_port()}")
     assert code == 1 and out["reason"] == "registry-unreachable" and "unreachable" in out["message"]
 
 

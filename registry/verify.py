@@ -40,7 +40,7 @@ REASONS = (
     "import-not-allowed", "signature-invalid", "publisher-not-allowed", "sbom-digest", "log-unknown",
     "log-signature", "inclusion", "witness-signature", "witness-quorum", "stale", "state-invalid",
     "consistency-required", "consistency-malformed", "inconsistent", "fork", "registry-unreachable",
-    "registry-error", "yanked", "key-revoked", "policy-malformed",
+    "registry-error", "yanked", "key-revoked", "policy-malformed", "input-unreadable",
 )
 EVIDENCE_REASONS = ("inconsistent", "fork")  # the failures that carry signed checkpoints worth keeping
 
@@ -57,7 +57,7 @@ class VerifyError(Exception):
     @property
     def unusable_input(self) -> bool:
         """Input that could not be read at all (exit status 2), as opposed to a failed check (1)."""
-        return self.reason in ("proof-malformed", "policy-malformed", "state-invalid")
+        return self.reason in ("proof-malformed", "policy-malformed", "state-invalid", "input-unreadable")
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,13 @@ from .verify import (
 MAX_INPUT_BYTES = 64 << 20
 
 
-def _read(path: pathlib.Path, what: str) -> bytes:
+def _read(path: pathlib.Path, what: str, reason: str = "input-unreadable") -> bytes:
     try:
         if path.stat().st_size > MAX_INPUT_BYTES:
-            raise VerifyError("proof-malformed", f"{what} {path} is too large")
+            raise VerifyError(reason, f"{what} {path} is too large")
         return path.read_bytes()
     except OSError as e:
-        raise VerifyError("proof-malformed", f"cannot read {what} {path}: {e.strerror}") from None
+        raise VerifyError(reason, f"cannot read {what} {path}: {e.strerror}") from None
 
 
 def _hash_lines(text: str, source: str) -> list[bytes]:
@@ -50,8 +50,8 @@ def _hash_lines(text: str, source: str) -> list[bytes]:
 async def _online(url: str, known_size: int | None, size: int, ns: str, policy, now: int):  # type: ignore[no-untyped-def]
     """Fetch the consistency proof (if a known checkpoint needs one) and the namespace's actions.
 
-    Raises VerifyError: registry-unreachable, registry-error (an error status or a body
-    that is not what the API promises), consistency-malformed, or a namespace record's reason.
+    Raises VerifyError: registry-unreachable, registry-error (an error status, a body that
+    is not what the API promises, or a namespace record that does not verify), consistency-malformed.
     """
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
@@ -74,7 +74,10 @@ async def _online(url: str, known_size: int | None, size: int, ns: str, policy, 
         if kind == BAD_RESPONSE or isinstance(e, (KeyError, TypeError)):
             raise VerifyError("registry-error", f"registry {url} answered badly: {e}") from None
         raise
-    status = namespace_status(ns, [p.encode() for p in proofs], policy, now)
+    try:
+        status = namespace_status(ns, [p.encode() for p in proofs], policy, now)
+    except VerifyError as e:  # the registry's records, not the module's proof
+        raise VerifyError("registry-error", f"registry {url} sent a namespace record that does not verify ({e.reason}): {e}") from None
     return consistency, status
 
 
@@ -105,7 +108,7 @@ def _verify(
 ) -> Verified:
     policy = parse_trust_policy(_read(policy_file, "trust policy").decode("utf-8", "replace"))
     module = _read(module_file, "module")
-    proof = _read(proof_file, "tlog-proof")
+    proof = _read(proof_file, "tlog-proof", "proof-malformed")
     sbom = _read(sbom_file, "SBOM") if sbom_file else None
     consistency = None
     if consistency_file is not None:

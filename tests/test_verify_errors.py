@@ -130,6 +130,16 @@ def test_no_consistency_file_is_a_fork(tmp_path_factory, text: str) -> None:  # 
     assert len(kept) == (out["reason"] == "inconsistent")
 
 
+@pytest.mark.parametrize("missing", ["policy.toml", "m.wasm", "c.txt"])
+def test_a_file_that_cannot_be_read_is_input_unreadable(tmp_path: pathlib.Path, missing: str) -> None:
+    d = edge_dir(tmp_path)
+    (d / "c.txt").write_text(GOOD_HASHES)
+    (d / missing).unlink()
+    code, line = run_verify(policy_file=d / "policy.toml", module_file=d / "m.wasm", proof_file=d / "m.wasm.tlog-proof", sbom_file=None,
+                            state_dir=None, consistency_file=d / "c.txt", url=None, now=NOW, as_json=False)
+    assert code == 2 and line.startswith("FAIL input-unreadable: cannot read") and missing in line
+
+
 def edge_dir(tmp_path: pathlib.Path, known: KnownCheckpoint | None = None) -> pathlib.Path:
     (tmp_path / "policy.toml").write_text(POLICY_TOML)
     (tmp_path / "m.wasm").write_bytes(MODULE)
@@ -183,6 +193,7 @@ GOOD_HASHES = "".join(base64.b64encode(h).decode() + "\n" for h in PROOF_3_5)
     (GOOD_HASHES, "not json", "registry-error"),
     (GOOD_HASHES, '{"proofs": [1]}', "registry-error"),
     (GOOD_HASHES, '{"other": []}', "registry-error"),
+    (GOOD_HASHES, '{"proofs": ["not a tlog-proof"]}', "registry-error"),
     (None, NO_ACTIONS, "registry-error"),  # the consistency route answers 500
 ])
 async def test_a_registry_answering_badly_is_named(aiohttp_server, tmp_path, consistency, actions, reason) -> None:  # type: ignore[no-untyped-def]

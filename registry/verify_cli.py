@@ -9,10 +9,8 @@ import pathlib
 import aiohttp
 import uvloop
 
-from tlog.checkpoint import parse_checkpoint
 from tlog.client import BAD_RESPONSE, UNREACHABLE, failure_kind
 from tlog.errors import TlogError
-from tlog.note import parse_note
 from tlog.proof_file import parse_tlog_proof
 
 from .client import RegistryClient
@@ -116,10 +114,11 @@ def _verify(
     known = None
     if state_dir is not None or url is not None:
         try:
-            tp = parse_tlog_proof(proof)
-            cp = parse_checkpoint(parse_note(tp.checkpoint).text)
+            tp = parse_tlog_proof(proof)  # parses its checkpoint too
         except TlogError as e:
             raise VerifyError("proof-malformed", f"tlog-proof: {e}") from None
+        assert tp.parsed is not None
+        cp = tp.parsed
         if state_dir is not None:
             try:
                 known = load_known(state_dir, cp.origin)

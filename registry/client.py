@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import cbor2
 
-from tlog.errors import TlogError
+from tlog.client import FetchError
 from tlog.note import Ed25519Signer
 
 from .dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope
@@ -17,7 +17,7 @@ from .record import Action, PackageRef, Release, module_digest
 from .wasm import parse_wasm
 
 
-class RegistryError(TlogError):
+class RegistryError(FetchError):
     """The registry answered with an error: status and message."""
 
     def __init__(self, status: int, message: str) -> None:

@@ -5,6 +5,8 @@ signature and witness quorum), every new entry bundle and tile (each hash recomp
 the Follower), and every new release's module and SBOM (digests and imports checked).
 Only when all of that holds does it append the entries locally, with the source's cosigned
 checkpoint, in one transaction. Anything that does not verify stops the mirror where it is.
+A round that fails for any other reason (the source unreachable or answering errors) is
+retried after a capped exponential backoff with jitter; /mirror/status says why.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import contextlib
 import hashlib
 import logging
 import pathlib
+import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
-from tlog.client import TileClient
+from tlog.client import FetchError, TileClient, failure_kind
 from tlog.errors import TlogError
 from tlog.log import Log
 from tlog.sequencer import Sequencer
@@ -36,6 +39,33 @@ from .verify import TrustPolicy, VerifyError, open_checkpoint
 from .wasm import parse_wasm
 
 logger = logging.getLogger("wasmlog.mirror")
+MAX_BACKOFF = 600.0  # seconds: the longest wait between failed rounds
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with "equal jitter": the n-th failure in a row waits in [d/2, d], d = min(cap, base * 2**(n-1))."""
+
+    base: float
+    cap: float = MAX_BACKOFF
+    jitter: Callable[[], float] = random.random  # uniform in [0, 1)
+
+    def delay(self, failures: int) -> float:
+        d = min(self.cap, self.base * 2 ** min(failures - 1, 62))
+        return d / 2 + d / 2 * self.jitter()
+
+
+@dataclass
+class Retry:
+    """Why the last rounds failed, for /mirror/status; attempts is the count of failures in a row."""
+
+    attempts: int = 0
+    last_error: str | None = None
+    error_kind: str | None = None  # tlog.client.failure_kind: unreachable, bad-response, internal
+    next_retry: float | None = None  # POSIX seconds
+
+    def as_json(self) -> dict[str, object]:
+        return {"attempts": self.attempts, "last_error": self.last_error, "error_kind": self.error_kind, "next_retry": self.next_retry}
 
 
 @dataclass
@@ -48,6 +78,7 @@ class Mirror:
     blobs: BlobStore
     stopped: str | None = None  # why the mirror refuses to advance, if it does
     findings: list[Finding] = field(default_factory=list)
+    retry: Retry = field(default_factory=Retry)
 
     async def round(self, session: aiohttp.ClientSession, now: int) -> int:
         """Copy up to the source's latest checkpoint; return the local size. Sets stopped on a failure."""
@@ -69,6 +100,8 @@ class Mirror:
         entries: list[bytes] = []
         async for _, entry in follower.entries(cp):
             entries.append(entry)
+        if follower.findings and all(f.kind == "fetch-failed" for f in follower.findings):
+            raise FetchError(f"source tiles: {follower.findings[0].message} ({follower.findings[0].where})")  # retried, not a verdict
         if follower.findings:
             self.findings.extend(follower.findings)
             return self._stop(f"source tiles do not verify: {follower.findings[0].kind} at {follower.findings[0].where}")
@@ -112,13 +145,23 @@ class Mirror:
         logger.error("mirror stopped: %s", why)
         return self.log.published.checkpoint.size
 
-    async def run(self, session: aiohttp.ClientSession, interval: float, clock) -> None:  # type: ignore[no-untyped-def]
+    async def run(
+        self, session: aiohttp.ClientSession, interval: float, clock: Callable[[], float], *,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep, backoff: Backoff | None = None,
+    ) -> None:
+        """Copy every interval seconds until stopped; after a failed round, wait backoff's delay instead."""
+        backoff = backoff or Backoff(interval)
         while not self.stopped:
             try:
                 await self.round(session, int(clock()))
-            except Exception as e:  # noqa: BLE001 - a network failure is retried, not fatal
-                logger.warning("mirror round failed: %r", e)
-            await asyncio.sleep(interval)
+                self.retry = Retry()
+                delay = interval
+            except Exception as e:  # noqa: BLE001 - any failure is retried: recorded, logged, backed off
+                attempts = self.retry.attempts + 1
+                delay = backoff.delay(attempts)
+                self.retry = Retry(attempts, f"{type(e).__name__}: {e}", failure_kind(e), clock() + delay)
+                logger.warning("mirror round failed (%s, attempt %d, next in %.1fs): %r", self.retry.error_kind, attempts, delay, e)
+            await sleep(delay)
 
 
 MIRROR = web.AppKey("mirror", Mirror)
@@ -139,11 +182,15 @@ async def mirror_status(request: web.Request) -> web.Response:
     m = request.app[MIRROR]
     return web.json_response({
         "source": m.source, "size": m.log.published.checkpoint.size, "stopped": m.stopped,
-        "findings": [f.as_json() for f in m.findings],
+        "findings": [f.as_json() for f in m.findings], "retry": m.retry.as_json(),
     }, status=503 if m.stopped else 200)
 
 
-def run_mirror(*, source: str, policy: TrustPolicy, data: pathlib.Path, interval: float) -> web.Application:
+def run_mirror(
+    *, source: str, policy: TrustPolicy, data: pathlib.Path, interval: float,
+    clock: Callable[[], float] = time.time, sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    backoff: Backoff | None = None,
+) -> web.Application:
     """The mirror's app: the registry read API and tiles, plus GET /mirror/status; copying runs alongside."""
     from .server import make_app
 
@@ -154,7 +201,7 @@ def run_mirror(*, source: str, policy: TrustPolicy, data: pathlib.Path, interval
 
     async def copying(app: web.Application) -> AsyncIterator[None]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-            task = asyncio.create_task(mirror.run(session, interval, time.time))
+            task = asyncio.create_task(mirror.run(session, interval, clock, sleep=sleep, backoff=backoff))
             yield
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

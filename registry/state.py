@@ -29,10 +29,28 @@ class Unauthorized(ValidationError):
 
 
 class VersionExists(ValidationError):
+    """The package version is already published."""
+
+    status = 409
+
+
+class KeyAlreadyGranted(ValidationError):
+    status = 409
+
+
+class AlreadyYanked(ValidationError):
     status = 409
 
 
 class UnknownRelease(ValidationError):
+    """A yank names a version that was never published."""
+
+    status = 404
+
+
+class UnknownKey(ValidationError):
+    """A revocation names a key that is not granted in the namespace."""
+
     status = 404
 
 
@@ -99,12 +117,12 @@ class RegistryState:
             if body.key in ns.revoked:
                 raise Unauthorized(f"key {body.key} was revoked in {ns_name} and cannot be granted again")
             if body.key in ns.keys:
-                raise VersionExists(f"key {body.key} is already granted in {ns_name}")
+                raise KeyAlreadyGranted(f"key {body.key} is already granted in {ns_name}")
             return self._with(ns_name, replace(ns, keys=ns.keys | {body.key}))
         if body.action == "key-revocation":
             assert body.key is not None
             if body.key not in ns.keys:
-                raise UnknownRelease(f"key {body.key} is not granted in {ns_name}")
+                raise UnknownKey(f"key {body.key} is not granted in {ns_name}")
             return self._with(ns_name, replace(ns, keys=ns.keys - {body.key}, revoked=ns.revoked.set(body.key, index)))
         # yank
         key = f"{body.name}@{body.version}"
@@ -112,7 +130,7 @@ class RegistryState:
         if current is None:
             raise UnknownRelease(f"{body.ref} is not published")
         if current.yanked_at is not None:
-            raise VersionExists(f"{body.ref} was already yanked at index {current.yanked_at}")
+            raise AlreadyYanked(f"{body.ref} was already yanked at index {current.yanked_at}")
         return self._with(ns_name, replace(ns, releases=ns.releases.set(key, replace(current, yanked_at=index))))
 
     def _with(self, name: str, ns: NamespaceState) -> RegistryState:

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from tlog.checkpoint import Checkpoint, parse_checkpoint
-from tlog.errors import MalformedError, ProofError, TlogError
+from tlog.errors import (
+    MalformedError,
+    MalformedProofError,
+    ProofError,
+    SplitViewError,
+    TlogError,
+)
 from tlog.hashes import leaf_hash
 from tlog.merkle import verify_consistency, verify_inclusion
 from tlog.note import Note, parse_note, verifier_from_vkey
@@ -32,13 +38,15 @@ MAX_TRUST_POLICY_BYTES = 1 << 20
 REASONS = (
     "proof-malformed", "entry-invalid", "not-a-release", "module-digest", "module-invalid", "imports-mismatch",
     "import-not-allowed", "signature-invalid", "publisher-not-allowed", "sbom-digest", "log-unknown",
-    "log-signature", "inclusion", "witness-signature", "witness-quorum", "stale", "consistency-required",
-    "fork", "yanked", "key-revoked", "policy-malformed",
+    "log-signature", "inclusion", "witness-signature", "witness-quorum", "stale", "state-invalid",
+    "consistency-required", "consistency-malformed", "inconsistent", "fork", "registry-unreachable",
+    "registry-error", "yanked", "key-revoked", "policy-malformed", "input-unreadable",
 )
+EVIDENCE_REASONS = ("inconsistent", "fork")  # the failures that carry signed checkpoints worth keeping
 
 
 class VerifyError(Exception):
-    """A failed check: reason is one of REASONS; evidence holds what proves a fork."""
+    """A failed check: reason is one of REASONS; evidence holds the signed checkpoints (and proof) of a fork or an inconsistency."""
 
     def __init__(self, reason: str, message: str, *, evidence: Mapping[str, object] | None = None) -> None:
         assert reason in REASONS, reason
@@ -49,7 +57,7 @@ class VerifyError(Exception):
     @property
     def unusable_input(self) -> bool:
         """Input that could not be read at all (exit status 2), as opposed to a failed check (1)."""
-        return self.reason in ("proof-malformed", "policy-malformed")
+        return self.reason in ("proof-malformed", "policy-malformed", "state-invalid", "input-unreadable")
 
 
 @dataclass(frozen=True)
@@ -185,10 +193,34 @@ def open_checkpoint(
     return cp, note, tuple(sorted(names)), newest
 
 
+def check_known(known: KnownCheckpoint, policy: TrustPolicy) -> None:
+    """The remembered checkpoint must still be one its log signed: only then can it convict the log of a fork."""
+    log = policy.tlog.log_for(known.checkpoint.origin)
+    if log is None:
+        raise VerifyError("state-invalid", f"the remembered checkpoint's log {known.checkpoint.origin!r} is not in the trust policy")
+    v = log.verifier
+    try:
+        note = parse_note(known.note)
+        text = note.text.encode()
+        if not any(n == v.name and k == v.key_id and v.verify(text, sig) for n, k, sig in note.signatures):
+            raise MalformedError("it is not signed by the log")
+        if parse_checkpoint(note.text) != known.checkpoint:
+            raise MalformedError("it is not the checkpoint its note holds")
+    except TlogError as e:
+        raise VerifyError("state-invalid", f"the remembered checkpoint: {e}") from None
+
+
 def check_against_known(
     cp: Checkpoint, note: bytes, known: KnownCheckpoint | None, consistency: Sequence[bytes] | None
 ) -> KnownCheckpoint:
-    """Anti-rollback: accept cp only if consistent with the newest checkpoint we accepted; return the new known."""
+    """Anti-rollback: accept cp only if consistent with the newest checkpoint we accepted; return the new known.
+
+    Both checkpoints must already be verified as signed by the log. A proof of the wrong
+    shape is consistency-malformed (it proves nothing); a well-formed one that fails is
+    inconsistent (another proof may still reconcile them); only what proves two histories
+    (equal sizes with different roots, or a proof yielding the newer root from another
+    older root) is a fork.
+    """
     if known is None or known.checkpoint.origin != cp.origin:
         return KnownCheckpoint(cp, note)
     k = known.checkpoint
@@ -203,8 +235,12 @@ def check_against_known(
         raise VerifyError("consistency-required", f"need a consistency proof between sizes {small.size} and {big.size}")
     try:
         verify_consistency(small.size, big.size, consistency, small.root_hash, big.root_hash)
+    except MalformedProofError as e:
+        raise VerifyError("consistency-malformed", f"consistency proof from {small.size} to {big.size}: {e}") from None
     except ProofError as e:
-        raise VerifyError("fork", f"checkpoints of sizes {small.size} and {big.size} are inconsistent: {e}",
+        reason = "fork" if isinstance(e, SplitViewError) else "inconsistent"
+        what = "two histories" if reason == "fork" else "not shown consistent by this proof"
+        raise VerifyError(reason, f"checkpoints of sizes {small.size} and {big.size} are {what}: {e}",
                           evidence={"known": known.note, "new": note, "proof": [h.hex() for h in consistency]}) from None
     return KnownCheckpoint(cp, note) if cp.size > k.size else known
 
@@ -262,6 +298,8 @@ def verify_module(
         verify_inclusion(tp.index, cp.size, leaf_hash(tp.extra), tp.proof, cp.root_hash)
     except ProofError as e:
         raise VerifyError("inclusion", f"inclusion proof: {e}") from None
+    if known is not None and known.checkpoint.origin == cp.origin:
+        check_known(known, policy)
     new_known = check_against_known(cp, tp.checkpoint, known, consistency)
     if status is not None:
         if f"{release.ref.name}@{release.ref.version}" in status.yanked:

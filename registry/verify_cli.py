@@ -9,48 +9,73 @@ import pathlib
 import aiohttp
 import uvloop
 
-from tlog.checkpoint import parse_checkpoint
+from tlog.client import BAD_RESPONSE, UNREACHABLE, failure_kind
 from tlog.errors import TlogError
-from tlog.note import parse_note
 from tlog.proof_file import parse_tlog_proof
 
 from .client import RegistryClient
-from .edge_state import load_known, save_known
+from .edge_state import load_known, save_evidence, save_known
 from .record import decode_entry
-from .verify import NamespaceStatus, VerifyError, namespace_status, parse_trust_policy, verify_module
+from .verify import (
+    EVIDENCE_REASONS,
+    NamespaceStatus,
+    Verified,
+    VerifyError,
+    namespace_status,
+    parse_trust_policy,
+    verify_module,
+)
 
 MAX_INPUT_BYTES = 64 << 20
 
 
-def _read(path: pathlib.Path, what: str) -> bytes:
+def _read(path: pathlib.Path, what: str, reason: str = "input-unreadable") -> bytes:
     try:
         if path.stat().st_size > MAX_INPUT_BYTES:
-            raise VerifyError("proof-malformed", f"{what} {path} is too large")
+            raise VerifyError(reason, f"{what} {path} is too large")
         return path.read_bytes()
     except OSError as e:
-        raise VerifyError("proof-malformed", f"cannot read {what} {path}: {e.strerror}") from None
+        raise VerifyError(reason, f"cannot read {what} {path}: {e.strerror}") from None
 
 
-def _hash_lines(text: str) -> list[bytes]:
+def _hash_lines(text: str, source: str) -> list[bytes]:
     try:
         return [base64.b64decode(line, validate=True) for line in text.splitlines() if line]
     except ValueError:
-        raise VerifyError("proof-malformed", "consistency proof lines are not base64") from None
+        raise VerifyError("consistency-malformed", f"the consistency proof from {source} is not base64 lines") from None
 
 
-async def _online(url: str, proof: bytes, known_size: int | None, policy, now: int):  # type: ignore[no-untyped-def]
-    """Fetch the consistency proof (if a known checkpoint needs one) and the namespace's actions."""
-    tp = parse_tlog_proof(proof)
-    cp = parse_checkpoint(parse_note(tp.checkpoint).text)
-    ns = decode_entry(tp.extra or b"").namespace
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        api = RegistryClient(url, session)
-        consistency = None
-        if known_size is not None and known_size != cp.size and known_size > 0 and cp.size > 0:
-            old, new = sorted((known_size, cp.size))
-            consistency = _hash_lines((await api.get(f"/log/proof/consistency?old={old}&new={new}")).decode())
-        actions = await api.get_json(f"/api/v1/namespaces/{ns}/actions")
-    status = namespace_status(ns, [p.encode() for p in actions["proofs"]], policy, now)
+async def _online(url: str, known_size: int | None, size: int, ns: str, policy, now: int):  # type: ignore[no-untyped-def]
+    """Fetch the consistency proof (if a known checkpoint needs one) and the namespace's actions.
+
+    Raises VerifyError: registry-unreachable, registry-error (an error status, a body that
+    is not what the API promises, or a namespace record that does not verify), consistency-malformed.
+    """
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            api = RegistryClient(url, session)
+            consistency = None
+            if known_size is not None and known_size != size and known_size > 0 and size > 0:
+                old, new = sorted((known_size, size))
+                body = await api.get(f"/log/proof/consistency?old={old}&new={new}")
+                consistency = _hash_lines(body.decode("ascii", "replace"), url)
+            actions = await api.get_json(f"/api/v1/namespaces/{ns}/actions")
+            proofs = actions["proofs"]
+            if not isinstance(proofs, list) or not all(isinstance(p, str) for p in proofs):
+                raise TypeError("proofs is not a list of strings")
+    except VerifyError:
+        raise
+    except Exception as e:  # every failure of the exchange is named below; ours is re-raised
+        kind = failure_kind(e)
+        if kind == UNREACHABLE:
+            raise VerifyError("registry-unreachable", f"registry {url} unreachable: {e!r}") from None
+        if kind == BAD_RESPONSE or isinstance(e, (KeyError, TypeError)):
+            raise VerifyError("registry-error", f"registry {url} answered badly: {e}") from None
+        raise
+    try:
+        status = namespace_status(ns, [p.encode() for p in proofs], policy, now)
+    except VerifyError as e:  # the registry's records, not the module's proof
+        raise VerifyError("registry-error", f"registry {url} sent a namespace record that does not verify ({e.reason}): {e}") from None
     return consistency, status
 
 
@@ -60,34 +85,54 @@ def run_verify(
 ) -> tuple[int, str]:
     """Return (exit status, the one line to print)."""
     try:
-        policy = parse_trust_policy(_read(policy_file, "trust policy").decode("utf-8", "replace"))
-        module = _read(module_file, "module")
-        proof = _read(proof_file, "tlog-proof")
-        sbom = _read(sbom_file, "SBOM") if sbom_file else None
-        consistency = _hash_lines(_read(consistency_file, "consistency proof").decode("ascii", "replace")) if consistency_file else None
-        known = None
-        origin = None
-        if state_dir is not None:
-            try:
-                origin = parse_note(parse_tlog_proof(proof).checkpoint).text.split("\n", 1)[0]
-            except TlogError as e:
-                raise VerifyError("proof-malformed", f"tlog-proof: {e}") from None
-            known = load_known(state_dir, origin)
-        status: NamespaceStatus | None = None
-        if url is not None:
-            try:
-                fetched, status = uvloop.run(_online(url, proof, None if known is None else known.checkpoint.size, policy, now))
-            except (TlogError, aiohttp.ClientError, OSError, KeyError, ValueError) as e:
-                raise VerifyError("proof-malformed", f"online refresh from {url} failed: {e}") from None
-            consistency = consistency or fetched
-        verified = verify_module(module=module, proof=proof, policy=policy, now=now, sbom=sbom, known=known, consistency=consistency, status=status)
-        if state_dir is not None and verified.known != known:
-            save_known(state_dir, verified.known)
+        verified = _verify(policy_file=policy_file, module_file=module_file, proof_file=proof_file, sbom_file=sbom_file,
+                           state_dir=state_dir, consistency_file=consistency_file, url=url, now=now)
     except VerifyError as e:
         code = 2 if e.unusable_input else 1
+        message = str(e)
+        if state_dir is not None and e.reason in EVIDENCE_REASONS:
+            message += f" (evidence kept in {save_evidence(state_dir, e.reason, message, e.evidence, now)})"
         if as_json:
-            return code, json.dumps({"ok": False, "reason": e.reason, "message": str(e), "evidence": {k: v.decode() if isinstance(v, bytes) else v for k, v in e.evidence.items()}})
-        return code, f"FAIL {e.reason}: {e}"
+            return code, json.dumps({"ok": False, "reason": e.reason, "message": message, "evidence": {k: v.decode() if isinstance(v, bytes) else v for k, v in e.evidence.items()}})
+        return code, f"FAIL {e.reason}: {message}"
     if as_json:
         return 0, json.dumps(verified.as_json())
     return 0, verified.summary()
+
+
+def _verify(
+    *, policy_file: pathlib.Path, module_file: pathlib.Path, proof_file: pathlib.Path, sbom_file: pathlib.Path | None,
+    state_dir: pathlib.Path | None, consistency_file: pathlib.Path | None, url: str | None, now: int,
+) -> Verified:
+    policy = parse_trust_policy(_read(policy_file, "trust policy").decode("utf-8", "replace"))
+    module = _read(module_file, "module")
+    proof = _read(proof_file, "tlog-proof", "proof-malformed")
+    sbom = _read(sbom_file, "SBOM") if sbom_file else None
+    consistency = None
+    if consistency_file is not None:
+        consistency = _hash_lines(_read(consistency_file, "consistency proof").decode("ascii", "replace"), str(consistency_file))
+    known = None
+    if state_dir is not None or url is not None:
+        try:
+            tp = parse_tlog_proof(proof)  # parses its checkpoint too
+        except TlogError as e:
+            raise VerifyError("proof-malformed", f"tlog-proof: {e}") from None
+        assert tp.parsed is not None
+        cp = tp.parsed
+        if state_dir is not None:
+            try:
+                known = load_known(state_dir, cp.origin)
+            except (TlogError, OSError) as e:
+                raise VerifyError("state-invalid", f"the remembered checkpoint in {state_dir}: {e}") from None
+    status: NamespaceStatus | None = None
+    if url is not None:
+        try:
+            ns = decode_entry(tp.extra or b"").namespace
+        except TlogError as e:
+            raise VerifyError("entry-invalid", f"log entry: {e}") from None
+        fetched, status = uvloop.run(_online(url, None if known is None else known.checkpoint.size, cp.size, ns, policy, now))
+        consistency = consistency or fetched
+    verified = verify_module(module=module, proof=proof, policy=policy, now=now, sbom=sbom, known=known, consistency=consistency, status=status)
+    if state_dir is not None and verified.known != known:
+        save_known(state_dir, verified.known)
+    return verified

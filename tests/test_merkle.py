@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tlog.compact import CompactRange
-from tlog.errors import ProofError
+from tlog.errors import MalformedProofError, ProofError, SplitViewError
 from tlog.hashes import EMPTY_ROOT, leaf_hash, node_hash
 from tlog.merkle import (
     consistency_proof,
@@ -158,6 +158,56 @@ def test_mangled_consistency_proofs_fail(new: int, data: st.DataObject) -> None:
         old_root = node_hash(old_root, old_root)
     with pytest.raises(ProofError):
         verify_consistency(old, new, proof, old_root, new_root)
+
+
+@settings(max_examples=300, deadline=None)
+@given(new=st.integers(2, N), data=st.data())
+def test_no_mangled_or_garbage_proof_is_a_split_view(new: int, data: st.DataObject) -> None:
+    """Whatever the proof, between the true roots it never proves a fork; a proof of the wrong shape is malformed."""
+    old = data.draw(st.integers(1, new - 1))
+    proof = consistency_proof(old, new, reader(STORE))
+    old_root, new_root = reference.mth(ENTRIES, 0, old), reference.mth(ENTRIES, 0, new)
+    choice = data.draw(st.sampled_from(["flip", "drop", "add", "short-hash", "garbage", "swap"]))
+    if choice == "flip":
+        i = data.draw(st.integers(0, len(proof) - 1))
+        proof[i] = bytes([proof[i][0] ^ 1 << data.draw(st.integers(0, 7))]) + proof[i][1:]
+    elif choice == "drop":
+        proof.pop(data.draw(st.integers(0, len(proof) - 1)))
+    elif choice == "add":
+        proof.insert(data.draw(st.integers(0, len(proof))), data.draw(st.binary(min_size=32, max_size=32)))
+    elif choice == "short-hash":
+        i = data.draw(st.integers(0, len(proof) - 1))
+        proof[i] = proof[i][: data.draw(st.integers(0, 31))]
+    elif choice == "garbage":
+        proof = data.draw(st.lists(st.binary(max_size=40), max_size=20))
+    elif len(proof) > 1:
+        proof.reverse()
+    if proof == consistency_proof(old, new, reader(STORE)):
+        return
+    with pytest.raises(ProofError) as e:
+        verify_consistency(old, new, proof, old_root, new_root)
+    assert not isinstance(e.value, SplitViewError)
+    if choice in ("drop", "add", "short-hash"):
+        assert isinstance(e.value, MalformedProofError)
+
+
+@settings(max_examples=100, deadline=None)
+@given(new=st.integers(2, N), data=st.data())
+def test_a_proof_from_another_history_is_a_split_view(new: int, data: st.DataObject) -> None:
+    """A forked log's own valid proof, checked against the honest old root, proves the fork (naive reference trees)."""
+    old = data.draw(st.integers(1, new - 1))
+    changed = data.draw(st.integers(0, old - 1))
+    forked = ENTRIES[:changed] + (b"forked",) + ENTRIES[changed + 1 :]
+    proof = reference.consistency_proof(old, new, forked)
+    honest_old = reference.mth(ENTRIES, 0, old)
+    with pytest.raises(ProofError) as e:
+        verify_consistency(old, new, proof, honest_old, reference.mth(forked, 0, new))
+    if old & (old - 1) == 0:  # the old root is itself a node of the proof: a mismatch proves nothing
+        assert type(e.value) is ProofError
+    else:
+        assert isinstance(e.value, SplitViewError)
+    with pytest.raises(SplitViewError):
+        verify_consistency(old, old, [], honest_old, reference.mth(forked, 0, old))
 
 
 def test_verifier_edge_cases() -> None:

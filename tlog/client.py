@@ -31,7 +31,35 @@ MAX_BUNDLE_BYTES = 256 * (2 + 0xFFFF)
 
 
 class FetchError(TlogError):
-    """The log did not serve a resource (network error or non-200)."""
+    """A server did not serve a resource (network error or non-200)."""
+
+
+UNREACHABLE = "unreachable"  # no connection, connection lost, or timed out
+BAD_RESPONSE = "bad-response"  # an error status, or a body that is not what was asked for
+INTERNAL = "internal"  # our own failure, not the server's
+
+
+def failure_kind(e: BaseException) -> str:
+    """Say what a failed exchange with a server was: UNREACHABLE, BAD_RESPONSE or INTERNAL."""
+    cause = e.__cause__ if isinstance(e, FetchError) and e.__cause__ is not None else e
+    if isinstance(cause, (aiohttp.ClientConnectionError, TimeoutError)):
+        return UNREACHABLE
+    if isinstance(cause, (aiohttp.ClientError, FetchError, MalformedError, NotFoundError, ValueError)):
+        return BAD_RESPONSE
+    return INTERNAL
+
+
+async def read_bounded(r: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or at most limit + 1 bytes of it (one read may return fewer bytes than asked)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await r.content.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 class TileClient:
@@ -48,7 +76,7 @@ class TileClient:
                     raise NotFoundError(f"{path}: not found")
                 if r.status != 200:
                     raise FetchError(f"{path}: HTTP {r.status}")
-                body = await r.content.read(limit + 1)
+                body = await read_bounded(r, limit)
         except aiohttp.ClientError as e:
             raise FetchError(f"{path}: {e!r}") from e
         if len(body) > limit:
@@ -118,5 +146,6 @@ class TileClient:
         ranges = inclusion_ranges(index, size)
         return _inclusion_proof(index, size, await self._reader(size, ranges))
 
-    async def tree_hash(self, size: int) -> bytes:
-        return _tree_hash(size, await self._reader(size, [(0, size)] if size else []))
+    async def tree_hash(self, size: int, at: int | None = None) -> bytes:
+        """The root of the first size entries, read from the tiles as they exist at tree size at (default: size)."""
+        return _tree_hash(size, await self._reader(size if at is None else at, [(0, size)] if size else []))

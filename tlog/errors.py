@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 
 class TlogError(Exception):
     """Base class for everything this package raises on bad input or state."""
@@ -29,12 +27,14 @@ class UnverifiedNoteError(TlogError):
     """A note that carries no signature from any key the verifier knows."""
 
 
-class InconsistentCheckpoints(ProofError):
-    """Two signed checkpoints that cannot both be honest. Keep them: they are evidence."""
+class MalformedProofError(ProofError):
+    """Not a proof for its sizes (a hash of the wrong length, the wrong number of hashes): it proves nothing."""
 
-    def __init__(self, older: bytes, newer: bytes, proof: Sequence[bytes], reason: str) -> None:
-        super().__init__(f"log checkpoints are inconsistent: {reason}")
-        self.older, self.newer, self.proof = older, newer, tuple(proof)
+
+class SplitViewError(ProofError):
+    """The log's trees cannot be one history: equal sizes with different roots, or a proof that
+    yields the new root from an old root other than the one given. With two checkpoints the log
+    signed, this is evidence of a fork."""
 
 
 class NotFoundError(TlogError):

@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Protocol
 
-from .errors import ProofError
+from .errors import MalformedProofError, ProofError, SplitViewError
 from .hashes import EMPTY_ROOT, HASH_SIZE, node_hash
 
 _sha256 = hashlib.sha256
@@ -165,7 +165,7 @@ def consistency_proof(old_size: int, new_size: int, reader: NodeReader) -> list[
 
 def _check_hash(name: str, h: bytes) -> None:
     if len(h) != HASH_SIZE:
-        raise ProofError(f"{name} is {len(h)} bytes, want {HASH_SIZE}")
+        raise MalformedProofError(f"{name} is {len(h)} bytes, want {HASH_SIZE}")
 
 
 def root_from_inclusion_proof(index: int, size: int, leaf: bytes, proof: Sequence[bytes]) -> bytes:
@@ -210,7 +210,10 @@ def verify_consistency(
     """Check that the tree (old_size, old_root) is a prefix of (new_size, new_root) (RFC 9162 §2.1.4.2).
 
     Requires 0 < old_size <= new_size; an old size of 0 is the caller's case to
-    handle (every tree extends the empty tree). Raises ProofError.
+    handle (every tree extends the empty tree). Raises MalformedProofError if the
+    proof is not one for these sizes, SplitViewError if it proves the two trees are
+    not one history (equal sizes with different roots, or a proof that yields
+    new_root from another root of old_size), and ProofError if it merely fails.
     """
     _check_hash("old root", old_root)
     _check_hash("new root", new_root)
@@ -220,14 +223,16 @@ def verify_consistency(
         raise ProofError(f"no consistency proof from size {old_size} to size {new_size}")
     if old_size == new_size:
         if proof:
-            raise ProofError("consistency proof between equal sizes must be empty")
+            raise MalformedProofError("consistency proof between equal sizes must be empty")
         if old_root != new_root:
-            raise ProofError(f"different roots for the same size {old_size}")
+            raise SplitViewError(f"different roots for the same size {old_size}")
         return
-    if not proof:
-        raise ProofError("empty consistency proof")
+    want = len(consistency_ranges(old_size, new_size))
+    if len(proof) != want:
+        raise MalformedProofError(f"consistency proof from {old_size} to {new_size} has {len(proof)} hashes, want {want}")
     path = list(proof)
-    if old_size & (old_size - 1) == 0:  # an exact power of two: the old root is a node
+    old_is_node = old_size & (old_size - 1) == 0  # an exact power of two: the old root is a node
+    if old_is_node:
         path.insert(0, old_root)
     fn, sn = old_size - 1, new_size - 1
     while fn & 1:
@@ -235,8 +240,6 @@ def verify_consistency(
         sn >>= 1
     fr = sr = path[0]
     for c in path[1:]:
-        if sn == 0:
-            raise ProofError("consistency proof is too long")
         if fn & 1 or fn == sn:
             fr = node_hash(c, fr)
             sr = node_hash(c, sr)
@@ -247,9 +250,9 @@ def verify_consistency(
             sr = node_hash(sr, c)
         fn >>= 1
         sn >>= 1
-    if sn != 0:
-        raise ProofError("consistency proof is too short")
-    if fr != old_root:
-        raise ProofError(f"consistency proof does not match the root of size {old_size}")
-    if sr != new_root:
-        raise ProofError(f"consistency proof does not match the root of size {new_size}")
+    if fr == old_root and sr == new_root:
+        return
+    if sr == new_root and not old_is_node:  # the proof yields new_root from another old root
+        raise SplitViewError(f"the tree of size {new_size} has another root at size {old_size}")
+    which = old_size if fr != old_root else new_size
+    raise ProofError(f"consistency proof does not match the root of size {which}")

@@ -32,7 +32,14 @@ class Conflict(WitnessError):
 
 
 class BadProof(WitnessError):
+    """A proof that does not show the checkpoint extends the cosigned one: it proves nothing about the log."""
+
     status = 422
+
+
+class SplitViewProof(BadProof):
+    """The request itself proves the log signed two histories (same size, other root; or a proof that
+    yields the new root from another old root). Answered like any bad proof, and kept as evidence."""
 
 
 class TooManyRequests(WitnessError):

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tlog.errors import ProofError
+from tlog.errors import ProofError, SplitViewError
 from tlog.hashes import EMPTY_ROOT
 from tlog.merkle import verify_consistency
 
-from .errors import BadProof, BadRequest, Conflict
+from .errors import BadProof, BadRequest, Conflict, SplitViewProof
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ def check_update(known: Tree, old_size: int, proof: Sequence[bytes], new: Tree) 
     """Apply the c2sp.org/tlog-witness rules to a checkpoint whose log signature verified.
 
     known is the latest tree cosigned for this origin (EMPTY_TREE if none).
-    Raises BadRequest (400), Conflict (409) or BadProof (422).
+    Raises BadRequest (400), Conflict (409) or BadProof (422); SplitViewProof (a BadProof)
+    when the request proves the log signed two histories.
     """
     if old_size > new.size:
         raise BadRequest(f"old size {old_size} > checkpoint size {new.size}")
@@ -39,8 +40,10 @@ def check_update(known: Tree, old_size: int, proof: Sequence[bytes], new: Tree) 
         return
     if old_size == new.size and known.root_hash != new.root_hash:
         # v1.0.0 said 409 here; C2SP main (PR #280) says 422, which cannot loop a client.
-        raise BadProof(f"a different root for the cosigned size {old_size}")
+        raise SplitViewProof(f"a different root for the cosigned size {old_size}")
     try:
         verify_consistency(old_size, new.size, proof, known.root_hash, new.root_hash)
+    except SplitViewError as e:
+        raise SplitViewProof(str(e)) from e
     except ProofError as e:
         raise BadProof(str(e)) from e

@@ -1,4 +1,4 @@
-"""The witness's HTTP API: POST /add-checkpoint and GET /<hex sha256(origin)>/checkpoint."""
+"""The witness's HTTP API: POST /add-checkpoint, GET /<hex sha256(origin)>/checkpoint, /evidence, /healthz."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tlog.server import errors_middleware_for
 from tlog.witness_protocol import MAX_REQUEST_BYTES
 
 from .errors import Conflict, TooManyRequests, WitnessError
-from .gossip import DEFAULT_GOSSIP_INTERVAL, Gossip
+from .gossip import DEFAULT_GOSSIP_INTERVAL, DEFAULT_UNHEALTHY_AFTER, Gossip
 from .ratelimit import client_key
 from .witness import Witness
 
@@ -75,8 +75,19 @@ async def get_evidence(request: web.Request) -> web.Response:
     return web.Response(body=b"[" + b",".join(records) + b"]", content_type="application/json")
 
 
+async def get_healthz(request: web.Request) -> web.Response:
+    """200; 503 naming every gossip peer that failed too many rounds in a row."""
+    gossip = request.app.get(GOSSIP)
+    failing = gossip.unhealthy_peers() if gossip is not None else {}
+    if failing:
+        lines = "".join(f"gossip peer {p} failed {h.failed_rounds} rounds in a row: {h.last_error}\n" for p, h in failing.items())
+        return web.Response(status=503, text=lines)
+    return web.Response(text=f"ok: {len(request.app[WITNESS].logs)} logs\n")
+
+
 def make_app(
-    witness: Witness, *, peers: Sequence[str] = (), gossip_interval: float = DEFAULT_GOSSIP_INTERVAL
+    witness: Witness, *, peers: Sequence[str] = (), gossip_interval: float = DEFAULT_GOSSIP_INTERVAL,
+    gossip_unhealthy_after: int = DEFAULT_UNHEALTHY_AFTER,
 ) -> web.Application:
     """The witness app; with peers, a gossip task runs while the app runs."""
 
@@ -85,7 +96,7 @@ def make_app(
             yield
             return
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            gossip = Gossip(witness, list(peers), session, interval=gossip_interval)
+            gossip = Gossip(witness, list(peers), session, interval=gossip_interval, unhealthy_after=gossip_unhealthy_after, registry=registry)
             app[GOSSIP] = gossip
             task = asyncio.create_task(gossip.run(), name="gossip")
             yield
@@ -114,4 +125,5 @@ def make_app(
     app.router.add_post("/add-checkpoint", add_checkpoint)
     app.router.add_get("/{origin_hash:[0-9a-f]{64}}/checkpoint", get_checkpoint)
     app.router.add_get("/evidence", get_evidence)
+    app.router.add_get("/healthz", get_healthz)
     return app

@@ -18,13 +18,28 @@ from collections.abc import Callable, Mapping, Sequence
 from tlog.checkpoint import Checkpoint, parse_checkpoint
 from tlog.client import TileClient
 from tlog.cosignature import cosign, cosignature_timestamp
-from tlog.errors import MalformedError, ProofError, SignatureError, TlogError, UnverifiedNoteError
+from tlog.errors import (
+    MalformedError,
+    ProofError,
+    SignatureError,
+    SplitViewError,
+    TlogError,
+    UnverifiedNoteError,
+)
 from tlog.hashes import EMPTY_ROOT
 from tlog.merkle import verify_consistency
 from tlog.note import Ed25519Signer, Note, b64encode, open_note, parse_note
 from tlog.witness_protocol import AddCheckpoint, parse_add_checkpoint
 
-from .errors import BadProof, ClientOverBudget, Forbidden, Frozen, LogOverBudget, TooManyRequests, UnknownOrigin
+from .errors import (
+    ClientOverBudget,
+    Forbidden,
+    Frozen,
+    LogOverBudget,
+    SplitViewProof,
+    TooManyRequests,
+    UnknownOrigin,
+)
 from .loglist import KnownLog
 from .ratelimit import DAY, RefusalLimiter, WindowCounter
 from .rules import Tree, check_update
@@ -118,10 +133,11 @@ class Witness:
             if await asyncio.to_thread(self.state.is_frozen, cp.origin):
                 raise Frozen(f"split-view evidence is held for {cp.origin}")
             known = await asyncio.to_thread(self.state.latest, cp.origin)
-            if 0 < known.size == cp.size == req.old_size and known.root_hash != cp.root_hash:
-                await self._record_split_view(cp.origin, log_note.encode(), [], "same size, different root")
-                raise BadProof(f"a different root for the cosigned size {cp.size}: kept as evidence")
-            check_update(known, req.old_size, req.proof, Tree(cp.size, cp.root_hash))
+            try:
+                check_update(known, req.old_size, req.proof, Tree(cp.size, cp.root_hash))
+            except SplitViewProof as e:  # only a proof of two histories is evidence; any other bad proof is not
+                await self._record_split_view(cp.origin, log_note.encode(), req.proof, str(e))
+                raise SplitViewProof(f"{e}: kept as evidence") from None
             if cp.size == known.size:
                 # The tree already cosigned (check_update compared the roots): anyone can replay
                 # it, so it is never charged; it is re-signed at most once per refresh_age.
@@ -158,6 +174,29 @@ class Witness:
         await asyncio.to_thread(self.state.add_evidence, origin, json.dumps(record, sort_keys=True).encode())
         logger.critical("SPLIT VIEW for %s (%s): evidence kept, no more cosignatures for this log", origin, reason)
 
+    @staticmethod
+    async def _split_view(tiles: TileClient, small: Tree, big: Tree, proof: Sequence[bytes]) -> str | None:
+        """Check the tiles' proof between two log-signed trees: None if consistent, why if it proves two histories.
+
+        Raises ProofError if the proof merely fails (the tiles may be wrong: that proves
+        nothing about the log). A proof from an exact power of two cannot by itself show
+        another old root, so the big tree's node over the old range is read from the tiles
+        too: if the proof yields the big root from that node, the big tree's prefix is that node.
+        """
+        try:
+            verify_consistency(small.size, big.size, proof, small.root_hash, big.root_hash)
+            return None
+        except SplitViewError as e:
+            return f"inconsistent: {e}"
+        except ProofError:
+            if small.size & (small.size - 1):
+                raise
+            prefix = await tiles.tree_hash(small.size, at=big.size)
+            if prefix == small.root_hash:
+                raise
+            verify_consistency(small.size, big.size, proof, prefix, big.root_hash)  # raises if the tiles are wrong too
+            return f"inconsistent: the tree of size {big.size} has the root {b64encode(prefix)} at size {small.size}"
+
     async def observe(self, note_bytes: bytes, tiles: TileClient | None) -> str:
         """Take a log checkpoint seen elsewhere (from a peer). Returns what happened, for logs and tests."""
         try:
@@ -185,12 +224,13 @@ class Witness:
                     return "unverifiable: no URL for this log"
                 try:
                     proof = await tiles.consistency_proof(small.size, big.size)
+                    split = await self._split_view(tiles, small, big, proof)
+                except ProofError as e:  # the tiles' proof fails: that proves nothing about the log
+                    return f"unverifiable: the tiles' consistency proof fails: {e}"
                 except TlogError as e:
                     return f"unverifiable: {e}"
-                try:
-                    verify_consistency(small.size, big.size, proof, small.root_hash, big.root_hash)
-                except ProofError as e:
-                    await self._record_split_view(cp.origin, log_note.encode(), proof, f"inconsistent: {e}")
+                if split is not None:
+                    await self._record_split_view(cp.origin, log_note.encode(), proof, split)
                     return "split view"
             if cp.size < known.size:
                 return "older, consistent"

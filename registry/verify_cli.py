@@ -7,12 +7,12 @@ import json
 import pathlib
 
 import aiohttp
-import uvloop
 
 from tlog.checkpoint import parse_checkpoint
 from tlog.errors import TlogError
 from tlog.note import parse_note
 from tlog.proof_file import parse_tlog_proof
+from tlog.runloop import run
 
 from .client import RegistryClient
 from .edge_state import load_known, save_known
@@ -76,7 +76,7 @@ def run_verify(
         status: NamespaceStatus | None = None
         if url is not None:
             try:
-                fetched, status = uvloop.run(_online(url, proof, None if known is None else known.checkpoint.size, policy, now))
+                fetched, status = run(_online(url, proof, None if known is None else known.checkpoint.size, policy, now))
             except (TlogError, aiohttp.ClientError, OSError, KeyError, ValueError) as e:
                 raise VerifyError("proof-malformed", f"online refresh from {url} failed: {e}") from None
             consistency = consistency or fetched

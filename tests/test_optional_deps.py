@@ -55,7 +55,12 @@ def test_verify_help_without_optional_packages() -> None:
     assert out.returncode == 0 and "MODULE.wasm" in out.stdout, out.stderr
 
 
-async def test_registry_publish_and_edge_verify_without_optional_packages(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def _ready(url: str, server: subprocess.Popen[bytes]) -> None:
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, url + "/log", server)
+
+
+def test_registry_publish_and_edge_verify_without_optional_packages(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A registry and its clients on asyncio's loop: a release without SBOM is published and verified
     online; a release with an SBOM is refused with the extra to install, not a traceback."""
     (tmp_path / "registry.key").write_text(REGISTRY_KEY.private_key + "\n")
@@ -71,16 +76,14 @@ async def test_registry_publish_and_edge_verify_without_optional_packages(tmp_pa
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
-        async with aiohttp.ClientSession() as session:
-            await wait_ready(session, url + "/log", server)
+        asyncio.run(_ready(url, server))
         key = ("--registry", url, "--key", str(tmp_path / "alice.key"))
-        published = await asyncio.to_thread(run, "publish", *key, "acme:hello@1.0.0", str(module))
+        published = run("publish", *key, "acme:hello@1.0.0", str(module))
         assert published.returncode == 0, published.stderr
-        verified = await asyncio.to_thread(run, "verify", "--policy", str(tmp_path / "policy.toml"), "--registry", url,
-                                           "--state", str(tmp_path / "state"), str(module))
+        verified = run("verify", "--policy", str(tmp_path / "policy.toml"), "--registry", url, "--state", str(tmp_path / "state"), str(module))
         assert verified.returncode == 0 and verified.stdout.startswith("OK acme:hello@1.0.0"), verified.stdout + verified.stderr
 
-        refused = await asyncio.to_thread(run, "publish", *key, "--sbom", str(tmp_path / "sbom.json"), "acme:hello@2.0.0", str(module))
+        refused = run("publish", *key, "--sbom", str(tmp_path / "sbom.json"), "acme:hello@2.0.0", str(module))
         assert refused.returncode == 1 and "Traceback" not in refused.stderr
         assert "registry answered 415" in refused.stderr and "pip install 'wasmlog[registry]'" in refused.stderr, refused.stderr
     finally:

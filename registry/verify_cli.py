@@ -8,10 +8,8 @@ import pathlib
 
 import aiohttp
 
-from tlog.checkpoint import parse_checkpoint
 from tlog.errors import TlogError
-from tlog.note import parse_note
-from tlog.proof_file import parse_tlog_proof
+from tlog.proof_file import TlogProof, parse_tlog_proof
 from tlog.runloop import run
 
 from .client import RegistryClient
@@ -31,6 +29,14 @@ def _read(path: pathlib.Path, what: str) -> bytes:
         raise VerifyError("proof-malformed", f"cannot read {what} {path}: {e.strerror}") from None
 
 
+def _parse_proof(data: bytes) -> TlogProof:
+    """Parse the tlog-proof once; the online refresh and the verifier use what it read."""
+    try:
+        return parse_tlog_proof(data)
+    except TlogError as e:
+        raise VerifyError("proof-malformed", f"tlog-proof: {e}") from None
+
+
 def _hash_lines(text: str) -> list[bytes]:
     try:
         return [base64.b64decode(line, validate=True) for line in text.splitlines() if line]
@@ -38,10 +44,10 @@ def _hash_lines(text: str) -> list[bytes]:
         raise VerifyError("proof-malformed", "consistency proof lines are not base64") from None
 
 
-async def _online(url: str, proof: bytes, known_size: int | None, policy, now: int):  # type: ignore[no-untyped-def]
+async def _online(url: str, tp: TlogProof, known_size: int | None, policy, now: int):  # type: ignore[no-untyped-def]
     """Fetch the consistency proof (if a known checkpoint needs one) and the namespace's actions."""
-    tp = parse_tlog_proof(proof)
-    cp = parse_checkpoint(parse_note(tp.checkpoint).text)
+    cp = tp.parsed
+    assert cp is not None  # parse_tlog_proof read it
     ns = decode_entry(tp.extra or b"").namespace
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         api = RegistryClient(url, session)
@@ -62,17 +68,14 @@ def run_verify(
     try:
         policy = parse_trust_policy(_read(policy_file, "trust policy").decode("utf-8", "replace"))
         module = _read(module_file, "module")
-        proof = _read(proof_file, "tlog-proof")
+        proof_bytes = _read(proof_file, "tlog-proof")
         sbom = _read(sbom_file, "SBOM") if sbom_file else None
         consistency = _hash_lines(_read(consistency_file, "consistency proof").decode("ascii", "replace")) if consistency_file else None
+        proof = _parse_proof(proof_bytes)  # once: the state, the online refresh and the verifier use it
         known = None
-        origin = None
         if state_dir is not None:
-            try:
-                origin = parse_note(parse_tlog_proof(proof).checkpoint).text.split("\n", 1)[0]
-            except TlogError as e:
-                raise VerifyError("proof-malformed", f"tlog-proof: {e}") from None
-            known = load_known(state_dir, origin)
+            assert proof.parsed is not None  # parse_tlog_proof read it
+            known = load_known(state_dir, proof.parsed.origin)
         status: NamespaceStatus | None = None
         if url is not None:
             try:

@@ -82,6 +82,13 @@ def test_registry_publish_and_edge_verify_without_optional_packages(tmp_path) ->
         assert published.returncode == 0, published.stderr
         verified = run("verify", "--policy", str(tmp_path / "policy.toml"), "--registry", url, "--state", str(tmp_path / "state"), str(module))
         assert verified.returncode == 0 and verified.stdout.startswith("OK acme:hello@1.0.0"), verified.stdout + verified.stderr
+        newer = tmp_path / "hello-1.0.1.wasm"  # in a bigger tree: the online refresh fetches the consistency proof
+        newer.write_bytes(MODULE)
+        assert run("publish", *key, "acme:hello@1.0.1", str(newer)).returncode == 0
+        verified = run("verify", "--policy", str(tmp_path / "policy.toml"), "--registry", url, "--state", str(tmp_path / "state"), str(newer))
+        assert verified.returncode == 0 and verified.stdout.startswith("OK acme:hello@1.0.1"), verified.stdout + verified.stderr
+        offline = run("verify", "--policy", str(tmp_path / "policy.toml"), "--state", str(tmp_path / "state"), str(module))
+        assert offline.returncode == 1 and "consistency-required" in offline.stderr, offline.stdout + offline.stderr
 
         refused = run("publish", *key, "--sbom", str(tmp_path / "sbom.json"), "acme:hello@2.0.0", str(module))
         assert refused.returncode == 1 and "Traceback" not in refused.stderr

@@ -6,7 +6,7 @@ COPY pyproject.toml README.md ./
 COPY tlog ./tlog
 COPY witness ./witness
 COPY registry ./registry
-RUN pip install --no-cache-dir . && rm -rf /src
+RUN pip install --no-cache-dir '.[registry]' && rm -rf /src
 USER wasmlog
 WORKDIR /data
 ENTRYPOINT ["wasmlog", "--log-format", "json"]

@@ -19,8 +19,9 @@ import re
 
 from tlog.errors import MalformedError, NotFoundError
 from tlog.files import atomic_write
+from tlog.syntax import lower_hex
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX64 = re.compile(lower_hex(64))
 
 
 def _load_syncfs():  # type: ignore[no-untyped-def]

@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 
 import aiohttp
 import click
-import uvloop
 
 from tlog.addipc import AddServer
 from tlog.cli import (
@@ -33,6 +32,7 @@ from tlog.errors import TlogError
 from tlog.frontend import ADD_SOCKET
 from tlog.keys import read_signer
 from tlog.log import Log
+from tlog.runloop import run
 from tlog.sequencer import Sequencer
 from tlog.storage.lmdb_store import LMDBLogStore
 from tlog.witnessing import DEFAULT_WITNESS_TIMEOUT
@@ -95,7 +95,7 @@ def with_client(url: str, work: Callable[[RegistryClient], Awaitable[T]]) -> T:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
             return await work(RegistryClient(url, session))
 
-    return uvloop.run(go())
+    return run(go())
 
 
 def package_ref(_ctx: click.Context, _param: click.Parameter, value: str) -> PackageRef:
@@ -267,7 +267,7 @@ def yank(url: str, key_file: pathlib.Path, reason: str, ref: PackageRef) -> None
 def up(data: pathlib.Path, listen: str) -> None:
     """Start the whole network on embedded defaults: a registry with its log and three witnesses (quorum 2)."""
     host, port = split_listen(listen)
-    uvloop.run(run_network(NetworkConfig(data=data, host=host, port=port)))
+    run(run_network(NetworkConfig(data=data, host=host, port=port)))
 
 
 @main.command()
@@ -365,7 +365,7 @@ def audit(url: str, vkeys: tuple[str, ...], policy_file: pathlib.Path | None, st
             await auditor.run(progress)
             return auditor.report(log_url)
 
-    report = uvloop.run(go())
+    report = run(go())
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     if state_dir is not None:
@@ -425,7 +425,7 @@ def monitor(
                     return found
                 await asyncio.sleep(interval)
 
-    if uvloop.run(go()):
+    if run(go()):
         raise SystemExit(1)
 
 
@@ -464,7 +464,7 @@ def mirror(source: str, policy_file: pathlib.Path, data: pathlib.Path, listen: s
     """Replicate a registry's log and blobs, verifying everything, and serve the same read API."""
     from aiohttp import web
 
-    from tlog.cli import new_loop
+    from tlog.runloop import new_loop
 
     from .mirror import run_mirror
     from .verify import parse_trust_policy

@@ -24,6 +24,7 @@ import cbor2
 
 from tlog.errors import MalformedError, TooLargeError
 from tlog.note import Ed25519Verifier, verifier_from_vkey
+from tlog.syntax import decimal, lower_hex
 from tlog.tiles import MAX_ENTRY_SIZE
 
 from .dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, Envelope, Signature, strict_json
@@ -38,9 +39,12 @@ IMPORT_KINDS = ("func", "table", "memory", "global", "tag", "module", "value", "
 MAX_IMPORTS = 4096  # keeps a release inside one 64 KiB log entry
 
 _LABEL = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # component-model kebab-case label
-# semver 2.0.0 (semver.org's regex, without build metadata)
-_SEMVER = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?", re.ASCII)
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+# semver 2.0.0 (semver.org's regex, without build metadata): numbers are decimals without leading zeros
+_NUMBER = decimal()
+_PRERELEASE_ID = f"(?:{_NUMBER}|[0-9]*[a-zA-Z-][0-9a-zA-Z-]*)"
+_SEMVER = re.compile(rf"({_NUMBER})\.({_NUMBER})\.({_NUMBER})(?:-({_PRERELEASE_ID}(?:\.{_PRERELEASE_ID})*))?", re.ASCII)
+_SHA256_HEX = lower_hex(64)
+_HEX64 = re.compile(_SHA256_HEX)
 MAX_LABEL = 64
 MAX_VERSION = 64
 # A release's subject name, namespace:name@version, split and checked in one match.
@@ -133,13 +137,13 @@ _IMPORT_KIND_SET = frozenset(IMPORT_KINDS)
 
 # The compact statement Release.statement() writes, with no escapes in its strings, in one match.
 _JSON_CHARS = r'[^"\\\x00-\x1f]*'  # a JSON string's characters when it has no escapes (those need the general parser)
-_IMPORT_JSON = r'\{"module":"%s","name":"%s","kind":"[a-z]+"\}' % (_JSON_CHARS, _JSON_CHARS)
-_IMPORT_FIELDS = re.compile(r'\{"module":"(%s)","name":"(%s)","kind":"([a-z]+)"\}' % (_JSON_CHARS, _JSON_CHARS))
+_IMPORT_JSON = rf'\{{"module":"{_JSON_CHARS}","name":"{_JSON_CHARS}","kind":"[a-z]+"\}}'
+_IMPORT_FIELDS = re.compile(rf'\{{"module":"({_JSON_CHARS})","name":"({_JSON_CHARS})","kind":"([a-z]+)"\}}')
 _COMPACT_STATEMENT = re.compile(
-    r'\{"_type":"https://in-toto\.io/Statement/v1","subject":\[\{"name":"(%s)","digest":\{"sha256":"([0-9a-f]{64})"\}\}\],'
-    r'"predicateType":"https://wasmlog\.dev/release/v1","predicate":\{"namespace":"(%s)","name":"(%s)","version":"(%s)",'
-    r'"imports":\[((?:%s(?:,%s)*)?)\](?:,"sbom":\{"digest":\{"sha256":"([0-9a-f]{64})"\},"mediaType":"(%s)"\})?\}\}'
-    % (_JSON_CHARS, _JSON_CHARS, _JSON_CHARS, _JSON_CHARS, _IMPORT_JSON, _IMPORT_JSON, _JSON_CHARS)
+    rf'\{{"_type":"https://in-toto\.io/Statement/v1","subject":\[\{{"name":"({_JSON_CHARS})","digest":\{{"sha256":"({_SHA256_HEX})"\}}\}}\],'
+    rf'"predicateType":"https://wasmlog\.dev/release/v1","predicate":\{{"namespace":"({_JSON_CHARS})","name":"({_JSON_CHARS})",'
+    rf'"version":"({_JSON_CHARS})","imports":\[((?:{_IMPORT_JSON}(?:,{_IMPORT_JSON})*)?)\]'
+    rf'(?:,"sbom":\{{"digest":\{{"sha256":"({_SHA256_HEX})"\}},"mediaType":"({_JSON_CHARS})"\}})?\}}\}}'
 )
 
 

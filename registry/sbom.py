@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from tlog.errors import TooLargeError
+from tlog.errors import MissingDependencyError, TooLargeError
 
 from .dsse import strict_json
 from .record import RecordError
@@ -16,10 +16,14 @@ from .record import RecordError
 CYCLONEDX = "application/vnd.cyclonedx+json"
 SPDX = "application/spdx+json"
 MAX_SBOM_BYTES = 16 << 20
+EXTRA = "registry"  # the pyproject extra that installs the validation libraries
 
 
 def validate_sbom(media_type: str, data: bytes) -> None:
-    """Raise RecordError unless data is a valid SBOM of media_type."""
+    """Raise RecordError unless data is a valid SBOM of media_type.
+
+    Raises MissingDependencyError when the validation libraries (the registry extra) are not installed.
+    """
     if len(data) > MAX_SBOM_BYTES:
         raise TooLargeError(f"SBOM of {len(data)} bytes is over {MAX_SBOM_BYTES}")
     obj = strict_json(data, "SBOM")
@@ -34,9 +38,12 @@ def validate_sbom(media_type: str, data: bytes) -> None:
 
 
 def _cyclonedx(obj: dict, data: bytes) -> None:  # type: ignore[type-arg]
-    # Imported on first use: the schema libraries take about half a second to import.
-    from cyclonedx.schema import SchemaVersion
-    from cyclonedx.validation.json import JsonStrictValidator
+    # Imported on first use: the schema libraries take about half a second to import, and are optional.
+    try:
+        from cyclonedx.schema import SchemaVersion
+        from cyclonedx.validation.json import JsonStrictValidator
+    except ImportError as e:
+        raise MissingDependencyError("CycloneDX SBOM validation", EXTRA, e) from None
 
     if obj.get("bomFormat") != "CycloneDX":
         raise RecordError('a CycloneDX SBOM has "bomFormat": "CycloneDX"')
@@ -50,9 +57,12 @@ def _cyclonedx(obj: dict, data: bytes) -> None:  # type: ignore[type-arg]
 
 
 def _spdx(obj: dict) -> None:  # type: ignore[type-arg]
-    from spdx_tools.spdx.parser.error import SPDXParsingError
-    from spdx_tools.spdx.parser.jsonlikedict.json_like_dict_parser import JsonLikeDictParser
-    from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
+    try:
+        from spdx_tools.spdx.parser.error import SPDXParsingError
+        from spdx_tools.spdx.parser.jsonlikedict.json_like_dict_parser import JsonLikeDictParser
+        from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
+    except ImportError as e:
+        raise MissingDependencyError("SPDX SBOM validation", EXTRA, e) from None
 
     try:
         document = JsonLikeDictParser().parse(json.loads(json.dumps(obj)))

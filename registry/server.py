@@ -11,7 +11,15 @@ from aiohttp import web
 
 from tlog.addipc import ForwardedError
 from tlog.checkpoint import parse_decimal
-from tlog.errors import MalformedError, NotFoundError, PushbackError, StorageFullError, TlogError, TooLargeError
+from tlog.errors import (
+    MalformedError,
+    MissingDependencyError,
+    NotFoundError,
+    PushbackError,
+    StorageFullError,
+    TlogError,
+    TooLargeError,
+)
 from tlog.metrics import install
 from tlog.note import b64encode
 from tlog.policy import Policy
@@ -37,6 +45,7 @@ STATUS: list[tuple[type[TlogError], int]] = [
     (WasmError, 422),
     (MalformedError, 400),
     (NotFoundError, 404),
+    (MissingDependencyError, 415),  # an SBOM media type this installation cannot validate
     (PushbackError, 503),
     (QuorumError, 503),
     (NotYetPublished, 503),

@@ -254,13 +254,16 @@ class NamespaceStatus:
 
 
 def verify_module(
-    *, module: bytes, proof: bytes, policy: TrustPolicy, now: int, sbom: bytes | None = None,
+    *, module: bytes, proof: bytes | TlogProof, policy: TrustPolicy, now: int, sbom: bytes | None = None,
     known: KnownCheckpoint | None = None, consistency: Sequence[bytes] | None = None,
     status: NamespaceStatus | None = None,
 ) -> Verified:
-    """Every check of spec/trust-policy.md, in order; the first failure raises VerifyError."""
+    """Every check of spec/trust-policy.md, in order; the first failure raises VerifyError.
+
+    proof: the tlog-proof file's bytes, or what parse_tlog_proof already read from them.
+    """
     try:
-        tp: TlogProof = parse_tlog_proof(proof)
+        tp: TlogProof = proof if isinstance(proof, TlogProof) else parse_tlog_proof(proof)
     except TlogError as e:
         raise VerifyError("proof-malformed", f"tlog-proof: {e}") from None
     if tp.extra is None:

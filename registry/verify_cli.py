@@ -7,11 +7,11 @@ import json
 import pathlib
 
 import aiohttp
-import uvloop
 
 from tlog.client import BAD_RESPONSE, UNREACHABLE, failure_kind
 from tlog.errors import TlogError
-from tlog.proof_file import parse_tlog_proof
+from tlog.proof_file import TlogProof, parse_tlog_proof
+from tlog.runloop import run
 
 from .client import RegistryClient
 from .edge_state import load_known, save_evidence, save_known
@@ -36,6 +36,14 @@ def _read(path: pathlib.Path, what: str, reason: str = "input-unreadable") -> by
         return path.read_bytes()
     except OSError as e:
         raise VerifyError(reason, f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def _parse_proof(data: bytes) -> TlogProof:
+    """Parse the tlog-proof once; the online refresh and the verifier use what it read."""
+    try:
+        return parse_tlog_proof(data)
+    except TlogError as e:
+        raise VerifyError("proof-malformed", f"tlog-proof: {e}") from None
 
 
 def _hash_lines(text: str, source: str) -> list[bytes]:
@@ -111,28 +119,24 @@ def _verify(
     consistency = None
     if consistency_file is not None:
         consistency = _hash_lines(_read(consistency_file, "consistency proof").decode("ascii", "replace"), str(consistency_file))
+    tp = _parse_proof(proof)  # once: the state, the online refresh and the verifier use it
+    assert tp.parsed is not None  # parse_tlog_proof read the checkpoint
+    cp = tp.parsed
     known = None
-    if state_dir is not None or url is not None:
+    if state_dir is not None:
         try:
-            tp = parse_tlog_proof(proof)  # parses its checkpoint too
-        except TlogError as e:
-            raise VerifyError("proof-malformed", f"tlog-proof: {e}") from None
-        assert tp.parsed is not None
-        cp = tp.parsed
-        if state_dir is not None:
-            try:
-                known = load_known(state_dir, cp.origin)
-            except (TlogError, OSError) as e:
-                raise VerifyError("state-invalid", f"the remembered checkpoint in {state_dir}: {e}") from None
+            known = load_known(state_dir, cp.origin)
+        except (TlogError, OSError) as e:
+            raise VerifyError("state-invalid", f"the remembered checkpoint in {state_dir}: {e}") from None
     status: NamespaceStatus | None = None
     if url is not None:
         try:
             ns = decode_entry(tp.extra or b"").namespace
         except TlogError as e:
             raise VerifyError("entry-invalid", f"log entry: {e}") from None
-        fetched, status = uvloop.run(_online(url, None if known is None else known.checkpoint.size, cp.size, ns, policy, now))
+        fetched, status = run(_online(url, None if known is None else known.checkpoint.size, cp.size, ns, policy, now))
         consistency = consistency or fetched
-    verified = verify_module(module=module, proof=proof, policy=policy, now=now, sbom=sbom, known=known, consistency=consistency, status=status)
+    verified = verify_module(module=module, proof=tp, policy=policy, now=now, sbom=sbom, known=known, consistency=consistency, status=status)
     if state_dir is not None and verified.known != known:
         save_known(state_dir, verified.known)
     return verified

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import struct
-import unicodedata
 
 import pytest
+import spec_reference
 from conftest import load_vectors
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,6 +34,9 @@ from tlog.note import (
     sign_note,
     verifier_from_vkey,
 )
+
+_canonical_b64_reference = spec_reference.canonical_b64
+_note_reference = spec_reference.note
 
 V = load_vectors("signed-note.json")
 ED = V["ed25519_note"]
@@ -235,15 +237,6 @@ def test_cosignature_key_id_of_the_published_vkey() -> None:
 _B64_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 
-def _canonical_b64_reference(s: str) -> bytes | None:
-    """Reference: s is canonical when it is the standard padded encoding of what it decodes to."""
-    try:
-        data = base64.b64decode(s, validate=True)
-    except (ValueError, binascii.Error):
-        return None
-    return data if base64.b64encode(data).decode() == s else None
-
-
 @given(st.one_of(st.text(alphabet=_B64_CHARS, max_size=12), st.text(max_size=12), st.binary(max_size=9).map(lambda b: base64.b64encode(b).decode())))
 def test_b64decode_strict_accepts_exactly_the_canonical_encoding(s: str) -> None:
     want = _canonical_b64_reference(s)
@@ -269,32 +262,7 @@ def test_parse_hash_accepts_exactly_canonical_32_bytes(s: str) -> None:
 
 
 # Differential tests: the one-regex fast paths of parse_note and parse_checkpoint against naive
-# line-by-line references written from the specs (canonical base64 by re-encoding).
-
-def _note_reference(data: bytes, min_signature: int = 5) -> tuple[str, list[tuple[str, int, bytes]]] | None:
-    try:
-        s = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if any(c < " " and c != "\n" for c in s) or not s.endswith("\n") or "\n\n" not in s:
-        return None
-    split = s.rfind("\n\n")
-    text, block = s[: split + 1], s[split + 2 :]
-    if not block:
-        return None
-    sigs = []
-    for line in block[:-1].split("\n"):
-        if not line.startswith("\u2014 ") or " " not in line[2:]:
-            return None
-        name, b64 = line[2:].split(" ", 1)
-        if not name or "+" in name or any(c.isspace() or unicodedata.category(c) == "Cc" for c in name) or len(name.encode()) > 255:
-            return None
-        raw = _canonical_b64_reference(b64)
-        if raw is None or len(raw) < min_signature:
-            return None
-        sigs.append((name, int.from_bytes(raw[:4], "big"), raw[4:]))
-    return text, sigs
-
+# line-by-line references written from the specs (tests/spec_reference.py: canonical base64 by re-encoding).
 
 _valid_sig_lines = st.tuples(
     st.one_of(st.sampled_from(["log.example", "w1", "é.example", "x" * 255]),
@@ -348,15 +316,8 @@ def test_ascii_signature_fast_path_takes_every_valid_ascii_block(lines: list[str
 
 
 def _checkpoint_reference(text: str) -> Checkpoint | None:
-    if any(c < " " and c != "\n" for c in text) or not text.endswith("\n"):
-        return None
-    lines = text[:-1].split("\n")
-    if not 3 <= len(lines) <= 19 or not lines[0] or len(lines[0].encode()) > 255 or not all(lines[3:]):
-        return None
-    size_s, root = lines[1], _canonical_b64_reference(lines[2])
-    if not size_s.isascii() or not size_s.isdigit() or str(int(size_s)) != size_s or int(size_s) >= 2**63 or root is None or len(root) != 32:
-        return None
-    return Checkpoint(lines[0], int(size_s), root, tuple(lines[3:]))
+    fields = spec_reference.checkpoint(text)
+    return None if fields is None else Checkpoint(*fields)
 
 
 _CP_FAULTS = ["", "01", "+1", "\u0661", "9223372036854775808", "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFV=",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import reference
+import spec_reference
 from conftest import load_vectors
 from helpers import grow
 from hypothesis import given, settings
@@ -13,7 +14,7 @@ from tlog.checkpoint import Checkpoint
 from tlog.errors import MalformedError, ProofError, TooLargeError
 from tlog.hashes import leaf_hash
 from tlog.merkle import inclusion_proof
-from tlog.note import Ed25519Signer, Ed25519Verifier, sign_note
+from tlog.note import Ed25519Signer, Ed25519Verifier, Note, NoteSignature, sign_note
 from tlog.proof_file import TlogProof, parse_tlog_proof, verify_tlog_proof
 from tlog.tiles import (
     ENTRIES,
@@ -221,16 +222,17 @@ def test_tile_summaries_follow_the_formula() -> None:
 
 
 def _parse_tlog_proof_by_lines(data: bytes) -> tuple[TlogProof, object, object]:
-    """The line-by-line path of parse_tlog_proof alone: the reference for its one-match fast path."""
-    from tlog.checkpoint import parse_checkpoint
-    from tlog.note import parse_note
-    from tlog.proof_file import MAX_TLOG_PROOF_BYTES, _parse_head_by_lines
+    """The spec's line-by-line reading (tests/spec_reference.py, no tlog parser): the reference for parse_tlog_proof."""
+    from tlog.proof_file import MAX_EXTRA_BYTES, MAX_TLOG_PROOF_BYTES
 
-    if len(data) > MAX_TLOG_PROOF_BYTES:
-        raise TooLargeError("too large")
-    index, proof, extra, checkpoint = _parse_head_by_lines(data)
-    note = parse_note(checkpoint)
-    return TlogProof(index, proof, checkpoint, extra), note, parse_checkpoint(note.text)
+    try:
+        read = spec_reference.tlog_proof(data, MAX_TLOG_PROOF_BYTES, (MAX_EXTRA_BYTES + 2) // 3 * 4)
+    except spec_reference.TooLarge:
+        raise TooLargeError("too large") from None
+    if read is None:
+        raise MalformedError("refused")
+    (index, proof, checkpoint, extra), (text, signatures), fields = read
+    return TlogProof(index, proof, checkpoint, extra), Note(text, tuple(map(NoteSignature._make, signatures))), Checkpoint(*fields)
 
 
 def _assert_fast_path_agrees(data: bytes) -> None:

@@ -10,8 +10,9 @@ from .errors import MalformedError, TooLargeError
 from .hashes import HASH_SIZE
 from .merkle import MAX_TREE_SIZE
 from .note import b64decode_strict, b64encode, check_text
+from .syntax import LINE_CHAR, U63_DECIMAL, canonical_b64
 
-_DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")  # [0-9], never \d
+_DECIMAL = re.compile(U63_DECIMAL)
 MAX_EXTENSION_LINES = 16
 MAX_ORIGIN_BYTES = 255
 
@@ -23,8 +24,8 @@ def parse_decimal(s: str, what: str, limit: int = MAX_TREE_SIZE) -> int:
     return int(s)
 
 
-# The canonical base64 of 32 bytes: 43 characters, the last carrying 4 bits and two zero pad bits.
-_CANONICAL_HASH_B64 = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")
+HASH_B64 = canonical_b64(HASH_SIZE)  # 43 characters, the last carrying 4 bits and two zero pad bits, and "="
+_CANONICAL_HASH_B64 = re.compile(HASH_B64)
 
 
 def parse_hash(s: str, what: str = "hash") -> bytes:
@@ -80,9 +81,8 @@ class Checkpoint(NamedTuple):
 
 
 # A checkpoint in canonical form: origin, decimal size, canonical base64 root, extension lines.
-CHECKPOINT_PATTERN = (  # four groups: origin, size, root, extension lines (each ending in newline); no control characters
-    r"([^\x00-\x1f]+)\n(0|[1-9][0-9]{0,18})\n([A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=)\n((?:[^\x00-\x1f]+\n){0,%d})" % MAX_EXTENSION_LINES
-)
+# Four groups: origin, size, root, extension lines (each ending in newline).
+CHECKPOINT_PATTERN = rf"({LINE_CHAR}+)\n({U63_DECIMAL})\n({HASH_B64})\n((?:{LINE_CHAR}+\n){{0,{MAX_EXTENSION_LINES}}})"
 _CHECKPOINT = re.compile(CHECKPOINT_PATTERN)
 
 

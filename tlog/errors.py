@@ -45,5 +45,13 @@ class PushbackError(TlogError):
     """The log is overloaded: answer 503 with Retry-After and let the client retry."""
 
 
+class MissingDependencyError(TlogError):
+    """A feature whose optional dependencies are not installed; the message names the extra to install."""
+
+    def __init__(self, feature: str, extra: str, missing: ImportError) -> None:
+        super().__init__(f"{feature} needs wasmlog[{extra}] ({missing.name or missing} is not installed): pip install 'wasmlog[{extra}]'")
+        self.extra = extra
+
+
 class StorageFullError(TlogError):
     """The storage has no room left; nothing of the failed batch was written."""

@@ -23,6 +23,14 @@ import nacl.exceptions
 import nacl.signing
 
 from .errors import MalformedError, SignatureError, TooLargeError, UnverifiedNoteError
+from .syntax import (
+    ASCII_KEY_NAME,
+    CANONICAL_B64_UNSIZED,
+    CONTROL_BYTES,
+    ZERO_2_BITS,
+    ZERO_4_BITS,
+    lower_hex,
+)
 
 ALG_ED25519 = 0x01  # c2sp.org/signed-note: signature type 0x01
 ALG_COSIGNATURE_V1 = 0x04  # c2sp.org/tlog-cosignature: timestamped Ed25519
@@ -33,7 +41,7 @@ MAX_KEY_NAME = 255  # matches the tlog-cosignature ML-DSA name<1..255> bound
 SIGNATURE_PREFIX = "\u2014 "  # em dash, space
 PRIVATE_KEY_PREFIX = "PRIVATE+KEY+"
 
-_HEX8 = re.compile(r"[0-9a-f]{8}")
+_HEX8 = re.compile(lower_hex(8))
 
 
 def b64encode(data: bytes) -> str:
@@ -41,8 +49,8 @@ def b64encode(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-_ZERO_2_BITS = frozenset(b"AEIMQUYcgkosw048")  # base64 digits whose low 2 bits are zero
-_ZERO_4_BITS = frozenset(b"AQgw")  # ... low 4 bits
+_ZERO_2_BITS = frozenset(ZERO_2_BITS.encode())
+_ZERO_4_BITS = frozenset(ZERO_4_BITS.encode())
 
 
 def b64decode_strict(s: str | bytes, what: str = "base64") -> bytes:
@@ -58,7 +66,7 @@ def b64decode_strict(s: str | bytes, what: str = "base64") -> bytes:
     return data
 
 
-_ASCII_NAME = re.compile(r"[\x21-\x2a\x2c-\x7e]+")  # printable ASCII without space and '+'
+_ASCII_NAME = re.compile(ASCII_KEY_NAME)
 
 
 def is_valid_key_name(name: str) -> bool:
@@ -255,8 +263,6 @@ class Note(NamedTuple):
         return (self.text + "\n" + "".join(s.line() for s in self.signatures)).encode()
 
 
-_CONTROL_BYTES = bytes(range(0x0A)) + bytes(range(0x0B, 0x20))  # never part of a multi-byte UTF-8 sequence
-
 
 def check_text(text: str | bytes) -> None:
     """Reject ASCII control characters other than newline (c2sp.org/signed-note). Raises MalformedError.
@@ -264,13 +270,13 @@ def check_text(text: str | bytes) -> None:
     text may be a str or its UTF-8 encoding.
     """
     raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-    if len(raw.translate(None, _CONTROL_BYTES)) != len(raw):
+    if len(raw.translate(None, CONTROL_BYTES)) != len(raw):
         raise MalformedError("note has a control character")
 
 
 # Signature lines with ASCII key names and base64 whose last digit before the padding has zero
 # pad bits (canonical once its length is a multiple of 4): the common case, matched at once.
-ASCII_SIGNATURE_LINES = r"(?:— [\x21-\x2a\x2c-\x7e]+ [A-Za-z0-9+/]*(?:[AQgw]==|[AEIMQUYcgkosw048]=)?\n)"  # names up to MAX_KEY_NAME: checked after
+ASCII_SIGNATURE_LINES = rf"(?:{SIGNATURE_PREFIX}{ASCII_KEY_NAME} {CANONICAL_B64_UNSIZED}\n)"  # names up to MAX_KEY_NAME: checked after
 _ASCII_SIGNATURE_BLOCK = re.compile(ASCII_SIGNATURE_LINES + "+")
 _KEY_ID = struct.Struct(">I")
 

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from .cosignature import CosignatureV1Verifier, cosignature_verifier_from_vkey
 from .errors import MalformedError, TooLargeError
 from .note import Ed25519Verifier, NoteSignature, verifier_from_vkey
+from .syntax import positive_decimal
 
 MAX_POLICY_BYTES = 1 << 20
 MAX_LOGS = MAX_WITNESSES = MAX_GROUPS = 1024  # the spec asks for at least 32 of each
 NONE = "none"
 _WS = re.compile(r"[ \t]+")
-_K = re.compile(r"[1-9][0-9]{0,3}")
+_K = re.compile(positive_decimal(4))  # a group threshold: at most its member count, checked after
 
 
 @dataclass(frozen=True)

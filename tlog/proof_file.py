@@ -17,7 +17,16 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .checkpoint import CHECKPOINT_PATTERN, Checkpoint, checkpoint_from_fields, parse_checkpoint, parse_decimal, parse_hash, split_head
+from .checkpoint import (
+    CHECKPOINT_PATTERN,
+    HASH_B64,
+    Checkpoint,
+    checkpoint_from_fields,
+    parse_checkpoint,
+    parse_decimal,
+    parse_hash,
+    split_head,
+)
 from .errors import MalformedError, ProofError, TooLargeError
 from .hashes import HASH_SIZE
 from .merkle import MAX_PROOF_HASHES, MAX_TREE_SIZE, verify_inclusion
@@ -34,6 +43,7 @@ from .note import (
     open_note,
     parse_note,
 )
+from .syntax import U63_DECIMAL
 from .tiles import MAX_ENTRY_SIZE
 
 HEADER = "c2sp.org/tlog-proof@v1"
@@ -66,9 +76,8 @@ class TlogProof:
 # A canonical tlog-proof in one match: header, extra (checked after), index, canonical hash lines,
 # then the checkpoint note (text as CHECKPOINT_PATTERN, one blank line, ASCII signature lines).
 _CANONICAL_PROOF = re.compile((
-    (r"c2sp\.org/tlog-proof@v1\n(?:extra ([^\n]+)\n)?index (0|[1-9][0-9]{0,18})\n"
-     r"((?:[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=\n){0,%d})\n"
-     r"((%s)\n(%s{1,%d}))") % (MAX_PROOF_HASHES, CHECKPOINT_PATTERN, ASCII_SIGNATURE_LINES, MAX_SIGNATURES)
+    rf"{re.escape(HEADER)}\n(?:extra ([^\n]+)\n)?index ({U63_DECIMAL})\n((?:{HASH_B64}\n){{0,{MAX_PROOF_HASHES}}})\n"
+    rf"(({CHECKPOINT_PATTERN})\n({ASCII_SIGNATURE_LINES}{{1,{MAX_SIGNATURES}}}))"
 ).encode())  # matched on the bytes: UTF-8 is checked where text can be non-ASCII (the checkpoint text)
 
 
@@ -93,7 +102,7 @@ def parse_tlog_proof(data: bytes) -> TlogProof:
         cp = None if text is None else checkpoint_from_fields(origin.decode(), size, root, extensions.decode())
         signatures = ascii_signatures(signature_lines)
         index = int(index_digits)
-        if cp is not None and signatures is not None and index <= MAX_TREE_SIZE and len(checkpoint) <= MAX_NOTE_BYTES:
+        if text is not None and cp is not None and signatures is not None and index <= MAX_TREE_SIZE and len(checkpoint) <= MAX_NOTE_BYTES:
             # Canonical hash lines end in a digit with two zero pad bits and "=": read with the
             # digit "A" instead (and no newline), each line is 33 bytes, the last one zero, and
             # all decode at once.

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from .errors import MalformedError, NotFoundError, TooLargeError
 from .hashes import HASH_SIZE, node_hash
 from .merkle import Node
+from .syntax import decimal, positive_decimal
 
 TILE_HEIGHT = 8  # c2sp.org/tlog-tiles: full tiles hold 2**8 hashes
 TILE_WIDTH = 1 << TILE_HEIGHT
@@ -27,8 +28,8 @@ ENTRIES = -1  # the level we give entry bundles (tile/entries/...)
 MAX_ENTRY_SIZE = 0xFFFF  # entry bundles carry a big-endian uint16 length
 MAX_TILE_PATH = 128  # longest canonical path is under 100 characters
 
-_LEVEL = re.compile(r"0|[1-9][0-9]?")
-_WIDTH = re.compile(r"[1-9][0-9]{0,2}")
+_LEVEL = re.compile(decimal(2))
+_WIDTH = re.compile(positive_decimal(3))
 _ELEMENT = re.compile(r"[0-9]{3}")
 
 

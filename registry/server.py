@@ -6,8 +6,8 @@ import asyncio
 import json
 from typing import Any
 
-import cbor2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from tlog.addipc import ForwardedError
 from tlog.checkpoint import parse_decimal
@@ -21,6 +21,7 @@ from tlog.server import make_app as make_log_app
 from tlog.witnessing import QuorumError
 
 from .dsse import MAX_ENVELOPE_BYTES
+from .publish_body import ENDS_EARLY, TRAILING, publish_body_decoder
 from .record import RecordError, check_label, decode_entry, parse_package_ref
 from .sbom import MAX_SBOM_BYTES
 from .service import NotYetPublished, Registry
@@ -67,21 +68,25 @@ registry_errors_middleware = errors_middleware_for(registry_error_response)
 
 
 async def read_parts(request: web.Request, limits: dict[str, int]) -> dict[str, bytes]:
-    """Read a multipart/form-data body with only the named parts, each within its limit."""
+    """Read a multipart/form-data body with only the named parts, each within its limit. Raises
+    MalformedError (a body aiohttp's multipart reader cannot read is one too), TooLargeError."""
     if not request.content_type.startswith("multipart/"):
         raise MalformedError("want multipart/form-data")
     parts: dict[str, bytes] = {}
-    reader = await request.multipart()
-    while (part := await reader.next()) is not None:
-        name = getattr(part, "name", None)
-        if name not in limits or name in parts:
-            raise MalformedError(f"unexpected or repeated part {str(name)[:40]!r}")
-        data = bytearray()
-        while chunk := await part.read_chunk(1 << 16):  # type: ignore[union-attr]
-            data += chunk
-            if len(data) > limits[name]:
-                raise TooLargeError(f"part {name} is over {limits[name]} bytes")
-        parts[name] = bytes(data)
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            name = getattr(part, "name", None)
+            if name not in limits or name in parts:
+                raise MalformedError(f"unexpected or repeated part {str(name)[:40]!r}")
+            data = bytearray()
+            while chunk := await part.read_chunk(1 << 16):  # type: ignore[union-attr]
+                data += chunk
+                if len(data) > limits[name]:
+                    raise TooLargeError(f"part {name} is over {limits[name]} bytes")
+            parts[name] = bytes(data)
+    except (ValueError, HttpProcessingError) as e:  # no boundary, a missing or broken delimiter, a bad part header
+        raise MalformedError(f"malformed multipart body: {getattr(e, 'message', e)!s:.200}") from None
     return parts
 
 
@@ -96,18 +101,21 @@ PUBLISH_PARTS = {"signer": 1024, "envelope": MAX_ENVELOPE_BYTES, "module": MAX_M
 
 
 async def read_cbor_parts(request: web.Request, limits: dict[str, int]) -> dict[str, bytes]:
-    """Read an application/cbor body: one map of the named parts (text keys, byte-string values)."""
-    body = await request.read()
+    """Read an application/cbor publish body (registry/publish_body.py) from the stream: the
+    decoder reads the heads, each part is read straight into its own buffer once its declared
+    length is within its limit, and nothing is decoded beyond that one shape."""
+    decoder = publish_body_decoder(limits)
     try:
-        obj = cbor2.loads(body)
-    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError):
-        raise MalformedError("publish body is not CBOR") from None
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and k in limits and isinstance(v, bytes) for k, v in obj.items()):
-        raise MalformedError(f"a CBOR publish body is a map of byte strings named {', '.join(limits)}")
-    for k, v in obj.items():
-        if len(v) > limits[k]:
-            raise TooLargeError(f"part {k} is over {limits[k]} bytes")
-    return obj
+        n = next(decoder)
+        while True:
+            n = decoder.send(await request.content.readexactly(n))
+    except StopIteration as done:
+        parts: dict[str, bytes] = done.value
+    except asyncio.IncompleteReadError:
+        raise MalformedError(ENDS_EARLY) from None
+    if await request.content.read(1):
+        raise MalformedError(TRAILING)
+    return parts
 
 
 async def read_publish_parts(request: web.Request) -> dict[str, bytes]:
@@ -223,6 +231,7 @@ def make_app(
     """The registry app. read_only leaves out publishing and records (a mirror)."""
     app = web.Application(client_max_size=MAX_PUBLISH_BYTES, middlewares=[registry_errors_middleware])
     app[REGISTRY] = registry
+    app.on_cleanup.append(lambda _: asyncio.to_thread(registry.sbom_pool.close))  # stops its SBOM validator processes
     base = "/api/v1"
     pkg = base + "/packages/{ns}/{name}/{version}"
     if not read_only:

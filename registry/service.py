@@ -9,9 +9,10 @@ for integration, in the order the sequencer will append them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tlog.errors import NotFoundError, TlogError
@@ -25,7 +26,8 @@ from .blobs import BlobStore
 from .dsse import parse_envelope
 from .groupsync import GroupSync
 from .record import PackageRef, Record, RecordError, Release, decode_entry, module_digest, record_for
-from .sbom import validate_sbom
+from .sbom import check_sbom
+from .sbom_pool import SbomPool
 from .state import InvalidSignature, NamespaceState, RegistryState, ReleaseState, ValidationError
 from .wasm import parse_wasm
 
@@ -38,27 +40,57 @@ class NotYetPublished(TlogError):
     """The record is logged but no published (cosigned) checkpoint covers it yet: retry later."""
 
 
-async def check_release(*, signer: str, envelope: bytes, module: bytes, sbom: bytes | None) -> Record:
-    """Every check of a release that needs no registry state: envelope, statement, signature,
-    module digest and imports, SBOM digest and schema. Raises RecordError, ValidationError."""
+def check_signed_release(*, signer: str, envelope: bytes, has_sbom: bool) -> Record:
+    """The cheap checks of a release, before anything costly: envelope, statement, the signer's
+    signature, and that an SBOM is sent exactly when the statement names one.
+    Raises MalformedError, RecordError, InvalidSignature."""
     record = record_for("release", signer, parse_envelope(envelope))
     release = record.body
     assert isinstance(release, Release)
-    if module_digest(module) != release.module_sha256:
-        raise RecordError("the module's SHA-256 is not the statement's subject digest")
-    info = parse_wasm(module) if len(module) <= INLINE_IO_BYTES else await asyncio.to_thread(parse_wasm, module)
-    if list(info.imports) != list(release.imports):
-        raise RecordError("the statement's import list is not exactly the module's imports")
-    if (sbom is None) != (release.sbom_sha256 is None):
+    if has_sbom != (release.sbom_sha256 is not None):
         raise RecordError("an SBOM must be sent exactly when the statement names one")
-    if sbom is not None:
-        if module_digest(sbom) != release.sbom_sha256:
-            raise RecordError("the SBOM's SHA-256 is not the statement's sbom digest")
-        assert release.sbom_media_type is not None
-        await asyncio.to_thread(validate_sbom, release.sbom_media_type, sbom)
     if not record.signed_by_signer:
         raise InvalidSignature(f"the envelope is not signed by {record.signer}")
     return record
+
+
+def _check_module(release: Release, module: bytes) -> None:
+    if module_digest(module) != release.module_sha256:
+        raise RecordError("the module's SHA-256 is not the statement's subject digest")
+    if list(parse_wasm(module).imports) != list(release.imports):
+        raise RecordError("the statement's import list is not exactly the module's imports")
+
+
+def _check_sbom_bytes(release: Release, sbom: bytes) -> None:
+    if module_digest(sbom) != release.sbom_sha256:
+        raise RecordError("the SBOM's SHA-256 is not the statement's sbom digest")
+    assert release.sbom_media_type is not None
+    check_sbom(release.sbom_media_type, sbom)
+
+
+# Digests, the wasm parse and the SBOM pre-pass of large blobs: linear, but off the event loop and
+# out of the default thread pool that log integration and witness writes use.
+_CHECK_THREADS = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="wasmlog-publish-checks")
+
+
+async def _off_loop_if_large(size: int, fn: Callable[..., None], *args: object) -> None:
+    if size <= INLINE_IO_BYTES:
+        fn(*args)
+    else:
+        await asyncio.get_running_loop().run_in_executor(_CHECK_THREADS, fn, *args)
+
+
+async def check_release_contents(record: Record, module: bytes, sbom: bytes | None, sbom_pool: SbomPool) -> None:
+    """The costly checks of a release whose signer is authorized, cheapest first: the module's
+    digest and imports, then the SBOM's digest, limits and validity (in sbom_pool).
+    Raises RecordError (422), TooLargeError, PushbackError (503: SBOM validators busy)."""
+    release = record.body
+    assert isinstance(release, Release)
+    await _off_loop_if_large(len(module), _check_module, release, module)
+    if sbom is not None:
+        await _off_loop_if_large(len(sbom), _check_sbom_bytes, release, sbom)
+        assert release.sbom_media_type is not None
+        await sbom_pool.validate(release.sbom_media_type, sbom)
 
 
 async def store_blobs(blobs: BlobStore, group: GroupSync, *datas: bytes | None) -> None:
@@ -83,8 +115,9 @@ CHECKED_CACHE = 4096  # records checked for front-ends, kept until they submit t
 
 
 class Registry:
-    def __init__(self, *, sequencer: Sequencer, blobs: BlobStore) -> None:
+    def __init__(self, *, sequencer: Sequencer, blobs: BlobStore, sbom_pool: SbomPool | None = None) -> None:
         self.sequencer = sequencer
+        self.sbom_pool = SbomPool() if sbom_pool is None else sbom_pool
         self.log: Log = sequencer.log
         self.blobs = blobs
         self.rejected: list[tuple[int, TlogError]] = []
@@ -180,10 +213,13 @@ class Registry:
         return await asyncio.shield(self._queue(record))
 
     async def publish(self, *, signer: str, envelope: bytes, module: bytes, sbom: bytes | None) -> bytes:
-        """Check a release against its module (and SBOM), store the blobs, and log it."""
-        record = await check_release(signer=signer, envelope=envelope, module=module, sbom=sbom)
+        """Check a release, cheapest first, store the blobs, and log it: the statement and its
+        signature, then whether the signer may publish it (so an unauthorized publish costs no
+        wasm parse and no SBOM validation), then the module and the SBOM."""
+        record = check_signed_release(signer=signer, envelope=envelope, has_sbom=sbom is not None)
         if not self._logged(leaf_hash(record.entry)):
-            self.pending_state.check(record)  # fail before writing blobs for a record we would refuse
+            self.pending_state.check(record)  # fail before the costly checks and before writing blobs
+        await check_release_contents(record, module, sbom, self.sbom_pool)
         await store_blobs(self.blobs, self.blob_sync, sbom, module)  # durable before the entry naming them
         return await self.submit(record)
 

@@ -60,7 +60,7 @@ def _check_limits(obj: dict, component_keys: frozenset[str], dependency_keys: fr
         if isinstance(value, dict):
             if depth > MAX_SBOM_DEPTH:
                 raise RecordError(f"the SBOM nests arrays and objects deeper than {MAX_SBOM_DEPTH} (the limit)")
-            stack.extend((v, depth + 1, k) for k, v in value.items())
+            stack.extend((v, depth + 1, k) for k, v in reversed(value.items()))  # visited in document order
         elif isinstance(value, list):
             if depth > MAX_SBOM_DEPTH:
                 raise RecordError(f"the SBOM nests arrays and objects deeper than {MAX_SBOM_DEPTH} (the limit)")
@@ -72,7 +72,7 @@ def _check_limits(obj: dict, component_keys: frozenset[str], dependency_keys: fr
                 dependencies += len(value)
                 if dependencies > MAX_SBOM_DEPENDENCIES:
                     raise RecordError(f"the SBOM lists more than {MAX_SBOM_DEPENDENCIES} dependencies (the limit)")
-            stack.extend((v, depth + 1, None) for v in value)
+            stack.extend((v, depth + 1, None) for v in reversed(value))
 
 
 def preload() -> None:

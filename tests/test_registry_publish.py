@@ -1,0 +1,164 @@
+"""POST /api/v1/publish under abuse, over real HTTP with the real registry app: checks ordered by
+cost (nothing costly before the signature and the signer's grant), the strict CBOR body, SBOM
+limits, and every malformed body a 4xx."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import pathlib
+
+import cbor2
+import pytest
+from registry_helpers import CYCLONEDX, start_registry, wat_module
+
+from registry.client import RegistryClient, RegistryError
+from registry.dsse import INTOTO_PAYLOAD_TYPE, sign_envelope
+from registry.record import PackageRef, Release, module_digest, parse_package_ref
+from registry.sbom import MAX_SBOM_COMPONENTS
+from registry.wasm import WasmError, parse_wasm
+from tlog.note import Ed25519Signer
+
+ALICE = Ed25519Signer.generate("alice")
+BOB = Ed25519Signer.generate("bob")
+CDX = "application/vnd.cyclonedx+json"
+SPDX = "application/spdx+json"
+NOT_WASM = b"\x00asm\x01\x00\x00\x00\x01\xff\xff\xff\xff\x0f"  # a type section that claims 4 GiB
+
+
+def big_cyclonedx(components: int = 4000) -> bytes:
+    return json.dumps({"bomFormat": "CycloneDX", "specVersion": "1.5", "version": 1,
+                       "components": [{"type": "library", "name": f"c{i}", "version": "1.0.0", "bom-ref": f"r{i}"} for i in range(components)],
+                       "dependencies": [{"ref": f"r{i}", "dependsOn": [f"r{(i + 1) % components}"]} for i in range(components)]}).encode()
+
+
+def wrong_typed_spdx() -> bytes:
+    return json.dumps({
+        "spdxVersion": "SPDX-2.3", "dataLicense": "CC0-1.0", "SPDXID": "SPDXRef-DOCUMENT", "name": "hello",
+        "documentNamespace": "https://example.com/hello", "creationInfo": {"created": "2024-01-01T00:00:00Z", "creators": ["Tool: t"]},
+        "packages": {"not": "a list"},
+    }).encode()
+
+
+def envelope(signer: Ed25519Signer, ref: PackageRef, module: bytes, sbom: bytes | None, media_type: str = CDX) -> bytes:
+    """A release statement for module (and sbom), signed by signer; a module that is not wasm gets no imports."""
+    try:
+        imports = parse_wasm(module).imports
+    except WasmError:
+        imports = ()
+    release = Release(ref, module_digest(module), imports, None if sbom is None else module_digest(sbom), None if sbom is None else media_type)
+    return sign_envelope(INTOTO_PAYLOAD_TYPE, release.statement(), signer).to_json()
+
+
+async def refused(api: RegistryClient, signer: str, env: bytes, module: bytes, sbom: bytes | None) -> tuple[int, str]:
+    with pytest.raises(RegistryError) as e:
+        await api.publish_signed(signer, env, module, sbom)
+    return e.value.status, str(e.value)
+
+
+async def test_an_unauthorized_publish_costs_no_wasm_parse_and_no_sbom_validation(aiohttp_client, tmp_path: pathlib.Path) -> None:
+    api, _, registry, _ = await start_registry(aiohttp_client, tmp_path)
+    await api.claim_if_unclaimed(ALICE, "acme")
+    ref = parse_package_ref("acme:hello@1.0.0")
+    sbom = big_cyclonedx()  # over the components limit, and 30 s of validation before the limits existed
+    forged = envelope(BOB, ref, NOT_WASM, sbom)  # Bob's signature, Alice named as the signer
+    no_signature = json.loads(forged)
+    no_signature["signatures"][0]["sig"] = "AAAA"
+    cases = {
+        "forged": (ALICE.vkey, forged),
+        "garbage signature": (ALICE.vkey, json.dumps(no_signature).encode()),
+        "ungranted signer": (BOB.vkey, envelope(BOB, ref, NOT_WASM, sbom)),
+        "unclaimed namespace": (BOB.vkey, envelope(BOB, parse_package_ref("other:hello@1.0.0"), NOT_WASM, sbom)),
+    }
+    for why, (signer, env) in cases.items():
+        # The module is not wasm and the SBOM over its limits: either check, if it ran first, would answer 422.
+        status, message = await refused(api, signer, env, NOT_WASM, sbom)
+        assert status == 403, (why, message)
+    assert registry.sbom_pool.validations == 0
+    assert not (tmp_path / "blobs" / "sha256" / hashlib.sha256(sbom).hexdigest()).exists()
+
+    # Authorized: the module is checked before the SBOM, the SBOM's limits before its validation.
+    status, message = await refused(api, ALICE.vkey, envelope(ALICE, ref, NOT_WASM, CYCLONEDX), NOT_WASM, CYCLONEDX)
+    assert status == 422 and "SBOM" not in message
+    module = wat_module("imports_all_kinds", tmp_path)
+    status, message = await refused(api, ALICE.vkey, envelope(ALICE, ref, module, sbom), module, sbom)
+    assert status == 422 and f"more than {MAX_SBOM_COMPONENTS} components (the limit)" in message
+    assert registry.sbom_pool.validations == 0
+
+    await api.publish_signed(ALICE.vkey, envelope(ALICE, ref, module, CYCLONEDX), module, CYCLONEDX)
+    assert registry.sbom_pool.validations == 1  # the counter does count
+
+
+async def test_wrong_typed_spdx_is_422(aiohttp_client, tmp_path: pathlib.Path) -> None:
+    api, _, registry, _ = await start_registry(aiohttp_client, tmp_path)
+    await api.claim_if_unclaimed(ALICE, "acme")
+    module = wat_module("no_imports", tmp_path)
+    sbom = wrong_typed_spdx()
+    status, message = await refused(api, ALICE.vkey, envelope(ALICE, parse_package_ref("acme:hello@1.0.0"), module, sbom, SPDX), module, sbom)
+    assert status == 422 and "invalid SPDX SBOM" in message
+    assert registry.sbom_pool.validations == 1
+
+
+async def test_cbor_tag_bombs_and_other_shapes_are_400_and_the_server_keeps_answering(aiohttp_client, tmp_path: pathlib.Path) -> None:
+    _, client, _, _ = await start_registry(aiohttp_client, tmp_path)
+
+    async def post(body: bytes) -> tuple[int, str]:
+        r = await client.post("/api/v1/publish", data=body, headers={"Content-Type": "application/cbor"})
+        return r.status, await r.text()
+
+    bomb = cbor2.dumps(cbor2.CBORTag(36, "Content-Type: text/plain\n\n" + "x" * 2_400_000))
+    status, message = await post(bomb)
+    assert status == 400 and "tags" in message
+    assert (await client.get("/log/checkpoint")).status == 200
+    for body in (
+        b"\xa1\x66module" + bomb,  # a tag as a part's value
+        cbor2.dumps({"module": {"nested": b"x"}}),
+        cbor2.dumps({"module": "text"}),
+        cbor2.dumps({"signer": b"a", "envelope": b"{}", "module": b"m"}) + b"\x00",
+        b"\xa2\x66module\x41x\x66module\x41y",  # a repeated part
+        b"\xbf\x66module\x41x\xff",  # an indefinite-length map
+        cbor2.dumps({"module": b"x" * 100})[:-1],  # ends early
+        b"",
+    ):
+        status, message = await post(body)
+        assert status == 400, (body[:20], message)
+    # A part declared over its limit is refused from its head, before any of it is sent.
+    status, message = await post(b"\xa1\x66module\x5b" + (1 << 40).to_bytes(8, "big"))
+    assert status == 413 and "module" in message
+    assert (await client.get("/log/checkpoint")).status == 200
+
+
+async def test_a_tag_bomb_is_refused_from_its_first_bytes(aiohttp_client, tmp_path: pathlib.Path) -> None:
+    """The body is refused before the rest of it is sent: the server decodes nothing past the tag's head."""
+    _, client, _, _ = await start_registry(aiohttp_client, tmp_path)
+    bomb = cbor2.dumps(cbor2.CBORTag(36, "x" * 2_400_000))
+    answered = asyncio.Event()
+
+    async def body():  # type: ignore[no-untyped-def]
+        yield bomb[:64]
+        await answered.wait()  # the rest only once the server has answered
+        yield bomb[64:]
+
+    r = await asyncio.wait_for(client.post("/api/v1/publish", data=body(), headers={"Content-Type": "application/cbor"}), 60)
+    answered.set()
+    assert r.status == 400 and "tags" in (await r.json())["message"]
+    assert (await client.get("/log/checkpoint")).status == 200
+
+
+async def test_broken_multipart_bodies_are_400(aiohttp_client, tmp_path: pathlib.Path) -> None:
+    _, client, _, _ = await start_registry(aiohttp_client, tmp_path)
+    disposition = b'Content-Disposition: form-data; name="signer"\r\n'
+    cases = {
+        "no boundary": ("multipart/form-data", b"--x\r\n"),
+        "no starting boundary": ("multipart/form-data; boundary=x", b"garbage"),
+        "empty": ("multipart/form-data; boundary=x", b""),
+        "unterminated part": ("multipart/form-data; boundary=x", b"--x\r\n" + disposition + b"\r\nabc"),
+        "bad part header": ("multipart/form-data; boundary=x", b"--x\r\nNoColonHeader\r\n\r\nabc\r\n--x--\r\n"),
+        "boundary over 70 characters": ("multipart/form-data; boundary=" + "x" * 100, b"--" + b"x" * 100 + b"\r\n"),
+        "unnamed part": ("multipart/form-data; boundary=x", b"--x\r\n\r\nabc\r\n--x--\r\n"),
+    }
+    for why, (content_type, body) in cases.items():
+        r = await client.post("/api/v1/publish", data=body, headers={"Content-Type": content_type})
+        assert r.status == 400, (why, await r.text())
+        assert (await r.json())["error"] == "MalformedError"

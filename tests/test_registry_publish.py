@@ -11,44 +11,29 @@ import pathlib
 
 import cbor2
 import pytest
-from registry_helpers import CYCLONEDX, start_registry, wat_module
+from registry_helpers import (
+    CYCLONEDX,
+    NOT_WASM,
+    big_cyclonedx,
+    release_envelope,
+    start_registry,
+    wat_module,
+)
 
 from registry.client import RegistryClient, RegistryError
-from registry.dsse import INTOTO_PAYLOAD_TYPE, sign_envelope
-from registry.record import PackageRef, Release, module_digest, parse_package_ref
+from registry.record import parse_package_ref
 from registry.sbom import MAX_SBOM_COMPONENTS
-from registry.wasm import WasmError, parse_wasm
 from tlog.note import Ed25519Signer
 
 ALICE = Ed25519Signer.generate("alice")
 BOB = Ed25519Signer.generate("bob")
-CDX = "application/vnd.cyclonedx+json"
 SPDX = "application/spdx+json"
-NOT_WASM = b"\x00asm\x01\x00\x00\x00\x01\xff\xff\xff\xff\x0f"  # a type section that claims 4 GiB
-
-
-def big_cyclonedx(components: int = 4000) -> bytes:
-    return json.dumps({"bomFormat": "CycloneDX", "specVersion": "1.5", "version": 1,
-                       "components": [{"type": "library", "name": f"c{i}", "version": "1.0.0", "bom-ref": f"r{i}"} for i in range(components)],
-                       "dependencies": [{"ref": f"r{i}", "dependsOn": [f"r{(i + 1) % components}"]} for i in range(components)]}).encode()
-
-
 def wrong_typed_spdx() -> bytes:
     return json.dumps({
         "spdxVersion": "SPDX-2.3", "dataLicense": "CC0-1.0", "SPDXID": "SPDXRef-DOCUMENT", "name": "hello",
         "documentNamespace": "https://example.com/hello", "creationInfo": {"created": "2024-01-01T00:00:00Z", "creators": ["Tool: t"]},
         "packages": {"not": "a list"},
     }).encode()
-
-
-def envelope(signer: Ed25519Signer, ref: PackageRef, module: bytes, sbom: bytes | None, media_type: str = CDX) -> bytes:
-    """A release statement for module (and sbom), signed by signer; a module that is not wasm gets no imports."""
-    try:
-        imports = parse_wasm(module).imports
-    except WasmError:
-        imports = ()
-    release = Release(ref, module_digest(module), imports, None if sbom is None else module_digest(sbom), None if sbom is None else media_type)
-    return sign_envelope(INTOTO_PAYLOAD_TYPE, release.statement(), signer).to_json()
 
 
 async def refused(api: RegistryClient, signer: str, env: bytes, module: bytes, sbom: bytes | None) -> tuple[int, str]:
@@ -62,14 +47,14 @@ async def test_an_unauthorized_publish_costs_no_wasm_parse_and_no_sbom_validatio
     await api.claim_if_unclaimed(ALICE, "acme")
     ref = parse_package_ref("acme:hello@1.0.0")
     sbom = big_cyclonedx()  # over the components limit, and 30 s of validation before the limits existed
-    forged = envelope(BOB, ref, NOT_WASM, sbom)  # Bob's signature, Alice named as the signer
+    forged = release_envelope(BOB, ref, NOT_WASM, sbom)  # Bob's signature, Alice named as the signer
     no_signature = json.loads(forged)
     no_signature["signatures"][0]["sig"] = "AAAA"
     cases = {
         "forged": (ALICE.vkey, forged),
         "garbage signature": (ALICE.vkey, json.dumps(no_signature).encode()),
-        "ungranted signer": (BOB.vkey, envelope(BOB, ref, NOT_WASM, sbom)),
-        "unclaimed namespace": (BOB.vkey, envelope(BOB, parse_package_ref("other:hello@1.0.0"), NOT_WASM, sbom)),
+        "ungranted signer": (BOB.vkey, release_envelope(BOB, ref, NOT_WASM, sbom)),
+        "unclaimed namespace": (BOB.vkey, release_envelope(BOB, parse_package_ref("other:hello@1.0.0"), NOT_WASM, sbom)),
     }
     for why, (signer, env) in cases.items():
         # The module is not wasm and the SBOM over its limits: either check, if it ran first, would answer 422.
@@ -79,14 +64,14 @@ async def test_an_unauthorized_publish_costs_no_wasm_parse_and_no_sbom_validatio
     assert not (tmp_path / "blobs" / "sha256" / hashlib.sha256(sbom).hexdigest()).exists()
 
     # Authorized: the module is checked before the SBOM, the SBOM's limits before its validation.
-    status, message = await refused(api, ALICE.vkey, envelope(ALICE, ref, NOT_WASM, CYCLONEDX), NOT_WASM, CYCLONEDX)
+    status, message = await refused(api, ALICE.vkey, release_envelope(ALICE, ref, NOT_WASM, CYCLONEDX), NOT_WASM, CYCLONEDX)
     assert status == 422 and "SBOM" not in message
     module = wat_module("imports_all_kinds", tmp_path)
-    status, message = await refused(api, ALICE.vkey, envelope(ALICE, ref, module, sbom), module, sbom)
+    status, message = await refused(api, ALICE.vkey, release_envelope(ALICE, ref, module, sbom), module, sbom)
     assert status == 422 and f"more than {MAX_SBOM_COMPONENTS} components (the limit)" in message
     assert registry.sbom_pool.validations == 0
 
-    await api.publish_signed(ALICE.vkey, envelope(ALICE, ref, module, CYCLONEDX), module, CYCLONEDX)
+    await api.publish_signed(ALICE.vkey, release_envelope(ALICE, ref, module, CYCLONEDX), module, CYCLONEDX)
     assert registry.sbom_pool.validations == 1  # the counter does count
 
 
@@ -95,7 +80,7 @@ async def test_wrong_typed_spdx_is_422(aiohttp_client, tmp_path: pathlib.Path) -
     await api.claim_if_unclaimed(ALICE, "acme")
     module = wat_module("no_imports", tmp_path)
     sbom = wrong_typed_spdx()
-    status, message = await refused(api, ALICE.vkey, envelope(ALICE, parse_package_ref("acme:hello@1.0.0"), module, sbom, SPDX), module, sbom)
+    status, message = await refused(api, ALICE.vkey, release_envelope(ALICE, parse_package_ref("acme:hello@1.0.0"), module, sbom, SPDX), module, sbom)
     assert status == 422 and "invalid SPDX SBOM" in message
     assert registry.sbom_pool.validations == 1
 

@@ -23,7 +23,7 @@ from .blobs import BlobStore
 from .groupsync import GroupSync
 from .server import MAX_PUBLISH_BYTES, part_text, read_publish_parts, registry_errors_middleware
 from .sbom_pool import SbomPool
-from .service import check_release_contents, check_signed_release, store_blobs
+from .service import LOGGED, check_release_contents, check_signed_release, store_blobs
 
 CHECK_SOCKET = "check.sock"
 CHECK_CLIENT = web.AppKey("check_client", AddClient)
@@ -36,8 +36,8 @@ async def publish(request: web.Request) -> web.Response:
     parts = await read_publish_parts(request)
     sbom = parts.get("sbom")
     record = check_signed_release(signer=part_text(parts, "signer"), envelope=parts["envelope"], has_sbom=sbom is not None)
-    await request.app[CHECK_CLIENT].add(record.entry)  # an unauthorized release stops here: no wasm parse, no SBOM validation
-    await check_release_contents(record, parts["module"], sbom, request.app[SBOM_POOL])
+    answer = await request.app[CHECK_CLIENT].add(record.entry)  # an unauthorized release stops here: no wasm parse, no SBOM validation
+    await check_release_contents(record, parts["module"], sbom, request.app[SBOM_POOL], logged=answer == LOGGED)
     await store_blobs(request.app[BLOBS], request.app[BLOB_SYNC], sbom, parts["module"])  # only now any blob
     proof = await request.app[ADD_CLIENT].add(record.entry)
     return web.Response(body=proof, content_type="text/plain")

@@ -54,18 +54,19 @@ def check_signed_release(*, signer: str, envelope: bytes, has_sbom: bool) -> Rec
     return record
 
 
-def _check_module(release: Release, module: bytes) -> None:
+def _check_module(release: Release, module: bytes, digest_only: bool) -> None:
     if module_digest(module) != release.module_sha256:
         raise RecordError("the module's SHA-256 is not the statement's subject digest")
-    if list(parse_wasm(module).imports) != list(release.imports):
+    if not digest_only and list(parse_wasm(module).imports) != list(release.imports):
         raise RecordError("the statement's import list is not exactly the module's imports")
 
 
-def _check_sbom_bytes(release: Release, sbom: bytes) -> None:
+def _check_sbom_bytes(release: Release, sbom: bytes, digest_only: bool) -> None:
     if module_digest(sbom) != release.sbom_sha256:
         raise RecordError("the SBOM's SHA-256 is not the statement's sbom digest")
     assert release.sbom_media_type is not None
-    check_sbom(release.sbom_media_type, sbom)
+    if not digest_only:
+        check_sbom(release.sbom_media_type, sbom)
 
 
 # Digests, the wasm parse and the SBOM pre-pass of large blobs: linear, but off the event loop and
@@ -80,17 +81,22 @@ async def _off_loop_if_large(size: int, fn: Callable[..., None], *args: object) 
         await asyncio.get_running_loop().run_in_executor(_CHECK_THREADS, fn, *args)
 
 
-async def check_release_contents(record: Record, module: bytes, sbom: bytes | None, sbom_pool: SbomPool) -> None:
+async def check_release_contents(record: Record, module: bytes, sbom: bytes | None, sbom_pool: SbomPool, *,
+                                 logged: bool = False) -> None:
     """The costly checks of a release whose signer is authorized, cheapest first: the module's
     digest and imports, then the SBOM's digest, limits and validity (in sbom_pool).
-    Raises RecordError (422), TooLargeError, PushbackError (503: SBOM validators busy)."""
+
+    A release already logged passed these checks when it was submitted: its module and SBOM are
+    then only compared with the digests it names, so replaying a public release costs no parse
+    and no validation. Raises RecordError (422), TooLargeError, PushbackError (503: SBOM validators busy)."""
     release = record.body
     assert isinstance(release, Release)
-    await _off_loop_if_large(len(module), _check_module, release, module)
+    await _off_loop_if_large(len(module), _check_module, release, module, logged)
     if sbom is not None:
-        await _off_loop_if_large(len(sbom), _check_sbom_bytes, release, sbom)
+        await _off_loop_if_large(len(sbom), _check_sbom_bytes, release, sbom, logged)
         assert release.sbom_media_type is not None
-        await sbom_pool.validate(release.sbom_media_type, sbom)
+        if not logged:
+            await sbom_pool.validate(release.sbom_media_type, sbom)
 
 
 async def store_blobs(blobs: BlobStore, group: GroupSync, *datas: bytes | None) -> None:
@@ -111,6 +117,7 @@ def _done(value: bytes) -> asyncio.Future[bytes]:
     return fut
 
 
+LOGGED = b"logged"  # check_entry's answer for a release already logged or pending
 CHECKED_CACHE = 4096  # records checked for front-ends, kept until they submit them (a miss only decodes again)
 
 
@@ -217,9 +224,10 @@ class Registry:
         signature, then whether the signer may publish it (so an unauthorized publish costs no
         wasm parse and no SBOM validation), then the module and the SBOM."""
         record = check_signed_release(signer=signer, envelope=envelope, has_sbom=sbom is not None)
-        if not self._logged(leaf_hash(record.entry)):
+        logged = self._logged(leaf_hash(record.entry))
+        if not logged:
             self.pending_state.check(record)  # fail before the costly checks and before writing blobs
-        await check_release_contents(record, module, sbom, self.sbom_pool)
+        await check_release_contents(record, module, sbom, self.sbom_pool, logged=logged)
         await store_blobs(self.blobs, self.blob_sync, sbom, module)  # durable before the entry naming them
         return await self.submit(record)
 
@@ -231,18 +239,20 @@ class Registry:
         return record
 
     def check_entry(self, entry: bytes) -> asyncio.Future[bytes]:
-        """Would this release entry be accepted now? Resolves to b"" or raises ValidationError.
+        """Would this release entry be accepted now? Resolves to b"" (check its module and SBOM),
+        LOGGED (it is logged or pending: compare their digests only) or raises ValidationError.
 
         The front-end asks before it writes blobs, so a refused release writes nothing.
         """
         record = self._decoded(entry)
         h = leaf_hash(entry)
-        if not self._logged(h):
+        logged = self._logged(h)
+        if not logged:
             self.pending_state.check(record)  # verifies the signature here too: never trust a front-end's word
         self._checked[h] = record
         while len(self._checked) > CHECKED_CACHE:
             self._checked.popitem(last=False)
-        return _done(b"")
+        return _done(LOGGED if logged else b"")
 
     def submit_entry(self, entry: bytes) -> asyncio.Future[bytes]:
         """Queue a release entry whose blobs the front-end made durable; the future is its tlog-proof."""

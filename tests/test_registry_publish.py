@@ -71,8 +71,14 @@ async def test_an_unauthorized_publish_costs_no_wasm_parse_and_no_sbom_validatio
     assert status == 422 and f"more than {MAX_SBOM_COMPONENTS} components (the limit)" in message
     assert registry.sbom_pool.validations == 0
 
-    await api.publish_signed(ALICE.vkey, release_envelope(ALICE, ref, module, CYCLONEDX), module, CYCLONEDX)
+    signed = release_envelope(ALICE, ref, module, CYCLONEDX)
+    first = await api.publish_signed(ALICE.vkey, signed, module, CYCLONEDX)
     assert registry.sbom_pool.validations == 1  # the counter does count
+    # Anyone may replay the public release: it costs the digests only, no validation.
+    assert await api.publish_signed(ALICE.vkey, signed, module, CYCLONEDX) == first
+    assert registry.sbom_pool.validations == 1
+    status, message = await refused(api, ALICE.vkey, signed, module, CYCLONEDX + b" ")  # a replay with other bytes
+    assert status == 422 and "SHA-256" in message
 
 
 async def test_wrong_typed_spdx_is_422(aiohttp_client, tmp_path: pathlib.Path) -> None:

@@ -153,3 +153,18 @@ async def test_broken_multipart_bodies_are_400(aiohttp_client, tmp_path: pathlib
         r = await client.post("/api/v1/publish", data=body, headers={"Content-Type": content_type})
         assert r.status == 400, (why, await r.text())
         assert (await r.json())["error"] == "MalformedError"
+
+
+async def test_an_sbom_past_its_validation_budget_is_422_and_the_next_one_validates(aiohttp_client, tmp_path: pathlib.Path) -> None:
+    api, _, registry, _ = await start_registry(aiohttp_client, tmp_path)
+    await api.claim_if_unclaimed(ALICE, "acme")
+    module = wat_module("no_imports", tmp_path)
+    budget = registry.sbom_pool.budget
+    registry.sbom_pool.budget = 1e-9  # no validation is this fast
+    ref = parse_package_ref("acme:hello@1.0.0")
+    status, message = await refused(api, ALICE.vkey, release_envelope(ALICE, ref, module, CYCLONEDX), module, CYCLONEDX)
+    assert status == 422 and "budget" in message
+    assert (tmp_path / "blobs" / "sha256").exists() and not any((tmp_path / "blobs" / "sha256").iterdir())
+    registry.sbom_pool.budget = budget  # the killed validator is replaced
+    await api.publish_signed(ALICE.vkey, release_envelope(ALICE, ref, module, CYCLONEDX), module, CYCLONEDX)
+    assert registry.sbom_pool.validations == 2

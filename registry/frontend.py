@@ -2,9 +2,9 @@
 
 A front-end does the stateless work of a publish (HTTP and body parsing, envelope, statement,
 signature, wasm and SBOM checks, durable blob writes) and leaves the stateful part to the one
-registry process, cheapest first: it checks the statement and its signature, asks that process
+registry process, cheapest first: it reads and checks the signer and envelope, asks that process
 whether the release would be accepted (is the signer granted, is the version free?), and only
-then checks the module and validates the SBOM, writes the blobs, and forwards the entry to be
+then reads and checks the module and the SBOM, writes the blobs, and forwards the entry to be
 logged. Every other request is
 proxied to the registry process (tlog/frontend.py).
 """
@@ -21,7 +21,8 @@ from tlog.frontend import ADD_CLIENT, ADD_SOCKET, frontend_context, proxy
 
 from .blobs import BlobStore
 from .groupsync import GroupSync
-from .server import MAX_PUBLISH_BYTES, part_text, read_publish_parts, registry_errors_middleware
+from .publish_reader import PublishReader
+from .server import MAX_PUBLISH_BYTES, registry_errors_middleware
 from .sbom_pool import SbomPool
 from .service import LOGGED, check_release_contents, check_signed_release, store_blobs
 
@@ -33,12 +34,15 @@ SBOM_POOL = web.AppKey("sbom_pool", SbomPool)
 
 
 async def publish(request: web.Request) -> web.Response:
-    parts = await read_publish_parts(request)
-    sbom = parts.get("sbom")
-    record = check_signed_release(signer=part_text(parts, "signer"), envelope=parts["envelope"], has_sbom=sbom is not None)
-    answer = await request.app[CHECK_CLIENT].add(record.entry)  # an unauthorized release stops here: no wasm parse, no SBOM validation
-    await check_release_contents(record, parts["module"], sbom, request.app[SBOM_POOL], logged=answer == LOGGED)
-    await store_blobs(request.app[BLOBS], request.app[BLOB_SYNC], sbom, parts["module"])  # only now any blob
+    """Cheapest first: the signer and envelope, then the registry process's word on the signer's
+    grant, before the module and the SBOM are even read; only then they are checked and stored."""
+    body = PublishReader(request)
+    signer, envelope = await body.signed()
+    record = check_signed_release(signer=signer, envelope=envelope)
+    answer = await request.app[CHECK_CLIENT].add(record.entry)  # an unauthorized release stops here
+    module, sbom = await body.contents()
+    await check_release_contents(record, module, sbom, request.app[SBOM_POOL], logged=answer == LOGGED)
+    await store_blobs(request.app[BLOBS], request.app[BLOB_SYNC], sbom, module)  # refused releases wrote nothing
     proof = await request.app[ADD_CLIENT].add(record.entry)
     return web.Response(body=proof, content_type="text/plain")
 

@@ -1,15 +1,17 @@
 """The CBOR body of ``POST /api/v1/publish``, read strictly and in bounded steps. Pure.
 
 The body is exactly one CBOR map of definite length whose keys are text strings from
-``signer``, ``envelope``, ``module``, ``sbom`` (each at most once, in any order) and whose
+``signer``, ``envelope``, ``module``, ``sbom``, each at most once and in that order, and whose
 values are definite-length byte strings within each part's limit; every head is in its
 shortest form and nothing follows the map. Anything else (tags, indefinite lengths, other
-types, nesting, duplicate keys, trailing bytes) is refused.
+types, nesting, repeated or reordered keys, trailing bytes) is refused. The order lets a
+server refuse a publish from its signer and envelope before it reads the module.
 
 The decoder is sans-I/O: a generator that yields how many bytes it needs next and is sent
-exactly that many. One decoder thus serves a body in memory (decode_publish_body) and a
-stream (the server reads each part straight into its own buffer), and a part's declared
-length is checked against its limit before any of it is read.
+exactly that many, filling a dict of parts as it goes. One decoder thus serves a body in
+memory (decode_publish_body) and a stream (the server reads each part straight into its own
+buffer, and stops after the envelope to check it), and a part's declared length is checked
+against its limit before any of it is read.
 """
 
 from __future__ import annotations
@@ -51,25 +53,34 @@ def _expect(major: int, want: int, what: str) -> None:
         raise MalformedError(f"{what} must be {_MAJOR_NAMES[want]}, not {_MAJOR_NAMES[major]}")
 
 
-def publish_body_decoder(limits: Mapping[str, int]) -> Decoder:
-    """Decode one publish map whose parts are named by limits (name -> byte limit).
+def check_part_order(limits: Mapping[str, int], parts: dict[str, bytes], name: object) -> str:
+    """Return name if it may follow the parts read so far: a part of limits, after every part read
+    (limits is in the order parts must come). Raises MalformedError."""
+    if not isinstance(name, str) or name not in limits:
+        raise MalformedError(f"unexpected part {str(name)[:40]!r} (the parts are {', '.join(limits)})")
+    order = list(limits)
+    if parts and order.index(name) <= order.index(next(reversed(parts))):
+        raise MalformedError(f"part {name} is repeated or out of order (the order is {', '.join(limits)})")
+    return name
 
-    Raises MalformedError, or TooLargeError for a part declared over its limit.
+
+def publish_body_decoder(limits: Mapping[str, int], parts: dict[str, bytes] | None = None) -> Decoder:
+    """Decode one publish map whose parts are named by limits (name -> byte limit, in their order),
+    adding each part to parts as soon as it is read. Raises MalformedError, or TooLargeError for a
+    part declared over its limit.
     """
+    parts = {} if parts is None else parts
     major, count = yield from _head()
     _expect(major, _MAP, "a CBOR publish body")
     if count > len(limits):
         raise MalformedError(f"a CBOR publish body has at most {len(limits)} entries, not {count}")
-    parts: dict[str, bytes] = {}
     for _ in range(count):
         major, n = yield from _head()
         _expect(major, _TEXT, "a publish body's key")
         if n > MAX_KEY_BYTES:
             raise MalformedError(f"unexpected part name of {n} bytes")
         raw = yield n
-        name = raw.decode("ascii", "replace")
-        if name not in limits or name in parts:
-            raise MalformedError(f"unexpected or repeated part {name[:40]!r}")
+        name = check_part_order(limits, parts, raw.decode("ascii", "replace"))
         major, n = yield from _head()
         _expect(major, _BYTES, f"part {name}")
         if n > limits[name]:

@@ -7,7 +7,6 @@ import json
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from tlog.addipc import ForwardedError
 from tlog.checkpoint import parse_decimal
@@ -21,7 +20,7 @@ from tlog.server import make_app as make_log_app
 from tlog.witnessing import QuorumError
 
 from .dsse import MAX_ENVELOPE_BYTES
-from .publish_body import ENDS_EARLY, TRAILING, publish_body_decoder
+from .publish_reader import PublishReader
 from .record import RecordError, check_label, decode_entry, parse_package_ref
 from .sbom import MAX_SBOM_BYTES
 from .service import NotYetPublished, Registry
@@ -67,73 +66,15 @@ def registry_error_response(e: TlogError) -> web.Response:
 registry_errors_middleware = errors_middleware_for(registry_error_response)
 
 
-async def read_parts(request: web.Request, limits: dict[str, int]) -> dict[str, bytes]:
-    """Read a multipart/form-data body with only the named parts, each within its limit. Raises
-    MalformedError (a body aiohttp's multipart reader cannot read is one too), TooLargeError."""
-    if not request.content_type.startswith("multipart/"):
-        raise MalformedError("want multipart/form-data")
-    parts: dict[str, bytes] = {}
-    try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            name = getattr(part, "name", None)
-            if name not in limits or name in parts:
-                raise MalformedError(f"unexpected or repeated part {str(name)[:40]!r}")
-            data = bytearray()
-            while chunk := await part.read_chunk(1 << 16):  # type: ignore[union-attr]
-                data += chunk
-                if len(data) > limits[name]:
-                    raise TooLargeError(f"part {name} is over {limits[name]} bytes")
-            parts[name] = bytes(data)
-    except (ValueError, HttpProcessingError) as e:  # no boundary, a missing or broken delimiter, a bad part header
-        raise MalformedError(f"malformed multipart body: {getattr(e, 'message', e)!s:.200}") from None
-    return parts
-
-
-def part_text(parts: dict[str, bytes], name: str) -> str:
-    try:
-        return parts[name].decode("utf-8").strip()
-    except (KeyError, UnicodeDecodeError):
-        raise MalformedError(f"missing or non-UTF-8 part {name}") from None
-
-
-PUBLISH_PARTS = {"signer": 1024, "envelope": MAX_ENVELOPE_BYTES, "module": MAX_MODULE_BYTES, "sbom": MAX_SBOM_BYTES}
-
-
-async def read_cbor_parts(request: web.Request, limits: dict[str, int]) -> dict[str, bytes]:
-    """Read an application/cbor publish body (registry/publish_body.py) from the stream: the
-    decoder reads the heads, each part is read straight into its own buffer once its declared
-    length is within its limit, and nothing is decoded beyond that one shape."""
-    decoder = publish_body_decoder(limits)
-    try:
-        n = next(decoder)
-        while True:
-            n = decoder.send(await request.content.readexactly(n))
-    except StopIteration as done:
-        parts: dict[str, bytes] = done.value
-    except asyncio.IncompleteReadError:
-        raise MalformedError(ENDS_EARLY) from None
-    if await request.content.read(1):
-        raise MalformedError(TRAILING)
-    return parts
-
-
-async def read_publish_parts(request: web.Request) -> dict[str, bytes]:
-    """The parts of a publish: CBOR (what the CLI sends: cheap to parse) or multipart/form-data (curl)."""
-    if request.content_type == "application/cbor":
-        parts = await read_cbor_parts(request, PUBLISH_PARTS)
-    else:
-        parts = await read_parts(request, PUBLISH_PARTS)
-    if "envelope" not in parts or "module" not in parts:
-        raise MalformedError("publish needs the parts signer, envelope and module (and sbom when the statement names one)")
-    return parts
-
-
 async def publish(request: web.Request) -> web.Response:
-    parts = await read_publish_parts(request)
-    proof = await request.app[REGISTRY].publish(
-        signer=part_text(parts, "signer"), envelope=parts["envelope"], module=parts["module"], sbom=parts.get("sbom")
-    )
+    """Cheapest first: the signer and envelope are checked, and the signer's grant, before the
+    module and the SBOM are even read (registry/publish_reader.py)."""
+    body = PublishReader(request)
+    signer, envelope = await body.signed()
+    registry = request.app[REGISTRY]
+    record, logged = registry.authorize_release(signer=signer, envelope=envelope)
+    module, sbom = await body.contents()
+    proof = await registry.publish_authorized(record, module, sbom, logged=logged)
     return web.Response(body=proof, content_type="text/plain")
 
 

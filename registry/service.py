@@ -40,15 +40,10 @@ class NotYetPublished(TlogError):
     """The record is logged but no published (cosigned) checkpoint covers it yet: retry later."""
 
 
-def check_signed_release(*, signer: str, envelope: bytes, has_sbom: bool) -> Record:
-    """The cheap checks of a release, before anything costly: envelope, statement, the signer's
-    signature, and that an SBOM is sent exactly when the statement names one.
-    Raises MalformedError, RecordError, InvalidSignature."""
+def check_signed_release(*, signer: str, envelope: bytes) -> Record:
+    """The cheap checks of a release, before anything costly: envelope, statement and the
+    signer's signature. Raises MalformedError, RecordError, InvalidSignature."""
     record = record_for("release", signer, parse_envelope(envelope))
-    release = record.body
-    assert isinstance(release, Release)
-    if has_sbom != (release.sbom_sha256 is not None):
-        raise RecordError("an SBOM must be sent exactly when the statement names one")
     if not record.signed_by_signer:
         raise InvalidSignature(f"the envelope is not signed by {record.signer}")
     return record
@@ -91,6 +86,8 @@ async def check_release_contents(record: Record, module: bytes, sbom: bytes | No
     and no validation. Raises RecordError (422), TooLargeError, PushbackError (503: SBOM validators busy)."""
     release = record.body
     assert isinstance(release, Release)
+    if (sbom is None) != (release.sbom_sha256 is None):
+        raise RecordError("an SBOM must be sent exactly when the statement names one")
     await _off_loop_if_large(len(module), _check_module, release, module, logged)
     if sbom is not None:
         await _off_loop_if_large(len(sbom), _check_sbom_bytes, release, sbom, logged)
@@ -219,17 +216,26 @@ class Registry:
         """Append a checked record; return its tlog-proof with the entry as extra data."""
         return await asyncio.shield(self._queue(record))
 
-    async def publish(self, *, signer: str, envelope: bytes, module: bytes, sbom: bytes | None) -> bytes:
-        """Check a release, cheapest first, store the blobs, and log it: the statement and its
-        signature, then whether the signer may publish it (so an unauthorized publish costs no
-        wasm parse and no SBOM validation), then the module and the SBOM."""
-        record = check_signed_release(signer=signer, envelope=envelope, has_sbom=sbom is not None)
+    def authorize_release(self, *, signer: str, envelope: bytes) -> tuple[Record, bool]:
+        """The cheap checks of a release: its statement, its signature, and whether the signer may
+        publish it now (403, 409), so that an unauthorized publish costs no wasm parse and no SBOM
+        validation. Returns the record and whether it is already logged or pending (a replay)."""
+        record = check_signed_release(signer=signer, envelope=envelope)
         logged = self._logged(leaf_hash(record.entry))
         if not logged:
-            self.pending_state.check(record)  # fail before the costly checks and before writing blobs
+            self.pending_state.check(record)
+        return record, logged
+
+    async def publish_authorized(self, record: Record, module: bytes, sbom: bytes | None, *, logged: bool) -> bytes:
+        """Check an authorized release's module and SBOM, store them, and log it; return its tlog-proof."""
         await check_release_contents(record, module, sbom, self.sbom_pool, logged=logged)
         await store_blobs(self.blobs, self.blob_sync, sbom, module)  # durable before the entry naming them
         return await self.submit(record)
+
+    async def publish(self, *, signer: str, envelope: bytes, module: bytes, sbom: bytes | None) -> bytes:
+        """authorize_release, then publish_authorized."""
+        record, logged = self.authorize_release(signer=signer, envelope=envelope)
+        return await self.publish_authorized(record, module, sbom, logged=logged)
 
     # ── for front-end processes (registry/frontend.py), over tlog/addipc.py ──
     def _decoded(self, entry: bytes) -> Record:

@@ -27,15 +27,47 @@ def head(major: int, n: int) -> bytes:
 parts_st = st.dictionaries(st.sampled_from(NAMES), st.binary(max_size=300), max_size=4)
 
 
+def in_order(parts: dict[str, bytes]) -> dict[str, bytes]:
+    return {k: parts[k] for k in NAMES if k in parts}
+
+
 @settings(max_examples=300, deadline=None)
 @given(parts=parts_st)
 def test_what_cbor2_encodes_is_read_back(parts: dict[str, bytes]) -> None:
+    """Reference: cbor2's encoding of the same map; read back exactly when its keys are in order."""
     body = cbor2.dumps(parts)
-    if all(len(v) <= LIMITS[k] for k, v in parts.items()):
+    over = next((k for k, v in parts.items() if len(v) > LIMITS[k]), None)
+    ordered = list(parts) == list(in_order(parts))
+    if ordered and over is None:
         assert decode_publish_body(body, LIMITS) == cbor2.loads(body) == parts
-    else:
-        with pytest.raises(TooLargeError):
-            decode_publish_body(body, LIMITS)
+        return
+    with pytest.raises(MalformedError) as e:
+        decode_publish_body(body, LIMITS)
+    if ordered:
+        assert isinstance(e.value, TooLargeError) and over in str(e.value)
+    elif over is None:
+        assert "out of order" in str(e.value)
+
+
+@settings(max_examples=100, deadline=None)
+@given(parts=parts_st)
+def test_parts_are_handed_over_as_soon_as_each_is_read(parts: dict[str, bytes]) -> None:
+    """A driver sees each part in the dict before it sends the bytes of the next head."""
+    parts = in_order({k: v[: LIMITS[k]] for k, v in parts.items()})
+    body = cbor2.dumps(parts)
+    seen: dict[str, bytes] = {}
+    decoder = publish_body_decoder(LIMITS, seen)
+    pos, n = 0, next(decoder)
+    try:
+        while True:
+            chunk, pos, before = body[pos : pos + n], pos + n, len(seen)
+            n = decoder.send(chunk)
+            assert list(seen) == list(parts)[: len(seen)] and all(parts[k] == v for k, v in seen.items())
+            if len(seen) > before:  # a part was just read: not a byte of the next one yet
+                assert pos == len(cbor2.dumps(seen))
+    except StopIteration:
+        pass
+    assert seen == parts and pos == len(body)
 
 
 def _mutate(body: bytes, edit: tuple[str, int, int]) -> bytes:
@@ -90,6 +122,7 @@ def test_every_other_shape_is_refused() -> None:
         "unknown key": cbor2.dumps({"modules": b"x"}),
         "long key": cbor2.dumps({"m" * 100: b"x"}),
         "duplicate key": b"\xa2" + module + head(2, 1) + b"x" + module + head(2, 1) + b"y",
+        "keys out of order": cbor2.dumps({"module": b"x", "envelope": b"{}"}),
         "more entries than parts": head(5, 5) + module + head(2, 1) + b"x",
         "a map head that promises 2^64-1 entries": b"\xbb" + b"\xff" * 8,
         "indefinite map": b"\xbf" + module + head(2, 1) + b"x" + b"\xff",

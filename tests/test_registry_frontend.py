@@ -3,6 +3,7 @@ state and log kept by the one registry process; everything else proxied to it.""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
@@ -152,6 +153,21 @@ async def test_front_ends_refuse_unauthorized_publishes_before_any_costly_check(
                     with pytest.raises(RegistryError) as refused:
                         await api.publish_signed(signer, env, NOT_WASM, sbom)
                     assert refused.value.status == 403, str(refused.value)  # the wasm parse or the SBOM limits would say 422
+            # Refused from the signer and envelope: the module is sent only once the answer came.
+            body = cbor2.dumps({"signer": BOB.vkey.encode(), "envelope": release_envelope(BOB, ref, NOT_WASM, sbom),
+                                "module": NOT_WASM, "sbom": sbom})
+            start = body.index(NOT_WASM)
+            answered = asyncio.Event()
+
+            async def stream():  # type: ignore[no-untyped-def]
+                yield body[:start]
+                await answered.wait()
+                yield body[start:]
+
+            r = await asyncio.wait_for(session.post(url + "/api/v1/publish", data=stream(), headers={"Content-Type": "application/cbor"}), 60)
+            answered.set()
+            assert r.status == 403
+            r.close()
             module = wat_module("imports_all_kinds", tmp_path)
             with pytest.raises(RegistryError) as over:
                 await api.publish_signed(ALICE.vkey, release_envelope(ALICE, ref, module, sbom), module, sbom)

@@ -137,6 +137,40 @@ async def test_a_tag_bomb_is_refused_from_its_first_bytes(aiohttp_client, tmp_pa
     assert (await client.get("/log/checkpoint")).status == 200
 
 
+def multipart(parts: dict[str, bytes], boundary: str = "b0undary") -> bytes:
+    """A multipart/form-data body of these parts, in this order."""
+    out = b""
+    for name, data in parts.items():
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+@pytest.mark.parametrize("content_type", ["application/cbor", "multipart/form-data; boundary=b0undary"])
+async def test_an_unauthorized_publish_is_refused_before_its_module_is_sent(aiohttp_client, tmp_path: pathlib.Path, content_type: str) -> None:
+    """The server answers from the signer and the envelope: the module is sent only after the answer."""
+    api, client, _, _ = await start_registry(aiohttp_client, tmp_path)
+    await api.claim_if_unclaimed(ALICE, "acme")
+    module = b"\x00asm\x01\x00\x00\x00" + b"\x00" * (4 << 20)  # 4 MiB
+    ref = parse_package_ref("acme:hello@1.0.0")
+    for signer, env in ((ALICE, release_envelope(BOB, ref, module, None)), (BOB, release_envelope(BOB, ref, module, None))):
+        parts = {"signer": signer.vkey.encode(), "envelope": env, "module": module}
+        body = cbor2.dumps(parts) if content_type == "application/cbor" else multipart(parts)
+        # Everything up to the module's bytes; aiohttp's multipart reader looks ahead for the next
+        # delimiter by up to two 64 KiB chunks, so a multipart body gets those as well.
+        start = body.index(module) + (0 if content_type == "application/cbor" else 128 << 10)
+        answered = asyncio.Event()
+
+        async def stream(body: bytes = body, start: int = start, answered: asyncio.Event = answered):  # type: ignore[no-untyped-def]
+            yield body[:start]
+            await answered.wait()
+            yield body[start:]
+
+        r = await asyncio.wait_for(client.post("/api/v1/publish", data=stream(), headers={"Content-Type": content_type}), 60)
+        answered.set()
+        assert r.status == 403, await r.text()
+        r.close()
+
+
 async def test_broken_multipart_bodies_are_400(aiohttp_client, tmp_path: pathlib.Path) -> None:
     _, client, _, _ = await start_registry(aiohttp_client, tmp_path)
     disposition = b'Content-Disposition: form-data; name="signer"\r\n'

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -36,17 +37,22 @@ ALICE = Ed25519Signer.generate("alice")
 BOB = Ed25519Signer.generate("bob")
 
 
-async def test_front_ends_publish_and_refuse_like_one_process(tmp_path) -> None:
+def serve_with_two_front_ends(tmp_path: pathlib.Path, data: pathlib.Path, port: int) -> subprocess.Popen[bytes]:
+    """`wasmlog registry serve --workers 2` on 127.0.0.1:port, its data in data."""
     key = tmp_path / "reg.key"
     key.write_text(KEY.private_key + "\n")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    data = tmp_path / "data"
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "registry", "registry", "serve", "--data", str(data), "--key", str(key),
          "--listen", f"127.0.0.1:{port}", "--interval-ms", "5", "--workers", "2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
+
+
+async def test_front_ends_publish_and_refuse_like_one_process(tmp_path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    data = tmp_path / "data"
+    proc = serve_with_two_front_ends(tmp_path, data, port)
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
             await wait_ready(session, url + "/log", proc)
@@ -128,16 +134,10 @@ def wait_validators_gone(pids: list[int], seconds: float = 10.0) -> list[int]:
 async def test_front_ends_refuse_unauthorized_publishes_before_any_costly_check(tmp_path) -> None:
     """Forged and ungranted publishes are refused before the module is parsed and before any SBOM
     validator runs (none is even started); a tag bomb is a 400 and the server keeps answering."""
-    key = tmp_path / "reg.key"
-    key.write_text(KEY.private_key + "\n")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     data = tmp_path / "data"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "registry", "registry", "serve", "--data", str(data), "--key", str(key),
-         "--listen", f"127.0.0.1:{port}", "--interval-ms", "5", "--workers", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+    proc = serve_with_two_front_ends(tmp_path, data, port)
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
             await wait_ready(session, url + "/log", proc)

@@ -16,7 +16,13 @@ from aiohttp.http_exceptions import HttpProcessingError
 from tlog.errors import MalformedError, TooLargeError
 
 from .dsse import MAX_ENVELOPE_BYTES
-from .publish_body import ENDS_EARLY, TRAILING, check_part_order, publish_body_decoder
+from .publish_body import (
+    ENDS_EARLY,
+    TRAILING,
+    Decoder,
+    check_part_order,
+    publish_body_decoder,
+)
 from .sbom import MAX_SBOM_BYTES
 from .wasm import MAX_MODULE_BYTES
 
@@ -35,14 +41,14 @@ class PublishReader:
     """The parts of one publish request, read as far as asked. Raises MalformedError, TooLargeError."""
 
     def __init__(self, request: web.Request) -> None:
-        self._request = request
-        self._cbor = request.content_type == "application/cbor"
-        if not self._cbor and not request.content_type.startswith("multipart/"):
+        cbor = request.content_type == "application/cbor"
+        if not cbor and not request.content_type.startswith("multipart/"):
             raise MalformedError("a publish body is application/cbor or multipart/form-data")
+        self._request = request
         self.parts: dict[str, bytes] = {}
         self._done = False
-        self._decoder = publish_body_decoder(PUBLISH_PARTS, self.parts)
-        self._need = next(self._decoder)
+        self._decoder = publish_body_decoder(PUBLISH_PARTS, self.parts) if cbor else None  # None: multipart
+        self._need = 0 if self._decoder is None else next(self._decoder)  # how many bytes the decoder wants next
         self._multipart: MultipartReader | None = None
 
     async def signed(self) -> tuple[str, bytes]:
@@ -62,18 +68,18 @@ class PublishReader:
     async def _read_through(self, name: str | None) -> None:
         """Read until the part name is read (None: to the end of the body)."""
         while not self._done and (name is None or name not in self.parts):
-            if self._cbor:
-                await self._cbor_step()
+            if self._decoder is not None:
+                await self._cbor_step(self._decoder)
             else:
                 await self._multipart_part()
 
-    async def _cbor_step(self) -> None:
+    async def _cbor_step(self, decoder: Decoder) -> None:
         try:
             chunk = await self._request.content.readexactly(self._need)
         except asyncio.IncompleteReadError:
             raise MalformedError(ENDS_EARLY) from None
         try:
-            self._need = self._decoder.send(chunk)
+            self._need = decoder.send(chunk)
         except StopIteration:
             self._done = True
             if await self._request.content.read(1):

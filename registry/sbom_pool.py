@@ -129,7 +129,10 @@ class SbomPool:
         with self._lock:
             worker = self._idle.pop() if self._idle else None
         if worker is None:
-            worker = _Worker()
+            try:
+                worker = _Worker()
+            except OSError as e:  # no process to be had (limits on processes or files)
+                return SbomValidatorsBusy(f"an SBOM validator could not start ({e}); retry")
             try:
                 ready = worker.reply(START_SECONDS) == b"ready"
             except EOFError:

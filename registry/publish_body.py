@@ -1,10 +1,11 @@
 """The CBOR body of ``POST /api/v1/publish``, read strictly and in bounded steps. Pure.
 
-The body is exactly one CBOR map of definite length whose keys are text strings from
-``signer``, ``envelope``, ``module``, ``sbom``, each at most once and in that order, and whose
-values are definite-length byte strings within each part's limit; every head is in its
-shortest form and nothing follows the map. Anything else (tags, indefinite lengths, other
-types, nesting, repeated or reordered keys, trailing bytes) is refused. The order lets a
+The body is exactly one CBOR map of definite length whose keys are the text strings
+``signer``, ``envelope``, ``module``, ``sbom`` in that order (the last ones may be left out:
+the server requires the first three), whose values are definite-length byte strings within
+each part's limit; every head is in its shortest form and nothing follows the map. Anything
+else (tags, indefinite lengths, other types, nesting, repeated, skipped or reordered keys,
+trailing bytes) is refused. The order lets a
 server refuse a publish from its signer and envelope before it reads the module.
 
 The decoder is sans-I/O: a generator that yields how many bytes it needs next and is sent
@@ -54,14 +55,14 @@ def _expect(major: int, want: int, what: str) -> None:
 
 
 def check_part_order(limits: Mapping[str, int], parts: dict[str, bytes], name: object) -> str:
-    """Return name if it may follow the parts read so far: a part of limits, after every part read
-    (limits is in the order parts must come). Raises MalformedError."""
-    if not isinstance(name, str) or name not in limits:
-        raise MalformedError(f"unexpected part {str(name)[:40]!r} (the parts are {', '.join(limits)})")
+    """Return name if it is the next part after those read so far: the parts come exactly in the
+    order of limits, none skipped (only the last ones may be missing). Raises MalformedError."""
     order = list(limits)
-    if parts and order.index(name) <= order.index(next(reversed(parts))):
-        raise MalformedError(f"part {name} is repeated or out of order (the order is {', '.join(limits)})")
-    return name
+    expected = order[len(parts)] if len(parts) < len(order) else None
+    if expected is None or name != expected:
+        raise MalformedError(f"expected {'no more parts' if expected is None else 'the part ' + expected} here, "
+                             f"not {str(name)[:40]!r} (the parts are {', '.join(order)}, in that order)")
+    return expected
 
 
 def publish_body_decoder(limits: Mapping[str, int], parts: dict[str, bytes] | None = None) -> Decoder:

@@ -103,20 +103,21 @@ async def test_cbor_tag_bombs_and_other_shapes_are_400_and_the_server_keeps_answ
     assert status == 400 and "tags" in message
     assert (await client.get("/log/checkpoint")).status == 200
     for body in (
-        b"\xa1\x66module" + bomb,  # a tag as a part's value
-        cbor2.dumps({"module": {"nested": b"x"}}),
-        cbor2.dumps({"module": "text"}),
+        b"\xa1\x66signer" + bomb,  # a tag as a part's value
+        cbor2.dumps({"signer": {"nested": b"x"}}),
+        cbor2.dumps({"signer": "text"}),
         cbor2.dumps({"signer": b"a", "envelope": b"{}", "module": b"m"}) + b"\x00",
-        b"\xa2\x66module\x41x\x66module\x41y",  # a repeated part
-        b"\xbf\x66module\x41x\xff",  # an indefinite-length map
-        cbor2.dumps({"module": b"x" * 100})[:-1],  # ends early
+        b"\xa2\x66signer\x41x\x66signer\x41y",  # a repeated part
+        cbor2.dumps({"envelope": b"{}", "signer": b"x", "module": b"m"}),  # out of order
+        b"\xbf\x66signer\x41x\xff",  # an indefinite-length map
+        cbor2.dumps({"signer": b"x" * 100})[:-1],  # ends early
         b"",
     ):
         status, message = await post(body)
         assert status == 400, (body[:20], message)
     # A part declared over its limit is refused from its head, before any of it is sent.
-    status, message = await post(b"\xa1\x66module\x5b" + (1 << 40).to_bytes(8, "big"))
-    assert status == 413 and "module" in message
+    status, message = await post(b"\xa1\x66signer\x5b" + (1 << 40).to_bytes(8, "big"))
+    assert status == 413 and "signer" in message
     assert (await client.get("/log/checkpoint")).status == 200
 
 

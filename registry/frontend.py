@@ -5,12 +5,12 @@ signature, wasm and SBOM checks, durable blob writes) and leaves the stateful pa
 registry process, cheapest first: it reads and checks the signer and envelope, asks that process
 whether the release would be accepted (is the signer granted, is the version free?), and only
 then reads and checks the module and the SBOM, writes the blobs, and forwards the entry to be
-logged. Every other request is
-proxied to the registry process (tlog/frontend.py).
+logged. Every other request is proxied to the registry process (tlog/frontend.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 
@@ -53,7 +53,7 @@ def make_registry_frontend_app(ipc_dir: str, data: str) -> web.Application:
         app[BLOB_SYNC] = GroupSync(app[BLOBS].sync)
         app[SBOM_POOL] = SbomPool()
         yield
-        app[SBOM_POOL].close()
+        await asyncio.to_thread(app[SBOM_POOL].close)
 
     app = web.Application(client_max_size=MAX_PUBLISH_BYTES, middlewares=[registry_errors_middleware])
     app.cleanup_ctx.append(frontend_context(ipc_dir, {CHECK_CLIENT: CHECK_SOCKET, ADD_CLIENT: ADD_SOCKET}))

@@ -6,7 +6,6 @@ import asyncio
 import json
 from typing import Any
 
-import cbor2
 from aiohttp import web
 
 from tlog.addipc import ForwardedError
@@ -29,6 +28,7 @@ from tlog.server import make_app as make_log_app
 from tlog.witnessing import QuorumError
 
 from .dsse import MAX_ENVELOPE_BYTES
+from .publish_reader import PublishReader
 from .record import RecordError, check_label, decode_entry, parse_package_ref
 from .sbom import MAX_SBOM_BYTES
 from .service import NotYetPublished, Registry
@@ -75,66 +75,15 @@ def registry_error_response(e: TlogError) -> web.Response:
 registry_errors_middleware = errors_middleware_for(registry_error_response)
 
 
-async def read_parts(request: web.Request, limits: dict[str, int]) -> dict[str, bytes]:
-    """Read a multipart/form-data body with only the named parts, each within its limit."""
-    if not request.content_type.startswith("multipart/"):
-        raise MalformedError("want multipart/form-data")
-    parts: dict[str, bytes] = {}
-    reader = await request.multipart()
-    while (part := await reader.next()) is not None:
-        name = getattr(part, "name", None)
-        if name not in limits or name in parts:
-            raise MalformedError(f"unexpected or repeated part {str(name)[:40]!r}")
-        data = bytearray()
-        while chunk := await part.read_chunk(1 << 16):  # type: ignore[union-attr]
-            data += chunk
-            if len(data) > limits[name]:
-                raise TooLargeError(f"part {name} is over {limits[name]} bytes")
-        parts[name] = bytes(data)
-    return parts
-
-
-def part_text(parts: dict[str, bytes], name: str) -> str:
-    try:
-        return parts[name].decode("utf-8").strip()
-    except (KeyError, UnicodeDecodeError):
-        raise MalformedError(f"missing or non-UTF-8 part {name}") from None
-
-
-PUBLISH_PARTS = {"signer": 1024, "envelope": MAX_ENVELOPE_BYTES, "module": MAX_MODULE_BYTES, "sbom": MAX_SBOM_BYTES}
-
-
-async def read_cbor_parts(request: web.Request, limits: dict[str, int]) -> dict[str, bytes]:
-    """Read an application/cbor body: one map of the named parts (text keys, byte-string values)."""
-    body = await request.read()
-    try:
-        obj = cbor2.loads(body)
-    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError):
-        raise MalformedError("publish body is not CBOR") from None
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and k in limits and isinstance(v, bytes) for k, v in obj.items()):
-        raise MalformedError(f"a CBOR publish body is a map of byte strings named {', '.join(limits)}")
-    for k, v in obj.items():
-        if len(v) > limits[k]:
-            raise TooLargeError(f"part {k} is over {limits[k]} bytes")
-    return obj
-
-
-async def read_publish_parts(request: web.Request) -> dict[str, bytes]:
-    """The parts of a publish: CBOR (what the CLI sends: cheap to parse) or multipart/form-data (curl)."""
-    if request.content_type == "application/cbor":
-        parts = await read_cbor_parts(request, PUBLISH_PARTS)
-    else:
-        parts = await read_parts(request, PUBLISH_PARTS)
-    if "envelope" not in parts or "module" not in parts:
-        raise MalformedError("publish needs the parts signer, envelope and module (and sbom when the statement names one)")
-    return parts
-
-
 async def publish(request: web.Request) -> web.Response:
-    parts = await read_publish_parts(request)
-    proof = await request.app[REGISTRY].publish(
-        signer=part_text(parts, "signer"), envelope=parts["envelope"], module=parts["module"], sbom=parts.get("sbom")
-    )
+    """Cheapest first: the signer and envelope are checked, and the signer's grant, before the
+    module and the SBOM are even read (registry/publish_reader.py)."""
+    body = PublishReader(request)
+    signer, envelope = await body.signed()
+    registry = request.app[REGISTRY]
+    record, logged = registry.authorize_release(signer=signer, envelope=envelope)
+    module, sbom = await body.contents()
+    proof = await registry.publish_authorized(record, module, sbom, logged=logged)
     return web.Response(body=proof, content_type="text/plain")
 
 
@@ -232,6 +181,7 @@ def make_app(
     """The registry app. read_only leaves out publishing and records (a mirror)."""
     app = web.Application(client_max_size=MAX_PUBLISH_BYTES, middlewares=[registry_errors_middleware])
     app[REGISTRY] = registry
+    app.on_cleanup.append(lambda _: asyncio.to_thread(registry.sbom_pool.close))  # stops its SBOM validator processes
     base = "/api/v1"
     pkg = base + "/packages/{ns}/{name}/{version}"
     if not read_only:

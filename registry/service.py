@@ -9,9 +9,10 @@ for integration, in the order the sequencer will append them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tlog.errors import NotFoundError, TlogError
@@ -25,7 +26,8 @@ from .blobs import BlobStore
 from .dsse import parse_envelope
 from .groupsync import GroupSync
 from .record import PackageRef, Record, RecordError, Release, decode_entry, module_digest, record_for
-from .sbom import validate_sbom
+from .sbom import check_sbom
+from .sbom_pool import SbomPool
 from .state import InvalidSignature, NamespaceState, RegistryState, ReleaseState, ValidationError
 from .wasm import parse_wasm
 
@@ -38,27 +40,60 @@ class NotYetPublished(TlogError):
     """The record is logged but no published (cosigned) checkpoint covers it yet: retry later."""
 
 
-async def check_release(*, signer: str, envelope: bytes, module: bytes, sbom: bytes | None) -> Record:
-    """Every check of a release that needs no registry state: envelope, statement, signature,
-    module digest and imports, SBOM digest and schema. Raises RecordError, ValidationError."""
+def check_signed_release(*, signer: str, envelope: bytes) -> Record:
+    """The cheap checks of a release, before anything costly: envelope, statement and the
+    signer's signature. Raises MalformedError, RecordError, InvalidSignature."""
     record = record_for("release", signer, parse_envelope(envelope))
-    release = record.body
-    assert isinstance(release, Release)
-    if module_digest(module) != release.module_sha256:
-        raise RecordError("the module's SHA-256 is not the statement's subject digest")
-    info = parse_wasm(module) if len(module) <= INLINE_IO_BYTES else await asyncio.to_thread(parse_wasm, module)
-    if list(info.imports) != list(release.imports):
-        raise RecordError("the statement's import list is not exactly the module's imports")
-    if (sbom is None) != (release.sbom_sha256 is None):
-        raise RecordError("an SBOM must be sent exactly when the statement names one")
-    if sbom is not None:
-        if module_digest(sbom) != release.sbom_sha256:
-            raise RecordError("the SBOM's SHA-256 is not the statement's sbom digest")
-        assert release.sbom_media_type is not None
-        await asyncio.to_thread(validate_sbom, release.sbom_media_type, sbom)
     if not record.signed_by_signer:
         raise InvalidSignature(f"the envelope is not signed by {record.signer}")
     return record
+
+
+def _check_module(release: Release, module: bytes, digest_only: bool) -> None:
+    if module_digest(module) != release.module_sha256:
+        raise RecordError("the module's SHA-256 is not the statement's subject digest")
+    if not digest_only and list(parse_wasm(module).imports) != list(release.imports):
+        raise RecordError("the statement's import list is not exactly the module's imports")
+
+
+def _check_sbom_bytes(release: Release, sbom: bytes, digest_only: bool) -> None:
+    if module_digest(sbom) != release.sbom_sha256:
+        raise RecordError("the SBOM's SHA-256 is not the statement's sbom digest")
+    assert release.sbom_media_type is not None
+    if not digest_only:
+        check_sbom(release.sbom_media_type, sbom)
+
+
+# Digests, the wasm parse and the SBOM pre-pass of large blobs: linear, but off the event loop and
+# out of the default thread pool that log integration and witness writes use.
+_CHECK_THREADS = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="wasmlog-publish-checks")
+
+
+async def _off_loop_if_large(size: int, fn: Callable[..., None], *args: object) -> None:
+    if size <= INLINE_IO_BYTES:
+        fn(*args)
+    else:
+        await asyncio.get_running_loop().run_in_executor(_CHECK_THREADS, fn, *args)
+
+
+async def check_release_contents(record: Record, module: bytes, sbom: bytes | None, sbom_pool: SbomPool, *,
+                                 logged: bool = False) -> None:
+    """The costly checks of a release whose signer is authorized, cheapest first: the module's
+    digest and imports, then the SBOM's digest, limits and validity (in sbom_pool).
+
+    A release already logged passed these checks when it was submitted: its module and SBOM are
+    then only compared with the digests it names, so replaying a public release costs no parse
+    and no validation. Raises RecordError (422), TooLargeError, PushbackError (503: SBOM validators busy)."""
+    release = record.body
+    assert isinstance(release, Release)
+    if (sbom is None) != (release.sbom_sha256 is None):
+        raise RecordError("an SBOM must be sent exactly when the statement names one")
+    await _off_loop_if_large(len(module), _check_module, release, module, logged)
+    if sbom is not None:
+        await _off_loop_if_large(len(sbom), _check_sbom_bytes, release, sbom, logged)
+        assert release.sbom_media_type is not None
+        if not logged:
+            await sbom_pool.validate(release.sbom_media_type, sbom)
 
 
 async def store_blobs(blobs: BlobStore, group: GroupSync, *datas: bytes | None) -> None:
@@ -79,12 +114,14 @@ def _done(value: bytes) -> asyncio.Future[bytes]:
     return fut
 
 
+LOGGED = b"logged"  # check_entry's answer for a release already logged or pending
 CHECKED_CACHE = 4096  # records checked for front-ends, kept until they submit them (a miss only decodes again)
 
 
 class Registry:
-    def __init__(self, *, sequencer: Sequencer, blobs: BlobStore) -> None:
+    def __init__(self, *, sequencer: Sequencer, blobs: BlobStore, sbom_pool: SbomPool | None = None) -> None:
         self.sequencer = sequencer
+        self.sbom_pool = SbomPool() if sbom_pool is None else sbom_pool
         self.log: Log = sequencer.log
         self.blobs = blobs
         self.rejected: list[tuple[int, TlogError]] = []
@@ -179,13 +216,26 @@ class Registry:
         """Append a checked record; return its tlog-proof with the entry as extra data."""
         return await asyncio.shield(self._queue(record))
 
-    async def publish(self, *, signer: str, envelope: bytes, module: bytes, sbom: bytes | None) -> bytes:
-        """Check a release against its module (and SBOM), store the blobs, and log it."""
-        record = await check_release(signer=signer, envelope=envelope, module=module, sbom=sbom)
-        if not self._logged(leaf_hash(record.entry)):
-            self.pending_state.check(record)  # fail before writing blobs for a record we would refuse
+    def authorize_release(self, *, signer: str, envelope: bytes) -> tuple[Record, bool]:
+        """The cheap checks of a release: its statement, its signature, and whether the signer may
+        publish it now (403, 409), so that an unauthorized publish costs no wasm parse and no SBOM
+        validation. Returns the record and whether it is already logged or pending (a replay)."""
+        record = check_signed_release(signer=signer, envelope=envelope)
+        logged = self._logged(leaf_hash(record.entry))
+        if not logged:
+            self.pending_state.check(record)
+        return record, logged
+
+    async def publish_authorized(self, record: Record, module: bytes, sbom: bytes | None, *, logged: bool) -> bytes:
+        """Check an authorized release's module and SBOM, store them, and log it; return its tlog-proof."""
+        await check_release_contents(record, module, sbom, self.sbom_pool, logged=logged)
         await store_blobs(self.blobs, self.blob_sync, sbom, module)  # durable before the entry naming them
         return await self.submit(record)
+
+    async def publish(self, *, signer: str, envelope: bytes, module: bytes, sbom: bytes | None) -> bytes:
+        """authorize_release, then publish_authorized."""
+        record, logged = self.authorize_release(signer=signer, envelope=envelope)
+        return await self.publish_authorized(record, module, sbom, logged=logged)
 
     # ── for front-end processes (registry/frontend.py), over tlog/addipc.py ──
     def _decoded(self, entry: bytes) -> Record:
@@ -195,18 +245,20 @@ class Registry:
         return record
 
     def check_entry(self, entry: bytes) -> asyncio.Future[bytes]:
-        """Would this release entry be accepted now? Resolves to b"" or raises ValidationError.
+        """Would this release entry be accepted now? Resolves to b"" (check its module and SBOM),
+        LOGGED (it is logged or pending: compare their digests only) or raises ValidationError.
 
         The front-end asks before it writes blobs, so a refused release writes nothing.
         """
         record = self._decoded(entry)
         h = leaf_hash(entry)
-        if not self._logged(h):
+        logged = self._logged(h)
+        if not logged:
             self.pending_state.check(record)  # verifies the signature here too: never trust a front-end's word
         self._checked[h] = record
         while len(self._checked) > CHECKED_CACHE:
             self._checked.popitem(last=False)
-        return _done(b"")
+        return _done(LOGGED if logged else b"")
 
     def submit_entry(self, entry: bytes) -> asyncio.Future[bytes]:
         """Queue a release entry whose blobs the front-end made durable; the future is its tlog-proof."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
 import subprocess
@@ -9,8 +10,11 @@ import sys
 
 from registry.blobs import BlobStore
 from registry.client import RegistryClient
+from registry.dsse import INTOTO_PAYLOAD_TYPE, sign_envelope
+from registry.record import PackageRef, Release, module_digest
 from registry.server import make_app
 from registry.service import Registry
+from registry.wasm import WasmError, parse_wasm
 from tlog.log import Log
 from tlog.note import Ed25519Signer
 from tlog.sequencer import Sequencer
@@ -23,6 +27,25 @@ REGISTRY_KEY = Ed25519Signer.generate("registry.example/log")
 CYCLONEDX = b"""{"bomFormat":"CycloneDX","specVersion":"1.5","version":1,
 "metadata":{"component":{"type":"application","name":"hello","version":"1.0.0"}},
 "components":[{"type":"library","name":"serde","version":"1.0.200","purl":"pkg:cargo/serde@1.0.200"}]}"""
+NOT_WASM = b"\x00asm\x01\x00\x00\x00\x01\xff\xff\xff\xff\x0f"  # a type section that claims 4 GiB
+
+
+def big_cyclonedx(components: int = 4000) -> bytes:
+    """A CycloneDX SBOM with this many components, each depending on the next (4,000: 30 s of validation without limits)."""
+    return json.dumps({"bomFormat": "CycloneDX", "specVersion": "1.5", "version": 1,
+                       "components": [{"type": "library", "name": f"c{i}", "version": "1.0.0", "bom-ref": f"r{i}"} for i in range(components)],
+                       "dependencies": [{"ref": f"r{i}", "dependsOn": [f"r{(i + 1) % components}"]} for i in range(components)]}).encode()
+
+
+def release_envelope(signer: Ed25519Signer, ref: PackageRef, module: bytes, sbom: bytes | None,
+                     media_type: str = "application/vnd.cyclonedx+json") -> bytes:
+    """The DSSE envelope of a release of module (and sbom) signed by signer; a module that is not wasm gets no imports."""
+    try:
+        imports = parse_wasm(module).imports
+    except WasmError:
+        imports = ()
+    release = Release(ref, module_digest(module), imports, None if sbom is None else module_digest(sbom), None if sbom is None else media_type)
+    return sign_envelope(INTOTO_PAYLOAD_TYPE, release.statement(), signer).to_json()
 
 
 def wat_module(name: str, tmp: pathlib.Path) -> bytes:

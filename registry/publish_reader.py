@@ -1,0 +1,106 @@
+"""Reading the body of ``POST /api/v1/publish`` in two steps (spec/registry-api.md, Publishing).
+
+The parts come in the order signer, envelope, module, sbom, as CBOR (registry/publish_body.py,
+read from the stream) or multipart/form-data. signed() reads up to the envelope and no further,
+so a forged or unauthorized publish is refused before its module is read; contents() reads
+the rest. Every part is read straight into its own buffer, within its limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from tlog.errors import MalformedError, TooLargeError
+
+from .dsse import MAX_ENVELOPE_BYTES
+from .publish_body import (
+    ENDS_EARLY,
+    TRAILING,
+    Decoder,
+    check_part_order,
+    publish_body_decoder,
+)
+from .sbom import MAX_SBOM_BYTES
+from .wasm import MAX_MODULE_BYTES
+
+PUBLISH_PARTS = {"signer": 1024, "envelope": MAX_ENVELOPE_BYTES, "module": MAX_MODULE_BYTES, "sbom": MAX_SBOM_BYTES}
+MISSING = "publish needs the parts signer, envelope and module, in that order (then sbom when the statement names one)"
+
+
+def part_text(parts: dict[str, bytes], name: str) -> str:
+    try:
+        return parts[name].decode("utf-8").strip()
+    except (KeyError, UnicodeDecodeError):
+        raise MalformedError(f"missing or non-UTF-8 part {name}") from None
+
+
+class PublishReader:
+    """The parts of one publish request, read as far as asked. Raises MalformedError, TooLargeError."""
+
+    def __init__(self, request: web.Request) -> None:
+        cbor = request.content_type == "application/cbor"
+        if not cbor and not request.content_type.startswith("multipart/"):
+            raise MalformedError("a publish body is application/cbor or multipart/form-data")
+        self._request = request
+        self.parts: dict[str, bytes] = {}
+        self._done = False
+        self._decoder = publish_body_decoder(PUBLISH_PARTS, self.parts) if cbor else None  # None: multipart
+        self._need = 0 if self._decoder is None else next(self._decoder)  # how many bytes the decoder wants next
+        self._multipart: MultipartReader | None = None
+
+    async def signed(self) -> tuple[str, bytes]:
+        """The signer and the envelope; nothing after them has been read."""
+        await self._read_through("envelope")
+        if "envelope" not in self.parts:
+            raise MalformedError(MISSING)
+        return part_text(self.parts, "signer"), self.parts["envelope"]
+
+    async def contents(self) -> tuple[bytes, bytes | None]:
+        """The module and the SBOM (None if not sent), once the whole body is read."""
+        await self._read_through(None)
+        if "module" not in self.parts:
+            raise MalformedError(MISSING)
+        return self.parts["module"], self.parts.get("sbom")
+
+    async def _read_through(self, name: str | None) -> None:
+        """Read until the part name is read (None: to the end of the body)."""
+        while not self._done and (name is None or name not in self.parts):
+            if self._decoder is not None:
+                await self._cbor_step(self._decoder)
+            else:
+                await self._multipart_part()
+
+    async def _cbor_step(self, decoder: Decoder) -> None:
+        try:
+            chunk = await self._request.content.readexactly(self._need)
+        except asyncio.IncompleteReadError:
+            raise MalformedError(ENDS_EARLY) from None
+        try:
+            self._need = decoder.send(chunk)
+        except StopIteration:
+            self._done = True
+            if await self._request.content.read(1):
+                raise MalformedError(TRAILING) from None
+
+    async def _multipart_part(self) -> None:
+        try:
+            if self._multipart is None:
+                self._multipart = await self._request.multipart()
+            part = await self._multipart.next()
+            if part is None:
+                self._done = True
+                return
+            if not isinstance(part, BodyPartReader):
+                raise MalformedError("a publish part is not itself multipart")
+            name = check_part_order(PUBLISH_PARTS, self.parts, part.name)
+            data = bytearray()
+            while chunk := await part.read_chunk(1 << 16):  # raw bytes: no Content-Transfer-Encoding decoding
+                data += chunk
+                if len(data) > PUBLISH_PARTS[name]:
+                    raise TooLargeError(f"part {name} is over {PUBLISH_PARTS[name]} bytes")
+            self.parts[name] = bytes(data)
+        except (ValueError, HttpProcessingError) as e:  # no boundary, a missing or broken delimiter, a bad part header
+            raise MalformedError(f"malformed multipart body: {getattr(e, 'message', e)!s:.200}") from None

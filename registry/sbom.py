@@ -141,8 +141,12 @@ def _cyclonedx(obj: dict, data: bytes) -> None:  # type: ignore[type-arg]
 def _spdx(obj: dict) -> None:  # type: ignore[type-arg]
     try:
         from spdx_tools.spdx.parser.error import SPDXParsingError
-        from spdx_tools.spdx.parser.jsonlikedict.json_like_dict_parser import JsonLikeDictParser
-        from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
+        from spdx_tools.spdx.parser.jsonlikedict.json_like_dict_parser import (
+            JsonLikeDictParser,
+        )
+        from spdx_tools.spdx.validation.document_validator import (
+            validate_full_spdx_document,
+        )
     except ImportError as e:
         raise MissingDependencyError("SPDX SBOM validation", EXTRA, e) from None
 

@@ -266,9 +266,10 @@ def verify_module(
     if status is not None:
         if f"{release.ref.name}@{release.ref.version}" in status.yanked:
             raise VerifyError("yanked", f"{release.ref} was yanked")
-        revoked_at = status.revoked.get(record.signer)
-        if revoked_at is not None and revoked_at < tp.index:
-            raise VerifyError("key-revoked", f"{record.signer} was revoked at index {revoked_at}, before this release ({tp.index})")
+        signer_key = record.signer_verifier.public_key  # a key is its public key, whatever name it signs under
+        for vkey, revoked_at in status.revoked.items():
+            if revoked_at < tp.index and verifier_from_vkey(vkey).public_key == signer_key:
+                raise VerifyError("key-revoked", f"{vkey} was revoked at index {revoked_at}, before this release ({tp.index})")
     return Verified(release.ref, digest, record.signer, tp.index, cp, witnesses, newest, record, new_known)
 
 

@@ -223,6 +223,8 @@ def test_yanked_and_key_revoked() -> None:
     assert reason_of(proof=GOOD, status=NamespaceStatus(yanked=frozenset({"hello@1.0.0"}))) == "yanked"
     assert reason_of(proof=GOOD, status=NamespaceStatus(revoked={ALICE.vkey: 1})) == "key-revoked"
     verify(GOOD, status=NamespaceStatus(revoked={ALICE.vkey: 5}))  # revoked after the release: still valid
+    alias = Ed25519Signer("alice-alias", ALICE.seed).vkey  # the same key revoked under another name
+    assert reason_of(proof=GOOD, status=NamespaceStatus(revoked={alias: 1})) == "key-revoked"
 
 
 @pytest.mark.parametrize(

@@ -230,6 +230,23 @@ def test_every_logged_decision_replayed_is_refused() -> None:
             s.apply(r, len(records))
 
 
+LOOKALIKES = ["ali\u200bce", "alice\u200d", "\u0430lice", "al\u00edce", "alice\u202e"]  # zero-width space, zero-width joiner, Cyrillic a, accent, RTL
+
+
+@pytest.mark.parametrize("name", LOOKALIKES)
+def test_records_refuse_key_names_that_are_not_printable_ascii(name: str) -> None:
+    """issue 12: a key name with a zero-width space printed as another name."""
+    odd = Ed25519Signer(name, ALICE.seed)  # a valid signed-note name: C2SP allows it, our policy does not
+    with pytest.raises(RecordError, match="printable ASCII"):
+        release_record(odd)
+    with pytest.raises(RecordError, match="printable ASCII"):
+        action_record(ALICE, Action("key-grant", "acme", key=odd.vkey))
+    env = sign_envelope(INTOTO_PAYLOAD_TYPE, RELEASE.statement(), odd)
+    entry = encode_entry("release", odd.vkey, Envelope(env.payload_type, env.payload, (Signature(f"{odd.key_id:08x}", env.signatures[0].sig),)))
+    with pytest.raises(RecordError, match="printable ASCII"):
+        decode_entry(entry)
+
+
 def test_the_last_key_cannot_revoke_itself() -> None:
     s = RegistryState().apply(action_record(ALICE, Action("key-grant", "acme", key=ALICE.vkey)), 0)
     with pytest.raises(LastKey) as e:

@@ -105,6 +105,20 @@ async def test_a_revoked_key_never_comes_back_under_another_name(aiohttp_client,
     assert (await api.get_json("/api/v1/namespaces/acme"))["keys"] == [ALICE.vkey]
 
 
+async def test_key_names_that_are_not_printable_ascii_are_422(aiohttp_client, tmp_path) -> None:
+    """issue 12: a key name with a zero-width space printed as another name."""
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path)
+    module = wat_module("no_imports", tmp_path)
+    await api.publish(ALICE, REF, module)
+    hidden = Ed25519Signer("b\u200bob", BOB.seed)
+    with pytest.raises(RegistryError) as e:
+        await api.act(ALICE, Action("key-grant", "acme", key=hidden.vkey, issued=1))
+    assert e.value.status == 422 and "printable ASCII" in str(e.value)
+    with pytest.raises(RegistryError) as e:
+        await api.publish(Ed25519Signer("\u0430lice", ALICE.seed), parse_package_ref("acme:hello@1.0.1"), module)
+    assert e.value.status == 422 and "printable ASCII" in str(e.value)
+
+
 async def test_the_last_key_of_a_namespace_cannot_revoke_itself(aiohttp_client, tmp_path) -> None:
     api, _, _, _ = await start_registry(aiohttp_client, tmp_path)
     module = wat_module("no_imports", tmp_path)

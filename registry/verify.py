@@ -8,7 +8,9 @@ anti-rollback state is passed in and the new state handed back.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
+import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,10 +63,25 @@ class TrustPolicy:
     namespace_keys: Mapping[str, frozenset[str]] = field(default_factory=dict)
     allowed_imports: tuple[str, ...] | None = None  # None: no restriction
 
-    def import_allowed(self, imp: Import) -> bool:
+    def import_allowed(self, imp: Import, component: bool) -> bool:
+        """Whether an import of a core module (component False) or a component is allowed."""
         if self.allowed_imports is None:
             return True
-        return any(fnmatch.fnmatchcase(imp.qualified, pattern) for pattern in self.allowed_imports)
+        if component:
+            return any(whole.fullmatch(imp.name) for whole, _, _ in self._import_patterns)
+        return any(module is not None and name is not None and module.fullmatch(imp.module) and name.fullmatch(imp.name)
+                   for _, module, name in self._import_patterns)
+
+    @functools.cached_property
+    def _import_patterns(self) -> list[tuple[re.Pattern[str], re.Pattern[str] | None, re.Pattern[str] | None]]:
+        """Each pattern compiled as a whole (component import names) and as module and field,
+        split on its first '.' (core imports; None for a pattern without '.')."""
+        return [(_glob(p), *((_glob(p.partition(".")[0]), _glob(p.partition(".")[2])) if "." in p else (None, None)))
+                for p in self.allowed_imports or ()]
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    return re.compile(fnmatch.translate(pattern))
 
 
 def parse_trust_policy(text: str) -> TrustPolicy:
@@ -246,7 +263,7 @@ def verify_module(
     if info.imports != release.imports:  # tuples of Import
         raise VerifyError("imports-mismatch", "the statement's import list is not the module's imports")
     if policy.allowed_imports is not None:
-        refused = [i.qualified for i in info.imports if not policy.import_allowed(i)]
+        refused = [i.qualified if info.component else f"{i.module}.{i.name}" for i in info.imports if not policy.import_allowed(i, info.component)]
         if refused:
             raise VerifyError("import-not-allowed", f"imports not provided by this node: {', '.join(refused[:10])}")
     if not record.envelope.verified_by(verifier_from_vkey(record.signer)):

@@ -9,10 +9,10 @@ from typing import Any
 import aiohttp
 import cbor2
 
-from tlog.errors import TlogError
+from tlog.errors import MalformedError, TlogError
 from tlog.note import Ed25519Signer
 
-from .dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope
+from .dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope, strict_json
 from .record import Action, PackageRef, Release, module_digest
 from .wasm import parse_wasm
 
@@ -43,8 +43,8 @@ class RegistryClient:
         body = await r.read()
         if r.status != 200:
             try:
-                message = json.loads(body)["message"]
-            except (ValueError, KeyError, TypeError):
+                message = str(strict_json(body, "error")["message"])  # type: ignore[index]
+            except (MalformedError, KeyError, TypeError):
                 message = body[:300].decode("utf-8", "replace")
             raise RegistryError(r.status, message)
         return body
@@ -54,7 +54,8 @@ class RegistryClient:
             return await self._check(r)
 
     async def get_json(self, path: str) -> Any:
-        return json.loads(await self.get(path))
+        """GET path and parse its JSON strictly (no duplicate keys). Raises MalformedError."""
+        return strict_json(await self.get(path), f"answer to {path}")
 
     async def namespace(self, ns: str) -> dict[str, Any] | None:
         try:

@@ -20,7 +20,7 @@ from tlog.server import RETRY_AFTER_SECONDS, errors_middleware_for
 from tlog.server import make_app as make_log_app
 from tlog.witnessing import QuorumError
 
-from .dsse import MAX_ENVELOPE_BYTES
+from .dsse import MAX_ENVELOPE_BYTES, strict_json
 from .record import RecordError, check_label, decode_entry, parse_package_ref
 from .sbom import MAX_SBOM_BYTES
 from .service import NotYetPublished, Registry
@@ -131,12 +131,14 @@ async def publish(request: web.Request) -> web.Response:
 
 async def post_record(request: web.Request) -> web.Response:
     body = await request.read()
+    obj = strict_json(body, "record request")  # duplicate keys would make the request ambiguous
     try:
-        obj = json.loads(body)
-        record_type, signer, envelope = obj["type"], obj["signer"], obj["envelope"]
-        if not isinstance(record_type, str) or not isinstance(signer, str) or not isinstance(envelope, dict) or len(obj) != 3:
+        if not isinstance(obj, dict) or len(obj) != 3:
             raise TypeError
-    except (ValueError, KeyError, TypeError):
+        record_type, signer, envelope = obj["type"], obj["signer"], obj["envelope"]
+        if not isinstance(record_type, str) or not isinstance(signer, str) or not isinstance(envelope, dict):
+            raise TypeError
+    except (KeyError, TypeError):
         raise MalformedError('want {"type": ..., "signer": <vkey>, "envelope": <DSSE envelope>}') from None
     proof = await request.app[REGISTRY].act(record_type=record_type, signer=signer, envelope=json.dumps(envelope).encode())
     return web.Response(body=proof, content_type="text/plain")
@@ -207,7 +209,10 @@ async def get_statement(request: web.Request) -> web.Response:
 async def get_proof(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     index = registry.release(_ref(request)).index
-    old = request.query.get("old")
+    olds = request.query.getall("old", [])
+    if len(olds) > 1:
+        raise MalformedError("want at most one old parameter")
+    old = olds[0] if olds else None
     proof, consistency = await asyncio.to_thread(registry.tlog_proof, index, None if old is None else parse_decimal(old, "old"))
     if old is None:
         return web.Response(body=proof, content_type="text/plain")

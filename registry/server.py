@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 from typing import Any
 
@@ -161,13 +162,32 @@ async def get_namespace(request: web.Request) -> web.Response:
     )
 
 
+ACTIONS_PAGE = 64  # proofs per page of /actions by default (a tlog-proof is ~1.6 KB)
+MAX_ACTIONS_PAGE = 256
+
+
+def _query_decimal(request: web.Request, name: str, default: int, limit: int) -> int:
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise MalformedError(f"want at most one {name} parameter")
+    return parse_decimal(values[0], name, limit) if values else default
+
+
 async def get_actions(request: web.Request) -> web.Response:
-    """tlog-proofs of the namespace's key revocations and yanks, for verifiers refreshing online."""
+    """tlog-proofs of the namespace's key revocations and yanks, for verifiers refreshing online:
+    in index order, the first `limit` after index `after`, and `next` (the `after` of the next page,
+    or null after the last)."""
     registry = request.app[REGISTRY]
     ns = registry.namespace(check_label(request.match_info["ns"], "namespace"))
+    after = _query_decimal(request, "after", -1, 2**63 - 1)
+    limit = _query_decimal(request, "limit", ACTIONS_PAGE, MAX_ACTIONS_PAGE)
+    if limit == 0:
+        raise MalformedError(f"limit must be 1 to {MAX_ACTIONS_PAGE}")
     indexes = sorted({*ns.revoked.values(), *(r.yanked_at for r in ns.releases.values() if r.yanked_at is not None)})
-    proofs = [await asyncio.to_thread(registry.tlog_proof, i) for i in indexes]
-    return web.json_response({"proofs": [p.decode() for p, _ in proofs]})
+    page = indexes[bisect.bisect_right(indexes, after):][: limit + 1]
+    more, page = len(page) > limit, page[:limit]
+    proofs = await asyncio.to_thread(lambda: [registry.tlog_proof(i)[0].decode() for i in page])
+    return web.json_response({"proofs": proofs, "next": page[-1] if more else None})
 
 
 async def get_versions(request: web.Request) -> web.Response:

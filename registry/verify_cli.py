@@ -49,8 +49,8 @@ async def _online(url: str, proof: bytes, known_size: int | None, policy, now: i
         if known_size is not None and known_size != cp.size and known_size > 0 and cp.size > 0:
             old, new = sorted((known_size, cp.size))
             consistency = _hash_lines((await api.get(f"/log/proof/consistency?old={old}&new={new}")).decode())
-        actions = await api.get_json(f"/api/v1/namespaces/{ns}/actions")
-    status = namespace_status(ns, [p.encode() for p in actions["proofs"]], policy, now)
+        actions = await api.actions(ns)
+    status = namespace_status(ns, actions, policy, now)
     return consistency, status
 
 

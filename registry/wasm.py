@@ -7,7 +7,8 @@ wasm-tools does (type indices, limits, unique export names, index bounds), and
 frames the code section (one body per function, each with its locals and a
 final ``end``); it does not type-check instructions (that is a runtime's job).
 Subtype declarations (GC) are refused: checking their matching is not done here.
-Of a component it decodes the import section.
+Of a component it frames the sections and decodes the import section's shape
+(names and kinds); it does not validate component names or type indices.
 Core imports are ``module.name`` with a kind; component imports are their
 names (e.g. ``wasi:http/types@0.2.0``) with the module part empty.
 """

@@ -119,6 +119,22 @@ async def test_key_names_that_are_not_printable_ascii_are_422(aiohttp_client, tm
     assert e.value.status == 422 and "printable ASCII" in str(e.value)
 
 
+async def test_modules_with_garbage_in_the_type_or_code_section_are_422(aiohttp_client, tmp_path) -> None:
+    """issue 12: the wasm reader accepted type and code sections that wasm-tools rejects."""
+    api, client, _, _ = await start_registry(aiohttp_client, tmp_path)
+    await api.claim_if_unclaimed(ALICE, "acme")
+    header = bytes.fromhex("0061736d01000000")
+    garbage = {
+        "bad value type": header + bytes.fromhex("010501600155 00".replace(" ", "")),
+        "two functions, one body": header + bytes.fromhex("010401600000 0303020000 0a0401020 00b".replace(" ", "")),
+        "body without end": header + bytes.fromhex("010401600000 03020100 0a0401020001".replace(" ", "")),
+    }
+    for why, module in garbage.items():
+        r = await _raw_publish(client, ALICE, release_statement(REF, b"\0asm\x01\0\0\0", None, None)._replace(
+            module_sha256=hashlib.sha256(module).hexdigest()), module)
+        assert r.status == 422, (why, await r.text())
+
+
 async def test_the_last_key_of_a_namespace_cannot_revoke_itself(aiohttp_client, tmp_path) -> None:
     api, _, _, _ = await start_registry(aiohttp_client, tmp_path)
     module = wat_module("no_imports", tmp_path)

@@ -188,8 +188,13 @@ def _valtype(r: _Reader, types: int) -> None:
         _reftype(r, types)
 
 
-# A type's kind, as far as imports and functions care.
-_FUNC_NO_RESULTS, _FUNC, _NOT_FUNC = 0, 1, 2
+# What imports, functions and bodies need of a type: for a function type, its parameter count
+# shifted left once, with bit 0 set when it has results; _NOT_FUNC for a struct or array type.
+_NOT_FUNC = -1
+
+
+def _func_sig(params: int, results: int) -> int:
+    return params << 1 | (results > 0)
 
 
 def _fieldtype(r: _Reader, types: int) -> None:
@@ -205,36 +210,37 @@ def _fieldtype(r: _Reader, types: int) -> None:
 _NUMERIC_TYPES = b"\x7b\x7c\x7d\x7e\x7f"  # v128, f64, f32, i64, i32
 
 
-def _numeric_func_types(r: _Reader) -> bytearray | None:
+def _numeric_func_types(r: _Reader) -> list[int] | None:
     """The common type section, read without a general decoder: fewer than 128 function types
     whose parameters and results are fewer than 128 numeric types each. None for anything else
     (the general reader then decides); r is only advanced on success."""
     data, pos, end = r.data, r.pos, r.end
     if pos >= end or data[pos] >= 0x80:
         return None
-    kinds = bytearray()
+    kinds = []
     pos += 1
     for _ in range(data[pos - 1]):
         if pos + 2 >= end or data[pos] != 0x60 or data[pos + 1] >= 0x80:
             return None
-        params_end = pos + 2 + data[pos + 1]
+        params = data[pos + 1]
+        params_end = pos + 2 + params
         if params_end >= end or data[params_end] >= 0x80 or data[pos + 2 : params_end].strip(_NUMERIC_TYPES):
             return None
         results = data[params_end]
         pos = params_end + 1 + results
         if pos > end or data[params_end + 1 : pos].strip(_NUMERIC_TYPES):
             return None
-        kinds.append(_FUNC if results else _FUNC_NO_RESULTS)
+        kinds.append(params << 1 | (results > 0))
     r.pos = pos
     return kinds
 
 
-def _core_types(r: _Reader) -> bytearray:
-    """The type section: each type's kind (_FUNC_NO_RESULTS, _FUNC, _NOT_FUNC)."""
+def _core_types(r: _Reader) -> list[int]:
+    """The type section: each type as _func_sig or _NOT_FUNC."""
     numeric = _numeric_func_types(r)
     if numeric is not None:
         return numeric
-    kinds = bytearray()
+    kinds: list[int] = []
     for _ in range(r.uleb()):
         group = 1
         if r.pos < r.end and r.data[r.pos] == 0x4E:  # a recursion group
@@ -260,7 +266,7 @@ def _core_types(r: _Reader) -> bytearray:
                     raise WasmError(f"more than {MAX_RESULTS} results")
                 for _ in range(results):
                     _valtype(r, bound)
-                kinds.append(_FUNC if results else _FUNC_NO_RESULTS)
+                kinds.append(_func_sig(params, results))
             elif form == 0x5F:  # struct
                 fields = r.uleb()
                 if fields > MAX_STRUCT_FIELDS:
@@ -276,24 +282,24 @@ def _core_types(r: _Reader) -> bytearray:
     return kinds
 
 
-def _func_type(r: _Reader, types: bytearray) -> int:
-    """A type index that names a function type; returns its kind."""
+def _func_type(r: _Reader, types: list[int]) -> int:
+    """A type index that names a function type; returns its _func_sig."""
     i = r.uleb()
     if i >= len(types):
         raise WasmError(f"unknown type {i}")
-    if types[i] == _NOT_FUNC:
+    if types[i] < 0:
         raise WasmError(f"type {i} is not a function type")
     return types[i]
 
 
-def _core_import(r: _Reader, types: bytearray) -> Import:
+def _core_import(r: _Reader, types: list[int]) -> Import:
     module, name = r.name(), r.name()
     kind = r.byte()
     if kind == 0x00:
         i = r.uleb()  # _func_type, inline: imports are the hot path
         if i >= len(types):
             raise WasmError(f"unknown type {i}")
-        if types[i] == _NOT_FUNC:
+        if types[i] < 0:
             raise WasmError(f"type {i} is not a function type")
     elif kind == 0x01:
         _reftype(r, len(types))
@@ -307,7 +313,7 @@ def _core_import(r: _Reader, types: bytearray) -> Import:
     elif kind == 0x04:
         if r.byte() != 0:
             raise WasmError("bad tag attribute")
-        if _func_type(r, types) != _FUNC_NO_RESULTS:
+        if _func_type(r, types) & 1:
             raise WasmError("a tag's type has results")
     else:
         raise WasmError(f"bad import kind 0x{kind:02x}")
@@ -371,17 +377,19 @@ def _core_exports(r: _Reader, spaces: list[int]) -> list[str]:
     return out
 
 
-def _code(r: _Reader, types: int) -> int:
-    """Frame the code section: each body's size, locals (at most MAX_LOCALS) and final end.
-    Returns the number of bodies."""
+def _code(r: _Reader, types: int, functions: list[int]) -> None:
+    """Frame the code section: one body per function (functions: their _func_sig), each with its
+    size, locals (with the parameters, at most MAX_LOCALS) and final end."""
     n = r.uleb()
-    for _ in range(n):
+    if n != len(functions):
+        raise WasmError(f"{len(functions)} functions but {n} bodies in the code section")
+    for sig in functions:
         size = r.uleb()
         end = r.pos + size
         if end > r.end:
             raise WasmError("function body runs past the code section")
         body = _Reader(r.data, r.pos, end)
-        locals_ = 0
+        locals_ = sig >> 1
         for _ in range(body.uleb()):
             locals_ += body.uleb()
             if locals_ > MAX_LOCALS:
@@ -390,15 +398,14 @@ def _code(r: _Reader, types: int) -> int:
         if body.pos >= end or r.data[end - 1] != 0x0B:
             raise WasmError("function body does not end with end")
         r.pos = end
-    return n
 
 
 def _read_core(data: bytes, imports: list[Import], exports: list[str], custom: list[str]) -> None:
     """Read a core module's sections after the preamble into imports, exports and custom."""
-    types = bytearray()
+    types: list[int] = []
     spaces = [0, 0, 0, 0, 0]  # functions, tables, memories, globals, tags (imported and defined)
-    functions: int | None = None  # the function section's count
-    bodies: int | None = None  # the code section's count
+    functions: list[int] = []  # the function section: each function's _func_sig
+    bodies = False  # whether there is a code section
     last_order = -1
     pos, length = 8, len(data)
     while pos < length:
@@ -434,16 +441,16 @@ def _read_core(data: bytes, imports: list[Import], exports: list[str], custom: l
         elif section_id == _CORE_TYPE:
             types = _core_types(body)
         elif section_id == _CORE_FUNCTION:
-            functions = body.uleb()
-            for _ in range(functions):
-                _func_type(body, types)
-            spaces[0] += functions
-            if spaces[0] > MAX_FUNCTIONS:
+            count = body.uleb()
+            if spaces[0] + count > MAX_FUNCTIONS:  # checked first: the list below is bounded
                 raise WasmError(f"more than {MAX_FUNCTIONS} functions")
+            functions = [_func_type(body, types) for _ in range(count)]
+            spaces[0] += count
         elif section_id == _CORE_EXPORT:
             exports[:] = _core_exports(body, spaces)
         elif section_id == _CORE_CODE:
-            bodies = _code(body, len(types))
+            _code(body, len(types), functions)
+            bodies = True
         elif section_id in _COUNTED:
             spaces[_COUNTED[section_id]] += body.uleb()  # the rest of these sections is framed, not decoded
             continue
@@ -451,8 +458,8 @@ def _read_core(data: bytes, imports: list[Import], exports: list[str], custom: l
             continue
         if body.pos != body.end:
             raise WasmError(f"trailing bytes in section {section_id}")
-    if (functions or 0) != (bodies or 0):
-        raise WasmError(f"{functions or 0} functions but {bodies or 0} bodies in the code section")
+    if functions and not bodies:
+        raise WasmError(f"{len(functions)} functions but no code section")
 
 
 _KIND_INDEX = {kind: i for i, kind in IMPORT_KINDS.items()}

@@ -90,6 +90,9 @@ MALFORMED = {
     "limits minimum over maximum": b"\0asm\x01\0\0\0\x02\x08\x01\x01m\x01n\x02\x01\x02\x01",
     "export of an unknown function": b"\0asm\x01\0\0\0\x07\x05\x01\x01x\x00\x00",
     "duplicate export name": b"\0asm\x01\0\0\0\x02\x08\x01\x01m\x01n\x03\x7f\x00\x07\x09\x02\x01x\x03\x00\x01x\x03\x00",
+    # 1,000 parameters and 49,001 locals: over wasm-tools' 50,000 (parameters count as locals)
+    "params and locals over 50000": b"\0asm\x01\0\0\0\x01\xed\x07\x01\x60\xe8\x07" + b"\x7f" * 1000 + b"\x00"
+    + b"\x03\x02\x01\x00\x0a\x08\x01\x06\x01\xe9\xfe\x02\x7f\x0b",
 }
 
 
@@ -157,8 +160,8 @@ def leb(data: bytes, pos: int) -> tuple[int, int] | None:
 
 
 def code_headers(data: bytes, start: int, end: int) -> list[tuple[int, int]] | None:
-    """The byte ranges of the code section that the reader claims: its count, and each body's size
-    and locals declarations. None when they do not frame (the reader must refuse those)."""
+    """The byte ranges [lo, hi) of the code section that the reader claims: its count, and each
+    body's size and locals declarations. None when they do not frame (the reader must refuse those)."""
     count = leb(data, start)
     if count is None:
         return None
@@ -177,7 +180,7 @@ def code_headers(data: bytes, start: int, end: int) -> list[tuple[int, int]] | N
             if n is None or n[1] >= body_end:
                 return None
             pos = n[1] + 1  # a one-byte value type (a reference type may be longer: then the range is short)
-        claimed.append((first, min(pos, body_end)))
+        claimed.append((first, pos if pos < body_end else body_end + 1))  # a body of locals only: its end too
         pos = body_end
     return claimed
 
@@ -205,7 +208,7 @@ def claimed(data: bytes, offset: int | None, message: str) -> bool:
             return name is None or offset <= name[1] + name[0]
         if section_id == 10:
             ranges = code_headers(data, start, end)
-            return ranges is None or any(lo <= offset <= hi for lo, hi in ranges)
+            return ranges is None or any(lo <= offset < hi for lo, hi in ranges)
     return False
 
 

@@ -13,6 +13,7 @@ from aiohttp import web
 from tlog.addipc import ForwardedError
 from tlog.checkpoint import parse_decimal
 from tlog.errors import MalformedError, NotFoundError, PushbackError, StorageFullError, TlogError, TooLargeError
+from tlog.merkle import MAX_TREE_SIZE
 from tlog.metrics import install
 from tlog.note import b64encode
 from tlog.policy import Policy
@@ -166,11 +167,17 @@ ACTIONS_PAGE = 64  # proofs per page of /actions by default (a tlog-proof is ~1.
 MAX_ACTIONS_PAGE = 256
 
 
-def _query_decimal(request: web.Request, name: str, default: int, limit: int) -> int:
+def _query_decimal(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    """An optional decimal query parameter, at most once, in lo..hi. Raises MalformedError."""
     values = request.query.getall(name, [])
     if len(values) > 1:
         raise MalformedError(f"want at most one {name} parameter")
-    return parse_decimal(values[0], name, limit) if values else default
+    if not values:
+        return default
+    value = parse_decimal(values[0], name)
+    if not lo <= value <= hi:
+        raise MalformedError(f"{name} must be {lo} to {hi}, not {value}")
+    return value
 
 
 async def get_actions(request: web.Request) -> web.Response:
@@ -179,10 +186,8 @@ async def get_actions(request: web.Request) -> web.Response:
     or null after the last)."""
     registry = request.app[REGISTRY]
     ns = registry.namespace(check_label(request.match_info["ns"], "namespace"))
-    after = _query_decimal(request, "after", -1, 2**63 - 1)
-    limit = _query_decimal(request, "limit", ACTIONS_PAGE, MAX_ACTIONS_PAGE)
-    if limit == 0:
-        raise MalformedError(f"limit must be 1 to {MAX_ACTIONS_PAGE}")
+    after = _query_decimal(request, "after", -1, 0, MAX_TREE_SIZE)
+    limit = _query_decimal(request, "limit", ACTIONS_PAGE, 1, MAX_ACTIONS_PAGE)
     indexes = sorted({*ns.revoked.values(), *(r.yanked_at for r in ns.releases.values() if r.yanked_at is not None)})
     page = indexes[bisect.bisect_right(indexes, after):][: limit + 1]
     more, page = len(page) > limit, page[:limit]

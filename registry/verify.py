@@ -20,7 +20,13 @@ from tlog.checkpoint import Checkpoint, parse_checkpoint
 from tlog.errors import MalformedError, ProofError, TlogError
 from tlog.hashes import leaf_hash
 from tlog.merkle import verify_consistency, verify_inclusion
-from tlog.note import Note, parse_note, verifier_from_vkey
+from tlog.note import (
+    OWN_KEY_NAME_RULE,
+    Note,
+    is_own_key_name,
+    parse_note,
+    verifier_from_vkey,
+)
 from tlog.policy import Policy, parse_policy
 from tlog.proof_file import TlogProof, parse_tlog_proof
 
@@ -80,6 +86,14 @@ class TrustPolicy:
                 for p in self.allowed_imports or ()]
 
 
+def _publisher_vkey(vkey: str) -> str:
+    """A pinned publisher key: a vkey named as registry records name their keys (printable ASCII)."""
+    verifier = verifier_from_vkey(vkey)
+    if not is_own_key_name(verifier.name):
+        raise ValueError(f"pinned key {vkey[:80]!r}: {OWN_KEY_NAME_RULE}")
+    return verifier.vkey
+
+
 def _glob(pattern: str) -> re.Pattern[str]:
     return re.compile(fnmatch.translate(pattern))
 
@@ -103,7 +117,7 @@ def parse_trust_policy(text: str) -> TrustPolicy:
         for ns, table in obj.get("namespaces", {}).items():
             if not isinstance(table, dict) or set(table) != {"keys"} or not isinstance(table["keys"], list):
                 raise ValueError(f"[namespaces.{ns}] holds exactly keys = [vkeys]")
-            pins[ns] = frozenset(verifier_from_vkey(k).vkey for k in table["keys"])
+            pins[ns] = frozenset(map(_publisher_vkey, table["keys"]))
         allowed = None
         if "imports" in obj:
             imports = obj["imports"]

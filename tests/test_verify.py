@@ -273,7 +273,8 @@ def test_yanked_and_key_revoked() -> None:
 @pytest.mark.parametrize(
     "text",
     ["", "tlog_policy = 1", 'tlog_policy = "quorum none\\n"', POLICY_TOML + "\nextra = 1",
-     POLICY_TOML.replace("max_checkpoint_age = 3600", "max_checkpoint_age = -1"), POLICY_TOML + '\n[namespaces.acme]\nkeys = ["nope"]\n'],
+     POLICY_TOML.replace("max_checkpoint_age = 3600", "max_checkpoint_age = -1"), POLICY_TOML + '\n[namespaces.acme]\nkeys = ["nope"]\n',
+     POLICY_TOML + '\n[namespaces.acme]\nkeys = ["' + Ed25519Signer("ali\u200bce", ALICE.seed).vkey + '"]\n'],
 )
 def test_policy_malformed(text: str) -> None:
     with pytest.raises(VerifyError) as e:

@@ -15,6 +15,7 @@ names (e.g. ``wasi:http/types@0.2.0``) with the module part empty.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from tlog.errors import MalformedError, TooLargeError
@@ -400,13 +401,8 @@ def _code(r: _Reader, types: int, functions: list[int]) -> None:
         r.pos = end
 
 
-def _read_core(data: bytes, imports: list[Import], exports: list[str], custom: list[str]) -> None:
-    """Read a core module's sections after the preamble into imports, exports and custom."""
-    types: list[int] = []
-    spaces = [0, 0, 0, 0, 0]  # functions, tables, memories, globals, tags (imported and defined)
-    functions: list[int] = []  # the function section: each function's _func_sig
-    bodies = False  # whether there is a code section
-    last_order = -1
+def _sections(data: bytes, custom: list[str]) -> Iterator[tuple[int, int, int]]:
+    """(id, start, end) of each section after the preamble; custom sections' names go to custom."""
     pos, length = 8, len(data)
     while pos < length:
         section_id = data[pos]
@@ -421,7 +417,18 @@ def _read_core(data: bytes, imports: list[Import], exports: list[str], custom: l
             raise WasmError("section runs past the end of the binary")
         if section_id == 0:
             custom.append(_Reader(data, start, end).name())
-            continue
+        else:
+            yield section_id, start, end
+
+
+def _read_core(data: bytes, imports: list[Import], exports: list[str], custom: list[str]) -> None:
+    """Read a core module's sections after the preamble into imports, exports and custom."""
+    types: list[int] = []
+    spaces = [0, 0, 0, 0, 0]  # functions, tables, memories, globals, tags (imported and defined)
+    functions: list[int] = []  # the function section: each function's _func_sig
+    bodies = False  # whether there is a code section
+    last_order = -1
+    for section_id, start, end in _sections(data, custom):
         order = _CORE_ORDER.get(section_id)
         if order is None:
             raise WasmError(f"bad section id {section_id}")
@@ -483,18 +490,7 @@ def parse_wasm(data: bytes) -> WasmInfo:
     if not component:
         _read_core(data, imports, exports, custom)
         return WasmInfo(component, tuple(imports), tuple(exports), tuple(custom))
-    pos, length = 8, len(data)
-    while pos < length:
-        section_id = data[pos]
-        r = _Reader(data, pos + 1)
-        size = r.uleb()
-        start = r.pos
-        pos = end = start + size
-        if end > length:
-            raise WasmError("section runs past the end of the binary")
-        if section_id == 0:
-            custom.append(_Reader(data, start, end).name())
-            continue
+    for section_id, start, end in _sections(data, custom):
         if section_id not in _COMPONENT_SECTIONS:
             raise WasmError(f"bad component section id {section_id}")
         if section_id == _COMPONENT_IMPORT:

@@ -50,7 +50,8 @@ def reference_head(lines: list[str]) -> tuple[int, tuple[bytes, ...]] | None:
     return int(n), tuple(hashes)
 
 
-_LINE = st.sampled_from(["old 0", "old 1", "old 2", "old 01", "old", "old  1", HASH, b64encode(b"\x01" * 31), ""])
+OLD_LOOKING_HASH = "old" + "A" * 40 + "="  # a proof hash whose base64 starts with "old"
+_LINE = st.sampled_from(["old 0", "old 1", "old 2", "old 01", "old", "old  1", HASH, OLD_LOOKING_HASH, b64encode(b"\x01" * 31), ""])
 
 
 @settings(max_examples=300)
@@ -64,7 +65,7 @@ def test_add_checkpoint_head_matches_a_naive_reference(lines: list[str]) -> None
         req, _ = parse_add_checkpoint(body)
     except MalformedError as e:
         assert want is None
-        if reference_head(lines[:1]) is not None and any(line.startswith("old") for line in lines[1:]) and "" not in lines:
+        if reference_head(lines[:1]) is not None and any(line.startswith("old ") for line in lines[1:]) and "" not in lines:
             assert "repeated" in str(e), str(e)
         return
     assert (req.old_size, req.proof) == want
@@ -78,6 +79,7 @@ async def test_witness_refuses_a_repeated_old_line_as_such(aiohttp_client, tmp_p
         r = await c.post("/add-checkpoint", data=head + NOTE)
         assert r.status == 400 and "repeated" in await r.text()
     assert (await c.post("/add-checkpoint", data=b"old 0\n\n" + NOTE)).status == 200
+    assert parse_add_checkpoint(b"old 1\n" + OLD_LOOKING_HASH.encode() + b"\n\n" + NOTE)[0].proof == (parse_hash(OLD_LOOKING_HASH),)
 
 
 async def test_records_with_duplicate_json_keys_are_400(aiohttp_client, tmp_path) -> None:

@@ -32,7 +32,7 @@ def parse_add_checkpoint(body: bytes) -> tuple[AddCheckpoint, Note]:
     if not lines[0].startswith("old "):
         raise MalformedError("request does not start with an old line")
     old_size = parse_decimal(lines[0][4:], "old size")
-    if any(line.startswith("old") for line in lines[1:]):
+    if any(line.startswith("old ") for line in lines[1:]):  # base64 has no space: never a hash
         raise MalformedError("the old line is repeated: a request has exactly one, first")
     if len(lines) - 1 > MAX_PROOF_HASHES:
         raise MalformedError(f"more than {MAX_PROOF_HASHES} proof lines")

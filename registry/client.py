@@ -10,11 +10,14 @@ import aiohttp
 import cbor2
 
 from tlog.client import FetchError
+from tlog.errors import MalformedError, TlogError
 from tlog.note import Ed25519Signer
 
-from .dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope
+from .dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope, strict_json
 from .record import Action, PackageRef, Release, module_digest
 from .wasm import parse_wasm
+
+MAX_ACTION_PROOFS = 100_000  # an online refresh reads at most this many revocations and yanks (~160 MB)
 
 
 class RegistryError(FetchError):
@@ -43,8 +46,8 @@ class RegistryClient:
         body = await r.read()
         if r.status != 200:
             try:
-                message = json.loads(body)["message"]
-            except (ValueError, KeyError, TypeError):
+                message = str(strict_json(body, "error")["message"])  # type: ignore[index]
+            except (MalformedError, KeyError, TypeError):
                 message = body[:300].decode("utf-8", "replace")
             raise RegistryError(r.status, message)
         return body
@@ -54,7 +57,8 @@ class RegistryClient:
             return await self._check(r)
 
     async def get_json(self, path: str) -> Any:
-        return json.loads(await self.get(path))
+        """GET path and parse its JSON strictly (no duplicate keys). Raises MalformedError."""
+        return strict_json(await self.get(path), f"answer to {path}")
 
     async def namespace(self, ns: str) -> dict[str, Any] | None:
         try:
@@ -63,6 +67,26 @@ class RegistryClient:
             if e.status == 404:
                 return None
             raise
+
+    async def actions(self, ns: str, *, limit: int | None = None, max_proofs: int = MAX_ACTION_PROOFS) -> list[bytes]:
+        """Every page of GET /api/v1/namespaces/{ns}/actions: the tlog-proofs of the namespace's
+        revocations and yanks. Raises MalformedError for an answer of the wrong shape, a cursor that
+        does not move forward, or more than max_proofs proofs (a registry that never ends)."""
+        proofs: list[bytes] = []
+        after: int | None = None
+        while True:
+            query = "&".join(f"{k}={v}" for k, v in (("after", after), ("limit", limit)) if v is not None)
+            page = await self.get_json(f"/api/v1/namespaces/{ns}/actions" + (f"?{query}" if query else ""))
+            if type(page) is not dict or page.keys() != {"proofs", "next"} or type(page["proofs"]) is not list \
+                    or not all(type(p) is str for p in page["proofs"]) \
+                    or not (page["next"] is None or page["proofs"] and type(page["next"]) is int and page["next"] > (after if after is not None else -1)):
+                raise MalformedError('an /actions page is {"proofs": [tlog-proofs], "next": null, or a later index after a non-empty page}')
+            proofs += [p.encode() for p in page["proofs"]]
+            if len(proofs) > max_proofs:
+                raise MalformedError(f"the registry lists more than {max_proofs} actions for {ns}")
+            if page["next"] is None:
+                return proofs
+            after = page["next"]
 
     async def act(self, signer: Ed25519Signer, action: Action) -> bytes:
         env = sign_envelope(ACTION_PAYLOAD_TYPE, action.payload(), signer)

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import cbor2
 
 from tlog.errors import MalformedError, TooLargeError
-from tlog.note import Ed25519Verifier, verifier_from_vkey
+from tlog.note import OWN_KEY_NAME_RULE, Ed25519Verifier, is_own_key_name, verifier_from_vkey
 from tlog.syntax import decimal, lower_hex
 from tlog.tiles import MAX_ENTRY_SIZE
 
@@ -248,9 +248,18 @@ def parse_action(payload: bytes) -> Action:
         d = _exact_keys(obj, {"action", "namespace", "key", "issued"}, set(), str(obj["action"]))
         if not isinstance(d["key"], str):
             raise RecordError("key must be a vkey")
-        verifier_from_vkey(d["key"])  # must be an Ed25519 note key
+        publisher_key(d["key"], "key")
         action = Action(d["action"], check_label(d["namespace"], "namespace"), d["key"], issued=_issued(d["issued"]))
     return action
+
+
+def publisher_key(vkey: str, what: str) -> Ed25519Verifier:
+    """The verifier of a publisher vkey: an Ed25519 note key whose name follows our policy
+    (is_own_key_name: printable ASCII, so a name prints as itself). Raises RecordError."""
+    verifier = verifier_from_vkey(vkey)
+    if not is_own_key_name(verifier.name):
+        raise RecordError(f"{what}: {OWN_KEY_NAME_RULE}, not {verifier.name[:80]!r}")
+    return verifier
 
 
 def _issued(v: object) -> int:
@@ -330,7 +339,7 @@ def _keyid(record_type: str, signer: str) -> str:
     """The keyid a record's one signature carries: the signer's key ID. Raises RecordError."""
     if record_type not in RECORD_TYPES:
         raise RecordError(f"unknown record type {record_type[:40]!r}")
-    return verifier_from_vkey(signer).key_id_hex
+    return publisher_key(signer, "signer").key_id_hex
 
 
 def _body(record_type: str, envelope: Envelope) -> Release | Action:

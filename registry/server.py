@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 from typing import Any
 
@@ -19,6 +20,7 @@ from tlog.errors import (
     TlogError,
     TooLargeError,
 )
+from tlog.merkle import MAX_TREE_SIZE
 from tlog.metrics import install
 from tlog.note import b64encode
 from tlog.policy import Policy
@@ -27,7 +29,7 @@ from tlog.server import RETRY_AFTER_SECONDS, errors_middleware_for
 from tlog.server import make_app as make_log_app
 from tlog.witnessing import QuorumError
 
-from .dsse import MAX_ENVELOPE_BYTES
+from .dsse import MAX_ENVELOPE_BYTES, strict_json
 from .publish_reader import PublishReader
 from .record import RecordError, check_label, decode_entry, parse_package_ref
 from .sbom import MAX_SBOM_BYTES
@@ -89,12 +91,14 @@ async def publish(request: web.Request) -> web.Response:
 
 async def post_record(request: web.Request) -> web.Response:
     body = await request.read()
+    obj = strict_json(body, "record request")  # duplicate keys would make the request ambiguous
     try:
-        obj = json.loads(body)
-        record_type, signer, envelope = obj["type"], obj["signer"], obj["envelope"]
-        if not isinstance(record_type, str) or not isinstance(signer, str) or not isinstance(envelope, dict) or len(obj) != 3:
+        if not isinstance(obj, dict) or len(obj) != 3:
             raise TypeError
-    except (ValueError, KeyError, TypeError):
+        record_type, signer, envelope = obj["type"], obj["signer"], obj["envelope"]
+        if not isinstance(record_type, str) or not isinstance(signer, str) or not isinstance(envelope, dict):
+            raise TypeError
+    except (KeyError, TypeError):
         raise MalformedError('want {"type": ..., "signer": <vkey>, "envelope": <DSSE envelope>}') from None
     proof = await request.app[REGISTRY].act(record_type=record_type, signer=signer, envelope=json.dumps(envelope).encode())
     return web.Response(body=proof, content_type="text/plain")
@@ -117,13 +121,36 @@ async def get_namespace(request: web.Request) -> web.Response:
     )
 
 
+ACTIONS_PAGE = 64  # proofs per page of /actions by default (a tlog-proof is ~1.6 KB)
+MAX_ACTIONS_PAGE = 256
+
+
+def _query_decimal(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    """An optional decimal query parameter, at most once, in lo..hi. Raises MalformedError."""
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise MalformedError(f"want at most one {name} parameter")
+    if not values:
+        return default
+    value = parse_decimal(values[0], name)
+    if not lo <= value <= hi:
+        raise MalformedError(f"{name} must be {lo} to {hi}, not {value}")
+    return value
+
+
 async def get_actions(request: web.Request) -> web.Response:
-    """tlog-proofs of the namespace's key revocations and yanks, for verifiers refreshing online."""
+    """tlog-proofs of the namespace's key revocations and yanks, for verifiers refreshing online:
+    in index order, the first `limit` after index `after`, and `next` (the `after` of the next page,
+    or null after the last)."""
     registry = request.app[REGISTRY]
     ns = registry.namespace(check_label(request.match_info["ns"], "namespace"))
+    after = _query_decimal(request, "after", -1, 0, MAX_TREE_SIZE)
+    limit = _query_decimal(request, "limit", ACTIONS_PAGE, 1, MAX_ACTIONS_PAGE)
     indexes = sorted({*ns.revoked.values(), *(r.yanked_at for r in ns.releases.values() if r.yanked_at is not None)})
-    proofs = [await asyncio.to_thread(registry.tlog_proof, i) for i in indexes]
-    return web.json_response({"proofs": [p.decode() for p, _ in proofs]})
+    page = indexes[bisect.bisect_right(indexes, after):][: limit + 1]
+    more, page = len(page) > limit, page[:limit]
+    proofs = await asyncio.to_thread(lambda: [registry.tlog_proof(i)[0].decode() for i in page])
+    return web.json_response({"proofs": proofs, "next": page[-1] if more else None})
 
 
 async def get_versions(request: web.Request) -> web.Response:
@@ -165,7 +192,10 @@ async def get_statement(request: web.Request) -> web.Response:
 async def get_proof(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     index = registry.release(_ref(request)).index
-    old = request.query.get("old")
+    olds = request.query.getall("old", [])
+    if len(olds) > 1:
+        raise MalformedError("want at most one old parameter")
+    old = olds[0] if olds else None
     proof, consistency = await asyncio.to_thread(registry.tlog_proof, index, None if old is None else parse_decimal(old, "old"))
     if old is None:
         return web.Response(body=proof, content_type="text/plain")

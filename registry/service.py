@@ -28,7 +28,7 @@ from .groupsync import GroupSync
 from .record import PackageRef, Record, RecordError, Release, decode_entry, module_digest, record_for
 from .sbom import check_sbom
 from .sbom_pool import SbomPool
-from .state import InvalidSignature, NamespaceState, RegistryState, ReleaseState, ValidationError
+from .state import PENDING, InvalidSignature, NamespaceState, RegistryState, ReleaseState, ValidationError
 from .wasm import parse_wasm
 
 logger = logging.getLogger("wasmlog.registry")
@@ -173,7 +173,7 @@ class Registry:
         state = self.state
         for h, record in list(self._pending.items()):
             try:
-                state = state.apply(record, -1)
+                state = state.apply(record, PENDING)
             except ValidationError:
                 self._pending.pop(h)
         self.pending_state = state
@@ -192,7 +192,7 @@ class Registry:
         h = leaf_hash(entry)
         reserved = not self._logged(h)
         if reserved:
-            self.pending_state = self.pending_state.apply(record, -1)
+            self.pending_state = self.pending_state.apply(record, PENDING)
             self._pending[h] = record
         try:
             fut = self.sequencer.submit(entry)

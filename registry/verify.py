@@ -8,7 +8,9 @@ anti-rollback state is passed in and the new state handed back.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
+import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +26,13 @@ from tlog.errors import (
 )
 from tlog.hashes import leaf_hash
 from tlog.merkle import verify_consistency, verify_inclusion
-from tlog.note import Note, parse_note, verifier_from_vkey
+from tlog.note import (
+    OWN_KEY_NAME_RULE,
+    Note,
+    is_own_key_name,
+    parse_note,
+    verifier_from_vkey,
+)
 from tlog.policy import Policy, parse_policy
 from tlog.proof_file import TlogProof, parse_tlog_proof
 
@@ -69,10 +77,33 @@ class TrustPolicy:
     namespace_keys: Mapping[str, frozenset[str]] = field(default_factory=dict)
     allowed_imports: tuple[str, ...] | None = None  # None: no restriction
 
-    def import_allowed(self, imp: Import) -> bool:
+    def import_allowed(self, imp: Import, component: bool) -> bool:
+        """Whether an import of a core module (component False) or a component is allowed."""
         if self.allowed_imports is None:
             return True
-        return any(fnmatch.fnmatchcase(imp.qualified, pattern) for pattern in self.allowed_imports)
+        if component:
+            return any(whole.fullmatch(imp.name) for whole, _, _ in self._import_patterns)
+        return any(module is not None and name is not None and module.fullmatch(imp.module) and name.fullmatch(imp.name)
+                   for _, module, name in self._import_patterns)
+
+    @functools.cached_property
+    def _import_patterns(self) -> list[tuple[re.Pattern[str], re.Pattern[str] | None, re.Pattern[str] | None]]:
+        """Each pattern compiled as a whole (component import names) and as module and field,
+        split on its first '.' (core imports; None for a pattern without '.')."""
+        return [(_glob(p), *((_glob(p.partition(".")[0]), _glob(p.partition(".")[2])) if "." in p else (None, None)))
+                for p in self.allowed_imports or ()]
+
+
+def _publisher_vkey(vkey: str) -> str:
+    """A pinned publisher key: a vkey named as registry records name their keys (printable ASCII)."""
+    verifier = verifier_from_vkey(vkey)
+    if not is_own_key_name(verifier.name):
+        raise ValueError(f"pinned key {vkey[:80]!r}: {OWN_KEY_NAME_RULE}")
+    return verifier.vkey
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    return re.compile(fnmatch.translate(pattern))
 
 
 def parse_trust_policy(text: str) -> TrustPolicy:
@@ -94,7 +125,7 @@ def parse_trust_policy(text: str) -> TrustPolicy:
         for ns, table in obj.get("namespaces", {}).items():
             if not isinstance(table, dict) or set(table) != {"keys"} or not isinstance(table["keys"], list):
                 raise ValueError(f"[namespaces.{ns}] holds exactly keys = [vkeys]")
-            pins[ns] = frozenset(verifier_from_vkey(k).vkey for k in table["keys"])
+            pins[ns] = frozenset(map(_publisher_vkey, table["keys"]))
         allowed = None
         if "imports" in obj:
             imports = obj["imports"]
@@ -285,7 +316,7 @@ def verify_module(
     if info.imports != release.imports:  # tuples of Import
         raise VerifyError("imports-mismatch", "the statement's import list is not the module's imports")
     if policy.allowed_imports is not None:
-        refused = [i.qualified for i in info.imports if not policy.import_allowed(i)]
+        refused = [i.qualified if info.component else f"{i.module}.{i.name}" for i in info.imports if not policy.import_allowed(i, info.component)]
         if refused:
             raise VerifyError("import-not-allowed", f"imports not provided by this node: {', '.join(refused[:10])}")
     if not record.envelope.verified_by(verifier_from_vkey(record.signer)):
@@ -307,9 +338,10 @@ def verify_module(
     if status is not None:
         if f"{release.ref.name}@{release.ref.version}" in status.yanked:
             raise VerifyError("yanked", f"{release.ref} was yanked")
-        revoked_at = status.revoked.get(record.signer)
-        if revoked_at is not None and revoked_at < tp.index:
-            raise VerifyError("key-revoked", f"{record.signer} was revoked at index {revoked_at}, before this release ({tp.index})")
+        signer_key = record.signer_verifier.public_key  # a key is its public key, whatever name it signs under
+        for vkey, revoked_at in status.revoked.items():
+            if revoked_at < tp.index and verifier_from_vkey(vkey).public_key == signer_key:
+                raise VerifyError("key-revoked", f"{vkey} was revoked at index {revoked_at}, before this release ({tp.index})")
     return Verified(release.ref, digest, record.signer, tp.index, cp, witnesses, newest, record, new_known)
 
 

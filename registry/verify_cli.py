@@ -67,10 +67,7 @@ async def _online(url: str, known_size: int | None, size: int, ns: str, policy, 
                 old, new = sorted((known_size, size))
                 body = await api.get(f"/log/proof/consistency?old={old}&new={new}")
                 consistency = _hash_lines(body.decode("ascii", "replace"), url)
-            actions = await api.get_json(f"/api/v1/namespaces/{ns}/actions")
-            proofs = actions["proofs"]
-            if not isinstance(proofs, list) or not all(isinstance(p, str) for p in proofs):
-                raise TypeError("proofs is not a list of strings")
+            proofs = await api.actions(ns)  # every page; MalformedError for a wrong shape
     except VerifyError:
         raise
     except Exception as e:  # every failure of the exchange is named below; ours is re-raised
@@ -81,7 +78,7 @@ async def _online(url: str, known_size: int | None, size: int, ns: str, policy, 
             raise VerifyError("registry-error", f"registry {url} answered badly: {e}") from None
         raise
     try:
-        status = namespace_status(ns, [p.encode() for p in proofs], policy, now)
+        status = namespace_status(ns, proofs, policy, now)
     except VerifyError as e:  # the registry's records, not the module's proof
         raise VerifyError("registry-error", f"registry {url} sent a namespace record that does not verify ({e.reason}): {e}") from None
     return consistency, status

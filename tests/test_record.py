@@ -23,7 +23,7 @@ from registry.record import (
     parse_statement,
     record_for,
 )
-from registry.state import InvalidSignature, RegistryState, Unauthorized, UnknownRelease, VersionExists, replay
+from registry.state import PENDING, InvalidSignature, LastKey, RegistryState, Unauthorized, UnknownRelease, VersionExists, replay
 from registry.wasm import Import
 from tlog.errors import MalformedError
 from tlog.note import Ed25519Signer
@@ -189,6 +189,92 @@ def test_reducer_rules() -> None:
     with pytest.raises(InvalidSignature):
         s.apply(forged, 6)
     assert dict(s.namespaces["acme"].revoked) == {BOB.vkey: 4}
+
+
+def test_a_key_is_its_public_key_not_its_name() -> None:
+    """issue 12: a revoked key came back under a new name, and its old envelopes with it."""
+    bob_again = Ed25519Signer("bob-again", BOB.seed)  # Bob's key pair under another name
+    s = RegistryState().apply(action_record(ALICE, Action("key-grant", "acme", key=ALICE.vkey)), 0)
+    s = s.apply(action_record(ALICE, Action("key-grant", "acme", key=BOB.vkey)), 1)
+    with pytest.raises(VersionExists, match="same public key"):  # one grant per public key
+        s.apply(action_record(ALICE, Action("key-grant", "acme", key=bob_again.vkey, issued=2)), 2)
+    old = release_record(BOB, Release(PackageRef("acme", "hello", "3.0.0"), "ef" * 32, ()))  # signed before the revocation
+    s = s.apply(action_record(ALICE, Action("key-revocation", "acme", key=bob_again.vkey)), 2)  # revokes Bob's key by any name
+    assert s.namespaces["acme"].keys == {ALICE.vkey} and dict(s.namespaces["acme"].revoked) == {BOB.vkey: 2}
+    with pytest.raises(Unauthorized, match="under any name"):
+        s.apply(action_record(ALICE, Action("key-grant", "acme", key=bob_again.vkey, issued=3)), 3)
+    replayed = record_for("release", bob_again.vkey, old.envelope)  # DSSE does not sign the signer's name
+    assert replayed.signed_by_signer
+    with pytest.raises(Unauthorized, match="revoked in acme at index 2"):
+        s.apply(replayed, 3)
+    with pytest.raises(Unauthorized, match="revoked"):
+        s.apply(old, 3)
+
+
+def test_every_logged_decision_replayed_is_refused() -> None:
+    """Every change is one-way, so any signed statement already applied is refused when sent again."""
+    carol = Ed25519Signer.generate("carol")
+    records = [
+        action_record(ALICE, Action("key-grant", "acme", key=ALICE.vkey)),
+        action_record(ALICE, Action("key-grant", "acme", key=BOB.vkey, issued=1)),
+        action_record(ALICE, Action("key-grant", "acme", key=carol.vkey, issued=1)),
+        release_record(BOB),
+        action_record(BOB, Action("yank", "acme", name="hello", version="1.0.0", issued=1)),
+        action_record(ALICE, Action("key-revocation", "acme", key=carol.vkey, issued=1)),
+    ]
+    s = RegistryState()
+    for i, r in enumerate(records):
+        s = s.apply(r, i)
+    for r in records:
+        with pytest.raises((Unauthorized, VersionExists, UnknownRelease)):
+            s.apply(r, len(records))
+
+
+LOOKALIKES = ["ali\u200bce", "alice\u200d", "\u0430lice", "al\u00edce", "alice\u202e"]  # zero-width space, zero-width joiner, Cyrillic a, accent, RTL
+
+
+@pytest.mark.parametrize("name", LOOKALIKES)
+def test_records_refuse_key_names_that_are_not_printable_ascii(name: str) -> None:
+    """issue 12: a key name with a zero-width space printed as another name."""
+    odd = Ed25519Signer(name, ALICE.seed)  # a valid signed-note name: C2SP allows it, our policy does not
+    with pytest.raises(RecordError, match="printable ASCII"):
+        release_record(odd)
+    with pytest.raises(RecordError, match="printable ASCII"):
+        action_record(ALICE, Action("key-grant", "acme", key=odd.vkey))
+    env = sign_envelope(INTOTO_PAYLOAD_TYPE, RELEASE.statement(), odd)
+    entry = encode_entry("release", odd.vkey, Envelope(env.payload_type, env.payload, (Signature(f"{odd.key_id:08x}", env.signatures[0].sig),)))
+    with pytest.raises(RecordError, match="printable ASCII"):
+        decode_entry(entry)
+
+
+def test_the_last_key_cannot_revoke_itself() -> None:
+    s = RegistryState().apply(action_record(ALICE, Action("key-grant", "acme", key=ALICE.vkey)), 0)
+    with pytest.raises(LastKey) as e:
+        s.apply(action_record(ALICE, Action("key-revocation", "acme", key=ALICE.vkey)), 1)
+    assert e.value.status == 409 and "last key of acme" in str(e.value)
+    s = s.apply(action_record(ALICE, Action("key-grant", "acme", key=BOB.vkey)), 1)
+    s = s.apply(action_record(ALICE, Action("key-revocation", "acme", key=ALICE.vkey)), 2)  # with a successor: fine
+    assert s.namespaces["acme"].keys == {BOB.vkey}
+    with pytest.raises(LastKey):
+        s.apply(action_record(BOB, Action("key-revocation", "acme", key=BOB.vkey)), 3)
+
+
+def test_refusals_of_pending_records_name_no_index() -> None:
+    """issue 12: errors said "at index -1" for records reserved but not yet integrated."""
+    s = RegistryState().apply(action_record(ALICE, Action("key-grant", "acme", key=ALICE.vkey)), 0)
+    s = s.apply(action_record(ALICE, Action("key-grant", "acme", key=BOB.vkey)), 1)
+    s = s.apply(release_record(), PENDING)
+    s = s.apply(action_record(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=1)), PENDING)
+    s = s.apply(action_record(ALICE, Action("key-revocation", "acme", key=BOB.vkey)), PENDING)
+    refused = [
+        release_record(ALICE, RELEASE._replace(module_sha256="cd" * 32)),
+        action_record(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=2)),
+        release_record(BOB, Release(PackageRef("acme", "hello", "2.0.0"), "cd" * 32, ())),
+    ]
+    for r in refused:
+        with pytest.raises((VersionExists, Unauthorized)) as e:
+            s.check(r)
+        assert "-1" not in str(e.value) and "not yet integrated" in str(e.value)
 
 
 def test_replay_skips_invalid_records_and_reports_them() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -79,6 +80,80 @@ async def test_second_key_refused_until_granted_and_after_revocation(aiohttp_cli
     with pytest.raises(RegistryError) as e:  # Bob cannot claim acme for himself either
         await api.act(BOB, Action("key-grant", "acme", key=BOB.vkey, issued=1))
     assert e.value.status == 403
+
+
+async def test_a_revoked_key_never_comes_back_under_another_name(aiohttp_client, tmp_path) -> None:
+    """issue 12: a revoked key was granted again under a new name and its old envelopes replayed."""
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path)
+    module = wat_module("no_imports", tmp_path)
+    await api.publish(ALICE, REF, module)
+    await api.act(ALICE, Action("key-grant", "acme", key=BOB.vkey, issued=1))
+    later = parse_package_ref("acme:hello@1.0.2")
+    old_envelope = sign_envelope(INTOTO_PAYLOAD_TYPE, release_statement(later, module, None, None).statement(), BOB).to_json()
+    bob_again = Ed25519Signer("bob-again", BOB.seed)
+    with pytest.raises(RegistryError) as e:  # one grant per public key
+        await api.act(ALICE, Action("key-grant", "acme", key=bob_again.vkey, issued=2))
+    assert e.value.status == 409
+    await api.act(ALICE, Action("key-revocation", "acme", key=BOB.vkey, issued=3))
+    with pytest.raises(RegistryError) as e:
+        await api.act(ALICE, Action("key-grant", "acme", key=bob_again.vkey, issued=4))
+    assert e.value.status == 403 and "cannot be granted again under any name" in str(e.value)
+    for signer in (BOB.vkey, bob_again.vkey):  # Bob's envelope signed before the revocation, under either name
+        with pytest.raises(RegistryError) as e:
+            await api.publish_signed(signer, old_envelope, module)
+        assert e.value.status == 403 and "revoked" in str(e.value)
+    assert (await api.get_json("/api/v1/namespaces/acme"))["keys"] == [ALICE.vkey]
+
+
+async def test_key_names_that_are_not_printable_ascii_are_422(aiohttp_client, tmp_path) -> None:
+    """issue 12: a key name with a zero-width space printed as another name."""
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path)
+    module = wat_module("no_imports", tmp_path)
+    await api.publish(ALICE, REF, module)
+    hidden = Ed25519Signer("b\u200bob", BOB.seed)
+    with pytest.raises(RegistryError) as e:
+        await api.act(ALICE, Action("key-grant", "acme", key=hidden.vkey, issued=1))
+    assert e.value.status == 422 and "printable ASCII" in str(e.value)
+    with pytest.raises(RegistryError) as e:
+        await api.publish(Ed25519Signer("\u0430lice", ALICE.seed), parse_package_ref("acme:hello@1.0.1"), module)
+    assert e.value.status == 422 and "printable ASCII" in str(e.value)
+
+
+async def test_modules_with_garbage_in_the_type_or_code_section_are_422(aiohttp_client, tmp_path) -> None:
+    """issue 12: the wasm reader accepted type and code sections that wasm-tools rejects."""
+    api, client, _, _ = await start_registry(aiohttp_client, tmp_path)
+    await api.claim_if_unclaimed(ALICE, "acme")
+    header = bytes.fromhex("0061736d01000000")
+    garbage = {
+        "bad value type": header + bytes.fromhex("010501600155 00".replace(" ", "")),
+        "two functions, one body": header + bytes.fromhex("010401600000 0303020000 0a0401020 00b".replace(" ", "")),
+        "body without end": header + bytes.fromhex("010401600000 03020100 0a0401020001".replace(" ", "")),
+    }
+    for why, module in garbage.items():
+        r = await _raw_publish(client, ALICE, release_statement(REF, b"\0asm\x01\0\0\0", None, None)._replace(
+            module_sha256=hashlib.sha256(module).hexdigest()), module)
+        assert r.status == 422, (why, await r.text())
+
+
+async def test_the_last_key_of_a_namespace_cannot_revoke_itself(aiohttp_client, tmp_path) -> None:
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path)
+    module = wat_module("no_imports", tmp_path)
+    await api.publish(ALICE, REF, module)
+    with pytest.raises(RegistryError) as e:
+        await api.act(ALICE, Action("key-revocation", "acme", key=ALICE.vkey, issued=1))
+    assert e.value.status == 409 and "last key of acme" in str(e.value)
+    await api.publish(ALICE, parse_package_ref("acme:hello@1.0.1"), module)  # the namespace still lives
+
+
+async def test_a_refusal_by_a_pending_record_names_no_index(aiohttp_client, tmp_path) -> None:
+    """issue 12: "already yanked at index -1" when the first yank was not yet integrated."""
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path)
+    await api.publish(ALICE, REF, wat_module("no_imports", tmp_path))
+    yanks = [api.act(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=i, reason="CVE")) for i in (1, 2)]
+    results = await asyncio.gather(*yanks, return_exceptions=True)
+    refused = [r for r in results if isinstance(r, RegistryError)]
+    assert len(refused) == 1 and refused[0].status == 409
+    assert "index -1" not in str(refused[0]) and "already yanked" in str(refused[0])
 
 
 async def test_versions_are_immutable(aiohttp_client, tmp_path) -> None:

@@ -7,7 +7,11 @@ import dataclasses
 import subprocess
 import sys
 
+import fnmatch
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from registry.dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope
 from registry.record import Action, PackageRef, Release, encode_entry, module_digest, record_for
@@ -19,7 +23,7 @@ from registry.verify import (
     parse_trust_policy,
     verify_module,
 )
-from registry.wasm import parse_wasm
+from registry.wasm import Import, parse_wasm
 from tlog.cosignature import cosign
 from tlog.log import Log
 from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer
@@ -125,6 +129,45 @@ def test_import_not_allowed() -> None:
     assert reason_of(proof=GOOD, policy=strict) == "import-not-allowed"
 
 
+def test_import_patterns_match_module_and_field_separately() -> None:
+    """issue 12: `env.log` allowed a core import with module "" and field "env.log"."""
+    empty_module = bytes.fromhex("0061736d01000000010401600000020c010007") + b"env.log" + b"\0\0"  # (import "" "env.log" (func))
+    imports = parse_wasm(empty_module).imports
+    assert imports == (Import("", "env.log", "func"),)
+    proof, _ = make_proof(release_entry(module=empty_module, imports=imports))
+    only_env_log = dataclasses.replace(POLICY, allowed_imports=("env.log",))
+    with pytest.raises(VerifyError) as e:
+        verify(proof, module=empty_module, policy=only_env_log)
+    assert e.value.reason == "import-not-allowed" and ".env.log" in str(e.value)
+    verify(proof, module=empty_module, policy=dataclasses.replace(POLICY, allowed_imports=(".env.log",)))
+    verify(GOOD, policy=only_env_log)  # module "env", field "log"
+    p = dataclasses.replace(POLICY, allowed_imports=("env.log.v2", "a?b.*", "wasi:http/types@0.2.0", "*"))
+    assert p.import_allowed(Import("env", "log.v2", "func"), False)  # dots in the field
+    assert not p.import_allowed(Import("env.log", "v2", "func"), False)
+    assert p.import_allowed(Import("a.b", "f", "func"), False)
+    assert p.import_allowed(Import("", "wasi:http/types@0.2.0", "instance"), True)
+    assert not dataclasses.replace(POLICY, allowed_imports=("*",)).import_allowed(Import("env", "log", "func"), False)
+
+
+_NAMES = st.text(alphabet="ab.", max_size=5)
+_PATTERNS = st.lists(st.text(alphabet="ab.*?[]!", max_size=6), max_size=4)
+
+
+@given(module=_NAMES, name=_NAMES, patterns=_PATTERNS, component=st.booleans())
+def test_import_matcher_agrees_with_a_naive_reference(module: str, name: str, patterns: list[str], component: bool) -> None:
+    def naive(p: str) -> bool:
+        if component:
+            return fnmatch.fnmatchcase(name, p)
+        if "." not in p:
+            return False
+        i = p.index(".")
+        return fnmatch.fnmatchcase(module, p[:i]) and fnmatch.fnmatchcase(name, p[i + 1:])
+
+    policy = dataclasses.replace(POLICY, allowed_imports=tuple(patterns))
+    imp = Import("" if component else module, name, "func")
+    assert policy.import_allowed(imp, component) == any(naive(p) for p in patterns)
+
+
 def test_signature_invalid() -> None:
     proof, _ = make_proof(release_entry(signer=ALICE, envelope_key=MALLORY))
     assert reason_of(proof=proof) == "signature-invalid"
@@ -223,12 +266,15 @@ def test_yanked_and_key_revoked() -> None:
     assert reason_of(proof=GOOD, status=NamespaceStatus(yanked=frozenset({"hello@1.0.0"}))) == "yanked"
     assert reason_of(proof=GOOD, status=NamespaceStatus(revoked={ALICE.vkey: 1})) == "key-revoked"
     verify(GOOD, status=NamespaceStatus(revoked={ALICE.vkey: 5}))  # revoked after the release: still valid
+    alias = Ed25519Signer("alice-alias", ALICE.seed).vkey  # the same key revoked under another name
+    assert reason_of(proof=GOOD, status=NamespaceStatus(revoked={alias: 1})) == "key-revoked"
 
 
 @pytest.mark.parametrize(
     "text",
     ["", "tlog_policy = 1", 'tlog_policy = "quorum none\\n"', POLICY_TOML + "\nextra = 1",
-     POLICY_TOML.replace("max_checkpoint_age = 3600", "max_checkpoint_age = -1"), POLICY_TOML + '\n[namespaces.acme]\nkeys = ["nope"]\n'],
+     POLICY_TOML.replace("max_checkpoint_age = 3600", "max_checkpoint_age = -1"), POLICY_TOML + '\n[namespaces.acme]\nkeys = ["nope"]\n',
+     POLICY_TOML + '\n[namespaces.acme]\nkeys = ["' + Ed25519Signer("ali\u200bce", ALICE.seed).vkey + '"]\n'],
 )
 def test_policy_malformed(text: str) -> None:
     with pytest.raises(VerifyError) as e:

@@ -20,7 +20,7 @@ from .errors import TlogError
 from .frontend import ADD_SOCKET, HTTP_SOCKET, front_ends, make_frontend_app
 from .keys import read_signer, write_key_pair
 from .log import Log
-from .note import ALG_COSIGNATURE_V1, ALG_ED25519, Ed25519Signer, is_valid_key_name
+from .note import ALG_COSIGNATURE_V1, ALG_ED25519, OWN_KEY_NAME_RULE, Ed25519Signer, is_own_key_name
 from .policy import NONE, Policy, parse_policy
 from .runloop import new_loop
 from .sequencer import DEFAULT_BATCH_MAX, DEFAULT_INTERVAL, DEFAULT_MAX_PENDING, DEFAULT_REPUBLISH_INTERVAL, Sequencer
@@ -139,8 +139,8 @@ def main(verbose: int, log_format: str) -> None:
 @click.option("--witness", is_flag=True, help="A cosigner key (tlog-cosignature v1, type 0x04).")
 def keygen(name: str, prefix: pathlib.Path | None, witness: bool) -> None:
     """Generate an Ed25519 key pair in signed-note form."""
-    if not is_valid_key_name(name):
-        raise click.BadParameter("a key name is non-empty, with no spaces and no '+'", param_hint="NAME")
+    if not is_own_key_name(name):
+        raise click.BadParameter(OWN_KEY_NAME_RULE, param_hint="NAME")
     prefix = prefix or pathlib.Path(re.sub(r"[^A-Za-z0-9._-]", "_", name))
     signer = Ed25519Signer.generate(name, ALG_COSIGNATURE_V1 if witness else ALG_ED25519)
     try:

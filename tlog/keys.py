@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 import pathlib
 
-from .note import ALG_ED25519, Ed25519Signer, parse_private_key
+from .errors import MalformedError
+from .note import (
+    ALG_ED25519,
+    OWN_KEY_NAME_RULE,
+    Ed25519Signer,
+    is_own_key_name,
+    parse_private_key,
+)
 
 
 def write_key_pair(signer: Ed25519Signer, prefix: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
@@ -32,6 +39,8 @@ def load_or_create_signer(prefix: pathlib.Path, name: str, *, alg: int = ALG_ED2
     key_path = prefix.with_name(prefix.name + ".key")
     if key_path.exists():
         return read_signer(key_path, alg=alg)
+    if not is_own_key_name(name):
+        raise MalformedError(f"{OWN_KEY_NAME_RULE}: {name!r}")
     signer = Ed25519Signer.generate(name, alg)
     write_key_pair(signer, prefix)
     return signer

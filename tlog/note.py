@@ -80,6 +80,16 @@ def is_valid_key_name(name: str) -> bool:
     )
 
 
+OWN_KEY_NAME_RULE = "a key name is 1 to 255 printable ASCII characters, with no space and no '+'"
+
+
+def is_own_key_name(name: str) -> bool:
+    """Our policy for the keys we create and the keys registry records name: printable ASCII without
+    space or '+' (so a name prints as itself: no look-alike or invisible characters). Stricter than
+    is_valid_key_name, which notes from other implementations are still parsed by."""
+    return len(name) <= MAX_KEY_NAME and _ASCII_NAME.fullmatch(name) is not None
+
+
 def key_id(name: str, alg: int, public_key: bytes) -> int:
     """SHA-256(name || 0x0A || alg || public key)[:4] as a big-endian uint32."""
     digest = hashlib.sha256(name.encode() + b"\n" + bytes([alg]) + public_key).digest()

@@ -24,11 +24,16 @@ class AddCheckpoint:
 
 
 def parse_add_checkpoint(body: bytes) -> tuple[AddCheckpoint, Note]:
-    """Parse ``old N``, up to 63 proof lines, a blank line and a signed checkpoint. Raises MalformedError."""
+    """Parse ``old N``, up to 63 proof lines, a blank line and a signed checkpoint. Raises MalformedError.
+
+    Exactly one old line, first: a repeated or misplaced old line is refused as such.
+    """
     lines, note_bytes = split_head(body, MAX_REQUEST_BYTES, "add-checkpoint request")
     if not lines[0].startswith("old "):
         raise MalformedError("request does not start with an old line")
     old_size = parse_decimal(lines[0][4:], "old size")
+    if any(line.startswith("old ") for line in lines[1:]):  # base64 has no space: never a hash
+        raise MalformedError("the old line is repeated: a request has exactly one, first")
     if len(lines) - 1 > MAX_PROOF_HASHES:
         raise MalformedError(f"more than {MAX_PROOF_HASHES} proof lines")
     proof = tuple(parse_hash(h, "proof hash") for h in lines[1:])

@@ -42,8 +42,12 @@ def raised_names() -> set[str]:
     names: set[str] = set()
     for path in (p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Raise) and node.exc is not None:
-                exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            # raised, or built and returned for the caller to raise (registry/sbom_pool.py hands errors across threads)
+            thrown = node.exc if isinstance(node, ast.Raise) else node.value if isinstance(node, ast.Return) else None
+            if isinstance(node, ast.Return) and not isinstance(thrown, ast.Call):
+                continue
+            if thrown is not None:
+                exc = thrown.func if isinstance(thrown, ast.Call) else thrown
                 if isinstance(exc, ast.Name):
                     names.add(exc.id)
                 elif isinstance(exc, ast.Attribute):

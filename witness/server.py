@@ -10,7 +10,14 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import Gauge
 
-from tlog.errors import MalformedError, TlogError, TooLargeError
+from tlog.errors import (
+    BodyTimeoutError,
+    MalformedError,
+    TlogError,
+    TooLargeError,
+    UnsupportedEncodingError,
+)
+from tlog.httplimits import body_limit
 from tlog.metrics import install
 from tlog.server import errors_middleware_for
 from tlog.witness_protocol import MAX_REQUEST_BYTES
@@ -23,11 +30,21 @@ WITNESS = web.AppKey("witness", Witness)
 GOSSIP = web.AppKey("gossip", Gossip)
 
 
+# Errors that are not WitnessErrors (those carry their c2sp.org/tlog-witness status); subclasses first.
+STATUS: list[tuple[type[TlogError], int]] = [
+    (TooLargeError, 413),
+    (UnsupportedEncodingError, 415),
+    (MalformedError, 400),
+    (BodyTimeoutError, 408),
+    (TlogError, 500),
+]
+
+
 def witness_error_response(e: TlogError) -> web.Response:
     """c2sp.org/tlog-witness statuses (witness/errors.py); malformed input is 400."""
     if isinstance(e, Conflict):  # body= keeps the exact type; text= would add a charset
         return web.Response(status=409, body=f"{e.known_size}\n".encode(), headers={"Content-Type": "text/x.tlog.size"})
-    status = e.status if isinstance(e, WitnessError) else 413 if isinstance(e, TooLargeError) else 400 if isinstance(e, MalformedError) else 500
+    status = e.status if isinstance(e, WitnessError) else next(status for cls, status in STATUS if isinstance(e, cls))
     return web.Response(status=status, text=f"{e}\n")
 
 
@@ -68,7 +85,7 @@ def make_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[errors_middleware_for(witness_error_response)])
+    app = web.Application(middlewares=[errors_middleware_for(witness_error_response)])  # body limits are per route
     app[WITNESS] = witness
     app.cleanup_ctx.append(run_gossip)
     registry = install(app, "wasmlog_witness")
@@ -76,7 +93,7 @@ def make_app(
         lambda: len(witness.state.evidence())
     )
     Gauge("wasmlog_witness_known_logs", "Logs in the log list", registry=registry).set_function(lambda: len(witness.logs))
-    app.router.add_post("/add-checkpoint", add_checkpoint)
+    app.router.add_post("/add-checkpoint", body_limit(MAX_REQUEST_BYTES, add_checkpoint))
     app.router.add_get("/{origin_hash:[0-9a-f]{64}}/checkpoint", get_checkpoint)
     app.router.add_get("/evidence", get_evidence)
     return app

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from registry_helpers import build_registry, wat_module
+from registry_helpers import build_registry, wat_module, with_custom_section
 
 from registry.client import RegistryClient
 from registry.record import parse_package_ref
@@ -277,18 +277,6 @@ async def test_connections_over_the_cap_get_503_and_one_freed_serves_again(tmp_p
                 assert time.monotonic() < deadline, "no request served after a connection was freed"
                 await asyncio.sleep(0.01)
         held[1][1].close()
-
-
-def with_custom_section(module: bytes, size: int) -> bytes:
-    """module with a custom section of size zero bytes appended (a valid, larger module)."""
-    payload = b"\x04blob" + bytes(size)
-    n, leb = len(payload), bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        leb.append(byte | (0x80 if n else 0))
-        if not n:
-            break
-    return module + b"\x00" + bytes(leb) + payload
 
 
 async def test_a_large_module_is_streamed_from_disk_and_a_client_that_does_not_read_is_cut_off(tmp_path) -> None:

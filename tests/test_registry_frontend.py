@@ -13,7 +13,7 @@ import time
 import aiohttp
 import pytest
 from helpers import free_port, front_end_pids, wait_front_ends_gone, wait_ready
-from registry_helpers import CYCLONEDX, wat_module
+from registry_helpers import CYCLONEDX, wat_module, with_custom_section
 
 from registry.client import RegistryClient, RegistryError, release_statement
 from registry.dsse import INTOTO_PAYLOAD_TYPE, sign_envelope
@@ -79,6 +79,9 @@ async def test_front_ends_publish_and_refuse_like_one_process(tmp_path) -> None:
             await api.act(ALICE, Action("key-grant", "acme", key=BOB.vkey, issued=int(time.time())))  # proxied
             await api.publish(BOB, parse_package_ref("acme:hello@2.0.0"), other)
             assert (await api.get_json("/api/v1/packages/acme/hello"))["versions"] == ["1.0.0", "2.0.0"]
+            big = with_custom_section(module, 3 << 20)  # over the front-ends' PROXY_BUFFER: streamed through
+            await api.publish(ALICE, parse_package_ref("acme:big@1.0.0"), big)
+            assert await api.get("/api/v1/packages/acme/big/1.0.0/module.wasm") == big
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import logging
@@ -91,16 +92,23 @@ def server_limit_options(f):  # type: ignore[no-untyped-def]
     return wrapper
 
 
+PRIVATE_IDLE_TIMEOUT = 60.0
+
+
 def serve_with_front_ends(app: web.Application, workers: int, front_command: Callable[[str], list[str]],
                           servers: Mapping[str, Callable[[web.Application], AddServer]], limits: ServerLimits) -> None:
     """Serve app on a private Unix socket with `workers` front-end processes on the public port.
 
-    front_command gets the socket directory; the front-ends get limits as flags after it."""
+    front_command gets the socket directory; the front-ends get limits as flags after it. The
+    private socket (only the front-ends reach it) admits all their connections and keeps idle
+    ones longer than their connection pools do (aiohttp's default: 15 s)."""
     ipc_dir = tempfile.mkdtemp(prefix="wasmlog-")  # mode 0700: only this user reaches the sockets
     try:
         command = front_command(ipc_dir) + limits.as_args()
         app.cleanup_ctx.append(front_ends(ipc_dir, command, workers, servers))  # supervised
-        run_app(app, None, None, path=os.path.join(ipc_dir, HTTP_SOCKET), limits=limits)
+        private = dataclasses.replace(limits, header_timeout=max(limits.header_timeout, PRIVATE_IDLE_TIMEOUT),
+                                      max_connections=limits.max_connections * workers)
+        run_app(app, None, None, path=os.path.join(ipc_dir, HTTP_SOCKET), limits=private)
     finally:
         shutil.rmtree(ipc_dir, ignore_errors=True)
 

@@ -54,7 +54,7 @@ def make_registry_frontend_app(ipc_dir: str, data: str) -> web.Application:
     app = web.Application(middlewares=[registry_errors_middleware])  # body limits are per route (body_limit)
     app.cleanup_ctx.append(frontend_context(ipc_dir, {CHECK_CLIENT: CHECK_SOCKET, ADD_CLIENT: ADD_SOCKET}))
     app.cleanup_ctx.append(blobs)
-    app.router.add_post("/api/v1/publish", body_limit(MAX_PUBLISH_BYTES, publish))
+    app.router.add_post("/api/v1/publish", body_limit(MAX_PUBLISH_BYTES, publish, compressed=False))
     # Proxied bodies (POST /api/v1/records) are bounded here too; the registry process checks its own limits.
     app.router.add_route("*", "/{tail:.*}", body_limit(MAX_RECORD_BYTES, proxy))
     return app

@@ -239,7 +239,7 @@ def make_app(
     pkg = base + "/packages/{ns}/{name}/{version}"
     if not read_only:
         app.router.add_routes([
-            web.post(base + "/publish", body_limit(MAX_PUBLISH_BYTES, publish)),
+            web.post(base + "/publish", body_limit(MAX_PUBLISH_BYTES, publish, compressed=False)),
             web.post(base + "/records", body_limit(MAX_RECORD_BYTES, post_record)),
         ])
     app.router.add_routes(

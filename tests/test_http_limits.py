@@ -12,7 +12,7 @@ import socket
 import struct
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -61,11 +61,11 @@ def rss() -> int:
 
 
 @contextlib.contextmanager
-def peak_rss_growth() -> AsyncIterator[list[int]]:  # type: ignore[misc]
+def peak_rss_growth() -> Iterator[list[int]]:
     """Yields a list that holds, on exit, how far this process's peak RSS rose above its RSS on entry."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current RSS
-    base, out = rss(), []
+    base, out = rss(), list[int]()
     yield out
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -317,3 +317,30 @@ async def wait_for(condition, failure: str, seconds: float = 15) -> None:  # typ
     while not condition():
         assert time.monotonic() < deadline, failure
         await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("head", [
+    post_head("/log/checkpoint", 0, "Content-Encoding: gzip"),  # 405: aiohttp's answer, not ours
+    post_head("/api/v1/nowhere", 0, "Content-Encoding: gzip"),  # 404
+    post_head("/api/v1/records", 0, "Content-Encoding: gzip"),  # 413 from our limit
+])
+async def test_a_refused_compressed_body_is_not_inflated_after_the_answer(tmp_path, head: str) -> None:
+    bomb = gzip_bomb(1024)
+    head = head.replace("Content-Length: 0", f"Content-Length: {len(bomb)}")
+    async with registry_server(tmp_path) as site:
+        r, w = await asyncio.open_connection("127.0.0.1", site.port)
+        cpu = time.process_time()
+        w.write(head.encode() + b"\r\n" + bomb)
+        answer = await wait_closed(r, 10)  # answered, then closed at once: no lingering read that would inflate the rest
+        assert answer.split(b" ")[1] in (b"404", b"405", b"413") and b"Connection: close" in answer
+        await wait_for(lambda: site.count.open == 0, "the connection is still open")
+        assert time.process_time() - cpu < 0.4, "the server inflated the refused body"
+        w.close()
+
+
+async def test_publish_takes_no_compressed_body(tmp_path) -> None:
+    async with registry_server(tmp_path) as site:
+        body = gzip.compress(b"\xa0")  # an empty CBOR map
+        status, answer = await raw_request(site.port, post_head("/api/v1/publish", len(body), "Content-Encoding: gzip",
+                                                               "Content-Type: application/cbor"), body)
+        assert status == 415 and b"no compressed body" in answer

@@ -222,10 +222,14 @@ async def serve(app: web.Application, limits: ServerLimits, host: str | None, po
 NO_BODY = 0
 DECODABLE = frozenset({"identity", "gzip", "x-gzip", "deflate"})
 _MAX_BODY = "wasmlog_max_body"
+_COMPRESSED = "wasmlog_compressed_body"
 
 
-def body_limit(max_bytes: int, handler: Handler) -> Handler:
-    """handler, accepting a request body of up to max_bytes (after Content-Encoding decoding)."""
+def body_limit(max_bytes: int, handler: Handler, *, compressed: bool = True) -> Handler:
+    """handler, accepting a request body of up to max_bytes (after Content-Encoding decoding).
+
+    compressed=False refuses gzip/deflate bodies (415): for routes with large limits, where a
+    small compressed body could make the server decode and buffer max_bytes."""
     if max_bytes <= 0:
         raise ValueError("a body limit is positive (routes take no body unless given one)")
 
@@ -234,11 +238,14 @@ def body_limit(max_bytes: int, handler: Handler) -> Handler:
         return await handler(request)
 
     setattr(limited, _MAX_BODY, max_bytes)
+    setattr(limited, _COMPRESSED, compressed)
     return limited
 
 
-def route_body_limit(request: web.Request) -> int:
-    return int(getattr(request.match_info.handler, _MAX_BODY, NO_BODY))
+def route_body_limit(request: web.Request) -> tuple[int, bool]:
+    """The route's body limit and whether it takes compressed bodies."""
+    handler = request.match_info.handler
+    return int(getattr(handler, _MAX_BODY, NO_BODY)), bool(getattr(handler, _COMPRESSED, False))
 
 
 def _encoded_bound(limit: int) -> int:
@@ -257,10 +264,12 @@ async def guard_request(request: web.Request) -> AsyncIterator[tuple[web.Request
     if request.match_info.http_exception is not None or not request.body_exists:
         yield request, lambda: False
         return
-    limit = route_body_limit(request)
+    limit, compressed = route_body_limit(request)
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in DECODABLE:
         raise UnsupportedEncodingError(f"Content-Encoding {encoding[:40]!r} is not accepted (gzip or deflate only)")
+    if encoding != "identity" and limit != NO_BODY and not compressed:
+        raise UnsupportedEncodingError(f"{request.path} takes no compressed body (Content-Encoding {encoding})")
     if limit == NO_BODY:
         raise TooLargeError(f"{request.method} {request.path} takes no request body")
     announced = request.content_length
@@ -294,6 +303,11 @@ async def close_after(request: web.Request, response: web.StreamResponse) -> web
         await response.write_eof()
     request.protocol.force_close()
     return response
+
+
+def unread_encoded_body(request: web.Request) -> bool:
+    """A compressed body not read to its end: answer and close rather than linger, which would inflate it."""
+    return "Content-Encoding" in request.headers and not request.content.is_eof()
 
 
 def client_gone(request: web.Request) -> bool:

@@ -28,7 +28,13 @@ from .errors import (
     TooLargeError,
     UnsupportedEncodingError,
 )
-from .httplimits import body_limit, client_gone, close_after, guard_request
+from .httplimits import (
+    body_limit,
+    client_gone,
+    close_after,
+    guard_request,
+    unread_encoded_body,
+)
 from .log import Log
 from .metrics import LogMetrics, install
 from .note import b64encode
@@ -98,8 +104,10 @@ def errors_middleware_for(respond: Callable[[TlogError], web.Response]) -> Calla
             response = respond(e)
             if response.status >= 500:
                 logger.warning("%s %s: %s", request.method, request.path, e)
-        except web.HTTPException:
-            raise
+        except web.HTTPException as e:  # aiohttp's own (404, 405, ...) and handlers'
+            if not unread_encoded_body(request):
+                raise
+            response = web.Response(status=e.status, body=e.body, content_type=e.content_type)
         except ConnectionError:
             if not client_gone(request):
                 raise
@@ -107,7 +115,7 @@ def errors_middleware_for(respond: Callable[[TlogError], web.Response]) -> Calla
         except Exception:
             logger.exception("%s %s: unexpected error", request.method, request.path)
             response = respond(TlogError("internal error"))
-        if timed_out() or (response.status >= 400 and "Content-Encoding" in request.headers and not request.content.is_eof()):
+        if timed_out() or (response.status >= 400 and unread_encoded_body(request)):
             return await close_after(request, response)  # no lingering: the rest could be a slow trickle or a bomb
         return response
 

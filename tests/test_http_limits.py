@@ -344,3 +344,19 @@ async def test_publish_takes_no_compressed_body(tmp_path) -> None:
         status, answer = await raw_request(site.port, post_head("/api/v1/publish", len(body), "Content-Encoding: gzip",
                                                                "Content-Type: application/cbor"), body)
         assert status == 415 and b"no compressed body" in answer
+
+
+async def test_an_unexpected_error_is_a_plain_500_that_names_nothing_inside(tmp_path) -> None:
+    from aiohttp import web
+
+    from tlog.server import errors_middleware
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("internal detail /srv/secret")
+
+    app = web.Application(middlewares=[errors_middleware])
+    app.router.add_get("/broken", broken)
+    async with serving(app) as site:
+        status, body = await raw_request(site.port, "GET /broken HTTP/1.1\r\nHost: x\r\n")
+        assert status == 500 and b"internal error" in body
+        assert b"secret" not in body and b"Traceback" not in body and b"RuntimeError" not in body

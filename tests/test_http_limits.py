@@ -141,13 +141,22 @@ ROUTES = {  # server, POST route, its limit
 
 
 @pytest.mark.parametrize("server", ROUTES)
-async def test_a_gzip_bomb_is_413_without_inflating_it(tmp_path, server: str) -> None:
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
+async def test_a_gzip_bomb_is_413_without_inflating_it(tmp_path, server: str, chunked: bool) -> None:
     start, path, _ = ROUTES[server]
     bomb = gzip_bomb(1024)
+    if chunked:  # no announced length: refused while decoding, once past the limit
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Encoding: gzip\r\n"
+        body = b"%x\r\n" % len(bomb) + bomb + b"\r\n0\r\n\r\n"
+    else:  # a compressed length already over what the limit could take: refused before reading
+        head, body = post_head(path, len(bomb), "Content-Encoding: gzip"), bomb
     async with start(tmp_path) as site:
+        cpu = time.process_time()
         with peak_rss_growth() as growth:
-            status, _ = await raw_request(site.port, post_head(path, len(bomb), "Content-Encoding: gzip"), bomb)
+            status, _ = await raw_request(site.port, head, body)
         assert status == 413
+        await wait_for(lambda: site.count.open == 0, "the bomb's connection is still open")
+        assert time.process_time() - cpu < 0.4, "the server inflated much of the bomb"
     assert growth[0] < 100 * MIB, f"peak RSS grew by {growth[0] >> 20} MiB"
 
 

@@ -248,6 +248,10 @@ def route_body_limit(request: web.Request) -> tuple[int, bool]:
     return int(getattr(handler, _MAX_BODY, NO_BODY)), bool(getattr(handler, _COMPRESSED, False))
 
 
+def content_encoding(request: web.Request) -> str:
+    return request.headers.get("Content-Encoding", "identity").strip().lower()
+
+
 def _encoded_bound(limit: int) -> int:
     """The most bytes a gzip/deflate encoding of limit bytes can take (stored blocks: 5 bytes per 16 KiB)."""
     return limit + 5 * (limit // 16384 + 1) + 64
@@ -265,7 +269,7 @@ async def guard_request(request: web.Request) -> AsyncIterator[tuple[web.Request
         yield request, lambda: False
         return
     limit, compressed = route_body_limit(request)
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    encoding = content_encoding(request)
     if encoding not in DECODABLE:
         raise UnsupportedEncodingError(f"Content-Encoding {encoding[:40]!r} is not accepted (gzip or deflate only)")
     if encoding != "identity" and limit != NO_BODY and not compressed:
@@ -275,6 +279,9 @@ async def guard_request(request: web.Request) -> AsyncIterator[tuple[web.Request
     announced = request.content_length
     if announced is not None and announced > (limit if encoding == "identity" else _encoded_bound(limit)):
         raise TooLargeError(f"request body of {announced} bytes is over this route's {limit}")
+    if announced is not None and announced <= request.client_max_size and encoding == "identity" and request.content.is_eof():
+        yield request, lambda: False  # the whole body is here, within the limit: nothing to cap or time
+        return
     limits = request.config_dict.get(LIMITS, DEFAULT_LIMITS)
     timed_out = False
 
@@ -290,7 +297,7 @@ async def guard_request(request: web.Request) -> AsyncIterator[tuple[web.Request
     except web.HTTPRequestEntityTooLarge:
         raise TooLargeError(f"request body is over this route's {limit} bytes (after decoding)") from None
     except (RequestPayloadError, HttpProcessingError) as e:
-        raise MalformedError(f"request body: {getattr(e, 'message', None) or e}") from None
+        raise MalformedError("request body: " + " ".join(str(getattr(e, "message", None) or e).split())) from None
     finally:
         timer.cancel()
 
@@ -307,7 +314,7 @@ async def close_after(request: web.Request, response: web.StreamResponse) -> web
 
 def unread_encoded_body(request: web.Request) -> bool:
     """A compressed body not read to its end: answer and close rather than linger, which would inflate it."""
-    return "Content-Encoding" in request.headers and not request.content.is_eof()
+    return content_encoding(request) != "identity" and not request.content.is_eof()
 
 
 def client_gone(request: web.Request) -> bool:

@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import os
 import re
+from typing import BinaryIO
 
 from tlog.errors import MalformedError, NotFoundError
 from tlog.files import atomic_write
@@ -91,6 +92,13 @@ class BlobStore:
                 os.sync()  # no syncfs here (or it failed): flush everything
         finally:
             os.close(fd)
+
+    def open(self, digest: str) -> BinaryIO:
+        """The blob's file, open for reading (the caller closes it); blobs never change once written."""
+        try:
+            return open(self._path(digest), "rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {digest} not found") from None
 
     def get(self, digest: str) -> bytes:
         try:

@@ -23,6 +23,7 @@ from tlog.cli import (
     run_app,
     sequencer_options,
     serve_with_front_ends,
+    server_limit_options,
     split_listen,
     witness_budget,
     witness_group,
@@ -30,6 +31,7 @@ from tlog.cli import (
 )
 from tlog.errors import TlogError
 from tlog.frontend import ADD_SOCKET
+from tlog.httplimits import ServerLimits
 from tlog.keys import read_signer
 from tlog.log import Log
 from tlog.runloop import run
@@ -129,10 +131,11 @@ def registry_group() -> None:
 @sequencer_options
 @witness_rounds_option
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="With N > 1, N HTTP front-end processes share the port, check publishes and write blobs; this one keeps the state and the log.")
+@server_limit_options
 @one_line_errors
 def registry_serve(
     data: pathlib.Path, key_file: pathlib.Path, policy_file: pathlib.Path | None, listen: str,
-    interval_ms: int, batch_max: int, max_pending: int, witness_rounds_per_day: int | None, workers: int,
+    interval_ms: int, batch_max: int, max_pending: int, witness_rounds_per_day: int | None, workers: int, limits: ServerLimits,
 ) -> None:
     """Serve the registry API under /api/v1/ and its log under /log/."""
     host, port = split_listen(listen)
@@ -147,7 +150,7 @@ def registry_serve(
         app = make_app(registry, sequencer, witness_policy=policy, witness_timeout=DEFAULT_WITNESS_TIMEOUT,
                        max_checkpoint_age=DEFAULT_HEALTHZ_MAX_AGE)
         if workers <= 1:
-            run_app(app, host, port)
+            run_app(app, host, port, limits=limits)
             return
         serve_with_front_ends(
             app, workers,
@@ -156,6 +159,7 @@ def registry_serve(
                 CHECK_SOCKET: lambda _: AddServer(registry.check_entry, status_for, error_body),
                 ADD_SOCKET: lambda _: AddServer(registry.submit_entry, status_for, error_body),
             },
+            limits,
         )
     finally:
         store.close()
@@ -165,10 +169,11 @@ def registry_serve(
 @click.option("--ipc", "ipc_dir", required=True, type=click.Path(exists=True, file_okay=False), help="The registry process's socket directory.")
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="The registry's data directory (blobs are written here).")
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True)
-def registry_front(ipc_dir: str, data: str, listen: str) -> None:
+@server_limit_options
+def registry_front(ipc_dir: str, data: str, listen: str, limits: ServerLimits) -> None:
     """An HTTP front-end process of `registry serve --workers N` (started by it, not by hand)."""
     host, port = split_listen(listen)
-    run_app(make_registry_frontend_app(ipc_dir, data), host, port, reuse_port=True)
+    run_app(make_registry_frontend_app(ipc_dir, data), host, port, reuse_port=True, limits=limits)
 
 
 @main.command()
@@ -263,11 +268,12 @@ def yank(url: str, key_file: pathlib.Path, reason: str, ref: PackageRef) -> None
 @main.command()
 @click.option("--data", default="wasmlog-data", show_default=True, type=click.Path(file_okay=False, path_type=pathlib.Path))
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT of the registry; witnesses take the next three ports.")
+@server_limit_options
 @one_line_errors
-def up(data: pathlib.Path, listen: str) -> None:
+def up(data: pathlib.Path, listen: str, limits: ServerLimits) -> None:
     """Start the whole network on embedded defaults: a registry with its log and three witnesses (quorum 2)."""
     host, port = split_listen(listen)
-    run(run_network(NetworkConfig(data=data, host=host, port=port)))
+    run(run_network(NetworkConfig(data=data, host=host, port=port, limits=limits)))
 
 
 @main.command()
@@ -459,19 +465,15 @@ def diff(url: str, as_json: bool, old: PackageRef, new: PackageRef) -> None:
 @click.option("--data", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path))
 @click.option("--listen", default="127.0.0.1:7390", show_default=True)
 @click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(0.1), help="Seconds between copy rounds.")
+@server_limit_options
 @one_line_errors
-def mirror(source: str, policy_file: pathlib.Path, data: pathlib.Path, listen: str, interval: float) -> None:
+def mirror(source: str, policy_file: pathlib.Path, data: pathlib.Path, listen: str, interval: float, limits: ServerLimits) -> None:
     """Replicate a registry's log and blobs, verifying everything, and serve the same read API."""
-    from aiohttp import web
-
-    from tlog.runloop import new_loop
-
     from .mirror import run_mirror
     from .verify import parse_trust_policy
 
     host, port = split_listen(listen)
     policy = parse_trust_policy(policy_file.read_text())
-    loop = new_loop()
     app = run_mirror(source=source, policy=policy, data=data, interval=interval)
     click.echo(f"mirror of {source} at http://{host}:{port}/ (data in {data})")
-    web.run_app(app, host=host, port=port, print=None, access_log=None, loop=loop)
+    run_app(app, host, port, limits=limits)

@@ -18,12 +18,13 @@ from aiohttp import web
 
 from tlog.addipc import AddClient
 from tlog.frontend import ADD_CLIENT, ADD_SOCKET, frontend_context, proxy
+from tlog.httplimits import body_limit
 
 from .blobs import BlobStore
 from .groupsync import GroupSync
 from .publish_reader import PublishReader
-from .server import MAX_PUBLISH_BYTES, registry_errors_middleware
 from .sbom_pool import SbomPool
+from .server import MAX_PUBLISH_BYTES, MAX_RECORD_BYTES, registry_errors_middleware
 from .service import LOGGED, check_release_contents, check_signed_release, store_blobs
 
 CHECK_SOCKET = "check.sock"
@@ -55,9 +56,10 @@ def make_registry_frontend_app(ipc_dir: str, data: str) -> web.Application:
         yield
         await asyncio.to_thread(app[SBOM_POOL].close)
 
-    app = web.Application(client_max_size=MAX_PUBLISH_BYTES, middlewares=[registry_errors_middleware])
+    app = web.Application(middlewares=[registry_errors_middleware])  # body limits are per route (body_limit)
     app.cleanup_ctx.append(frontend_context(ipc_dir, {CHECK_CLIENT: CHECK_SOCKET, ADD_CLIENT: ADD_SOCKET}))
     app.cleanup_ctx.append(blobs)
-    app.router.add_post("/api/v1/publish", publish)
-    app.router.add_route("*", "/{tail:.*}", proxy)
+    app.router.add_post("/api/v1/publish", body_limit(MAX_PUBLISH_BYTES, publish, compressed=False))
+    # Proxied bodies (POST /api/v1/records) are bounded here too; the registry process checks its own limits.
+    app.router.add_route("*", "/{tail:.*}", body_limit(MAX_RECORD_BYTES, proxy))
     return app

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from tlog.httplimits import DEFAULT_LIMITS, ServerLimits, start_server
 from tlog.keys import load_or_create_signer
 from tlog.log import Log
 from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer
@@ -49,6 +50,7 @@ class NetworkConfig:
     interval: float = 0.05
     gossip_interval: float = 60.0
     rounds_per_day: int = ROUNDS_PER_DAY  # the log's pace; the witnesses' qpd for it is twice that
+    limits: ServerLimits = DEFAULT_LIMITS  # every server's connection and request bounds (tlog/httplimits.py)
 
 
 def network_policy(log_key: Ed25519Signer, witness_keys: list[Ed25519Signer], urls: list[str]) -> str:
@@ -79,14 +81,14 @@ async def run_network(cfg: NetworkConfig, *, ready: asyncio.Event | None = None,
             closers.append(state.close)
             peers = [u for j, u in enumerate(witness_urls) if j != i]
             app = make_witness_app(Witness(signer=key, logs=log_list, state=state), peers=peers, gossip_interval=cfg.gossip_interval)
-            runners.append(await _start(app, cfg.host, cfg.port + 1 + i))
+            runners.append(await _start(app, cfg, cfg.port + 1 + i))
         store = LMDBLogStore(str(cfg.data / "log"))
         closers.append(store.close)
         log = Log(store, log_key, witnessed=True)
         sequencer = Sequencer(log, interval=cfg.interval, witness_budget=RequestBudget(cfg.rounds_per_day))
         registry = Registry(sequencer=sequencer, blobs=BlobStore(str(cfg.data / "blobs")))
         app = make_app(registry, sequencer, witness_policy=parse_policy(policy_text.encode()), max_checkpoint_age=300.0)
-        runners.append(await _start(app, cfg.host, cfg.port))
+        runners.append(await _start(app, cfg, cfg.port))
         write_trust_policy(cfg.data / "trust-policy.toml", policy_text)
         print(
             f"wasmlog network up (data in {cfg.data})\n"
@@ -113,10 +115,8 @@ def write_trust_policy(path: pathlib.Path, tlog_policy: str, max_age: int = 8640
     path.write_text(f'# wasmlog edge trust policy, written by `wasmlog up`\nmax_checkpoint_age = {max_age}\ntlog_policy = """\n{body}"""\n')
 
 
-async def _start(app: web.Application, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+async def _start(app: web.Application, cfg: NetworkConfig, port: int) -> web.AppRunner:
+    runner, _ = await start_server(app, cfg.limits, cfg.host, port)
     return runner
 
 

@@ -12,6 +12,7 @@ from aiohttp import web
 from tlog.addipc import ForwardedError
 from tlog.checkpoint import parse_decimal
 from tlog.errors import (
+    BodyTimeoutError,
     MalformedError,
     MissingDependencyError,
     NotFoundError,
@@ -19,7 +20,9 @@ from tlog.errors import (
     StorageFullError,
     TlogError,
     TooLargeError,
+    UnsupportedEncodingError,
 )
+from tlog.httplimits import body_limit, send_file
 from tlog.merkle import MAX_TREE_SIZE
 from tlog.metrics import install
 from tlog.note import b64encode
@@ -39,13 +42,16 @@ from .wasm import MAX_MODULE_BYTES, WasmError
 
 REGISTRY = web.AppKey("registry", Registry)
 MAX_PUBLISH_BYTES = MAX_MODULE_BYTES + MAX_SBOM_BYTES + MAX_ENVELOPE_BYTES + (64 << 10)
+MAX_RECORD_BYTES = MAX_ENVELOPE_BYTES + (16 << 10)  # POST /api/v1/records: an action's envelope, its type and signer
 
 # Every error maps to one status here; subclasses come before their bases.
 STATUS: list[tuple[type[TlogError], int]] = [
     (TooLargeError, 413),
+    (UnsupportedEncodingError, 415),
     (RecordError, 422),
     (WasmError, 422),
     (MalformedError, 400),
+    (BodyTimeoutError, 408),
     (NotFoundError, 404),
     (MissingDependencyError, 415),  # an SBOM media type this installation cannot validate
     (PushbackError, 503),
@@ -90,13 +96,10 @@ async def publish(request: web.Request) -> web.Response:
 
 
 async def post_record(request: web.Request) -> web.Response:
-    body = await request.read()
-    obj = strict_json(body, "record request")  # duplicate keys would make the request ambiguous
+    obj = strict_json(await request.read(), "record request")  # bounded: MAX_RECORD_BYTES, nesting, no duplicate keys
     try:
-        if not isinstance(obj, dict) or len(obj) != 3:
-            raise TypeError
-        record_type, signer, envelope = obj["type"], obj["signer"], obj["envelope"]
-        if not isinstance(record_type, str) or not isinstance(signer, str) or not isinstance(envelope, dict):
+        record_type, signer, envelope = obj["type"], obj["signer"], obj["envelope"]  # type: ignore[index]
+        if not isinstance(record_type, str) or not isinstance(signer, str) or not isinstance(envelope, dict) or len(obj) != 3:  # type: ignore[arg-type]
             raise TypeError
     except (KeyError, TypeError):
         raise MalformedError('want {"type": ..., "signer": <vkey>, "envelope": <DSSE envelope>}') from None
@@ -167,20 +170,20 @@ async def get_metadata(request: web.Request) -> web.Response:
     return web.json_response(request.app[REGISTRY].metadata(_ref(request)))
 
 
-async def get_module(request: web.Request) -> web.Response:
+async def get_module(request: web.Request) -> web.StreamResponse:
     registry = request.app[REGISTRY]
     digest = registry.release(_ref(request)).release.module_sha256
-    data = await asyncio.to_thread(registry.blobs.get, digest)
-    return web.Response(body=data, content_type="application/wasm", headers={"Cache-Control": "public, max-age=31536000, immutable"})
+    f = await asyncio.to_thread(registry.blobs.open, digest)
+    return await send_file(request, f, {"Content-Type": "application/wasm", "Cache-Control": "public, max-age=31536000, immutable"})
 
 
-async def get_sbom(request: web.Request) -> web.Response:
+async def get_sbom(request: web.Request) -> web.StreamResponse:
     registry = request.app[REGISTRY]
     rel = registry.release(_ref(request)).release
     if rel.sbom_sha256 is None or rel.sbom_media_type is None:
         raise NotFoundError("this release has no SBOM")
-    data = await asyncio.to_thread(registry.blobs.get, rel.sbom_sha256)
-    return web.Response(body=data, headers={"Content-Type": rel.sbom_media_type})
+    f = await asyncio.to_thread(registry.blobs.open, rel.sbom_sha256)
+    return await send_file(request, f, {"Content-Type": rel.sbom_media_type})
 
 
 async def get_statement(request: web.Request) -> web.Response:
@@ -209,13 +212,16 @@ def make_app(
     max_checkpoint_age: float | None = None, read_only: bool = False,
 ) -> web.Application:
     """The registry app. read_only leaves out publishing and records (a mirror)."""
-    app = web.Application(client_max_size=MAX_PUBLISH_BYTES, middlewares=[registry_errors_middleware])
+    app = web.Application(middlewares=[registry_errors_middleware])  # body limits are per route (body_limit)
     app[REGISTRY] = registry
     app.on_cleanup.append(lambda _: asyncio.to_thread(registry.sbom_pool.close))  # stops its SBOM validator processes
     base = "/api/v1"
     pkg = base + "/packages/{ns}/{name}/{version}"
     if not read_only:
-        app.router.add_routes([web.post(base + "/publish", publish), web.post(base + "/records", post_record)])
+        app.router.add_routes([
+            web.post(base + "/publish", body_limit(MAX_PUBLISH_BYTES, publish, compressed=False)),
+            web.post(base + "/records", body_limit(MAX_RECORD_BYTES, post_record)),
+        ])
     app.router.add_routes(
         [
             web.get(base + "/namespaces/{ns}", get_namespace),

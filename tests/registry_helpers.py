@@ -54,6 +54,18 @@ def wat_module(name: str, tmp: pathlib.Path) -> bytes:
     return out.read_bytes()
 
 
+def with_custom_section(module: bytes, size: int) -> bytes:
+    """module with a custom section of size zero bytes appended (a valid, larger module)."""
+    payload = b"\x04blob" + bytes(size)
+    n, leb = len(payload), bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        leb.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    return module + b"\x00" + bytes(leb) + payload
+
+
 def build_registry(tmp: pathlib.Path) -> tuple[Registry, Sequencer, LMDBLogStore]:
     store = LMDBLogStore(str(tmp / "log"))
     seq = Sequencer(Log(store, REGISTRY_KEY), interval=0.005)

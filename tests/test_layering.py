@@ -12,7 +12,7 @@ PURE = ["hashes", "merkle", "compact", "tiles", "note", "checkpoint", "cosignatu
         "errors", "policy", "witness_protocol", "syntax"]
 IO = {"asyncio", "aiohttp", "lmdb", "click", "socket", "os", "requests", "subprocess", "pathlib", "io", "time", "shutil"}
 # cli → server → sequencer → log → storage → pure core
-LAYER = {"cli": 5, "__main__": 5, "keys": 1, "files": 1, "runloop": 1, "server": 4, "frontend": 4, "metrics": 4, "sequencer": 3, "addipc": 3, "witnessing": 3, "client": 3, "log": 2, "storage": 1,
+LAYER = {"cli": 5, "__main__": 5, "keys": 1, "files": 1, "runloop": 1, "server": 4, "frontend": 4, "metrics": 4, "httplimits": 4, "sequencer": 3, "addipc": 3, "witnessing": 3, "client": 3, "log": 2, "storage": 1,
          **{m: 0 for m in PURE}}
 
 

@@ -22,6 +22,7 @@ from registry_helpers import (
     big_cyclonedx,
     release_envelope,
     wat_module,
+    with_custom_section,
 )
 
 from registry.client import RegistryClient, RegistryError, release_statement
@@ -93,6 +94,9 @@ async def test_front_ends_publish_and_refuse_like_one_process(tmp_path) -> None:
             await api.act(ALICE, Action("key-grant", "acme", key=BOB.vkey, issued=int(time.time())))  # proxied
             await api.publish(BOB, parse_package_ref("acme:hello@2.0.0"), other)
             assert (await api.get_json("/api/v1/packages/acme/hello"))["versions"] == ["1.0.0", "2.0.0"]
+            big = with_custom_section(module, 3 << 20)  # over the front-ends' PROXY_BUFFER: streamed through
+            await api.publish(ALICE, parse_package_ref("acme:big@1.0.0"), big)
+            assert await api.get("/api/v1/packages/acme/big/1.0.0/module.wasm") == big
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -11,6 +14,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import click
 from aiohttp import web
@@ -18,12 +22,25 @@ from aiohttp import web
 from .addipc import AddServer
 from .errors import TlogError
 from .frontend import ADD_SOCKET, HTTP_SOCKET, front_ends, make_frontend_app
+from .httplimits import DEFAULT_LIMITS, ServerLimits, serve
 from .keys import read_signer, write_key_pair
 from .log import Log
-from .note import ALG_COSIGNATURE_V1, ALG_ED25519, OWN_KEY_NAME_RULE, Ed25519Signer, is_own_key_name
+from .note import (
+    ALG_COSIGNATURE_V1,
+    ALG_ED25519,
+    OWN_KEY_NAME_RULE,
+    Ed25519Signer,
+    is_own_key_name,
+)
 from .policy import NONE, Policy, parse_policy
 from .runloop import new_loop
-from .sequencer import DEFAULT_BATCH_MAX, DEFAULT_INTERVAL, DEFAULT_MAX_PENDING, DEFAULT_REPUBLISH_INTERVAL, Sequencer
+from .sequencer import (
+    DEFAULT_BATCH_MAX,
+    DEFAULT_INTERVAL,
+    DEFAULT_MAX_PENDING,
+    DEFAULT_REPUBLISH_INTERVAL,
+    Sequencer,
+)
 from .server import SEQUENCER, make_app, status_for
 from .storage.lmdb_store import DEFAULT_MAP_SIZE, LMDBLogStore
 from .witnessing import DEFAULT_WITNESS_TIMEOUT, RequestBudget
@@ -39,22 +56,54 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def run_app(app: web.Application, host: str | None, port: int | None, *, path: str | None = None, reuse_port: bool = False) -> None:
-    """Serve app until SIGINT/SIGTERM on runloop.new_loop() (uvloop when installed).
+def run_app(app: web.Application, host: str | None, port: int | None, *, path: str | None = None, reuse_port: bool = False,
+            limits: ServerLimits = DEFAULT_LIMITS) -> None:
+    """Serve app until SIGINT/SIGTERM on runloop.new_loop() (uvloop when installed), with every
+    connection and request bounded by limits (tlog/httplimits.py).
 
-    path: serve on this Unix socket (also, or only when host and port are None); reuse_port: share the port.
+    path: serve on this Unix socket (also, or only when port is None); reuse_port: share the port.
     """
-    web.run_app(app, host=host, port=port, path=path, reuse_port=reuse_port or None, print=None, access_log=None,
-                loop=new_loop())
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(serve(app, limits, host, port, path=path, reuse_port=reuse_port))
+
+
+LIMIT_OPTIONS = [
+    click.option("--header-timeout", default=DEFAULT_LIMITS.header_timeout, show_default=True, type=click.FloatRange(0.1), help="Seconds a connection may take to send a complete request head, from connecting or from its previous response (the keep-alive idle time)."),
+    click.option("--body-timeout", default=DEFAULT_LIMITS.body_timeout, show_default=True, type=click.FloatRange(0.1), help="Seconds a request body may take to arrive; then 408 and the connection is closed."),
+    click.option("--write-timeout", default=DEFAULT_LIMITS.write_timeout, show_default=True, type=click.FloatRange(0.1), help="Seconds a response may wait for a client that does not read; then the connection is closed."),
+    click.option("--max-connections", default=DEFAULT_LIMITS.max_connections, show_default=True, type=click.IntRange(1), help="Open connections per process; more are answered 503 and closed."),
+]
+
+
+def server_limit_options(f):  # type: ignore[no-untyped-def]
+    """Add the LIMIT_OPTIONS to a command; f gets them as one ServerLimits argument, limits."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, header_timeout: float, body_timeout: float, write_timeout: float, max_connections: int, **kwargs: Any) -> Any:
+        return f(*args, limits=ServerLimits(header_timeout, body_timeout, write_timeout, max_connections), **kwargs)
+
+    for option in reversed(LIMIT_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+PRIVATE_IDLE_TIMEOUT = 60.0
 
 
 def serve_with_front_ends(app: web.Application, workers: int, front_command: Callable[[str], list[str]],
-                          servers: Mapping[str, Callable[[web.Application], AddServer]]) -> None:
-    """Serve app on a private Unix socket with `workers` front-end processes on the public port."""
+                          servers: Mapping[str, Callable[[web.Application], AddServer]], limits: ServerLimits) -> None:
+    """Serve app on a private Unix socket with `workers` front-end processes on the public port.
+
+    front_command gets the socket directory; the front-ends get limits as flags after it. The
+    private socket (only the front-ends reach it) admits all their connections and keeps idle
+    ones longer than their connection pools do (aiohttp's default: 15 s)."""
     ipc_dir = tempfile.mkdtemp(prefix="wasmlog-")  # mode 0700: only this user reaches the sockets
     try:
-        app.cleanup_ctx.append(front_ends(ipc_dir, front_command(ipc_dir), workers, servers))  # supervised
-        run_app(app, None, None, path=os.path.join(ipc_dir, HTTP_SOCKET))
+        command = front_command(ipc_dir) + limits.as_args()
+        app.cleanup_ctx.append(front_ends(ipc_dir, command, workers, servers))  # supervised
+        private = dataclasses.replace(limits, header_timeout=max(limits.header_timeout, PRIVATE_IDLE_TIMEOUT),
+                                      max_connections=limits.max_connections * workers)
+        run_app(app, None, None, path=os.path.join(ipc_dir, HTTP_SOCKET), limits=private)
     finally:
         shutil.rmtree(ipc_dir, ignore_errors=True)
 
@@ -75,6 +124,7 @@ def serve_log(
     witness_policy: Policy | None = None, republish_interval: float = DEFAULT_REPUBLISH_INTERVAL,
     witness_timeout: float = DEFAULT_WITNESS_TIMEOUT, healthz_max_age: float = 300.0, workers: int = 1,
     witness_rounds_per_day: int | None = None,
+    limits: ServerLimits = DEFAULT_LIMITS,
 ) -> None:
     """Serve a log; with workers > 1, that many HTTP front-end processes serve the port and this one sequences."""
     host, port = split_listen(listen)
@@ -89,11 +139,11 @@ def serve_log(
         app = make_app(sequencer, witness_policy=witness_policy, witness_timeout=witness_timeout, max_checkpoint_age=healthz_max_age)
         click.echo(banner or f"log {log.origin} at http://{host}:{port}/ (size {log.published.checkpoint.size})")
         if workers <= 1:
-            run_app(app, host, port)
+            run_app(app, host, port, limits=limits)
             return
         serve_with_front_ends(
             app, workers, lambda ipc_dir: ["tlog", "log", "front", "--ipc", ipc_dir, "--listen", listen],
-            {ADD_SOCKET: lambda a: AddServer(a[SEQUENCER].submit, status_for)},
+            {ADD_SOCKET: lambda a: AddServer(a[SEQUENCER].submit, status_for)}, limits,
         )
     finally:
         store.close()
@@ -203,6 +253,7 @@ def log_group() -> None:
 @click.option("--witness-timeout", default=DEFAULT_WITNESS_TIMEOUT, show_default=True, type=click.FloatRange(0.1), help="Seconds to wait for witnesses per checkpoint.")
 @witness_rounds_option
 @log_options
+@server_limit_options
 def log_serve(
     data: pathlib.Path, key_file: pathlib.Path, origin: str | None, policy_file: pathlib.Path | None,
     republish_interval: float, witness_timeout: float, witness_rounds_per_day: int | None, **opts: int | str,
@@ -223,10 +274,11 @@ def log_serve(
 @log_group.command("front", hidden=True)
 @click.option("--ipc", "ipc_dir", required=True, type=click.Path(exists=True, file_okay=False), help="The sequencing process's socket directory.")
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True)
-def log_front(ipc_dir: str, listen: str) -> None:
+@server_limit_options
+def log_front(ipc_dir: str, listen: str, limits: ServerLimits) -> None:
     """An HTTP front-end process of `log serve --workers N` (started by it, not by hand)."""
     host, port = split_listen(listen)
-    run_app(make_frontend_app(ipc_dir), host, port, reuse_port=True)
+    run_app(make_frontend_app(ipc_dir), host, port, reuse_port=True, limits=limits)
 
 
 @main.group("witness")
@@ -241,9 +293,10 @@ def witness_group() -> None:
 @click.option("--listen", default="127.0.0.1:7381", show_default=True)
 @click.option("--peer", "peers", multiple=True, help="Another witness's monitoring prefix URL to gossip with (repeatable).")
 @click.option("--gossip-interval", default=60.0, show_default=True, type=click.FloatRange(0.1), help="Seconds between gossip rounds.")
+@server_limit_options
 def witness_serve(
     data: pathlib.Path, key_file: pathlib.Path, log_list: pathlib.Path, listen: str,
-    peers: tuple[str, ...], gossip_interval: float,
+    peers: tuple[str, ...], gossip_interval: float, limits: ServerLimits,
 ) -> None:
     """Serve POST /add-checkpoint, GET /<sha256(origin)>/checkpoint and GET /evidence."""
     from witness.loglist import parse_log_list
@@ -261,6 +314,6 @@ def witness_serve(
     try:
         app = make_witness_app(Witness(signer=signer, logs=logs, state=state), peers=peers, gossip_interval=gossip_interval)
         click.echo(f"witness {signer.name} at http://{host}:{port}/ for {len(logs)} log(s)\n{signer.vkey}")
-        run_app(app, host, port)
+        run_app(app, host, port, limits=limits)
     finally:
         state.close()

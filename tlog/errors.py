@@ -15,6 +15,14 @@ class TooLargeError(MalformedError):
     """Input over a named size bound."""
 
 
+class UnsupportedEncodingError(MalformedError):
+    """A request body in a Content-Encoding we do not decode."""
+
+
+class BodyTimeoutError(TlogError):
+    """A request body that did not arrive within the server's body timeout."""
+
+
 class ProofError(TlogError):
     """A Merkle proof that does not verify, or cannot be produced for its arguments."""
 

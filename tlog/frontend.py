@@ -22,8 +22,8 @@ import aiohttp
 from aiohttp import web
 
 from .addipc import AddClient, AddServer
-from .server import errors_middleware, proof_response, read_entry
-from .tiles import MAX_ENTRY_SIZE
+from .httplimits import body_limit
+from .server import ADD_BODY_LIMIT, errors_middleware, proof_response, read_entry
 
 logger = logging.getLogger("wasmlog.frontend")
 
@@ -36,16 +36,31 @@ _HOP_BY_HOP = frozenset(
     h.lower() for h in ("Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding",
                         "Upgrade", "Content-Length", "Host")
 )
+# request.read() returns the body decoded: it goes upstream without its Content-Encoding.
+_NOT_FORWARDED = _HOP_BY_HOP | {"content-encoding"}
+PROXY_BUFFER = 1 << 20  # upstream replies up to this size are sent whole; larger ones (blobs) are streamed
+PROXY_CHUNK = 256 << 10
 
 
-async def proxy(request: web.Request) -> web.Response:
-    """Replay the request on the sequencing process's private socket; return its reply as it is."""
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-    body = await request.read() if request.can_read_body else None
+async def proxy(request: web.Request) -> web.StreamResponse:
+    """Replay the request on the sequencing process's private socket; return its reply as it is.
+
+    A request body is read within the route's limit (body_limit; none by default). A large
+    reply is streamed through, so a front-end holds one chunk of it, not all of it."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
+    body = await request.read() if request.body_exists else None
     async with request.app[UPSTREAM].request(request.method, request.rel_url, headers=headers, data=body) as r:
-        data = await r.read()
         out = {k: v for k, v in r.headers.items() if k.lower() not in _HOP_BY_HOP}
-        return web.Response(status=r.status, body=data, headers=out)
+        if r.content_length is not None and r.content_length <= PROXY_BUFFER:
+            return web.Response(status=r.status, body=await r.read(), headers=out)
+        response = web.StreamResponse(status=r.status, headers=out)
+        if r.content_length is not None:
+            response.content_length = r.content_length
+        await response.prepare(request)
+        async for chunk in r.content.iter_chunked(PROXY_CHUNK):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
 
 
 def frontend_context(
@@ -82,9 +97,9 @@ async def forward_add(request: web.Request) -> web.Response:
 
 
 def make_frontend_app(ipc_dir: str) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_ENTRY_SIZE + 1)
+    app = web.Application(middlewares=[errors_middleware])
     app.cleanup_ctx.append(frontend_context(ipc_dir, {ADD_CLIENT: ADD_SOCKET}))
-    app.router.add_post("/add", forward_add)
+    app.router.add_post("/add", body_limit(ADD_BODY_LIMIT, forward_add))
     app.router.add_route("*", "/{tail:.*}", proxy)
     return app
 

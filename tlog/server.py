@@ -18,6 +18,7 @@ from aiohttp import web
 from .addipc import ForwardedError
 from .checkpoint import parse_decimal
 from .errors import (
+    BodyTimeoutError,
     MalformedError,
     NotFoundError,
     ProofError,
@@ -25,6 +26,14 @@ from .errors import (
     StorageFullError,
     TlogError,
     TooLargeError,
+    UnsupportedEncodingError,
+)
+from .httplimits import (
+    body_limit,
+    client_gone,
+    close_after,
+    guard_request,
+    unread_encoded_body,
 )
 from .log import Log
 from .metrics import LogMetrics, install
@@ -50,7 +59,9 @@ BUNDLE_CACHE_SIZE = 256
 # Every TlogError maps to one status here (the order matters: subclasses first).
 STATUS: list[tuple[type[TlogError], int]] = [
     (TooLargeError, 413),
+    (UnsupportedEncodingError, 415),
     (MalformedError, 400),
+    (BodyTimeoutError, 408),
     (ProofError, 400),
     (NotFoundError, 404),
     (PushbackError, 503),
@@ -76,17 +87,37 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def errors_middleware_for(respond: Callable[[TlogError], web.Response]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """A middleware turning every TlogError into respond(e): each server's one status table."""
+    """A middleware turning every TlogError into respond(e): each server's one status table.
+
+    It also applies the route's body limit and the body timeout (tlog/httplimits.py), so every
+    server built on it bounds its request bodies. Any other exception is logged here and answered
+    respond(TlogError("internal error")): no traceback reaches a client.
+    """
 
     @web.middleware
     async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        timed_out: Callable[[], bool] = lambda: False
         try:
-            return await handler(request)
+            async with guard_request(request) as (guarded, timed_out):
+                response = await handler(guarded)
         except TlogError as e:
             response = respond(e)
             if response.status >= 500:
                 logger.warning("%s %s: %s", request.method, request.path, e)
-            return response
+        except web.HTTPException as e:  # aiohttp's own (404, 405, ...) and handlers'
+            if not unread_encoded_body(request):
+                raise
+            response = web.Response(status=e.status, body=e.body, content_type=e.content_type)
+        except ConnectionError:
+            if not client_gone(request):
+                raise
+            return web.Response(status=400)  # nobody reads it: the client went away
+        except Exception:
+            logger.exception("%s %s: unexpected error", request.method, request.path)
+            response = respond(TlogError("internal error"))
+        if timed_out() or (response.status >= 400 and unread_encoded_body(request)):
+            return await close_after(request, response)  # no lingering: the rest could be a slow trickle or a bomb
+        return response
 
     return errors_middleware
 
@@ -140,10 +171,12 @@ async def get_tile(request: web.Request) -> web.Response:
     return web.Response(body=body, headers=headers)
 
 
+ADD_BODY_LIMIT = MAX_ENTRY_SIZE + 1  # a body one byte over the entry limit is enough to answer 413 ourselves
+
+
 async def read_entry(request: web.Request) -> bytes:
-    """The body of POST /add: 1 to MAX_ENTRY_SIZE bytes. Raises TooLargeError or MalformedError."""
-    if request.content_length is not None and request.content_length > MAX_ENTRY_SIZE:
-        raise TooLargeError(f"entry over {MAX_ENTRY_SIZE} bytes")
+    """The body of POST /add (routed with body_limit(ADD_BODY_LIMIT)): 1 to MAX_ENTRY_SIZE bytes.
+    Raises TooLargeError or MalformedError."""
     entry = await request.read()
     if len(entry) > MAX_ENTRY_SIZE:
         raise TooLargeError(f"entry over {MAX_ENTRY_SIZE} bytes")
@@ -180,7 +213,7 @@ def add_routes(app: web.Application, *, writable: bool) -> None:
         ]
     )
     if writable:
-        app.router.add_post("/add", post_add)
+        app.router.add_post("/add", body_limit(ADD_BODY_LIMIT, post_add))
 
 
 async def get_healthz(request: web.Request) -> web.Response:
@@ -216,8 +249,7 @@ def make_app(
             async with sequencer.running():
                 yield
 
-    # A body one byte over the entry limit is enough to answer 413 ourselves.
-    app = web.Application(client_max_size=MAX_ENTRY_SIZE + 1, middlewares=[errors_middleware])
+    app = web.Application(middlewares=[errors_middleware])  # body limits are per route (body_limit)
     app[LOG] = sequencer.log
     app[SEQUENCER] = sequencer
     app[BUNDLE_CACHE] = OrderedDict()

@@ -11,7 +11,14 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
-from tlog.errors import MalformedError, TlogError, TooLargeError
+from tlog.errors import (
+    BodyTimeoutError,
+    MalformedError,
+    TlogError,
+    TooLargeError,
+    UnsupportedEncodingError,
+)
+from tlog.httplimits import body_limit
 from tlog.metrics import install
 from tlog.server import errors_middleware_for
 from tlog.witness_protocol import MAX_REQUEST_BYTES
@@ -25,9 +32,19 @@ WITNESS = web.AppKey("witness", Witness)
 GOSSIP = web.AppKey("gossip", Gossip)
 
 
+# Errors that are not WitnessErrors (those carry their c2sp.org/tlog-witness status); subclasses first.
+STATUS: list[tuple[type[TlogError], int]] = [
+    (TooLargeError, 413),
+    (UnsupportedEncodingError, 415),
+    (MalformedError, 400),
+    (BodyTimeoutError, 408),
+    (TlogError, 500),
+]
+
+
 def witness_status(e: TlogError) -> int:
-    """c2sp.org/tlog-witness statuses (witness/errors.py); malformed input is 400."""
-    return e.status if isinstance(e, WitnessError) else 413 if isinstance(e, TooLargeError) else 400 if isinstance(e, MalformedError) else 500
+    """c2sp.org/tlog-witness statuses (witness/errors.py); the rest from STATUS (malformed input is 400)."""
+    return e.status if isinstance(e, WitnessError) else next(status for cls, status in STATUS if isinstance(e, cls))
 
 
 def witness_error_response(e: TlogError) -> web.Response:
@@ -48,9 +65,6 @@ METRICS = web.AppKey("witness_request_metrics", RequestMetrics)
 async def add_checkpoint(request: web.Request) -> web.Response:
     metrics, witness, client = request.app[METRICS], request.app[WITNESS], client_key(request.remote)
     try:
-        if request.headers.get("Content-Encoding", "identity").lower() != "identity":
-            witness.refusals.charge(client)
-            raise MalformedError("add-checkpoint bodies take no Content-Encoding")  # nor a decompressor's errors
         cosignature = await witness.add_checkpoint(await request.read(), client)
     except TooManyRequests as e:
         metrics.rate_limited.labels(e.scope).inc()
@@ -104,10 +118,7 @@ def make_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    app = web.Application(
-        client_max_size=MAX_REQUEST_BYTES, middlewares=[errors_middleware_for(witness_error_response)],
-        handler_args={"auto_decompress": False},  # bodies are read as sent: no decompressor to fail
-    )
+    app = web.Application(middlewares=[errors_middleware_for(witness_error_response)])  # body limits are per route
     app[WITNESS] = witness
     app.cleanup_ctx.append(run_gossip)
     registry = install(app, "wasmlog_witness")
@@ -122,7 +133,7 @@ def make_app(
         Counter("wasmlog_witness_refused_requests", "add-checkpoint requests refused, by status", ["status"], registry=registry),
         Counter("wasmlog_witness_rate_limited_requests", "add-checkpoint requests answered 429, by scope (log qpd or client)", ["scope"], registry=registry),
     )
-    app.router.add_post("/add-checkpoint", add_checkpoint)
+    app.router.add_post("/add-checkpoint", body_limit(MAX_REQUEST_BYTES, add_checkpoint))
     app.router.add_get("/{origin_hash:[0-9a-f]{64}}/checkpoint", get_checkpoint)
     app.router.add_get("/evidence", get_evidence)
     app.router.add_get("/healthz", get_healthz)

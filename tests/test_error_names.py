@@ -39,19 +39,18 @@ def exception_classes() -> dict[str, set[str]]:
 
 
 def raised_names() -> set[str]:
+    """Names raised, or constructed anywhere (an error built to be raised later, returned across a
+    thread, or handed to set_exception is used too)."""
     names: set[str] = set()
     for path in (p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            # raised, or built and returned for the caller to raise (registry/sbom_pool.py hands errors across threads)
-            thrown = node.exc if isinstance(node, ast.Raise) else node.value if isinstance(node, ast.Return) else None
-            if isinstance(node, ast.Return) and not isinstance(thrown, ast.Call):
-                continue
-            if thrown is not None:
-                exc = thrown.func if isinstance(thrown, ast.Call) else thrown
-                if isinstance(exc, ast.Name):
-                    names.add(exc.id)
-                elif isinstance(exc, ast.Attribute):
-                    names.add(exc.attr)
+            exc = node.exc if isinstance(node, ast.Raise) else node.func if isinstance(node, ast.Call) else None
+            if isinstance(exc, ast.Call):
+                exc = exc.func
+            if isinstance(exc, ast.Name):
+                names.add(exc.id)
+            elif isinstance(exc, ast.Attribute):
+                names.add(exc.attr)
     return names
 
 

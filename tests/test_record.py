@@ -23,7 +23,19 @@ from registry.record import (
     parse_statement,
     record_for,
 )
-from registry.state import PENDING, InvalidSignature, LastKey, RegistryState, Unauthorized, UnknownRelease, VersionExists, replay
+from registry.state import (
+    PENDING,
+    AlreadyYanked,
+    InvalidSignature,
+    KeyAlreadyGranted,
+    LastKey,
+    RegistryState,
+    Unauthorized,
+    UnknownKey,
+    UnknownRelease,
+    VersionExists,
+    replay,
+)
 from registry.wasm import Import
 from tlog.errors import MalformedError
 from tlog.note import Ed25519Signer
@@ -196,7 +208,7 @@ def test_a_key_is_its_public_key_not_its_name() -> None:
     bob_again = Ed25519Signer("bob-again", BOB.seed)  # Bob's key pair under another name
     s = RegistryState().apply(action_record(ALICE, Action("key-grant", "acme", key=ALICE.vkey)), 0)
     s = s.apply(action_record(ALICE, Action("key-grant", "acme", key=BOB.vkey)), 1)
-    with pytest.raises(VersionExists, match="same public key"):  # one grant per public key
+    with pytest.raises(KeyAlreadyGranted, match="same public key"):  # one grant per public key
         s.apply(action_record(ALICE, Action("key-grant", "acme", key=bob_again.vkey, issued=2)), 2)
     old = release_record(BOB, Release(PackageRef("acme", "hello", "3.0.0"), "ef" * 32, ()))  # signed before the revocation
     s = s.apply(action_record(ALICE, Action("key-revocation", "acme", key=bob_again.vkey)), 2)  # revokes Bob's key by any name
@@ -226,7 +238,7 @@ def test_every_logged_decision_replayed_is_refused() -> None:
     for i, r in enumerate(records):
         s = s.apply(r, i)
     for r in records:
-        with pytest.raises((Unauthorized, VersionExists, UnknownRelease)):
+        with pytest.raises((Unauthorized, VersionExists, KeyAlreadyGranted, AlreadyYanked, UnknownRelease, UnknownKey)):
             s.apply(r, len(records))
 
 
@@ -272,7 +284,7 @@ def test_refusals_of_pending_records_name_no_index() -> None:
         release_record(BOB, Release(PackageRef("acme", "hello", "2.0.0"), "cd" * 32, ())),
     ]
     for r in refused:
-        with pytest.raises((VersionExists, Unauthorized)) as e:
+        with pytest.raises((VersionExists, AlreadyYanked, Unauthorized)) as e:
             s.check(r)
         assert "-1" not in str(e.value) and "not yet integrated" in str(e.value)
 

@@ -181,7 +181,7 @@ def registry_answering(consistency: web.Response | None, actions: web.Response) 
     return app
 
 
-NO_ACTIONS = '{"proofs": []}'
+NO_ACTIONS = '{"proofs": [], "next": null}'
 GOOD_HASHES = "".join(base64.b64encode(h).decode() + "\n" for h in PROOF_3_5)
 
 
@@ -191,9 +191,9 @@ GOOD_HASHES = "".join(base64.b64encode(h).decode() + "\n" for h in PROOF_3_5)
     (base64.b64encode(bytes(32)).decode() + "\n", NO_ACTIONS, "consistency-malformed"),
     ("".join(base64.b64encode(bytes(32)).decode() + "\n" for _ in PROOF_3_5), NO_ACTIONS, "inconsistent"),
     (GOOD_HASHES, "not json", "registry-error"),
-    (GOOD_HASHES, '{"proofs": [1]}', "registry-error"),
+    (GOOD_HASHES, '{"proofs": [1], "next": null}', "registry-error"),
     (GOOD_HASHES, '{"other": []}', "registry-error"),
-    (GOOD_HASHES, '{"proofs": ["not a tlog-proof"]}', "registry-error"),
+    (GOOD_HASHES, '{"proofs": ["not a tlog-proof"], "next": null}', "registry-error"),  # a record that does not verify
     (None, NO_ACTIONS, "registry-error"),  # the consistency route answers 500
 ])
 async def test_a_registry_answering_badly_is_named(aiohttp_server, tmp_path, consistency, actions, reason) -> None:  # type: ignore[no-untyped-def]

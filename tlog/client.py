@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import aiohttp
 
-from .errors import MalformedError, NotFoundError, TlogError
+from .errors import MalformedError, NotFoundError, TlogError, TooLargeError
 from .hashes import HASH_SIZE
 from .merkle import Node, Range, consistency_ranges, inclusion_ranges, range_nodes
 from .merkle import consistency_proof as _consistency_proof
@@ -62,6 +62,23 @@ async def read_bounded(r: aiohttp.ClientResponse, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def fetch(session: aiohttp.ClientSession, url: str, limit: int, *, what: str, headers: dict[str, str] | None = None) -> bytes:
+    """GET url's body of at most limit bytes. Raises NotFoundError (404), FetchError (no answer, or
+    another status than 200), TooLargeError (a longer body). what names the resource in errors."""
+    try:
+        async with session.get(url, headers=headers) as r:
+            if r.status == 404:
+                raise NotFoundError(f"{what}: not found")
+            if r.status != 200:
+                raise FetchError(f"{what}: HTTP {r.status}")
+            body = await read_bounded(r, limit)
+    except aiohttp.ClientError as e:
+        raise FetchError(f"{what}: {e!r}") from e
+    if len(body) > limit:
+        raise TooLargeError(f"{what}: response over {limit} bytes")
+    return body
+
+
 class TileClient:
     """Reads a tlog-tiles log at prefix (e.g. ``http://127.0.0.1:7380``)."""
 
@@ -70,18 +87,7 @@ class TileClient:
         self.session = session
 
     async def _get(self, path: str, limit: int) -> bytes:
-        try:
-            async with self.session.get(f"{self.prefix}/{path}", headers={"Accept-Encoding": "gzip, identity"}) as r:
-                if r.status == 404:
-                    raise NotFoundError(f"{path}: not found")
-                if r.status != 200:
-                    raise FetchError(f"{path}: HTTP {r.status}")
-                body = await read_bounded(r, limit)
-        except aiohttp.ClientError as e:
-            raise FetchError(f"{path}: {e!r}") from e
-        if len(body) > limit:
-            raise MalformedError(f"{path}: response over {limit} bytes")
-        return body
+        return await fetch(self.session, f"{self.prefix}/{path}", limit, what=path, headers={"Accept-Encoding": "gzip, identity"})
 
     async def checkpoint(self) -> bytes:
         return await self._get("checkpoint", MAX_NOTE_BYTES)

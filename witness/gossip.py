@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from tlog.client import FetchError, TileClient, failure_kind, read_bounded
-from tlog.errors import TooLargeError
+from tlog.client import TileClient, failure_kind, fetch
+from tlog.errors import NotFoundError
 from tlog.note import MAX_NOTE_BYTES
 
 from .witness import Witness
@@ -58,17 +58,9 @@ class Gossip:
         """The peer's cosigned checkpoint for origin; None if it has none (404). Raises FetchError, TooLargeError."""
         path = f"{hashlib.sha256(origin.encode()).hexdigest()}/checkpoint"
         try:
-            async with self.session.get(f"{peer}/{path}") as r:
-                if r.status == 404:
-                    return None
-                if r.status != 200:
-                    raise FetchError(f"{path}: HTTP {r.status}")
-                body = await read_bounded(r, MAX_NOTE_BYTES)
-        except aiohttp.ClientError as e:
-            raise FetchError(f"{path}: {e!r}") from e
-        if len(body) > MAX_NOTE_BYTES:
-            raise TooLargeError(f"{path}: over {MAX_NOTE_BYTES} bytes")
-        return body
+            return await fetch(self.session, f"{peer}/{path}", MAX_NOTE_BYTES, what=path)
+        except NotFoundError:
+            return None
 
     async def round(self) -> dict[tuple[str, str], str]:
         """One pass over every peer and log; returns the outcome per (peer, origin)."""

@@ -298,10 +298,9 @@ def close_all(conns: Conns) -> None:
 
 # --- the network --------------------------------------------------------------------------------
 
-async def start_network(args: argparse.Namespace) -> tuple[asyncio.subprocess.Process, str, pathlib.Path]:
+async def start_network(args: argparse.Namespace, data: pathlib.Path) -> tuple[asyncio.subprocess.Process, str]:
     port = free_ports(4)  # the registry and, on the next three ports, its witnesses
     url = f"http://127.0.0.1:{port}"
-    data = pathlib.Path(tempfile.mkdtemp(prefix="wasmlog-abuse-"))
     t = str(args.timeouts)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "registry", "up", "--data", str(data), "--listen", f"127.0.0.1:{port}",
@@ -314,7 +313,7 @@ async def start_network(args: argparse.Namespace) -> tuple[asyncio.subprocess.Pr
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with session.get(url + "/log/checkpoint") as r:
                     if r.status == 200 and (data / "trust-policy.toml").exists():
-                        return proc, url, data
+                        return proc, url
             if time.monotonic() > deadline or proc.returncode is not None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
@@ -381,8 +380,13 @@ class Attack:
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(prefix="wasmlog-abuse-") as d:
+        return await run_in(args, pathlib.Path(d))
+
+
+async def run_in(args: argparse.Namespace, data: pathlib.Path) -> dict[str, object]:
     t = args.timeouts
-    proc, url, data = await start_network(args)
+    proc, url = await start_network(args, data)
     port = int(url.rsplit(":", 1)[1])
     rss: list[tuple[float, int]] = []
     probe: Probe | None = None

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+
+# A minimal module importing env.log; benchmarks vary it with a custom section.
+BASE_MODULE = bytes.fromhex("0061736d01000000010401600000020b0103656e76036c6f670000")
 
 
 def free_port() -> int:
@@ -10,3 +14,44 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(n: int) -> int:
+    """The first of n consecutive loopback ports that were all free a moment ago."""
+    for _ in range(100):
+        first = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for p in range(first, first + n):
+                    s = held.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+            return first
+    raise RuntimeError(f"found no {n} consecutive free ports")
+
+
+def leb128(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n >> 7 else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def with_custom_section(name: bytes, payload: bytes) -> bytes:
+    """BASE_MODULE plus one custom section `name` holding payload."""
+    body = leb128(len(name)) + name + payload
+    return BASE_MODULE + b"\x00" + leb128(len(body)) + body
+
+
+def module_variant(n: int) -> bytes:
+    """A small valid module, distinct for each n."""
+    return with_custom_section(b"bench", n.to_bytes(8, "big"))
+
+
+def proc_status(pid: int, field: str) -> int:
+    """A size field of /proc/PID/status (VmRSS, VmHWM, ...) in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))

@@ -27,21 +27,12 @@ import time
 
 import aiohttp
 import nacl.signing
-from common import free_port
+from common import free_port, module_variant
 
 from registry.client import RegistryClient, RegistryError, release_statement
 from registry.dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope
 from registry.record import Action, PackageRef
 from tlog.note import Ed25519Signer
-
-BASE_MODULE = bytes.fromhex("0061736d01000000010401600000020b0103656e76036c6f670000")
-
-
-def module_variant(n: int) -> bytes:
-    name = b"bench"
-    payload = bytes([len(name)]) + name + n.to_bytes(8, "big")
-    return BASE_MODULE + b"\x00" + bytes([len(payload)]) + payload
-
 
 
 def ed25519_verify_rate(seconds: float) -> float:

@@ -156,7 +156,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     t = args.timeouts
     data = tempfile.mkdtemp(prefix="wasmlog-abuse-")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "registry", "up", "--data", data, "--listen", f"127.0.0.1:{port}",
+        [sys.executable, "-m", "wasmlog", "up", "--data", data, "--listen", f"127.0.0.1:{port}",
          "--header-timeout", str(t), "--body-timeout", str(t), "--write-timeout", str(t),
          "--max-connections", str(args.max_connections)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -178,10 +178,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         key = os.path.join(d, "log")
-        subprocess.run([sys.executable, "-m", "tlog", "keygen", "bench.example/log", "--out", key], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "wasmlog", "keygen", "bench.example/log", "--out", key], check=True, capture_output=True)
         port = free_port()
         server = subprocess.Popen(
-            [sys.executable, "-m", "tlog", "log", "serve", "--data", os.path.join(d, "db"), "--key", key + ".key",
+            [sys.executable, "-m", "wasmlog", "log", "serve", "--data", os.path.join(d, "db"), "--key", key + ".key",
              "--listen", f"127.0.0.1:{port}", "--interval-ms", str(args.interval_ms), "--workers", str(args.workers)],
             stdout=subprocess.DEVNULL,
         )

@@ -82,7 +82,7 @@ def start_registry() -> tuple[subprocess.Popen[bytes], str]:
     with open(f"{tmp}/key", "w") as f:
         f.write(key.private_key + "\n")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "registry", "registry", "serve", "--data", f"{tmp}/data", "--key", f"{tmp}/key",
+    proc = subprocess.Popen([sys.executable, "-m", "wasmlog", "registry", "serve", "--data", f"{tmp}/data", "--key", f"{tmp}/key",
                              "--listen", f"127.0.0.1:{port}", "--interval-ms", "5"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, f"http://127.0.0.1:{port}"
 

@@ -35,7 +35,7 @@ from .client import RegistryClient
 from .follow import Finding, Follower, FollowState
 from .record import Release, decode_entry
 from .service import Registry
-from .verify import TrustPolicy, VerifyError, open_checkpoint
+from .trust_policy import TrustPolicy, VerifyError, open_checkpoint
 from .wasm import parse_wasm
 
 logger = logging.getLogger("wasmlog.mirror")

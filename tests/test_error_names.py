@@ -14,7 +14,7 @@ from registry.record import Action, parse_package_ref
 from tlog.note import Ed25519Signer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PACKAGES = ("tlog", "witness", "registry")
+PACKAGES = ("tlog", "witness", "registry", "edge", "wasmlog")
 ALICE = Ed25519Signer.generate("alice")
 BOB = Ed25519Signer.generate("bob")
 

@@ -11,7 +11,7 @@ from registry.client import RegistryClient
 from registry.mirror import open_mirror
 from registry.record import parse_package_ref
 from registry.server import make_app
-from registry.verify import parse_trust_policy, verify_module
+from edge.verify import parse_trust_policy, verify_module
 from tlog.note import Ed25519Signer
 
 ALICE = Ed25519Signer.generate("alice")

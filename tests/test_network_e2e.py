@@ -12,10 +12,10 @@ from test_up import free_ports
 from registry.audit import AuditState, Event, make_auditor
 from registry.client import RegistryClient
 from registry.mirror import open_mirror
-from registry.network import NetworkConfig, run_network
+from wasmlog.network import NetworkConfig, run_network
 from registry.record import Action, parse_package_ref
 from registry.server import make_app
-from registry.verify import parse_trust_policy, verify_module
+from edge.verify import parse_trust_policy, verify_module
 from tlog.note import Ed25519Signer
 
 

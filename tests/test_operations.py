@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from registry_helpers import start_registry, wat_module
 
 from registry.record import parse_package_ref
-from tlog.cli import configure_logging
+from wasmlog.cli import configure_logging
 from tlog.log import Log
 from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer
 from tlog.policy import parse_policy

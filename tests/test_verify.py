@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from registry.dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope
 from registry.record import Action, PackageRef, Release, encode_entry, module_digest, record_for
-from registry.verify import (
+from edge.verify import (
     KnownCheckpoint,
     NamespaceStatus,
     TrustPolicy,
@@ -286,7 +286,7 @@ def test_cli_exit_codes(tmp_path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "policy.toml").write_text(POLICY_TOML)
     (tmp_path / "m.wasm").write_bytes(MODULE)
     (tmp_path / "m.wasm.tlog-proof").write_bytes(GOOD)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "registry", "verify", "--policy", str(tmp_path / "policy.toml"), "--now", str(NOW), *a], capture_output=True, text=True)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "wasmlog", "verify", "--policy", str(tmp_path / "policy.toml"), "--now", str(NOW), *a], capture_output=True, text=True)  # noqa: E731
     ok = run("--state", str(tmp_path / "state"), str(tmp_path / "m.wasm"))
     assert ok.returncode == 0 and ok.stdout.startswith("OK acme:hello@1.0.0")
     assert list((tmp_path / "state").iterdir())  # the accepted checkpoint is remembered

@@ -8,14 +8,14 @@ import pathlib
 
 import aiohttp
 
+from registry.client import RegistryClient
+from registry.record import decode_entry
 from tlog.client import BAD_RESPONSE, UNREACHABLE, failure_kind
 from tlog.errors import TlogError
 from tlog.proof_file import TlogProof, parse_tlog_proof
 from tlog.runloop import run
 
-from .client import RegistryClient
-from .edge_state import load_known, save_evidence, save_known
-from .record import decode_entry
+from .state import load_known, save_evidence, save_known
 from .verify import (
     EVIDENCE_REASONS,
     NamespaceStatus,

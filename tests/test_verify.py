@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import fnmatch
 import subprocess
 import sys
-
-import fnmatch
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry.dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope
-from registry.record import Action, PackageRef, Release, encode_entry, module_digest, record_for
 from edge.verify import (
     KnownCheckpoint,
     NamespaceStatus,
@@ -22,6 +19,15 @@ from edge.verify import (
     VerifyError,
     parse_trust_policy,
     verify_module,
+)
+from registry.dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope
+from registry.record import (
+    Action,
+    PackageRef,
+    Release,
+    encode_entry,
+    module_digest,
+    record_for,
 )
 from registry.wasm import Import, parse_wasm
 from tlog.cosignature import cosign

@@ -263,7 +263,7 @@ def test_the_last_key_cannot_revoke_itself() -> None:
     s = RegistryState().apply(action_record(ALICE, Action("key-grant", "acme", key=ALICE.vkey)), 0)
     with pytest.raises(LastKey) as e:
         s.apply(action_record(ALICE, Action("key-revocation", "acme", key=ALICE.vkey)), 1)
-    assert e.value.status == 409 and "last key of acme" in str(e.value)
+    assert "last key of acme" in str(e.value)
     s = s.apply(action_record(ALICE, Action("key-grant", "acme", key=BOB.vkey)), 1)
     s = s.apply(action_record(ALICE, Action("key-revocation", "acme", key=ALICE.vkey)), 2)  # with a successor: fine
     assert s.namespaces["acme"].keys == {BOB.vkey}

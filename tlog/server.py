@@ -73,7 +73,7 @@ STATUS: list[tuple[type[TlogError], int]] = [
 
 def status_for(e: TlogError) -> int:
     if isinstance(e, ForwardedError):
-        return e.status  # already mapped by the sequencing process's table
+        return e.forwarded_status  # already mapped by the sequencing process's table
     return next(status for cls, status in STATUS if isinstance(e, cls))
 
 

@@ -15,7 +15,6 @@ from typing import NamedTuple
 from registry.record import PackageRef, Record, RecordError, Release, decode_entry
 from registry.trust_policy import (
     EVIDENCE_REASONS,
-    MAX_FUTURE_SKEW,
     REASONS,
     TrustPolicy,
     VerifyError,
@@ -32,8 +31,9 @@ from tlog.errors import (
     TlogError,
 )
 from tlog.hashes import leaf_hash
-from tlog.merkle import verify_consistency, verify_inclusion
-from tlog.note import parse_note, verifier_from_vkey
+from tlog.merkle import check_extends, verify_inclusion
+from tlog.note import open_note, verifier_from_vkey
+from tlog.policy import MAX_FUTURE_SKEW
 from tlog.proof_file import TlogProof, parse_tlog_proof
 
 __all__ = [  # the trust policy's names, re-exported: the verifier is where edge code finds them
@@ -81,12 +81,8 @@ def check_known(known: KnownCheckpoint, policy: TrustPolicy) -> None:
     log = policy.tlog.log_for(known.checkpoint.origin)
     if log is None:
         raise VerifyError("state-invalid", f"the remembered checkpoint's log {known.checkpoint.origin!r} is not in the trust policy")
-    v = log.verifier
     try:
-        note = parse_note(known.note)
-        text = note.text.encode()
-        if not any(n == v.name and k == v.key_id and v.verify(text, sig) for n, k, sig in note.signatures):
-            raise MalformedError("it is not signed by the log")
+        note, _ = open_note(known.note, [log.verifier])
         if parse_checkpoint(note.text) != known.checkpoint:
             raise MalformedError("it is not the checkpoint its note holds")
     except TlogError as e:
@@ -107,24 +103,23 @@ def check_against_known(
     if known is None or known.checkpoint.origin != cp.origin:
         return KnownCheckpoint(cp, note)
     k = known.checkpoint
-    if cp.size == k.size:
-        if cp.root_hash != k.root_hash:
-            raise VerifyError("fork", f"two checkpoints of size {cp.size} with different roots", evidence={"known": known.note, "new": note})
-        return known
-    small, big = (k, cp) if k.size < cp.size else (cp, k)
-    if small.size == 0:
-        return KnownCheckpoint(cp, note) if cp.size > k.size else known
-    if consistency is None:
+    small, big = (k, cp) if k.size <= cp.size else (cp, k)
+    needs_proof = 0 < small.size < big.size
+    if needs_proof and consistency is None:
         raise VerifyError("consistency-required", f"need a consistency proof between sizes {small.size} and {big.size}")
+    proof = consistency if needs_proof and consistency is not None else ()
     try:
-        verify_consistency(small.size, big.size, consistency, small.root_hash, big.root_hash)
+        check_extends(small.size, small.root_hash, big.size, big.root_hash, proof)
+    except SplitViewError as e:
+        if small.size == big.size:
+            raise VerifyError("fork", f"two checkpoints of size {cp.size} with different roots", evidence={"known": known.note, "new": note}) from None
+        raise VerifyError("fork", f"checkpoints of sizes {small.size} and {big.size} are two histories: {e}",
+                          evidence={"known": known.note, "new": note, "proof": [h.hex() for h in proof]}) from None
     except MalformedProofError as e:
         raise VerifyError("consistency-malformed", f"consistency proof from {small.size} to {big.size}: {e}") from None
     except ProofError as e:
-        reason = "fork" if isinstance(e, SplitViewError) else "inconsistent"
-        what = "two histories" if reason == "fork" else "not shown consistent by this proof"
-        raise VerifyError(reason, f"checkpoints of sizes {small.size} and {big.size} are {what}: {e}",
-                          evidence={"known": known.note, "new": note, "proof": [h.hex() for h in consistency]}) from None
+        raise VerifyError("inconsistent", f"checkpoints of sizes {small.size} and {big.size} are not shown consistent by this proof: {e}",
+                          evidence={"known": known.note, "new": note, "proof": [h.hex() for h in proof]}) from None
     return KnownCheckpoint(cp, note) if cp.size > k.size else known
 
 

@@ -25,8 +25,9 @@ import aiohttp
 from aiohttp import web
 
 from tlog.client import FetchError, TileClient, failure_kind
-from tlog.errors import TlogError
+from tlog.errors import ProofError, TlogError
 from tlog.log import Log
+from tlog.merkle import check_extends
 from tlog.sequencer import Sequencer
 from tlog.storage.lmdb_store import LMDBLogStore
 
@@ -93,7 +94,9 @@ class Mirror:
             return self._stop(f"source checkpoint refused: {e.reason}: {e}")
         local = self.log.published.checkpoint
         if cp.size == local.size:
-            if cp.root_hash != local.root_hash:
+            try:
+                check_extends(local.size, local.root_hash, cp.size, cp.root_hash, ())
+            except ProofError:
                 return self._stop("the source shows a different tree at our size: a fork")
             return local.size
         follower = Follower(tiles, [self.log.verifier], FollowState(local.size, self.log.state.compact_hashes))

@@ -2,7 +2,8 @@
 
 What an edge node, a mirror and an auditor trust: the tlog-policy (log key, witness quorum),
 the freshness bound, pinned publisher keys and allowed imports; VerifyError with its stable
-reason codes; and open_checkpoint, a checkpoint note judged against the policy.
+reason codes; and open_checkpoint, tlog's checkpoint opener with the policy's freshness bound
+and its errors as reason codes.
 """
 
 from __future__ import annotations
@@ -14,20 +15,22 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from tlog.checkpoint import Checkpoint, parse_checkpoint
-from tlog.errors import TlogError
-from tlog.note import (
-    OWN_KEY_NAME_RULE,
-    Note,
-    is_own_key_name,
-    parse_note,
-    verifier_from_vkey,
+from tlog.checkpoint import Checkpoint
+from tlog.errors import (
+    CosignatureError,
+    QuorumNotMetError,
+    SignatureError,
+    StaleCheckpointError,
+    TlogError,
+    UnknownLogError,
+    UnverifiedNoteError,
 )
-from tlog.policy import Policy, parse_policy
+from tlog.note import OWN_KEY_NAME_RULE, Note, is_own_key_name, verifier_from_vkey
+from tlog.policy import OpenedCheckpoint, Policy, parse_policy
+from tlog.policy import open_checkpoint as open_tlog_checkpoint
 
 from .wasm import Import
 
-MAX_FUTURE_SKEW = 600  # seconds a cosignature timestamp may lie ahead of `now` and still count
 MAX_TRUST_POLICY_BYTES = 1 << 20
 
 # Stable reason codes, one per check (spec/trust-policy.md).
@@ -127,53 +130,22 @@ def parse_trust_policy(text: str) -> TrustPolicy:
 
 def open_checkpoint(
     note_bytes: bytes, policy: TrustPolicy, now: int, parsed: tuple[Note, Checkpoint] | None = None
-) -> tuple[Checkpoint, Note, tuple[str, ...], int | None]:
-    """Verify a checkpoint note against the policy: log signature, witness quorum, freshness.
+) -> OpenedCheckpoint:
+    """tlog.policy.open_checkpoint with the trust policy's freshness bound, its errors as VerifyError reasons.
 
-    parsed: the note and checkpoint already parsed from note_bytes (saves parsing them again).
-    Returns the checkpoint, the note, the witnesses counted, and the newest counted cosignature time.
-    Signatures by keys the policy does not name are ignored; a named key's bad signature fails.
+    Returns the checkpoint, the note, the witnesses counted and the newest counted cosignature time.
     """
-    origin = parsed[1].origin if parsed is not None else note_bytes.split(b"\n", 1)[0].decode("utf-8", "replace")
-    log = policy.tlog.log_for(origin)
-    if log is None:
-        raise VerifyError("log-unknown", f"log {origin!r} is not in the trust policy")
-    if parsed is not None:
-        note, cp = parsed
-    else:
-        try:
-            note = parse_note(note_bytes)
-            cp = parse_checkpoint(note.text)
-        except TlogError as e:
-            raise VerifyError("log-signature", f"checkpoint note: {e}") from None
-    text = note.text.encode()
-    log_verifier = log.verifier
-    witness_keys = policy.tlog.witness_keys
-    log_signed = False
-    newest_by_witness: dict[str, int] = {}
-    latest = now + MAX_FUTURE_SKEW  # a cosignature from further in the future does not count
-    for name, key_id, signature in note.signatures:
-        if name == log_verifier.name and key_id == log_verifier.key_id:
-            if not log_verifier.verify(text, signature):
-                raise VerifyError("log-signature", f"invalid signature by {name}+{key_id:08x}")
-            log_signed = True
-            continue
-        witness = witness_keys.get((name, key_id))
-        if witness is None:
-            continue
-        t = witness.verifier.verified_timestamp(text, signature)
-        if t is None:
-            raise VerifyError("witness-signature", f"invalid signature by {name}+{key_id:08x}")
-        if t <= latest and t >= newest_by_witness.get(witness.name, t):
-            newest_by_witness[witness.name] = t
-    if not log_signed:
-        raise VerifyError("log-signature", "checkpoint is not signed by the log")
-    names = newest_by_witness.keys()
-    if not policy.tlog.satisfied(names):
-        raise VerifyError("witness-quorum", f"cosigned by {sorted(names) or 'no witness'}: the quorum {policy.tlog.quorum} is not met")
-    newest = max(newest_by_witness.values()) if newest_by_witness else None
-    if policy.max_checkpoint_age is not None:
-        if newest is None or now - newest > policy.max_checkpoint_age:
-            age = "no cosignature" if newest is None else f"newest cosignature {now - newest}s old"
-            raise VerifyError("stale", f"checkpoint too old: {age}, the policy allows {policy.max_checkpoint_age}s")
-    return cp, note, tuple(sorted(names)), newest
+    try:
+        return open_tlog_checkpoint(note_bytes, policy.tlog, now, max_age=policy.max_checkpoint_age, parsed=parsed)
+    except UnknownLogError as e:
+        raise VerifyError("log-unknown", f"{e}") from None
+    except CosignatureError as e:
+        raise VerifyError("witness-signature", f"{e}") from None
+    except QuorumNotMetError as e:
+        raise VerifyError("witness-quorum", f"{e}") from None
+    except StaleCheckpointError as e:
+        raise VerifyError("stale", f"{e}") from None
+    except (SignatureError, UnverifiedNoteError) as e:
+        raise VerifyError("log-signature", f"{e}") from None
+    except TlogError as e:
+        raise VerifyError("log-signature", f"checkpoint note: {e}") from None

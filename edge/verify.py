@@ -12,7 +12,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from registry.record import PackageRef, Record, RecordError, Release, decode_entry
+from registry.record import (
+    ImportsMismatch,
+    ModuleDigestMismatch,
+    PackageRef,
+    Record,
+    RecordError,
+    Release,
+    check_module,
+    decode_entry,
+)
 from registry.trust_policy import (
     EVIDENCE_REASONS,
     REASONS,
@@ -21,7 +30,6 @@ from registry.trust_policy import (
     open_checkpoint,
     parse_trust_policy,
 )
-from registry.wasm import parse_wasm
 from tlog.checkpoint import Checkpoint, parse_checkpoint
 from tlog.errors import (
     MalformedError,
@@ -153,15 +161,15 @@ def verify_module(
     if not isinstance(record.body, Release):
         raise VerifyError("not-a-release", f"the log entry is a {record.type}, not a release")
     release = record.body
-    digest = hashlib.sha256(module).hexdigest()
-    if digest != release.module_sha256:
-        raise VerifyError("module-digest", f"module sha256 {digest} is not the released {release.module_sha256}")
     try:
-        info = parse_wasm(module)
+        info = check_module(release, module)
+    except ModuleDigestMismatch as e:
+        raise VerifyError("module-digest", f"{e}") from None
+    except ImportsMismatch as e:
+        raise VerifyError("imports-mismatch", f"{e}") from None
     except TlogError as e:
         raise VerifyError("module-invalid", f"module: {e}") from None
-    if info.imports != release.imports:  # tuples of Import
-        raise VerifyError("imports-mismatch", "the statement's import list is not the module's imports")
+    digest = release.module_sha256
     if policy.allowed_imports is not None:
         refused = [i.qualified if info.component else f"{i.module}.{i.name}" for i in info.imports if not policy.import_allowed(i, info.component)]
         if refused:

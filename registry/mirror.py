@@ -34,10 +34,15 @@ from tlog.storage.lmdb_store import LMDBLogStore
 from .blobs import BlobStore
 from .client import RegistryClient
 from .follow import Finding, Follower, FollowState
-from .record import Release, decode_entry
+from .record import (
+    ImportsMismatch,
+    ModuleDigestMismatch,
+    Release,
+    check_module,
+    decode_entry,
+)
 from .service import Registry
 from .trust_policy import TrustPolicy, VerifyError, open_checkpoint
-from .wasm import parse_wasm
 
 logger = logging.getLogger("wasmlog.mirror")
 MAX_BACKOFF = 600.0  # seconds: the longest wait between failed rounds
@@ -128,9 +133,11 @@ class Mirror:
             return None
         path = api.package_path(release.ref)
         module = await api.get(path + "/module.wasm")
-        if hashlib.sha256(module).hexdigest() != release.module_sha256:
+        try:
+            check_module(release, module)
+        except ModuleDigestMismatch:
             return f"{release.ref}: the source serves a module that is not the logged one"
-        if list(parse_wasm(module).imports) != list(release.imports):
+        except ImportsMismatch:
             return f"{release.ref}: the module's imports are not the logged ones"
         blobs = [module]
         if release.sbom_sha256 is not None:

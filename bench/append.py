@@ -163,7 +163,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="log serve --workers: HTTP front-end processes (1: one process)")
     p.add_argument("--client", choices=["python", "wrk"], default="python")
     args = p.parse_args()
-    kw = dict(procs=args.client_procs, concurrency=args.concurrency, seconds=args.seconds)
+    kw = {"procs": args.client_procs, "concurrency": args.concurrency, "seconds": args.seconds}
     load = run_wrk if args.client == "wrk" else run_load
     result: dict[str, object] = {"benchmark": "append", "cores": os.cpu_count(), **vars(args)}
 

@@ -62,7 +62,7 @@ class Verified(NamedTuple):
     ref: PackageRef
     module_sha256: str
     signer: str
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index: the name is part of the JSON and the API
     checkpoint: Checkpoint
     witnesses: tuple[str, ...]
     newest_cosignature: int | None
@@ -120,7 +120,8 @@ def check_against_known(
         check_extends(small.size, small.root_hash, big.size, big.root_hash, proof)
     except SplitViewError as e:
         if small.size == big.size:
-            raise VerifyError("fork", f"two checkpoints of size {cp.size} with different roots", evidence={"known": known.note, "new": note}) from None
+            raise VerifyError("fork", f"two checkpoints of size {cp.size} with different roots",
+                              evidence={"known": known.note, "new": note}) from None
         raise VerifyError("fork", f"checkpoints of sizes {small.size} and {big.size} are two histories: {e}",
                           evidence={"known": known.note, "new": note, "proof": [h.hex() for h in proof]}) from None
     except MalformedProofError as e:

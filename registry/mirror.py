@@ -57,7 +57,7 @@ class Backoff:
     jitter: Callable[[], float] = random.random  # uniform in [0, 1)
 
     def delay(self, failures: int) -> float:
-        d = min(self.cap, self.base * 2 ** min(failures - 1, 62))
+        d = min(self.cap, self.base * 2.0 ** min(failures - 1, 62))
         return d / 2 + d / 2 * self.jitter()
 
 

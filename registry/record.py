@@ -170,7 +170,7 @@ def parse_statement(payload: bytes) -> Release:
         imports = tuple(map(Import._make, _IMPORT_FIELDS.findall(imports_json)))
         if ref is not None and ref.group("namespace", "name", "version") == (namespace, name, version) \
                 and len(namespace) <= MAX_LABEL and len(name) <= MAX_LABEL and len(version) <= MAX_VERSION \
-                and len(imports) <= MAX_IMPORTS and all([i.kind in _IMPORT_KIND_SET for i in imports]) \
+                and len(imports) <= MAX_IMPORTS and all(i.kind in _IMPORT_KIND_SET for i in imports) \
                 and (sbom_sha256 is None or sbom_media_type in SBOM_MEDIA_TYPES):
             return Release(PackageRef(namespace, name, version), digest, imports, sbom_sha256, sbom_media_type)
     return _parse_statement_generally(payload)

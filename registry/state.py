@@ -160,7 +160,8 @@ class RegistryState:
             if granted is None:
                 raise UnknownKey(f"key {body.key} is not granted in {ns_name}")
             if ns.keys == {granted}:
-                raise LastKey(f"key {granted} is the last key of {ns_name}: revoking it would leave nobody able to act there; grant its successor first")
+                raise LastKey(f"key {granted} is the last key of {ns_name}: revoking it would leave nobody able to act there; "
+                              "grant its successor first")
             return self._with(ns_name, replace(ns, keys=ns.keys - {granted}, revoked=ns.revoked.set(granted, index)))
         # yank
         key = f"{body.name}@{body.version}"

@@ -43,7 +43,7 @@ async def load(session: aiohttp.ClientSession, url: str, tag: str, acked: dict[b
                 if r.status != 200:
                     continue
                 body = await r.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return  # the server died: whatever was not acknowledged may or may not be logged
         tp = parse_tlog_proof(body)
         acked[entry] = (tp.index, tp.checkpoint)

@@ -31,7 +31,7 @@ IO = {"asyncio", "aiohttp", "lmdb", "click", "socket", "os", "requests", "subpro
       "uvloop", "urllib", "http", "ssl", "select", "selectors", "multiprocessing", "datetime"}
 # tlog's layers: server → sequencer → log → storage → pure core
 LAYER = {"keys": 1, "files": 1, "runloop": 1, "server": 4, "frontend": 4, "metrics": 4, "httplimits": 4, "sequencer": 3,
-         "addipc": 3, "witnessing": 3, "client": 3, "log": 2, "storage": 1, **{m: 0 for m in PURE["tlog"]}}
+         "addipc": 3, "witnessing": 3, "client": 3, "log": 2, "storage": 1, **dict.fromkeys(PURE["tlog"], 0)}
 
 
 def imported(source: str, package: tuple[str, ...]) -> set[str]:
@@ -61,7 +61,7 @@ def imports_of(path: pathlib.Path) -> set[str]:
 
 
 def top(name: str) -> str:
-    return name.split(".")[0]
+    return name.split(".", maxsplit=1)[0]
 
 
 def test_imports_are_seen_in_every_form() -> None:

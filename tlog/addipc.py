@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import struct
@@ -144,7 +145,7 @@ class AddServer:
                 body = self.error_body(e)
                 out.send(REPLY.pack(request_id, self.status_for(e), len(body)), body)
                 return
-            fut.add_done_callback(lambda f, i=request_id: reply(i, f))
+            fut.add_done_callback(functools.partial(reply, request_id))
 
         try:
             await _read_frames(reader, REQUEST, MAX_ENTRY_SIZE, on_frame)

@@ -115,7 +115,7 @@ def parse_policy(data: bytes) -> Policy:
     """Parse a tlog-policy file. Raises MalformedError naming the line at fault."""
     if len(data) > MAX_POLICY_BYTES:
         raise TooLargeError("policy file is too large")
-    if any(b < 0x20 and b not in (0x09, 0x0A) or b == 0x7F for b in data):
+    if any((b < 0x20 and b not in (0x09, 0x0A)) or b == 0x7F for b in data):
         raise MalformedError("policy has a control character")
     text = data.decode("utf-8", "surrogateescape")  # non-ASCII octets are opaque
     logs: list[PolicyLog] = []

@@ -58,7 +58,8 @@ def configure_logging(verbose: int, log_format: str) -> None:
 
 @click.group()
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Log lines as text or one JSON object each.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="Log lines as text or one JSON object each.")
 def main(verbose: int, log_format: str) -> None:
     """wasmlog: a transparency log and registry for WebAssembly modules."""
     configure_logging(verbose, log_format)

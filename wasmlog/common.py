@@ -9,7 +9,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
@@ -66,7 +66,7 @@ LIMIT_OPTIONS = [
 ]
 
 
-def server_limit_options(f):  # type: ignore[no-untyped-def]
+def server_limit_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Add the LIMIT_OPTIONS to a command; f gets them as one ServerLimits argument, limits."""
 
     @functools.wraps(f)
@@ -127,7 +127,7 @@ def witness_budget(rounds_per_day: int | None) -> RequestBudget | None:
     return RequestBudget(rounds_per_day) if rounds_per_day else None
 
 
-def sequencer_options(f):  # type: ignore[no-untyped-def]
+def sequencer_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--interval-ms, --batch-max and --max-pending (Sequencer arguments)."""
     for option in reversed(SEQUENCER_OPTIONS):
         f = option(f)
@@ -142,7 +142,7 @@ def one_line_errors(f: Callable[..., T]) -> Callable[..., T]:
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return f(*args, **kwargs)
-        except (TlogError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, TlogError, aiohttp.ClientError, OSError) as e:
             raise click.ClickException(str(e) or type(e).__name__) from None
 
     return wrapper
@@ -181,8 +181,8 @@ registry_opt = click.option("--registry", "url", required=True, help="The regist
 key_opt = click.option("--key", "key_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="The publisher's private key file (wasmlog keygen).")
 
 
-def _with_opts(opts):  # type: ignore[no-untyped-def]
-    def deco(f):  # type: ignore[no-untyped-def]
+def _with_opts(opts: Sequence[Callable[[Any], Any]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
         for o in reversed(opts):
             f = o(f)
         return f

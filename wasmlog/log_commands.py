@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -69,7 +71,7 @@ def serve_log(
         store.close()
 
 
-def log_options(f):  # type: ignore[no-untyped-def]
+def log_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(
         [
             click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve on."),

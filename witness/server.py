@@ -146,7 +146,8 @@ def make_app(
     )
     app[METRICS] = RequestMetrics(
         Counter("wasmlog_witness_refused_requests", "add-checkpoint requests refused, by status", ["status"], registry=registry),
-        Counter("wasmlog_witness_rate_limited_requests", "add-checkpoint requests answered 429, by scope (log qpd or client)", ["scope"], registry=registry),
+        Counter("wasmlog_witness_rate_limited_requests", "add-checkpoint requests answered 429, by scope (log qpd or client)", ["scope"],
+                registry=registry),
     )
     app.router.add_post("/add-checkpoint", body_limit(MAX_REQUEST_BYTES, add_checkpoint))
     app.router.add_get("/{origin_hash:[0-9a-f]{64}}/checkpoint", get_checkpoint)

@@ -208,7 +208,7 @@ class Witness:
             known = await asyncio.to_thread(self.state.latest, cp.origin)
             small, big = (known, Tree(cp.size, cp.root_hash)) if known.size <= cp.size else (Tree(cp.size, cp.root_hash), known)
             proof: list[bytes] = []
-            if small.size == 0 or small.size == big.size:  # decided without a proof
+            if small.size in (0, big.size):  # decided without a proof
                 try:
                     check_extends(small.size, small.root_hash, big.size, big.root_hash, proof)
                 except SplitViewError:

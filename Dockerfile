@@ -6,6 +6,8 @@ COPY pyproject.toml README.md ./
 COPY tlog ./tlog
 COPY witness ./witness
 COPY registry ./registry
+COPY edge ./edge
+COPY wasmlog ./wasmlog
 RUN pip install --no-cache-dir '.[registry]' && rm -rf /src
 USER wasmlog
 WORKDIR /data

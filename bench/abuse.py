@@ -303,7 +303,7 @@ async def start_network(args: argparse.Namespace, data: pathlib.Path) -> tuple[a
     url = f"http://127.0.0.1:{port}"
     t = str(args.timeouts)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "registry", "up", "--data", str(data), "--listen", f"127.0.0.1:{port}",
+        sys.executable, "-m", "wasmlog", "up", "--data", str(data), "--listen", f"127.0.0.1:{port}",
         "--header-timeout", t, "--body-timeout", t, "--write-timeout", t, "--max-connections", str(args.max_connections),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
@@ -586,7 +586,7 @@ async def run_in(args: argparse.Namespace, data: pathlib.Path) -> dict[str, obje
                 outcomes: Counter[str] = Counter()
                 notes: dict[str, object] = {}
                 rounds, slowest = 0, 0.0
-                while not rounds or attack.repeat and time.monotonic() < start + args.sustain:
+                while not rounds or (attack.repeat and time.monotonic() < start + args.sustain):
                     round_start = time.monotonic()
                     got, said = await attack.run()
                     slowest = max(slowest, time.monotonic() - round_start)
@@ -597,7 +597,7 @@ async def run_in(args: argparse.Namespace, data: pathlib.Path) -> dict[str, obje
                 main_hwm = proc_status(proc.pid, "VmHWM") if hwm else None
                 await asyncio.sleep(0.5)  # a probe of the aftermath, and time for memory to be given back
                 while tree_rss(proc.pid) > baseline + NEAR_BASELINE_MB * MIB and time.monotonic() < end + SETTLE_S:
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.1)  # noqa: ASYNC110 -- polling a process's memory: no event to wait on
                 after, settled = tree_rss(proc.pid), time.monotonic()
                 peak = max([r for ts, r in rss if start <= ts <= end] + [baseline, after])
                 growth = max(peak - baseline, (main_hwm - main_baseline) if main_hwm is not None else 0)

@@ -163,7 +163,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="log serve --workers: HTTP front-end processes (1: one process)")
     p.add_argument("--client", choices=["python", "wrk"], default="python")
     args = p.parse_args()
-    kw = dict(procs=args.client_procs, concurrency=args.concurrency, seconds=args.seconds)
+    kw = {"procs": args.client_procs, "concurrency": args.concurrency, "seconds": args.seconds}
     load = run_wrk if args.client == "wrk" else run_load
     result: dict[str, object] = {"benchmark": "append", "cores": os.cpu_count(), **vars(args)}
 
@@ -178,10 +178,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         key = os.path.join(d, "log")
-        subprocess.run([sys.executable, "-m", "tlog", "keygen", "bench.example/log", "--out", key], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "wasmlog", "keygen", "bench.example/log", "--out", key], check=True, capture_output=True)
         port = free_port()
         server = subprocess.Popen(
-            [sys.executable, "-m", "tlog", "log", "serve", "--data", os.path.join(d, "db"), "--key", key + ".key",
+            [sys.executable, "-m", "wasmlog", "log", "serve", "--data", os.path.join(d, "db"), "--key", key + ".key",
              "--listen", f"127.0.0.1:{port}", "--interval-ms", str(args.interval_ms), "--workers", str(args.workers)],
             stdout=subprocess.DEVNULL,
         )

@@ -128,10 +128,10 @@ def main() -> None:
         return
     passes = []
     with tempfile.TemporaryDirectory() as d:
-        subprocess.run([sys.executable, "-m", "registry", "keygen", "bench.example/registry", "--out", os.path.join(d, "reg")], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "wasmlog", "keygen", "bench.example/registry", "--out", os.path.join(d, "reg")], check=True, capture_output=True)
         port = free_port()
         server = subprocess.Popen(
-            [sys.executable, "-m", "registry", "registry", "serve", "--data", os.path.join(d, "data"), "--key", os.path.join(d, "reg.key"),
+            [sys.executable, "-m", "wasmlog", "registry", "serve", "--data", os.path.join(d, "data"), "--key", os.path.join(d, "reg.key"),
              "--listen", f"127.0.0.1:{port}", "--interval-ms", str(args.interval_ms), "--workers", str(args.workers)],
             stdout=subprocess.DEVNULL,
         )

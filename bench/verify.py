@@ -17,9 +17,9 @@ import time
 
 import nacl.signing
 
+from edge.verify import parse_trust_policy, verify_module
 from registry.dsse import INTOTO_PAYLOAD_TYPE, sign_envelope
 from registry.record import PackageRef, Release, encode_entry, module_digest
-from registry.verify import parse_trust_policy, verify_module
 from registry.wasm import parse_wasm
 from tlog.cosignature import cosign
 from tlog.log import Log

@@ -90,7 +90,7 @@ def main() -> None:
             f.write("logs/v0\n" + "".join(f"vkey {k.vkey}\nqpd 86400\n" for k in keys))
         port = free_port()
         server = subprocess.Popen(
-            [sys.executable, "-m", "tlog", "witness", "serve", "--data", os.path.join(d, "db"), "--key", os.path.join(d, "w.key"),
+            [sys.executable, "-m", "wasmlog", "witness", "serve", "--data", os.path.join(d, "db"), "--key", os.path.join(d, "w.key"),
              "--log-list", os.path.join(d, "logs.txt"), "--listen", f"127.0.0.1:{port}"],
             stdout=subprocess.DEVNULL,
         )

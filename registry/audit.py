@@ -17,9 +17,16 @@ from tlog.note import Verifier
 from .audit_state import AuditState
 from .client import RegistryClient
 from .follow import Finding, Follower, FollowState
-from .record import Action, Record, Release, decode_entry
+from .record import (
+    Action,
+    ImportsMismatch,
+    ModuleDigestMismatch,
+    Record,
+    Release,
+    check_module,
+    decode_entry,
+)
 from .state import ValidationError
-from .wasm import parse_wasm
 
 
 @dataclass
@@ -135,16 +142,16 @@ class Auditor:
             self.findings.append(Finding("blob-unavailable", str(e), where))
             return
         self.releases_checked += 1
-        if hashlib.sha256(module).hexdigest() != release.module_sha256:
+        try:
+            check_module(release, module)
+        except ModuleDigestMismatch:
             self.findings.append(Finding("blob-mismatch", "the served module is not the logged digest", where))
             return
-        try:
-            imports = parse_wasm(module).imports
+        except ImportsMismatch:
+            self.findings.append(Finding("blob-mismatch", "the logged import list is not the module's", where))
         except TlogError as e:
             self.findings.append(Finding("blob-mismatch", f"the logged module is not valid wasm: {e}", where))
             return
-        if list(imports) != list(release.imports):
-            self.findings.append(Finding("blob-mismatch", "the logged import list is not the module's", where))
         if release.sbom_sha256 is not None:
             try:
                 sbom = await self.registry.get(path + "/sbom")

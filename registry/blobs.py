@@ -16,7 +16,7 @@ import hashlib
 import itertools
 import os
 import re
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from tlog.errors import MalformedError, NotFoundError
 from tlog.files import atomic_write
@@ -25,7 +25,7 @@ from tlog.syntax import lower_hex
 _HEX64 = re.compile(lower_hex(64))
 
 
-def _load_syncfs():  # type: ignore[no-untyped-def]
+def _load_syncfs() -> Any:  # a ctypes function, or None
     """libc syncfs(2) (Linux): flush one filesystem, not every mounted one."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)

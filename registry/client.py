@@ -10,7 +10,7 @@ import aiohttp
 import cbor2
 
 from tlog.client import FetchError
-from tlog.errors import MalformedError, TlogError
+from tlog.errors import MalformedError
 from tlog.note import Ed25519Signer
 
 from .dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope, strict_json
@@ -79,7 +79,8 @@ class RegistryClient:
             page = await self.get_json(f"/api/v1/namespaces/{ns}/actions" + (f"?{query}" if query else ""))
             if type(page) is not dict or page.keys() != {"proofs", "next"} or type(page["proofs"]) is not list \
                     or not all(type(p) is str for p in page["proofs"]) \
-                    or not (page["next"] is None or page["proofs"] and type(page["next"]) is int and page["next"] > (after if after is not None else -1)):
+                    or not (page["next"] is None
+                            or (page["proofs"] and type(page["next"]) is int and page["next"] > (after if after is not None else -1))):
                 raise MalformedError('an /actions page is {"proofs": [tlog-proofs], "next": null, or a later index after a non-empty page}')
             proofs += [p.encode() for p in page["proofs"]]
             if len(proofs) > max_proofs:

@@ -49,10 +49,7 @@ class Envelope(NamedTuple):
     def verified_by(self, verifier: Ed25519Verifier) -> bool:
         """Whether any signature verifies with this key (keyids are not consulted)."""
         message = pae(self.payload_type, self.payload)
-        for s in self.signatures:
-            if verifier.verify(message, s.sig):
-                return True
-        return False
+        return any(verifier.verify(message, s.sig) for s in self.signatures)
 
 
 def sign_envelope(payload_type: str, payload: bytes, signer: Ed25519Signer) -> Envelope:
@@ -76,7 +73,7 @@ def _no_constants(name: str) -> object:
 
 
 _STRICT_JSON = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)  # stateless: shared
-_scan_value = _STRICT_JSON.scan_once
+_scan_value = _STRICT_JSON.scan_once  # type: ignore[attr-defined]  # the decoder's documented-in-code scanner, absent from typeshed
 
 
 def strict_json(data: bytes, what: str) -> object:

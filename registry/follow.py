@@ -260,7 +260,8 @@ class _Audit:
         for d in self.disagreements:
             self._report(d, entries_ok, tiles_ok, undecided)
         if read_all and not entries_ok:
-            self.findings.append(Finding("root-mismatch", f"the entries hash to a different root than the checkpoint of size {self.size}", "checkpoint"))
+            self.findings.append(Finding("root-mismatch", f"the entries hash to a different root than the checkpoint of size {self.size}",
+                                         "checkpoint"))
         return entries_ok and not self.incomplete
 
     def _report(self, d: _Disagreement, entries_ok: bool, tiles_ok: bool, undecided: str) -> None:
@@ -269,12 +270,13 @@ class _Audit:
             p = d.vs_entries[0]
             index = d.tile.index * TILE_WIDTH + p
             more = f" ({len(d.vs_entries) - 1} more)" if len(d.vs_entries) > 1 else ""
+            mismatch = f"entry {index} does not hash to hash {p} of {d.tile.path()}{more}"
             if entries_ok:
                 self.findings.append(Finding("tile-mismatch", f"hash {p} is not the hash of entry {index}{more}", d.tile.path()))
             elif tiles_ok:
-                self.findings.append(Finding("bundle-mismatch", f"entry {index} does not hash to hash {p} of {d.tile.path()}{more}; the tiles give the signed root, the entries do not", d.bundle.path()))
+                self.findings.append(Finding("bundle-mismatch", f"{mismatch}; the tiles give the signed root, the entries do not", d.bundle.path()))
             else:
-                self.findings.append(Finding("bundle-mismatch", f"entry {index} does not hash to hash {p} of {d.tile.path()}{more}; {undecided}", f"{d.bundle.path()} {d.tile.path()}"))
+                self.findings.append(Finding("bundle-mismatch", f"{mismatch}; {undecided}", f"{d.bundle.path()} {d.tile.path()}"))
             return
         if entries_ok:
             wrong, source = d.vs_entries, "the entries give"

@@ -33,7 +33,7 @@ class GroupSync:
                 batch, self._waiters = self._waiters, []
                 try:
                     await asyncio.to_thread(self._sync)
-                except Exception as e:  # every waiter of this round hears of it
+                except Exception as e:  # noqa: BLE001 - every waiter of this round hears of it, whatever it is
                     for fut in batch:
                         if not fut.done():
                             fut.set_exception(e)

@@ -25,18 +25,24 @@ import aiohttp
 from aiohttp import web
 
 from tlog.client import FetchError, TileClient, failure_kind
-from tlog.errors import TlogError
+from tlog.errors import ProofError, TlogError
 from tlog.log import Log
+from tlog.merkle import check_extends
 from tlog.sequencer import Sequencer
 from tlog.storage.lmdb_store import LMDBLogStore
 
 from .blobs import BlobStore
 from .client import RegistryClient
 from .follow import Finding, Follower, FollowState
-from .record import Release, decode_entry
+from .record import (
+    ImportsMismatch,
+    ModuleDigestMismatch,
+    Release,
+    check_module,
+    decode_entry,
+)
 from .service import Registry
-from .verify import TrustPolicy, VerifyError, open_checkpoint
-from .wasm import parse_wasm
+from .trust_policy import TrustPolicy, VerifyError, open_checkpoint
 
 logger = logging.getLogger("wasmlog.mirror")
 MAX_BACKOFF = 600.0  # seconds: the longest wait between failed rounds
@@ -51,7 +57,7 @@ class Backoff:
     jitter: Callable[[], float] = random.random  # uniform in [0, 1)
 
     def delay(self, failures: int) -> float:
-        d = min(self.cap, self.base * 2 ** min(failures - 1, 62))
+        d = min(self.cap, self.base * 2.0 ** min(failures - 1, 62))
         return d / 2 + d / 2 * self.jitter()
 
 
@@ -93,7 +99,9 @@ class Mirror:
             return self._stop(f"source checkpoint refused: {e.reason}: {e}")
         local = self.log.published.checkpoint
         if cp.size == local.size:
-            if cp.root_hash != local.root_hash:
+            try:
+                check_extends(local.size, local.root_hash, cp.size, cp.root_hash, ())
+            except ProofError:
                 return self._stop("the source shows a different tree at our size: a fork")
             return local.size
         follower = Follower(tiles, [self.log.verifier], FollowState(local.size, self.log.state.compact_hashes))
@@ -125,9 +133,11 @@ class Mirror:
             return None
         path = api.package_path(release.ref)
         module = await api.get(path + "/module.wasm")
-        if hashlib.sha256(module).hexdigest() != release.module_sha256:
+        try:
+            check_module(release, module)
+        except ModuleDigestMismatch:
             return f"{release.ref}: the source serves a module that is not the logged one"
-        if list(parse_wasm(module).imports) != list(release.imports):
+        except ImportsMismatch:
             return f"{release.ref}: the module's imports are not the logged ones"
         blobs = [module]
         if release.sbom_sha256 is not None:

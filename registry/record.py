@@ -23,12 +23,23 @@ from typing import Any, NamedTuple
 import cbor2
 
 from tlog.errors import MalformedError, TooLargeError
-from tlog.note import OWN_KEY_NAME_RULE, Ed25519Verifier, is_own_key_name, verifier_from_vkey
+from tlog.note import (
+    OWN_KEY_NAME_RULE,
+    Ed25519Verifier,
+    is_own_key_name,
+    verifier_from_vkey,
+)
 from tlog.syntax import decimal, lower_hex
 from tlog.tiles import MAX_ENTRY_SIZE
 
-from .dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, Envelope, Signature, strict_json
-from .wasm import Import
+from .dsse import (
+    ACTION_PAYLOAD_TYPE,
+    INTOTO_PAYLOAD_TYPE,
+    Envelope,
+    Signature,
+    strict_json,
+)
+from .wasm import Import, WasmInfo, parse_wasm
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://wasmlog.dev/release/v1"
@@ -159,7 +170,7 @@ def parse_statement(payload: bytes) -> Release:
         imports = tuple(map(Import._make, _IMPORT_FIELDS.findall(imports_json)))
         if ref is not None and ref.group("namespace", "name", "version") == (namespace, name, version) \
                 and len(namespace) <= MAX_LABEL and len(name) <= MAX_LABEL and len(version) <= MAX_VERSION \
-                and len(imports) <= MAX_IMPORTS and all([i.kind in _IMPORT_KIND_SET for i in imports]) \
+                and len(imports) <= MAX_IMPORTS and all(i.kind in _IMPORT_KIND_SET for i in imports) \
                 and (sbom_sha256 is None or sbom_media_type in SBOM_MEDIA_TYPES):
             return Release(PackageRef(namespace, name, version), digest, imports, sbom_sha256, sbom_media_type)
     return _parse_statement_generally(payload)
@@ -475,3 +486,33 @@ def _read_entry_generally(data: bytes) -> tuple[str, str, bytes, bytes, str, str
 def module_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
+
+
+class ModuleDigestMismatch(RecordError):
+    """A module (or SBOM) whose SHA-256 is not the digest its release statement names."""
+
+
+class ImportsMismatch(RecordError):
+    """A module whose imports are not exactly the import list its release statement names."""
+
+
+def check_module(release: Release, module: bytes) -> WasmInfo:
+    """The one module-checking rule (publish, edge verification, audit, mirror): the module's SHA-256
+    is the release's subject digest, and it is well-formed WebAssembly whose imports are exactly
+    the statement's list, in order. Returns what parse_wasm read.
+
+    Raises ModuleDigestMismatch, WasmError or TooLargeError (not wasm), ImportsMismatch.
+    """
+    check_module_digest(release, module)
+    info = parse_wasm(module)
+    if info.imports != release.imports:  # tuples of Import
+        raise ImportsMismatch("the statement's import list is not exactly the module's imports")
+    return info
+
+
+def check_module_digest(release: Release, module: bytes) -> str:
+    """The first half of check_module (for blobs whose wasm was already checked): return the digest."""
+    digest = module_digest(module)
+    if digest != release.module_sha256:
+        raise ModuleDigestMismatch(f"the module's SHA-256 {digest} is not the statement's subject digest {release.module_sha256}")
+    return digest

@@ -37,15 +37,34 @@ from .publish_reader import PublishReader
 from .record import RecordError, check_label, decode_entry, parse_package_ref
 from .sbom import MAX_SBOM_BYTES
 from .service import NotYetPublished, Registry
-from .state import ValidationError
+from .state import (
+    AlreadyYanked,
+    InvalidSignature,
+    KeyAlreadyGranted,
+    LastKey,
+    Unauthorized,
+    UnknownKey,
+    UnknownRelease,
+    ValidationError,
+    VersionExists,
+)
 from .wasm import MAX_MODULE_BYTES, WasmError
 
 REGISTRY = web.AppKey("registry", Registry)
 MAX_PUBLISH_BYTES = MAX_MODULE_BYTES + MAX_SBOM_BYTES + MAX_ENVELOPE_BYTES + (64 << 10)
 MAX_RECORD_BYTES = MAX_ENVELOPE_BYTES + (16 << 10)  # POST /api/v1/records: an action's envelope, its type and signer
 
-# Every error maps to one status here; subclasses come before their bases.
+# Every error maps to one status here, and only here; subclasses come before their bases.
 STATUS: list[tuple[type[TlogError], int]] = [
+    (InvalidSignature, 403),
+    (Unauthorized, 403),
+    (VersionExists, 409),
+    (KeyAlreadyGranted, 409),
+    (AlreadyYanked, 409),
+    (LastKey, 409),
+    (UnknownRelease, 404),
+    (UnknownKey, 404),
+    (ValidationError, 422),
     (TooLargeError, 413),
     (UnsupportedEncodingError, 415),
     (RecordError, 422),
@@ -63,8 +82,9 @@ STATUS: list[tuple[type[TlogError], int]] = [
 
 
 def status_for(e: TlogError) -> int:
-    if isinstance(e, (ValidationError, ForwardedError)):
-        return e.status
+    """e's status from STATUS; a ForwardedError carries the status the registry process's own table gave it."""
+    if isinstance(e, ForwardedError):
+        return e.forwarded_status
     return next(status for cls, status in STATUS if isinstance(e, cls))
 
 

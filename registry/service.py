@@ -25,11 +25,27 @@ from tlog.tiles import TILE_WIDTH
 from .blobs import BlobStore
 from .dsse import parse_envelope
 from .groupsync import GroupSync
-from .record import PackageRef, Record, RecordError, Release, decode_entry, module_digest, record_for
+from .record import (
+    PackageRef,
+    Record,
+    RecordError,
+    Release,
+    check_module,
+    check_module_digest,
+    decode_entry,
+    module_digest,
+    record_for,
+)
 from .sbom import check_sbom
 from .sbom_pool import SbomPool
-from .state import PENDING, InvalidSignature, NamespaceState, RegistryState, ReleaseState, ValidationError
-from .wasm import parse_wasm
+from .state import (
+    PENDING,
+    InvalidSignature,
+    NamespaceState,
+    RegistryState,
+    ReleaseState,
+    ValidationError,
+)
 
 logger = logging.getLogger("wasmlog.registry")
 
@@ -50,10 +66,10 @@ def check_signed_release(*, signer: str, envelope: bytes) -> Record:
 
 
 def _check_module(release: Release, module: bytes, digest_only: bool) -> None:
-    if module_digest(module) != release.module_sha256:
-        raise RecordError("the module's SHA-256 is not the statement's subject digest")
-    if not digest_only and list(parse_wasm(module).imports) != list(release.imports):
-        raise RecordError("the statement's import list is not exactly the module's imports")
+    if digest_only:
+        check_module_digest(release, module)
+    else:
+        check_module(release, module)
 
 
 def _check_sbom_bytes(release: Release, sbom: bytes, digest_only: bool) -> None:

@@ -19,47 +19,39 @@ from .record import Action, PackageRef, Record, Release
 
 
 class ValidationError(TlogError):
-    status = 422
+    """A record that breaks a namespace rule: it changes nothing. No HTTP status here (registry/server.py maps them)."""
 
 
 class InvalidSignature(ValidationError):
-    status = 403
+    """The record's envelope is not validly signed by the key it names."""
 
 
 class Unauthorized(ValidationError):
-    status = 403
+    """The signer may not act in this namespace (never granted, or revoked)."""
 
 
 class VersionExists(ValidationError):
     """The package version is already published."""
 
-    status = 409
-
 
 class KeyAlreadyGranted(ValidationError):
-    status = 409
+    """The key (its public key, under any name) is already granted in the namespace."""
 
 
 class AlreadyYanked(ValidationError):
-    status = 409
+    """The release was already yanked."""
 
 
 class UnknownRelease(ValidationError):
     """A yank names a version that was never published."""
 
-    status = 404
-
 
 class UnknownKey(ValidationError):
     """A revocation names a key that is not granted in the namespace."""
 
-    status = 404
-
 
 class LastKey(ValidationError):
     """A revocation that would leave the namespace with no key: nobody could ever act in it again."""
-
-    status = 409
 
 
 PENDING = -1  # the index of a record checked or reserved but not yet integrated
@@ -168,7 +160,8 @@ class RegistryState:
             if granted is None:
                 raise UnknownKey(f"key {body.key} is not granted in {ns_name}")
             if ns.keys == {granted}:
-                raise LastKey(f"key {granted} is the last key of {ns_name}: revoking it would leave nobody able to act there; grant its successor first")
+                raise LastKey(f"key {granted} is the last key of {ns_name}: revoking it would leave nobody able to act there; "
+                              "grant its successor first")
             return self._with(ns_name, replace(ns, keys=ns.keys - {granted}, revoked=ns.revoked.set(granted, index)))
         # yank
         key = f"{body.name}@{body.version}"

@@ -43,7 +43,7 @@ _CORE_TYPE, _CORE_IMPORT, _CORE_FUNCTION, _CORE_EXPORT, _CORE_CODE = 1, 2, 3, 7,
 # Sections of which only the count is read (for export index bounds): table, memory, tag, global.
 _COUNTED = {4: 1, 5: 2, 13: 4, 6: 3}  # section id -> external kind
 _COMPONENT_IMPORT, _COMPONENT_EXPORT = 10, 11
-_COMPONENT_SECTIONS = set(range(0, 12))
+_COMPONENT_SECTIONS = set(range(12))
 
 IMPORT_KINDS = {0x00: "func", 0x01: "table", 0x02: "memory", 0x03: "global", 0x04: "tag"}
 COMPONENT_KINDS = {0x00: "module", 0x01: "func", 0x02: "value", 0x03: "type", 0x04: "component", 0x05: "instance"}

@@ -19,7 +19,7 @@ def _k(n: int) -> int:
     return k
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mth(leaves: tuple[bytes, ...], lo: int, hi: int) -> bytes:
     n = hi - lo
     if n == 0:

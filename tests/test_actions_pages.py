@@ -70,7 +70,7 @@ async def test_verifier_follows_every_page_online(aiohttp_client, tmp_path) -> N
     (tmp_path / "m.wasm").write_bytes(module)
     (tmp_path / "m.wasm.tlog-proof").write_bytes(proof)
     (tmp_path / "policy.toml").write_text(f'tlog_policy = """\nlog {REGISTRY_KEY.vkey}\nquorum none\n"""\n')
-    args = [sys.executable, "-m", "registry", "verify", "--policy", str(tmp_path / "policy.toml"), "--registry", api.url, str(tmp_path / "m.wasm")]
+    args = [sys.executable, "-m", "wasmlog", "verify", "--policy", str(tmp_path / "policy.toml"), "--registry", api.url, str(tmp_path / "m.wasm")]
 
     async def verify() -> tuple[int, str]:
         p = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

@@ -74,11 +74,11 @@ async def test_statuses_of_the_sequencing_process_reach_the_front_end(tmp_path: 
         async with seq.running():
             with pytest.raises(ForwardedError) as empty:
                 await client.add(b"")
-            assert empty.value.status == 400
+            assert empty.value.forwarded_status == 400
             fail["on"] = True
             with pytest.raises(ForwardedError) as failed:
                 await client.add(b"fails")
-            assert failed.value.status == 500 and "injected failure" in str(failed.value)
+            assert failed.value.forwarded_status == 500 and "injected failure" in str(failed.value)
             fail["on"], fail["slow"] = False, True
             first = [asyncio.create_task(client.add(b"p%d" % i)) for i in range(2)]
             assert await asyncio.to_thread(committing.wait, 10), "the first batch never reached its commit"
@@ -86,7 +86,7 @@ async def test_statuses_of_the_sequencing_process_reach_the_front_end(tmp_path: 
             await wait_until(lambda: seq.pending == 2, "two entries pending behind the committing batch")
             with pytest.raises(ForwardedError) as full:
                 await client.add(b"one too many")
-            assert full.value.status == 503
+            assert full.value.forwarded_status == 503
             release.set()
             assert len(await asyncio.gather(*first, *queued)) == 4
     finally:
@@ -112,7 +112,7 @@ async def test_waiting_front_end_requests_fail_with_503_when_the_sequencer_goes_
             server.close()
             with pytest.raises(ForwardedError) as gone:
                 await asyncio.wait_for(pending, 5)
-            assert gone.value.status == 503
+            assert gone.value.forwarded_status == 503
             assert client.closed.is_set()
             release.set()
             await wait_until(lambda: seq.integrated == 1, "the stalled batch to finish its commit")

@@ -136,7 +136,7 @@ async def test_monitor_cli_posts_events_to_a_webhook(aiohttp_client, aiohttp_ser
     app.router.add_post("/hook", hook)
     receiver = await aiohttp_server(app)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "registry", "monitor", str(client.make_url("")), "--vkey", REGISTRY_KEY.vkey,
+        sys.executable, "-m", "wasmlog", "monitor", str(client.make_url("")), "--vkey", REGISTRY_KEY.vkey,
         "--namespace", "acme", "--expect-key", BOB.vkey, "--webhook", str(receiver.make_url("/hook")),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )

@@ -172,7 +172,7 @@ def test_cli_exits_2_with_one_line_for_an_unusable_state(tmp_path: pathlib.Path,
     extra = ["--namespace", "acme"] if command == "monitor" else []
     # Port 9 (discard) is never contacted: the state is read before the log is.
     proc = subprocess.run(
-        [sys.executable, "-m", "registry", command, "http://127.0.0.1:9", "--vkey", REGISTRY_KEY.vkey, "--state", str(directory), *extra],
+        [sys.executable, "-m", "wasmlog", command, "http://127.0.0.1:9", "--vkey", REGISTRY_KEY.vkey, "--state", str(directory), *extra],
         check=False, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2, proc.stderr

@@ -8,7 +8,7 @@ import re
 import click
 import yaml
 
-from registry.cli import main
+from wasmlog.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

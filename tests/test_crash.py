@@ -27,7 +27,7 @@ CLIENTS = 32
 
 def start_server(data: str, key: str, port: int, workers: int = 1) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tlog", "log", "serve", "--data", data, "--key", key,
+        [sys.executable, "-m", "wasmlog", "log", "serve", "--data", data, "--key", key,
          "--listen", f"127.0.0.1:{port}", "--interval-ms", "5", "--workers", str(workers)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
@@ -43,7 +43,7 @@ async def load(session: aiohttp.ClientSession, url: str, tag: str, acked: dict[b
                 if r.status != 200:
                     continue
                 body = await r.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return  # the server died: whatever was not acknowledged may or may not be logged
         tp = parse_tlog_proof(body)
         acked[entry] = (tp.index, tp.checkpoint)

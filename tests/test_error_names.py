@@ -14,7 +14,7 @@ from registry.record import Action, parse_package_ref
 from tlog.note import Ed25519Signer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PACKAGES = ("tlog", "witness", "registry")
+PACKAGES = ("tlog", "witness", "registry", "edge", "wasmlog")
 ALICE = Ed25519Signer.generate("alice")
 BOB = Ed25519Signer.generate("bob")
 
@@ -86,3 +86,29 @@ async def test_registry_answers_each_refusal_with_its_own_type_and_status(aiohtt
         r = await client.post("/api/v1/records", json=body)
         text = await r.text()
         assert r.status == status and json.loads(text)["error"] == error, (error, r.status, text)
+
+
+HTTP_ANSWERS = {"RegistryError"}  # a client's view of a status some server answered: it carries that status
+
+
+def test_errors_carry_no_http_status() -> None:
+    """Statuses live only in each server's table: no error class of ours keeps a status attribute."""
+    errors = set(exception_classes()) - HTTP_ANSWERS
+    for path in (p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")):
+        for cls in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef) and n.name in errors):
+            for node in ast.walk(cls):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+                names = {t.id if isinstance(t, ast.Name) else t.attr if isinstance(t, ast.Attribute) else "" for t in targets}
+                assert "status" not in names, f"{cls.name} in {path.relative_to(ROOT)} carries a status"
+
+
+def test_the_witness_table_gives_every_refusal_its_protocol_status() -> None:
+    from witness import errors
+    from witness.server import witness_status
+
+    expected = {"BadRequest": 400, "Forbidden": 403, "UnknownOrigin": 404, "Conflict": 409, "BadProof": 422,
+                "SplitViewProof": 422, "Frozen": 422, "TooManyRequests": 429, "LogOverBudget": 429, "ClientOverBudget": 429}
+    refusals = {name: cls for name, cls in vars(errors).items() if isinstance(cls, type) and issubclass(cls, errors.WitnessError)}
+    assert set(refusals) - {"WitnessError"} == set(expected)
+    got = {name: witness_status(cls.__new__(cls)) for name, cls in refusals.items() if name != "WitnessError"}
+    assert got == expected

@@ -213,7 +213,7 @@ async def test_the_audit_cli_is_clean_then_names_a_flipped_tile(tree: Tree, serv
 
     async def cli() -> tuple[int, dict]:  # type: ignore[type-arg]
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "registry", "audit", "--vkey", KEY.vkey, url,
+            sys.executable, "-m", "wasmlog", "audit", "--vkey", KEY.vkey, url,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(proc.communicate(), 60)

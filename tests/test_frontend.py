@@ -28,7 +28,7 @@ def start(tmp_path, port: int, workers: int) -> subprocess.Popen[bytes]:  # type
     key = tmp_path / "log.key"
     key.write_text(KEY.private_key + "\n")
     return subprocess.Popen(
-        [sys.executable, "-m", "tlog", "log", "serve", "--data", str(tmp_path / "db"), "--key", str(key),
+        [sys.executable, "-m", "wasmlog", "log", "serve", "--data", str(tmp_path / "db"), "--key", str(key),
          "--listen", f"127.0.0.1:{port}", "--interval-ms", "5", "--workers", str(workers)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )

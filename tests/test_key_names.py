@@ -15,7 +15,7 @@ from tlog.note import MAX_KEY_NAME, is_own_key_name, is_valid_key_name
 
 
 def keygen(name: str, prefix) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
-    return subprocess.run([sys.executable, "-m", "tlog", "keygen", name, "--out", str(prefix)], check=False, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "wasmlog", "keygen", name, "--out", str(prefix)], check=False, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("name", ["ali\u200bce", "caf\u00e9", "\u0430lice", "a b", "a+b", "", "x" * 256])

@@ -7,11 +7,11 @@ import time
 
 from registry_helpers import REGISTRY_KEY, start_registry, wat_module
 
+from edge.verify import parse_trust_policy, verify_module
 from registry.client import RegistryClient
 from registry.mirror import open_mirror
 from registry.record import parse_package_ref
 from registry.server import make_app
-from registry.verify import parse_trust_policy, verify_module
 from tlog.note import Ed25519Signer
 
 ALICE = Ed25519Signer.generate("alice")

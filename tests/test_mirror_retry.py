@@ -7,11 +7,11 @@ import asyncio
 from helpers import free_port
 from registry_helpers import REGISTRY_KEY, build_registry, wat_module
 
+from edge.verify import parse_trust_policy
 from registry.client import RegistryClient
 from registry.mirror import MIRROR, Backoff, run_mirror
 from registry.record import parse_package_ref
 from registry.server import make_app
-from registry.verify import parse_trust_policy
 from tlog.note import Ed25519Signer
 
 ALICE = Ed25519Signer.generate("alice")

@@ -9,14 +9,14 @@ import aiohttp
 from registry_helpers import wat_module
 from test_up import free_ports
 
+from edge.verify import parse_trust_policy, verify_module
 from registry.audit import AuditState, Event, make_auditor
 from registry.client import RegistryClient
 from registry.mirror import open_mirror
-from registry.network import NetworkConfig, run_network
 from registry.record import Action, parse_package_ref
 from registry.server import make_app
-from registry.verify import parse_trust_policy, verify_module
 from tlog.note import Ed25519Signer
+from wasmlog.network import NetworkConfig, run_network
 
 
 async def test_audit_monitor_and_mirror_on_an_up_network(aiohttp_client, tmp_path) -> None:

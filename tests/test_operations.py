@@ -10,13 +10,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from registry_helpers import start_registry, wat_module
 
 from registry.record import parse_package_ref
-from tlog.cli import configure_logging
 from tlog.log import Log
 from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer
 from tlog.policy import parse_policy
 from tlog.sequencer import Sequencer
 from tlog.server import make_app
 from tlog.storage.memory import MemoryLogStore
+from wasmlog.cli import configure_logging
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

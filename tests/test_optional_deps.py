@@ -20,7 +20,7 @@ OPTIONAL = ("uvloop", "cyclonedx", "spdx_tools")
 REGISTRY_KEY = Ed25519Signer.generate("optional.example/log")
 ALICE = Ed25519Signer.generate("alice")
 
-# Run the wasmlog command line (python -m registry) with the named top-level packages hidden.
+# Run the wasmlog command line (python -m wasmlog) with the named top-level packages hidden.
 _WITHOUT = '''
 import runpy, sys
 
@@ -35,7 +35,7 @@ runpy.run_module("{module}", run_name="__main__", alter_sys=True)
 '''
 
 
-def without(hidden: tuple[str, ...], *args: str, module: str = "registry") -> list[str]:
+def without(hidden: tuple[str, ...], *args: str, module: str = "wasmlog") -> list[str]:
     return [sys.executable, "-c", _WITHOUT.format(hidden=set(hidden), module=module), *args]
 
 

@@ -101,7 +101,7 @@ def test_non_canonical_cbor_is_rejected() -> None:
     items = b"".join(cbor2.dumps(k, canonical=True) + cbor2.dumps(v, canonical=True) for k, v in sorted(obj.items(), key=lambda kv: (len(kv[0]), kv[0])))
     indefinite = b"\xbf" + items + b"\xff"
     # duplicate key: the canonical map with its first pair repeated and the count raised
-    first_key = sorted(obj, key=lambda k: (len(k), k))[0]
+    first_key = min(obj, key=lambda k: (len(k), k))
     dup = _cbor_head(5, len(obj) + 1) + cbor2.dumps(first_key, canonical=True) + cbor2.dumps(obj[first_key], canonical=True) + entry[1:]
     # a non-minimal integer for "v": 1 written as 0x18 0x01
     long_int = entry.replace(b"\x61v\x01", b"\x61v\x18\x01")
@@ -263,7 +263,7 @@ def test_the_last_key_cannot_revoke_itself() -> None:
     s = RegistryState().apply(action_record(ALICE, Action("key-grant", "acme", key=ALICE.vkey)), 0)
     with pytest.raises(LastKey) as e:
         s.apply(action_record(ALICE, Action("key-revocation", "acme", key=ALICE.vkey)), 1)
-    assert e.value.status == 409 and "last key of acme" in str(e.value)
+    assert "last key of acme" in str(e.value)
     s = s.apply(action_record(ALICE, Action("key-grant", "acme", key=BOB.vkey)), 1)
     s = s.apply(action_record(ALICE, Action("key-revocation", "acme", key=ALICE.vkey)), 2)  # with a successor: fine
     assert s.namespaces["acme"].keys == {BOB.vkey}
@@ -370,7 +370,7 @@ def _entry_fields_reference(data: bytes) -> tuple[object, ...] | None:
     """What _read_canonical_entry must read: a canonical (cbor2, canonical=True) map of that shape, one signature."""
     try:
         obj = cbor2.loads(data)
-    except Exception:  # noqa: BLE001 - any decoding failure
+    except Exception:
         return None
     try:
         if cbor2.dumps(obj, canonical=True) != data or list(obj) != ["v", "type", "signer", "envelope"] or obj["v"] != 1:

@@ -43,7 +43,7 @@ def serve_with_two_front_ends(tmp_path: pathlib.Path, data: pathlib.Path, port: 
     key = tmp_path / "reg.key"
     key.write_text(KEY.private_key + "\n")
     return subprocess.Popen(
-        [sys.executable, "-m", "registry", "registry", "serve", "--data", str(data), "--key", str(key),
+        [sys.executable, "-m", "wasmlog", "registry", "serve", "--data", str(data), "--key", str(key),
          "--listen", f"127.0.0.1:{port}", "--interval-ms", "5", "--workers", "2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )

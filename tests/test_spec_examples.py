@@ -16,7 +16,7 @@ SPEC = pathlib.Path(__file__).resolve().parent.parent / "spec" / "registry.md"
 
 def test_registry_worked_example() -> None:
     text = SPEC.read_text()
-    hex_block = re.search(r"```hex\n(.*?)```", text, re.S)
+    hex_block = re.search(r"```hex\n(.*?)```", text, re.DOTALL)
     assert hex_block
     entry = bytes.fromhex(hex_block[1].replace("\n", ""))
     key = parse_private_key(re.search(r"`(PRIVATE\+KEY\+[^`]+)`", text)[1])  # type: ignore[index]

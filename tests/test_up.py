@@ -10,14 +10,14 @@ import tomllib
 import aiohttp
 from registry_helpers import wat_module
 
+from edge.verify import parse_trust_policy, verify_module
 from registry.client import RegistryClient
-from registry.network import NetworkConfig, run_network
 from registry.record import parse_package_ref
-from registry.verify import parse_trust_policy, verify_module
 from tlog.hashes import leaf_hash
 from tlog.note import Ed25519Signer
 from tlog.policy import parse_policy
 from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
+from wasmlog.network import NetworkConfig, run_network
 
 
 def free_ports(n: int) -> int:

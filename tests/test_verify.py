@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import fnmatch
 import subprocess
 import sys
-
-import fnmatch
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry.dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope
-from registry.record import Action, PackageRef, Release, encode_entry, module_digest, record_for
-from registry.verify import (
+from edge.verify import (
     KnownCheckpoint,
     NamespaceStatus,
     TrustPolicy,
     VerifyError,
     parse_trust_policy,
     verify_module,
+)
+from registry.dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope
+from registry.record import (
+    Action,
+    PackageRef,
+    Release,
+    encode_entry,
+    module_digest,
+    record_for,
 )
 from registry.wasm import Import, parse_wasm
 from tlog.cosignature import cosign
@@ -192,7 +198,7 @@ def test_log_unknown() -> None:
 def test_log_signature() -> None:
     impostor = parse_trust_policy(POLICY_TOML.replace(LOG.vkey, Ed25519Signer.generate(LOG.name).vkey))
     assert reason_of(proof=GOOD, policy=impostor) == "log-signature"
-    line = [l for l in GOOD.split(b"\n") if l.startswith("\u2014 example.com".encode())][0]
+    line = next(l for l in GOOD.split(b"\n") if l.startswith("\u2014 example.com".encode()))
     sig = bytearray(base64.b64decode(line.split(b" ")[2]))
     sig[10] ^= 1
     bad = GOOD.replace(line, line.split(b" ")[0] + b" " + line.split(b" ")[1] + b" " + base64.b64encode(bytes(sig)))
@@ -205,7 +211,7 @@ def test_inclusion() -> None:
 
 
 def test_witness_signature() -> None:
-    line = [l for l in GOOD.split(b"\n") if l.startswith("\u2014 w1.example".encode())][0]
+    line = next(l for l in GOOD.split(b"\n") if l.startswith("\u2014 w1.example".encode()))
     sig = bytearray(base64.b64decode(line.split(b" ")[2]))
     sig[20] ^= 1
     bad = GOOD.replace(line, b" ".join(line.split(b" ")[:2]) + b" " + base64.b64encode(bytes(sig)))
@@ -286,7 +292,7 @@ def test_cli_exit_codes(tmp_path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "policy.toml").write_text(POLICY_TOML)
     (tmp_path / "m.wasm").write_bytes(MODULE)
     (tmp_path / "m.wasm.tlog-proof").write_bytes(GOOD)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "registry", "verify", "--policy", str(tmp_path / "policy.toml"), "--now", str(NOW), *a], capture_output=True, text=True)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "wasmlog", "verify", "--policy", str(tmp_path / "policy.toml"), "--now", str(NOW), *a], capture_output=True, text=True)
     ok = run("--state", str(tmp_path / "state"), str(tmp_path / "m.wasm"))
     assert ok.returncode == 0 and ok.stdout.startswith("OK acme:hello@1.0.0")
     assert list((tmp_path / "state").iterdir())  # the accepted checkpoint is remembered

@@ -26,9 +26,9 @@ from test_verify import (
     verify,
 )
 
-from registry.edge_state import save_known
-from registry.verify import REASONS, KnownCheckpoint, VerifyError
-from registry.verify_cli import run_verify
+from edge.state import save_known
+from edge.verify import REASONS, KnownCheckpoint, VerifyError
+from edge.verify_cli import run_verify
 from tlog.log import Log
 from tlog.note import Ed25519Signer
 from tlog.storage.memory import MemoryLogStore
@@ -152,7 +152,7 @@ def edge_dir(tmp_path: pathlib.Path, known: KnownCheckpoint | None = None) -> pa
 async def verify_online(d: pathlib.Path, url: str) -> tuple[int, dict]:  # type: ignore[type-arg]
     """`wasmlog verify --registry URL --json` in a subprocess (it runs its own event loop)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "registry", "verify", "--policy", str(d / "policy.toml"), "--now", str(NOW), "--json",
+        sys.executable, "-m", "wasmlog", "verify", "--policy", str(d / "policy.toml"), "--now", str(NOW), "--json",
         "--state", str(d / "state"), "--registry", url, str(d / "m.wasm"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
     )

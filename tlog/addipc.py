@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import struct
@@ -33,11 +34,16 @@ logger = logging.getLogger("wasmlog.addipc")
 
 
 class ForwardedError(TlogError):
-    """An error status for a forwarded entry; body is the sequencing process's reply body (None if it never answered)."""
+    """The sequencing process's refusal of a forwarded entry, carried to a front-end process.
 
-    def __init__(self, status: int, message: str, body: bytes | None = None) -> None:
+    forwarded_status is the status the sequencing process's table already decided (503 when it
+    never answered); the front-end answers it as it is. body is that process's reply body (None
+    if it never answered). This is transport between processes, not a domain error.
+    """
+
+    def __init__(self, forwarded_status: int, message: str, body: bytes | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.forwarded_status = forwarded_status
         self.body = body
 
 
@@ -139,7 +145,7 @@ class AddServer:
                 body = self.error_body(e)
                 out.send(REPLY.pack(request_id, self.status_for(e), len(body)), body)
                 return
-            fut.add_done_callback(lambda f, i=request_id: reply(i, f))
+            fut.add_done_callback(functools.partial(reply, request_id))
 
         try:
             await _read_frames(reader, REQUEST, MAX_ENTRY_SIZE, on_frame)

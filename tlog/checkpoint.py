@@ -90,7 +90,7 @@ def checkpoint_from_fields(origin: str, size: str | bytes, root: str | bytes, ex
     """The checkpoint of fields CHECKPOINT_PATTERN matched, or None when the size or origin is out of bounds."""
     tree_size = int(size)
     # Up to MAX_ORIGIN_BYTES // 4 characters always fit in MAX_ORIGIN_BYTES of UTF-8: encode only longer ones.
-    if tree_size > MAX_TREE_SIZE or len(origin) > MAX_ORIGIN_BYTES // 4 and len(origin.encode()) > MAX_ORIGIN_BYTES:
+    if tree_size > MAX_TREE_SIZE or (len(origin) > MAX_ORIGIN_BYTES // 4 and len(origin.encode()) > MAX_ORIGIN_BYTES):
         return None
     return Checkpoint(origin, tree_size, binascii.a2b_base64(root), tuple(extensions[:-1].split("\n")) if extensions else ())
 

@@ -21,7 +21,7 @@ class CompactRange:
     def __init__(self, size: int = 0, hashes: Sequence[bytes] = ()) -> None:
         """Requires len(hashes) == len(range_nodes(0, size)), each HASH_SIZE bytes."""
         if size < 0 or len(hashes) != (len(range_nodes(0, size)) if size else 0):
-            raise ValueError(f"a compact range of size {size} needs {bin(size).count('1')} hashes")
+            raise ValueError(f"a compact range of size {size} needs {size.bit_count()} hashes")
         if any(len(h) != HASH_SIZE for h in hashes):
             raise ValueError("compact range hashes must be 32 bytes")
         self.size = size

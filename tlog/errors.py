@@ -63,3 +63,19 @@ class MissingDependencyError(TlogError):
 
 class StorageFullError(TlogError):
     """The storage has no room left; nothing of the failed batch was written."""
+
+
+class UnknownLogError(TlogError):
+    """A checkpoint of a log the policy does not name."""
+
+
+class CosignatureError(SignatureError):
+    """A cosignature by a witness the policy names that does not verify."""
+
+
+class QuorumNotMetError(TlogError):
+    """A checkpoint whose valid cosignatures do not meet the policy's witness quorum."""
+
+
+class StaleCheckpointError(TlogError):
+    """A checkpoint whose newest counted cosignature is older than the caller allows (or that has none)."""

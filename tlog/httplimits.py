@@ -177,7 +177,7 @@ class GuardedSite(web.BaseSite):
             self._server = await loop.create_unix_server(factory, self.path)
         else:
             self._server = await loop.create_server(factory, self.host, self.port, reuse_port=self.reuse_port or None)
-            sock: socket.socket = self._server.sockets[0]  # type: ignore[assignment]
+            sock: socket.socket = self._server.sockets[0]
             self.port = sock.getsockname()[1]
 
 

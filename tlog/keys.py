@@ -29,8 +29,7 @@ def write_key_pair(signer: Ed25519Signer, prefix: pathlib.Path) -> tuple[pathlib
 def read_signer(path: pathlib.Path, *, alg: int = ALG_ED25519) -> Ed25519Signer:
     """Read a private key file: the key text and at most one newline. Raises MalformedError."""
     text = path.read_text()
-    if text.endswith("\n"):
-        text = text[:-1]
+    text = text.removesuffix("\n")
     return parse_private_key(text, alg=alg)
 
 

@@ -204,6 +204,26 @@ def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes],
         raise ProofError(f"inclusion proof for index {index} does not match the root of size {size}")
 
 
+def check_extends(old_size: int, old_root: bytes, new_size: int, new_root: bytes, proof: Sequence[bytes]) -> None:
+    """The one fork and consistency decision: whether (new_size, new_root) extends (old_size, old_root).
+
+    Requires old_size <= new_size. A tree of size 0 must have the empty root, and every tree
+    extends it (the proof must then be empty); otherwise verify_consistency decides. Raises
+    SplitViewError if the two trees prove two histories (equal sizes with different roots, or a
+    proof yielding new_root from another old root), MalformedProofError if the proof is not one
+    for these sizes, ProofError if it merely fails or a size-0 tree has another root.
+    """
+    if (old_size == 0 and old_root != EMPTY_ROOT) or (new_size == 0 and new_root != EMPTY_ROOT):
+        raise ProofError("a tree of size 0 must have the empty root")
+    if old_size == 0:
+        if proof:
+            raise MalformedProofError("a proof from size 0 must be empty")
+        if new_size > MAX_TREE_SIZE:
+            raise ProofError(f"no consistency proof from size {old_size} to size {new_size}")
+        return
+    verify_consistency(old_size, new_size, proof, old_root, new_root)
+
+
 def verify_consistency(
     old_size: int, new_size: int, proof: Sequence[bytes], old_root: bytes, new_root: bytes
 ) -> None:
@@ -222,10 +242,10 @@ def verify_consistency(
     if not 0 < old_size <= new_size <= MAX_TREE_SIZE:
         raise ProofError(f"no consistency proof from size {old_size} to size {new_size}")
     if old_size == new_size:
+        if old_root != new_root:  # two histories, whatever the proof
+            raise SplitViewError(f"different roots for the same size {old_size}")
         if proof:
             raise MalformedProofError("consistency proof between equal sizes must be empty")
-        if old_root != new_root:
-            raise SplitViewError(f"different roots for the same size {old_size}")
         return
     want = len(consistency_ranges(old_size, new_size))
     if len(proof) != want:

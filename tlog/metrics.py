@@ -47,9 +47,11 @@ class LogMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.batch_size = Histogram("wasmlog_log_batch_entries", "Entries per integrated batch", buckets=BATCH_BUCKETS, registry=registry)
-        self.integration_seconds = Histogram("wasmlog_log_integration_seconds", "Time to integrate a batch durably", buckets=LATENCY_BUCKETS, registry=registry)
+        self.integration_seconds = Histogram("wasmlog_log_integration_seconds", "Time to integrate a batch durably",
+                                             buckets=LATENCY_BUCKETS, registry=registry)
         self.batch_failures = Counter("wasmlog_log_batch_failures", "Batches that failed", registry=registry)
-        self.cosign_seconds = Histogram("wasmlog_log_witness_cosign_seconds", "Witness cosignature latency", ["witness"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.cosign_seconds = Histogram("wasmlog_log_witness_cosign_seconds", "Witness cosignature latency", ["witness"],
+                                        buckets=LATENCY_BUCKETS, registry=registry)
         self.cosign_failures = Counter("wasmlog_log_witness_failures", "Witness requests that failed or timed out", ["witness"], registry=registry)
         self.entries = Gauge("wasmlog_log_entries", "Entries in the log (integrated tree size)", registry=registry)
         self.published_size = Gauge("wasmlog_log_published_size", "Tree size of the published checkpoint", registry=registry)

@@ -104,8 +104,11 @@ def format_vkey(name: str, alg: int, public_key: bytes) -> str:
 class Verifier(Protocol):
     """A key that checks note signatures: identified by (name, key_id)."""
 
-    name: str
-    key_id: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def key_id(self) -> int: ...
 
     def verify(self, text: bytes, signature: bytes) -> bool:
         """Return whether signature (without the 4-byte key ID) is valid for the note text."""
@@ -113,8 +116,11 @@ class Verifier(Protocol):
 
 
 class Signer(Protocol):
-    name: str
-    key_id: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def key_id(self) -> int: ...
 
     def sign(self, text: bytes) -> bytes:
         """Return the signature of the note text (without the 4-byte key ID)."""

@@ -12,10 +12,21 @@ import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from .checkpoint import Checkpoint, parse_checkpoint
 from .cosignature import CosignatureV1Verifier, cosignature_verifier_from_vkey
-from .errors import MalformedError, TooLargeError
-from .note import Ed25519Verifier, NoteSignature, verifier_from_vkey
+from .errors import (
+    CosignatureError,
+    MalformedError,
+    QuorumNotMetError,
+    SignatureError,
+    StaleCheckpointError,
+    TooLargeError,
+    UnknownLogError,
+    UnverifiedNoteError,
+)
+from .note import Ed25519Verifier, Note, NoteSignature, parse_note, verifier_from_vkey
 from .syntax import positive_decimal
 
 MAX_POLICY_BYTES = 1 << 20
@@ -104,7 +115,7 @@ def parse_policy(data: bytes) -> Policy:
     """Parse a tlog-policy file. Raises MalformedError naming the line at fault."""
     if len(data) > MAX_POLICY_BYTES:
         raise TooLargeError("policy file is too large")
-    if any(b < 0x20 and b not in (0x09, 0x0A) or b == 0x7F for b in data):
+    if any((b < 0x20 and b not in (0x09, 0x0A)) or b == 0x7F for b in data):
         raise MalformedError("policy has a control character")
     text = data.decode("utf-8", "surrogateescape")  # non-ASCII octets are opaque
     logs: list[PolicyLog] = []
@@ -166,3 +177,72 @@ def parse_policy(data: bytes) -> Policy:
     if quorum is None:
         raise MalformedError("policy has no quorum line")
     return Policy(tuple(logs), witnesses, groups, quorum)
+
+
+MAX_FUTURE_SKEW = 600  # seconds a cosignature timestamp may lie ahead of `now` and still count
+
+
+class OpenedCheckpoint(NamedTuple):
+    """A checkpoint note verified against a tlog-policy."""
+
+    checkpoint: Checkpoint
+    note: Note
+    witnesses: tuple[str, ...]  # the policy names of the witnesses counted, sorted
+    newest_cosignature: int | None  # the newest counted cosignature's time (None: no witness counted)
+
+
+def open_checkpoint(
+    note_bytes: bytes, policy: Policy, now: int, *, max_age: int | None = None, parsed: tuple[Note, Checkpoint] | None = None,
+) -> OpenedCheckpoint:
+    """Open a checkpoint note against a tlog-policy: the one way every part of wasmlog does it.
+
+    The log is the policy's log for the checkpoint's origin, and its signature must verify; a
+    cosignature counts for a policy witness when it verifies and its time is at most
+    MAX_FUTURE_SKEW seconds after now (each witness counts once, at its newest time); the counted
+    witnesses must meet the quorum; with max_age, the newest counted cosignature must be at most
+    that many seconds old. Signatures by keys the policy does not name are ignored; a named key's
+    bad signature fails the note. parsed: the note and checkpoint already parsed from note_bytes.
+
+    Raises UnknownLogError, MalformedError (not a checkpoint note), SignatureError (the log's
+    signature fails), UnverifiedNoteError (no log signature), CosignatureError, QuorumNotMetError,
+    StaleCheckpointError.
+    """
+    origin = parsed[1].origin if parsed is not None else note_bytes.split(b"\n", 1)[0].decode("utf-8", "replace")
+    log = policy.log_for(origin)
+    if log is None:
+        raise UnknownLogError(f"log {origin!r} is not in the policy")
+    if parsed is not None:
+        note, cp = parsed
+    else:
+        note = parse_note(note_bytes)
+        cp = parse_checkpoint(note.text)
+    text = note.text.encode()
+    log_verifier = log.verifier
+    witness_keys = policy.witness_keys
+    log_signed = False
+    newest_by_witness: dict[str, int] = {}
+    latest = now + MAX_FUTURE_SKEW  # a cosignature from further in the future does not count
+    for name, key_id, signature in note.signatures:  # one pass, no allocation per signature: the edge's hot path
+        if name == log_verifier.name and key_id == log_verifier.key_id:
+            if not log_verifier.verify(text, signature):
+                raise SignatureError(f"invalid signature by {name}+{key_id:08x}")
+            log_signed = True
+            continue
+        witness = witness_keys.get((name, key_id))
+        if witness is None:
+            continue
+        t = witness.verifier.verified_timestamp(text, signature)
+        if t is None:
+            raise CosignatureError(f"invalid signature by {name}+{key_id:08x}")
+        if t <= latest and t >= newest_by_witness.get(witness.name, t):
+            newest_by_witness[witness.name] = t
+    if not log_signed:
+        raise UnverifiedNoteError("checkpoint is not signed by the log")
+    names = newest_by_witness.keys()
+    if not policy.satisfied(names):
+        raise QuorumNotMetError(f"cosigned by {sorted(names) or 'no witness'}: the quorum {policy.quorum} is not met")
+    newest = max(newest_by_witness.values()) if newest_by_witness else None
+    if max_age is not None and (newest is None or now - newest > max_age):
+        age = "no cosignature" if newest is None else f"newest cosignature {now - newest}s old"
+        raise StaleCheckpointError(f"checkpoint too old: {age}, the policy allows {max_age}s")
+    return OpenedCheckpoint(cp, note, tuple(sorted(names)), newest)

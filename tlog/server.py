@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .addipc import ForwardedError
 from .checkpoint import parse_decimal
@@ -47,7 +48,7 @@ LOG = web.AppKey("log", Log)
 SEQUENCER = web.AppKey("sequencer", Sequencer)
 BUNDLE_CACHE = web.AppKey("bundle_cache", OrderedDict)
 LOG_METRICS = web.AppKey("log_metrics", LogMetrics)
-MAX_CHECKPOINT_AGE = web.AppKey("max_checkpoint_age", object)
+MAX_CHECKPOINT_AGE: web.AppKey[float | None] = web.AppKey("max_checkpoint_age")
 
 logger = logging.getLogger("wasmlog.server")
 
@@ -73,7 +74,7 @@ STATUS: list[tuple[type[TlogError], int]] = [
 
 def status_for(e: TlogError) -> int:
     if isinstance(e, ForwardedError):
-        return e.status  # already mapped by the sequencing process's table
+        return e.forwarded_status  # already mapped by the sequencing process's table
     return next(status for cls, status in STATUS if isinstance(e, cls))
 
 
@@ -86,7 +87,7 @@ def error_response(e: TlogError) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def errors_middleware_for(respond: Callable[[TlogError], web.Response]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def errors_middleware_for(respond: Callable[[TlogError], web.Response]) -> Middleware:
     """A middleware turning every TlogError into respond(e): each server's one status table.
 
     It also applies the route's body limit and the body timeout (tlog/httplimits.py), so every

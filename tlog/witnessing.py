@@ -111,7 +111,7 @@ class WitnessClient:
                 async with self.session.post(self.url, data=AddCheckpoint(old, tuple(proof), note).encode()) as r:
                     body = await r.content.read(MAX_RESPONSE_BYTES)
                     status = r.status
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientError) as e:
                 raise WitnessFailure(f"{self.witness.name}: {e!r}") from e
             if status == 409:
                 try:

@@ -1,4 +1,4 @@
-"""Witness errors, one class per c2sp.org/tlog-witness status."""
+"""Witness errors, one class per c2sp.org/tlog-witness refusal (witness/server.py maps each to its status)."""
 
 from __future__ import annotations
 
@@ -6,25 +6,23 @@ from tlog.errors import TlogError
 
 
 class WitnessError(TlogError):
-    status = 500
+    """A refusal by the witness."""
 
 
 class BadRequest(WitnessError):
-    status = 400
+    """A request the protocol does not allow (a malformed body, an old size beyond the checkpoint's)."""
 
 
 class Forbidden(WitnessError):
-    status = 403
+    """The checkpoint is not validly signed by the log it names."""
 
 
 class UnknownOrigin(WitnessError):
-    status = 404
+    """The checkpoint's origin is not in this witness's log list."""
 
 
 class Conflict(WitnessError):
-    """old size is not the latest size this witness cosigned; known_size goes in the 409 body."""
-
-    status = 409
+    """old size is not the latest size this witness cosigned; known_size goes in the answer's body."""
 
     def __init__(self, known_size: int) -> None:
         super().__init__(f"the latest cosigned size is {known_size}")
@@ -34,8 +32,6 @@ class Conflict(WitnessError):
 class BadProof(WitnessError):
     """A proof that does not show the checkpoint extends the cosigned one: it proves nothing about the log."""
 
-    status = 422
-
 
 class SplitViewProof(BadProof):
     """The request itself proves the log signed two histories (same size, other root; or a proof that
@@ -43,7 +39,8 @@ class SplitViewProof(BadProof):
 
 
 class TooManyRequests(WitnessError):
-    status = 429
+    """A rate limit; scope says whose: the log's qpd or the client's refused requests."""
+
     scope = "log"
 
 
@@ -61,5 +58,3 @@ class ClientOverBudget(TooManyRequests):
 
 class Frozen(WitnessError):
     """This witness holds split-view evidence for the log and cosigns nothing more until an operator acts."""
-
-    status = 422

@@ -23,7 +23,15 @@ from tlog.metrics import install
 from tlog.server import errors_middleware_for
 from tlog.witness_protocol import MAX_REQUEST_BYTES
 
-from .errors import Conflict, TooManyRequests, WitnessError
+from .errors import (
+    BadProof,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Frozen,
+    TooManyRequests,
+    UnknownOrigin,
+)
 from .gossip import DEFAULT_GOSSIP_INTERVAL, DEFAULT_UNHEALTHY_AFTER, Gossip
 from .ratelimit import client_key
 from .witness import Witness
@@ -32,8 +40,16 @@ WITNESS = web.AppKey("witness", Witness)
 GOSSIP = web.AppKey("gossip", Gossip)
 
 
-# Errors that are not WitnessErrors (those carry their c2sp.org/tlog-witness status); subclasses first.
+# Every error maps to one status here, and only here (c2sp.org/tlog-witness for the witness's own
+# refusals; malformed input is 400); subclasses come before their bases.
 STATUS: list[tuple[type[TlogError], int]] = [
+    (BadRequest, 400),
+    (Forbidden, 403),
+    (UnknownOrigin, 404),
+    (Conflict, 409),
+    (BadProof, 422),
+    (Frozen, 422),
+    (TooManyRequests, 429),
     (TooLargeError, 413),
     (UnsupportedEncodingError, 415),
     (MalformedError, 400),
@@ -43,13 +59,12 @@ STATUS: list[tuple[type[TlogError], int]] = [
 
 
 def witness_status(e: TlogError) -> int:
-    """c2sp.org/tlog-witness statuses (witness/errors.py); the rest from STATUS (malformed input is 400)."""
-    return e.status if isinstance(e, WitnessError) else next(status for cls, status in STATUS if isinstance(e, cls))
+    return next(status for cls, status in STATUS if isinstance(e, cls))
 
 
 def witness_error_response(e: TlogError) -> web.Response:
-    if isinstance(e, Conflict):  # body= keeps the exact type; text= would add a charset
-        return web.Response(status=409, body=f"{e.known_size}\n".encode(), headers={"Content-Type": "text/x.tlog.size"})
+    if isinstance(e, Conflict):  # the latest cosigned size; body= keeps the exact type (text= would add a charset)
+        return web.Response(status=witness_status(e), body=f"{e.known_size}\n".encode(), headers={"Content-Type": "text/x.tlog.size"})
     return web.Response(status=witness_status(e), text=f"{e}\n")
 
 
@@ -131,7 +146,8 @@ def make_app(
     )
     app[METRICS] = RequestMetrics(
         Counter("wasmlog_witness_refused_requests", "add-checkpoint requests refused, by status", ["status"], registry=registry),
-        Counter("wasmlog_witness_rate_limited_requests", "add-checkpoint requests answered 429, by scope (log qpd or client)", ["scope"], registry=registry),
+        Counter("wasmlog_witness_rate_limited_requests", "add-checkpoint requests answered 429, by scope (log qpd or client)", ["scope"],
+                registry=registry),
     )
     app.router.add_post("/add-checkpoint", body_limit(MAX_REQUEST_BYTES, add_checkpoint))
     app.router.add_get("/{origin_hash:[0-9a-f]{64}}/checkpoint", get_checkpoint)

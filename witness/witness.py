@@ -26,8 +26,7 @@ from tlog.errors import (
     TlogError,
     UnverifiedNoteError,
 )
-from tlog.hashes import EMPTY_ROOT
-from tlog.merkle import verify_consistency
+from tlog.merkle import check_extends
 from tlog.note import Ed25519Signer, Note, b64encode, open_note, parse_note
 from tlog.witness_protocol import AddCheckpoint, parse_add_checkpoint
 
@@ -184,7 +183,7 @@ class Witness:
         too: if the proof yields the big root from that node, the big tree's prefix is that node.
         """
         try:
-            verify_consistency(small.size, big.size, proof, small.root_hash, big.root_hash)
+            check_extends(small.size, small.root_hash, big.size, big.root_hash, proof)
             return None
         except SplitViewError as e:
             return f"inconsistent: {e}"
@@ -194,7 +193,7 @@ class Witness:
             prefix = await tiles.tree_hash(small.size, at=big.size)
             if prefix == small.root_hash:
                 raise
-            verify_consistency(small.size, big.size, proof, prefix, big.root_hash)  # raises if the tiles are wrong too
+            check_extends(small.size, prefix, big.size, big.root_hash, proof)  # raises if the tiles are wrong too
             return f"inconsistent: the tree of size {big.size} has the root {b64encode(prefix)} at size {small.size}"
 
     async def observe(self, note_bytes: bytes, tiles: TileClient | None) -> str:
@@ -207,18 +206,18 @@ class Witness:
             if await asyncio.to_thread(self.state.is_frozen, cp.origin):
                 return "frozen"
             known = await asyncio.to_thread(self.state.latest, cp.origin)
-            if cp.size == known.size:
-                if cp.root_hash == known.root_hash:
-                    return "same"
-                if cp.size == 0:
-                    return "rejected: a size-0 checkpoint with a non-empty root"
-                await self._record_split_view(cp.origin, log_note.encode(), [], "same size, different root")
-                return "split view"
-            small, big = (known, Tree(cp.size, cp.root_hash)) if known.size < cp.size else (Tree(cp.size, cp.root_hash), known)
+            small, big = (known, Tree(cp.size, cp.root_hash)) if known.size <= cp.size else (Tree(cp.size, cp.root_hash), known)
             proof: list[bytes] = []
-            if small.size == 0:
-                if small.root_hash != EMPTY_ROOT:
+            if small.size in (0, big.size):  # decided without a proof
+                try:
+                    check_extends(small.size, small.root_hash, big.size, big.root_hash, proof)
+                except SplitViewError:
+                    await self._record_split_view(cp.origin, log_note.encode(), [], "same size, different root")
+                    return "split view"
+                except ProofError:
                     return "rejected: a size-0 checkpoint with a non-empty root"
+                if cp.size == known.size:
+                    return "same"
             else:
                 if tiles is None:
                     return "unverifiable: no URL for this log"

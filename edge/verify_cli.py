@@ -8,14 +8,14 @@ import pathlib
 
 import aiohttp
 
+from registry.client import RegistryClient
+from registry.record import decode_entry
 from tlog.client import BAD_RESPONSE, UNREACHABLE, failure_kind
 from tlog.errors import TlogError
 from tlog.proof_file import TlogProof, parse_tlog_proof
 from tlog.runloop import run
 
-from .client import RegistryClient
-from .edge_state import load_known, save_evidence, save_known
-from .record import decode_entry
+from .state import load_known, save_evidence, save_known
 from .verify import (
     EVIDENCE_REASONS,
     NamespaceStatus,
@@ -98,7 +98,8 @@ def run_verify(
         if state_dir is not None and e.reason in EVIDENCE_REASONS:
             message += f" (evidence kept in {save_evidence(state_dir, e.reason, message, e.evidence, now)})"
         if as_json:
-            return code, json.dumps({"ok": False, "reason": e.reason, "message": message, "evidence": {k: v.decode() if isinstance(v, bytes) else v for k, v in e.evidence.items()}})
+            evidence = {k: v.decode() if isinstance(v, bytes) else v for k, v in e.evidence.items()}
+            return code, json.dumps({"ok": False, "reason": e.reason, "message": message, "evidence": evidence})
         return code, f"FAIL {e.reason}: {message}"
     if as_json:
         return 0, json.dumps(verified.as_json())

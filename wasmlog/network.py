@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from registry.blobs import BlobStore
+from registry.server import make_app
+from registry.service import Registry
 from tlog.httplimits import DEFAULT_LIMITS, ServerLimits, start_server
 from tlog.keys import load_or_create_signer
 from tlog.log import Log
@@ -27,10 +30,6 @@ from witness.loglist import parse_log_list
 from witness.server import make_app as make_witness_app
 from witness.state import WitnessState
 from witness.witness import Witness
-
-from .blobs import BlobStore
-from .server import make_app
-from .service import Registry
 
 LOG_NAME = "localhost/wasmlog"
 WITNESS_NAMES = ("witness1.localhost", "witness2.localhost", "witness3.localhost")

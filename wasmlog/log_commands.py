@@ -1,0 +1,127 @@
+"""`wasmlog log`: a standalone transparency log (and its hidden front-end worker command)."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from tlog.addipc import AddServer
+from tlog.errors import TlogError
+from tlog.frontend import ADD_SOCKET, make_frontend_app
+from tlog.httplimits import DEFAULT_LIMITS, ServerLimits
+from tlog.keys import read_signer
+from tlog.log import Log
+from tlog.note import (
+    Ed25519Signer,
+)
+from tlog.policy import Policy
+from tlog.sequencer import (
+    DEFAULT_REPUBLISH_INTERVAL,
+    Sequencer,
+)
+from tlog.server import SEQUENCER, make_app, status_for
+from tlog.storage.lmdb_store import DEFAULT_MAP_SIZE, LMDBLogStore
+from tlog.witnessing import DEFAULT_WITNESS_TIMEOUT
+
+from .common import (
+    DEFAULT_HEALTHZ_MAX_AGE,
+    DEFAULT_LISTEN,
+    SEQUENCER_OPTIONS,
+    read_witness_policy,
+    run_app,
+    serve_with_front_ends,
+    server_limit_options,
+    split_listen,
+    witness_budget,
+    witness_rounds_option,
+)
+
+
+def serve_log(
+    *, data: pathlib.Path, signer: Ed25519Signer, origin: str | None, listen: str,
+    interval_ms: int, batch_max: int, max_pending: int, map_size: int, banner: str = "",
+    witness_policy: Policy | None = None, republish_interval: float = DEFAULT_REPUBLISH_INTERVAL,
+    witness_timeout: float = DEFAULT_WITNESS_TIMEOUT, healthz_max_age: float = 300.0, workers: int = 1,
+    witness_rounds_per_day: int | None = None,
+    limits: ServerLimits = DEFAULT_LIMITS,
+) -> None:
+    """Serve a log; with workers > 1, that many HTTP front-end processes serve the port and this one sequences."""
+    host, port = split_listen(listen)
+    store = LMDBLogStore(str(data), map_size=map_size)
+    try:
+        log = Log(store, signer, origin=origin, witnessed=witness_policy is not None)
+        sequencer = Sequencer(
+            log, interval=interval_ms / 1000, batch_max=batch_max, max_pending=max_pending,
+            republish_interval=republish_interval,
+            witness_budget=witness_budget(witness_rounds_per_day),
+        )
+        app = make_app(sequencer, witness_policy=witness_policy, witness_timeout=witness_timeout, max_checkpoint_age=healthz_max_age)
+        click.echo(banner or f"log {log.origin} at http://{host}:{port}/ (size {log.published.checkpoint.size})")
+        if workers <= 1:
+            run_app(app, host, port, limits=limits)
+            return
+        serve_with_front_ends(
+            app, workers, lambda ipc_dir: ["wasmlog", "log", "front", "--ipc", ipc_dir, "--listen", listen],
+            {ADD_SOCKET: lambda a: AddServer(a[SEQUENCER].submit, status_for)}, limits,
+        )
+    finally:
+        store.close()
+
+
+def log_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve on."),
+            *SEQUENCER_OPTIONS,
+            click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="With N > 1, N HTTP front-end processes share the port and forward to this one, which sequences."),
+            click.option("--healthz-max-age", default=DEFAULT_HEALTHZ_MAX_AGE, show_default=True, type=click.FloatRange(1), help="GET /healthz fails when a witnessed log's checkpoint is older (seconds)."),
+            click.option("--map-size", default=DEFAULT_MAP_SIZE, show_default=True, type=click.IntRange(1 << 20), help="LMDB map size in bytes (address space)."),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+@click.group("log")
+def log_group() -> None:
+    """Run a standalone transparency log."""
+
+
+@log_group.command("serve")
+@click.option("--data", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path), help="LMDB directory.")
+@click.option("--key", "key_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@click.option("--origin", default=None, help="Checkpoint origin (default: the key name).")
+@click.option("--witness-policy", "policy_file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="A c2sp.org/tlog-policy file: publish only checkpoints its witness quorum cosigned.")
+@click.option("--republish-interval", default=DEFAULT_REPUBLISH_INTERVAL, show_default=True, type=click.FloatRange(1), help="Seconds between witness cosignings of an unchanged tree.")
+@click.option("--witness-timeout", default=DEFAULT_WITNESS_TIMEOUT, show_default=True, type=click.FloatRange(0.1), help="Seconds to wait for witnesses per checkpoint.")
+@witness_rounds_option
+@log_options
+@server_limit_options
+def log_serve(
+    data: pathlib.Path, key_file: pathlib.Path, origin: str | None, policy_file: pathlib.Path | None,
+    republish_interval: float, witness_timeout: float, witness_rounds_per_day: int | None, **opts: int | str,
+) -> None:
+    """Serve a c2sp.org/tlog-tiles log with POST /add and proof endpoints."""
+    try:
+        signer = read_signer(key_file)
+        policy = read_witness_policy(policy_file, signer) if policy_file else None
+        serve_log(
+            data=data, signer=signer, origin=origin, witness_policy=policy,
+            republish_interval=republish_interval, witness_timeout=witness_timeout,
+            witness_rounds_per_day=witness_rounds_per_day, **opts,  # type: ignore[arg-type]
+        )
+    except TlogError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@log_group.command("front", hidden=True)
+@click.option("--ipc", "ipc_dir", required=True, type=click.Path(exists=True, file_okay=False), help="The sequencing process's socket directory.")
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True)
+@server_limit_options
+def log_front(ipc_dir: str, listen: str, limits: ServerLimits) -> None:
+    """An HTTP front-end process of `log serve --workers N` (started by it, not by hand)."""
+    host, port = split_listen(listen)
+    run_app(make_frontend_app(ipc_dir), host, port, reuse_port=True, limits=limits)

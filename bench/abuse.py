@@ -596,8 +596,8 @@ async def run_in(args: argparse.Namespace, data: pathlib.Path) -> dict[str, obje
                 end = time.monotonic()
                 main_hwm = proc_status(proc.pid, "VmHWM") if hwm else None
                 await asyncio.sleep(0.5)  # a probe of the aftermath, and time for memory to be given back
-                while tree_rss(proc.pid) > baseline + NEAR_BASELINE_MB * MIB and time.monotonic() < end + SETTLE_S:
-                    await asyncio.sleep(0.1)  # noqa: ASYNC110 -- polling a process's memory: no event to wait on
+                while tree_rss(proc.pid) > baseline + NEAR_BASELINE_MB * MIB and time.monotonic() < end + SETTLE_S:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)  # polling a process's memory: no event to wait on
                 after, settled = tree_rss(proc.pid), time.monotonic()
                 peak = max([r for ts, r in rss if start <= ts <= end] + [baseline, after])
                 growth = max(peak - baseline, (main_hwm - main_baseline) if main_hwm is not None else 0)

@@ -199,7 +199,7 @@ def claimed(data: bytes, offset: int | None, message: str) -> bool:
     sections = frame(data)
     if sections is None or offset is None or any(m in message for m in _CLAIMED_MESSAGES):
         return True
-    for section_id, header, start, end in sections:
+    for section_id, header, start, end in sections:  # in order: an error at a section's end is its own, not the next header's
         if header <= offset < start:
             return True
         if not start <= offset <= end:
@@ -212,6 +212,7 @@ def claimed(data: bytes, offset: int | None, message: str) -> bool:
         if section_id == 10:
             ranges = code_headers(data, start, end)
             return ranges is None or any(lo <= offset < hi for lo, hi in ranges)
+        return False  # a section the reader only frames (framing is checked above)
     return False
 
 

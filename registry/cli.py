@@ -38,6 +38,7 @@ from tlog.runloop import run
 from tlog.sequencer import Sequencer
 from tlog.storage.lmdb_store import LMDBLogStore
 from tlog.witnessing import DEFAULT_WITNESS_TIMEOUT
+from wasmlog.agent_command import agent_group  # TEMPORARY (issue 14, k14-agent)
 
 from .audit_state import AuditState, AuditStateError
 from .blobs import BlobStore
@@ -63,6 +64,7 @@ def main(verbose: int, log_format: str) -> None:
 main.add_command(keygen)
 main.add_command(log_group)
 main.add_command(witness_group)
+main.add_command(agent_group, "agent")  # TEMPORARY (issue 14, k14-agent): the lead moves it to wasmlog/cli.py
 
 
 def one_line_errors(f: Callable[..., T]) -> Callable[..., T]:

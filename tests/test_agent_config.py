@@ -133,10 +133,10 @@ def test_a_pattern_is_accepted_only_as_module_dot_field(pattern: str) -> None:
 def test_serve_exits_2_with_one_line_naming_the_key(tmp_path: pathlib.Path) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text(EXAMPLE.replace("memory_mb = 16", "memory_mb = 0"))
-    p = subprocess.run([sys.executable, "-m", "registry", "agent", "serve", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    p = subprocess.run([sys.executable, "-m", "registry", "agent", "serve", "--config", str(cfg)], check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "profiles.stdout.memory_mb" in p.stderr, p.stderr
     cfg.write_text(EXAMPLE)  # a valid config, but the trust policy file does not exist
-    p = subprocess.run([sys.executable, "-m", "registry", "agent", "serve", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    p = subprocess.run([sys.executable, "-m", "registry", "agent", "serve", "--config", str(cfg)], check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 2 and "trust policy" in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 

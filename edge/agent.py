@@ -33,6 +33,7 @@ from .sandbox import Sandbox
 
 logger = logging.getLogger("wasmlog.agent")
 MAX_POLICY_BYTES = 1 << 20
+ADMISSION_CONCURRENCY = 8  # fetches in flight during a sweep (verification itself is one at a time)
 
 
 def load_trust_policy(path: pathlib.Path) -> TrustPolicy:
@@ -134,9 +135,15 @@ class Agent:
                 checkpoint = await refresh_checkpoint(session, self.config.registries, self.policy, self.checkpoints, now)
                 findings += checkpoint.pop("findings")  # type: ignore[arg-type]
                 admission = Admission(self.policy, self.config.registries, self.store, self.checkpoints, now)
+                gate = asyncio.Semaphore(ADMISSION_CONCURRENCY)
+
+                async def decide(m: ModuleConfig) -> Decision:
+                    async with gate:
+                        return await self._decide(admission, session, m)
+
+                decisions = await asyncio.gather(*(decide(m) for m in self.config.modules))
                 modules = []
-                for m in self.config.modules:
-                    decision = await self._decide(admission, session, m)
+                for m, decision in zip(self.config.modules, decisions, strict=True):
                     findings += [{"kind": "integrity", "what": "module", "digest": d, "refs": [m.ref], "message": "replaced by verified bytes"}
                                  for d in decision.tampered]
                     if decision.reason in UNAVAILABLE_REASONS and m.ref in self.modules:  # the module keeps its state

@@ -19,7 +19,13 @@ import aiohttp
 from registry.client import RegistryClient, RegistryError
 from registry.edge_state import load_known, save_evidence, save_known
 from registry.record import PackageRef, Release, decode_entry
-from registry.verify import EVIDENCE_REASONS, TrustPolicy, VerifyError, verify_module
+from registry.verify import (
+    EVIDENCE_REASONS,
+    NamespaceStatus,
+    TrustPolicy,
+    VerifyError,
+    verify_module,
+)
 from registry.verify_cli import online_facts
 from tlog.client import UNREACHABLE, failure_kind
 from tlog.errors import TlogError
@@ -60,6 +66,8 @@ class Admission:
     store: ModuleStore
     checkpoints: pathlib.Path
     now: int
+    _status: dict[tuple[str, str], NamespaceStatus] = field(default_factory=dict)  # (source, namespace): its yanks and revocations
+    _verifying: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def decide(self, session: aiohttp.ClientSession, module: ModuleConfig, profile: ProfileConfig) -> Decision:
         """Admit module (pinned or the newest good release of its name) under profile, or say why not."""
@@ -96,7 +104,7 @@ class Admission:
             try:
                 decision = await self._from(session, url, ref, profile)
             except VerifyError as e:
-                evidence = ()
+                evidence: tuple[str, ...] = ()
                 if e.reason in EVIDENCE_REASONS:
                     evidence = (str(await asyncio.to_thread(save_evidence, self.checkpoints, e.reason, str(e), e.evidence, self.now)),)
                 decision = Decision(REFUSED, e.reason, f"{ref} from {url}: {e}", ref.version, source=url, evidence=evidence)
@@ -121,14 +129,25 @@ class Admission:
             raise VerifyError("not-a-release", "the log entry is not a release")
         digest = body.module_sha256
         module = await asyncio.to_thread(self.store.get, digest)
-        tampered = ()
+        tampered: tuple[str, ...] = ()
         if module is None:
             tampered = (digest,) if self.store.path(digest).exists() else ()
             module = await api.get(path + "/module.wasm")
         sbom = await api.get(path + "/sbom") if body.sbom_sha256 is not None else None
+        async with self._verifying:  # one at a time: each may move the trusted checkpoint forward
+            return await self._verify(url, ref, profile, tp, body, module, sbom, tampered)
+
+    async def _verify(self, url: str, ref: PackageRef, profile: ProfileConfig, tp: TlogProof, body: Release, module: bytes,
+                      sbom: bytes | None, tampered: tuple[str, ...]) -> Decision:
+        assert tp.parsed is not None
+        digest = body.module_sha256
         known = await asyncio.to_thread(load_known, self.checkpoints, tp.parsed.origin)
-        consistency, status = await online_facts(url, None if known is None else known.checkpoint.size, tp.parsed.size,
-                                                 ref.namespace, self.policy, self.now)
+        known_size = None if known is None else known.checkpoint.size
+        status = self._status.get((url, ref.namespace))
+        consistency = None
+        if status is None or known_size not in (None, 0, tp.parsed.size):  # the namespace's actions once per admission round
+            consistency, fetched = await online_facts(url, known_size, tp.parsed.size, None if status is not None else ref.namespace, self.policy, self.now)
+            status = self._status.setdefault((url, ref.namespace), fetched) if fetched is not None else status
 
         def verify_and_store() -> Decision:
             verified = verify_module(module=module, proof=tp, policy=self.policy, now=self.now, sbom=sbom, known=known,

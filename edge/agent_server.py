@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from prometheus_client import Counter, Gauge, Histogram
@@ -76,6 +76,9 @@ def error_response(e: Exception) -> web.Response:
     return web.json_response({"error": type(e).__name__, "message": str(e)}, status=status)
 
 
+agent_errors_middleware = errors_middleware_for(error_response)
+
+
 class AgentMetrics:
     def __init__(self, app: web.Application, agent: Agent) -> None:
         registry = app[METRICS]
@@ -85,7 +88,11 @@ class AgentMetrics:
         self.findings = Counter("wasmlog_agent_sweep_findings", "Sweep findings by kind", ["kind"], registry=registry)
         modules = Gauge("wasmlog_agent_modules", "Configured modules by state", ["state"], registry=registry)
         for state in STATES:
-            modules.labels(state).set_function(lambda state=state: sum(s.state == state for s in agent.modules.values()))
+            modules.labels(state).set_function(_counter(agent, state))
+
+
+def _counter(agent: Agent, state: str) -> Callable[[], float]:
+    return lambda: sum(s.state == state for s in agent.modules.values())
 
 
 METRICS_KEY = web.AppKey("agent_metrics", AgentMetrics)
@@ -178,7 +185,7 @@ async def _sweeps(app: web.Application) -> AsyncIterator[None]:
 
 
 def make_app(agent: Agent, *, periodic_sweeps: bool = True) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware_for(error_response)])
+    app = web.Application(middlewares=[agent_errors_middleware])
     app[AGENT] = agent
     install(app, "wasmlog_agent")
     app[METRICS_KEY] = AgentMetrics(app, agent)

@@ -87,6 +87,11 @@ imports = ["{WASI}.fd_*", "{WASI}.environ_*"]
 memory_mb = 16
 timeout_ms = 2000
 env = {{ GREETING = "from the profile" }}
+
+[profiles.small]
+imports = []
+memory_mb = 4
+timeout_ms = 300
 '''
 
 

@@ -4,6 +4,7 @@ sandbox where a process is not needed)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import pathlib
 import time
@@ -11,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import wasmtime
 from agent_helpers import (
     NET_MODULE_IMPORT,
     AgentProcess,
@@ -157,7 +159,7 @@ async def test_a_yank_stops_a_module_at_the_next_sweep_and_sigkill_keeps_it_stop
 async def in_process_agent(aiohttp_client, tmp_path: pathlib.Path, registries: list[str], modules: dict[str, str]):  # type: ignore[no-untyped-def]
     cfg = write_config(tmp_path / "edge", registries, modules)
     config = parse_config(cfg.read_text(), cfg.parent)
-    sandbox = Sandbox(config.data / "artifacts", config.data / "artifact.key", workers=1)
+    sandbox = Sandbox(config.data / "artifacts", config.data / "artifact.key", workers=2)
     agent = Agent(config, sandbox)
     await agent.start()
     client = await aiohttp_client(make_app(agent, periodic_sweeps=False))
@@ -314,3 +316,31 @@ async def test_a_release_by_a_key_revoked_before_it_stops_at_the_next_sweep(aioh
             assert (await client.get("/run/acme/hello")).status == 200
         finally:
             await sandbox.close()
+
+
+SPIN = wasmtime.wat2wasm('(module (func (export "_start") (loop $l (br $l))))')
+BOMB = wasmtime.wat2wasm('''(module (memory 1)
+  (func (export "_start") (loop $l (br_if $l (i32.ne (memory.grow (i32.const 16)) (i32.const -1)))) unreachable))''')
+
+
+async def test_a_runaway_loop_and_a_memory_bomb_are_stopped_while_others_keep_serving(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    for ref, module in (("acme:hello@1.0.0", HELLO), ("acme:spin@1.0.0", SPIN), ("acme:bomb@1.0.0", BOMB)):
+        await publish(api, ref, module)
+    _, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url],
+                                                    {"acme:hello@1.0.0": "stdout", "acme:spin@1.0.0": "small", "acme:bomb@1.0.0": "small"})
+    try:
+        assert all(m["state"] == "admitted" for m in (await (await client.get("/status")).json())["modules"])
+        spin = asyncio.ensure_future(client.get("/run/acme/spin"))
+        hello = asyncio.ensure_future(client.get("/run/acme/hello"))
+        done, _ = await asyncio.wait({spin, hello}, return_when=asyncio.FIRST_COMPLETED)
+        assert hello in done and (await hello).status == 200  # served while the loop still runs
+        r = await spin
+        assert r.status == 504 and (await r.json())["error"] == "DeadlineExceeded"
+        r = await client.get("/run/acme/bomb")
+        assert r.status == 502, await r.text()
+        r = await client.get("/run/acme/hello")
+        assert r.status == 200 and await r.read() == b"hello from acme\n"
+        assert (await client.get("/healthz")).status == 200
+    finally:
+        await sandbox.close()

@@ -57,7 +57,8 @@ class Agent:
         self.store = ModuleStore(config.data)
         self.checkpoints = config.data / "checkpoints"
         self.modules: dict[str, ModuleState] = {}
-        self.lock = asyncio.Lock()  # one admission or sweep at a time
+        self.lock = asyncio.Lock()  # one admission round or sweep at a time
+        self._writing = asyncio.Lock()  # one change of state.json at a time (a sweep, a quarantine while serving)
         self.last_sweep: dict[str, Any] | None = None
         self.sweeps = 0
 
@@ -72,38 +73,50 @@ class Agent:
         new = [m for m in self.config.modules if m.ref not in self.modules]
         if new:
             async with self.lock, aiohttp.ClientSession(timeout=FETCH_TIMEOUT) as session:
-                admission = self._admission()
-                for m in new:
-                    await self._apply(m, await self._decide(admission, session, m))
+                admission = Admission(self.policy, self.config.registries, self.store, self.checkpoints, self.now())
+                await self._apply(list(zip(new, await self._decide(admission, session, new), strict=True)))
 
-    def _admission(self) -> Admission:
-        return Admission(self.policy, self.config.registries, self.store, self.checkpoints, self.now())
+    async def _decide(self, admission: Admission, session: aiohttp.ClientSession, modules: list[ModuleConfig]) -> list[Decision]:
+        """Admission decisions for modules, ADMISSION_CONCURRENCY fetching at once."""
+        gate = asyncio.Semaphore(ADMISSION_CONCURRENCY)
 
-    async def _decide(self, admission: Admission, session: aiohttp.ClientSession, m: ModuleConfig) -> Decision:
-        return await admission.decide(session, m, self.config.profiles[m.profile])
+        async def decide(m: ModuleConfig) -> Decision:
+            async with gate:
+                return await admission.decide(session, m, self.config.profiles[m.profile])
 
-    async def _apply(self, m: ModuleConfig, decision: Decision) -> tuple[ModuleState | None, ModuleState]:
-        old = self.modules.get(m.ref)
-        new = next_state(old, decision, m.profile, m.ref, self.now())
-        if new != old:
-            changed = {**self.modules, m.ref: new}
-            await asyncio.to_thread(self.state_file.save, changed)  # on disk before it is served or stops being served
-            self.modules = changed
-            logger.info("%s: %s%s", m.ref, new.state, f" ({new.reason}: {new.message})" if new.reason else "")
-        return old, new
+        return list(await asyncio.gather(*(decide(m) for m in modules)))
+
+    async def _apply(self, decisions: list[tuple[ModuleConfig, Decision]]) -> list[tuple[ModuleState | None, ModuleState]]:
+        """Move each module to its next state; the new states are on disk before they are served."""
+        async with self._writing:
+            now = self.now()
+            changed = dict(self.modules)
+            moves = []
+            for m, decision in decisions:
+                old = self.modules.get(m.ref)
+                new = next_state(old, decision, m.profile, m.ref, now)
+                changed[m.ref] = new
+                moves.append((old, new))
+                if new != old:
+                    logger.info("%s: %s%s", m.ref, new.state, f" ({new.reason}: {new.message})" if new.reason else "")
+            if changed != self.modules:
+                await asyncio.to_thread(self.state_file.save, changed)
+                self.modules = changed
+            return moves
 
     async def _save(self) -> None:
         await asyncio.to_thread(self.state_file.save, dict(self.modules))
 
     async def quarantine(self, ref: str, reason: str, message: str, digests: set[str] | None = None) -> None:
         """Stop serving ref now (only if it is still the release with one of digests, when given)."""
-        old = self.modules.get(ref)
-        if old is None or old.state == QUARANTINED or (digests is not None and old.digest not in digests):
-            return
-        new = ModuleState(ref, QUARANTINED, reason, message, old.profile, self.now(), old.version, old.digest, old.log_index)
-        changed = {**self.modules, ref: new}
-        await asyncio.to_thread(self.state_file.save, changed)
-        self.modules = changed
+        async with self._writing:
+            old = self.modules.get(ref)
+            if old is None or old.state == QUARANTINED or (digests is not None and old.digest not in digests):
+                return
+            new = ModuleState(ref, QUARANTINED, reason, message, old.profile, self.now(), old.version, old.digest, old.log_index)
+            changed = {**self.modules, ref: new}
+            await asyncio.to_thread(self.state_file.save, changed)
+            self.modules = changed
         logger.warning("%s: quarantined (%s: %s)", ref, reason, message)
 
     def serving(self, namespace: str, name: str) -> tuple[ModuleConfig, ModuleState | None] | None:
@@ -135,22 +148,15 @@ class Agent:
                 checkpoint = await refresh_checkpoint(session, self.config.registries, self.policy, self.checkpoints, now)
                 findings += checkpoint.pop("findings")  # type: ignore[arg-type]
                 admission = Admission(self.policy, self.config.registries, self.store, self.checkpoints, now)
-                gate = asyncio.Semaphore(ADMISSION_CONCURRENCY)
-
-                async def decide(m: ModuleConfig) -> Decision:
-                    async with gate:
-                        return await self._decide(admission, session, m)
-
-                decisions = await asyncio.gather(*(decide(m) for m in self.config.modules))
-                modules = []
-                for m, decision in zip(self.config.modules, decisions, strict=True):
-                    findings += [{"kind": "integrity", "what": "module", "digest": d, "refs": [m.ref], "message": "replaced by verified bytes"}
-                                 for d in decision.tampered]
-                    if decision.reason in UNAVAILABLE_REASONS and m.ref in self.modules:  # the module keeps its state
-                        findings.append({"kind": "unavailable", "ref": m.ref, "reason": decision.reason, "message": decision.message})
-                    old, new = await self._apply(m, decision)
-                    modules.append({**self._module_json(m, new), "previous": None if old is None else old.state,
-                                    "changed": old is None or (old.state, old.digest) != (new.state, new.digest)})
+                decisions = list(zip(self.config.modules, await self._decide(admission, session, list(self.config.modules)), strict=True))
+            for m, decision in decisions:
+                findings += [{"kind": "integrity", "what": "module", "digest": d, "refs": [m.ref], "message": "replaced by verified bytes"}
+                             for d in decision.tampered]
+                if decision.reason in UNAVAILABLE_REASONS and m.ref in self.modules:  # the module keeps its state
+                    findings.append({"kind": "unavailable", "ref": m.ref, "reason": decision.reason, "message": decision.message})
+            modules = [{**self._module_json(m, new), "previous": None if old is None else old.state,
+                        "changed": old is None or (old.state, old.digest) != (new.state, new.digest)}
+                       for (m, _), (old, new) in zip(decisions, await self._apply(decisions), strict=True)]
             self.sweeps += 1
             self.last_sweep = {"time": now, "seconds": round(time.monotonic() - started, 3), "checkpoint": checkpoint,
                                "findings": findings, "modules": modules}

@@ -75,7 +75,10 @@ def next_state(old: ModuleState | None, decision: Decision, profile: str, ref: s
         new = ModuleState(ref, ADMITTED, None, None, profile, now, decision.version, decision.digest, decision.log_index)
     else:
         state = QUARANTINED if old is not None and old.state in (ADMITTED, QUARANTINED) else decision.state
-        new = ModuleState(ref, state, decision.reason, decision.message, profile, now, decision.version, decision.digest, decision.log_index)
+        digest, index = decision.digest, decision.log_index
+        if digest is None and old is not None and old.version == decision.version:  # the release that stops serving
+            digest, index = old.digest, old.log_index
+        new = ModuleState(ref, state, decision.reason, decision.message, profile, now, decision.version, digest, index)
     if old is not None and (old.state, old.reason, old.version, old.digest) == (new.state, new.reason, new.version, new.digest):
         return replace(new, since=old.since, message=new.message or old.message)
     return new

@@ -129,6 +129,7 @@ async def test_a_yank_stops_a_module_at_the_next_sweep_and_sigkill_keeps_it_stop
         result = await sweep(s, url)
         moved = {m["ref"]: m for m in result["modules"]}
         assert moved["acme:hello@1.0.0"]["state"] == "quarantined" and moved["acme:hello@1.0.0"]["reason"] == "yanked"
+        assert moved["acme:hello@1.0.0"]["digest"] == hashlib.sha256(HELLO).hexdigest()  # the release that stopped
         assert moved["acme:echo"]["state"] == "admitted" and moved["acme:echo"]["version"] == "1.1.0" and moved["acme:echo"]["changed"]
         code, body, _ = await get(s, url + "/run/acme/hello")
         assert code == 403 and b"yanked" in body

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import pathlib
+import re
 import time
 from typing import Any
 
@@ -344,4 +345,53 @@ async def test_a_runaway_loop_and_a_memory_bomb_are_stopped_while_others_keep_se
         assert r.status == 200 and await r.read() == b"hello from acme\n"
         assert (await client.get("/healthz")).status == 200
     finally:
+        await sandbox.close()
+
+
+async def test_each_sweep_rechecks_admitted_modules_against_the_current_trust_policy(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:hello@1.0.0", HELLO)
+    agent, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"})
+    try:
+        policy_file = agent.config.trust_policy
+        good = policy_file.read_text()
+        policy_file.write_text(good + 'imports = "everything"\n')  # malformed: the previous policy stays in force
+        result = await (await client.post("/sweep")).json()
+        assert any(f["kind"] == "trust-policy" and f["reason"] == "policy-malformed" for f in result["findings"])
+        assert result["modules"][0]["state"] == "admitted"
+        policy_file.write_text(good + f'[namespaces.acme]\nkeys = ["{BOB.vkey}"]\n')  # acme is now pinned to bob's key
+        result = await (await client.post("/sweep")).json()
+        (m,) = result["modules"]
+        assert m["state"] == "quarantined" and m["reason"] == "publisher-not-allowed" and m["changed"]
+        assert (await client.get("/run/acme/hello")).status == 403
+        policy_file.write_text(good)  # and back: a sweep says so
+        (m,) = (await (await client.post("/sweep")).json())["modules"]
+        assert m["state"] == "admitted" and m["previous"] == "quarantined"
+        r = await client.get("/run/acme/hello")
+        assert r.status == 200
+    finally:
+        await sandbox.close()
+
+
+async def test_sweeps_run_every_sweep_interval(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:hello@1.0.0", HELLO)
+    cfg = write_config(tmp_path / "edge", [api.url], {"acme:hello@1.0.0": "stdout"}, sweep_interval=1)
+    config = parse_config(cfg.read_text(), cfg.parent)
+    sandbox = Sandbox(config.data / "artifacts", config.data / "artifact.key", workers=1)
+    agent = Agent(config, sandbox)
+    await agent.start()
+    client = await aiohttp_client(make_app(agent))  # periodic sweeps on
+    try:
+        await api.act(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=1))
+        deadline = time.monotonic() + 30
+        while agent.sweeps < 2 and time.monotonic() < deadline:  # the yank lands before the second sweep starts at the latest
+            await asyncio.sleep(0.05)  # polling with a deadline, not ordering
+        status = await (await client.get("/status")).json()
+        assert status["sweeps"] >= 2 and status["modules"][0]["state"] == "quarantined"
+        async with client.get("/metrics") as r:
+            count = re.search(r"^wasmlog_agent_sweeps_total (\S+)$", await r.text(), re.MULTILINE)
+        assert count is not None and float(count[1]) >= 2
+    finally:
+        await client.close()
         await sandbox.close()

@@ -108,6 +108,10 @@ async def run_module(request: web.Request) -> web.Response:
     if s is None or s.state != ADMITTED or s.digest is None:
         why = "not admitted yet" if s is None else f"{s.state} ({s.reason}: {s.message})"
         raise ModuleNotServed(f"{m.ref} is {why}")
+    module = agent.store.path(s.digest)
+    if not module.exists():
+        await agent.quarantine(m.ref, "integrity", f"the stored module sha256:{s.digest[:16]} is missing", {s.digest})
+        raise ModuleNotServed(f"{m.ref} is quarantined (integrity: its stored module is missing)")
     body = await request.read()  # bounded by the route's body limit
     tail = request.match_info.get("tail")
     host, _, port = (request.host or "").partition(":")
@@ -121,7 +125,7 @@ async def run_module(request: web.Request) -> web.Response:
     metrics = request.app[METRICS_KEY]
     started = time.monotonic()
     try:
-        result = await agent.sandbox.run(s.digest, agent.store.path(s.digest), profile, stdin=body, env=merged_environment(cgi, p.env))
+        result = await agent.sandbox.run(s.digest, module, profile, stdin=body, env=merged_environment(cgi, p.env))
         if result.exit_code != 0:
             raise Trapped(f"{m.ref} exited with status {result.exit_code}")
         status, headers, out = parse_cgi(result.stdout)

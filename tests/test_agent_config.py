@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from edge.agent_cgi import CgiError, cgi_environment, parse_cgi
 from edge.agent_config import ConfigError, check_pattern, parse_config
+from tlog.note import Ed25519Signer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BASE = pathlib.Path("/etc/agent")
@@ -138,6 +139,11 @@ def test_serve_exits_2_with_one_line_naming_the_key(tmp_path: pathlib.Path) -> N
     cfg.write_text(EXAMPLE)  # a valid config, but the trust policy file does not exist
     p = subprocess.run([sys.executable, "-m", "registry", "agent", "serve", "--config", str(cfg)], check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 2 and "trust policy" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    (tmp_path / "trust-policy.toml").write_text(f'tlog_policy = """\nlog {Ed25519Signer.generate("localhost/x").vkey}\nquorum none\n"""\n')
+    (tmp_path / "agent-data").mkdir()
+    (tmp_path / "agent-data" / "state.json").write_text("{not json")  # a damaged state file: the agent does not guess
+    p = subprocess.run([sys.executable, "-m", "registry", "agent", "serve", "--config", str(cfg)], check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 2 and "state.json" in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
 # --- WAGI: CGI in and out -------------------------------------------------------------------

@@ -156,7 +156,7 @@ class Admission:
                 raise VerifyError("entry-invalid", f"{url} answered for {ref} with the proof of {verified.ref}")
             if verified.known != known:
                 save_known(self.checkpoints, verified.known)
-            ungranted = imports_granted(body.imports, profile.imports)
+            ungranted = imports_granted([(i.module, i.name) for i in body.imports], profile.imports)
             if ungranted:
                 return Decision(REFUSED, "capability", f"{ref} imports what profile {profile.name} does not grant: {', '.join(ungranted[:10])}",
                                 ref.version, verified.module_sha256, verified.index, url, tampered)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from tlog.errors import TlogError
+from tlog.errors import MalformedError, TlogError
 
 MAX_HEADER_BLOCK = 64 << 10
 MAX_HEADERS = 100
@@ -61,7 +61,10 @@ def _response(fields: list[tuple[str, str]], body: bytes) -> tuple[int, list[tup
 def cgi_environment(*, method: str, script_name: str, path_info: str, query_string: str, protocol: str,
                     headers: Iterable[tuple[str, str]], content_length: int, server_name: str, server_port: str) -> dict[str, str]:
     """The CGI/1.1 meta-variables for a request (RFC 3875 section 4.1): HTTP_* from each header
-    (a repeated header joined with ", "; names other than letters, digits and '-' left out)."""
+    (a repeated header joined with ", "; names other than letters, digits and '-' left out).
+    Raises MalformedError for a path or query holding a NUL (no environment can carry it)."""
+    if "\x00" in path_info or "\x00" in query_string:
+        raise MalformedError("the request path or query holds a NUL byte")
     env = {
         "GATEWAY_INTERFACE": "CGI/1.1", "REQUEST_METHOD": method, "SCRIPT_NAME": script_name, "PATH_INFO": path_info,
         "QUERY_STRING": query_string, "SERVER_PROTOCOL": protocol, "SERVER_NAME": server_name, "SERVER_PORT": server_port,

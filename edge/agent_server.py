@@ -117,7 +117,7 @@ async def run_module(request: web.Request) -> web.Response:
     host, _, port = (request.host or "").partition(":")
     cgi = cgi_environment(
         method=request.method, script_name=f"/run/{ns}/{name}", path_info="" if tail is None else "/" + tail,
-        query_string=request.query_string, protocol=f"HTTP/{request.version.major}.{request.version.minor}",
+        query_string=request.rel_url.raw_query_string, protocol=f"HTTP/{request.version.major}.{request.version.minor}",
         headers=request.headers.items(), content_length=len(body), server_name=host, server_port=port,
     )
     p = agent.config.profiles[m.profile]

@@ -90,12 +90,12 @@ async def test_admission_refusal_by_capability_and_wagi(aiohttp_client, tmp_path
             assert (await get(s, url + "/run/acme/nothing"))[0] == 404
             assert (await get(s, url + "/run/other/hello"))[0] == 404
 
-            async with s.post(url + "/run/acme/echo/a/b%20c?x=1&y=two", data=b"ping\x00pong", headers={
+            async with s.post(url + "/run/acme/echo/a/b%20c?x=1&y=t%20o", data=b"ping\x00pong", headers={
                     "Content-Type": "application/x-thing", "X-Request-Id": "r-1", "GREETING": "from the client"}) as r:
                 assert r.status == 200 and r.headers["Content-Type"] == "text/x-echo" and r.headers["X-Module"] == "echo"
                 env, stdin = parse_echo(await r.read())
             assert stdin == b"ping\x00pong"
-            assert env["REQUEST_METHOD"] == "POST" and env["PATH_INFO"] == "/a/b c" and env["QUERY_STRING"] == "x=1&y=two"
+            assert env["REQUEST_METHOD"] == "POST" and env["PATH_INFO"] == "/a/b c" and env["QUERY_STRING"] == "x=1&y=t%20o"
             assert env["CONTENT_TYPE"] == "application/x-thing" and env["CONTENT_LENGTH"] == "9"
             assert env["GATEWAY_INTERFACE"] == "CGI/1.1" and env["SERVER_PROTOCOL"] == "HTTP/1.1" and env["SCRIPT_NAME"] == "/run/acme/echo"
             assert env["HTTP_X_REQUEST_ID"] == "r-1" and env["GREETING"] == "from the profile"
@@ -105,6 +105,7 @@ async def test_admission_refusal_by_capability_and_wagi(aiohttp_client, tmp_path
                 text = await r.text()
             assert 'wasmlog_agent_modules{state="refused"} 1.0' in text and 'wasmlog_agent_modules{state="admitted"} 2.0' in text
             assert (await get(s, url + "/healthz"))[0] == 200
+            assert (await get(s, url + "/run/acme/echo/a%00b"))[0] == 400  # no environment carries a NUL
             async with s.post(url + "/run/acme/hello", data=b"x" * (2 << 20)) as r:
                 assert r.status == 413
     finally:

@@ -142,8 +142,11 @@ class Agent:
                 if s.state == ADMITTED and s.digest is not None and not self.store.path(s.digest).exists():
                     findings.append({"kind": "integrity", "what": "module", "digest": s.digest, "refs": [ref], "message": "missing"})
                     await self.quarantine(ref, "integrity", f"the stored module sha256:{s.digest[:16]} is missing")
-            for digest in await asyncio.to_thread(self.sandbox.verify_cache):
-                findings.append({"kind": "integrity", "what": "artifact", "digest": digest, "message": "compiled artifact deleted; rebuilt from the module"})
+            for digest in await asyncio.to_thread(self.sandbox.verify_cache):  # deleted there: rebuilt from verified bytes on the next run
+                refs = sorted(ref for ref, s in self.modules.items() if s.digest == digest)
+                findings.append({"kind": "integrity", "what": "artifact", "digest": digest, "refs": refs})
+                for ref in refs:  # until re-verified below
+                    await self.quarantine(ref, "integrity", f"the compiled artifact of sha256:{digest[:16]} failed its HMAC")
             async with aiohttp.ClientSession(timeout=FETCH_TIMEOUT) as session:
                 checkpoint = await refresh_checkpoint(session, self.config.registries, self.policy, self.checkpoints, now)
                 findings += checkpoint.pop("findings")  # type: ignore[arg-type]

@@ -396,3 +396,27 @@ async def test_sweeps_run_every_sweep_interval(aiohttp_client, tmp_path) -> None
     finally:
         await client.close()
         await sandbox.close()
+
+
+async def test_a_tampered_compiled_artifact_is_never_loaded_and_is_rebuilt(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:hello@1.0.0", HELLO)
+    agent, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"})
+    try:
+        r = await client.get("/run/acme/hello")  # compiles and caches the artifact
+        assert r.status == 200
+        digest = hashlib.sha256(HELLO).hexdigest()
+        (artifact,) = (agent.config.data / "artifacts").glob(f"{digest}.*")
+        data = bytearray(artifact.read_bytes())
+        data[-1] ^= 1  # one bit of compiled code
+        artifact.write_bytes(bytes(data))
+        result = await (await client.post("/sweep")).json()
+        assert any(f["kind"] == "integrity" and f["what"] == "artifact" and f["digest"] == digest for f in result["findings"]), result
+        (m,) = result["modules"]
+        assert m["state"] == "admitted" and m["previous"] == "admitted"  # quarantined, re-verified, admitted again in one sweep
+        assert not artifact.exists()
+        r = await client.get("/run/acme/hello")  # compiled again from the verified bytes
+        assert r.status == 200 and await r.read() == b"hello from acme\n"
+        assert len(list((agent.config.data / "artifacts").glob(f"{digest}.*"))) == 1
+    finally:
+        await sandbox.close()

@@ -413,7 +413,7 @@ async def test_a_tampered_compiled_artifact_is_never_loaded_and_is_rebuilt(aioht
         result = await (await client.post("/sweep")).json()
         assert any(f["kind"] == "integrity" and f["what"] == "artifact" and f["digest"] == digest for f in result["findings"]), result
         (m,) = result["modules"]
-        assert m["state"] == "admitted" and m["previous"] == "admitted"  # quarantined, re-verified, admitted again in one sweep
+        assert m["state"] == "admitted" and m["previous"] == "quarantined"  # quarantined, re-verified, admitted again in one sweep
         assert not artifact.exists()
         r = await client.get("/run/acme/hello")  # compiled again from the verified bytes
         assert r.status == 200 and await r.read() == b"hello from acme\n"

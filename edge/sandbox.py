@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import importlib.metadata
 import pathlib
 import sys
 from collections.abc import Iterable, Mapping
@@ -43,7 +44,11 @@ STARTUP_TIMEOUT = 60.0  # a worker's hello
 GRACE = 2.0  # seconds past a run's deadline before the worker is presumed hung and killed
 LOAD_TIMEOUT = 30.0
 COMPILE_TIMEOUT = 300.0
-STDERR_TAIL = 4096  # bytes of a worker's own stderr kept for error messages
+STDERR_TAIL = 4096
+# RLIMIT_DATA of each worker: its own heap, the compiler's, and the linear memory of the run in progress
+# (Wasmtime's address-space reservations are PROT_NONE and do not count). A profile must leave WORKER_OVERHEAD_MB.
+WORKER_DATA_MB = 4096
+WORKER_OVERHEAD_MB = 512  # bytes of a worker's own stderr kept for error messages
 
 
 @dataclass(frozen=True)
@@ -105,14 +110,19 @@ class WorkerCrashed(SandboxError):
     """The worker process running the request died; it was replaced."""
 
 
-_FAILURES: Mapping[str, type[SandboxError]] = {
-    "deadline": DeadlineExceeded,
-    "memory": MemoryExceeded,
-    "trap": Trapped,
-    "output": Trapped,
-    "not-granted": NotGranted,
-    "module-invalid": ModuleInvalid,
-}
+def _failure(kind: object, message: str) -> SandboxError:
+    """The error for a worker's failure kind."""
+    if kind == "deadline":
+        return DeadlineExceeded(message)
+    if kind == "memory":
+        return MemoryExceeded(message)
+    if kind in ("trap", "output"):
+        return Trapped(message)
+    if kind == "not-granted":
+        return NotGranted(message)
+    if kind == "module-invalid":
+        return ModuleInvalid(message)
+    return SandboxError(f"{kind}: {message}")
 
 
 def imports_granted(imports: Iterable[tuple[str, str]], patterns: Iterable[str]) -> list[str]:
@@ -232,11 +242,16 @@ class Sandbox:
     """A pool of sandbox workers and the attested artifact cache. run() may be called concurrently: each run
     takes an idle worker (waiting for one if all are busy)."""
 
-    def __init__(self, cache_dir: pathlib.Path, key_file: pathlib.Path, *, workers: int = 2, worker_data_mb: int = 0) -> None:
+    def __init__(self, cache_dir: pathlib.Path, key_file: pathlib.Path, *, workers: int = 2,
+                 worker_data_mb: int = WORKER_DATA_MB) -> None:
         if workers < 1:
             raise ValueError("a sandbox needs at least one worker")
         self._size = workers
-        self._version = wasmtime_version()
+        try:
+            self._version = wasmtime_version()
+        except importlib.metadata.PackageNotFoundError:
+            raise SandboxError("Wasmtime is not installed: pip install 'wasmlog[sandbox]'") from None
+        self._data_mb = worker_data_mb
         self._cache = ArtifactCache(pathlib.Path(cache_dir), load_or_create_key(pathlib.Path(key_file)), engine_settings_id(self._version))
         root = pathlib.Path(__file__).resolve().parent.parent
         self._env = {"PYTHONPATH": str(root), "WASMLOG_WORKER_DATA_MB": str(worker_data_mb),
@@ -302,6 +317,9 @@ class Sandbox:
         if not DIGEST_RE.fullmatch(digest):
             raise ValueError("digest must be 64 lowercase hex characters (SHA-256 of the module)")
         check_env(env)
+        if self._data_mb and profile.memory_mb > self._data_mb - WORKER_OVERHEAD_MB:
+            raise SandboxError(f"profile memory_mb {profile.memory_mb} does not fit the workers' data limit of "
+                               f"{self._data_mb} MiB (less {WORKER_OVERHEAD_MB} MiB for the worker itself)")
         await self.start()
         if self._closed:
             raise SandboxError("the sandbox is closed")
@@ -343,7 +361,7 @@ class Sandbox:
             return RunResult(stdout=blobs.get("stdout", b""), stderr=blobs.get("stderr", b""), exit_code=int(reply["exit_code"]))
         kind = reply.get("kind")
         self.counters[f"failed_{kind}"] += 1
-        raise _FAILURES.get(str(kind), SandboxError)(str(reply.get("message")))
+        raise _failure(kind, str(reply.get("message")))
 
     async def _load(self, worker: _Worker, digest: str, module: pathlib.Path) -> None:
         """Give the worker the module: the cached artifact if its MAC checks, else the module's bytes to compile
@@ -367,7 +385,7 @@ class Sandbox:
             raise IntegrityError(f"module file {module} does not hash to {digest}: it changed on disk")
         reply, blobs = await worker.call({"op": "compile", "digest": digest}, {"wasm": wasm}, COMPILE_TIMEOUT)
         if reply.get("status") != "ok":
-            raise _FAILURES.get(str(reply.get("kind")), SandboxError)(str(reply.get("message")))
+            raise _failure(reply.get("kind"), str(reply.get("message")))
         self.counters["compiled"] += 1
         self._cache.store(digest, blobs["artifact"])
 

@@ -48,16 +48,37 @@ def set_limits(data_mb: int) -> None:
 
 
 # Denied once the engine is up: starting programs and processes, networking, tracing or reading other
-# processes, and the kernel's administrative surface. Threads stay allowed (clone with CLONE_THREAD).
+# processes, changing the file system, and the kernel's administrative surface. Threads stay allowed (clone
+# with CLONE_THREAD), and so do signals to the worker itself and opening files for reading.
 DENIED_SYSCALLS = (
     "execve", "execveat", "fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_open",
-    "pidfd_getfd", "socket", "socketpair", "connect", "bind", "listen", "accept", "accept4", "mount", "umount2",
-    "pivot_root", "chroot", "setns", "unshare", "bpf", "perf_event_open", "kexec_load", "kexec_file_load",
-    "init_module", "finit_module", "delete_module", "keyctl", "add_key", "request_key", "userfaultfd", "iopl",
-    "ioperm", "reboot", "swapon", "swapoff", "acct", "setuid", "setgid", "setreuid", "setregid", "setresuid",
-    "setresgid", "setgroups", "personality", "io_uring_setup", "open_by_handle_at", "name_to_handle_at",
+    "pidfd_getfd", "pidfd_send_signal", "tkill", "socket", "socketpair", "connect", "bind", "listen", "accept",
+    "accept4", "mount", "umount2", "pivot_root", "chroot", "setns", "unshare", "bpf", "perf_event_open",
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "keyctl", "add_key",
+    "request_key", "userfaultfd", "iopl", "ioperm", "reboot", "swapon", "swapoff", "acct", "setuid", "setgid",
+    "setreuid", "setregid", "setresuid", "setresgid", "setgroups", "personality", "io_uring_setup",
+    "open_by_handle_at", "name_to_handle_at", "creat", "unlink", "unlinkat", "rename", "renameat", "renameat2",
+    "link", "linkat", "symlink", "symlinkat", "mkdir", "mkdirat", "rmdir", "truncate", "chmod", "fchmod",
+    "fchmodat", "chown", "fchown", "lchown", "fchownat", "mknod", "mknodat",
 )
 CLONE_THREAD = 0x00010000
+
+
+def _deny_rules(seccomp: Any) -> list[tuple[int, str, tuple[Any, ...]]]:
+    """(action, syscall, argument conditions) for the filter; rules on one syscall are alternatives."""
+    eperm, pid = seccomp.ERRNO(errno.EPERM), os.getpid()
+    rules: list[tuple[int, str, tuple[Any, ...]]] = [(eperm, name, ()) for name in DENIED_SYSCALLS]
+    # A process, not a thread: clone without CLONE_THREAD. clone3 and openat2 hide their flags in memory the
+    # filter cannot read, so they answer ENOSYS and the C library falls back to clone and openat.
+    rules.append((eperm, "clone", (seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_THREAD, 0),)))
+    rules += [(seccomp.ERRNO(errno.ENOSYS), "clone3", ()), (seccomp.ERRNO(errno.ENOSYS), "openat2", ())]
+    # Signals only to itself.
+    rules += [(eperm, "kill", (seccomp.Arg(0, seccomp.NE, pid),)), (eperm, "tgkill", (seccomp.Arg(0, seccomp.NE, pid),))]
+    # Files open for reading only: no O_WRONLY, O_RDWR or O_CREAT.
+    for syscall, flags in (("open", 1), ("openat", 2)):
+        for mask, value in ((os.O_ACCMODE, os.O_WRONLY), (os.O_ACCMODE, os.O_RDWR), (os.O_CREAT, os.O_CREAT)):
+            rules.append((eperm, syscall, (seccomp.Arg(flags, seccomp.MASKED_EQ, mask, value),)))
+    return rules
 
 
 def apply_seccomp() -> tuple[bool, str]:
@@ -68,19 +89,18 @@ def apply_seccomp() -> tuple[bool, str]:
         return False, f"no seccomp bindings: {type(e).__name__}: {e}"
     try:
         f = seccomp.SyscallFilter(seccomp.ALLOW)
-        for name in DENIED_SYSCALLS:
+        rules = _deny_rules(seccomp)
+        skipped = []
+        for action, name, args in rules:
             try:
-                f.add_rule(seccomp.ERRNO(errno.EPERM), name)
+                f.add_rule(action, name, *args)
             except (OSError, ValueError, RuntimeError):
-                pass  # a syscall this architecture does not have
-        # A process, not a thread: clone without CLONE_THREAD. clone3 hides its flags in memory the filter cannot
-        # read, so it answers ENOSYS and the C library falls back to clone.
-        f.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_THREAD, 0))
-        f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+                skipped.append(name)  # a syscall this architecture does not have
         f.load()
     except Exception as e:  # noqa: BLE001 - the kernel or library refused: say so, do not pretend
         return False, f"seccomp filter not loaded: {type(e).__name__}: {e}"
-    return True, f"deny-list of {len(DENIED_SYSCALLS) + 2} syscalls (process creation, sockets, tracing, admin)"
+    return True, (f"deny-list filter, {len(rules) - len(skipped)} rules: no processes, programs, sockets, tracing, "
+                  "signals to others, file writes or administration" + (f" (not on this architecture: {', '.join(skipped)})" if skipped else ""))
 
 
 def self_test() -> dict[str, str]:
@@ -103,6 +123,8 @@ def self_test() -> dict[str, str]:
         "fork": attempt(fork),
         "execve": attempt(lambda: os.execv("/nonexistent/wasmlog-selftest", ["x"])),  # ENOENT if not denied
         "socket": attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()),
+        "open_for_write": attempt(lambda: os.close(os.open(os.devnull, os.O_WRONLY))),
+        "signal_parent": attempt(lambda: os.kill(os.getppid(), 0)),
     }
 
 

@@ -14,7 +14,7 @@ import pytest
 
 wasmtime = pytest.importorskip("wasmtime")
 
-from edge.sandbox import (  # noqa: E402
+from edge.sandbox import (
     GRACE,
     DeadlineExceeded,
     IntegrityError,
@@ -253,10 +253,10 @@ async def test_seccomp_status_is_truthful(sandbox: Sandbox) -> None:
     assert isinstance(status["seccomp"], bool) and status["seccomp_reason"]
     attempts = await sandbox.self_test()
     if status["seccomp"]:
-        assert attempts == {"fork": "EPERM", "execve": "EPERM", "socket": "EPERM"}
+        assert attempts == dict.fromkeys(["fork", "execve", "socket", "open_for_write", "signal_parent"], "EPERM")
     else:
         assert "EPERM" not in attempts.values()  # without the filter nothing above is denied
-        assert attempts["execve"] == "ENOENT"
+        assert attempts["execve"] == "ENOENT" and attempts["open_for_write"] == "allowed"
 
 
 def test_seccomp_is_active_where_the_bindings_load() -> None:
@@ -305,3 +305,45 @@ async def test_closed_sandbox_refuses_runs(tmp_path: pathlib.Path) -> None:
     digest, path = module(tmp_path, "hello")
     with pytest.raises(SandboxError, match="closed"):
         await sb.run(digest, path, STDOUT_ONLY, stdin=b"", env={})
+
+
+async def test_hung_worker_is_killed_after_the_grace_and_replaced(tmp_path: pathlib.Path) -> None:
+    sandbox = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
+    try:
+        loop_digest, loop_path = module(tmp_path, "loop")
+        hello_digest, hello_path = module(tmp_path, "hello")
+        await sandbox.start()
+        (pid,) = sandbox.status()["pids"]
+        started = time.monotonic()
+        run = asyncio.ensure_future(sandbox.run(loop_digest, loop_path, Profile(imports=(), memory_mb=1, timeout_ms=200), stdin=b"", env={}))
+        deadline = time.monotonic() + 30
+        while sandbox.status()["busy"] == 0:
+            assert time.monotonic() < deadline and not run.done()
+            await asyncio.sleep(0.01)  # polling for the run to be handed to the worker
+        os.kill(pid, signal.SIGSTOP)  # the worker stops answering, deadline or not
+        with pytest.raises(DeadlineExceeded, match=rf"pid {pid} did not answer .*killed"):
+            await run
+        assert time.monotonic() - started >= 0.2 + GRACE
+        assert (await sandbox.run(hello_digest, hello_path, STDOUT_ONLY, stdin=b"", env={})).stdout == b"hello\n"
+        assert sandbox.status()["worker_restarts"] == 1 and pid not in sandbox.status()["pids"]
+    finally:
+        await sandbox.close()
+
+
+async def test_workers_run_with_lowered_resource_limits(tmp_path: pathlib.Path) -> None:
+    sandbox = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1, worker_data_mb=1024)
+    try:
+        await sandbox.start()
+        (pid,) = sandbox.status()["pids"]
+        limits = {line[:26].strip(): line[26:].split()[:2] for line in pathlib.Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]}
+        assert limits["Max core file size"] == ["0", "0"]
+        assert limits["Max open files"] == ["64", "64"]
+        assert limits["Max data size"] == [str(1024 << 20)] * 2
+        # A 64 MiB memory bomb is still stopped by its store limit, well inside the worker's data limit.
+        digest, path = module(tmp_path, "membomb")
+        with pytest.raises(MemoryExceeded, match="64 MiB"):
+            await sandbox.run(digest, path, Profile(imports=(), memory_mb=64, timeout_ms=2000), stdin=b"", env={})
+        with pytest.raises(SandboxError, match="does not fit the workers' data limit"):
+            await sandbox.run(digest, path, Profile(imports=(), memory_mb=1000, timeout_ms=2000), stdin=b"", env={})
+    finally:
+        await sandbox.close()

@@ -1,0 +1,435 @@
+"""Confined execution of admitted WASI command modules (issue 14: "Running, confined", "A second wall",
+"Cold starts that stay attested").
+
+Modules run in a pool of long-lived worker processes (edge.sandbox_worker), never in the caller's process; each
+worker runs one request at a time, with lowered resource limits and, where libseccomp can be loaded, a syscall
+filter. A run links only the WASI functions its profile grants, under a memory cap (store limits), a deadline
+(epoch interruption) and optional fuel. A worker that dies or stops answering is killed and replaced.
+
+Compiled artifacts are cached per (module digest, Wasmtime version, engine settings) under an HMAC (edge.artifacts);
+a bad one is deleted and rebuilt from the module file after its SHA-256 is checked against the digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import importlib.metadata
+import pathlib
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tlog.policy import Policy
+
+from .artifacts import DIGEST_RE, ArtifactCache, load_or_create_key
+from .sandbox_protocol import (
+    ProtocolError,
+    encode,
+    engine_settings_id,
+    read_frame_async,
+    wasmtime_version,
+)
+
+try:  # where the trust policy's import matcher lives after the edge/ restructuring, then before it
+    from registry.trust_policy import TrustPolicy  # type: ignore[import-not-found,unused-ignore]
+except ImportError:
+    from registry.verify import TrustPolicy  # type: ignore[no-redef,unused-ignore]
+from registry.wasm import Import
+
+STARTUP_TIMEOUT = 60.0  # a worker's hello
+GRACE = 2.0  # seconds past a run's deadline before the worker is presumed hung and killed
+LOAD_TIMEOUT = 30.0
+COMPILE_TIMEOUT = 300.0
+STDERR_TAIL = 4096
+# RLIMIT_DATA of each worker: its own heap, the compiler's, and the linear memory of the run in progress
+# (Wasmtime's address-space reservations are PROT_NONE and do not count). A profile must leave WORKER_OVERHEAD_MB.
+WORKER_DATA_MB = 4096
+WORKER_OVERHEAD_MB = 512  # bytes of a worker's own stderr kept for error messages
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a module may use: import patterns ("module.field", '*' wildcards, as in the trust policy), a linear
+    memory cap, a wall-clock deadline per run, optional fuel, and environment variables set by the operator."""
+
+    imports: tuple[str, ...]
+    memory_mb: int
+    timeout_ms: int
+    fuel: int | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.imports, str) or not all(isinstance(p, str) and p for p in self.imports):
+            raise ValueError("profile imports must be a tuple of non-empty 'module.field' patterns")
+        for name, value in (("memory_mb", self.memory_mb), ("timeout_ms", self.timeout_ms), ("fuel", self.fuel)):
+            if value is not None and (type(value) is not int or value <= 0):
+                raise ValueError(f"profile {name} must be a positive integer, not {value!r}")
+        check_env(self.env)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    stdout: bytes
+    stderr: bytes
+    exit_code: int
+
+
+class SandboxError(Exception):
+    """A run that did not complete; the subclasses say why."""
+
+
+class DeadlineExceeded(SandboxError):
+    """The run passed its deadline (or used up its fuel) and was stopped."""
+
+
+class MemoryExceeded(SandboxError):
+    """The module hit its linear memory cap (and then trapped), or its initial memory exceeds the cap."""
+
+
+class Trapped(SandboxError):
+    """The module trapped, failed, or wrote more output than allowed."""
+
+
+class NotGranted(SandboxError):
+    """The module imports something its profile does not grant: it was never instantiated."""
+
+
+class IntegrityError(SandboxError):
+    """The module file's SHA-256 is not the digest it was admitted under."""
+
+
+class ModuleInvalid(SandboxError):
+    """The module does not compile, or is not a WASI command (no _start)."""
+
+
+class WorkerCrashed(SandboxError):
+    """The worker process running the request died; it was replaced."""
+
+
+def _failure(kind: object, message: str) -> SandboxError:
+    """The error for a worker's failure kind."""
+    if kind == "deadline":
+        return DeadlineExceeded(message)
+    if kind == "memory":
+        return MemoryExceeded(message)
+    if kind in ("trap", "output"):
+        return Trapped(message)
+    if kind == "not-granted":
+        return NotGranted(message)
+    if kind == "module-invalid":
+        return ModuleInvalid(message)
+    return SandboxError(f"{kind}: {message}")
+
+
+def imports_granted(imports: Iterable[tuple[str, str]], patterns: Iterable[str]) -> list[str]:
+    """The imports ("module", "field") that no pattern grants, as "module.field" strings, in order.
+    Matching is the trust policy's: a pattern is split on its first '.', module and field globbed separately."""
+    matcher = TrustPolicy(tlog=_NO_LOGS, allowed_imports=tuple(patterns))
+    return [f"{module}.{name}" for module, name in imports if not matcher.import_allowed(Import(module, name, "func"), False)]
+
+
+_NO_LOGS = Policy(logs=(), witnesses={}, groups={}, quorum="none")
+
+
+def check_env(env: Mapping[str, str]) -> None:
+    for key, value in env.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not key or "=" in key or "\0" in key + value:
+            raise ValueError(f"environment variable {str(key)[:40]!r}: names are non-empty without '=' or NUL, values without NUL")
+
+
+class _WorkerLost(Exception):
+    """The worker died, broke the protocol, or did not answer in time (it has been killed)."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+class _Worker:
+    """One worker process and its pipes."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, hello: dict[str, Any], tail: collections.deque[bytes],
+                 drain: asyncio.Future[None]) -> None:
+        self.proc = proc
+        self._drain_task = drain
+        self.hello = hello
+        self.pid = proc.pid
+        self._tail = tail
+        self.busy = False
+
+    @classmethod
+    async def start(cls, env: Mapping[str, str]) -> _Worker:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edge.sandbox_worker", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(env), cwd="/")
+        tail: collections.deque[bytes] = collections.deque()
+        drain = asyncio.ensure_future(cls._drain(proc, tail))
+        try:
+            assert proc.stdout is not None
+            hello, _ = await asyncio.wait_for(read_frame_async(proc.stdout), STARTUP_TIMEOUT)
+        except BaseException as e:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(asyncio.gather(proc.wait(), drain))
+            if not isinstance(e, (asyncio.IncompleteReadError, ProtocolError, asyncio.TimeoutError)):
+                raise
+            raise SandboxError(f"sandbox worker failed to start ({type(e).__name__}): "
+                               f"{b''.join(tail).decode(errors='replace')[-1000:]}") from None
+        worker = cls(proc, hello, tail, drain)
+        if hello.get("op") != "hello":
+            await worker.kill()
+            raise SandboxError(f"sandbox worker said {str(hello)[:100]} instead of hello")
+        return worker
+
+    @staticmethod
+    async def _drain(proc: asyncio.subprocess.Process, tail: collections.deque[bytes]) -> None:
+        """Keep the last STDERR_TAIL bytes of the worker's own stderr (never the module's: that is captured)."""
+        assert proc.stderr is not None
+        size = 0
+        while chunk := await proc.stderr.read(65536):
+            tail.append(chunk)
+            size += len(chunk)
+            while size - len(tail[0]) >= STDERR_TAIL:
+                size -= len(tail.popleft())
+
+    def stderr_tail(self) -> str:
+        return b"".join(self._tail).decode(errors="replace")[-STDERR_TAIL:].strip()
+
+    async def call(self, header: Mapping[str, Any], blobs: Mapping[str, bytes], timeout: float) -> tuple[dict[str, Any], dict[str, bytes]]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(encode(header, blobs))
+            await asyncio.wait_for(self._exchange(), timeout)
+            return await asyncio.wait_for(read_frame_async(self.proc.stdout), timeout)
+        except TimeoutError:
+            await self.kill()
+            raise _WorkerLost(f"sandbox worker pid {self.pid} did not answer within {timeout:.1f} s; killed", timed_out=True) from None
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as e:
+            await self.kill()
+            code = self.proc.returncode
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+            detail = f" ({e})" if isinstance(e, ProtocolError) else ""
+            tail = self.stderr_tail()
+            raise _WorkerLost(f"sandbox worker pid {self.pid} died during the request ({how}){detail}"
+                              + (f"; its stderr: {tail[-300:]}" if tail else "")) from None
+
+    async def _exchange(self) -> None:
+        assert self.proc.stdin is not None
+        await self.proc.stdin.drain()
+
+    async def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        await self.proc.wait()
+        await self._drain_task
+
+    async def close(self) -> None:
+        """Ask the worker to exit (end of its input), kill it if it does not."""
+        if self.proc.returncode is None and self.proc.stdin is not None:
+            self.proc.stdin.close()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                pass
+        await self.kill()
+
+
+class Sandbox:
+    """A pool of sandbox workers and the attested artifact cache. run() may be called concurrently: each run
+    takes an idle worker (waiting for one if all are busy)."""
+
+    def __init__(self, cache_dir: pathlib.Path, key_file: pathlib.Path, *, workers: int = 2,
+                 worker_data_mb: int = WORKER_DATA_MB) -> None:
+        if workers < 1:
+            raise ValueError("a sandbox needs at least one worker")
+        self._size = workers
+        try:
+            self._version = wasmtime_version()
+        except importlib.metadata.PackageNotFoundError:
+            raise SandboxError("Wasmtime is not installed: pip install 'wasmlog[sandbox]'") from None
+        self._data_mb = worker_data_mb
+        self._cache = ArtifactCache(pathlib.Path(cache_dir), load_or_create_key(pathlib.Path(key_file)), engine_settings_id(self._version))
+        root = pathlib.Path(__file__).resolve().parent.parent
+        self._env = {"PYTHONPATH": str(root), "WASMLOG_WORKER_DATA_MB": str(worker_data_mb),
+                     "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
+        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._workers: dict[int, _Worker] = {}
+        self._start_lock = asyncio.Lock()
+        self._started = False
+        self._closed = False
+        self._replacing: set[asyncio.Task[None]] = set()
+        self._last_start_error: str | None = None
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    async def start(self) -> None:
+        """Start the workers (run() does this on first use; call it early to learn the seccomp state)."""
+        async with self._start_lock:
+            if self._started:
+                return
+            if self._closed:
+                raise SandboxError("the sandbox is closed")
+            for worker in await asyncio.gather(*(self._spawn() for _ in range(self._size))):
+                self._idle.put_nowait(worker)
+            self._started = True
+
+    async def _spawn(self) -> _Worker:
+        worker = await _Worker.start(self._env)
+        if worker.hello.get("wasmtime") != self._version:
+            await worker.kill()
+            raise SandboxError(f"sandbox worker runs Wasmtime {worker.hello.get('wasmtime')}, the agent {self._version}")
+        self._workers[worker.pid] = worker
+        return worker
+
+    def _replace(self, worker: _Worker) -> None:
+        """Forget a lost worker and start another in the background (retrying while the sandbox is open)."""
+        self._workers.pop(worker.pid, None)
+        self.counters["worker_restarts"] += 1
+
+        async def replace() -> None:
+            delay = 0.1
+            while not self._closed:
+                try:
+                    new = await self._spawn()
+                except SandboxError as e:
+                    self.counters["worker_start_failures"] += 1
+                    self._last_start_error = str(e)
+                    await asyncio.sleep(delay)  # back off before trying to start a worker again
+                    delay = min(delay * 2, 5.0)
+                    continue
+                if self._closed:
+                    await new.close()
+                else:
+                    self._idle.put_nowait(new)
+                return
+
+        task = asyncio.ensure_future(replace())
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
+    async def run(self, digest: str, module: pathlib.Path, profile: Profile, *, stdin: bytes,
+                  env: Mapping[str, str], argv0: str | None = None) -> RunResult:
+        """Run the module's _start with stdin and the environment env overlaid by profile.env (the operator's
+        word is final), argv [argv0 or the module file's stem]. Raises a SandboxError subclass."""
+        if not DIGEST_RE.fullmatch(digest):
+            raise ValueError("digest must be 64 lowercase hex characters (SHA-256 of the module)")
+        check_env(env)
+        if self._data_mb and profile.memory_mb > self._data_mb - WORKER_OVERHEAD_MB:
+            raise SandboxError(f"profile memory_mb {profile.memory_mb} does not fit the workers' data limit of "
+                               f"{self._data_mb} MiB (less {WORKER_OVERHEAD_MB} MiB for the worker itself)")
+        await self.start()
+        if self._closed:
+            raise SandboxError("the sandbox is closed")
+        worker = await self._idle.get()
+        worker.busy = True
+        try:
+            result = await self._run_on(worker, digest, pathlib.Path(module), profile, stdin, {**env, **profile.env},
+                                        argv0 or pathlib.Path(module).stem)
+        except _WorkerLost as e:
+            self._replace(worker)
+            if e.timed_out:
+                raise DeadlineExceeded(str(e)) from None
+            raise WorkerCrashed(f"{e}; replaced") from None
+        except BaseException:
+            if worker.proc.returncode is None and not isinstance(sys.exc_info()[1], SandboxError):
+                await worker.kill()  # cancelled mid-request: the worker's state is unknown
+            if worker.proc.returncode is not None:
+                self._replace(worker)
+            else:
+                worker.busy = False
+                self._idle.put_nowait(worker)
+            raise
+        worker.busy = False
+        self._idle.put_nowait(worker)
+        return result
+
+    async def _run_on(self, worker: _Worker, digest: str, module: pathlib.Path, profile: Profile, stdin: bytes,
+                      env: Mapping[str, str], argv0: str) -> RunResult:
+        request = {"op": "run", "digest": digest, "argv": [argv0], "env": sorted(env.items()),
+                   "profile": {"imports": list(profile.imports), "memory_mb": profile.memory_mb,
+                               "timeout_ms": profile.timeout_ms, "fuel": profile.fuel}}
+        timeout = profile.timeout_ms / 1000 + GRACE
+        reply, blobs = await worker.call(request, {"stdin": stdin}, timeout)
+        if reply.get("status") == "need-module":
+            await self._load(worker, digest, module)
+            reply, blobs = await worker.call(request, {"stdin": stdin}, timeout)
+        if reply.get("status") == "ok":
+            self.counters["runs"] += 1
+            return RunResult(stdout=blobs.get("stdout", b""), stderr=blobs.get("stderr", b""), exit_code=int(reply["exit_code"]))
+        kind = reply.get("kind")
+        self.counters[f"failed_{kind}"] += 1
+        raise _failure(kind, str(reply.get("message")))
+
+    async def _load(self, worker: _Worker, digest: str, module: pathlib.Path) -> None:
+        """Give the worker the module: the cached artifact if its MAC checks, else the module's bytes to compile
+        (after checking their SHA-256), whose artifact is then cached."""
+        artifact, bad = self._cache.load(digest)
+        if bad:
+            self.counters["artifacts_rejected"] += 1
+        if artifact is not None:
+            reply, _ = await worker.call({"op": "load", "digest": digest}, {"artifact": artifact}, LOAD_TIMEOUT)
+            if reply.get("status") == "ok":
+                self.counters["artifacts_loaded"] += 1
+                return
+            self.counters["artifacts_refused_by_wasmtime"] += 1
+            self._cache.discard(digest)
+        try:
+            wasm = await asyncio.to_thread(module.read_bytes)
+        except OSError as e:
+            raise IntegrityError(f"module file {module} is unreadable: {e}") from None
+        if hashlib.sha256(wasm).hexdigest() != digest:
+            self.counters["integrity_errors"] += 1
+            raise IntegrityError(f"module file {module} does not hash to {digest}: it changed on disk")
+        reply, blobs = await worker.call({"op": "compile", "digest": digest}, {"wasm": wasm}, COMPILE_TIMEOUT)
+        if reply.get("status") != "ok":
+            raise _failure(reply.get("kind"), str(reply.get("message")))
+        self.counters["compiled"] += 1
+        self._cache.store(digest, blobs["artifact"])
+
+    async def self_test(self) -> dict[str, str]:
+        """Ask an idle worker to try what its seccomp filter denies; {"fork": "EPERM", ...} or "allowed"."""
+        await self.start()
+        worker = await self._idle.get()
+        try:
+            reply, _ = await worker.call({"op": "selftest"}, {}, LOAD_TIMEOUT)
+        except _WorkerLost:
+            self._replace(worker)
+            raise
+        self._idle.put_nowait(worker)
+        return dict(reply["result"])
+
+    def verify_cache(self) -> list[str]:
+        """Re-MAC every cached artifact; delete the bad ones; return their digests."""
+        bad = self._cache.verify_all()
+        self.counters["artifacts_rejected"] += len(bad)
+        return bad
+
+    def status(self) -> dict[str, Any]:
+        hellos = [w.hello for w in self._workers.values()]
+        seccomp = bool(hellos) and all(h.get("seccomp") is True for h in hellos)
+        reason = next((h.get("seccomp_reason") for h in hellos if h.get("seccomp") is not True), None) \
+            or (hellos[0].get("seccomp_reason") if hellos else "no sandbox worker has started yet")
+        return {
+            "workers": self._size,
+            "alive": sum(1 for w in self._workers.values() if w.proc.returncode is None),
+            "busy": sum(1 for w in self._workers.values() if w.busy),
+            "pids": sorted(self._workers),
+            "seccomp": seccomp,
+            "seccomp_reason": reason,
+            "wasmtime": self._version,
+            "engine_settings": self._cache.settings_id,
+            "cache_dir": str(self._cache.dir),
+            "last_worker_start_error": self._last_start_error,
+            **{k: v for k, v in sorted(self.counters.items())},
+        }
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._replacing):
+            task.cancel()
+        await asyncio.gather(*self._replacing, return_exceptions=True)
+        await asyncio.gather(*(w.close() for w in list(self._workers.values())), return_exceptions=True)
+        self._workers.clear()

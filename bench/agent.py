@@ -36,20 +36,21 @@ import wasmtime
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge.agent import Agent  # noqa: E402
-from edge.agent_admission import Admission  # noqa: E402
-from edge.agent_config import parse_config  # noqa: E402
-from edge.sandbox import Profile, Sandbox  # noqa: E402
-from registry.blobs import BlobStore  # noqa: E402
-from registry.client import RegistryClient  # noqa: E402
-from registry.record import parse_package_ref  # noqa: E402
-from registry.server import make_app  # noqa: E402
-from registry.service import Registry  # noqa: E402
-from tlog.httplimits import DEFAULT_LIMITS, start_server  # noqa: E402
-from tlog.log import Log  # noqa: E402
-from tlog.note import Ed25519Signer  # noqa: E402
-from tlog.sequencer import Sequencer  # noqa: E402
-from tlog.storage.lmdb_store import LMDBLogStore  # noqa: E402
+from edge.agent import Agent
+from edge.agent_admission import Admission
+from edge.agent_config import parse_config
+from edge.agent_server import new_sandbox
+from edge.sandbox import Profile, Sandbox
+from registry.blobs import BlobStore
+from registry.client import RegistryClient
+from registry.record import parse_package_ref
+from registry.server import make_app
+from registry.service import Registry
+from tlog.httplimits import DEFAULT_LIMITS, start_server
+from tlog.log import Log
+from tlog.note import Ed25519Signer
+from tlog.sequencer import Sequencer
+from tlog.storage.lmdb_store import LMDBLogStore
 
 WASI = "wasi_snapshot_preview1"
 LOG_KEY = Ed25519Signer.generate("bench.example/log")
@@ -111,7 +112,7 @@ async def bench_admit(d: pathlib.Path, url: str, modules: dict[str, bytes]) -> d
             tp = parse_tlog_proof(await api.get(api.package_path(r) + "/tlog-proof"))
             body = decode_entry(tp.extra or b"").body
             t = time.perf_counter()
-            decision = await admission._verify(url, r, profile, tp, body, module, None, ())  # noqa: SLF001 -- the part without fetching
+            decision = await admission._verify(url, r, profile, tp, body, module, None, ())
             times.append(time.perf_counter() - t)
             assert decision.state == "admitted", decision
             t = time.perf_counter()
@@ -174,7 +175,7 @@ async def bench_wagi(d: pathlib.Path, url: str, seconds: float, concurrency: int
                 lat: list[float] = []
                 end = time.perf_counter() + seconds
 
-                async def worker() -> None:
+                async def worker(path: str = path, lat: list[float] = lat, end: float = end) -> None:
                     while time.perf_counter() < end:
                         t = time.perf_counter()
                         async with session.get(base + path) as r:
@@ -194,7 +195,7 @@ async def bench_wagi(d: pathlib.Path, url: str, seconds: float, concurrency: int
 async def bench_sweep(d: pathlib.Path, url: str, refs: list[str]) -> dict[str, Any]:
     cfg = write_config(d, url, refs)
     config = parse_config(cfg.read_text(), d)
-    sandbox = Sandbox(config.data / "artifacts", config.data / "artifact.key", workers=1)
+    sandbox = new_sandbox(config, workers=1)
     try:
         agent = Agent(config, sandbox)
         t = time.perf_counter()

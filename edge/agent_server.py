@@ -28,7 +28,7 @@ from tlog.httplimits import ServerLimits, body_limit, start_server
 from tlog.metrics import LATENCY_BUCKETS, METRICS, install
 from tlog.server import errors_middleware_for
 
-from .agent import Agent
+from .agent import Agent, load_trust_policy
 from .agent_cgi import CgiError, cgi_environment, merged_environment, parse_cgi
 from .agent_config import AgentConfig
 from .agent_state import ADMITTED, STATES
@@ -205,11 +205,19 @@ def make_app(agent: Agent, *, periodic_sweeps: bool = True) -> web.Application:
     return app
 
 
+def new_sandbox(config: AgentConfig, workers: int = 2) -> Sandbox:
+    """The sandbox of an agent: compiled artifacts in data/artifacts, their HMAC key in data/artifact.key (0600)."""
+    config.data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return Sandbox(config.data / "artifacts", config.data / "artifact.key", workers=workers)
+
+
 async def serve_agent(config: AgentConfig, limits: ServerLimits, stop: asyncio.Event) -> None:
     """Admit the configured modules, then serve until stop is set; sweeps every sweep_interval."""
-    sandbox = Sandbox(config.data / "artifacts", config.data / "artifact.key")
+    load_trust_policy(config.trust_policy)  # a policy that cannot be used stops us before anything is created
+    sandbox = new_sandbox(config)
     try:
         agent = Agent(config, sandbox)
+        await sandbox.start()  # the workers, now: /status says whether their syscall filter is active
         await agent.start()
         runner, sites = await start_server(make_app(agent), limits, config.host, config.port)
         try:

@@ -23,12 +23,11 @@ from agent_helpers import (
     write_config,
 )
 from aiohttp import web
-from edge.sandbox import Sandbox
 from registry_helpers import release_envelope, start_registry, with_custom_section
 
 from edge.agent import Agent
 from edge.agent_config import parse_config
-from edge.agent_server import make_app
+from edge.agent_server import make_app, new_sandbox
 from edge.agent_state import StateFile
 from registry.client import RegistryClient
 from registry.dsse import parse_envelope
@@ -162,7 +161,7 @@ async def test_a_yank_stops_a_module_at_the_next_sweep_and_sigkill_keeps_it_stop
 async def in_process_agent(aiohttp_client, tmp_path: pathlib.Path, registries: list[str], modules: dict[str, str]):  # type: ignore[no-untyped-def]
     cfg = write_config(tmp_path / "edge", registries, modules)
     config = parse_config(cfg.read_text(), cfg.parent)
-    sandbox = Sandbox(config.data / "artifacts", config.data / "artifact.key", workers=2)
+    sandbox = new_sandbox(config, workers=2)
     agent = Agent(config, sandbox)
     await agent.start()
     client = await aiohttp_client(make_app(agent, periodic_sweeps=False))
@@ -379,7 +378,7 @@ async def test_sweeps_run_every_sweep_interval(aiohttp_client, tmp_path) -> None
     await publish(api, "acme:hello@1.0.0", HELLO)
     cfg = write_config(tmp_path / "edge", [api.url], {"acme:hello@1.0.0": "stdout"}, sweep_interval=1)
     config = parse_config(cfg.read_text(), cfg.parent)
-    sandbox = Sandbox(config.data / "artifacts", config.data / "artifact.key", workers=1)
+    sandbox = new_sandbox(config, workers=1)
     agent = Agent(config, sandbox)
     await agent.start()
     client = await aiohttp_client(make_app(agent))  # periodic sweeps on

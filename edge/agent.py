@@ -142,16 +142,20 @@ class Agent:
                 if s.state == ADMITTED and s.digest is not None and not self.store.path(s.digest).exists():
                     findings.append({"kind": "integrity", "what": "module", "digest": s.digest, "refs": [ref], "message": "missing"})
                     await self.quarantine(ref, "integrity", f"the stored module sha256:{s.digest[:16]} is missing")
-            for digest in await asyncio.to_thread(self.sandbox.verify_cache):  # deleted there: rebuilt from verified bytes on the next run
+            artifacts = asyncio.ensure_future(asyncio.to_thread(self.sandbox.verify_cache))  # beside the fetching below
+            try:
+                async with aiohttp.ClientSession(timeout=FETCH_TIMEOUT) as session:
+                    checkpoint = await refresh_checkpoint(session, self.config.registries, self.policy, self.checkpoints, now)
+                    findings += checkpoint.pop("findings")  # type: ignore[arg-type]
+                    admission = Admission(self.policy, self.config.registries, self.store, self.checkpoints, now)
+                    decisions = list(zip(self.config.modules, await self._decide(admission, session, list(self.config.modules)), strict=True))
+            finally:
+                bad_artifacts = await artifacts
+            for digest in bad_artifacts:  # deleted by the sandbox: rebuilt from verified bytes on the next run
                 refs = sorted(ref for ref, s in self.modules.items() if s.digest == digest)
                 findings.append({"kind": "integrity", "what": "artifact", "digest": digest, "refs": refs})
-                for ref in refs:  # until re-verified below
+                for ref in refs:  # until re-admitted below, by this sweep's decision
                     await self.quarantine(ref, "integrity", f"the compiled artifact of sha256:{digest[:16]} failed its HMAC")
-            async with aiohttp.ClientSession(timeout=FETCH_TIMEOUT) as session:
-                checkpoint = await refresh_checkpoint(session, self.config.registries, self.policy, self.checkpoints, now)
-                findings += checkpoint.pop("findings")  # type: ignore[arg-type]
-                admission = Admission(self.policy, self.config.registries, self.store, self.checkpoints, now)
-                decisions = list(zip(self.config.modules, await self._decide(admission, session, list(self.config.modules)), strict=True))
             for m, decision in decisions:
                 findings += [{"kind": "integrity", "what": "module", "digest": d, "refs": [m.ref], "message": "replaced by verified bytes"}
                              for d in decision.tampered]

@@ -21,6 +21,7 @@ from registry.edge_state import load_known, save_evidence, save_known
 from registry.record import PackageRef, Release, decode_entry
 from registry.verify import (
     EVIDENCE_REASONS,
+    KnownCheckpoint,
     NamespaceStatus,
     TrustPolicy,
     VerifyError,
@@ -67,7 +68,7 @@ class Admission:
     checkpoints: pathlib.Path
     now: int
     _status: dict[tuple[str, str], NamespaceStatus] = field(default_factory=dict)  # (source, namespace): its yanks and revocations
-    _verifying: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _verifying: asyncio.Lock = field(default_factory=asyncio.Lock)  # held by a verification that may move the trusted checkpoint
 
     async def decide(self, session: aiohttp.ClientSession, module: ModuleConfig, profile: ProfileConfig) -> Decision:
         """Admit module (pinned or the newest good release of its name) under profile, or say why not."""
@@ -134,14 +135,25 @@ class Admission:
             tampered = (digest,) if self.store.path(digest).exists() else ()
             module = await api.get(path + "/module.wasm")
         sbom = await api.get(path + "/sbom") if body.sbom_sha256 is not None else None
-        async with self._verifying:  # one at a time: each may move the trusted checkpoint forward
-            return await self._verify(url, ref, profile, tp, body, module, sbom, tampered)
+        return await self._verify(url, ref, profile, tp, body, module, sbom, tampered)
 
     async def _verify(self, url: str, ref: PackageRef, profile: ProfileConfig, tp: TlogProof, body: Release, module: bytes,
                       sbom: bytes | None, tampered: tuple[str, ...]) -> Decision:
+        """Verification against a proof whose checkpoint is the trusted one's size cannot move the trusted
+        checkpoint (it is the same one, or a fork): those run side by side. Any other runs alone, from the
+        trusted checkpoint as it is then, so the checkpoint only ever moves forward along one history."""
+        assert tp.parsed is not None
+        known = await asyncio.to_thread(load_known, self.checkpoints, tp.parsed.origin)
+        if known is not None and known.checkpoint.size == tp.parsed.size:
+            return await self._verify_from(known, url, ref, profile, tp, body, module, sbom, tampered)
+        async with self._verifying:
+            known = await asyncio.to_thread(load_known, self.checkpoints, tp.parsed.origin)
+            return await self._verify_from(known, url, ref, profile, tp, body, module, sbom, tampered)
+
+    async def _verify_from(self, known: KnownCheckpoint | None, url: str, ref: PackageRef, profile: ProfileConfig, tp: TlogProof,
+                           body: Release, module: bytes, sbom: bytes | None, tampered: tuple[str, ...]) -> Decision:
         assert tp.parsed is not None
         digest = body.module_sha256
-        known = await asyncio.to_thread(load_known, self.checkpoints, tp.parsed.origin)
         known_size = None if known is None else known.checkpoint.size
         status = self._status.get((url, ref.namespace))
         consistency = None

@@ -16,6 +16,7 @@ import pytest
 import wasmtime
 from agent_helpers import (
     NET_MODULE_IMPORT,
+    ROOT,
     AgentProcess,
     echo_module,
     parse_echo,
@@ -24,6 +25,7 @@ from agent_helpers import (
 )
 from aiohttp import web
 from registry_helpers import release_envelope, start_registry, with_custom_section
+from test_up import free_ports
 
 from edge.agent import Agent
 from edge.agent_config import parse_config
@@ -31,6 +33,7 @@ from edge.agent_server import make_app, new_sandbox
 from edge.agent_state import StateFile
 from registry.client import RegistryClient
 from registry.dsse import parse_envelope
+from registry.network import NetworkConfig, run_network
 from registry.record import Action, parse_package_ref, record_for
 from tlog.note import Ed25519Signer
 from tlog.proof_file import parse_tlog_proof
@@ -419,3 +422,43 @@ async def test_a_tampered_compiled_artifact_is_never_loaded_and_is_rebuilt(aioht
         assert len(list((agent.config.data / "artifacts").glob(f"{digest}.*"))) == 1
     finally:
         await sandbox.close()
+
+
+def readme_heredoc(name: str) -> str:
+    """The text README.md's "Edge agent" section writes with `cat > NAME <<'TAG'`."""
+    section = (ROOT / "README.md").read_text().split("## Edge agent", 1)[1].split("\n## ", 1)[0]
+    m = re.search(rf"cat > {re.escape(name)} <<'(\w+)'\n(.*?)\n\1\n", section, re.DOTALL)
+    assert m, name
+    return m[2] + "\n"
+
+
+async def test_the_readme_path_on_a_wasmlog_up_network(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """README "Edge agent", as written there: `wasmlog up` (witness quorum), publish, the config, serve, run, yank, sweep."""
+    port = free_ports(4)
+    ready, stop = asyncio.Event(), asyncio.Event()
+    network = asyncio.create_task(run_network(NetworkConfig(data=tmp_path / "wasmlog-data", port=port), ready=ready, stop=stop))
+    try:
+        await asyncio.wait_for(ready.wait(), 30)
+        hello = wasmtime.wat2wasm(readme_heredoc("hello.wat"))
+        async with aiohttp.ClientSession() as s:
+            api = RegistryClient(f"http://127.0.0.1:{port}", s)
+            await publish(api, "acme:hello@1.0.0", hello)
+            config = readme_heredoc("agent.toml").replace("127.0.0.1:7380", f"127.0.0.1:{port}").replace("127.0.0.1:7400", "127.0.0.1:0")
+            (tmp_path / "agent.toml").write_text(config)
+            agent = AgentProcess(tmp_path / "agent.toml")
+            url = await agent.start()
+            try:
+                code, body, _ = await get(s, url + "/run/acme/hello")
+                assert (code, body) == (200, b"hello\n")
+                await api.act(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=1, reason="CVE-XXXX"))
+                (m,) = (await sweep(s, url))["modules"]
+                assert (m["state"], m["reason"]) == ("quarantined", "yanked")
+                assert (await get(s, url + "/run/acme/hello"))[0] == 403
+                async with s.get(url + "/status") as r:
+                    status = await r.json()
+                assert status["checkpoints"][0]["newest_cosignature"] is not None  # a witnessed checkpoint
+            finally:
+                assert await agent.stop() == 0
+    finally:
+        stop.set()
+        await network

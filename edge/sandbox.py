@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import pathlib
+import subprocess
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -150,91 +151,99 @@ class _WorkerLost(Exception):
 
 
 class _Worker:
-    """One worker process and its pipes."""
+    """One worker process and its pipes. The process is a plain subprocess.Popen (starting it cannot be
+    interrupted half-way by a cancellation) whose pipes are attached to the event loop."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, hello: dict[str, Any], tail: collections.deque[bytes],
-                 drain: asyncio.Future[None]) -> None:
-        self.proc = proc
-        self._drain_task = drain
-        self.hello = hello
-        self.pid = proc.pid
-        self._tail = tail
+    def __init__(self, popen: subprocess.Popen[bytes], reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 tail: collections.deque[bytes], drain: asyncio.Future[None]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.hello: dict[str, Any] = {}
         self.busy = False
+        self._reader, self._writer = reader, writer
+        self._tail, self._drain_task = tail, drain
 
     @classmethod
     async def start(cls, env: Mapping[str, str]) -> _Worker:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edge.sandbox_worker", stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(env), cwd="/")
+        popen = subprocess.Popen(  # noqa: ASYNC220 - a fork and exec, not a wait; uninterruptible on purpose
+            [sys.executable, "-m", "edge.sandbox_worker"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(env), cwd="/")
+        assert popen.stdin is not None and popen.stdout is not None and popen.stderr is not None
+        loop = asyncio.get_running_loop()
         tail: collections.deque[bytes] = collections.deque()
-        drain = asyncio.ensure_future(cls._drain(proc, tail))
+        reader, errors = asyncio.StreamReader(), asyncio.StreamReader()
         try:
-            assert proc.stdout is not None
-            hello, _ = await asyncio.wait_for(read_frame_async(proc.stdout), STARTUP_TIMEOUT)
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), popen.stdout)
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(errors), popen.stderr)
+            transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, popen.stdin)
+        except BaseException:
+            popen.kill()
+            raise
+        worker = cls(popen, reader, asyncio.StreamWriter(transport, protocol, None, loop), tail,
+                     asyncio.ensure_future(cls._drain(errors, tail)))
+        try:
+            worker.hello, _ = await asyncio.wait_for(read_frame_async(reader), STARTUP_TIMEOUT)
         except BaseException as e:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await asyncio.shield(asyncio.gather(proc.wait(), drain))
-            if not isinstance(e, (asyncio.IncompleteReadError, ProtocolError, asyncio.TimeoutError)):
-                raise
-            raise SandboxError(f"sandbox worker failed to start ({type(e).__name__}): "
-                               f"{b''.join(tail).decode(errors='replace')[-1000:]}") from None
-        worker = cls(proc, hello, tail, drain)
-        if hello.get("op") != "hello":
             await worker.kill()
-            raise SandboxError(f"sandbox worker said {str(hello)[:100]} instead of hello")
+            if not isinstance(e, (asyncio.IncompleteReadError, ProtocolError, TimeoutError)):
+                raise
+            raise SandboxError(f"sandbox worker failed to start ({type(e).__name__}): {worker.stderr_tail()[-1000:]}") from None
+        if worker.hello.get("op") != "hello":
+            await worker.kill()
+            raise SandboxError(f"sandbox worker said {str(worker.hello)[:100]} instead of hello")
         return worker
 
     @staticmethod
-    async def _drain(proc: asyncio.subprocess.Process, tail: collections.deque[bytes]) -> None:
+    async def _drain(errors: asyncio.StreamReader, tail: collections.deque[bytes]) -> None:
         """Keep the last STDERR_TAIL bytes of the worker's own stderr (never the module's: that is captured)."""
-        assert proc.stderr is not None
         size = 0
-        while chunk := await proc.stderr.read(65536):
+        while chunk := await errors.read(65536):
             tail.append(chunk)
             size += len(chunk)
             while size - len(tail[0]) >= STDERR_TAIL:
                 size -= len(tail.popleft())
 
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
     def stderr_tail(self) -> str:
         return b"".join(self._tail).decode(errors="replace")[-STDERR_TAIL:].strip()
 
     async def call(self, header: Mapping[str, Any], blobs: Mapping[str, bytes], timeout: float) -> tuple[dict[str, Any], dict[str, bytes]]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
         try:
-            self.proc.stdin.write(encode(header, blobs))
-            await asyncio.wait_for(self._exchange(), timeout)
-            return await asyncio.wait_for(read_frame_async(self.proc.stdout), timeout)
+            self._writer.write(encode(header, blobs))
+            await asyncio.wait_for(self._writer.drain(), timeout)
+            return await asyncio.wait_for(read_frame_async(self._reader), timeout)
         except TimeoutError:
             await self.kill()
             raise _WorkerLost(f"sandbox worker pid {self.pid} did not answer within {timeout:.1f} s; killed", timed_out=True) from None
         except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as e:
-            await self.kill()
-            code = self.proc.returncode
+            await self.kill(wait_first=not isinstance(e, ProtocolError))
+            code = self.popen.returncode
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
             detail = f" ({e})" if isinstance(e, ProtocolError) else ""
             tail = self.stderr_tail()
             raise _WorkerLost(f"sandbox worker pid {self.pid} died during the request ({how}){detail}"
                               + (f"; its stderr: {tail[-300:]}" if tail else "")) from None
 
-    async def _exchange(self) -> None:
-        assert self.proc.stdin is not None
-        await self.proc.stdin.drain()
-
-    async def kill(self) -> None:
+    async def kill(self, *, wait_first: bool = False) -> None:
+        """Kill the process (after up to a second for it to exit by itself, when wait_first) and reap it."""
+        if wait_first:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(self.popen.wait, 1.0)
         with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-        await self.proc.wait()
-        await self._drain_task
+            self.popen.kill()
+        await asyncio.to_thread(self.popen.wait)
+        self._writer.close()
+        await asyncio.wait({self._drain_task}, timeout=1.0)
 
     async def close(self) -> None:
         """Ask the worker to exit (end of its input), kill it if it does not."""
-        if self.proc.returncode is None and self.proc.stdin is not None:
-            self.proc.stdin.close()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5)
-            except TimeoutError:
-                pass
+        if self.alive:
+            self._writer.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(self.popen.wait, 5.0)
         await self.kill()
 
 
@@ -334,9 +343,9 @@ class Sandbox:
                 raise DeadlineExceeded(str(e)) from None
             raise WorkerCrashed(f"{e}; replaced") from None
         except BaseException:
-            if worker.proc.returncode is None and not isinstance(sys.exc_info()[1], SandboxError):
-                await worker.kill()  # cancelled mid-request: the worker's state is unknown
-            if worker.proc.returncode is not None:
+            if worker.alive and not isinstance(sys.exc_info()[1], SandboxError):
+                await asyncio.shield(worker.kill())  # cancelled mid-request: the worker's state is unknown
+            if not worker.alive:
                 self._replace(worker)
             else:
                 worker.busy = False
@@ -414,7 +423,7 @@ class Sandbox:
             or (hellos[0].get("seccomp_reason") if hellos else "no sandbox worker has started yet")
         return {
             "workers": self._size,
-            "alive": sum(1 for w in self._workers.values() if w.proc.returncode is None),
+            "alive": sum(1 for w in self._workers.values() if w.alive),
             "busy": sum(1 for w in self._workers.values() if w.busy),
             "pids": sorted(self._workers),
             "seccomp": seccomp,

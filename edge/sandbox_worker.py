@@ -33,7 +33,7 @@ from edge.sandbox_protocol import (
 MODULE_LRU = 64
 STDOUT_MAX = 16 << 20
 STDERR_MAX = 1 << 20
-NOFILE = 64
+NOFILE = 1024  # each loaded module may hold a memfd (its copy-on-write memory image); MODULE_LRU of them
 TABLE_ELEMENTS = 1 << 20
 WASI = "wasi_snapshot_preview1"
 
@@ -261,8 +261,15 @@ class Runtime:
             raise Failure("not-granted", f"imports not granted by the profile: {', '.join(ungranted[:10])}")
         if "_start" not in {e.name for e in module.exports}:
             raise Failure("module-invalid", "module has no _start export (not a WASI command)")
-        cap = profile["memory_mb"] << 20
         store = wasmtime.Store(self.engine)
+        try:
+            return self._run_in(store, module, req, stdin)
+        finally:
+            store.close()  # now, not at the next garbage collection: it holds the WASI context and its stdin
+
+    def _run_in(self, store: wasmtime.Store, module: wasmtime.Module, req: dict[str, Any], stdin: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
+        profile = req["profile"]
+        cap = profile["memory_mb"] << 20
         store.set_limits(memory_size=cap, table_elements=TABLE_ELEMENTS, instances=1, tables=4, memories=1)
         store.set_fuel(profile["fuel"] if profile["fuel"] is not None else (1 << 63) - 1)
         store.set_epoch_deadline(1)
@@ -302,6 +309,7 @@ class Runtime:
             raise Failure("trap", f"the module failed: {message}") from None
         finally:
             self.watchdog.disarm()
+            linker.close()
         if stdout.overflow or stderr.overflow:
             raise Failure("output", self._overflow_message(stdout, stderr))
         return {"status": "ok", "exit_code": exit_code}, {"stdout": b"".join(stdout.parts), "stderr": b"".join(stderr.parts)}
@@ -320,6 +328,7 @@ class Runtime:
             except wasmtime.WasmtimeError:
                 continue
             linker.define(store, imp.module, imp.name or "", item)
+        wasi.close()
         return linker
 
     @staticmethod
@@ -396,6 +405,8 @@ def main() -> int:
                 send({"status": "error", "kind": "protocol", "message": f"unknown op {op!r}"})
         except Failure as f:
             send({"status": "error", "kind": f.kind, "message": str(f)})
+        except Exception as e:  # noqa: BLE001 - a bug or a malformed request: answer it, keep serving
+            send({"status": "error", "kind": "internal", "message": f"sandbox worker: {type(e).__name__}: {e}"})
 
 
 if __name__ == "__main__":

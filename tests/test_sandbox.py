@@ -337,7 +337,7 @@ async def test_workers_run_with_lowered_resource_limits(tmp_path: pathlib.Path) 
         (pid,) = sandbox.status()["pids"]
         limits = {line[:26].strip(): line[26:].split()[:2] for line in pathlib.Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]}
         assert limits["Max core file size"] == ["0", "0"]
-        assert limits["Max open files"] == ["64", "64"]
+        assert limits["Max open files"] == ["1024", "1024"]
         assert limits["Max data size"] == [str(1024 << 20)] * 2
         # A 64 MiB memory bomb is still stopped by its store limit, well inside the worker's data limit.
         digest, path = module(tmp_path, "membomb")

@@ -11,7 +11,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.sandbox_protocol import MAX_BLOB, MAX_HEADER, ProtocolError, encode, read_frame, read_frame_async
+from edge.sandbox_protocol import (
+    MAX_BLOB,
+    MAX_HEADER,
+    ProtocolError,
+    encode,
+    read_frame,
+    read_frame_async,
+)
 
 
 def reader(data: bytes):

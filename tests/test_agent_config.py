@@ -144,6 +144,11 @@ def test_serve_exits_2_with_one_line_naming_the_key(tmp_path: pathlib.Path) -> N
     (tmp_path / "agent-data" / "state.json").write_text("{not json")  # a damaged state file: the agent does not guess
     p = subprocess.run([sys.executable, "-m", "registry", "agent", "serve", "--config", str(cfg)], check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 2 and "state.json" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    (tmp_path / "agent-data" / "state.json").unlink()
+    (tmp_path / "agent-data" / "artifact.key").write_bytes(bytes(32))
+    (tmp_path / "agent-data" / "artifact.key").chmod(0o644)  # a key others can read attests nothing
+    p = subprocess.run([sys.executable, "-m", "registry", "agent", "serve", "--config", str(cfg)], check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 2 and "artifact.key" in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
 # --- WAGI: CGI in and out -------------------------------------------------------------------

@@ -129,6 +129,7 @@ async def main() -> None:
         "verify_cache": {"artifacts": args.modules, "seconds": round(verify_seconds, 4)},
         "wagi_requests": {"requests": args.requests, "concurrency": args.concurrency, "workers": args.workers,
                           "per_second": round(args.requests / elapsed, 1), **summary(latencies)},
+        "worker_restarts": status.get("worker_restarts", 0),
         "target_cold_start_p99_ms": 5.0, "target_met": cached["p99_ms"] < 5.0,
     }, indent=2))
 

@@ -28,6 +28,7 @@ from tlog.policy import Policy
 
 from .artifacts import DIGEST_RE, ArtifactCache, load_or_create_key
 from .sandbox_protocol import (
+    MODULE_LRU,
     ProtocolError,
     encode,
     engine_settings_id,
@@ -160,6 +161,7 @@ class _Worker:
         self.pid = popen.pid
         self.hello: dict[str, Any] = {}
         self.busy = False
+        self.holds: collections.OrderedDict[str, None] = collections.OrderedDict()  # mirrors the worker's LRU
         self._reader, self._writer = reader, writer
         self._tail, self._drain_task = tail, drain
 
@@ -202,6 +204,12 @@ class _Worker:
             size += len(chunk)
             while size - len(tail[0]) >= STDERR_TAIL:
                 size -= len(tail.popleft())
+
+    def remember(self, digest: str) -> None:
+        self.holds[digest] = None
+        self.holds.move_to_end(digest)
+        while len(self.holds) > MODULE_LRU:
+            self.holds.popitem(last=False)
 
     @property
     def alive(self) -> bool:
@@ -247,6 +255,38 @@ class _Worker:
         await self.kill()
 
 
+class _Idle:
+    """Idle workers, handed out first come, first served: a released worker goes straight to the longest
+    waiting caller (asyncio.Queue would let a caller that releases and asks again overtake the waiters)."""
+
+    def __init__(self) -> None:
+        self._workers: collections.deque[_Worker] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[_Worker]] = collections.deque()
+
+    def release(self, worker: _Worker) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(worker)
+                return
+        self._workers.append(worker)
+
+    async def acquire(self) -> _Worker:
+        if self._workers and not self._waiters:
+            return self._workers.popleft()
+        waiter: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release(waiter.result())  # handed over just as the caller gave up: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+
 class Sandbox:
     """A pool of sandbox workers and the attested artifact cache. run() may be called concurrently: each run
     takes an idle worker (waiting for one if all are busy)."""
@@ -265,7 +305,7 @@ class Sandbox:
         root = pathlib.Path(__file__).resolve().parent.parent
         self._env = {"PYTHONPATH": str(root), "WASMLOG_WORKER_DATA_MB": str(worker_data_mb),
                      "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
-        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._idle = _Idle()
         self._workers: dict[int, _Worker] = {}
         self._start_lock = asyncio.Lock()
         self._started = False
@@ -282,7 +322,7 @@ class Sandbox:
             if self._closed:
                 raise SandboxError("the sandbox is closed")
             for worker in await asyncio.gather(*(self._spawn() for _ in range(self._size))):
-                self._idle.put_nowait(worker)
+                self._idle.release(worker)
             self._started = True
 
     async def _spawn(self) -> _Worker:
@@ -312,7 +352,7 @@ class Sandbox:
                 if self._closed:
                     await new.close()
                 else:
-                    self._idle.put_nowait(new)
+                    self._idle.release(new)
                 return
 
         task = asyncio.ensure_future(replace())
@@ -332,7 +372,7 @@ class Sandbox:
         await self.start()
         if self._closed:
             raise SandboxError("the sandbox is closed")
-        worker = await self._idle.get()
+        worker = await self._idle.acquire()
         worker.busy = True
         try:
             result = await self._run_on(worker, digest, pathlib.Path(module), profile, stdin, {**env, **profile.env},
@@ -349,42 +389,54 @@ class Sandbox:
                 self._replace(worker)
             else:
                 worker.busy = False
-                self._idle.put_nowait(worker)
+                self._idle.release(worker)
             raise
         worker.busy = False
-        self._idle.put_nowait(worker)
+        self._idle.release(worker)
         return result
 
     async def _run_on(self, worker: _Worker, digest: str, module: pathlib.Path, profile: Profile, stdin: bytes,
                       env: Mapping[str, str], argv0: str) -> RunResult:
+        """One round trip when the worker holds the module or its attested artifact is cached (sent along)."""
         request = {"op": "run", "digest": digest, "argv": [argv0], "env": sorted(env.items()),
                    "profile": {"imports": list(profile.imports), "memory_mb": profile.memory_mb,
                                "timeout_ms": profile.timeout_ms, "fuel": profile.fuel}}
         timeout = profile.timeout_ms / 1000 + GRACE
-        reply, blobs = await worker.call(request, {"stdin": stdin}, timeout)
-        if reply.get("status") == "need-module":
-            await self._load(worker, digest, module)
-            reply, blobs = await worker.call(request, {"stdin": stdin}, timeout)
-        if reply.get("status") == "ok":
-            self.counters["runs"] += 1
-            return RunResult(stdout=blobs.get("stdout", b""), stderr=blobs.get("stderr", b""), exit_code=int(reply["exit_code"]))
-        kind = reply.get("kind")
-        self.counters[f"failed_{kind}"] += 1
-        raise _failure(kind, str(reply.get("message")))
+        for _ in range(3):
+            blobs = {"stdin": stdin}
+            if digest not in worker.holds:
+                artifact = self._attested_artifact(digest)
+                if artifact is None:
+                    await self._compile(worker, digest, module)
+                else:
+                    blobs["artifact"] = artifact
+            reply, out = await worker.call(request, blobs, timeout)
+            status, kind = reply.get("status"), reply.get("kind")
+            if status == "need-module" or kind == "artifact-rejected":
+                worker.holds.pop(digest, None)
+                if kind == "artifact-rejected":  # MAC good, yet Wasmtime refused it: rebuild from the module
+                    self.counters["artifacts_refused_by_wasmtime"] += 1
+                    self._cache.discard(digest)
+                continue
+            if "artifact" in blobs:
+                self.counters["artifacts_loaded"] += 1
+            worker.remember(digest)
+            if status == "ok":
+                self.counters["runs"] += 1
+                return RunResult(stdout=out.get("stdout", b""), stderr=out.get("stderr", b""), exit_code=int(reply["exit_code"]))
+            self.counters[f"failed_{kind}"] += 1
+            raise _failure(kind, str(reply.get("message")))
+        raise SandboxError(f"sandbox worker pid {worker.pid} would not load module {digest}")
 
-    async def _load(self, worker: _Worker, digest: str, module: pathlib.Path) -> None:
-        """Give the worker the module: the cached artifact if its MAC checks, else the module's bytes to compile
-        (after checking their SHA-256), whose artifact is then cached."""
+    def _attested_artifact(self, digest: str) -> bytes | None:
         artifact, bad = self._cache.load(digest)
         if bad:
             self.counters["artifacts_rejected"] += 1
-        if artifact is not None:
-            reply, _ = await worker.call({"op": "load", "digest": digest}, {"artifact": artifact}, LOAD_TIMEOUT)
-            if reply.get("status") == "ok":
-                self.counters["artifacts_loaded"] += 1
-                return
-            self.counters["artifacts_refused_by_wasmtime"] += 1
-            self._cache.discard(digest)
+        return artifact
+
+    async def _compile(self, worker: _Worker, digest: str, module: pathlib.Path) -> None:
+        """Have the worker compile the module file (after checking its SHA-256 against digest); cache the
+        artifact under its MAC."""
         try:
             wasm = await asyncio.to_thread(module.read_bytes)
         except OSError as e:
@@ -395,19 +447,20 @@ class Sandbox:
         reply, blobs = await worker.call({"op": "compile", "digest": digest}, {"wasm": wasm}, COMPILE_TIMEOUT)
         if reply.get("status") != "ok":
             raise _failure(reply.get("kind"), str(reply.get("message")))
+        worker.remember(digest)
         self.counters["compiled"] += 1
         self._cache.store(digest, blobs["artifact"])
 
     async def self_test(self) -> dict[str, str]:
         """Ask an idle worker to try what its seccomp filter denies; {"fork": "EPERM", ...} or "allowed"."""
         await self.start()
-        worker = await self._idle.get()
+        worker = await self._idle.acquire()
         try:
             reply, _ = await worker.call({"op": "selftest"}, {}, LOAD_TIMEOUT)
         except _WorkerLost:
             self._replace(worker)
             raise
-        self._idle.put_nowait(worker)
+        self._idle.release(worker)
         return dict(reply["result"])
 
     def verify_cache(self) -> list[str]:

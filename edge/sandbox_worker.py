@@ -4,7 +4,8 @@ run WASI modules, one request at a time, speaking edge.sandbox_protocol frames o
 At start it lowers its resource limits, builds its Wasmtime engine and deadline watchdog, then (where libseccomp
 can be loaded) installs a syscall filter that denies creating processes, sockets, tracing and the like, and
 says hello with what it managed. It keeps the modules it has loaded (by digest) in a small LRU; a run of a
-module it does not hold answers "need-module", and the agent sends the checked artifact or the verified bytes.
+module it does not hold answers "need-module"; the agent sends the checked artifact along with a run, or has the
+verified bytes compiled first.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from edge.sandbox import imports_granted
 from edge.sandbox_protocol import (
     ENGINE_SETTINGS,
     MAX_BLOB,
+    MODULE_LRU,
     encode,
     read_frame,
     wasmtime_version,
 )
 
-MODULE_LRU = 64
 STDOUT_MAX = 16 << 20
 STDERR_MAX = 1 << 20
 NOFILE = 1024  # each loaded module may hold a memfd (its copy-on-write memory image); MODULE_LRU of them
@@ -218,13 +219,12 @@ class Runtime:
         while len(self.modules) > MODULE_LRU:
             self.modules.popitem(last=False)
 
-    def load(self, digest: str, artifact: bytes) -> dict[str, Any]:
+    def load(self, digest: str, artifact: bytes) -> None:
         try:
             module = wasmtime.Module.deserialize(self.engine, artifact)
         except wasmtime.WasmtimeError as e:
             raise Failure("artifact-rejected", f"Wasmtime refused the artifact: {str(e).splitlines()[0]}") from None
         self.remember(digest, module)
-        return {"status": "ok"}
 
     def compile(self, digest: str, wasm: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
         try:
@@ -249,8 +249,11 @@ class Runtime:
             view = view[os.write(fd, view):]
         return path, fd
 
-    def run(self, req: dict[str, Any], stdin: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
+    def run(self, req: dict[str, Any], stdin: bytes, artifact: bytes | None) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """Run a module this worker holds, or the one in artifact (checked by the agent), loaded first."""
         digest = req["digest"]
+        if artifact is not None:
+            self.load(digest, artifact)
         module = self.modules.get(digest)
         if module is None:
             return {"status": "need-module"}, {}
@@ -382,7 +385,9 @@ def main() -> int:
         return b"".join(chunks)
 
     def send(header: dict[str, Any], blobs: dict[str, bytes] | None = None) -> None:
-        channel_out.write(encode(header, blobs))
+        view = memoryview(encode(header, blobs))
+        while view:
+            view = view[channel_out.write(view) or 0:]
 
     send({"op": "hello", "pid": os.getpid(), "wasmtime": wasmtime_version(), "seccomp": seccomp,
           "seccomp_reason": reason, "max_blob": MAX_BLOB})
@@ -394,9 +399,7 @@ def main() -> int:
         try:
             op = req.get("op")
             if op == "run":
-                send(*runtime.run(req, blobs.get("stdin", b"")))
-            elif op == "load":
-                send(runtime.load(req["digest"], blobs["artifact"]))
+                send(*runtime.run(req, blobs.get("stdin", b""), blobs.get("artifact")))
             elif op == "compile":
                 send(*runtime.compile(req["digest"], blobs["wasm"]))
             elif op == "selftest":

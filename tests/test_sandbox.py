@@ -347,3 +347,105 @@ async def test_workers_run_with_lowered_resource_limits(tmp_path: pathlib.Path) 
             await sandbox.run(digest, path, Profile(imports=(), memory_mb=1000, timeout_ms=2000), stdin=b"", env={})
     finally:
         await sandbox.close()
+
+
+async def test_artifact_with_a_good_mac_that_wasmtime_refuses_is_rebuilt(tmp_path: pathlib.Path) -> None:
+    digest, path = module(tmp_path, "hello")
+    sandbox = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
+    try:
+        # Bytes MAC'd under this node's key (as if the key had leaked, or a Wasmtime upgrade kept the settings id).
+        from edge.artifacts import ArtifactCache, load_or_create_key
+        cache = ArtifactCache(tmp_path / "cache", load_or_create_key(tmp_path / "artifact.key"), sandbox.status()["engine_settings"])
+        cache.store(digest, b"\x7fELF not a wasmtime artifact")
+        assert (await sandbox.run(digest, path, STDOUT_ONLY, stdin=b"", env={})).stdout == b"hello\n"
+        status = sandbox.status()
+        assert status["artifacts_refused_by_wasmtime"] == 1 and status["compiled"] == 1
+        assert cache.load(digest)[0] not in (None, b"\x7fELF not a wasmtime artifact")
+    finally:
+        await sandbox.close()
+
+
+async def test_many_modules_on_one_worker(tmp_path: pathlib.Path) -> None:
+    """More modules than the worker keeps loaded (each loaded module may hold a descriptor): all run, and the
+    ones it evicted come back from the attested cache."""
+    sandbox = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
+    template = (WAT / "agent_hello.wat").read_text()
+    try:
+        modules = [module(tmp_path, "", template.replace('"hello\\n"', f'"he{i:03d}\\n"')) for i in range(80)]
+        for i, (digest, path) in enumerate(modules + modules[:8]):
+            assert (await sandbox.run(digest, path, STDOUT_ONLY, stdin=b"", env={})).stdout == b"he%03d\n" % (i % 80)
+        status = sandbox.status()
+        assert status["compiled"] == 80 and status["artifacts_loaded"] == 8 and "worker_restarts" not in status
+    finally:
+        await sandbox.close()
+
+
+async def test_a_cancelled_run_costs_its_worker_and_the_pool_recovers(tmp_path: pathlib.Path) -> None:
+    sandbox = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
+    try:
+        loop_digest, loop_path = module(tmp_path, "loop")
+        hello_digest, hello_path = module(tmp_path, "hello")
+        await sandbox.start()
+        (pid,) = sandbox.status()["pids"]
+        run = asyncio.ensure_future(sandbox.run(loop_digest, loop_path, Profile(imports=(), memory_mb=1, timeout_ms=60_000), stdin=b"", env={}))
+        deadline = time.monotonic() + 30
+        while sandbox.status()["busy"] == 0:
+            assert time.monotonic() < deadline and not run.done()
+            await asyncio.sleep(0.01)  # polling for the run to be handed to the worker
+        run.cancel()  # e.g. the HTTP client went away
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        assert (await sandbox.run(hello_digest, hello_path, STDOUT_ONLY, stdin=b"", env={})).stdout == b"hello\n"
+        assert pid not in sandbox.status()["pids"] and sandbox.status()["worker_restarts"] == 1
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # killed and reaped, not left running the loop
+    finally:
+        await sandbox.close()
+
+
+def test_workers_are_handed_out_first_come_first_served() -> None:
+    from edge.sandbox import _Idle
+
+    async def scenario() -> list[str]:
+        idle = _Idle()
+        worker = object()
+        idle.release(worker)  # type: ignore[arg-type]
+        held = await idle.acquire()
+        order: list[str] = []
+
+        async def waiter(name: str) -> None:
+            w = await idle.acquire()
+            order.append(name)
+            idle.release(w)
+        first, second = asyncio.ensure_future(waiter("first")), asyncio.ensure_future(waiter("second"))
+        cancelled = asyncio.ensure_future(waiter("cancelled"))
+        await asyncio.sleep(0)  # let the three queue up
+        cancelled.cancel()
+        idle.release(held)
+        again = asyncio.ensure_future(waiter("the releaser, asking again"))
+        await asyncio.gather(first, second, again)
+        return order
+    assert asyncio.run(scenario()) == ["first", "second", "the releaser, asking again"]
+
+
+def test_an_unclosed_sandbox_with_a_replacement_starting_does_not_hang_the_loop(tmp_path: pathlib.Path) -> None:
+    digest, path = module(tmp_path, "hello")
+    script = f"""
+import asyncio, os, pathlib, signal
+from edge.sandbox import Sandbox, Profile, WorkerCrashed
+async def main():
+    sb = Sandbox(pathlib.Path({str(tmp_path / "cache")!r}), pathlib.Path({str(tmp_path / "k")!r}), workers=1)
+    await sb.start()
+    os.kill(sb.status()["pids"][0], signal.SIGKILL)
+    try:
+        await sb.run({digest!r}, pathlib.Path({str(path)!r}), Profile(("*.*",), 1, 1000), stdin=b"", env={{}})
+    except WorkerCrashed:
+        pass
+    raise SystemExit(3)  # a replacement worker is starting; the sandbox is never closed
+asyncio.run(main())
+"""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parent.parent)},
+                          timeout=60, capture_output=True)
+    assert done.returncode == 3, done.stderr.decode()[-2000:]

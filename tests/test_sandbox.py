@@ -8,12 +8,15 @@ import os
 import pathlib
 import signal
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
 
 wasmtime = pytest.importorskip("wasmtime")
 
+from edge.artifacts import ArtifactCache, load_or_create_key
 from edge.sandbox import (
     GRACE,
     DeadlineExceeded,
@@ -25,6 +28,7 @@ from edge.sandbox import (
     SandboxError,
     Trapped,
     WorkerCrashed,
+    _Idle,
 )
 
 WAT = pathlib.Path(__file__).parent / "wasm"
@@ -354,7 +358,6 @@ async def test_artifact_with_a_good_mac_that_wasmtime_refuses_is_rebuilt(tmp_pat
     sandbox = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
     try:
         # Bytes MAC'd under this node's key (as if the key had leaked, or a Wasmtime upgrade kept the settings id).
-        from edge.artifacts import ArtifactCache, load_or_create_key
         cache = ArtifactCache(tmp_path / "cache", load_or_create_key(tmp_path / "artifact.key"), sandbox.status()["engine_settings"])
         cache.store(digest, b"\x7fELF not a wasmtime artifact")
         assert (await sandbox.run(digest, path, STDOUT_ONLY, stdin=b"", env={})).stdout == b"hello\n"
@@ -404,7 +407,6 @@ async def test_a_cancelled_run_costs_its_worker_and_the_pool_recovers(tmp_path: 
 
 
 def test_workers_are_handed_out_first_come_first_served() -> None:
-    from edge.sandbox import _Idle
 
     async def scenario() -> list[str]:
         idle = _Idle()
@@ -444,8 +446,6 @@ async def main():
     raise SystemExit(3)  # a replacement worker is starting; the sandbox is never closed
 asyncio.run(main())
 """
-    import subprocess
-    import sys
-    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parent.parent)},
+    done = subprocess.run([sys.executable, "-c", script], check=False, env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parent.parent)},
                           timeout=60, capture_output=True)
     assert done.returncode == 3, done.stderr.decode()[-2000:]

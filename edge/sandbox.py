@@ -312,6 +312,7 @@ class Sandbox:
         self._closed = False
         self._replacing: set[asyncio.Task[None]] = set()
         self._last_start_error: str | None = None
+        self._last_store_error: str | None = None
         self.counters: collections.Counter[str] = collections.Counter()
 
     async def start(self) -> None:
@@ -449,7 +450,11 @@ class Sandbox:
             raise _failure(reply.get("kind"), str(reply.get("message")))
         worker.remember(digest)
         self.counters["compiled"] += 1
-        self._cache.store(digest, blobs["artifact"])
+        try:
+            self._cache.store(digest, blobs["artifact"])
+        except OSError as e:  # the run goes on; the next cold start compiles again
+            self.counters["artifact_store_failures"] += 1
+            self._last_store_error = f"{type(e).__name__}: {e}"
 
     async def self_test(self) -> dict[str, str]:
         """Ask an idle worker to try what its seccomp filter denies; {"fork": "EPERM", ...} or "allowed"."""
@@ -485,6 +490,7 @@ class Sandbox:
             "engine_settings": self._cache.settings_id,
             "cache_dir": str(self._cache.dir),
             "last_worker_start_error": self._last_start_error,
+            "last_artifact_store_error": self._last_store_error,
             **{k: v for k, v in sorted(self.counters.items())},
         }
 

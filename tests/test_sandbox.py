@@ -449,3 +449,27 @@ asyncio.run(main())
     done = subprocess.run([sys.executable, "-c", script], check=False, env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parent.parent)},
                           timeout=60, capture_output=True)
     assert done.returncode == 3, done.stderr.decode()[-2000:]
+
+
+async def test_verify_cache_in_a_thread_beside_cold_starts(tmp_path: pathlib.Path) -> None:
+    """The agent's sweep re-MACs artifacts in a thread while modules keep starting: neither disturbs the other."""
+    sandbox = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=2)
+    template = (WAT / "agent_hello.wat").read_text()
+    try:
+        modules = [module(tmp_path, "", template.replace('"hello\\n"', f'"hi{i:03d}\\n"')) for i in range(30)]
+        stop = False
+
+        def sweep() -> int:
+            sweeps = 0
+            while not stop or sweeps == 0:
+                assert sandbox.verify_cache() == []
+                sweeps += 1
+            return sweeps
+        sweeping = asyncio.ensure_future(asyncio.to_thread(sweep))
+        for digest, path in modules:
+            assert (await sandbox.run(digest, path, STDOUT_ONLY, stdin=b"", env={})).exit_code == 0
+        stop = True
+        assert await sweeping >= 1
+        assert len(list((tmp_path / "cache").glob("*.cwasm"))) == 30 and sandbox.verify_cache() == []
+    finally:
+        await sandbox.close()

@@ -45,7 +45,7 @@ from registry.wasm import Import
 STARTUP_TIMEOUT = 60.0  # a worker's hello
 GRACE = 2.0  # seconds past a run's deadline before the worker is presumed hung and killed
 LOAD_TIMEOUT = 30.0
-COMPILE_TIMEOUT = 300.0
+COMPILE_TIMEOUT = 60.0  # a module built to be slow to compile costs its worker this long at most
 STDERR_TAIL = 4096
 # RLIMIT_DATA of each worker: its own heap, the compiler's, and the linear memory of the run in progress
 # (Wasmtime's address-space reservations are PROT_NONE and do not count). A profile must leave WORKER_OVERHEAD_MB.
@@ -62,11 +62,12 @@ class Profile:
     memory_mb: int
     timeout_ms: int
     fuel: int | None = None
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.imports, str) or not all(isinstance(p, str) and p for p in self.imports):
             raise ValueError("profile imports must be a tuple of non-empty 'module.field' patterns")
+        object.__setattr__(self, "imports", tuple(self.imports))  # a list would make the profile unhashable
         for name, value in (("memory_mb", self.memory_mb), ("timeout_ms", self.timeout_ms), ("fuel", self.fuel)):
             if value is not None and (type(value) is not int or value <= 0):
                 raise ValueError(f"profile {name} must be a positive integer, not {value!r}")

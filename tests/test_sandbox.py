@@ -292,6 +292,8 @@ def test_profile_and_run_arguments_are_checked(tmp_path: pathlib.Path) -> None:
     for bad in ({"memory_mb": 0}, {"timeout_ms": -1}, {"fuel": 0}, {"env": {"A=B": "c"}}, {"imports": "wasi.*"}):
         with pytest.raises(ValueError):
             Profile(**{"imports": (), "memory_mb": 1, "timeout_ms": 1, **bad})  # type: ignore[arg-type]
+    listed = Profile(imports=["wasi_snapshot_preview1.*"], memory_mb=1, timeout_ms=1, env={"A": "b"})  # type: ignore[arg-type]
+    assert listed.imports == ("wasi_snapshot_preview1.*",) and hash(listed) == hash(Profile(("wasi_snapshot_preview1.*",), 1, 1))
 
     async def bad_digest() -> None:
         sb = Sandbox(tmp_path / "cache", tmp_path / "k", workers=1)

@@ -272,6 +272,12 @@ class _Idle:
                 return
         self._workers.append(worker)
 
+    def fail_waiters(self, error: BaseException) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+
     async def acquire(self) -> _Worker:
         if self._workers and not self._waiters:
             return self._workers.popleft()
@@ -496,7 +502,10 @@ class Sandbox:
         }
 
     async def close(self) -> None:
+        """Stop every worker (a run in progress fails with WorkerCrashed, one waiting for a worker with
+        SandboxError)."""
         self._closed = True
+        self._idle.fail_waiters(SandboxError("the sandbox is closed"))
         for task in list(self._replacing):
             task.cancel()
         await asyncio.gather(*self._replacing, return_exceptions=True)

@@ -475,3 +475,22 @@ async def test_verify_cache_in_a_thread_beside_cold_starts(tmp_path: pathlib.Pat
         assert len(list((tmp_path / "cache").glob("*.cwasm"))) == 30 and sandbox.verify_cache() == []
     finally:
         await sandbox.close()
+
+
+async def test_close_fails_runs_in_progress_and_waiting(tmp_path: pathlib.Path) -> None:
+    sandbox = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
+    digest, path = module(tmp_path, "loop")
+    profile = Profile(imports=(), memory_mb=1, timeout_ms=60_000)
+    running = asyncio.ensure_future(sandbox.run(digest, path, profile, stdin=b"", env={}))
+    deadline = time.monotonic() + 30
+    while sandbox.status()["busy"] == 0:
+        assert time.monotonic() < deadline and not running.done()
+        await asyncio.sleep(0.01)  # polling for the run to be handed to the worker
+    waiting = asyncio.ensure_future(sandbox.run(digest, path, profile, stdin=b"", env={}))
+    await asyncio.sleep(0)  # let it queue for the only worker
+    await sandbox.close()
+    with pytest.raises(WorkerCrashed):
+        await running
+    with pytest.raises(SandboxError, match="closed"):
+        await waiting
+    assert sandbox.status()["alive"] == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import pathlib
@@ -131,11 +132,17 @@ def _failure(kind: object, message: str) -> SandboxError:
 def imports_granted(imports: Iterable[tuple[str, str]], patterns: Iterable[str]) -> list[str]:
     """The imports ("module", "field") that no pattern grants, as "module.field" strings, in order.
     Matching is the trust policy's: a pattern is split on its first '.', module and field globbed separately."""
-    matcher = TrustPolicy(tlog=_NO_LOGS, allowed_imports=tuple(patterns))
+    matcher = _matcher(tuple(patterns))
     return [f"{module}.{name}" for module, name in imports if not matcher.import_allowed(Import(module, name, "func"), False)]
 
 
 _NO_LOGS = Policy(logs=(), witnesses={}, groups={}, quorum="none")
+
+
+@functools.lru_cache(maxsize=256)
+def _matcher(patterns: tuple[str, ...]) -> TrustPolicy:
+    """The trust policy's matcher for these patterns (compiled once: profiles are few, runs many)."""
+    return TrustPolicy(tlog=_NO_LOGS, allowed_imports=patterns)
 
 
 def check_env(env: Mapping[str, str]) -> None:

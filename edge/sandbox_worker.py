@@ -198,6 +198,8 @@ class Runtime:
         self.watchdog = Watchdog(self.engine)
         self.watchdog.start()
         self.modules: OrderedDict[str, wasmtime.Module] = OrderedDict()
+        self._wasi = wasmtime.Linker(self.engine)  # every WASI function; runs copy only the granted ones
+        self._wasi.define_wasi()
         self._probe_wasi()
         self._use_memfd = os.path.isdir("/proc/self/fd") and hasattr(os, "memfd_create")
 
@@ -205,13 +207,11 @@ class Runtime:
         """Exercise WASI linking and a run once before the seccomp filter goes on (lazy initialisation)."""
         store = wasmtime.Store(self.engine)
         store.set_wasi(wasmtime.WasiConfig())
-        linker = wasmtime.Linker(self.engine)
-        linker.define_wasi()
-        linker.get(store, WASI, "fd_write")
+        self._wasi.get(store, WASI, "fd_write")
         store.set_epoch_deadline(1)
         store.set_fuel(1000)
-        module = wasmtime.Module(self.engine, b"\0asm\x01\0\0\0")
-        linker.instantiate(store, module)
+        self._wasi.instantiate(store, wasmtime.Module(self.engine, b"\0asm\x01\0\0\0"))
+        store.close()
 
     def remember(self, digest: str, module: wasmtime.Module) -> None:
         self.modules[digest] = module
@@ -320,8 +320,7 @@ class Runtime:
     def _linker(self, store: wasmtime.Store, module: wasmtime.Module) -> wasmtime.Linker:
         """A linker holding only the WASI functions this module imports (all of them granted, checked above):
         nothing else exists for the module."""
-        wasi = wasmtime.Linker(self.engine)
-        wasi.define_wasi()
+        wasi = self._wasi
         linker = wasmtime.Linker(self.engine)
         for imp in module.imports:
             if imp.module != WASI:
@@ -331,7 +330,6 @@ class Runtime:
             except wasmtime.WasmtimeError:
                 continue
             linker.define(store, imp.module, imp.name or "", item)
-        wasi.close()
         return linker
 
     @staticmethod

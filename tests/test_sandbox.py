@@ -263,14 +263,14 @@ async def test_seccomp_status_is_truthful(sandbox: Sandbox) -> None:
         assert attempts["execve"] == "ENOENT" and attempts["open_for_write"] == "allowed"
 
 
-def test_seccomp_is_active_where_the_bindings_load() -> None:
+def test_seccomp_is_active_where_the_bindings_load(tmp_path: pathlib.Path) -> None:
     """On a machine with pyseccomp and libseccomp (this project's test extra installs the bindings) the filter
     must actually be on; elsewhere the status says why not."""
     pytest.importorskip("pyseccomp", exc_type=ImportError)
     from edge.sandbox_worker import apply_seccomp  # noqa: F401 - the worker's code path imports cleanly
 
     async def check() -> dict[str, object]:
-        sb = Sandbox(pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"sbx-{os.getpid()}", pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"sbx-{os.getpid()}.key", workers=1)
+        sb = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
         try:
             await sb.start()
             return sb.status()

@@ -1,9 +1,9 @@
 """Confined execution of admitted WASI command modules (issue 14: "Running, confined", "A second wall",
 "Cold starts that stay attested").
 
-Modules run in a pool of long-lived worker processes (edge.sandbox_worker), never in the caller's process; each
-worker runs one request at a time, with lowered resource limits and, where libseccomp can be loaded, a syscall
-filter. A run links only the WASI functions its profile grants, under a memory cap (store limits), a deadline
+Modules run in a pool (edge.sandbox_pool) of long-lived worker processes (edge.sandbox_worker), never in the
+caller's process; each worker runs one request at a time, with lowered resource limits and, where libseccomp can
+be loaded, a syscall filter. A run links only the WASI functions its profile grants, under a memory cap (store limits), a deadline
 (epoch interruption) and optional fuel. A worker that dies or stops answering is killed and replaced.
 
 Compiled artifacts are cached per (module digest, Wasmtime version, engine settings) under an HMAC (edge.artifacts);
@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 import hashlib
 import importlib.metadata
 import pathlib
-import subprocess
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,12 +26,9 @@ from typing import Any
 from tlog.policy import Policy
 
 from .artifacts import DIGEST_RE, ArtifactCache, load_or_create_key
+from .sandbox_pool import Idle, Worker, WorkerLost, WorkerStartError
 from .sandbox_protocol import (
-    MODULE_LRU,
-    ProtocolError,
-    encode,
     engine_settings_id,
-    read_frame_async,
     wasmtime_version,
 )
 
@@ -43,15 +38,13 @@ except ImportError:
     from registry.verify import TrustPolicy  # type: ignore[no-redef,unused-ignore]
 from registry.wasm import Import
 
-STARTUP_TIMEOUT = 60.0  # a worker's hello
 GRACE = 2.0  # seconds past a run's deadline before the worker is presumed hung and killed
-LOAD_TIMEOUT = 30.0
+SELFTEST_TIMEOUT = 30.0
 COMPILE_TIMEOUT = 60.0  # a module built to be slow to compile costs its worker this long at most
-STDERR_TAIL = 4096
 # RLIMIT_DATA of each worker: its own heap, the compiler's, and the linear memory of the run in progress
 # (Wasmtime's address-space reservations are PROT_NONE and do not count). A profile must leave WORKER_OVERHEAD_MB.
 WORKER_DATA_MB = 4096
-WORKER_OVERHEAD_MB = 512  # bytes of a worker's own stderr kept for error messages
+WORKER_OVERHEAD_MB = 512
 
 
 @dataclass(frozen=True)
@@ -151,156 +144,6 @@ def check_env(env: Mapping[str, str]) -> None:
             raise ValueError(f"environment variable {str(key)[:40]!r}: names are non-empty without '=' or NUL, values without NUL")
 
 
-class _WorkerLost(Exception):
-    """The worker died, broke the protocol, or did not answer in time (it has been killed)."""
-
-    def __init__(self, message: str, *, timed_out: bool = False) -> None:
-        super().__init__(message)
-        self.timed_out = timed_out
-
-
-class _Worker:
-    """One worker process and its pipes. The process is a plain subprocess.Popen (starting it cannot be
-    interrupted half-way by a cancellation) whose pipes are attached to the event loop."""
-
-    def __init__(self, popen: subprocess.Popen[bytes], reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 tail: collections.deque[bytes], drain: asyncio.Future[None]) -> None:
-        self.popen = popen
-        self.pid = popen.pid
-        self.hello: dict[str, Any] = {}
-        self.busy = False
-        self.holds: collections.OrderedDict[str, None] = collections.OrderedDict()  # mirrors the worker's LRU
-        self._reader, self._writer = reader, writer
-        self._tail, self._drain_task = tail, drain
-
-    @classmethod
-    async def start(cls, env: Mapping[str, str]) -> _Worker:
-        popen = subprocess.Popen(  # noqa: ASYNC220 - a fork and exec, not a wait; uninterruptible on purpose
-            [sys.executable, "-m", "edge.sandbox_worker"], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(env), cwd="/")
-        assert popen.stdin is not None and popen.stdout is not None and popen.stderr is not None
-        loop = asyncio.get_running_loop()
-        tail: collections.deque[bytes] = collections.deque()
-        reader, errors = asyncio.StreamReader(), asyncio.StreamReader()
-        try:
-            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), popen.stdout)
-            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(errors), popen.stderr)
-            transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, popen.stdin)
-        except BaseException:
-            popen.kill()
-            raise
-        worker = cls(popen, reader, asyncio.StreamWriter(transport, protocol, None, loop), tail,
-                     asyncio.ensure_future(cls._drain(errors, tail)))
-        try:
-            worker.hello, _ = await asyncio.wait_for(read_frame_async(reader), STARTUP_TIMEOUT)
-        except BaseException as e:
-            await worker.kill()
-            if not isinstance(e, (asyncio.IncompleteReadError, ProtocolError, TimeoutError)):
-                raise
-            raise SandboxError(f"sandbox worker failed to start ({type(e).__name__}): {worker.stderr_tail()[-1000:]}") from None
-        if worker.hello.get("op") != "hello":
-            await worker.kill()
-            raise SandboxError(f"sandbox worker said {str(worker.hello)[:100]} instead of hello")
-        return worker
-
-    @staticmethod
-    async def _drain(errors: asyncio.StreamReader, tail: collections.deque[bytes]) -> None:
-        """Keep the last STDERR_TAIL bytes of the worker's own stderr (never the module's: that is captured)."""
-        size = 0
-        while chunk := await errors.read(65536):
-            tail.append(chunk)
-            size += len(chunk)
-            while size - len(tail[0]) >= STDERR_TAIL:
-                size -= len(tail.popleft())
-
-    def remember(self, digest: str) -> None:
-        self.holds[digest] = None
-        self.holds.move_to_end(digest)
-        while len(self.holds) > MODULE_LRU:
-            self.holds.popitem(last=False)
-
-    @property
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stderr_tail(self) -> str:
-        return b"".join(self._tail).decode(errors="replace")[-STDERR_TAIL:].strip()
-
-    async def call(self, header: Mapping[str, Any], blobs: Mapping[str, bytes], timeout: float) -> tuple[dict[str, Any], dict[str, bytes]]:
-        try:
-            self._writer.write(encode(header, blobs))
-            await asyncio.wait_for(self._writer.drain(), timeout)
-            return await asyncio.wait_for(read_frame_async(self._reader), timeout)
-        except TimeoutError:
-            await self.kill()
-            raise _WorkerLost(f"sandbox worker pid {self.pid} did not answer within {timeout:.1f} s; killed", timed_out=True) from None
-        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as e:
-            await self.kill(wait_first=not isinstance(e, ProtocolError))
-            code = self.popen.returncode
-            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
-            detail = f" ({e})" if isinstance(e, ProtocolError) else ""
-            tail = self.stderr_tail()
-            raise _WorkerLost(f"sandbox worker pid {self.pid} died during the request ({how}){detail}"
-                              + (f"; its stderr: {tail[-300:]}" if tail else "")) from None
-
-    async def kill(self, *, wait_first: bool = False) -> None:
-        """Kill the process (after up to a second for it to exit by itself, when wait_first) and reap it."""
-        if wait_first:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(self.popen.wait, 1.0)
-        with contextlib.suppress(ProcessLookupError):
-            self.popen.kill()
-        await asyncio.to_thread(self.popen.wait)
-        self._writer.close()
-        await asyncio.wait({self._drain_task}, timeout=1.0)
-
-    async def close(self) -> None:
-        """Ask the worker to exit (end of its input), kill it if it does not."""
-        if self.alive:
-            self._writer.close()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(self.popen.wait, 5.0)
-        await self.kill()
-
-
-class _Idle:
-    """Idle workers, handed out first come, first served: a released worker goes straight to the longest
-    waiting caller (asyncio.Queue would let a caller that releases and asks again overtake the waiters)."""
-
-    def __init__(self) -> None:
-        self._workers: collections.deque[_Worker] = collections.deque()
-        self._waiters: collections.deque[asyncio.Future[_Worker]] = collections.deque()
-
-    def release(self, worker: _Worker) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(worker)
-                return
-        self._workers.append(worker)
-
-    def fail_waiters(self, error: BaseException) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(error)
-
-    async def acquire(self) -> _Worker:
-        if self._workers and not self._waiters:
-            return self._workers.popleft()
-        waiter: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release(waiter.result())  # handed over just as the caller gave up: pass it on
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-            raise
-
-
 class Sandbox:
     """A pool of sandbox workers and the attested artifact cache. run() may be called concurrently: each run
     takes an idle worker (waiting for one if all are busy)."""
@@ -319,8 +162,8 @@ class Sandbox:
         root = pathlib.Path(__file__).resolve().parent.parent
         self._env = {"PYTHONPATH": str(root), "WASMLOG_WORKER_DATA_MB": str(worker_data_mb),
                      "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
-        self._idle = _Idle()
-        self._workers: dict[int, _Worker] = {}
+        self._idle = Idle()
+        self._workers: dict[int, Worker] = {}
         self._start_lock = asyncio.Lock()
         self._started = False
         self._closed = False
@@ -340,15 +183,18 @@ class Sandbox:
                 self._idle.release(worker)
             self._started = True
 
-    async def _spawn(self) -> _Worker:
-        worker = await _Worker.start(self._env)
+    async def _spawn(self) -> Worker:
+        try:
+            worker = await Worker.start(self._env)
+        except WorkerStartError as e:
+            raise SandboxError(str(e)) from None
         if worker.hello.get("wasmtime") != self._version:
             await worker.kill()
             raise SandboxError(f"sandbox worker runs Wasmtime {worker.hello.get('wasmtime')}, the agent {self._version}")
         self._workers[worker.pid] = worker
         return worker
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: Worker) -> None:
         """Forget a lost worker and start another in the background (retrying while the sandbox is open)."""
         self._workers.pop(worker.pid, None)
         self.counters["worker_restarts"] += 1
@@ -392,7 +238,7 @@ class Sandbox:
         try:
             result = await self._run_on(worker, digest, pathlib.Path(module), profile, stdin, {**env, **profile.env},
                                         argv0 or pathlib.Path(module).stem)
-        except _WorkerLost as e:
+        except WorkerLost as e:
             self._replace(worker)
             if e.timed_out:
                 raise DeadlineExceeded(str(e)) from None
@@ -410,7 +256,7 @@ class Sandbox:
         self._idle.release(worker)
         return result
 
-    async def _run_on(self, worker: _Worker, digest: str, module: pathlib.Path, profile: Profile, stdin: bytes,
+    async def _run_on(self, worker: Worker, digest: str, module: pathlib.Path, profile: Profile, stdin: bytes,
                       env: Mapping[str, str], argv0: str) -> RunResult:
         """One round trip when the worker holds the module or its attested artifact is cached (sent along)."""
         request = {"op": "run", "digest": digest, "argv": [argv0], "env": sorted(env.items()),
@@ -449,7 +295,7 @@ class Sandbox:
             self.counters["artifacts_rejected"] += 1
         return artifact
 
-    async def _compile(self, worker: _Worker, digest: str, module: pathlib.Path) -> None:
+    async def _compile(self, worker: Worker, digest: str, module: pathlib.Path) -> None:
         """Have the worker compile the module file (after checking its SHA-256 against digest); cache the
         artifact under its MAC."""
         try:
@@ -475,8 +321,8 @@ class Sandbox:
         await self.start()
         worker = await self._idle.acquire()
         try:
-            reply, _ = await worker.call({"op": "selftest"}, {}, LOAD_TIMEOUT)
-        except _WorkerLost:
+            reply, _ = await worker.call({"op": "selftest"}, {}, SELFTEST_TIMEOUT)
+        except WorkerLost:
             self._replace(worker)
             raise
         self._idle.release(worker)

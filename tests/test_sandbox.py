@@ -28,8 +28,8 @@ from edge.sandbox import (
     SandboxError,
     Trapped,
     WorkerCrashed,
-    _Idle,
 )
+from edge.sandbox_pool import Idle
 
 WAT = pathlib.Path(__file__).parent / "wasm"
 STDOUT_ONLY = Profile(imports=("wasi_snapshot_preview1.fd_write",), memory_mb=16, timeout_ms=2000)
@@ -411,7 +411,7 @@ async def test_a_cancelled_run_costs_its_worker_and_the_pool_recovers(tmp_path: 
 def test_workers_are_handed_out_first_come_first_served() -> None:
 
     async def scenario() -> list[str]:
-        idle = _Idle()
+        idle = Idle()
         worker = object()
         idle.release(worker)  # type: ignore[arg-type]
         held = await idle.acquire()

@@ -316,12 +316,13 @@ class Sandbox:
             self.counters["artifact_store_failures"] += 1
             self._last_store_error = f"{type(e).__name__}: {e}"
 
-    async def self_test(self) -> dict[str, str]:
-        """Ask an idle worker to try what its seccomp filter denies; {"fork": "EPERM", ...} or "allowed"."""
+    async def self_test(self, forbidden_read: pathlib.Path | None = None) -> dict[str, str]:
+        """Ask an idle worker to try what its walls deny: {"fork": "EPERM", ...} or "allowed" for each attempt;
+        with forbidden_read, also to open that file for reading ("read_outside")."""
         await self.start()
         worker = await self._idle.acquire()
         try:
-            reply, _ = await worker.call({"op": "selftest"}, {}, SELFTEST_TIMEOUT)
+            reply, _ = await worker.call({"op": "selftest", "read": str(forbidden_read) if forbidden_read else None}, {}, SELFTEST_TIMEOUT)
         except WorkerLost:
             self._replace(worker)
             raise
@@ -339,6 +340,9 @@ class Sandbox:
         seccomp = bool(hellos) and all(h.get("seccomp") is True for h in hellos)
         reason = next((h.get("seccomp_reason") for h in hellos if h.get("seccomp") is not True), None) \
             or (hellos[0].get("seccomp_reason") if hellos else "no sandbox worker has started yet")
+        landlock = bool(hellos) and all(h.get("landlock") is True for h in hellos)
+        landlock_reason = next((h.get("landlock_reason") for h in hellos if h.get("landlock") is not True), None) \
+            or (hellos[0].get("landlock_reason") if hellos else "no sandbox worker has started yet")
         return {
             "workers": self._size,
             "alive": sum(1 for w in self._workers.values() if w.alive),
@@ -346,6 +350,8 @@ class Sandbox:
             "pids": sorted(self._workers),
             "seccomp": seccomp,
             "seccomp_reason": reason,
+            "landlock": landlock,
+            "landlock_reason": landlock_reason,
             "wasmtime": self._version,
             "engine_settings": self._cache.settings_id,
             "cache_dir": str(self._cache.dir),

@@ -2,22 +2,26 @@
 run WASI modules, one request at a time, speaking edge.sandbox_protocol frames on its stdin and stdout.
 
 At start it lowers its resource limits, builds its Wasmtime engine and deadline watchdog, then (where libseccomp
-can be loaded) installs a syscall filter that denies creating processes, sockets, tracing and the like, and
-says hello with what it managed. It keeps the modules it has loaded (by digest) in a small LRU; a run of a
+can be loaded) installs a syscall filter that denies creating processes, sockets, tracing, file writes and the
+like, and (where the kernel has Landlock) confines its file system access to reading the interpreter's files,
+/proc and /sys, so that not even the agent's artifact key can be read; it says hello with what it managed. It keeps the modules it has loaded (by digest) in a small LRU; a run of a
 module it does not hold answers "need-module"; the agent sends the checked artifact along with a run, or has the
 verified bytes compiled first.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import resource
+import socket
+import struct
 import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import wasmtime
@@ -104,10 +108,53 @@ def apply_seccomp() -> tuple[bool, str]:
                   "signals to others, file writes or administration" + (f" (not on this architecture: {', '.join(skipped)})" if skipped else ""))
 
 
-def self_test() -> dict[str, str]:
-    """What the worker gets when it tries what the filter denies: 'allowed' or the errno name."""
-    import socket
+# Landlock (Linux 5.13+): once the worker is up, the file system is out of reach except for reading the
+# interpreter's own files (late imports), /proc (the run's stdin is a memfd opened through /proc/self/fd) and
+# /sys; nothing can be written, and in particular the agent's data directory (its artifact key) cannot be read.
+_LANDLOCK_CREATE_RULESET, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_READ_FILE, _READ_DIR = 1 << 2, 1 << 3
+_ACCESS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1, 5: (1 << 16) - 1}
 
+
+def apply_landlock(readable: Iterable[str]) -> tuple[bool, str]:
+    """Restrict the worker's file system access to reading the readable trees; (active, why not when not)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    abi = libc.syscall(_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    if abi < 1:
+        return False, f"Landlock unavailable: {os.strerror(ctypes.get_errno())}"
+    handled = _ACCESS_BY_ABI.get(abi, _ACCESS_BY_ABI[5])
+    attr = struct.pack("=Q", handled)  # handled_access_fs; network and scopes left alone (seccomp covers them)
+    ruleset = libc.syscall(_LANDLOCK_CREATE_RULESET, ctypes.c_char_p(attr), ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
+    if ruleset < 0:
+        return False, f"Landlock ruleset refused: {os.strerror(ctypes.get_errno())}"
+    try:
+        allowed = []
+        for tree in sorted(set(readable)):
+            try:
+                fd = os.open(tree, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                rule = struct.pack("=Qi", _READ_FILE | _READ_DIR, fd)  # struct landlock_path_beneath_attr (packed)
+                if libc.syscall(_LANDLOCK_ADD_RULE, ruleset, ctypes.c_int(1), ctypes.c_char_p(rule), ctypes.c_uint32(0)) == 0:
+                    allowed.append(tree)
+            finally:
+                os.close(fd)
+        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, required to restrict an unprivileged process
+            return False, f"no_new_privs refused: {os.strerror(ctypes.get_errno())}"
+        if libc.syscall(_LANDLOCK_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)) != 0:
+            return False, f"Landlock restriction refused: {os.strerror(ctypes.get_errno())}"
+    finally:
+        os.close(ruleset)
+    return True, f"Landlock ABI {abi}: read-only access to {', '.join(allowed)}; nothing else"
+
+
+def readable_trees() -> list[str]:
+    return [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, "/proc", "/sys", os.devnull]
+
+
+def self_test(forbidden_read: str | None = None) -> dict[str, str]:
+    """What the worker gets when it tries what its walls deny: 'allowed' or the errno name."""
     def attempt(action: Callable[[], object]) -> str:
         try:
             action()
@@ -126,6 +173,7 @@ def self_test() -> dict[str, str]:
         "socket": attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()),
         "open_for_write": attempt(lambda: os.close(os.open(os.devnull, os.O_WRONLY))),
         "signal_parent": attempt(lambda: os.kill(os.getppid(), 0)),
+        **({"read_outside": attempt(lambda: os.close(os.open(forbidden_read, os.O_RDONLY)))} if forbidden_read else {}),
     }
 
 
@@ -368,7 +416,8 @@ def main() -> int:
     os.close(devnull)
     set_limits(data_mb)
     runtime = Runtime()
-    seccomp, reason = apply_seccomp()
+    seccomp, reason = apply_seccomp()  # first: loading the bindings looks for libseccomp on the file system
+    landlock, landlock_reason = apply_landlock(readable_trees())
 
     def read_exactly(n: int) -> bytes:
         chunks, left = [], n
@@ -388,7 +437,7 @@ def main() -> int:
             view = view[channel_out.write(view) or 0:]
 
     send({"op": "hello", "pid": os.getpid(), "wasmtime": wasmtime_version(), "seccomp": seccomp,
-          "seccomp_reason": reason, "max_blob": MAX_BLOB})
+          "seccomp_reason": reason, "landlock": landlock, "landlock_reason": landlock_reason, "max_blob": MAX_BLOB})
     while True:
         frame = read_frame(read_exactly)
         if frame is None:
@@ -401,7 +450,7 @@ def main() -> int:
             elif op == "compile":
                 send(*runtime.compile(req["digest"], blobs["wasm"]))
             elif op == "selftest":
-                send({"status": "ok", "result": self_test()})
+                send({"status": "ok", "result": self_test(req.get("read"))})
             else:
                 send({"status": "error", "kind": "protocol", "message": f"unknown op {op!r}"})
         except Failure as f:

@@ -251,16 +251,22 @@ async def test_worker_killed_mid_run_fails_that_run_and_is_replaced(tmp_path: pa
         await sandbox.close()
 
 
-async def test_seccomp_status_is_truthful(sandbox: Sandbox) -> None:
+async def test_seccomp_and_landlock_status_is_truthful(sandbox: Sandbox, tmp_path: pathlib.Path) -> None:
     await sandbox.start()
     status = sandbox.status()
     assert isinstance(status["seccomp"], bool) and status["seccomp_reason"]
-    attempts = await sandbox.self_test()
+    assert isinstance(status["landlock"], bool) and status["landlock_reason"]
+    key = tmp_path / "artifact.key"  # the agent's secret: a worker must not be able to read it
+    attempts = await sandbox.self_test(forbidden_read=key)
+    denied = ["fork", "execve", "socket", "open_for_write", "signal_parent"]
     if status["seccomp"]:
-        assert attempts == dict.fromkeys(["fork", "execve", "socket", "open_for_write", "signal_parent"], "EPERM")
+        assert {k: attempts[k] for k in denied} == dict.fromkeys(denied, "EPERM")
     else:
-        assert "EPERM" not in attempts.values()  # without the filter nothing above is denied
-        assert attempts["execve"] == "ENOENT" and attempts["open_for_write"] == "allowed"
+        assert attempts["fork"] == attempts["socket"] == "allowed" and attempts["execve"] == "ENOENT"
+    assert attempts["read_outside"] == ("EACCES" if status["landlock"] else "allowed")
+    # Walls up, modules still get their stdin (a memfd opened through /proc) and write their output.
+    digest, path = module(tmp_path, "echo")
+    assert (await sandbox.run(digest, path, ALL_WASI, stdin=b"through the walls", env={})).stdout == b"through the walls"
 
 
 def test_seccomp_is_active_where_the_bindings_load(tmp_path: pathlib.Path) -> None:
@@ -278,6 +284,23 @@ def test_seccomp_is_active_where_the_bindings_load(tmp_path: pathlib.Path) -> No
             await sb.close()
     status = asyncio.run(check())
     assert status["seccomp"] is True, status["seccomp_reason"]
+
+
+def test_landlock_is_active_where_the_kernel_has_it(tmp_path: pathlib.Path) -> None:
+    """Landlock needs no library: on a kernel that reports an ABI version the workers must be restricted."""
+    import ctypes
+    if ctypes.CDLL(None, use_errno=True).syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1)) < 1:
+        pytest.skip("this kernel has no Landlock")
+
+    async def check() -> dict[str, object]:
+        sb = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
+        try:
+            await sb.start()
+            return sb.status()
+        finally:
+            await sb.close()
+    status = asyncio.run(check())
+    assert status["landlock"] is True, status["landlock_reason"]
 
 
 def test_key_file_is_created_owner_only_and_a_shared_one_refused(tmp_path: pathlib.Path) -> None:

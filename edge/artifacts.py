@@ -10,6 +10,7 @@ File layout: cache_dir/<digest>.<settings id>.cwasm = MAGIC, 32-byte MAC, artifa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -17,9 +18,11 @@ import pathlib
 import re
 import secrets
 import stat
+import time
 
 MAGIC = b"wlcwasm1"
 KEY_SIZE = 32
+STALE_TMP = 600  # seconds after which a temporary file of the cache is an interrupted store
 DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _NAME_RE = re.compile(r"([0-9a-f]{64})\.([0-9a-f]{16})\.cwasm")
 
@@ -87,19 +90,25 @@ class ArtifactCache:
         """Write the artifact with its MAC, atomically (a reader sees the old file, the new one or none)."""
         path = self.path(digest)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + self._mac(digest, self.settings_id, artifact) + artifact)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(MAGIC + self._mac(digest, self.settings_id, artifact) + artifact)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def verify_all(self) -> list[str]:
-        """Re-MAC every cached artifact (of any settings id); delete the bad ones and stray files; return the
-        digests whose artifact was bad (sorted, without duplicates)."""
+        """Re-MAC every cached artifact (of any settings id); delete the bad ones and stale temporary files;
+        return the digests whose artifact was bad (sorted, without duplicates). Safe to run in another thread
+        while artifacts are loaded and stored."""
         bad: set[str] = set()
         for path in self.dir.iterdir():
             m = _NAME_RE.fullmatch(path.name)
             if m is None:
-                if path.is_file() and path.name.endswith(".tmp"):
-                    path.unlink(missing_ok=True)  # an interrupted store
+                with contextlib.suppress(FileNotFoundError):
+                    if path.name.endswith(".tmp") and time.time() - path.stat().st_mtime > STALE_TMP:
+                        path.unlink()  # left by a store that was interrupted (a fresh one may be in progress)
                 continue
             try:
                 data = path.read_bytes()

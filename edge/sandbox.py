@@ -1,9 +1,9 @@
 """Confined execution of admitted WASI command modules (issue 14: "Running, confined", "A second wall",
 "Cold starts that stay attested").
 
-Modules run in a pool of long-lived worker processes (edge.sandbox_worker), never in the caller's process; each
-worker runs one request at a time, with lowered resource limits and, where libseccomp can be loaded, a syscall
-filter. A run links only the WASI functions its profile grants, under a memory cap (store limits), a deadline
+Modules run in a pool (edge.sandbox_pool) of long-lived worker processes (edge.sandbox_worker), never in the
+caller's process; each worker runs one request at a time, with lowered resource limits and, where libseccomp can
+be loaded, a syscall filter. A run links only the WASI functions its profile grants, under a memory cap (store limits), a deadline
 (epoch interruption) and optional fuel. A worker that dies or stops answering is killed and replaced.
 
 Compiled artifacts are cached per (module digest, Wasmtime version, engine settings) under an HMAC (edge.artifacts);
@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import pathlib
-import subprocess
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,11 +26,9 @@ from typing import Any
 from tlog.policy import Policy
 
 from .artifacts import DIGEST_RE, ArtifactCache, load_or_create_key
+from .sandbox_pool import Idle, Worker, WorkerLost, WorkerStartError
 from .sandbox_protocol import (
-    ProtocolError,
-    encode,
     engine_settings_id,
-    read_frame_async,
     wasmtime_version,
 )
 
@@ -41,15 +38,13 @@ except ImportError:
     from registry.verify import TrustPolicy  # type: ignore[no-redef,unused-ignore]
 from registry.wasm import Import
 
-STARTUP_TIMEOUT = 60.0  # a worker's hello
 GRACE = 2.0  # seconds past a run's deadline before the worker is presumed hung and killed
-LOAD_TIMEOUT = 30.0
-COMPILE_TIMEOUT = 300.0
-STDERR_TAIL = 4096
+SELFTEST_TIMEOUT = 30.0
+COMPILE_TIMEOUT = 60.0  # a module built to be slow to compile costs its worker this long at most
 # RLIMIT_DATA of each worker: its own heap, the compiler's, and the linear memory of the run in progress
 # (Wasmtime's address-space reservations are PROT_NONE and do not count). A profile must leave WORKER_OVERHEAD_MB.
 WORKER_DATA_MB = 4096
-WORKER_OVERHEAD_MB = 512  # bytes of a worker's own stderr kept for error messages
+WORKER_OVERHEAD_MB = 512
 
 
 @dataclass(frozen=True)
@@ -61,11 +56,12 @@ class Profile:
     memory_mb: int
     timeout_ms: int
     fuel: int | None = None
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.imports, str) or not all(isinstance(p, str) and p for p in self.imports):
             raise ValueError("profile imports must be a tuple of non-empty 'module.field' patterns")
+        object.__setattr__(self, "imports", tuple(self.imports))  # a list would make the profile unhashable
         for name, value in (("memory_mb", self.memory_mb), ("timeout_ms", self.timeout_ms), ("fuel", self.fuel)):
             if value is not None and (type(value) is not int or value <= 0):
                 raise ValueError(f"profile {name} must be a positive integer, not {value!r}")
@@ -129,122 +125,23 @@ def _failure(kind: object, message: str) -> SandboxError:
 def imports_granted(imports: Iterable[tuple[str, str]], patterns: Iterable[str]) -> list[str]:
     """The imports ("module", "field") that no pattern grants, as "module.field" strings, in order.
     Matching is the trust policy's: a pattern is split on its first '.', module and field globbed separately."""
-    matcher = TrustPolicy(tlog=_NO_LOGS, allowed_imports=tuple(patterns))
+    matcher = _matcher(tuple(patterns))
     return [f"{module}.{name}" for module, name in imports if not matcher.import_allowed(Import(module, name, "func"), False)]
 
 
 _NO_LOGS = Policy(logs=(), witnesses={}, groups={}, quorum="none")
 
 
+@functools.lru_cache(maxsize=256)
+def _matcher(patterns: tuple[str, ...]) -> TrustPolicy:
+    """The trust policy's matcher for these patterns (compiled once: profiles are few, runs many)."""
+    return TrustPolicy(tlog=_NO_LOGS, allowed_imports=patterns)
+
+
 def check_env(env: Mapping[str, str]) -> None:
     for key, value in env.items():
         if not isinstance(key, str) or not isinstance(value, str) or not key or "=" in key or "\0" in key + value:
             raise ValueError(f"environment variable {str(key)[:40]!r}: names are non-empty without '=' or NUL, values without NUL")
-
-
-class _WorkerLost(Exception):
-    """The worker died, broke the protocol, or did not answer in time (it has been killed)."""
-
-    def __init__(self, message: str, *, timed_out: bool = False) -> None:
-        super().__init__(message)
-        self.timed_out = timed_out
-
-
-class _Worker:
-    """One worker process and its pipes. The process is a plain subprocess.Popen (starting it cannot be
-    interrupted half-way by a cancellation) whose pipes are attached to the event loop."""
-
-    def __init__(self, popen: subprocess.Popen[bytes], reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 tail: collections.deque[bytes], drain: asyncio.Future[None]) -> None:
-        self.popen = popen
-        self.pid = popen.pid
-        self.hello: dict[str, Any] = {}
-        self.busy = False
-        self._reader, self._writer = reader, writer
-        self._tail, self._drain_task = tail, drain
-
-    @classmethod
-    async def start(cls, env: Mapping[str, str]) -> _Worker:
-        popen = subprocess.Popen(  # noqa: ASYNC220 - a fork and exec, not a wait; uninterruptible on purpose
-            [sys.executable, "-m", "edge.sandbox_worker"], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(env), cwd="/")
-        assert popen.stdin is not None and popen.stdout is not None and popen.stderr is not None
-        loop = asyncio.get_running_loop()
-        tail: collections.deque[bytes] = collections.deque()
-        reader, errors = asyncio.StreamReader(), asyncio.StreamReader()
-        try:
-            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), popen.stdout)
-            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(errors), popen.stderr)
-            transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, popen.stdin)
-        except BaseException:
-            popen.kill()
-            raise
-        worker = cls(popen, reader, asyncio.StreamWriter(transport, protocol, None, loop), tail,
-                     asyncio.ensure_future(cls._drain(errors, tail)))
-        try:
-            worker.hello, _ = await asyncio.wait_for(read_frame_async(reader), STARTUP_TIMEOUT)
-        except BaseException as e:
-            await worker.kill()
-            if not isinstance(e, (asyncio.IncompleteReadError, ProtocolError, TimeoutError)):
-                raise
-            raise SandboxError(f"sandbox worker failed to start ({type(e).__name__}): {worker.stderr_tail()[-1000:]}") from None
-        if worker.hello.get("op") != "hello":
-            await worker.kill()
-            raise SandboxError(f"sandbox worker said {str(worker.hello)[:100]} instead of hello")
-        return worker
-
-    @staticmethod
-    async def _drain(errors: asyncio.StreamReader, tail: collections.deque[bytes]) -> None:
-        """Keep the last STDERR_TAIL bytes of the worker's own stderr (never the module's: that is captured)."""
-        size = 0
-        while chunk := await errors.read(65536):
-            tail.append(chunk)
-            size += len(chunk)
-            while size - len(tail[0]) >= STDERR_TAIL:
-                size -= len(tail.popleft())
-
-    @property
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stderr_tail(self) -> str:
-        return b"".join(self._tail).decode(errors="replace")[-STDERR_TAIL:].strip()
-
-    async def call(self, header: Mapping[str, Any], blobs: Mapping[str, bytes], timeout: float) -> tuple[dict[str, Any], dict[str, bytes]]:
-        try:
-            self._writer.write(encode(header, blobs))
-            await asyncio.wait_for(self._writer.drain(), timeout)
-            return await asyncio.wait_for(read_frame_async(self._reader), timeout)
-        except TimeoutError:
-            await self.kill()
-            raise _WorkerLost(f"sandbox worker pid {self.pid} did not answer within {timeout:.1f} s; killed", timed_out=True) from None
-        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as e:
-            await self.kill(wait_first=not isinstance(e, ProtocolError))
-            code = self.popen.returncode
-            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
-            detail = f" ({e})" if isinstance(e, ProtocolError) else ""
-            tail = self.stderr_tail()
-            raise _WorkerLost(f"sandbox worker pid {self.pid} died during the request ({how}){detail}"
-                              + (f"; its stderr: {tail[-300:]}" if tail else "")) from None
-
-    async def kill(self, *, wait_first: bool = False) -> None:
-        """Kill the process (after up to a second for it to exit by itself, when wait_first) and reap it."""
-        if wait_first:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(self.popen.wait, 1.0)
-        with contextlib.suppress(ProcessLookupError):
-            self.popen.kill()
-        await asyncio.to_thread(self.popen.wait)
-        self._writer.close()
-        await asyncio.wait({self._drain_task}, timeout=1.0)
-
-    async def close(self) -> None:
-        """Ask the worker to exit (end of its input), kill it if it does not."""
-        if self.alive:
-            self._writer.close()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(self.popen.wait, 5.0)
-        await self.kill()
 
 
 class Sandbox:
@@ -265,13 +162,14 @@ class Sandbox:
         root = pathlib.Path(__file__).resolve().parent.parent
         self._env = {"PYTHONPATH": str(root), "WASMLOG_WORKER_DATA_MB": str(worker_data_mb),
                      "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
-        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
-        self._workers: dict[int, _Worker] = {}
+        self._idle = Idle()
+        self._workers: dict[int, Worker] = {}
         self._start_lock = asyncio.Lock()
         self._started = False
         self._closed = False
         self._replacing: set[asyncio.Task[None]] = set()
         self._last_start_error: str | None = None
+        self._last_store_error: str | None = None
         self.counters: collections.Counter[str] = collections.Counter()
 
     async def start(self) -> None:
@@ -282,18 +180,21 @@ class Sandbox:
             if self._closed:
                 raise SandboxError("the sandbox is closed")
             for worker in await asyncio.gather(*(self._spawn() for _ in range(self._size))):
-                self._idle.put_nowait(worker)
+                self._idle.release(worker)
             self._started = True
 
-    async def _spawn(self) -> _Worker:
-        worker = await _Worker.start(self._env)
+    async def _spawn(self) -> Worker:
+        try:
+            worker = await Worker.start(self._env)
+        except WorkerStartError as e:
+            raise SandboxError(str(e)) from None
         if worker.hello.get("wasmtime") != self._version:
             await worker.kill()
             raise SandboxError(f"sandbox worker runs Wasmtime {worker.hello.get('wasmtime')}, the agent {self._version}")
         self._workers[worker.pid] = worker
         return worker
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: Worker) -> None:
         """Forget a lost worker and start another in the background (retrying while the sandbox is open)."""
         self._workers.pop(worker.pid, None)
         self.counters["worker_restarts"] += 1
@@ -312,7 +213,7 @@ class Sandbox:
                 if self._closed:
                     await new.close()
                 else:
-                    self._idle.put_nowait(new)
+                    self._idle.release(new)
                 return
 
         task = asyncio.ensure_future(replace())
@@ -332,12 +233,12 @@ class Sandbox:
         await self.start()
         if self._closed:
             raise SandboxError("the sandbox is closed")
-        worker = await self._idle.get()
+        worker = await self._idle.acquire()
         worker.busy = True
         try:
             result = await self._run_on(worker, digest, pathlib.Path(module), profile, stdin, {**env, **profile.env},
                                         argv0 or pathlib.Path(module).stem)
-        except _WorkerLost as e:
+        except WorkerLost as e:
             self._replace(worker)
             if e.timed_out:
                 raise DeadlineExceeded(str(e)) from None
@@ -349,42 +250,54 @@ class Sandbox:
                 self._replace(worker)
             else:
                 worker.busy = False
-                self._idle.put_nowait(worker)
+                self._idle.release(worker)
             raise
         worker.busy = False
-        self._idle.put_nowait(worker)
+        self._idle.release(worker)
         return result
 
-    async def _run_on(self, worker: _Worker, digest: str, module: pathlib.Path, profile: Profile, stdin: bytes,
+    async def _run_on(self, worker: Worker, digest: str, module: pathlib.Path, profile: Profile, stdin: bytes,
                       env: Mapping[str, str], argv0: str) -> RunResult:
+        """One round trip when the worker holds the module or its attested artifact is cached (sent along)."""
         request = {"op": "run", "digest": digest, "argv": [argv0], "env": sorted(env.items()),
                    "profile": {"imports": list(profile.imports), "memory_mb": profile.memory_mb,
                                "timeout_ms": profile.timeout_ms, "fuel": profile.fuel}}
         timeout = profile.timeout_ms / 1000 + GRACE
-        reply, blobs = await worker.call(request, {"stdin": stdin}, timeout)
-        if reply.get("status") == "need-module":
-            await self._load(worker, digest, module)
-            reply, blobs = await worker.call(request, {"stdin": stdin}, timeout)
-        if reply.get("status") == "ok":
-            self.counters["runs"] += 1
-            return RunResult(stdout=blobs.get("stdout", b""), stderr=blobs.get("stderr", b""), exit_code=int(reply["exit_code"]))
-        kind = reply.get("kind")
-        self.counters[f"failed_{kind}"] += 1
-        raise _failure(kind, str(reply.get("message")))
+        for _ in range(3):
+            blobs = {"stdin": stdin}
+            if digest not in worker.holds:
+                artifact = self._attested_artifact(digest)
+                if artifact is None:
+                    await self._compile(worker, digest, module)
+                else:
+                    blobs["artifact"] = artifact
+            reply, out = await worker.call(request, blobs, timeout)
+            status, kind = reply.get("status"), reply.get("kind")
+            if status == "need-module" or kind == "artifact-rejected":
+                worker.holds.pop(digest, None)
+                if kind == "artifact-rejected":  # MAC good, yet Wasmtime refused it: rebuild from the module
+                    self.counters["artifacts_refused_by_wasmtime"] += 1
+                    self._cache.discard(digest)
+                continue
+            if "artifact" in blobs:
+                self.counters["artifacts_loaded"] += 1
+            worker.remember(digest)
+            if status == "ok":
+                self.counters["runs"] += 1
+                return RunResult(stdout=out.get("stdout", b""), stderr=out.get("stderr", b""), exit_code=int(reply["exit_code"]))
+            self.counters[f"failed_{kind}"] += 1
+            raise _failure(kind, str(reply.get("message")))
+        raise SandboxError(f"sandbox worker pid {worker.pid} would not load module {digest}")
 
-    async def _load(self, worker: _Worker, digest: str, module: pathlib.Path) -> None:
-        """Give the worker the module: the cached artifact if its MAC checks, else the module's bytes to compile
-        (after checking their SHA-256), whose artifact is then cached."""
+    def _attested_artifact(self, digest: str) -> bytes | None:
         artifact, bad = self._cache.load(digest)
         if bad:
             self.counters["artifacts_rejected"] += 1
-        if artifact is not None:
-            reply, _ = await worker.call({"op": "load", "digest": digest}, {"artifact": artifact}, LOAD_TIMEOUT)
-            if reply.get("status") == "ok":
-                self.counters["artifacts_loaded"] += 1
-                return
-            self.counters["artifacts_refused_by_wasmtime"] += 1
-            self._cache.discard(digest)
+        return artifact
+
+    async def _compile(self, worker: Worker, digest: str, module: pathlib.Path) -> None:
+        """Have the worker compile the module file (after checking its SHA-256 against digest); cache the
+        artifact under its MAC."""
         try:
             wasm = await asyncio.to_thread(module.read_bytes)
         except OSError as e:
@@ -395,19 +308,25 @@ class Sandbox:
         reply, blobs = await worker.call({"op": "compile", "digest": digest}, {"wasm": wasm}, COMPILE_TIMEOUT)
         if reply.get("status") != "ok":
             raise _failure(reply.get("kind"), str(reply.get("message")))
+        worker.remember(digest)
         self.counters["compiled"] += 1
-        self._cache.store(digest, blobs["artifact"])
-
-    async def self_test(self) -> dict[str, str]:
-        """Ask an idle worker to try what its seccomp filter denies; {"fork": "EPERM", ...} or "allowed"."""
-        await self.start()
-        worker = await self._idle.get()
         try:
-            reply, _ = await worker.call({"op": "selftest"}, {}, LOAD_TIMEOUT)
-        except _WorkerLost:
+            self._cache.store(digest, blobs["artifact"])
+        except OSError as e:  # the run goes on; the next cold start compiles again
+            self.counters["artifact_store_failures"] += 1
+            self._last_store_error = f"{type(e).__name__}: {e}"
+
+    async def self_test(self, forbidden_read: pathlib.Path | None = None) -> dict[str, str]:
+        """Ask an idle worker to try what its walls deny: {"fork": "EPERM", ...} or "allowed" for each attempt;
+        with forbidden_read, also to open that file for reading ("read_outside")."""
+        await self.start()
+        worker = await self._idle.acquire()
+        try:
+            reply, _ = await worker.call({"op": "selftest", "read": str(forbidden_read) if forbidden_read else None}, {}, SELFTEST_TIMEOUT)
+        except WorkerLost:
             self._replace(worker)
             raise
-        self._idle.put_nowait(worker)
+        self._idle.release(worker)
         return dict(reply["result"])
 
     def verify_cache(self) -> list[str]:
@@ -421,6 +340,9 @@ class Sandbox:
         seccomp = bool(hellos) and all(h.get("seccomp") is True for h in hellos)
         reason = next((h.get("seccomp_reason") for h in hellos if h.get("seccomp") is not True), None) \
             or (hellos[0].get("seccomp_reason") if hellos else "no sandbox worker has started yet")
+        landlock = bool(hellos) and all(h.get("landlock") is True for h in hellos)
+        landlock_reason = next((h.get("landlock_reason") for h in hellos if h.get("landlock") is not True), None) \
+            or (hellos[0].get("landlock_reason") if hellos else "no sandbox worker has started yet")
         return {
             "workers": self._size,
             "alive": sum(1 for w in self._workers.values() if w.alive),
@@ -428,15 +350,21 @@ class Sandbox:
             "pids": sorted(self._workers),
             "seccomp": seccomp,
             "seccomp_reason": reason,
+            "landlock": landlock,
+            "landlock_reason": landlock_reason,
             "wasmtime": self._version,
             "engine_settings": self._cache.settings_id,
             "cache_dir": str(self._cache.dir),
             "last_worker_start_error": self._last_start_error,
+            "last_artifact_store_error": self._last_store_error,
             **{k: v for k, v in sorted(self.counters.items())},
         }
 
     async def close(self) -> None:
+        """Stop every worker (a run in progress fails with WorkerCrashed, one waiting for a worker with
+        SandboxError)."""
         self._closed = True
+        self._idle.fail_waiters(SandboxError("the sandbox is closed"))
         for task in list(self._replacing):
             task.cancel()
         await asyncio.gather(*self._replacing, return_exceptions=True)

@@ -17,6 +17,7 @@ from typing import Any
 MAX_HEADER = 1 << 20
 MAX_BLOB = 256 << 20
 MAX_BLOBS = 4
+MODULE_LRU = 64  # compiled modules a worker keeps loaded; the agent mirrors the worker's LRU to know which
 
 # Every engine a worker builds uses exactly these wasmtime.Config settings; a compiled artifact is only
 # valid for the settings (and the Wasmtime version) that produced it, so both are part of its cache key.

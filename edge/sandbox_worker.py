@@ -2,21 +2,26 @@
 run WASI modules, one request at a time, speaking edge.sandbox_protocol frames on its stdin and stdout.
 
 At start it lowers its resource limits, builds its Wasmtime engine and deadline watchdog, then (where libseccomp
-can be loaded) installs a syscall filter that denies creating processes, sockets, tracing and the like, and
-says hello with what it managed. It keeps the modules it has loaded (by digest) in a small LRU; a run of a
-module it does not hold answers "need-module", and the agent sends the checked artifact or the verified bytes.
+can be loaded) installs a syscall filter that denies creating processes, sockets, tracing, file writes and the
+like, and (where the kernel has Landlock) confines its file system access to reading the interpreter's files,
+/proc and /sys, so that not even the agent's artifact key can be read; it says hello with what it managed. It keeps the modules it has loaded (by digest) in a small LRU; a run of a
+module it does not hold answers "need-module"; the agent sends the checked artifact along with a run, or has the
+verified bytes compiled first.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import resource
+import socket
+import struct
 import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import wasmtime
@@ -25,12 +30,12 @@ from edge.sandbox import imports_granted
 from edge.sandbox_protocol import (
     ENGINE_SETTINGS,
     MAX_BLOB,
+    MODULE_LRU,
     encode,
     read_frame,
     wasmtime_version,
 )
 
-MODULE_LRU = 64
 STDOUT_MAX = 16 << 20
 STDERR_MAX = 1 << 20
 NOFILE = 1024  # each loaded module may hold a memfd (its copy-on-write memory image); MODULE_LRU of them
@@ -103,10 +108,53 @@ def apply_seccomp() -> tuple[bool, str]:
                   "signals to others, file writes or administration" + (f" (not on this architecture: {', '.join(skipped)})" if skipped else ""))
 
 
-def self_test() -> dict[str, str]:
-    """What the worker gets when it tries what the filter denies: 'allowed' or the errno name."""
-    import socket
+# Landlock (Linux 5.13+): once the worker is up, the file system is out of reach except for reading the
+# interpreter's own files (late imports), /proc (the run's stdin is a memfd opened through /proc/self/fd) and
+# /sys; nothing can be written, and in particular the agent's data directory (its artifact key) cannot be read.
+_LANDLOCK_CREATE_RULESET, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_READ_FILE, _READ_DIR = 1 << 2, 1 << 3
+_ACCESS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1, 5: (1 << 16) - 1}
 
+
+def apply_landlock(readable: Iterable[str]) -> tuple[bool, str]:
+    """Restrict the worker's file system access to reading the readable trees; (active, why not when not)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    abi = libc.syscall(_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    if abi < 1:
+        return False, f"Landlock unavailable: {os.strerror(ctypes.get_errno())}"
+    handled = _ACCESS_BY_ABI.get(abi, _ACCESS_BY_ABI[5])
+    attr = struct.pack("=Q", handled)  # handled_access_fs; network and scopes left alone (seccomp covers them)
+    ruleset = libc.syscall(_LANDLOCK_CREATE_RULESET, ctypes.c_char_p(attr), ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
+    if ruleset < 0:
+        return False, f"Landlock ruleset refused: {os.strerror(ctypes.get_errno())}"
+    try:
+        allowed = []
+        for tree in sorted(set(readable)):
+            try:
+                fd = os.open(tree, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                rule = struct.pack("=Qi", _READ_FILE | _READ_DIR, fd)  # struct landlock_path_beneath_attr (packed)
+                if libc.syscall(_LANDLOCK_ADD_RULE, ruleset, ctypes.c_int(1), ctypes.c_char_p(rule), ctypes.c_uint32(0)) == 0:
+                    allowed.append(tree)
+            finally:
+                os.close(fd)
+        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, required to restrict an unprivileged process
+            return False, f"no_new_privs refused: {os.strerror(ctypes.get_errno())}"
+        if libc.syscall(_LANDLOCK_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)) != 0:
+            return False, f"Landlock restriction refused: {os.strerror(ctypes.get_errno())}"
+    finally:
+        os.close(ruleset)
+    return True, f"Landlock ABI {abi}: read-only access to {', '.join(allowed)}; nothing else"
+
+
+def readable_trees() -> list[str]:
+    return [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, "/proc", "/sys", os.devnull]
+
+
+def self_test(forbidden_read: str | None = None) -> dict[str, str]:
+    """What the worker gets when it tries what its walls deny: 'allowed' or the errno name."""
     def attempt(action: Callable[[], object]) -> str:
         try:
             action()
@@ -125,6 +173,7 @@ def self_test() -> dict[str, str]:
         "socket": attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()),
         "open_for_write": attempt(lambda: os.close(os.open(os.devnull, os.O_WRONLY))),
         "signal_parent": attempt(lambda: os.kill(os.getppid(), 0)),
+        **({"read_outside": attempt(lambda: os.close(os.open(forbidden_read, os.O_RDONLY)))} if forbidden_read else {}),
     }
 
 
@@ -197,6 +246,8 @@ class Runtime:
         self.watchdog = Watchdog(self.engine)
         self.watchdog.start()
         self.modules: OrderedDict[str, wasmtime.Module] = OrderedDict()
+        self._wasi = wasmtime.Linker(self.engine)  # every WASI function; runs copy only the granted ones
+        self._wasi.define_wasi()
         self._probe_wasi()
         self._use_memfd = os.path.isdir("/proc/self/fd") and hasattr(os, "memfd_create")
 
@@ -204,13 +255,11 @@ class Runtime:
         """Exercise WASI linking and a run once before the seccomp filter goes on (lazy initialisation)."""
         store = wasmtime.Store(self.engine)
         store.set_wasi(wasmtime.WasiConfig())
-        linker = wasmtime.Linker(self.engine)
-        linker.define_wasi()
-        linker.get(store, WASI, "fd_write")
+        self._wasi.get(store, WASI, "fd_write")
         store.set_epoch_deadline(1)
         store.set_fuel(1000)
-        module = wasmtime.Module(self.engine, b"\0asm\x01\0\0\0")
-        linker.instantiate(store, module)
+        self._wasi.instantiate(store, wasmtime.Module(self.engine, b"\0asm\x01\0\0\0"))
+        store.close()
 
     def remember(self, digest: str, module: wasmtime.Module) -> None:
         self.modules[digest] = module
@@ -218,13 +267,12 @@ class Runtime:
         while len(self.modules) > MODULE_LRU:
             self.modules.popitem(last=False)
 
-    def load(self, digest: str, artifact: bytes) -> dict[str, Any]:
+    def load(self, digest: str, artifact: bytes) -> None:
         try:
             module = wasmtime.Module.deserialize(self.engine, artifact)
         except wasmtime.WasmtimeError as e:
             raise Failure("artifact-rejected", f"Wasmtime refused the artifact: {str(e).splitlines()[0]}") from None
         self.remember(digest, module)
-        return {"status": "ok"}
 
     def compile(self, digest: str, wasm: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
         try:
@@ -249,8 +297,11 @@ class Runtime:
             view = view[os.write(fd, view):]
         return path, fd
 
-    def run(self, req: dict[str, Any], stdin: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
+    def run(self, req: dict[str, Any], stdin: bytes, artifact: bytes | None) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """Run a module this worker holds, or the one in artifact (checked by the agent), loaded first."""
         digest = req["digest"]
+        if artifact is not None:
+            self.load(digest, artifact)
         module = self.modules.get(digest)
         if module is None:
             return {"status": "need-module"}, {}
@@ -317,8 +368,7 @@ class Runtime:
     def _linker(self, store: wasmtime.Store, module: wasmtime.Module) -> wasmtime.Linker:
         """A linker holding only the WASI functions this module imports (all of them granted, checked above):
         nothing else exists for the module."""
-        wasi = wasmtime.Linker(self.engine)
-        wasi.define_wasi()
+        wasi = self._wasi
         linker = wasmtime.Linker(self.engine)
         for imp in module.imports:
             if imp.module != WASI:
@@ -328,7 +378,6 @@ class Runtime:
             except wasmtime.WasmtimeError:
                 continue
             linker.define(store, imp.module, imp.name or "", item)
-        wasi.close()
         return linker
 
     @staticmethod
@@ -367,7 +416,8 @@ def main() -> int:
     os.close(devnull)
     set_limits(data_mb)
     runtime = Runtime()
-    seccomp, reason = apply_seccomp()
+    seccomp, reason = apply_seccomp()  # first: loading the bindings looks for libseccomp on the file system
+    landlock, landlock_reason = apply_landlock(readable_trees())
 
     def read_exactly(n: int) -> bytes:
         chunks, left = [], n
@@ -382,10 +432,12 @@ def main() -> int:
         return b"".join(chunks)
 
     def send(header: dict[str, Any], blobs: dict[str, bytes] | None = None) -> None:
-        channel_out.write(encode(header, blobs))
+        view = memoryview(encode(header, blobs))
+        while view:
+            view = view[channel_out.write(view) or 0:]
 
     send({"op": "hello", "pid": os.getpid(), "wasmtime": wasmtime_version(), "seccomp": seccomp,
-          "seccomp_reason": reason, "max_blob": MAX_BLOB})
+          "seccomp_reason": reason, "landlock": landlock, "landlock_reason": landlock_reason, "max_blob": MAX_BLOB})
     while True:
         frame = read_frame(read_exactly)
         if frame is None:
@@ -394,13 +446,11 @@ def main() -> int:
         try:
             op = req.get("op")
             if op == "run":
-                send(*runtime.run(req, blobs.get("stdin", b"")))
-            elif op == "load":
-                send(runtime.load(req["digest"], blobs["artifact"]))
+                send(*runtime.run(req, blobs.get("stdin", b""), blobs.get("artifact")))
             elif op == "compile":
                 send(*runtime.compile(req["digest"], blobs["wasm"]))
             elif op == "selftest":
-                send({"status": "ok", "result": self_test()})
+                send({"status": "ok", "result": self_test(req.get("read"))})
             else:
                 send({"status": "error", "kind": "protocol", "message": f"unknown op {op!r}"})
         except Failure as f:

@@ -8,12 +8,15 @@ import os
 import pathlib
 import signal
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
 
 wasmtime = pytest.importorskip("wasmtime")
 
+from edge.artifacts import ArtifactCache, load_or_create_key
 from edge.sandbox import (
     GRACE,
     DeadlineExceeded,
@@ -26,6 +29,7 @@ from edge.sandbox import (
     Trapped,
     WorkerCrashed,
 )
+from edge.sandbox_pool import Idle
 
 WAT = pathlib.Path(__file__).parent / "wasm"
 STDOUT_ONLY = Profile(imports=("wasi_snapshot_preview1.fd_write",), memory_mb=16, timeout_ms=2000)
@@ -247,26 +251,32 @@ async def test_worker_killed_mid_run_fails_that_run_and_is_replaced(tmp_path: pa
         await sandbox.close()
 
 
-async def test_seccomp_status_is_truthful(sandbox: Sandbox) -> None:
+async def test_seccomp_and_landlock_status_is_truthful(sandbox: Sandbox, tmp_path: pathlib.Path) -> None:
     await sandbox.start()
     status = sandbox.status()
     assert isinstance(status["seccomp"], bool) and status["seccomp_reason"]
-    attempts = await sandbox.self_test()
+    assert isinstance(status["landlock"], bool) and status["landlock_reason"]
+    key = tmp_path / "artifact.key"  # the agent's secret: a worker must not be able to read it
+    attempts = await sandbox.self_test(forbidden_read=key)
+    denied = ["fork", "execve", "socket", "open_for_write", "signal_parent"]
     if status["seccomp"]:
-        assert attempts == dict.fromkeys(["fork", "execve", "socket", "open_for_write", "signal_parent"], "EPERM")
+        assert {k: attempts[k] for k in denied} == dict.fromkeys(denied, "EPERM")
     else:
-        assert "EPERM" not in attempts.values()  # without the filter nothing above is denied
-        assert attempts["execve"] == "ENOENT" and attempts["open_for_write"] == "allowed"
+        assert attempts["fork"] == attempts["socket"] == "allowed" and attempts["execve"] == "ENOENT"
+    assert attempts["read_outside"] == ("EACCES" if status["landlock"] else "allowed")
+    # Walls up, modules still get their stdin (a memfd opened through /proc) and write their output.
+    digest, path = module(tmp_path, "echo")
+    assert (await sandbox.run(digest, path, ALL_WASI, stdin=b"through the walls", env={})).stdout == b"through the walls"
 
 
-def test_seccomp_is_active_where_the_bindings_load() -> None:
+def test_seccomp_is_active_where_the_bindings_load(tmp_path: pathlib.Path) -> None:
     """On a machine with pyseccomp and libseccomp (this project's test extra installs the bindings) the filter
     must actually be on; elsewhere the status says why not."""
     pytest.importorskip("pyseccomp", exc_type=ImportError)
     from edge.sandbox_worker import apply_seccomp  # noqa: F401 - the worker's code path imports cleanly
 
     async def check() -> dict[str, object]:
-        sb = Sandbox(pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"sbx-{os.getpid()}", pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"sbx-{os.getpid()}.key", workers=1)
+        sb = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
         try:
             await sb.start()
             return sb.status()
@@ -274,6 +284,23 @@ def test_seccomp_is_active_where_the_bindings_load() -> None:
             await sb.close()
     status = asyncio.run(check())
     assert status["seccomp"] is True, status["seccomp_reason"]
+
+
+def test_landlock_is_active_where_the_kernel_has_it(tmp_path: pathlib.Path) -> None:
+    """Landlock needs no library: on a kernel that reports an ABI version the workers must be restricted."""
+    import ctypes
+    if ctypes.CDLL(None, use_errno=True).syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1)) < 1:
+        pytest.skip("this kernel has no Landlock")
+
+    async def check() -> dict[str, object]:
+        sb = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
+        try:
+            await sb.start()
+            return sb.status()
+        finally:
+            await sb.close()
+    status = asyncio.run(check())
+    assert status["landlock"] is True, status["landlock_reason"]
 
 
 def test_key_file_is_created_owner_only_and_a_shared_one_refused(tmp_path: pathlib.Path) -> None:
@@ -288,6 +315,8 @@ def test_profile_and_run_arguments_are_checked(tmp_path: pathlib.Path) -> None:
     for bad in ({"memory_mb": 0}, {"timeout_ms": -1}, {"fuel": 0}, {"env": {"A=B": "c"}}, {"imports": "wasi.*"}):
         with pytest.raises(ValueError):
             Profile(**{"imports": (), "memory_mb": 1, "timeout_ms": 1, **bad})  # type: ignore[arg-type]
+    listed = Profile(imports=["wasi_snapshot_preview1.*"], memory_mb=1, timeout_ms=1, env={"A": "b"})  # type: ignore[arg-type]
+    assert listed.imports == ("wasi_snapshot_preview1.*",) and hash(listed) == hash(Profile(("wasi_snapshot_preview1.*",), 1, 1))
 
     async def bad_digest() -> None:
         sb = Sandbox(tmp_path / "cache", tmp_path / "k", workers=1)
@@ -347,3 +376,144 @@ async def test_workers_run_with_lowered_resource_limits(tmp_path: pathlib.Path) 
             await sandbox.run(digest, path, Profile(imports=(), memory_mb=1000, timeout_ms=2000), stdin=b"", env={})
     finally:
         await sandbox.close()
+
+
+async def test_artifact_with_a_good_mac_that_wasmtime_refuses_is_rebuilt(tmp_path: pathlib.Path) -> None:
+    digest, path = module(tmp_path, "hello")
+    sandbox = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
+    try:
+        # Bytes MAC'd under this node's key (as if the key had leaked, or a Wasmtime upgrade kept the settings id).
+        cache = ArtifactCache(tmp_path / "cache", load_or_create_key(tmp_path / "artifact.key"), sandbox.status()["engine_settings"])
+        cache.store(digest, b"\x7fELF not a wasmtime artifact")
+        assert (await sandbox.run(digest, path, STDOUT_ONLY, stdin=b"", env={})).stdout == b"hello\n"
+        status = sandbox.status()
+        assert status["artifacts_refused_by_wasmtime"] == 1 and status["compiled"] == 1
+        assert cache.load(digest)[0] not in (None, b"\x7fELF not a wasmtime artifact")
+    finally:
+        await sandbox.close()
+
+
+async def test_many_modules_on_one_worker(tmp_path: pathlib.Path) -> None:
+    """More modules than the worker keeps loaded (each loaded module may hold a descriptor): all run, and the
+    ones it evicted come back from the attested cache."""
+    sandbox = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
+    template = (WAT / "agent_hello.wat").read_text()
+    try:
+        modules = [module(tmp_path, "", template.replace('"hello\\n"', f'"he{i:03d}\\n"')) for i in range(80)]
+        for i, (digest, path) in enumerate(modules + modules[:8]):
+            assert (await sandbox.run(digest, path, STDOUT_ONLY, stdin=b"", env={})).stdout == b"he%03d\n" % (i % 80)
+        status = sandbox.status()
+        assert status["compiled"] == 80 and status["artifacts_loaded"] == 8 and "worker_restarts" not in status
+    finally:
+        await sandbox.close()
+
+
+async def test_a_cancelled_run_costs_its_worker_and_the_pool_recovers(tmp_path: pathlib.Path) -> None:
+    sandbox = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
+    try:
+        loop_digest, loop_path = module(tmp_path, "loop")
+        hello_digest, hello_path = module(tmp_path, "hello")
+        await sandbox.start()
+        (pid,) = sandbox.status()["pids"]
+        run = asyncio.ensure_future(sandbox.run(loop_digest, loop_path, Profile(imports=(), memory_mb=1, timeout_ms=60_000), stdin=b"", env={}))
+        deadline = time.monotonic() + 30
+        while sandbox.status()["busy"] == 0:
+            assert time.monotonic() < deadline and not run.done()
+            await asyncio.sleep(0.01)  # polling for the run to be handed to the worker
+        run.cancel()  # e.g. the HTTP client went away
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        assert (await sandbox.run(hello_digest, hello_path, STDOUT_ONLY, stdin=b"", env={})).stdout == b"hello\n"
+        assert pid not in sandbox.status()["pids"] and sandbox.status()["worker_restarts"] == 1
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # killed and reaped, not left running the loop
+    finally:
+        await sandbox.close()
+
+
+def test_workers_are_handed_out_first_come_first_served() -> None:
+
+    async def scenario() -> list[str]:
+        idle = Idle()
+        worker = object()
+        idle.release(worker)  # type: ignore[arg-type]
+        held = await idle.acquire()
+        order: list[str] = []
+
+        async def waiter(name: str) -> None:
+            w = await idle.acquire()
+            order.append(name)
+            idle.release(w)
+        first, second = asyncio.ensure_future(waiter("first")), asyncio.ensure_future(waiter("second"))
+        cancelled = asyncio.ensure_future(waiter("cancelled"))
+        await asyncio.sleep(0)  # let the three queue up
+        cancelled.cancel()
+        idle.release(held)
+        again = asyncio.ensure_future(waiter("the releaser, asking again"))
+        await asyncio.gather(first, second, again)
+        return order
+    assert asyncio.run(scenario()) == ["first", "second", "the releaser, asking again"]
+
+
+def test_an_unclosed_sandbox_with_a_replacement_starting_does_not_hang_the_loop(tmp_path: pathlib.Path) -> None:
+    digest, path = module(tmp_path, "hello")
+    script = f"""
+import asyncio, os, pathlib, signal
+from edge.sandbox import Sandbox, Profile, WorkerCrashed
+async def main():
+    sb = Sandbox(pathlib.Path({str(tmp_path / "cache")!r}), pathlib.Path({str(tmp_path / "k")!r}), workers=1)
+    await sb.start()
+    os.kill(sb.status()["pids"][0], signal.SIGKILL)
+    try:
+        await sb.run({digest!r}, pathlib.Path({str(path)!r}), Profile(("*.*",), 1, 1000), stdin=b"", env={{}})
+    except WorkerCrashed:
+        pass
+    raise SystemExit(3)  # a replacement worker is starting; the sandbox is never closed
+asyncio.run(main())
+"""
+    done = subprocess.run([sys.executable, "-c", script], check=False, env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parent.parent)},
+                          timeout=60, capture_output=True)
+    assert done.returncode == 3, done.stderr.decode()[-2000:]
+
+
+async def test_verify_cache_in_a_thread_beside_cold_starts(tmp_path: pathlib.Path) -> None:
+    """The agent's sweep re-MACs artifacts in a thread while modules keep starting: neither disturbs the other."""
+    sandbox = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=2)
+    template = (WAT / "agent_hello.wat").read_text()
+    try:
+        modules = [module(tmp_path, "", template.replace('"hello\\n"', f'"hi{i:03d}\\n"')) for i in range(30)]
+        stop = False
+
+        def sweep() -> int:
+            sweeps = 0
+            while not stop or sweeps == 0:
+                assert sandbox.verify_cache() == []
+                sweeps += 1
+            return sweeps
+        sweeping = asyncio.ensure_future(asyncio.to_thread(sweep))
+        for digest, path in modules:
+            assert (await sandbox.run(digest, path, STDOUT_ONLY, stdin=b"", env={})).exit_code == 0
+        stop = True
+        assert await sweeping >= 1
+        assert len(list((tmp_path / "cache").glob("*.cwasm"))) == 30 and sandbox.verify_cache() == []
+    finally:
+        await sandbox.close()
+
+
+async def test_close_fails_runs_in_progress_and_waiting(tmp_path: pathlib.Path) -> None:
+    sandbox = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
+    digest, path = module(tmp_path, "loop")
+    profile = Profile(imports=(), memory_mb=1, timeout_ms=60_000)
+    running = asyncio.ensure_future(sandbox.run(digest, path, profile, stdin=b"", env={}))
+    deadline = time.monotonic() + 30
+    while sandbox.status()["busy"] == 0:
+        assert time.monotonic() < deadline and not running.done()
+        await asyncio.sleep(0.01)  # polling for the run to be handed to the worker
+    waiting = asyncio.ensure_future(sandbox.run(digest, path, profile, stdin=b"", env={}))
+    await asyncio.sleep(0)  # let it queue for the only worker
+    await sandbox.close()
+    with pytest.raises(WorkerCrashed):
+        await running
+    with pytest.raises(SandboxError, match="closed"):
+        await waiting
+    assert sandbox.status()["alive"] == 0

@@ -53,8 +53,9 @@ def _hash_lines(text: str, source: str) -> list[bytes]:
         raise VerifyError("consistency-malformed", f"the consistency proof from {source} is not base64 lines") from None
 
 
-async def _online(url: str, known_size: int | None, size: int, ns: str, policy, now: int):  # type: ignore[no-untyped-def]
-    """Fetch the consistency proof (if a known checkpoint needs one) and the namespace's actions.
+async def online_facts(url: str, known_size: int | None, size: int, ns: str | None, policy, now: int):  # type: ignore[no-untyped-def]
+    """Fetch the consistency proof (if a known checkpoint needs one) and the namespace's actions
+    (none when ns is None: the status is then None). Also used by the edge agent (edge/).
 
     Raises VerifyError: registry-unreachable, registry-error (an error status, a body that
     is not what the API promises, or a namespace record that does not verify), consistency-malformed.
@@ -67,7 +68,7 @@ async def _online(url: str, known_size: int | None, size: int, ns: str, policy, 
                 old, new = sorted((known_size, size))
                 body = await api.get(f"/log/proof/consistency?old={old}&new={new}")
                 consistency = _hash_lines(body.decode("ascii", "replace"), url)
-            proofs = await api.actions(ns)  # every page; MalformedError for a wrong shape
+            proofs = None if ns is None else await api.actions(ns)  # every page; MalformedError for a wrong shape
     except VerifyError:
         raise
     except Exception as e:  # every failure of the exchange is named below; ours is re-raised
@@ -77,6 +78,8 @@ async def _online(url: str, known_size: int | None, size: int, ns: str, policy, 
         if kind == BAD_RESPONSE or isinstance(e, (KeyError, TypeError)):
             raise VerifyError("registry-error", f"registry {url} answered badly: {e}") from None
         raise
+    if ns is None or proofs is None:
+        return consistency, None
     try:
         status = namespace_status(ns, proofs, policy, now)
     except VerifyError as e:  # the registry's records, not the module's proof
@@ -132,7 +135,7 @@ def _verify(
             ns = decode_entry(tp.extra or b"").namespace
         except TlogError as e:
             raise VerifyError("entry-invalid", f"log entry: {e}") from None
-        fetched, status = run(_online(url, None if known is None else known.checkpoint.size, cp.size, ns, policy, now))
+        fetched, status = run(online_facts(url, None if known is None else known.checkpoint.size, cp.size, ns, policy, now))
         consistency = consistency or fetched
     verified = verify_module(module=module, proof=tp, policy=policy, now=now, sbom=sbom, known=known, consistency=consistency, status=status)
     if state_dir is not None and verified.known != known:

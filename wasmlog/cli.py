@@ -21,6 +21,7 @@ from tlog.note import (
 )
 from tlog.runloop import run
 
+from .agent_command import agent_group
 from .audit_commands import audit, diff, mirror, monitor
 from .common import DEFAULT_LISTEN, one_line_errors, server_limit_options, split_listen
 from .edge_commands import verify
@@ -94,5 +95,5 @@ def up(data: pathlib.Path, listen: str, limits: ServerLimits) -> None:
     run(run_network(NetworkConfig(data=data, host=host, port=port, limits=limits)))
 
 
-for command in (log_group, witness_group, registry_group, publish, fetch, key_group, yank, verify, audit, monitor, diff, mirror):
+for command in (log_group, witness_group, registry_group, publish, fetch, key_group, yank, verify, audit, monitor, diff, mirror, agent_group):
     main.add_command(command)

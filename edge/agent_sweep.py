@@ -1,0 +1,84 @@
+"""The parts of a sweep that are not admission: the trusted checkpoint's refresh (anti-rollback)
+and how a module's state moves on a sweep's decision."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from collections.abc import Sequence
+from dataclasses import replace
+
+import aiohttp
+
+from edge.state import load_known, save_evidence, save_known
+from edge.verify import (
+    EVIDENCE_REASONS,
+    TrustPolicy,
+    VerifyError,
+    check_against_known,
+    check_known,
+    open_checkpoint,
+)
+from edge.verify_cli import online_facts
+from registry.client import RegistryClient
+from tlog.client import UNREACHABLE, failure_kind
+
+from .agent_admission import UNAVAILABLE_REASONS, Decision
+from .agent_state import ADMITTED, QUARANTINED, ModuleState
+
+MAX_CHECKPOINT_BYTES = 1 << 20
+
+
+async def refresh_checkpoint(session: aiohttp.ClientSession, registries: Sequence[str], policy: TrustPolicy,
+                             checkpoints: pathlib.Path, now: int) -> dict[str, object]:
+    """Ask each registry in turn for its checkpoint until one is accepted: signed by a log the policy
+    names, with its witness quorum, fresh enough, and consistent with (and not older than) the one
+    this node trusts. Returns {"accepted": bool, "origin", "size", "findings": [...]}: a registry
+    serving an older checkpoint is a "rollback" finding, and the known checkpoint is kept."""
+    findings: list[dict[str, object]] = []
+    for url in registries:
+        try:
+            note = await RegistryClient(url, session).get("/log/checkpoint")
+            if len(note) > MAX_CHECKPOINT_BYTES:
+                raise VerifyError("registry-error", f"{url} sent a checkpoint of {len(note)} bytes")
+            cp, _, _, _ = open_checkpoint(note, policy, now)
+            known = await asyncio.to_thread(load_known, checkpoints, cp.origin)
+            if known is not None:
+                check_known(known, policy)
+            consistency, _ = await online_facts(url, None if known is None else known.checkpoint.size, cp.size, None, policy, now)
+            new = check_against_known(cp, note, known, consistency)  # fork / inconsistent raise with evidence
+            if known is not None and cp.size < known.checkpoint.size:
+                findings.append({"kind": "rollback", "registry": url, "size": cp.size, "known_size": known.checkpoint.size,
+                                 "message": f"{url} serves a checkpoint of size {cp.size}, older than the trusted {known.checkpoint.size}: refused"})
+                continue
+            if new != known:
+                await asyncio.to_thread(save_known, checkpoints, new)
+            return {"accepted": True, "registry": url, "origin": cp.origin, "size": new.checkpoint.size, "findings": findings}
+        except VerifyError as e:
+            finding: dict[str, object] = {"kind": "checkpoint", "registry": url, "reason": e.reason, "message": str(e)}
+            if e.reason in EVIDENCE_REASONS:
+                finding["evidence"] = str(await asyncio.to_thread(save_evidence, checkpoints, e.reason, str(e), e.evidence, now))
+            findings.append(finding)
+        except Exception as e:  # noqa: BLE001 -- this registry's failure, named; then the next
+            reason = "registry-unreachable" if failure_kind(e) == UNREACHABLE else "registry-error"
+            findings.append({"kind": "checkpoint", "registry": url, "reason": reason, "message": f"{url}: {e!r}"})
+    return {"accepted": False, "findings": findings}
+
+
+def next_state(old: ModuleState | None, decision: Decision, profile: str, ref: str, now: int) -> ModuleState:
+    """Where a module goes on a decision: admitted when admitted; a module that was admitted (or
+    quarantined) and now fails is quarantined; one never admitted stays refused. A source failure
+    (unreachable, no answer) leaves the module's state as it was: the next sweep tries again."""
+    if old is not None and decision.state != ADMITTED and decision.reason in UNAVAILABLE_REASONS:
+        return old
+    if decision.state == ADMITTED:
+        new = ModuleState(ref, ADMITTED, None, None, profile, now, decision.version, decision.digest, decision.log_index)
+    else:
+        state = QUARANTINED if old is not None and old.state in (ADMITTED, QUARANTINED) else decision.state
+        digest, index = decision.digest, decision.log_index
+        if digest is None and old is not None and old.version == decision.version:  # the release that stops serving
+            digest, index = old.digest, old.log_index
+        new = ModuleState(ref, state, decision.reason, decision.message, profile, now, decision.version, digest, index)
+    if old is not None and (old.state, old.reason, old.version, old.digest) == (new.state, new.reason, new.version, new.digest):
+        return replace(new, since=old.since, message=new.message or old.message)
+    return new

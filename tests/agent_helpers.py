@@ -1,0 +1,143 @@
+"""Builders for the edge agent's tests: WASI command modules written as WAT, configs, the agent as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import re
+import signal
+import sys
+
+import wasmtime
+from registry_helpers import REGISTRY_KEY
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+WASI = "wasi_snapshot_preview1"
+FD_WRITE = f'(import "{WASI}" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))'
+
+
+def _wat_string(data: bytes) -> str:
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b not in (0x22, 0x5C) else f"\\{b:02x}" for b in data)
+
+
+def printing_module(text: bytes, extra_imports: str = "") -> bytes:
+    """A WASI command whose _start writes text to stdout (fd_write only, plus extra_imports)."""
+    return wasmtime.wat2wasm(f'''(module
+  {FD_WRITE}
+  {extra_imports}
+  (memory (export "memory") 1)
+  (data (i32.const 64) "{_wat_string(text)}")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const {len(text)}))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))''')
+
+
+HEADER = b"Content-Type: text/x-echo\nX-Module: echo\n\n"
+
+
+def echo_module() -> bytes:
+    """A WASI command that answers a CGI header block, then its environment (NUL-separated), "\\n--\\n", then its stdin."""
+    return wasmtime.wat2wasm(f'''(module
+  {FD_WRITE}
+  (import "{WASI}" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import "{WASI}" "environ_sizes_get" (func $sizes (param i32 i32) (result i32)))
+  (import "{WASI}" "environ_get" (func $environ (param i32 i32) (result i32)))
+  (memory (export "memory") 3)
+  (data (i32.const 1024) "{_wat_string(HEADER)}")
+  (data (i32.const 1536) "\\n--\\n")
+  (func $write (param $ptr i32) (param $len i32)
+    (i32.store (i32.const 0) (local.get $ptr))
+    (i32.store (i32.const 4) (local.get $len))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
+  (func (export "_start")
+    (call $write (i32.const 1024) (i32.const {len(HEADER)}))
+    (drop (call $sizes (i32.const 16) (i32.const 20)))
+    (drop (call $environ (i32.const 2048) (i32.const 8192)))
+    (call $write (i32.const 8192) (i32.load (i32.const 20)))
+    (call $write (i32.const 1536) (i32.const 4))
+    (block $done
+      (loop $more
+        (i32.store (i32.const 0) (i32.const 65536))
+        (i32.store (i32.const 4) (i32.const 65536))
+        (i32.store (i32.const 8) (i32.const 0))
+        (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
+        (br_if $done (i32.eqz (i32.load (i32.const 8))))
+        (call $write (i32.const 65536) (i32.load (i32.const 8)))
+        (br $more)))))''')
+
+
+def parse_echo(body: bytes) -> tuple[dict[str, str], bytes]:
+    env_part, _, stdin = body.partition(b"\n--\n")
+    env = dict(item.decode().split("=", 1) for item in env_part.split(b"\x00") if item)
+    return env, stdin
+
+
+NET_MODULE_IMPORT = f'(import "{WASI}" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))'
+TRUST_POLICY = f'tlog_policy = """\nlog {REGISTRY_KEY.vkey}\nquorum none\n"""\n'
+PROFILES = f'''
+[profiles.stdout]
+imports = ["{WASI}.fd_write"]
+memory_mb = 16
+timeout_ms = 2000
+
+[profiles.cgi]
+imports = ["{WASI}.fd_*", "{WASI}.environ_*"]
+memory_mb = 16
+timeout_ms = 2000
+env = {{ GREETING = "from the profile" }}
+
+[profiles.small]
+imports = []
+memory_mb = 4
+timeout_ms = 300
+'''
+
+
+def write_config(d: pathlib.Path, registries: list[str], modules: dict[str, str], sweep_interval: int = 3600) -> pathlib.Path:
+    """agent.toml (and trust-policy.toml) in d: modules maps ref -> profile. Listens on a free loopback port."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "trust-policy.toml").write_text(TRUST_POLICY)
+    mods = "".join(f'\n[[modules]]\nref = "{ref}"\nprofile = "{profile}"\n' for ref, profile in modules.items())
+    urls = ", ".join(f'"{u}"' for u in registries)
+    text = (f'trust_policy = "trust-policy.toml"\nregistries = [{urls}]\ndata = "agent-data"\nlisten = "127.0.0.1:0"\n'
+            f"sweep_interval = {sweep_interval}\n{PROFILES}{mods}")
+    (d / "agent.toml").write_text(text)
+    return d / "agent.toml"
+
+
+class AgentProcess:
+    """`python -m wasmlog agent serve --config FILE` as a real process."""
+
+    def __init__(self, config: pathlib.Path) -> None:
+        self.config = config
+        self.proc: asyncio.subprocess.Process | None = None
+        self.url = ""
+
+    async def start(self, deadline: float = 120.0) -> str:
+        stderr = open(self.config.parent / "agent.stderr", "ab")  # noqa: SIM115 -- the child writes it
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wasmlog", "agent", "serve", "--config", str(self.config),
+            stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+        )
+        stderr.close()
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), deadline)
+        m = re.match(rb"wasmlog agent: (http://\S+)", line)
+        assert m, (line, (self.config.parent / "agent.stderr").read_text())
+        self.url = m[1].decode().rstrip("/")
+        return self.url
+
+    async def kill(self) -> None:
+        """SIGKILL: no cleanup runs."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+    async def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(self.proc.wait(), 60)
+        return self.proc.returncode or 0

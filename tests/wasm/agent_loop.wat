@@ -1,0 +1,3 @@
+;; Never returns.
+(module
+  (func (export "_start") (loop $forever (br $forever))))

@@ -137,7 +137,7 @@ async def main() -> None:
 
     cached = summary(cached_times)
     print(json.dumps({
-        "wasmtime": status["wasmtime"], "seccomp": status["seccomp"], "modules": args.modules,
+        "wasmtime": status["wasmtime"], "seccomp": status["seccomp"], "landlock": status["landlock"], "modules": args.modules,
         "cold_start_from_attested_cache": cached,
         "cold_start_compiling_from_bytes": summary(compile_times),
         "warm_run_baseline": summary(warm_times),

@@ -16,7 +16,7 @@ from tlog.errors import MalformedError, TlogError
 MAX_HEADER_BLOCK = 64 << 10
 MAX_HEADERS = 100
 _HEADER = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
-_STATUS = re.compile(rb"([1-5][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
+_STATUS = re.compile(rb"([2-5][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")  # no 1xx: an interim response is not an answer
 DROPPED = frozenset({"status", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "trailer", "te",
                      "proxy-connection", "proxy-authenticate"})
 _ENV_HEADER = re.compile(r"[A-Za-z0-9-]{1,128}")

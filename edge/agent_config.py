@@ -18,10 +18,12 @@ from urllib.parse import urlsplit
 
 from registry.record import RecordError, check_label, check_version
 
+from .sandbox_protocol import MAX_PROFILE_MEMORY_MB
+
 MAX_CONFIG_BYTES = 1 << 20
 DEFAULT_LISTEN = "127.0.0.1:7400"
 DEFAULT_SWEEP_INTERVAL = 300
-MAX_MEMORY_MB = 4096
+MAX_MEMORY_MB = MAX_PROFILE_MEMORY_MB  # what a sandbox worker can hold (edge/sandbox_protocol.py)
 MAX_TIMEOUT_MS = 600_000
 MAX_SWEEP_INTERVAL = 7 * 86400
 MAX_PATTERN = 256

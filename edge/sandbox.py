@@ -30,6 +30,8 @@ from tlog.policy import Policy
 from .artifacts import DIGEST_RE, ArtifactCache, load_or_create_key
 from .sandbox_pool import Idle, Worker, WorkerLost, WorkerStartError
 from .sandbox_protocol import (
+    WORKER_DATA_MB,
+    WORKER_OVERHEAD_MB,
     engine_settings_id,
     wasmtime_version,
 )
@@ -39,8 +41,6 @@ SELFTEST_TIMEOUT = 30.0
 COMPILE_TIMEOUT = 60.0  # a module built to be slow to compile costs its worker this long at most
 # RLIMIT_DATA of each worker: its own heap, the compiler's, and the linear memory of the run in progress
 # (Wasmtime's address-space reservations are PROT_NONE and do not count). A profile must leave WORKER_OVERHEAD_MB.
-WORKER_DATA_MB = 4096
-WORKER_OVERHEAD_MB = 512
 
 
 @dataclass(frozen=True)
@@ -346,6 +346,7 @@ class Sandbox:
             "pids": sorted(self._workers),
             "seccomp": seccomp,
             "seccomp_reason": reason,
+            "threads_at_walls": max((int(h.get("threads_at_walls", 0)) for h in hellos), default=None),
             "landlock": landlock,
             "landlock_reason": landlock_reason,
             "wasmtime": self._version,

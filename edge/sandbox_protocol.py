@@ -21,6 +21,10 @@ MODULE_LRU = 64  # compiled modules a worker keeps loaded; the agent mirrors the
 
 # Every engine a worker builds uses exactly these wasmtime.Config settings; a compiled artifact is only
 # valid for the settings (and the Wasmtime version) that produced it, so both are part of its cache key.
+WORKER_DATA_MB = 4096  # RLIMIT_DATA of a worker process
+WORKER_OVERHEAD_MB = 512  # what a worker needs besides a module's linear memory
+MAX_PROFILE_MEMORY_MB = WORKER_DATA_MB - WORKER_OVERHEAD_MB  # the largest memory_mb a profile may ask for
+
 ENGINE_SETTINGS: Mapping[str, object] = {
     "epoch_interruption": True,
     "consume_fuel": True,

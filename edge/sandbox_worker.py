@@ -244,8 +244,8 @@ class Runtime:
         for name, value in ENGINE_SETTINGS.items():
             setattr(config, name, value)
         self.engine = wasmtime.Engine(config)
-        self.watchdog = Watchdog(self.engine)
-        self.watchdog.start()
+        self.watchdog = Watchdog(self.engine)  # started by main() once the walls are up: a thread started
+        # before seccomp and Landlock would stay outside both (they bind the calling thread and its children)
         self.modules: OrderedDict[str, wasmtime.Module] = OrderedDict()
         self._wasi = wasmtime.Linker(self.engine)  # every WASI function; runs copy only the granted ones
         self._wasi.define_wasi()
@@ -417,8 +417,13 @@ def main() -> int:
     os.close(devnull)
     set_limits(data_mb)
     runtime = Runtime()
+    threads = len(os.listdir("/proc/self/task"))  # the walls bind this thread and the threads it starts later
     seccomp, reason = apply_seccomp()  # first: loading the bindings looks for libseccomp on the file system
     landlock, landlock_reason = apply_landlock(readable_trees())
+    if threads != 1:  # never claim a wall that a thread predating it is outside of
+        seccomp, reason = False, f"{threads} threads were running when the filter went on; only one is covered"
+        landlock, landlock_reason = False, f"{threads} threads were running when the ruleset went on; only one is covered"
+    runtime.watchdog.start()
 
     def read_exactly(n: int) -> bytes:
         chunks, left = [], n
@@ -438,7 +443,8 @@ def main() -> int:
             view = view[channel_out.write(view) or 0:]
 
     send({"op": "hello", "pid": os.getpid(), "wasmtime": wasmtime_version(), "seccomp": seccomp,
-          "seccomp_reason": reason, "landlock": landlock, "landlock_reason": landlock_reason, "max_blob": MAX_BLOB})
+          "seccomp_reason": reason, "landlock": landlock, "landlock_reason": landlock_reason, "max_blob": MAX_BLOB,
+          "threads_at_walls": threads})
     while True:
         frame = read_frame(read_exactly)
         if frame is None:

@@ -255,6 +255,7 @@ async def test_seccomp_and_landlock_status_is_truthful(sandbox: Sandbox, tmp_pat
     status = sandbox.status()
     assert isinstance(status["seccomp"], bool) and status["seccomp_reason"]
     assert isinstance(status["landlock"], bool) and status["landlock_reason"]
+    assert status["threads_at_walls"] == 1  # no thread of the worker predates the walls (they bind threads, not processes)
     key = tmp_path / "artifact.key"  # the agent's secret: a worker must not be able to read it
     attempts = await sandbox.self_test(forbidden_read=key)
     denied = ["fork", "execve", "socket", "open_for_write", "signal_parent"]

@@ -28,6 +28,8 @@ from edge.verify import (
 from edge.verify_cli import online_facts
 from registry.client import RegistryClient, RegistryError
 from registry.record import PackageRef, Release, decode_entry
+from registry.sbom import MAX_SBOM_BYTES
+from registry.wasm import MAX_MODULE_BYTES
 from tlog.client import UNREACHABLE, failure_kind
 from tlog.errors import TlogError
 from tlog.proof_file import TlogProof, parse_tlog_proof
@@ -41,6 +43,7 @@ FINAL_REASONS = frozenset({"capability", "yanked", "key-revoked", "import-not-al
 # Failures that say nothing about the release: a previously admitted module keeps serving.
 UNAVAILABLE_REASONS = frozenset({"registry-unreachable", "registry-error", "not-found", "no-release"})
 FETCH_TIMEOUT = aiohttp.ClientTimeout(total=60)
+MAX_PROOF_BYTES = 1 << 20  # a tlog-proof: the entry (at most 65,535 bytes) in base64, a proof and a note
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ class Admission:
     async def _from(self, session: aiohttp.ClientSession, url: str, ref: PackageRef, profile: ProfileConfig) -> Decision:
         api = RegistryClient(url, session)
         path = api.package_path(ref)
-        tp = _parse_proof(await api.get(path + "/tlog-proof"))
+        tp = _parse_proof(await api.get(path + "/tlog-proof", MAX_PROOF_BYTES))
         assert tp.parsed is not None
         try:
             body = decode_entry(tp.extra or b"").body
@@ -133,8 +136,8 @@ class Admission:
         tampered: tuple[str, ...] = ()
         if module is None:
             tampered = (digest,) if self.store.path(digest).exists() else ()
-            module = await api.get(path + "/module.wasm")
-        sbom = await api.get(path + "/sbom") if body.sbom_sha256 is not None else None
+            module = await api.get(path + "/module.wasm", MAX_MODULE_BYTES)
+        sbom = await api.get(path + "/sbom", MAX_SBOM_BYTES) if body.sbom_sha256 is not None else None
         return await self._verify(url, ref, profile, tp, body, module, sbom, tampered)
 
     async def _verify(self, url: str, ref: PackageRef, profile: ProfileConfig, tp: TlogProof, body: Release, module: bytes,

@@ -9,14 +9,17 @@ from typing import Any
 import aiohttp
 import cbor2
 
-from tlog.client import FetchError
-from tlog.errors import MalformedError
+from tlog.client import FetchError, read_bounded
+from tlog.errors import MalformedError, TooLargeError
 from tlog.note import Ed25519Signer
 
 from .dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope, strict_json
 from .record import Action, PackageRef, Release, module_digest
-from .wasm import parse_wasm
+from .sbom import MAX_SBOM_BYTES
+from .wasm import MAX_MODULE_BYTES, parse_wasm
 
+MAX_ANSWER_BYTES = max(MAX_MODULE_BYTES, MAX_SBOM_BYTES) + (1 << 20)  # the largest thing a registry serves: a module
+MAX_JSON_BYTES = 16 << 20  # an API answer in JSON (a page of /actions is well under 1 MiB)
 MAX_ACTION_PROOFS = 100_000  # an online refresh reads at most this many revocations and yanks (~160 MB)
 
 
@@ -42,8 +45,11 @@ class RegistryClient:
         self.url = url.rstrip("/")
         self.session = session
 
-    async def _check(self, r: aiohttp.ClientResponse) -> bytes:
-        body = await r.read()
+    async def _check(self, r: aiohttp.ClientResponse, limit: int = MAX_ANSWER_BYTES) -> bytes:
+        """The body of a 200 answer, at most limit bytes (read no further). Raises RegistryError, TooLargeError."""
+        body = await read_bounded(r, limit)
+        if len(body) > limit:
+            raise TooLargeError(f"the registry's answer is over {limit} bytes")
         if r.status != 200:
             try:
                 message = str(strict_json(body, "error")["message"])  # type: ignore[index]
@@ -52,13 +58,14 @@ class RegistryClient:
             raise RegistryError(r.status, message)
         return body
 
-    async def get(self, path: str) -> bytes:
+    async def get(self, path: str, limit: int = MAX_ANSWER_BYTES) -> bytes:
+        """GET path: a body of at most limit bytes. Raises RegistryError, TooLargeError."""
         async with self.session.get(self.url + path) as r:
-            return await self._check(r)
+            return await self._check(r, limit)
 
-    async def get_json(self, path: str) -> Any:
+    async def get_json(self, path: str, limit: int = MAX_JSON_BYTES) -> Any:
         """GET path and parse its JSON strictly (no duplicate keys). Raises MalformedError."""
-        return strict_json(await self.get(path), f"answer to {path}")
+        return strict_json(await self.get(path, limit), f"answer to {path}")
 
     async def namespace(self, ns: str) -> dict[str, Any] | None:
         try:

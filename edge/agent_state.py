@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from tlog.files import atomic_write
+from tlog.files import atomic_write, is_regular_file, remove_entry
 
 ADMITTED, REFUSED, QUARANTINED = "admitted", "refused", "quarantined"
 STATES = (ADMITTED, REFUSED, QUARANTINED)
@@ -98,11 +97,12 @@ class ModuleStore:
 
     def get(self, digest: str) -> bytes | None:
         """The stored bytes if they hash to digest; None if absent or if they do not (see check)."""
+        path = self.path(digest)
         try:
-            data = self.path(digest).read_bytes()
-        except FileNotFoundError:
+            data = path.read_bytes() if is_regular_file(path) else None
+        except OSError:
             return None
-        return data if hashlib.sha256(data).hexdigest() == digest else None
+        return data if data is not None and hashlib.sha256(data).hexdigest() == digest else None
 
     def digests(self) -> Iterator[str]:
         if self.root.exists():
@@ -111,14 +111,22 @@ class ModuleStore:
                     yield p.name
 
     def check(self) -> list[str]:
-        """Re-hash every stored module; delete and return the digests whose file does not hash to its name."""
+        """Re-hash every stored module; remove and return the digests whose entry does not hash to its name,
+        or cannot be read at all (a directory, a file without read permission): one bad entry never stops
+        the check of the others."""
         bad = []
         for digest in self.digests():
+            path = self.path(digest)
             h = hashlib.sha256()
-            with open(self.path(digest), "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
+            try:
+                if is_regular_file(path):  # never follow a link or block on a FIFO planted under a digest's name
+                    with open(path, "rb") as f:
+                        while chunk := f.read(1 << 20):
+                            h.update(chunk)
+            except OSError:
+                pass  # unreadable: its hash cannot be its name
             if h.hexdigest() != digest:
                 bad.append(digest)
-                os.unlink(self.path(digest))
+                remove_entry(path)
         return bad
+

@@ -20,6 +20,8 @@ import secrets
 import stat
 import time
 
+from tlog.files import is_regular_file, remove_entry
+
 MAGIC = b"wlcwasm1"
 KEY_SIZE = 32
 STALE_TMP = 600  # seconds after which a temporary file of the cache is an interrupted store
@@ -73,13 +75,17 @@ class ArtifactCache:
     def load(self, digest: str) -> tuple[bytes | None, bool]:
         """(the artifact for digest if present and its MAC checks, whether a bad one was found and deleted)."""
         path = self.path(digest)
+        if not os.path.lexists(path):
+            return None, False
         try:
-            data = path.read_bytes()
+            data = path.read_bytes() if is_regular_file(path) else None
         except FileNotFoundError:
             return None, False
-        artifact = self._checked(data, digest, self.settings_id)
+        except OSError:
+            data = None
+        artifact = None if data is None else self._checked(data, digest, self.settings_id)
         if artifact is None:
-            path.unlink(missing_ok=True)
+            remove_entry(path)
             return None, True
         return artifact, False
 
@@ -111,10 +117,12 @@ class ArtifactCache:
                         path.unlink()  # left by a store that was interrupted (a fresh one may be in progress)
                 continue
             try:
-                data = path.read_bytes()
+                data: bytes | None = path.read_bytes() if is_regular_file(path) else None
             except FileNotFoundError:
                 continue
-            if self._checked(data, m[1], m[2]) is None:
-                path.unlink(missing_ok=True)
+            except OSError:  # a directory, a file we may not read: bad, and never a reason to stop the others
+                data = None
+            if data is None or self._checked(data, m[1], m[2]) is None:
+                remove_entry(path)
                 bad.add(m[1])
         return sorted(bad)

@@ -1,9 +1,13 @@
-"""Durable file replacement: write a temporary file, fsync, rename, fsync the directory."""
+"""Durable file replacement (write a temporary file, fsync, rename, fsync the directory), and removal of
+whatever stands at a path."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import shutil
+import stat
 import tempfile
 
 
@@ -26,3 +30,21 @@ def atomic_write(path: str | pathlib.Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_entry(path: pathlib.Path) -> None:
+    """Remove what stands at path, a file or a directory, as far as we may (a tamperer's leftovers)."""
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+
+
+def is_regular_file(path: pathlib.Path) -> bool:
+    """Whether path itself (not what a link points to) is a regular file: never a directory, a FIFO
+    that would block a reader, or a link to /dev/zero that would never end."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False

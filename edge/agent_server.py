@@ -36,6 +36,7 @@ from .sandbox import (
     DeadlineExceeded,
     IntegrityError,
     MemoryExceeded,
+    NoLongerAllowed,
     NotGranted,
     Profile,
     Sandbox,
@@ -56,6 +57,7 @@ class ModuleNotServed(TlogError):
 STATUS: list[tuple[type[Exception], int]] = [
     (ModuleNotServed, 403),
     (NotGranted, 403),
+    (NoLongerAllowed, 403),  # quarantined or yanked while the request waited for a worker
     (IntegrityError, 403),  # the stored module was tampered with: quarantined, never run
     (DeadlineExceeded, 504),
     (MemoryExceeded, 502),
@@ -125,7 +127,14 @@ async def run_module(request: web.Request) -> web.Response:
     metrics = request.app[METRICS_KEY]
     started = time.monotonic()
     try:
-        result = await agent.sandbox.run(s.digest, module, profile, stdin=body, env=merged_environment(cgi, p.env))
+        def still_admitted() -> bool:
+            now = agent.serving(ns, name)
+            return now is not None and now[1] is not None and now[1].state == ADMITTED and now[1].digest == s.digest
+
+        result = await agent.sandbox.run(s.digest, module, profile, stdin=body, env=merged_environment(cgi, p.env),
+                                         still_allowed=still_admitted)
+        if not still_admitted():  # stopped while it ran: its answer is not served either
+            raise NoLongerAllowed(f"{m.ref} was stopped while it ran")
         if result.exit_code != 0:
             raise Trapped(f"{m.ref} exited with status {result.exit_code}")
         status, headers, out = parse_cgi(result.stdout)

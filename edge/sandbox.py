@@ -19,7 +19,7 @@ import hashlib
 import importlib.metadata
 import pathlib
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +93,10 @@ class NotGranted(SandboxError):
 
 class IntegrityError(SandboxError):
     """The module file's SHA-256 is not the digest it was admitted under."""
+
+
+class NoLongerAllowed(SandboxError):
+    """The caller's still_allowed() said no once a worker was free: the module was stopped while it waited."""
 
 
 class ModuleInvalid(SandboxError):
@@ -217,9 +221,12 @@ class Sandbox:
         task.add_done_callback(self._replacing.discard)
 
     async def run(self, digest: str, module: pathlib.Path, profile: Profile, *, stdin: bytes,
-                  env: Mapping[str, str], argv0: str | None = None) -> RunResult:
+                  env: Mapping[str, str], argv0: str | None = None, still_allowed: Callable[[], bool] | None = None) -> RunResult:
         """Run the module's _start with stdin and the environment env overlaid by profile.env (the operator's
-        word is final), argv [argv0 or the module file's stem]. Raises a SandboxError subclass."""
+        word is final), argv [argv0 or the module file's stem]. Raises a SandboxError subclass.
+
+        still_allowed, if given, is asked once a worker is free, right before the run starts: False raises
+        NoLongerAllowed (a module stopped while its request waited for a worker never runs)."""
         if not DIGEST_RE.fullmatch(digest):
             raise ValueError("digest must be 64 lowercase hex characters (SHA-256 of the module)")
         check_env(env)
@@ -230,6 +237,9 @@ class Sandbox:
         if self._closed:
             raise SandboxError("the sandbox is closed")
         worker = await self._idle.acquire()
+        if still_allowed is not None and not still_allowed():
+            self._idle.release(worker)
+            raise NoLongerAllowed(f"sha256:{digest[:16]} was stopped while its request waited for a worker")
         worker.busy = True
         try:
             result = await self._run_on(worker, digest, pathlib.Path(module), profile, stdin, {**env, **profile.env},

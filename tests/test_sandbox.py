@@ -14,6 +14,7 @@ import time
 
 import pytest
 import wasmtime
+from helpers import wait_until
 
 from edge.artifacts import ArtifactCache, load_or_create_key
 from edge.sandbox import (
@@ -21,6 +22,7 @@ from edge.sandbox import (
     DeadlineExceeded,
     IntegrityError,
     MemoryExceeded,
+    NoLongerAllowed,
     NotGranted,
     Profile,
     Sandbox,
@@ -117,6 +119,35 @@ async def test_runaway_loop_stopped_at_its_deadline_while_another_run_completes(
     # The worker that ran the loop is still good.
     results = await asyncio.gather(*(sandbox.run(hello_digest, hello_path, STDOUT_ONLY, stdin=b"", env={}) for _ in range(4)))
     assert all(r.stdout == b"hello\n" for r in results)
+
+
+async def test_a_module_stopped_while_its_request_waits_never_runs(tmp_path: pathlib.Path) -> None:
+    """still_allowed is asked when a worker frees up: a module quarantined meanwhile is not run (issue 14:
+    a yanked release stops serving at once, also for requests already queued)."""
+    sb = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
+    try:
+        loop_digest, loop_path = module(tmp_path, "loop")
+        hello_digest, hello_path = module(tmp_path, "hello")
+        busy = asyncio.ensure_future(sb.run(loop_digest, loop_path, Profile(imports=(), memory_mb=1, timeout_ms=1000), stdin=b"", env={}))
+        allowed = {"hello": True}
+        asked: list[bool] = []
+
+        def still_allowed() -> bool:
+            asked.append(allowed["hello"])
+            return allowed["hello"]
+
+        await wait_until(lambda: sb.status()["busy"] == 1, "the loop to hold the only worker")
+        waiting = asyncio.ensure_future(sb.run(hello_digest, hello_path, STDOUT_ONLY, stdin=b"", env={}, still_allowed=still_allowed))
+        allowed["hello"] = False  # a sweep quarantines it while it waits (the only worker is busy until the loop's deadline)
+        with pytest.raises(NoLongerAllowed):
+            await waiting
+        assert asked == [False]  # asked once, when the worker came free, after the stop
+        with pytest.raises(DeadlineExceeded):
+            await busy
+        allowed["hello"] = True  # and a module still admitted runs as before
+        assert (await sb.run(hello_digest, hello_path, STDOUT_ONLY, stdin=b"", env={}, still_allowed=still_allowed)).stdout == b"hello\n"
+    finally:
+        await sb.close()
 
 
 async def test_fuel_bounds_a_run(sandbox: Sandbox, tmp_path: pathlib.Path) -> None:

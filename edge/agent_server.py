@@ -40,12 +40,14 @@ from .sandbox import (
     NotGranted,
     Profile,
     Sandbox,
+    SandboxBusy,
     SandboxError,
     Trapped,
 )
 
 logger = logging.getLogger("wasmlog.agent")
 AGENT = web.AppKey("agent", Agent)
+RETRY_AFTER_SECONDS = 1
 MAX_RUN_BODY = 1 << 20  # a request body is the module's stdin: at most this many bytes
 
 
@@ -59,6 +61,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (NotGranted, 403),
     (NoLongerAllowed, 403),  # quarantined or yanked while the request waited for a worker
     (IntegrityError, 403),  # the stored module was tampered with: quarantined, never run
+    (SandboxBusy, 503),  # with Retry-After
     (DeadlineExceeded, 504),
     (MemoryExceeded, 502),
     (Trapped, 502),
@@ -75,7 +78,8 @@ STATUS: list[tuple[type[Exception], int]] = [
 
 def error_response(e: Exception) -> web.Response:
     status = next(status for cls, status in STATUS if isinstance(e, cls))
-    return web.json_response({"error": type(e).__name__, "message": str(e)}, status=status)
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
+    return web.json_response({"error": type(e).__name__, "message": str(e)}, status=status, headers=headers)
 
 
 agent_errors_middleware = errors_middleware_for(error_response)

@@ -36,6 +36,7 @@ from .sandbox_protocol import (
     wasmtime_version,
 )
 
+MAX_WAITING = 64  # requests that may wait for a worker at once (each holds its stdin); more are SandboxBusy
 GRACE = 2.0  # seconds past a run's deadline before the worker is presumed hung and killed
 SELFTEST_TIMEOUT = 30.0
 COMPILE_TIMEOUT = 60.0  # a module built to be slow to compile costs its worker this long at most
@@ -95,6 +96,10 @@ class IntegrityError(SandboxError):
     """The module file's SHA-256 is not the digest it was admitted under."""
 
 
+class SandboxBusy(SandboxError):
+    """Every worker is busy and max_waiting requests already wait for one: try again later (503)."""
+
+
 class NoLongerAllowed(SandboxError):
     """The caller's still_allowed() said no once a worker was free: the module was stopped while it waited."""
 
@@ -149,10 +154,11 @@ class Sandbox:
     takes an idle worker (waiting for one if all are busy)."""
 
     def __init__(self, cache_dir: pathlib.Path, key_file: pathlib.Path, *, workers: int = 2,
-                 worker_data_mb: int = WORKER_DATA_MB) -> None:
+                 worker_data_mb: int = WORKER_DATA_MB, max_waiting: int = MAX_WAITING) -> None:
         if workers < 1:
             raise ValueError("a sandbox needs at least one worker")
         self._size = workers
+        self._max_waiting = max_waiting
         try:
             self._version = wasmtime_version()
         except importlib.metadata.PackageNotFoundError:
@@ -236,6 +242,8 @@ class Sandbox:
         await self.start()
         if self._closed:
             raise SandboxError("the sandbox is closed")
+        if self._idle.waiting >= self._max_waiting:
+            raise SandboxBusy(f"all {self._size} workers are busy and {self._idle.waiting} requests wait for one")
         worker = await self._idle.acquire()
         if still_allowed is not None and not still_allowed():
             self._idle.release(worker)
@@ -353,6 +361,8 @@ class Sandbox:
             "workers": self._size,
             "alive": sum(1 for w in self._workers.values() if w.alive),
             "busy": sum(1 for w in self._workers.values() if w.busy),
+            "waiting": self._idle.waiting,
+            "max_waiting": self._max_waiting,
             "pids": sorted(self._workers),
             "seccomp": seccomp,
             "seccomp_reason": reason,

@@ -149,6 +149,11 @@ class Idle:
                 return
         self._workers.append(worker)
 
+    @property
+    def waiting(self) -> int:
+        """Callers waiting for a worker now."""
+        return sum(1 for w in self._waiters if not w.done())
+
     def fail_waiters(self, error: BaseException) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()

@@ -26,6 +26,7 @@ from edge.sandbox import (
     NotGranted,
     Profile,
     Sandbox,
+    SandboxBusy,
     SandboxError,
     Trapped,
     WorkerCrashed,
@@ -146,6 +147,26 @@ async def test_a_module_stopped_while_its_request_waits_never_runs(tmp_path: pat
             await busy
         allowed["hello"] = True  # and a module still admitted runs as before
         assert (await sb.run(hello_digest, hello_path, STDOUT_ONLY, stdin=b"", env={}, still_allowed=still_allowed)).stdout == b"hello\n"
+    finally:
+        await sb.close()
+
+
+async def test_requests_beyond_the_waiting_bound_are_refused_at_once(tmp_path: pathlib.Path) -> None:
+    """All workers busy and max_waiting requests queued: the next one is SandboxBusy (503), not one more in an
+    unbounded queue (each waiting request holds its stdin)."""
+    sb = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1, max_waiting=2)
+    try:
+        loop_digest, loop_path = module(tmp_path, "loop")
+        hello_digest, hello_path = module(tmp_path, "hello")
+        busy = asyncio.ensure_future(sb.run(loop_digest, loop_path, Profile(imports=(), memory_mb=1, timeout_ms=1500), stdin=b"", env={}))
+        await wait_until(lambda: sb.status()["busy"] == 1, "the loop to hold the only worker")
+        queued = [asyncio.ensure_future(sb.run(hello_digest, hello_path, STDOUT_ONLY, stdin=b"", env={})) for _ in range(2)]
+        await wait_until(lambda: sb.status()["waiting"] == 2, "two requests to wait for the worker")
+        with pytest.raises(SandboxBusy):
+            await sb.run(hello_digest, hello_path, STDOUT_ONLY, stdin=b"", env={})
+        with pytest.raises(DeadlineExceeded):
+            await busy
+        assert [(await q).stdout for q in queued] == [b"hello\n", b"hello\n"]  # the waiting ones were served
     finally:
         await sb.close()
 

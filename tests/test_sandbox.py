@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 import wasmtime
@@ -53,6 +54,16 @@ async def sandbox(tmp_path: pathlib.Path):
     sb = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=2)
     yield sb
     await sb.close()
+
+
+async def until_handed_out(sandbox: Sandbox, run: asyncio.Future[Any]) -> None:
+    """Wait, with a deadline, until a run has been handed to a worker; a run that ends first fails the test."""
+
+    def handed_out() -> bool:
+        assert not run.done(), "the run ended before a worker took it"
+        return bool(sandbox.status()["busy"])
+
+    await wait_until(handed_out, "the run to be handed to a worker", 30)
 
 
 async def test_hello_world(sandbox: Sandbox, tmp_path: pathlib.Path) -> None:
@@ -130,6 +141,7 @@ async def test_a_module_stopped_while_its_request_waits_never_runs(tmp_path: pat
         loop_digest, loop_path = module(tmp_path, "loop")
         hello_digest, hello_path = module(tmp_path, "hello")
         busy = asyncio.ensure_future(sb.run(loop_digest, loop_path, Profile(imports=(), memory_mb=1, timeout_ms=1000), stdin=b"", env={}))
+        await until_handed_out(sb, busy)  # the loop holds the only worker
         allowed = {"hello": True}
         asked: list[bool] = []
 
@@ -137,7 +149,6 @@ async def test_a_module_stopped_while_its_request_waits_never_runs(tmp_path: pat
             asked.append(allowed["hello"])
             return allowed["hello"]
 
-        await wait_until(lambda: sb.status()["busy"] == 1, "the loop to hold the only worker")
         waiting = asyncio.ensure_future(sb.run(hello_digest, hello_path, STDOUT_ONLY, stdin=b"", env={}, still_allowed=still_allowed))
         allowed["hello"] = False  # a sweep quarantines it while it waits (the only worker is busy until the loop's deadline)
         with pytest.raises(NoLongerAllowed):
@@ -159,7 +170,7 @@ async def test_requests_beyond_the_waiting_bound_are_refused_at_once(tmp_path: p
         loop_digest, loop_path = module(tmp_path, "loop")
         hello_digest, hello_path = module(tmp_path, "hello")
         busy = asyncio.ensure_future(sb.run(loop_digest, loop_path, Profile(imports=(), memory_mb=1, timeout_ms=1500), stdin=b"", env={}))
-        await wait_until(lambda: sb.status()["busy"] == 1, "the loop to hold the only worker")
+        await until_handed_out(sb, busy)  # the loop holds the only worker
         queued = [asyncio.ensure_future(sb.run(hello_digest, hello_path, STDOUT_ONLY, stdin=b"", env={})) for _ in range(2)]
         await wait_until(lambda: sb.status()["waiting"] == 2, "two requests to wait for the worker")
         with pytest.raises(SandboxBusy):
@@ -288,10 +299,7 @@ async def test_worker_killed_mid_run_fails_that_run_and_is_replaced(tmp_path: pa
         await sandbox.start()
         (pid,) = sandbox.status()["pids"]
         run = asyncio.ensure_future(sandbox.run(loop_digest, loop_path, Profile(imports=(), memory_mb=1, timeout_ms=60_000), stdin=b"", env={}))
-        deadline = time.monotonic() + 30
-        while sandbox.status()["busy"] == 0:
-            assert time.monotonic() < deadline and not run.done()
-            await asyncio.sleep(0.01)  # polling for the run to be handed to the worker
+        await until_handed_out(sandbox, run)
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(WorkerCrashed, match=rf"pid {pid} died .*signal 9"):
             await run
@@ -397,10 +405,7 @@ async def test_hung_worker_is_killed_after_the_grace_and_replaced(tmp_path: path
         (pid,) = sandbox.status()["pids"]
         started = time.monotonic()
         run = asyncio.ensure_future(sandbox.run(loop_digest, loop_path, Profile(imports=(), memory_mb=1, timeout_ms=200), stdin=b"", env={}))
-        deadline = time.monotonic() + 30
-        while sandbox.status()["busy"] == 0:
-            assert time.monotonic() < deadline and not run.done()
-            await asyncio.sleep(0.01)  # polling for the run to be handed to the worker
+        await until_handed_out(sandbox, run)
         os.kill(pid, signal.SIGSTOP)  # the worker stops answering, deadline or not
         with pytest.raises(DeadlineExceeded, match=rf"pid {pid} did not answer .*killed"):
             await run
@@ -468,10 +473,7 @@ async def test_a_cancelled_run_costs_its_worker_and_the_pool_recovers(tmp_path: 
         await sandbox.start()
         (pid,) = sandbox.status()["pids"]
         run = asyncio.ensure_future(sandbox.run(loop_digest, loop_path, Profile(imports=(), memory_mb=1, timeout_ms=60_000), stdin=b"", env={}))
-        deadline = time.monotonic() + 30
-        while sandbox.status()["busy"] == 0:
-            assert time.monotonic() < deadline and not run.done()
-            await asyncio.sleep(0.01)  # polling for the run to be handed to the worker
+        await until_handed_out(sandbox, run)
         run.cancel()  # e.g. the HTTP client went away
         with pytest.raises(asyncio.CancelledError):
             await run
@@ -557,10 +559,7 @@ async def test_close_fails_runs_in_progress_and_waiting(tmp_path: pathlib.Path) 
     digest, path = module(tmp_path, "loop")
     profile = Profile(imports=(), memory_mb=1, timeout_ms=60_000)
     running = asyncio.ensure_future(sandbox.run(digest, path, profile, stdin=b"", env={}))
-    deadline = time.monotonic() + 30
-    while sandbox.status()["busy"] == 0:
-        assert time.monotonic() < deadline and not running.done()
-        await asyncio.sleep(0.01)  # polling for the run to be handed to the worker
+    await until_handed_out(sandbox, running)
     waiting = asyncio.ensure_future(sandbox.run(digest, path, profile, stdin=b"", env={}))
     await asyncio.sleep(0)  # let it queue for the only worker
     await sandbox.close()

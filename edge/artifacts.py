@@ -18,6 +18,7 @@ import pathlib
 import re
 import secrets
 import stat
+import tempfile
 import time
 
 from tlog.files import is_regular_file, remove_entry
@@ -34,18 +35,41 @@ class KeyFileError(Exception):
 
 
 def load_or_create_key(path: pathlib.Path) -> bytes:
-    """The key in path, which is created (mode 0600, 32 random bytes) when missing."""
+    """The key in path, which is created (mode 0600, 32 random bytes) when missing.
+
+    Creation is atomic (a crash leaves no key or the whole key, never an empty one): the bytes are written
+    and fsynced under a temporary name, then linked to path (another process that got there first wins).
+    The key is read through no symbolic link, and must be a regular file of ours that nobody else can read.
+    """
+    if not os.path.lexists(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".key-")  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(KEY_SIZE))
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(KEY_SIZE))
-    st = path.stat()
-    if st.st_mode & 0o077:
-        raise KeyFileError(f"artifact key {path} has mode {stat.filemode(st.st_mode)}: it must be readable by its owner only (0600)")
-    key = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise KeyFileError(f"artifact key {path} cannot be opened ({e.strerror}; a symbolic link is refused)") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise KeyFileError(f"artifact key {path} is not a regular file owned by this user")
+        if st.st_mode & 0o077:
+            raise KeyFileError(f"artifact key {path} has mode {stat.filemode(st.st_mode)}: it must be readable by its owner only (0600)")
+        key = os.read(fd, KEY_SIZE + 1)
+    finally:
+        os.close(fd)
     if len(key) != KEY_SIZE:
         raise KeyFileError(f"artifact key {path} holds {len(key)} bytes, not {KEY_SIZE}")
     return key

@@ -93,3 +93,11 @@ def test_key_file(tmp_path: pathlib.Path) -> None:
     (tmp_path / "key").chmod(0o644)
     with pytest.raises(KeyFileError, match="0600"):
         load_or_create_key(tmp_path / "key")
+    (tmp_path / "key").chmod(0o600)
+    (tmp_path / "link").symlink_to(tmp_path / "key")  # a key read through a link could be anyone's file
+    with pytest.raises(KeyFileError, match="symbolic link"):
+        load_or_create_key(tmp_path / "link")
+    (tmp_path / "dir").mkdir(mode=0o700)
+    with pytest.raises(KeyFileError, match="regular file"):
+        load_or_create_key(tmp_path / "dir")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".key-")]  # no temporary file left behind

@@ -25,14 +25,14 @@ from edge.verify import (
     VerifyError,
     verify_module,
 )
-from edge.verify_cli import online_facts
+from edge.verify_cli import online_facts, parse_proof
 from registry.client import RegistryClient, RegistryError
 from registry.record import PackageRef, Release, decode_entry
 from registry.sbom import MAX_SBOM_BYTES
 from registry.wasm import MAX_MODULE_BYTES
 from tlog.client import UNREACHABLE, failure_kind
 from tlog.errors import TlogError
-from tlog.proof_file import TlogProof, parse_tlog_proof
+from tlog.proof_file import TlogProof
 
 from .agent_config import ModuleConfig, ProfileConfig
 from .agent_state import ADMITTED, REFUSED, ModuleStore
@@ -123,7 +123,7 @@ class Admission:
     async def _from(self, session: aiohttp.ClientSession, url: str, ref: PackageRef, profile: ProfileConfig) -> Decision:
         api = RegistryClient(url, session)
         path = api.package_path(ref)
-        tp = _parse_proof(await api.get(path + "/tlog-proof", MAX_PROOF_BYTES))
+        tp = parse_proof(await api.get(path + "/tlog-proof", MAX_PROOF_BYTES))
         assert tp.parsed is not None
         try:
             body = decode_entry(tp.extra or b"").body
@@ -181,13 +181,6 @@ class Admission:
             return Decision(ADMITTED, None, None, ref.version, verified.module_sha256, verified.index, url, tampered)
 
         return await asyncio.to_thread(verify_and_store)
-
-
-def _parse_proof(data: bytes) -> TlogProof:
-    try:
-        return parse_tlog_proof(data)
-    except TlogError as e:
-        raise VerifyError("proof-malformed", f"tlog-proof: {e}") from None
 
 
 def _source_failure(url: str, e: Exception, ref: PackageRef | None = None) -> Decision:

@@ -38,8 +38,9 @@ def _read(path: pathlib.Path, what: str, reason: str = "input-unreadable") -> by
         raise VerifyError(reason, f"cannot read {what} {path}: {e.strerror}") from None
 
 
-def _parse_proof(data: bytes) -> TlogProof:
-    """Parse the tlog-proof once; the online refresh and the verifier use what it read."""
+def parse_proof(data: bytes) -> TlogProof:
+    """Parse a tlog-proof (once: the online refresh and the verifier use what it read). Raises VerifyError
+    proof-malformed."""
     try:
         return parse_tlog_proof(data)
     except TlogError as e:
@@ -120,7 +121,7 @@ def _verify(
     consistency = None
     if consistency_file is not None:
         consistency = _hash_lines(_read(consistency_file, "consistency proof").decode("ascii", "replace"), str(consistency_file))
-    tp = _parse_proof(proof)  # once: the state, the online refresh and the verifier use it
+    tp = parse_proof(proof)  # once: the state, the online refresh and the verifier use it
     assert tp.parsed is not None  # parse_tlog_proof read the checkpoint
     cp = tp.parsed
     known = None

@@ -9,6 +9,7 @@ import hashlib
 import pathlib
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -198,18 +199,25 @@ async def test_a_tampered_module_is_never_run_and_is_quarantined_and_repaired(ai
         await sandbox.close()
 
 
-def proxy_app(target: str, session: aiohttp.ClientSession, old_checkpoint: list[bytes]) -> web.Application:
-    """A mirror in front of the registry that, once old_checkpoint holds a note, serves it as its checkpoint."""
+def mirror_app(target: str, session: aiohttp.ClientSession, answer: Callable[[web.Request], web.Response | None]) -> web.Application:
+    """A mirror in front of the registry: answer(request) where it returns a response, the registry's answer otherwise."""
 
     async def forward(request: web.Request) -> web.Response:
-        if request.path == "/log/checkpoint" and old_checkpoint:
-            return web.Response(body=old_checkpoint[0], content_type="text/plain")
+        own = answer(request)
+        if own is not None:
+            return own
         async with session.get(target + request.path_qs) as r:
             return web.Response(body=await r.read(), status=r.status, content_type=r.content_type)
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", forward)
     return app
+
+
+def proxy_app(target: str, session: aiohttp.ClientSession, old_checkpoint: list[bytes]) -> web.Application:
+    """A mirror that, once old_checkpoint holds a note, serves it as its checkpoint."""
+    return mirror_app(target, session, lambda request: web.Response(body=old_checkpoint[0], content_type="text/plain")
+                      if request.path == "/log/checkpoint" and old_checkpoint else None)
 
 
 async def test_a_registry_serving_an_older_checkpoint_is_refused(aiohttp_client, aiohttp_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -275,17 +283,12 @@ def mirror_withholding(api_url: str, session: aiohttp.ClientSession, extra: dict
     """A mirror of the registry that also serves the paths in extra (a release logged behind the
     registry's back) and, while withhold[0], answers no actions for acme (it hides a revocation)."""
 
-    async def forward(request: web.Request) -> web.Response:
+    def answer(request: web.Request) -> web.Response | None:
         if request.path == "/api/v1/namespaces/acme/actions" and withhold[0]:
             return web.json_response({"proofs": [], "next": None})
-        if request.path in extra:
-            return web.Response(body=extra[request.path])
-        async with session.get(api_url + request.path_qs) as r:
-            return web.Response(body=await r.read(), status=r.status, content_type=r.content_type)
+        return web.Response(body=extra[request.path]) if request.path in extra else None
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", forward)
-    return app
+    return mirror_app(api_url, session, answer)
 
 
 async def test_a_release_by_a_key_revoked_before_it_stops_at_the_next_sweep(aiohttp_client, aiohttp_server, tmp_path) -> None:  # type: ignore[no-untyped-def]

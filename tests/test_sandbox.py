@@ -329,20 +329,23 @@ async def test_seccomp_and_landlock_status_is_truthful(sandbox: Sandbox, tmp_pat
     assert (await sandbox.run(digest, path, ALL_WASI, stdin=b"through the walls", env={})).stdout == b"through the walls"
 
 
+async def started_status(tmp_path: pathlib.Path) -> dict[str, Any]:
+    """The status of a one-worker sandbox once its worker has started (and said which walls it has)."""
+    sb = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
+    try:
+        await sb.start()
+        return sb.status()
+    finally:
+        await sb.close()
+
+
 def test_seccomp_is_active_where_the_bindings_load(tmp_path: pathlib.Path) -> None:
     """On a machine with pyseccomp and libseccomp (this project's test extra installs the bindings) the filter
     must actually be on; elsewhere the status says why not."""
     pytest.importorskip("pyseccomp", exc_type=ImportError)
     from edge.sandbox_worker import apply_seccomp  # noqa: F401 - the worker's code path imports cleanly
 
-    async def check() -> dict[str, object]:
-        sb = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
-        try:
-            await sb.start()
-            return sb.status()
-        finally:
-            await sb.close()
-    status = asyncio.run(check())
+    status = asyncio.run(started_status(tmp_path))
     assert status["seccomp"] is True, status["seccomp_reason"]
 
 
@@ -352,14 +355,7 @@ def test_landlock_is_active_where_the_kernel_has_it(tmp_path: pathlib.Path) -> N
     if ctypes.CDLL(None, use_errno=True).syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1)) < 1:
         pytest.skip("this kernel has no Landlock")
 
-    async def check() -> dict[str, object]:
-        sb = Sandbox(tmp_path / "cache", tmp_path / "artifact.key", workers=1)
-        try:
-            await sb.start()
-            return sb.status()
-        finally:
-            await sb.close()
-    status = asyncio.run(check())
+    status = asyncio.run(started_status(tmp_path))
     assert status["landlock"] is True, status["landlock_reason"]
 
 

@@ -97,7 +97,8 @@ class AgentMetrics:
             modules.labels(state).set_function(_counter(agent, state))
 
 
-def _counter(agent: Agent, state: str) -> Callable[[], float]:
+def _counter(agent: Agent, state: str) -> Callable[[], int]:
+    """How many configured modules are in state, asked anew each call (metrics and /healthz)."""
     return lambda: sum(s.state == state for s in agent.modules.values())
 
 
@@ -178,7 +179,7 @@ def _count(app: web.Application, result: dict) -> None:  # type: ignore[type-arg
 
 async def get_healthz(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
-    counts = {state: sum(s.state == state for s in agent.modules.values()) for state in STATES}
+    counts = {state: _counter(agent, state)() for state in STATES}
     return web.Response(text="ok: " + ", ".join(f"{n} {state}" for state, n in counts.items()) + "\n")
 
 

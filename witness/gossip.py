@@ -75,7 +75,9 @@ class Gossip:
                     failure = f"{origin}: {kind}: {e}"
                     outcomes[(peer, origin)] = f"failed: {kind}: {e}"
                     self.fetches.labels(peer, kind).inc()
-                    logger.warning("gossip: peer %s, log %s: %s: %s", peer, origin, kind, e)
+                    # A peer that is down is news once it stays down (a network starting up is not).
+                    level = logging.WARNING if self.health[peer].failed_rounds + 1 >= self.unhealthy_after else logging.INFO
+                    logger.log(level, "gossip: peer %s, log %s: %s: %s", peer, origin, kind, e)
                     continue
                 if note is None:
                     self.fetches.labels(peer, "not-found").inc()

@@ -81,7 +81,7 @@ class Agent:
         """Load state.json (its MAC checked), then run one sweep; serve nothing before this returns."""
         loaded, state_file = await asyncio.to_thread(self._load_state)
         self.modules = {m.ref: loaded[m.ref] for m in self.config.modules if m.ref in loaded and loaded[m.ref].profile == m.profile}
-        if state_file != "verified":
+        if state_file.startswith("tampered"):
             logger.warning("state.json %s: nothing is served until the start-up sweep verifies it again", state_file)
         await self._save()
         self.started = {"time": self.now(), "state_file": state_file}

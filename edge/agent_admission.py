@@ -134,9 +134,11 @@ class Admission:
                 if type(versions) is not list or len(versions) > MAX_VERSIONS:
                     raise MalformedError(f"versions is not a list of at most {MAX_VERSIONS}")
                 try:
-                    return {check_version(v) for v in versions}, None
+                    listed = {check_version(v) for v in versions}
                 except RecordError as e:
                     raise MalformedError(f"the versions of {ns}:{name}: {e}") from None
+                self.answered.add(url)
+                return listed, None
             except Exception as e:  # noqa: BLE001 -- every failure is this source's: named; the others still count
                 failure = source_failure(url, e)
                 self._failed(failure)
@@ -197,6 +199,7 @@ class Admission:
         refresh = await asyncio.shield(self._status[namespace])
         for failure in refresh.failures:
             self._failed(failure)
+        self.answered.update(refresh.answered)
         return refresh
 
     async def _verify(self, url: str, ref: PackageRef, profile: ProfileConfig, tp: TlogProof, body: Release, module: bytes,

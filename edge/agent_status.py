@@ -42,6 +42,7 @@ class SourceFailure:
 @dataclass(frozen=True)
 class StatusRefresh:
     status: NamespaceStatus | None  # the union of what the sources proved; None when no source answered at all
+    answered: tuple[str, ...] = ()  # the sources that answered with a list of records
     failures: tuple[SourceFailure, ...] = ()
     evidence: tuple[str, ...] = ()  # files of fork/inconsistency evidence written
 
@@ -62,15 +63,16 @@ async def refresh_namespace_status(registries: Sequence[str], namespace: str, po
     async with aiohttp.ClientSession(timeout=STATUS_TIMEOUT) as session:
         answers = await asyncio.gather(*(_from_source(session, url, namespace, policy, checkpoints, now) for url in registries))
     proven = [status for status, _, _ in answers if status is not None]
+    answered = tuple(url for url, (status, _, _) in zip(registries, answers, strict=True) if status is not None)
     failures = tuple(f for _, fs, _ in answers for f in fs)
     evidence = tuple(e for _, _, es in answers for e in es)
     if not proven:
-        return StatusRefresh(None, failures, evidence)
+        return StatusRefresh(None, answered, failures, evidence)
     revoked: dict[str, int] = {}
     for status in proven:
         for vkey, index in status.revoked.items():
             revoked[vkey] = min(index, revoked.get(vkey, index))
-    return StatusRefresh(NamespaceStatus(frozenset().union(*(s.yanked for s in proven)), revoked), failures, evidence)
+    return StatusRefresh(NamespaceStatus(frozenset().union(*(s.yanked for s in proven)), revoked), answered, failures, evidence)
 
 
 async def _from_source(session: aiohttp.ClientSession, url: str, ns: str, policy: TrustPolicy, checkpoints: pathlib.Path,

@@ -72,6 +72,7 @@ class Agent:
         self.on_sweep: Callable[[dict[str, Any]], None] | None = None  # told each sweep's result (the metrics)
         self._next_sweep: asyncio.Future[dict[str, Any]] | None = None  # the sweep the callers since the running one wait for
         self._next_trigger = "request"  # who asked for it first: start, interval, request
+        self.sweep_waiting = 0  # callers waiting for a sweep's result (the running one's, or the next one's)
         self._sweeper: asyncio.Task[None] | None = None
 
     def now(self) -> int:
@@ -156,7 +157,12 @@ class Agent:
             self._next_trigger = trigger
             if self._sweeper is None:
                 self._sweeper = asyncio.create_task(self._sweep_while_asked())
-        return await asyncio.shield(self._next_sweep)
+        future = self._next_sweep
+        self.sweep_waiting += 1
+        try:
+            return await asyncio.shield(future)
+        finally:
+            self.sweep_waiting -= 1
 
     async def close(self) -> None:
         """Stop a sweep in progress (its callers get CancelledError)."""
@@ -272,6 +278,8 @@ class Agent:
             "checkpoints": self.checkpoints_json(),
             "last_sweep": self.last_sweep,
             "sweeps": self.sweeps,
+            "sweep_running": self.lock.locked(),
+            "sweep_waiting": self.sweep_waiting,
             "sources": [{"url": url, **source} for url, source in self.sources.items()],
             "sandbox": self.sandbox.status(),
         }

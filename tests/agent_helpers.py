@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import pathlib
 import re
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -158,11 +159,15 @@ class AgentProcess:
         return self.proc.returncode or 0
 
 
-def mirror_app(target: str, session: aiohttp.ClientSession, answer: Callable[[web.Request], web.Response | None]) -> web.Application:
-    """A mirror in front of the registry: answer(request) where it returns a response, the registry's answer otherwise."""
+def mirror_app(target: str, session: aiohttp.ClientSession,
+               answer: Callable[[web.Request], web.Response | Awaitable[web.Response | None] | None]) -> web.Application:
+    """A mirror in front of the registry: answer(request) (a function or coroutine function) where it returns
+    a response, the registry's answer otherwise."""
 
     async def forward(request: web.Request) -> web.Response:
         own = answer(request)
+        if inspect.isawaitable(own):
+            own = await own
         if own is not None:
             return own
         async with session.get(target + request.path_qs) as r:

@@ -104,8 +104,7 @@ class Admission:
         if admitted is not None:
             versions.add(admitted)
         if not versions:
-            assert failure is not None
-            return failure
+            return failure or Decision(REFUSED, "not-found", f"{module.ref}: no source lists a release")
         withdrawn: Decision | None = None  # the admitted release, proven yanked or revoked
         unverified: Decision | None = None
         tries = 0

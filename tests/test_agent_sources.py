@@ -286,3 +286,29 @@ async def test_a_revocation_only_the_second_source_proves_counts(aiohttp_client,
             assert r.status == 403 and b"key-revoked" in await r.read()
         finally:
             await a.close()
+
+
+async def test_a_source_listing_no_versions_refuses_nothing_it_cannot_prove(aiohttp_client, aiohttp_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await api.publish(ALICE, parse_package_ref("acme:echo@1.0.0"), ECHO_1)
+    empty = [True]
+
+    def answer(request: web.Request) -> web.Response | None:
+        if request.path == "/api/v1/packages/acme/echo" and empty[0]:
+            return web.json_response({"package": "acme:echo", "versions": []})
+        return None
+
+    async with aiohttp.ClientSession() as session:
+        server = await aiohttp_server(mirror_app(api.url, session, answer))
+        a = await in_process_agent(aiohttp_client, tmp_path, [str(server.make_url("")).rstrip("/")], {"acme:echo": "cgi"})
+        try:
+            (m,) = (await status(a))["modules"]
+            assert (m["state"], m["reason"]) == ("refused", "not-found")  # nothing listed: nothing to admit, and no crash
+            empty[0] = False
+            (m,) = (await sweep(a))["modules"]
+            assert (m["state"], m["version"]) == ("admitted", "1.0.0")
+            empty[0] = True  # listed no more: the admitted release stays
+            (m,) = (await sweep(a))["modules"]
+            assert (m["state"], m["version"], m["changed"]) == ("admitted", "1.0.0", False)
+        finally:
+            await a.close()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -26,6 +26,7 @@ from registry.client import RegistryClient, RegistryError
 from tlog.checkpoint import Checkpoint
 from tlog.client import UNREACHABLE, failure_kind
 from tlog.errors import TlogError
+from tlog.proof_file import TlogProof
 
 STATUS_TIMEOUT = aiohttp.ClientTimeout(total=60)
 
@@ -66,13 +67,26 @@ async def refresh_namespace_status(registries: Sequence[str], namespace: str, po
     answered = tuple(url for url, (status, _, _) in zip(registries, answers, strict=True) if status is not None)
     failures = tuple(f for _, fs, _ in answers for f in fs)
     evidence = tuple(e for _, _, es in answers for e in es)
-    if not proven:
-        return StatusRefresh(None, answered, failures, evidence)
+    return StatusRefresh(union(proven) if proven else None, answered, failures, evidence)
+
+
+def union(statuses: Iterable[NamespaceStatus]) -> NamespaceStatus:
+    """Every yank of any of statuses; every revocation, at the earliest index any of them proves."""
+    yanked: set[str] = set()
     revoked: dict[str, int] = {}
-    for status in proven:
+    for status in statuses:
+        yanked |= status.yanked
         for vkey, index in status.revoked.items():
             revoked[vkey] = min(index, revoked.get(vkey, index))
-    return StatusRefresh(NamespaceStatus(frozenset().union(*(s.yanked for s in proven)), revoked), answered, failures, evidence)
+    return NamespaceStatus(frozenset(yanked), revoked)
+
+
+def _check_one(ns: str, proof: bytes, policy: TrustPolicy, now: int) -> tuple[NamespaceStatus, TlogProof] | VerifyError:
+    """One action record: included in a checkpoint its log signed with the policy's quorum (namespace_status)."""
+    try:
+        return namespace_status(ns, [proof], policy, now), parse_proof(proof)
+    except VerifyError as e:
+        return e
 
 
 async def _from_source(session: aiohttp.ClientSession, url: str, ns: str, policy: TrustPolicy, checkpoints: pathlib.Path,
@@ -82,33 +96,28 @@ async def _from_source(session: aiohttp.ClientSession, url: str, ns: str, policy
         proofs = await RegistryClient(url, session).actions(ns)
     except Exception as e:  # noqa: BLE001 -- this source's failure, named; the others still count
         return None, [source_failure(url, e)], []
-    yanked: set[str] = set()
-    revoked: dict[str, int] = {}
+    checked = await asyncio.to_thread(lambda: [_check_one(ns, proof, policy, now) for proof in proofs])  # signatures: off the loop
     consistent: dict[bytes, VerifyError | None] = {}  # checkpoint note -> why it is not consistent with ours (None: it is)
     evidence: list[str] = []
+    good: list[NamespaceStatus] = []
     bad: list[VerifyError] = []
-    for proof in proofs:
-        try:
-            one = namespace_status(ns, [proof], policy, now)  # included in a checkpoint the log signed, with its quorum
-            tp = parse_proof(proof)
-            if tp.checkpoint not in consistent:
-                assert tp.parsed is not None  # parse_tlog_proof read the checkpoint
-                consistent[tp.checkpoint] = await _consistency_failure(url, tp.parsed, tp.checkpoint, policy, checkpoints, now)
-                failure = consistent[tp.checkpoint]
-                if failure is not None and failure.reason in EVIDENCE_REASONS:
-                    evidence.append(str(await asyncio.to_thread(save_evidence, checkpoints, failure.reason, str(failure),
-                                                                failure.evidence, now)))
-            if (failure := consistent[tp.checkpoint]) is not None:
-                raise failure
-        except VerifyError as e:
-            bad.append(e)
+    for one in checked:
+        if isinstance(one, VerifyError):
+            bad.append(one)
             continue
-        yanked |= one.yanked
-        for vkey, index in one.revoked.items():
-            revoked[vkey] = min(index, revoked.get(vkey, index))
+        status, tp = one
+        if tp.checkpoint not in consistent:
+            assert tp.parsed is not None  # parse_tlog_proof read the checkpoint
+            failure = consistent[tp.checkpoint] = await _consistency_failure(url, tp.parsed, tp.checkpoint, policy, checkpoints, now)
+            if failure is not None and failure.reason in EVIDENCE_REASONS:
+                evidence.append(str(await asyncio.to_thread(save_evidence, checkpoints, failure.reason, str(failure), failure.evidence, now)))
+        if (failure := consistent[tp.checkpoint]) is not None:
+            bad.append(failure)
+        else:
+            good.append(status)
     failures = [] if not bad else [SourceFailure(url, "registry-error", f"{url}: {len(bad)} of the {len(proofs)} action records of "
                                                  f"{ns} do not check and are not counted; the first: ({bad[0].reason}) {bad[0]}")]
-    return NamespaceStatus(frozenset(yanked), revoked), failures, evidence
+    return union(good), failures, evidence
 
 
 async def _consistency_failure(url: str, cp: Checkpoint, note: bytes, policy: TrustPolicy, checkpoints: pathlib.Path,

@@ -1,5 +1,6 @@
 """What a local tamperer plants under a digest's name (a directory, a FIFO, a link to /dev/zero, a foreign
-file) is found bad, removed, and never stops the check of the other entries or blocks the agent."""
+file) is found bad, removed, and never stops the check of the other entries or blocks the agent; and
+state.json is used only when its MAC checks under this node's key."""
 
 from __future__ import annotations
 

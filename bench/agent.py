@@ -104,7 +104,7 @@ def write_config(d: pathlib.Path, url: str, refs: list[str]) -> pathlib.Path:
     (d / "trust-policy.toml").write_text(f'tlog_policy = """\nlog {LOG_VKEY[0]}\nquorum none\n"""\n')
     mods = "".join(f'[[modules]]\nref = "{r}"\nprofile = "stdout"\n' for r in refs)
     (d / "agent.toml").write_text(
-        f'trust_policy = "trust-policy.toml"\nregistries = ["{url}"]\ndata = "agent-data"\nlisten = "127.0.0.1:0"\n'
+        f'trust_policy = "trust-policy.toml"\nregistries = ["{url}"]\ndata = "agent-data"\nlisten = "127.0.0.1:0"\nadmin_listen = "127.0.0.1:0"\n'
         f'sweep_interval = 86400\n[profiles.stdout]\nimports = ["{WASI}.fd_write"]\nmemory_mb = 16\ntimeout_ms = 2000\n{mods}')
     return d / "agent.toml"
 
@@ -181,18 +181,19 @@ async def bench_wagi(d: pathlib.Path, url: str, seconds: float, concurrency: int
     try:
         assert proc.stdout is not None
         m = re.match(rb"wasmlog agent: (http://\S+)", await asyncio.wait_for(proc.stdout.readline(), 120))
-        assert m, "the agent did not start"
-        base = m[1].decode().rstrip("/")
+        admin = re.match(rb"wasmlog agent admin: (http://\S+)", await asyncio.wait_for(proc.stdout.readline(), 120))
+        assert m and admin, "the agent did not start"
+        base, admin_base = m[1].decode().rstrip("/"), admin[1].decode().rstrip("/")
         out = {}
         async with aiohttp.ClientSession() as session:
-            for name, path in (("wagi_run", "/run/acme/m0"), ("baseline_healthz", "/healthz")):
+            for name, target in (("wagi_run", base + "/run/acme/m0"), ("baseline_healthz", admin_base + "/healthz")):
                 lat: list[float] = []
                 end = time.perf_counter() + seconds
 
-                async def worker(path: str = path, lat: list[float] = lat, end: float = end) -> None:
+                async def worker(target: str = target, lat: list[float] = lat, end: float = end) -> None:
                     while time.perf_counter() < end:
                         t = time.perf_counter()
-                        async with session.get(base + path) as r:
+                        async with session.get(target) as r:
                             await r.read()
                             assert r.status == 200, r.status
                         lat.append(time.perf_counter() - t)

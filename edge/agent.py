@@ -1,14 +1,18 @@
 """The edge agent: keeps the configured modules admitted, refused or quarantined, and sweeps.
 
-State changes are written to disk (state.json, atomically) before they are acted on: a module is
-served only once its admission is on disk, and stops being served as soon as its quarantine is.
-After a restart the state on disk is what is served: nothing refused or quarantined runs again
-until a sweep admits it.
+State changes are written to disk (state.json, atomically, under the node's MAC) before they are
+acted on: a module is served only once its admission is on disk, and stops being served as soon as
+its quarantine is. A start loads state.json and runs one sweep before anything is served: what the
+sweep cannot re-check (its sources are down) keeps the state on disk, so nothing refused or
+quarantined runs again until a sweep admits it. A state.json that is missing while modules were
+admitted, malformed, or whose MAC does not check is not used at all: the start-up sweep decides
+everything anew, and a module it cannot verify is not served.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import pathlib
 import time
@@ -25,10 +29,11 @@ from edge.verify import (
     parse_trust_policy,
 )
 
-from .agent_admission import FETCH_TIMEOUT, UNAVAILABLE_REASONS, Admission, Decision
+from .agent_admission import FETCH_TIMEOUT, Admission, Decision, is_final
 from .agent_config import AgentConfig, ModuleConfig
-from .agent_state import ADMITTED, QUARANTINED, ModuleState, ModuleStore, StateFile
+from .agent_state import ADMITTED, QUARANTINED, ModuleState, ModuleStore, StateError, StateFile, state_key
 from .agent_sweep import next_state, refresh_checkpoint
+from .artifacts import load_or_create_key
 from .sandbox import Sandbox
 
 logger = logging.getLogger("wasmlog.agent")
@@ -53,36 +58,57 @@ class Agent:
         self.sandbox = sandbox
         self.clock = clock
         self.policy = load_trust_policy(config.trust_policy)
-        self.state_file = StateFile(config.data)
+        config.data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.state_file = StateFile(config.data, state_key(load_or_create_key(config.data / "artifact.key")))
         self.store = ModuleStore(config.data)
         self.checkpoints = config.data / "checkpoints"
         self.modules: dict[str, ModuleState] = {}
         self.lock = asyncio.Lock()  # one admission round or sweep at a time
         self._writing = asyncio.Lock()  # one change of state.json at a time (a sweep, a quarantine while serving)
+        self.started: dict[str, Any] | None = None  # when, and what state.json was worth
         self.last_sweep: dict[str, Any] | None = None
         self.sweeps = 0
+        self.sources: dict[str, dict[str, Any]] = {url: {"last_ok": None, "last_error": None} for url in config.registries}
+        self.on_sweep: Callable[[dict[str, Any]], None] | None = None  # told each sweep's result (the metrics)
+        self._next_sweep: asyncio.Future[dict[str, Any]] | None = None  # the sweep the callers since the running one wait for
+        self._next_trigger = "request"  # who asked for it first: start, interval, request
+        self.sweep_waiting = 0  # callers waiting for a sweep's result (the running one's, or the next one's)
+        self._sweeper: asyncio.Task[None] | None = None
 
     def now(self) -> int:
         return int(self.clock())
 
     async def start(self) -> None:
-        """Load the state on disk; admit the configured modules it does not know (or whose profile changed)."""
-        loaded = await asyncio.to_thread(self.state_file.load)
+        """Load state.json (its MAC checked), then run one sweep; serve nothing before this returns."""
+        loaded, state_file = await asyncio.to_thread(self._load_state)
         self.modules = {m.ref: loaded[m.ref] for m in self.config.modules if m.ref in loaded and loaded[m.ref].profile == m.profile}
+        if state_file.startswith("tampered"):
+            logger.warning("state.json %s: nothing is served until the start-up sweep verifies it again", state_file)
         await self._save()
-        new = [m for m in self.config.modules if m.ref not in self.modules]
-        if new:
-            async with self.lock, aiohttp.ClientSession(timeout=FETCH_TIMEOUT) as session:
-                admission = Admission(self.policy, self.config.registries, self.store, self.checkpoints, self.now())
-                await self._apply(list(zip(new, await self._decide(admission, session, new), strict=True)))
+        self.started = {"time": self.now(), "state_file": state_file}
+        await self.sweep("start")
+        self.started["serving_since"] = self.now()
+
+    def _load_state(self) -> tuple[dict[str, ModuleState], str]:
+        try:
+            loaded = self.state_file.load()
+        except StateError as e:
+            return {}, f"tampered: {e}"
+        if loaded is None:
+            if next(self.store.digests(), None) is not None:
+                return {}, "tampered: state.json is missing, though modules were admitted"
+            return {}, "new"
+        return loaded, "verified"
 
     async def _decide(self, admission: Admission, session: aiohttp.ClientSession, modules: list[ModuleConfig]) -> list[Decision]:
         """Admission decisions for modules, ADMISSION_CONCURRENCY fetching at once."""
         gate = asyncio.Semaphore(ADMISSION_CONCURRENCY)
 
         async def decide(m: ModuleConfig) -> Decision:
+            old = self.modules.get(m.ref)
+            admitted = old.version if old is not None and old.state in (ADMITTED, QUARANTINED) else None
             async with gate:
-                return await admission.decide(session, m, self.config.profiles[m.profile])
+                return await admission.decide(session, m, self.config.profiles[m.profile], admitted)
 
         return list(await asyncio.gather(*(decide(m) for m in modules)))
 
@@ -123,7 +149,49 @@ class Agent:
         m = self.config.module(namespace, name)
         return None if m is None else (m, self.modules.get(m.ref))
 
-    async def sweep(self) -> dict[str, Any]:
+    async def sweep(self, trigger: str = "request") -> dict[str, Any]:
+        """The result of a sweep that starts after this call. Sweeps are coalesced: while one runs, every
+        caller waits for the one next sweep, which starts when the running one ends (never more queued)."""
+        if self._next_sweep is None:
+            self._next_sweep = asyncio.get_running_loop().create_future()
+            self._next_trigger = trigger
+            if self._sweeper is None:
+                self._sweeper = asyncio.create_task(self._sweep_while_asked())
+        future = self._next_sweep
+        self.sweep_waiting += 1
+        try:
+            return await asyncio.shield(future)
+        finally:
+            self.sweep_waiting -= 1
+
+    async def close(self) -> None:
+        """Stop a sweep in progress (its callers get CancelledError)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._next_sweep is not None and not self._next_sweep.done():
+            self._next_sweep.cancel()
+
+    async def _sweep_while_asked(self) -> None:
+        try:
+            while (future := self._next_sweep) is not None:
+                self._next_sweep = None
+                try:
+                    result = await self._sweep(self._next_trigger)
+                except asyncio.CancelledError:
+                    future.cancel()
+                    raise
+                except Exception as e:  # noqa: BLE001 -- handed to every caller of this sweep
+                    future.set_exception(e)
+                else:
+                    if self.on_sweep is not None:
+                        self.on_sweep(result)
+                    future.set_result(result)
+        finally:
+            self._sweeper = None
+
+    async def _sweep(self, trigger: str) -> dict[str, Any]:
         """One integrity sweep (see README "Edge agent"); returns what it found and did."""
         async with self.lock:
             started = time.monotonic()
@@ -151,6 +219,7 @@ class Agent:
                     decisions = list(zip(self.config.modules, await self._decide(admission, session, list(self.config.modules)), strict=True))
             finally:
                 bad_artifacts = await artifacts
+            self._note_sources(admission, findings, now)
             for digest in bad_artifacts:  # deleted by the sandbox: rebuilt from verified bytes on the next run
                 refs = sorted(ref for ref, s in self.modules.items() if s.digest == digest)
                 findings.append({"kind": "integrity", "what": "artifact", "digest": digest, "refs": refs})
@@ -159,15 +228,26 @@ class Agent:
             for m, decision in decisions:
                 findings += [{"kind": "integrity", "what": "module", "digest": d, "refs": [m.ref], "message": "replaced by verified bytes"}
                              for d in decision.tampered]
-                if decision.reason in UNAVAILABLE_REASONS and m.ref in self.modules:  # the module keeps its state
+                if decision.state != ADMITTED and not is_final(decision.reason) and m.ref in self.modules:  # it keeps its state
                     findings.append({"kind": "unavailable", "ref": m.ref, "reason": decision.reason, "message": decision.message})
             modules = [{**self._module_json(m, new), "previous": None if old is None else old.state,
                         "changed": old is None or (old.state, old.digest) != (new.state, new.digest)}
                        for (m, _), (old, new) in zip(decisions, await self._apply(decisions), strict=True)]
             self.sweeps += 1
-            self.last_sweep = {"time": now, "seconds": round(time.monotonic() - started, 3), "checkpoint": checkpoint,
-                               "findings": findings, "modules": modules}
+            self.last_sweep = {"number": self.sweeps, "trigger": trigger, "time": now, "seconds": round(time.monotonic() - started, 3),
+                               "checkpoint": checkpoint, "findings": findings, "modules": modules}
             return self.last_sweep
+
+    def _note_sources(self, admission: Admission, findings: list[dict[str, Any]], now: int) -> None:
+        """Each source's last error (and last good answer), for /status: a source's failure changes no module."""
+        errors = {url: {"time": now, "reason": f.reason, "message": f.message} for url, f in admission.failures.items()}
+        errors.update({f["registry"]: {"time": now, "reason": f.get("reason", f["kind"]), "message": f["message"]}
+                       for f in findings if f["kind"] in ("checkpoint", "rollback")})
+        for url, source in self.sources.items():
+            if url in errors:
+                source["last_error"] = errors[url]
+            if url in admission.answered:
+                source["last_ok"] = now
 
     def _module_json(self, m: ModuleConfig, s: ModuleState | None) -> dict[str, Any]:
         if s is None:
@@ -193,9 +273,13 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         return {
+            "started": self.started,
             "modules": [self._module_json(m, self.modules.get(m.ref)) for m in self.config.modules],
             "checkpoints": self.checkpoints_json(),
             "last_sweep": self.last_sweep,
             "sweeps": self.sweeps,
+            "sweep_running": self.lock.locked(),
+            "sweep_waiting": self.sweep_waiting,
+            "sources": [{"url": url, **source} for url, source in self.sources.items()],
             "sandbox": self.sandbox.status(),
         }

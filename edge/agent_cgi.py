@@ -20,6 +20,10 @@ _STATUS = re.compile(rb"([2-5][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")  # n
 DROPPED = frozenset({"status", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "trailer", "te",
                      "proxy-connection", "proxy-authenticate"})
 _ENV_HEADER = re.compile(r"[A-Za-z0-9-]{1,128}")
+# Request headers a module never sees: credentials (RFC 3875 section 4.1.18 leaves them out), hop-by-hop
+# headers (RFC 9110 section 7.6.1) and Proxy (it would become HTTP_PROXY, a proxy setting: "httpoxy").
+NOT_FORWARDED = frozenset({"authorization", "proxy-authorization", "cookie", "proxy", "connection", "keep-alive",
+                           "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"})
 
 
 class CgiError(TlogError):
@@ -61,7 +65,8 @@ def _response(fields: list[tuple[str, str]], body: bytes) -> tuple[int, list[tup
 def cgi_environment(*, method: str, script_name: str, path_info: str, query_string: str, protocol: str,
                     headers: Iterable[tuple[str, str]], content_length: int, server_name: str, server_port: str) -> dict[str, str]:
     """The CGI/1.1 meta-variables for a request (RFC 3875 section 4.1): HTTP_* from each header
-    (a repeated header joined with ", "; names other than letters, digits and '-' left out).
+    (a repeated header joined with ", "; names other than letters, digits and '-' left out, and
+    so are NOT_FORWARDED and the headers a Connection header names).
     Raises MalformedError for a path or query holding a NUL (no environment can carry it)."""
     if "\x00" in path_info or "\x00" in query_string:
         raise MalformedError("the request path or query holds a NUL byte")
@@ -70,12 +75,15 @@ def cgi_environment(*, method: str, script_name: str, path_info: str, query_stri
         "QUERY_STRING": query_string, "SERVER_PROTOCOL": protocol, "SERVER_NAME": server_name, "SERVER_PORT": server_port,
         "SERVER_SOFTWARE": "wasmlog-agent", "CONTENT_TYPE": "", "CONTENT_LENGTH": str(content_length) if content_length else "",
     }
+    headers = list(headers)
+    hop_by_hop = NOT_FORWARDED | {token.strip().lower() for name, value in headers if name.lower() == "connection"
+                                  for token in value.split(",")}
     http: dict[str, list[str]] = {}
     for name, value in headers:
         lower = name.lower()
         if lower == "content-type":
             env["CONTENT_TYPE"] = value
-        elif lower != "content-length" and _ENV_HEADER.fullmatch(name) and "\x00" not in value:
+        elif lower != "content-length" and lower not in hop_by_hop and _ENV_HEADER.fullmatch(name) and "\x00" not in value:
             http.setdefault("HTTP_" + name.upper().replace("-", "_"), []).append(value)
     env.update({k: ", ".join(v) for k, v in http.items()})
     return env

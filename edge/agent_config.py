@@ -2,7 +2,8 @@
 
 Every mistake raises ConfigError naming the key it is about: an unknown key, a value of the
 wrong type or out of range, an import pattern that is not "module.field" (``*`` allowed),
-a module with no profile or an unknown one, two modules for one namespace:name.
+a module with no profile or an unknown one, two modules for one namespace:name, an admin
+listener on the modules' port.
 Relative paths are resolved against base (the config file's directory).
 """
 
@@ -22,6 +23,7 @@ from .sandbox_protocol import MAX_PROFILE_MEMORY_MB
 
 MAX_CONFIG_BYTES = 1 << 20
 DEFAULT_LISTEN = "127.0.0.1:7400"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:7401"  # /status, /metrics, /healthz, POST /sweep: never the modules' origin
 DEFAULT_SWEEP_INTERVAL = 300
 MAX_MEMORY_MB = MAX_PROFILE_MEMORY_MB  # what a sandbox worker can hold (edge/sandbox_protocol.py)
 MAX_TIMEOUT_MS = 600_000
@@ -32,7 +34,7 @@ _PATTERN_SIDE = re.compile(r"[!-~]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 MAX_ENV_VALUE = 4096
 
-TOP_KEYS = {"trust_policy", "registries", "data", "listen", "sweep_interval", "profiles", "modules"}
+TOP_KEYS = {"trust_policy", "registries", "data", "listen", "admin_listen", "sweep_interval", "profiles", "modules"}
 PROFILE_KEYS = {"imports", "memory_mb", "timeout_ms", "fuel", "env"}
 MODULE_KEYS = {"ref", "profile"}
 
@@ -73,11 +75,13 @@ class AgentConfig:
     trust_policy: pathlib.Path
     registries: tuple[str, ...]
     data: pathlib.Path
-    host: str
+    host: str  # the modules' listener: /run/... only
     port: int
     sweep_interval: int
     profiles: Mapping[str, ProfileConfig]
     modules: tuple[ModuleConfig, ...]
+    admin_host: str = "127.0.0.1"  # the admin listener: /status, /metrics, /healthz, POST /sweep
+    admin_port: int = 7401
 
     def module(self, namespace: str, name: str) -> ModuleConfig | None:
         return next((m for m in self.modules if m.namespace == namespace and m.name == name), None)
@@ -173,11 +177,11 @@ def _url(obj: Any, key: str) -> str:
     return url.rstrip("/")
 
 
-def _listen(obj: Any) -> tuple[str, int]:
-    listen = _str(obj, "listen")
+def _listen(obj: Any, key: str) -> tuple[str, int]:
+    listen = _str(obj, key)
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError("listen", f"want HOST:PORT, got {listen!r}")
+    if not sep or not host or not port.isascii() or not port.isdigit() or len(port) > 5 or not 0 <= int(port) < 65536:
+        raise ConfigError(key, f"want HOST:PORT, got {listen!r}")
     return host.strip("[]"), int(port)
 
 
@@ -207,9 +211,12 @@ def parse_config(text: str, base: pathlib.Path) -> AgentConfig:
             first = seen[m.namespace, m.name]
             raise ConfigError(f"modules[{i}].ref", f"{m.namespace}:{m.name} is already modules[{first}] (one release per name is served)")
         seen[m.namespace, m.name] = i
-    host, port = _listen(t.get("listen", DEFAULT_LISTEN))
+    host, port = _listen(t.get("listen", DEFAULT_LISTEN), "listen")
+    admin_host, admin_port = _listen(t.get("admin_listen", DEFAULT_ADMIN_LISTEN), "admin_listen")
+    if admin_port == port != 0:  # port 0 asks for a free port, a different one for each listener
+        raise ConfigError("admin_listen", f"the admin listener needs a port of its own, not the modules' port {port}")
     return AgentConfig(
         trust_policy=base / _str(t["trust_policy"], "trust_policy"), registries=registries, data=base / _str(t["data"], "data"),
         host=host, port=port, sweep_interval=_int(t.get("sweep_interval", DEFAULT_SWEEP_INTERVAL), "sweep_interval", 1, MAX_SWEEP_INTERVAL),
-        profiles=profiles, modules=modules,
+        profiles=profiles, modules=modules, admin_host=admin_host, admin_port=admin_port,
     )

@@ -1,4 +1,6 @@
-"""The agent's HTTP API: WAGI runs, /status, /metrics, /healthz, POST /sweep. Loopback by default.
+"""The agent's two listeners, loopback by default. The module listener (`listen`) serves only the WAGI
+runs, /run/...: a module's answer never shares an origin with the agent's own API. The admin
+listener (`admin_listen`, a port of its own) serves /status, /metrics, /healthz and POST /sweep.
 
 Every error maps to one status in STATUS: a module not admitted (refused, quarantined, yanked) 403,
 unknown 404, a deadline 504, a trap or a memory cap 502; none of them disturbs another module.
@@ -12,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import Counter, Gauge, Histogram
@@ -86,6 +89,8 @@ agent_errors_middleware = errors_middleware_for(error_response)
 
 
 class AgentMetrics:
+    """The agent's metrics, in the admin app's registry; sweeps are counted once each, however many asked."""
+
     def __init__(self, app: web.Application, agent: Agent) -> None:
         registry = app[METRICS]
         self.runs = Counter("wasmlog_agent_runs", "Module runs by module and HTTP status", ["module", "status"], registry=registry)
@@ -95,6 +100,12 @@ class AgentMetrics:
         modules = Gauge("wasmlog_agent_modules", "Configured modules by state", ["state"], registry=registry)
         for state in STATES:
             modules.labels(state).set_function(_counter(agent, state))
+        agent.on_sweep = self.swept
+
+    def swept(self, result: dict[str, Any]) -> None:
+        self.sweeps.inc()
+        for f in result["findings"]:
+            self.findings.labels(f["kind"]).inc()
 
 
 def _counter(agent: Agent, state: str) -> Callable[[], int]:
@@ -165,16 +176,9 @@ async def get_status(request: web.Request) -> web.Response:
 
 
 async def post_sweep(request: web.Request) -> web.Response:
-    result = await request.app[AGENT].sweep()
-    _count(request.app, result)
+    """The result of a sweep that started after the request (one already asked for is shared: Agent.sweep)."""
+    result = await request.app[AGENT].sweep("request")
     return web.json_response(result, dumps=lambda o: json.dumps(o, indent=1))
-
-
-def _count(app: web.Application, result: dict) -> None:  # type: ignore[type-arg]
-    metrics = app[METRICS_KEY]
-    metrics.sweeps.inc()
-    for f in result["findings"]:
-        metrics.findings.labels(f["kind"]).inc()
 
 
 async def get_healthz(request: web.Request) -> web.Response:
@@ -191,7 +195,7 @@ async def _sweeps(app: web.Application) -> AsyncIterator[None]:
         while True:
             await asyncio.sleep(agent.config.sweep_interval)
             try:
-                _count(app, await agent.sweep())
+                await agent.sweep("interval")
             except Exception:  # logged; the next sweep runs on time
                 logger.exception("sweep failed")
 
@@ -202,21 +206,26 @@ async def _sweeps(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-def make_app(agent: Agent, *, periodic_sweeps: bool = True) -> web.Application:
-    app = web.Application(middlewares=[agent_errors_middleware])
-    app[AGENT] = agent
-    install(app, "wasmlog_agent")
-    app[METRICS_KEY] = AgentMetrics(app, agent)
+def make_apps(agent: Agent, *, periodic_sweeps: bool = True) -> tuple[web.Application, web.Application]:
+    """(the module listener's app: /run/... only; the admin listener's app: /status, /metrics, /healthz,
+    POST /sweep, and the periodic sweeps)."""
+    admin = web.Application(middlewares=[agent_errors_middleware])
+    admin[AGENT] = agent
+    install(admin, "wasmlog_agent")
+    admin[METRICS_KEY] = metrics = AgentMetrics(admin, agent)
+    admin.router.add_get("/status", get_status)
+    admin.router.add_get("/healthz", get_healthz)
+    admin.router.add_post("/sweep", post_sweep)
+    if periodic_sweeps:
+        admin.cleanup_ctx.append(_sweeps)
+    modules = web.Application(middlewares=[agent_errors_middleware])
+    modules[AGENT] = agent
+    modules[METRICS_KEY] = metrics
     run = body_limit(MAX_RUN_BODY, run_module, compressed=False)
     for path in ("/run/{namespace}/{name}", "/run/{namespace}/{name}/{tail:.*}"):
-        app.router.add_get(path, run)
-        app.router.add_post(path, run)
-    app.router.add_get("/status", get_status)
-    app.router.add_get("/healthz", get_healthz)
-    app.router.add_post("/sweep", post_sweep)
-    if periodic_sweeps:
-        app.cleanup_ctx.append(_sweeps)
-    return app
+        modules.router.add_get(path, run)
+        modules.router.add_post(path, run)
+    return modules, admin
 
 
 def new_sandbox(config: AgentConfig, workers: int = 2) -> Sandbox:
@@ -226,19 +235,26 @@ def new_sandbox(config: AgentConfig, workers: int = 2) -> Sandbox:
 
 
 async def serve_agent(config: AgentConfig, limits: ServerLimits, stop: asyncio.Event) -> None:
-    """Admit the configured modules, then serve until stop is set; sweeps every sweep_interval."""
+    """Run the start-up sweep, then serve both listeners until stop is set; sweeps every sweep_interval.
+    Nothing is served before the start-up sweep has re-checked every module (Agent.start)."""
     load_trust_policy(config.trust_policy)  # a policy that cannot be used stops us before anything is created
     sandbox = new_sandbox(config)
     try:
         agent = Agent(config, sandbox)
         await sandbox.start()  # the workers, now: /status says whether their syscall filter is active
         await agent.start()
-        runner, sites = await start_server(make_app(agent), limits, config.host, config.port)
+        modules, admin = make_apps(agent)
+        runners = []
         try:
-            logger.warning("agent serving on http://%s:%d/ (%d modules)", config.host, sites[0].port, len(config.modules))
-            print(f"wasmlog agent: http://{config.host}:{sites[0].port}/", flush=True)
+            for app, host, port, what in ((modules, config.host, config.port, ""), (admin, config.admin_host, config.admin_port, " admin")):
+                runner, sites = await start_server(app, limits, host, port)
+                runners.append(runner)
+                logger.warning("agent%s serving on http://%s:%d/", what, host, sites[0].port)
+                print(f"wasmlog agent{what}: http://{host}:{sites[0].port}/", flush=True)
             await stop.wait()
         finally:
-            await runner.cleanup()
+            for runner in reversed(runners):
+                await runner.cleanup()
+            await agent.close()
     finally:
         await sandbox.close()

@@ -2,7 +2,9 @@
 
 - state.json: per configured module its state (admitted | refused | quarantined), reason, the
   release it resolved to, digest, log index, profile, since; replaced atomically (temp file,
-  fsync, rename), and always written before the state is acted on, so it survives a SIGKILL;
+  fsync, rename), and always written before the state is acted on, so it survives a SIGKILL.
+  It carries an HMAC-SHA256 under a key derived from the node's artifact key (state_key): a file
+  edited on disk, or written by another node, does not check, and is not used (StateError);
 - modules/sha256/<hex>: the admitted modules, content-addressed (written the same way);
 - checkpoints/: the newest checkpoint trusted per log (registry/edge_state.py, as `wasmlog verify --state`).
 """
@@ -10,12 +12,15 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import pathlib
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+from registry.dsse import strict_json
+from tlog.errors import MalformedError
 from tlog.files import atomic_write, is_regular_file, remove_entry
 
 ADMITTED, REFUSED, QUARANTINED = "admitted", "refused", "quarantined"
@@ -24,8 +29,17 @@ MAX_STATE_BYTES = 64 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
+STATE_VERSION = 2  # 1 had no MAC
+
+
 class StateError(Exception):
-    """state.json cannot be used (not ours, or damaged): the agent will not guess."""
+    """state.json cannot be used (its MAC does not check, or it is damaged): the agent will not guess."""
+
+
+def state_key(artifact_key: bytes) -> bytes:
+    """The key state.json is MACed under: derived from the node-local artifact key (edge/artifacts.py), so one
+    0600 file holds the node's secret, and a MAC of one purpose is never one of the other."""
+    return hmac.new(artifact_key, b"wasmlog agent state.json key", hashlib.sha256).digest()
 
 
 @dataclass(frozen=True)
@@ -54,26 +68,42 @@ def _module_state(obj: object) -> ModuleState:
 
 
 class StateFile:
-    """state.json: {"version": 1, "modules": {ref: ModuleState}}."""
+    """state.json: {"version": 2, "modules": {ref: ModuleState}, "mac": hex HMAC-SHA256 under key of the
+    canonical JSON (sorted keys, no spaces) of the rest}."""
 
-    def __init__(self, data: pathlib.Path) -> None:
+    def __init__(self, data: pathlib.Path, key: bytes) -> None:
         self.path = data / "state.json"
+        self._key = key
 
-    def load(self) -> dict[str, ModuleState]:
-        if not self.path.exists():
-            return {}
+    def _mac(self, content: dict[str, object]) -> str:
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+        return hmac.new(self._key, b"wasmlog agent state\0" + canonical, hashlib.sha256).hexdigest()
+
+    def load(self) -> dict[str, ModuleState] | None:
+        """The states in the file, None when there is no file. Raises StateError for a file that is
+        malformed, of another version, or whose MAC does not check under this node's key."""
+        if not (self.path.is_symlink() or self.path.exists()):
+            return None
         try:
-            if self.path.stat().st_size > MAX_STATE_BYTES:
-                raise StateError(f"{self.path} is over {MAX_STATE_BYTES} bytes")
-            obj = json.loads(self.path.read_bytes())
-            if type(obj) is not dict or obj.get("version") != 1 or type(obj.get("modules")) is not dict:
-                raise StateError(f"{self.path} is not an agent state file")
+            if not is_regular_file(self.path) or self.path.stat().st_size > MAX_STATE_BYTES:
+                raise StateError(f"{self.path} is not a regular file of at most {MAX_STATE_BYTES} bytes")
+            obj = strict_json(self.path.read_bytes(), str(self.path))
+        except (OSError, MalformedError) as e:
+            raise StateError(f"{self.path}: {e}") from None
+        if type(obj) is not dict or set(obj) != {"version", "modules", "mac"} or obj["version"] != STATE_VERSION \
+                or type(obj["modules"]) is not dict or type(obj["mac"]) is not str:
+            raise StateError(f"{self.path} is not a version {STATE_VERSION} agent state file")
+        mac = obj.pop("mac")
+        if not hmac.compare_digest(mac.encode(), self._mac(obj).encode()):
+            raise StateError(f"{self.path}: its MAC does not check under this node's key (edited, or another node's)")
+        try:
             return {ref: _module_state(m) for ref, m in obj["modules"].items()}
-        except (OSError, ValueError, TypeError) as e:
+        except TypeError as e:
             raise StateError(f"{self.path}: {e}") from None
 
     def save(self, modules: dict[str, ModuleState]) -> None:
-        body = json.dumps({"version": 1, "modules": {ref: m.as_json() for ref, m in sorted(modules.items())}}, indent=1)
+        content: dict[str, object] = {"version": STATE_VERSION, "modules": {ref: m.as_json() for ref, m in sorted(modules.items())}}
+        body = json.dumps({**content, "mac": self._mac(content)}, indent=1)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, body.encode())
 

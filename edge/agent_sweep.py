@@ -21,21 +21,23 @@ from edge.verify import (
 )
 from edge.verify_cli import online_facts
 from registry.client import RegistryClient
-from tlog.client import UNREACHABLE, failure_kind
 
-from .agent_admission import UNAVAILABLE_REASONS, Decision
+from .agent_admission import Decision, is_final
 from .agent_state import ADMITTED, QUARANTINED, ModuleState
+from .agent_status import source_failure
 
 MAX_CHECKPOINT_BYTES = 1 << 20
 
 
 async def refresh_checkpoint(session: aiohttp.ClientSession, registries: Sequence[str], policy: TrustPolicy,
                              checkpoints: pathlib.Path, now: int) -> dict[str, object]:
-    """Ask each registry in turn for its checkpoint until one is accepted: signed by a log the policy
-    names, with its witness quorum, fresh enough, and consistent with (and not older than) the one
-    this node trusts. Returns {"accepted": bool, "origin", "size", "findings": [...]}: a registry
+    """Ask every registry for its checkpoint; accept each one signed by a log the policy names, with its
+    witness quorum, fresh enough, and consistent with (and not older than) the one this node trusts, so
+    the trusted checkpoint moves to the newest a source can prove (one serving an old one cannot hold it
+    back). Returns {"accepted": bool, "registry", "origin", "size", "findings": [...]}: a registry
     serving an older checkpoint is a "rollback" finding, and the known checkpoint is kept."""
     findings: list[dict[str, object]] = []
+    newest: tuple[int, str, str] | None = None  # size, registry, origin of the newest accepted
     for url in registries:
         try:
             note = await RegistryClient(url, session).get("/log/checkpoint", MAX_CHECKPOINT_BYTES)  # read no further
@@ -51,23 +53,28 @@ async def refresh_checkpoint(session: aiohttp.ClientSession, registries: Sequenc
                 continue
             if new != known:
                 await asyncio.to_thread(save_known, checkpoints, new)
-            return {"accepted": True, "registry": url, "origin": cp.origin, "size": new.checkpoint.size, "findings": findings}
+            if newest is None or new.checkpoint.size > newest[0]:
+                newest = (new.checkpoint.size, url, cp.origin)
         except VerifyError as e:
             finding: dict[str, object] = {"kind": "checkpoint", "registry": url, "reason": e.reason, "message": str(e)}
             if e.reason in EVIDENCE_REASONS:
                 finding["evidence"] = str(await asyncio.to_thread(save_evidence, checkpoints, e.reason, str(e), e.evidence, now))
             findings.append(finding)
         except Exception as e:  # noqa: BLE001 -- this registry's failure, named; then the next
-            reason = "registry-unreachable" if failure_kind(e) == UNREACHABLE else "registry-error"
-            findings.append({"kind": "checkpoint", "registry": url, "reason": reason, "message": f"{url}: {e!r}"})
-    return {"accepted": False, "findings": findings}
+            failure = source_failure(url, e)
+            findings.append({"kind": "checkpoint", "registry": url, "reason": failure.reason, "message": failure.message})
+    if newest is None:
+        return {"accepted": False, "findings": findings}
+    return {"accepted": True, "registry": newest[1], "origin": newest[2], "size": newest[0], "findings": findings}
 
 
 def next_state(old: ModuleState | None, decision: Decision, profile: str, ref: str, now: int) -> ModuleState:
     """Where a module goes on a decision: admitted when admitted; a module that was admitted (or
-    quarantined) and now fails is quarantined; one never admitted stays refused. A source failure
-    (unreachable, no answer) leaves the module's state as it was: the next sweep tries again."""
-    if old is not None and decision.state != ADMITTED and decision.reason in UNAVAILABLE_REASONS:
+    quarantined) and is refused for a final reason (is_final: a verified yank or revocation, a policy or
+    capability refusal of verified data) is quarantined; one never admitted stays refused. Any other
+    failure (a source unreachable, garbage from it, a proof that does not verify) proves nothing about
+    the release: the module's state stays as it was, and the next sweep tries again."""
+    if old is not None and decision.state != ADMITTED and not is_final(decision.reason):
         return old
     if decision.state == ADMITTED:
         new = ModuleState(ref, ADMITTED, None, None, profile, now, decision.version, decision.digest, decision.log_index)

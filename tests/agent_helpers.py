@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import pathlib
 import re
 import signal
 import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
+import aiohttp
 import wasmtime
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 from registry_helpers import REGISTRY_KEY
+
+from edge.agent import Agent
+from edge.agent_config import parse_config
+from edge.agent_server import make_apps, new_sandbox
+from edge.sandbox import Sandbox
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WASI = "wasi_snapshot_preview1"
@@ -96,24 +107,25 @@ timeout_ms = 300
 
 
 def write_config(d: pathlib.Path, registries: list[str], modules: dict[str, str], sweep_interval: int = 3600) -> pathlib.Path:
-    """agent.toml (and trust-policy.toml) in d: modules maps ref -> profile. Listens on a free loopback port."""
+    """agent.toml (and trust-policy.toml) in d: modules maps ref -> profile. Listens on free loopback ports."""
     d.mkdir(parents=True, exist_ok=True)
     (d / "trust-policy.toml").write_text(TRUST_POLICY)
     mods = "".join(f'\n[[modules]]\nref = "{ref}"\nprofile = "{profile}"\n' for ref, profile in modules.items())
     urls = ", ".join(f'"{u}"' for u in registries)
     text = (f'trust_policy = "trust-policy.toml"\nregistries = [{urls}]\ndata = "agent-data"\nlisten = "127.0.0.1:0"\n'
-            f"sweep_interval = {sweep_interval}\n{PROFILES}{mods}")
+            f'admin_listen = "127.0.0.1:0"\nsweep_interval = {sweep_interval}\n{PROFILES}{mods}')
     (d / "agent.toml").write_text(text)
     return d / "agent.toml"
 
 
 class AgentProcess:
-    """`python -m wasmlog agent serve --config FILE` as a real process."""
+    """`python -m wasmlog agent serve --config FILE` as a real process: url is its module listener, admin its admin listener."""
 
     def __init__(self, config: pathlib.Path) -> None:
         self.config = config
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
+        self.admin = ""
 
     async def start(self, deadline: float = 120.0) -> str:
         stderr = open(self.config.parent / "agent.stderr", "ab")  # noqa: SIM115 -- the child writes it
@@ -123,10 +135,14 @@ class AgentProcess:
         )
         stderr.close()
         assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), deadline)
-        m = re.match(rb"wasmlog agent: (http://\S+)", line)
-        assert m, (line, (self.config.parent / "agent.stderr").read_text())
-        self.url = m[1].decode().rstrip("/")
+        for what in (b"", b" admin"):
+            line = await asyncio.wait_for(self.proc.stdout.readline(), deadline)
+            m = re.match(rb"wasmlog agent" + what + rb": (http://\S+)", line)
+            assert m, (line, (self.config.parent / "agent.stderr").read_text())
+            if what:
+                self.admin = m[1].decode().rstrip("/")
+            else:
+                self.url = m[1].decode().rstrip("/")
         return self.url
 
     async def kill(self) -> None:
@@ -141,3 +157,47 @@ class AgentProcess:
             self.proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(self.proc.wait(), 60)
         return self.proc.returncode or 0
+
+
+def mirror_app(target: str, session: aiohttp.ClientSession,
+               answer: Callable[[web.Request], web.Response | Awaitable[web.Response | None] | None]) -> web.Application:
+    """A mirror in front of the registry: answer(request) (a function or coroutine function) where it returns
+    a response, the registry's answer otherwise."""
+
+    async def forward(request: web.Request) -> web.Response:
+        own = answer(request)
+        if inspect.isawaitable(own):
+            own = await own
+        if own is not None:
+            return own
+        async with session.get(target + request.path_qs) as r:
+            return web.Response(body=await r.read(), status=r.status, content_type=r.content_type)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", forward)
+    return app
+
+
+@dataclass
+class InProcessAgent:
+    """An agent in this process with its real sandbox: runs is a client of its module listener, admin of its admin one."""
+
+    agent: Agent
+    runs: TestClient[web.Request, web.Application]
+    admin: TestClient[web.Request, web.Application]
+    sandbox: Sandbox
+
+    async def close(self) -> None:
+        await self.agent.close()
+        await self.sandbox.close()
+
+
+async def in_process_agent(aiohttp_client, tmp_path: pathlib.Path, registries: list[str], modules: dict[str, str], *,  # type: ignore[no-untyped-def]
+                           periodic_sweeps: bool = False, workers: int = 2, sweep_interval: int = 3600) -> InProcessAgent:
+    cfg = write_config(tmp_path / "edge", registries, modules, sweep_interval)
+    config = parse_config(cfg.read_text(), cfg.parent)
+    sandbox = new_sandbox(config, workers=workers)
+    agent = Agent(config, sandbox)
+    await agent.start()
+    runs_app, admin_app = make_apps(agent, periodic_sweeps=periodic_sweeps)
+    return InProcessAgent(agent, await aiohttp_client(runs_app), await aiohttp_client(admin_app), sandbox)

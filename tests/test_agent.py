@@ -9,7 +9,6 @@ import hashlib
 import pathlib
 import re
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -20,18 +19,19 @@ from agent_helpers import (
     ROOT,
     AgentProcess,
     echo_module,
+    in_process_agent,
+    mirror_app,
     parse_echo,
     printing_module,
     write_config,
 )
 from aiohttp import web
+from helpers import wait_until
 from registry_helpers import release_envelope, start_registry, with_custom_section
 from test_up import free_ports
 
-from edge.agent import Agent
-from edge.agent_config import parse_config
-from edge.agent_server import make_app, new_sandbox
-from edge.agent_state import StateFile
+from edge.agent_state import StateFile, state_key
+from edge.artifacts import load_or_create_key
 from registry.client import RegistryClient
 from registry.dsse import parse_envelope
 from registry.record import Action, parse_package_ref, record_for
@@ -77,7 +77,7 @@ async def test_admission_refusal_by_capability_and_wagi(aiohttp_client, tmp_path
     url = await agent.start()
     try:
         async with aiohttp.ClientSession() as s:
-            mods = await status_of(s, url)
+            mods = await status_of(s, agent.admin)
             hello, echo, netty = mods["acme:hello@1.0.0"], mods["acme:echo"], mods["acme:netty@1.0.0"]
             assert hello["state"] == "admitted" and hello["digest"] == hashlib.sha256(HELLO).hexdigest() and hello["log_index"] >= 0
             assert echo["state"] == "admitted" and echo["version"] == "1.0.0" and echo["profile"] == "cgi"
@@ -94,7 +94,9 @@ async def test_admission_refusal_by_capability_and_wagi(aiohttp_client, tmp_path
             assert (await get(s, url + "/run/other/hello"))[0] == 404
 
             async with s.post(url + "/run/acme/echo/a/b%20c?x=1&y=t%20o", data=b"ping\x00pong", headers={
-                    "Content-Type": "application/x-thing", "X-Request-Id": "r-1", "GREETING": "from the client"}) as r:
+                    "Content-Type": "application/x-thing", "X-Request-Id": "r-1", "GREETING": "from the client",
+                    "Cookie": "session=secret", "Authorization": "Bearer secret", "Proxy-Authorization": "Basic c2VjcmV0",
+                    "Proxy": "http://evil.example", "Connection": "keep-alive, X-Hop", "X-Hop": "hop"}) as r:
                 assert r.status == 200 and r.headers["Content-Type"] == "text/x-echo" and r.headers["X-Module"] == "echo"
                 env, stdin = parse_echo(await r.read())
             assert stdin == b"ping\x00pong"
@@ -103,20 +105,33 @@ async def test_admission_refusal_by_capability_and_wagi(aiohttp_client, tmp_path
             assert env["GATEWAY_INTERFACE"] == "CGI/1.1" and env["SERVER_PROTOCOL"] == "HTTP/1.1" and env["SCRIPT_NAME"] == "/run/acme/echo"
             assert env["HTTP_X_REQUEST_ID"] == "r-1" and env["GREETING"] == "from the profile"
             assert not any(k in env for k in ("PATH", "HOME", "PYTHONPATH"))  # nothing else from the host
+            assert not [v for v in env.values() if "secret" in v or "c2VjcmV0" in v or "evil" in v]  # no credentials, no proxy
+            assert not any(k in env for k in ("HTTP_COOKIE", "HTTP_AUTHORIZATION", "HTTP_PROXY", "HTTP_CONNECTION", "HTTP_X_HOP"))
 
-            async with s.get(url + "/metrics") as r:
+            async with s.get(agent.admin + "/metrics") as r:
                 text = await r.text()
             assert 'wasmlog_agent_modules{state="refused"} 1.0' in text and 'wasmlog_agent_modules{state="admitted"} 2.0' in text
-            assert (await get(s, url + "/healthz"))[0] == 200
+            assert (await get(s, agent.admin + "/healthz"))[0] == 200
             assert (await get(s, url + "/run/acme/echo/a%00b"))[0] == 400  # no environment carries a NUL
             async with s.post(url + "/run/acme/hello", data=b"x" * (2 << 20)) as r:
                 assert r.status == 413
+            # the module listener serves modules only; the admin listener no module
+            assert agent.admin != url
+            for path in ("/status", "/metrics", "/healthz"):
+                assert (await get(s, url + path))[0] == 404, path
+            async with s.post(url + "/sweep") as r:
+                assert r.status in (404, 405)
+            assert (await get(s, agent.admin + "/run/acme/hello"))[0] == 404
     finally:
         assert await agent.stop() == 0
 
 
+def agent_state(data: pathlib.Path) -> StateFile:
+    return StateFile(data, state_key(load_or_create_key(data / "artifact.key")))
+
+
 async def test_a_yank_stops_a_module_at_the_next_sweep_and_sigkill_keeps_it_stopped(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    api, registry_client, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
     await publish(api, "acme:hello@1.0.0", HELLO)
     await publish(api, "acme:echo@1.0.0", echo_module())
     await publish(api, "acme:netty@1.0.0", NETTY)
@@ -124,14 +139,14 @@ async def test_a_yank_stops_a_module_at_the_next_sweep_and_sigkill_keeps_it_stop
     agent = AgentProcess(cfg)
     url = await agent.start()
     async with aiohttp.ClientSession() as s:
-        assert [m["state"] for m in (await status_of(s, url)).values()] == ["admitted", "admitted", "refused"]
-        result = await sweep(s, url)  # nothing changed: nothing moves
+        assert [m["state"] for m in (await status_of(s, agent.admin)).values()] == ["admitted", "admitted", "refused"]
+        result = await sweep(s, agent.admin)  # nothing changed: nothing moves
         assert not any(m["changed"] for m in result["modules"]) and result["checkpoint"]["accepted"]
 
         await api.act(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=2, reason="CVE-1"))
         assert (await get(s, url + "/run/acme/hello"))[0] == 200  # until the next sweep
         await publish(api, "acme:echo@1.1.0", with_custom_section(echo_module(), 8))  # a newer release
-        result = await sweep(s, url)
+        result = await sweep(s, agent.admin)
         moved = {m["ref"]: m for m in result["modules"]}
         assert moved["acme:hello@1.0.0"]["state"] == "quarantined" and moved["acme:hello@1.0.0"]["reason"] == "yanked"
         assert moved["acme:hello@1.0.0"]["digest"] == hashlib.sha256(HELLO).hexdigest()  # the release that stopped
@@ -140,78 +155,73 @@ async def test_a_yank_stops_a_module_at_the_next_sweep_and_sigkill_keeps_it_stop
         assert code == 403 and b"yanked" in body
 
         await api.act(ALICE, Action("yank", "acme", name="echo", version="1.1.0", issued=4))
-        moved = {m["ref"]: m for m in (await sweep(s, url))["modules"]}
+        moved = {m["ref"]: m for m in (await sweep(s, agent.admin))["modules"]}
         assert moved["acme:echo"]["state"] == "admitted" and moved["acme:echo"]["version"] == "1.0.0"  # back to the newest good one
 
         await agent.kill()
-        state = StateFile(cfg.parent / "agent-data").load()
-        assert state["acme:hello@1.0.0"].state == "quarantined" and state["acme:netty@1.0.0"].state == "refused"
+        data = cfg.parent / "agent-data"
+        state = agent_state(data).load()
+        assert state is not None and state["acme:hello@1.0.0"].state == "quarantined" and state["acme:netty@1.0.0"].state == "refused"
+        await registry_client.close()  # the start-up sweep can check nothing: the state on disk decides
         agent = AgentProcess(cfg)
         url = await agent.start()
         try:
-            mods = await status_of(s, url)
+            status = await (await s.get(agent.admin + "/status")).json()
+            assert status["started"]["state_file"] == "verified"
+            assert status["last_sweep"]["trigger"] == "start" and status["sweeps"] == 1  # swept before serving
+            assert {f["ref"] for f in status["last_sweep"]["findings"] if f["kind"] == "unavailable"} == set(state)
+            mods = {m["ref"]: m for m in status["modules"]}
             assert mods["acme:hello@1.0.0"]["state"] == "quarantined" and mods["acme:hello@1.0.0"]["reason"] == "yanked"
             assert mods["acme:netty@1.0.0"]["state"] == "refused" and mods["acme:echo"]["state"] == "admitted"
             for name in ("hello", "netty"):
                 assert (await get(s, url + f"/run/acme/{name}"))[0] == 403, name
             code, body, _ = await get(s, url + "/run/acme/echo")
             assert code == 200 and parse_echo(body)[0]["REQUEST_METHOD"] == "GET"
-            async with s.get(url + "/status") as r:
-                assert (await r.json())["last_sweep"] is None  # nothing re-admitted without a sweep
         finally:
             assert await agent.stop() == 0
 
-
-async def in_process_agent(aiohttp_client, tmp_path: pathlib.Path, registries: list[str], modules: dict[str, str]):  # type: ignore[no-untyped-def]
-    cfg = write_config(tmp_path / "edge", registries, modules)
-    config = parse_config(cfg.read_text(), cfg.parent)
-    sandbox = new_sandbox(config, workers=2)
-    agent = Agent(config, sandbox)
-    await agent.start()
-    client = await aiohttp_client(make_app(agent, periodic_sweeps=False))
-    return agent, client, sandbox
+        # state.json edited on disk (quarantined -> admitted): its MAC does not check, nothing is served from it
+        text = (data / "state.json").read_text()
+        edited = re.sub(r'"state": "quarantined",\s*"reason": "yanked"', '"state": "admitted", "reason": null', text)
+        assert edited != text
+        (data / "state.json").write_text(edited)
+        agent = AgentProcess(cfg)
+        url = await agent.start()
+        try:
+            status = await (await s.get(agent.admin + "/status")).json()
+            assert status["started"]["state_file"].startswith("tampered") and "MAC" in status["started"]["state_file"]
+            assert all(m["state"] == "refused" and m["reason"] == "registry-unreachable" for m in status["modules"]), status["modules"]
+            for name in ("hello", "netty", "echo"):  # not even echo, admitted before: a sweep must verify it again first
+                assert (await get(s, url + f"/run/acme/{name}"))[0] == 403, name
+        finally:
+            assert await agent.stop() == 0
 
 
 async def test_a_tampered_module_is_never_run_and_is_quarantined_and_repaired(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
     api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
     await publish(api, "acme:hello@1.0.0", HELLO)
-    agent, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"})
+    a = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"})
     try:
         digest = hashlib.sha256(HELLO).hexdigest()
-        stored = agent.store.path(digest)
+        stored = a.agent.store.path(digest)
         stored.write_bytes(EVIL)  # someone with disk access swaps the bytes
-        r = await client.get("/run/acme/hello")
+        r = await a.runs.get("/run/acme/hello")
         body = await r.read()
         assert b"EVIL" not in body and r.status in (200, 403)  # a run from the attested artifact, or refused: never the new bytes
-        r = await client.post("/sweep")
+        r = await a.admin.post("/sweep")
         result = await r.json()
         assert any(f["kind"] == "integrity" and f["digest"] == digest for f in result["findings"]), result
         assert stored.read_bytes() == HELLO  # fetched again, re-verified, stored
         (m,) = result["modules"]
         assert m["state"] == "admitted" and m["digest"] == digest
-        r = await client.get("/run/acme/hello")
+        r = await a.runs.get("/run/acme/hello")
         assert r.status == 200 and await r.read() == b"hello from acme\n"
         stored.unlink()  # a missing file is an integrity finding too
-        result = await (await client.post("/sweep")).json()
+        result = await (await a.admin.post("/sweep")).json()
         assert any(f["kind"] == "integrity" and f.get("message") == "missing" for f in result["findings"])
         assert stored.read_bytes() == HELLO
     finally:
-        await sandbox.close()
-
-
-def mirror_app(target: str, session: aiohttp.ClientSession, answer: Callable[[web.Request], web.Response | None]) -> web.Application:
-    """A mirror in front of the registry: answer(request) where it returns a response, the registry's answer otherwise."""
-
-    async def forward(request: web.Request) -> web.Response:
-        own = answer(request)
-        if own is not None:
-            return own
-        async with session.get(target + request.path_qs) as r:
-            return web.Response(body=await r.read(), status=r.status, content_type=r.content_type)
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", forward)
-    return app
+        await a.close()
 
 
 def proxy_app(target: str, session: aiohttp.ClientSession, old_checkpoint: list[bytes]) -> web.Application:
@@ -229,54 +239,54 @@ async def test_a_registry_serving_an_older_checkpoint_is_refused(aiohttp_client,
     served_old: list[bytes] = []
     async with aiohttp.ClientSession() as session:
         mirror = await aiohttp_server(proxy_app(api.url, session, served_old))
-        _, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [str(mirror.make_url("")).rstrip("/")],
+        a = await in_process_agent(aiohttp_client, tmp_path, [str(mirror.make_url("")).rstrip("/")],
                                                         {"acme:hello@1.0.0": "stdout"})
         try:
-            result = await (await client.post("/sweep")).json()
+            result = await (await a.admin.post("/sweep")).json()
             assert result["checkpoint"]["accepted"]
-            (trusted,) = (await (await client.get("/status")).json())["checkpoints"]
+            (trusted,) = (await (await a.admin.get("/status")).json())["checkpoints"]
             assert trusted["size"] > int(old.split(b"\n")[1])
             served_old.append(old)  # the mirror rolls back
-            result = await (await client.post("/sweep")).json()
+            result = await (await a.admin.post("/sweep")).json()
             assert not result["checkpoint"]["accepted"]
             (rollback,) = [f for f in result["findings"] if f["kind"] == "rollback"]
             assert rollback["size"] == int(old.split(b"\n")[1]) and rollback["known_size"] == trusted["size"]
-            status = await (await client.get("/status")).json()
+            status = await (await a.admin.get("/status")).json()
             assert status["checkpoints"][0]["size"] == trusted["size"]  # the newer checkpoint is kept
             assert status["modules"][0]["state"] == "admitted"
         finally:
-            await sandbox.close()
+            await a.close()
 
 
 async def test_an_unreachable_registry_leaves_admitted_modules_serving(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
     api, client_r, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
     await publish(api, "acme:hello@1.0.0", HELLO)
-    _, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"})
+    a = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"})
     try:
         await client_r.close()  # the registry goes away
         started = time.monotonic()
-        result = await (await client.post("/sweep")).json()
+        result = await (await a.admin.post("/sweep")).json()
         assert time.monotonic() - started < 60
         assert any(f["kind"] == "unavailable" and f["reason"] == "registry-unreachable" for f in result["findings"]), result
         assert result["modules"][0]["state"] == "admitted"
-        r = await client.get("/run/acme/hello")
+        r = await a.runs.get("/run/acme/hello")
         assert r.status == 200
     finally:
-        await sandbox.close()
+        await a.close()
 
 
 @pytest.mark.parametrize("ref", ["acme:hello@2.0.0", "acme:missing"])
 async def test_a_release_the_registry_does_not_have_is_refused(aiohttp_client, tmp_path, ref: str) -> None:  # type: ignore[no-untyped-def]
     api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
     await publish(api, "acme:hello@1.0.0", HELLO)
-    _, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url], {ref: "stdout"})
+    a = await in_process_agent(aiohttp_client, tmp_path, [api.url], {ref: "stdout"})
     try:
-        (m,) = (await (await client.get("/status")).json())["modules"]
+        (m,) = (await (await a.admin.get("/status")).json())["modules"]
         assert m["state"] == "refused" and m["reason"] == "not-found"
         name = ref.split(":")[1].split("@", maxsplit=1)[0]
-        assert (await client.get(f"/run/acme/{name}")).status == 403
+        assert (await a.runs.get(f"/run/acme/{name}")).status == 403
     finally:
-        await sandbox.close()
+        await a.close()
 
 
 def mirror_withholding(api_url: str, session: aiohttp.ClientSession, extra: dict[str, bytes], withhold: list[bool]) -> web.Application:
@@ -307,23 +317,23 @@ async def test_a_release_by_a_key_revoked_before_it_stops_at_the_next_sweep(aioh
     async with aiohttp.ClientSession() as session:
         extra = {base + "/tlog-proof": registry.tlog_proof(index)[0], base + "/module.wasm": bobs}
         mirror = await aiohttp_server(mirror_withholding(api.url, session, extra, withhold))
-        _, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [str(mirror.make_url("")).rstrip("/")],
+        a = await in_process_agent(aiohttp_client, tmp_path, [str(mirror.make_url("")).rstrip("/")],
                                                         {"acme:hello@1.0.0": "stdout", "acme:bobs@1.0.0": "stdout"})
         try:
-            assert [m["state"] for m in (await (await client.get("/status")).json())["modules"]] == ["admitted", "admitted"]
-            r = await client.get("/run/acme/bobs")
+            assert [m["state"] for m in (await (await a.admin.get("/status")).json())["modules"]] == ["admitted", "admitted"]
+            r = await a.runs.get("/run/acme/bobs")
             assert r.status == 200 and await r.read() == b"bob's\n"
             withhold[0] = False
             extra[base + "/tlog-proof"] = registry.tlog_proof(index)[0]
-            result = await (await client.post("/sweep")).json()
+            result = await (await a.admin.post("/sweep")).json()
             moved = {m["ref"]: m for m in result["modules"]}
             assert moved["acme:bobs@1.0.0"]["state"] == "quarantined" and moved["acme:bobs@1.0.0"]["reason"] == "key-revoked"
             assert moved["acme:hello@1.0.0"]["state"] == "admitted"  # signed by alice: unaffected
-            r = await client.get("/run/acme/bobs")
+            r = await a.runs.get("/run/acme/bobs")
             assert r.status == 403 and b"key-revoked" in await r.read()
-            assert (await client.get("/run/acme/hello")).status == 200
+            assert (await a.runs.get("/run/acme/hello")).status == 200
         finally:
-            await sandbox.close()
+            await a.close()
 
 
 SPIN = wasmtime.wat2wasm('(module (func (export "_start") (loop $l (br $l))))')
@@ -335,96 +345,92 @@ async def test_a_runaway_loop_and_a_memory_bomb_are_stopped_while_others_keep_se
     api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
     for ref, module in (("acme:hello@1.0.0", HELLO), ("acme:spin@1.0.0", SPIN), ("acme:bomb@1.0.0", BOMB)):
         await publish(api, ref, module)
-    _, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url],
+    a = await in_process_agent(aiohttp_client, tmp_path, [api.url],
                                                     {"acme:hello@1.0.0": "stdout", "acme:spin@1.0.0": "small", "acme:bomb@1.0.0": "small"})
     try:
-        assert all(m["state"] == "admitted" for m in (await (await client.get("/status")).json())["modules"])
-        spin = asyncio.ensure_future(client.get("/run/acme/spin"))
-        hello = asyncio.ensure_future(client.get("/run/acme/hello"))
+        assert all(m["state"] == "admitted" for m in (await (await a.admin.get("/status")).json())["modules"])
+        spin = asyncio.ensure_future(a.runs.get("/run/acme/spin"))
+        hello = asyncio.ensure_future(a.runs.get("/run/acme/hello"))
         done, _ = await asyncio.wait({spin, hello}, return_when=asyncio.FIRST_COMPLETED)
         assert hello in done and (await hello).status == 200  # served while the loop still runs
         r = await spin
         assert r.status == 504 and (await r.json())["error"] == "DeadlineExceeded"
-        r = await client.get("/run/acme/bomb")
+        r = await a.runs.get("/run/acme/bomb")
         assert r.status == 502, await r.text()
-        r = await client.get("/run/acme/hello")
+        r = await a.runs.get("/run/acme/hello")
         assert r.status == 200 and await r.read() == b"hello from acme\n"
-        assert (await client.get("/healthz")).status == 200
+        assert (await a.admin.get("/healthz")).status == 200
     finally:
-        await sandbox.close()
+        await a.close()
 
 
 async def test_each_sweep_rechecks_admitted_modules_against_the_current_trust_policy(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
     api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
     await publish(api, "acme:hello@1.0.0", HELLO)
-    agent, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"})
+    a = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"})
     try:
-        policy_file = agent.config.trust_policy
+        policy_file = a.agent.config.trust_policy
         good = policy_file.read_text()
         policy_file.write_text(good + 'imports = "everything"\n')  # malformed: the previous policy stays in force
-        result = await (await client.post("/sweep")).json()
+        result = await (await a.admin.post("/sweep")).json()
         assert any(f["kind"] == "trust-policy" and f["reason"] == "policy-malformed" for f in result["findings"])
         assert result["modules"][0]["state"] == "admitted"
         policy_file.write_text(good + f'[namespaces.acme]\nkeys = ["{BOB.vkey}"]\n')  # acme is now pinned to bob's key
-        result = await (await client.post("/sweep")).json()
+        result = await (await a.admin.post("/sweep")).json()
         (m,) = result["modules"]
         assert m["state"] == "quarantined" and m["reason"] == "publisher-not-allowed" and m["changed"]
-        assert (await client.get("/run/acme/hello")).status == 403
+        assert (await a.runs.get("/run/acme/hello")).status == 403
         policy_file.write_text(good)  # and back: a sweep says so
-        (m,) = (await (await client.post("/sweep")).json())["modules"]
+        (m,) = (await (await a.admin.post("/sweep")).json())["modules"]
         assert m["state"] == "admitted" and m["previous"] == "quarantined"
-        r = await client.get("/run/acme/hello")
+        r = await a.runs.get("/run/acme/hello")
         assert r.status == 200
     finally:
-        await sandbox.close()
+        await a.close()
 
 
 async def test_sweeps_run_every_sweep_interval(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
     api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
     await publish(api, "acme:hello@1.0.0", HELLO)
-    cfg = write_config(tmp_path / "edge", [api.url], {"acme:hello@1.0.0": "stdout"}, sweep_interval=1)
-    config = parse_config(cfg.read_text(), cfg.parent)
-    sandbox = new_sandbox(config, workers=1)
-    agent = Agent(config, sandbox)
-    await agent.start()
-    client = await aiohttp_client(make_app(agent))  # periodic sweeps on
+    a = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"}, periodic_sweeps=True,
+                               workers=1, sweep_interval=1)
     try:
+        assert a.agent.sweeps == 1  # the start-up sweep (before the metrics existed: not counted there)
         await api.act(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=1))
-        deadline = time.monotonic() + 30
-        while agent.sweeps < 2 and time.monotonic() < deadline:  # the yank lands before the second sweep starts at the latest
-            await asyncio.sleep(0.05)  # polling with a deadline, not ordering
-        status = await (await client.get("/status")).json()
-        assert status["sweeps"] >= 2 and status["modules"][0]["state"] == "quarantined"
-        async with client.get("/metrics") as r:
+        # the yank lands before the second periodic sweep starts at the latest
+        await wait_until(lambda: a.agent.sweeps >= 3, "two periodic sweeps", 30)
+        status = await (await a.admin.get("/status")).json()
+        assert status["sweeps"] >= 3 and status["modules"][0]["state"] == "quarantined"
+        assert status["last_sweep"]["trigger"] == "interval"
+        async with a.admin.get("/metrics") as r:
             count = re.search(r"^wasmlog_agent_sweeps_total (\S+)$", await r.text(), re.MULTILINE)
         assert count is not None and float(count[1]) >= 2
     finally:
-        await client.close()
-        await sandbox.close()
+        await a.close()
 
 
 async def test_a_tampered_compiled_artifact_is_never_loaded_and_is_rebuilt(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
     api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
     await publish(api, "acme:hello@1.0.0", HELLO)
-    agent, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"})
+    a = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"})
     try:
-        r = await client.get("/run/acme/hello")  # compiles and caches the artifact
+        r = await a.runs.get("/run/acme/hello")  # compiles and caches the artifact
         assert r.status == 200
         digest = hashlib.sha256(HELLO).hexdigest()
-        (artifact,) = (agent.config.data / "artifacts").glob(f"{digest}.*")
+        (artifact,) = (a.agent.config.data / "artifacts").glob(f"{digest}.*")
         data = bytearray(artifact.read_bytes())
         data[-1] ^= 1  # one bit of compiled code
         artifact.write_bytes(bytes(data))
-        result = await (await client.post("/sweep")).json()
+        result = await (await a.admin.post("/sweep")).json()
         assert any(f["kind"] == "integrity" and f["what"] == "artifact" and f["digest"] == digest for f in result["findings"]), result
         (m,) = result["modules"]
         assert m["state"] == "admitted" and m["previous"] == "quarantined"  # quarantined, re-verified, admitted again in one sweep
         assert not artifact.exists()
-        r = await client.get("/run/acme/hello")  # compiled again from the verified bytes
+        r = await a.runs.get("/run/acme/hello")  # compiled again from the verified bytes
         assert r.status == 200 and await r.read() == b"hello from acme\n"
-        assert len(list((agent.config.data / "artifacts").glob(f"{digest}.*"))) == 1
+        assert len(list((a.agent.config.data / "artifacts").glob(f"{digest}.*"))) == 1
     finally:
-        await sandbox.close()
+        await a.close()
 
 
 def readme_heredoc(name: str) -> str:
@@ -446,7 +452,10 @@ async def test_the_readme_path_on_a_wasmlog_up_network(tmp_path) -> None:  # typ
         async with aiohttp.ClientSession() as s:
             api = RegistryClient(f"http://127.0.0.1:{port}", s)
             await publish(api, "acme:hello@1.0.0", hello)
-            config = readme_heredoc("agent.toml").replace("127.0.0.1:7380", f"127.0.0.1:{port}").replace("127.0.0.1:7400", "127.0.0.1:0")
+            config = readme_heredoc("agent.toml").replace("127.0.0.1:7380", f"127.0.0.1:{port}")
+            for listener in ("127.0.0.1:7400", "127.0.0.1:7401"):  # both are in the README's config
+                assert f'"{listener}"' in config
+                config = config.replace(listener, "127.0.0.1:0")
             (tmp_path / "agent.toml").write_text(config)
             agent = AgentProcess(tmp_path / "agent.toml")
             url = await agent.start()
@@ -454,10 +463,10 @@ async def test_the_readme_path_on_a_wasmlog_up_network(tmp_path) -> None:  # typ
                 code, body, _ = await get(s, url + "/run/acme/hello")
                 assert (code, body) == (200, b"hello\n")
                 await api.act(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=1, reason="CVE-XXXX"))
-                (m,) = (await sweep(s, url))["modules"]
+                (m,) = (await sweep(s, agent.admin))["modules"]
                 assert (m["state"], m["reason"]) == ("quarantined", "yanked")
                 assert (await get(s, url + "/run/acme/hello"))[0] == 403
-                async with s.get(url + "/status") as r:
+                async with s.get(agent.admin + "/status") as r:
                     status = await r.json()
                 assert status["checkpoints"][0]["newest_cosignature"] is not None  # a witnessed checkpoint
             finally:

@@ -1,15 +1,17 @@
 """What a local tamperer plants under a digest's name (a directory, a FIFO, a link to /dev/zero, a foreign
-file) is found bad, removed, and never stops the check of the other entries or blocks the agent."""
+file) is found bad, removed, and never stops the check of the other entries or blocks the agent; and
+state.json is used only when its MAC checks under this node's key."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 
 import pytest
 
-from edge.agent_state import ModuleStore
+from edge.agent_state import ModuleState, ModuleStore, StateError, StateFile, state_key
 from edge.artifacts import ArtifactCache, load_or_create_key
 
 MODULE = b"\0asm\x01\0\0\0"
@@ -55,3 +57,50 @@ def test_the_artifact_cache_survives_what_is_planted(tmp_path: pathlib.Path, kin
     plant(cache.path(other), kind)
     assert cache.verify_all() == [other]
     assert cache.load(DIGEST) == (b"compiled", False)
+
+
+def states(*refs: str) -> dict[str, ModuleState]:
+    return {ref: ModuleState(ref, "admitted", None, None, "stdout", 1_700_000_000, "1.0.0", DIGEST, 3) for ref in refs}
+
+
+def test_state_json_round_trips_under_its_mac(tmp_path: pathlib.Path) -> None:
+    key = state_key(load_or_create_key(tmp_path / "artifact.key"))
+    assert key != load_or_create_key(tmp_path / "artifact.key")  # derived: never the artifact MAC's own key
+    f = StateFile(tmp_path, key)
+    assert f.load() is None  # no file
+    f.save(states("acme:a@1.0.0", "acme:b"))
+    assert f.load() == states("acme:a@1.0.0", "acme:b")
+    with pytest.raises(StateError, match="MAC"):  # another node's key
+        StateFile(tmp_path, state_key(bytes(32))).load()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda o: o["modules"]["acme:a@1.0.0"].update(state="quarantined"),  # any field of any module
+    lambda o: o["modules"]["acme:a@1.0.0"].update(since=1),
+    lambda o: o["modules"].pop("acme:a@1.0.0"),  # a module dropped
+    lambda o: o["modules"].update({"acme:c": dict(o["modules"]["acme:a@1.0.0"], ref="acme:c")}),  # one added
+    lambda o: o.update(mac="0" * 64),
+    lambda o: o.update(version=1),
+    lambda o: o.pop("mac"),
+    lambda o: o.update(extra=True),
+])
+def test_an_edited_state_json_is_refused(tmp_path: pathlib.Path, edit) -> None:  # type: ignore[no-untyped-def]
+    f = StateFile(tmp_path, state_key(load_or_create_key(tmp_path / "artifact.key")))
+    f.save(states("acme:a@1.0.0", "acme:b"))
+    obj = json.loads(f.path.read_text())
+    edit(obj)
+    f.path.write_text(json.dumps(obj))
+    with pytest.raises(StateError):
+        f.load()
+
+
+@pytest.mark.parametrize("body", [b"", b"{not json", b"[]", b'{"version": 2, "modules": {}, "mac": "x", "mac": "y"}', b"\xff"])
+def test_a_malformed_state_json_is_refused(tmp_path: pathlib.Path, body: bytes) -> None:
+    f = StateFile(tmp_path, state_key(load_or_create_key(tmp_path / "artifact.key")))
+    f.path.write_bytes(body)
+    with pytest.raises(StateError):
+        f.load()
+    f.path.unlink()
+    plant(f.path, "fifo")  # never blocks the start
+    with pytest.raises(StateError):
+        f.load()

@@ -1,7 +1,7 @@
 """The documented HTTP routes and error statuses are the real ones, both ways.
 
 Route tables are read from the documents themselves: spec/registry-api.md (the registry),
-README.md's "HTTP API of the log" and "Witnesses" tables. Each documented route, with sample
+README.md's "HTTP API of the log", "Witnesses" and the edge agent's two listeners' tables. Each documented route, with sample
 values for its placeholders, must resolve to a route of the real aiohttp app (the registry's
 `/log/` sub-app included) for its method; and every route of the app must be reached by some
 documented one. A route added or removed in code without its document (or the reverse) fails here.
@@ -100,6 +100,8 @@ README = (ROOT / "README.md").read_text()
 LOG_ROUTES = documented(section(README, "HTTP API of the log"))
 WITNESS_ROUTES = documented(section(README, "Witnesses"))
 REGISTRY_ROUTES = documented((ROOT / "spec" / "registry-api.md").read_text())
+AGENT_MODULE_ROUTES = documented(section(README, "Agent module listener"))
+AGENT_ADMIN_ROUTES = documented(section(README, "Agent admin listener"))
 
 
 def registry_routes() -> list[tuple[str, str]]:
@@ -140,6 +142,22 @@ async def test_witness_routes_are_documented_both_ways(tmp_path: pathlib.Path) -
         state=WitnessState(str(tmp_path / "w")),
     )
     await check_both_ways(make_witness_app(witness), WITNESS_ROUTES)
+
+
+async def test_the_agents_listeners_are_documented_both_ways(tmp_path: pathlib.Path) -> None:
+    """The module listener serves /run/... and nothing else; the admin listener the agent's own API."""
+    from agent_helpers import write_config
+
+    from edge.agent import Agent
+    from edge.agent_config import parse_config
+    from edge.agent_server import make_apps, new_sandbox
+
+    cfg = write_config(tmp_path, ["http://127.0.0.1:9"], {})
+    config = parse_config(cfg.read_text(), cfg.parent)
+    modules, admin = make_apps(Agent(config, new_sandbox(config, workers=1)), periodic_sweeps=False)  # no worker started
+    assert all(path.startswith("/run/") for _, path in AGENT_MODULE_ROUTES)
+    await check_both_ways(modules, AGENT_MODULE_ROUTES)
+    await check_both_ways(admin, AGENT_ADMIN_ROUTES)
 
 
 async def test_an_undocumented_route_is_caught(tmp_path: pathlib.Path) -> None:

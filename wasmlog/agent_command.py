@@ -21,14 +21,15 @@ def agent_group() -> None:
 
 @agent_group.command("serve")
 @click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False, path_type=pathlib.Path),
-              help="agent.toml: trust policy, registries, data directory, listen address, profiles, modules.")
+              help="agent.toml: trust policy, registries, data directory, listen addresses, profiles, modules.")
 @server_limit_options
 def agent_serve(config_file: pathlib.Path, limits: ServerLimits) -> None:
-    """Admit the configured modules, serve them WAGI-style on /run/NS/NAME, sweep every sweep_interval.
+    """Sweep once, then serve the admitted modules WAGI-style on /run/NS/NAME (listen) and the admin API on
+    admin_listen (/status, /metrics, /healthz, POST /sweep); sweep every sweep_interval. Prints one line per listener.
 
-    Exit status 2 for a config, trust policy, state file or artifact key that cannot be used (one line naming the key or file)."""
+    Exit status 2 for a config, trust policy or artifact key that cannot be used (one line naming the key or file).
+    A state.json that does not check is not used: the start-up sweep decides everything anew (see /status)."""
     from edge.agent_config import ConfigError, parse_config
-    from edge.agent_state import StateError
     from edge.artifacts import KeyFileError
     from edge.verify import VerifyError
 
@@ -52,7 +53,7 @@ def agent_serve(config_file: pathlib.Path, limits: ServerLimits) -> None:
     try:
         with asyncio.Runner(loop_factory=new_loop) as runner:
             runner.run(go())
-    except (VerifyError, StateError, KeyFileError) as e:  # the trust policy, state.json, the artifact key
+    except (VerifyError, KeyFileError) as e:  # the trust policy, the artifact key
         raise click.exceptions.Exit(_fail(str(e))) from None
     except OSError as e:  # the listen address is taken, the data directory cannot be written
         raise click.exceptions.Exit(_fail(f"agent: {e}", 1)) from None

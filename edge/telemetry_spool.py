@@ -25,6 +25,7 @@ import lmdb
 from .telemetry_events import DROPPED, GENESIS, Draft, Event, EventError, chain, event_from_json
 
 DROP_RESERVE = 1024  # room kept for the drop event itself
+RECORD_OVERHEAD = 320  # more than a record's fields besides its name, body and attributes take
 _SEQ = struct.Struct(">Q")
 
 
@@ -126,7 +127,7 @@ class Spool:
                 out.append(e)
                 seq, prev, used = seq + 1, e.hash, used + len(raw)
 
-            need = sum(len(d.body) + 64 * len(d.attrs) + 400 for d in drafts)  # an upper bound of the records' size
+            need = sum(len(json.dumps([d.name, d.body, d.attrs])) + RECORD_OVERHEAD for d in drafts)  # at least the records' size
             if used + need > self.max_bytes:
                 drop = self._make_room(txn, used + need + DROP_RESERVE - self.max_bytes)
                 used = self._int(txn, b"bytes")
@@ -147,15 +148,20 @@ class Spool:
         first = last = 0
         cur = txn.cursor(db=self._events)
         while freed < at_least and cur.first():
-            seq = _SEQ.unpack(cur.key())[0]
-            freed += len(cur.value())
+            seq, raw = _SEQ.unpack(cur.key())[0], bytes(cur.value())
+            freed += len(raw)
             first, last, count = first or seq, seq, count + 1
+            if DROPPED.encode() in raw:  # a drop report dropped in turn: this one declares what it declared
+                old = _decode(raw)
+                earlier = old.attr("wasmlog.dropped.first_seq")
+                if old.name == DROPPED and isinstance(earlier, int):
+                    first = min(first, earlier)
             undelivered += seq > delivered
             cur.delete()
         txn.put(b"bytes", str(max(0, self._int(txn, b"bytes") - freed)).encode(), db=self._meta)
         txn.put(b"dropped", str(self._int(txn, b"dropped") + count).encode(), db=self._meta)
         txn.put(b"dropped_undelivered", str(self._int(txn, b"dropped_undelivered") + undelivered).encode(), db=self._meta)
-        what = f"{count} events (seq {first}..{last}, {undelivered} never delivered)" if count else "nothing (the spool is smaller than one event)"
+        what = f"{count} events, {undelivered} never delivered (seq {first}..{last} are gone)" if count else "nothing"
         return Draft.of(DROPPED, f"the spool was full: dropped {what}", {
             "wasmlog.count": count, "wasmlog.dropped.first_seq": first or None, "wasmlog.dropped.last_seq": last or None,
             "wasmlog.dropped.undelivered": undelivered})

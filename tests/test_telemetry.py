@@ -10,7 +10,6 @@ import json
 import os
 import pathlib
 import signal
-import subprocess
 import sys
 from typing import Any
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import pathlib
 import subprocess
@@ -11,11 +10,10 @@ import sys
 from typing import Any
 
 import aiohttp
-from agent_helpers import ROOT, AgentProcess, printing_module, write_config
-from agent_helpers import NET_MODULE_IMPORT as NET
+from agent_helpers import ROOT, AgentProcess, write_config
 from helpers import wait_until
 from registry_helpers import start_registry
-from test_agent import ALICE, HELLO, publish
+from test_agent import ALICE, HELLO, NETTY, publish
 from test_up import free_ports
 
 from edge.telemetry_collector import make_collector_app
@@ -24,8 +22,6 @@ from edge.telemetry_otlp import export_items
 from edge.telemetry_spool import Spool
 from edge.telemetry_verify import verify_events
 from tlog.httplimits import DEFAULT_LIMITS, start_server
-
-NETTY = printing_module(b"never run\n", NET)
 
 
 def telemetry_config(d: pathlib.Path, registry: str, sink: str, extra: str = "") -> pathlib.Path:

@@ -11,7 +11,9 @@
   interval (spooled durably) and for one that is aggregated (counted in memory).
 - flood: `wasmlog agent serve` (a process): requests/s and p99 of a served module with
   --concurrency clients, without and then with a flood of --concurrency clients asking for a
-  refused module (403s); events spooled during the flood (aggregated: a few per interval).
+  refused module (403s: telemetry events); events spooled during the flood (aggregated: a few per
+  interval); baseline: the same with a flood of requests for an unconfigured name (404s, no event),
+  which costs the same CPU on the shared machine but no telemetry.
 Target: served p99 during the flood within 2x of without it; the flood's events << its requests.
 """
 
@@ -153,6 +155,8 @@ async def bench_flood(d: pathlib.Path, url: str, vkey: str, seconds: float, conc
         async with aiohttp.ClientSession() as session:
             await load(session, base + "/run/acme/m0", 1.0, concurrency, 200)  # warm up
             quiet = await load(session, base + "/run/acme/m0", seconds, concurrency, 200)
+            baseline = await asyncio.gather(load(session, base + "/run/acme/m0", seconds, concurrency, 200),
+                                            load(session, base + "/run/acme/unknown", seconds, concurrency, 404))  # no event
             async with session.get(base + "/status") as r:
                 before = (await r.json())["telemetry"]["spool"]["node_events"]
             served, flood = await asyncio.gather(load(session, base + "/run/acme/m0", seconds, concurrency, 200),
@@ -162,6 +166,7 @@ async def bench_flood(d: pathlib.Path, url: str, vkey: str, seconds: float, conc
                 after = (await r.json())["telemetry"]["spool"]["node_events"]
         refused = round(flood["requests_per_s"] * seconds)
         return {"served_without_flood": quiet, "served_during_flood": served, "refused_flood": flood,
+                "baseline_served_during_404_flood": baseline[0], "baseline_404_flood": baseline[1],
                 "events_spooled_during_flood": after - before, "refused_requests_in_flood": refused,
                 "target_p99_within_2x": served["p99_ms"] <= 2 * quiet["p99_ms"], "target_events_aggregated": after - before < refused / 10}
     finally:

@@ -321,3 +321,32 @@ async def test_the_collector_routes_and_statuses_are_documented_both_ways(tmp_pa
     await check_both_ways(make_collector_app(tmp_path), documented(spec))
     table = spec[spec.index("| status |"):]
     assert {int(s) for s in re.findall(r"^\| (\d{3}) \|", table, re.MULTILINE)} == {s for _, s in STATUS} - {500}
+
+
+async def test_signed_heads_verify_and_catch_an_edit_of_the_tail(tmp_path: pathlib.Path) -> None:
+    from edge.telemetry import Telemetry
+    from tlog.note import Ed25519Signer
+
+    telemetry = Telemetry(tmp_path, [], 1 << 20, 10)
+    try:
+        for i in range(5):
+            await telemetry.emit(Draft.of(ADMITTED, f"event {i}"))
+        head = await telemetry.sign_head()
+        assert head is not None and await telemetry.sign_head() is None  # nothing new to sign
+        events = list(telemetry.spool.scan())
+        vkey = telemetry.signer.vkey
+    finally:
+        telemetry.spool.close()
+    items: list[tuple[str, Event | EventError]] = [(str(e.seq), e) for e in events]
+    report = verify_events(items, vkey)
+    assert report.ok and report.nodes[head.node].signed_through == 5 and report.nodes[head.node].key_pinned
+    last = events[4]  # the event the head signs: the head event's link and its signature both catch an edit
+    edited = Event(last.node, last.seq, last.id, last.time_ns, last.name, "nothing to see", last.attrs, last.prev)
+    report = verify_events([*items[:4], ("5", edited), items[5]], vkey)
+    assert sorted((f.kind, f.seq) for f in report.findings) == [("broken-link", 6), ("head-mismatch", 5)]
+    head_edit = Event(head.node, head.seq, head.id, head.time_ns + 1, head.name, head.body, head.attrs, head.prev)
+    report = verify_events([*items[:5], ("6", head_edit)], vkey)  # the newest event: nothing after it, not signed
+    assert report.ok and report.nodes[head.node].as_json()["unsigned_tail"] == 1  # reported as not covered
+    other = Ed25519Signer.generate("wasmlog-agent/" + head.node).vkey  # a key that is not the node's
+    report = verify_events(items, other)
+    assert [(f.kind, f.seq) for f in report.findings] == [("bad-signature", 6)]

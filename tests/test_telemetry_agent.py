@@ -127,6 +127,12 @@ async def test_events_survive_an_outage_and_a_sigkill_and_arrive_in_order(aiohtt
         replayed = [json.loads(line) for line in events_cli.stdout.splitlines()]
         assert replayed and all(o["attributes"]["wasmlog.module.ref"] == "acme:netty@1.0.0" for o in replayed)
         assert {o["name"] for o in replayed} >= {REFUSED, REQUEST_REFUSED}
+        later = subprocess.run([sys.executable, "-m", "wasmlog", "agent", "events", "--config", str(cfg), "--since", "2100-01-01T00:00"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert later.returncode == 0 and later.stdout == "", later.stderr
+        own = subprocess.run([sys.executable, "-m", "wasmlog", "telemetry", "verify", str(cfg.parent / "agent-data"), "--json"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)  # the node's own spool, beside the running agent
+        assert own.returncode == 0 and json.loads(own.stdout)["ok"], own.stdout + own.stderr
     finally:
         await agent.stop()
         if runner is not None:

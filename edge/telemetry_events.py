@@ -80,8 +80,9 @@ class Draft:
 
     @classmethod
     def of(cls, name: str, body: str, attrs: dict[str, Value | None] | None = None) -> Draft:
-        """A draft; attributes whose value is None are left out."""
-        return cls(name, body[:MAX_BODY], tuple(sorted((k, v) for k, v in (attrs or {}).items() if v is not None)))
+        """A draft; attributes whose value is None are left out, the body and strings cut to their bounds."""
+        items = ((k, v[:MAX_ATTR_STRING] if isinstance(v, str) else v) for k, v in (attrs or {}).items() if v is not None)
+        return cls(name, body[:MAX_BODY], tuple(sorted(items)))
 
 
 @dataclass(frozen=True)

@@ -152,3 +152,42 @@ async def test_agent_config_refuses_bad_telemetry_keys(tmp_path: pathlib.Path) -
             assert e.key == key, (extra, e)
         else:
             raise AssertionError(f"accepted {extra!r}")
+
+
+async def test_a_full_spool_drops_the_oldest_counts_and_reports_it(aiohttp_client, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:hello@1.0.0", HELLO, ALICE)
+    await publish(api, "acme:netty@1.0.0", NETTY, ALICE)
+    port = free_ports(1)
+    cfg = telemetry_config(tmp_path / "edge", api.url, f"http://127.0.0.1:{port}/v1/logs", "telemetry_spool_bytes = 65536\n")
+    agent = AgentProcess(cfg)
+    url = await agent.start()
+    runner = None
+    try:
+        async with aiohttp.ClientSession() as s:
+            async def sweep_until_dropped() -> bool:
+                async with s.post(url + "/sweep") as r:  # each sweep: a sweep event and a signed head (~1 KiB)
+                    assert r.status == 200
+                return int((await status(s, url))["telemetry"]["spool"]["dropped"]) > 0
+
+            await wait_until(sweep_until_dropped, "the spool full and its oldest events dropped", 120)
+            spool = (await status(s, url))["telemetry"]["spool"]
+            assert spool["bytes"] <= 65536 and spool["dropped"] == spool["dropped_undelivered"]  # the sink never had them
+            runner, _ = await start_server(make_collector_app(tmp_path / "collector"), DEFAULT_LIMITS, "127.0.0.1", port)
+
+            async def delivered() -> bool:
+                t = (await status(s, url))["telemetry"]
+                return t["sinks"][0]["delivered_through"] == t["spool"]["node_events"]
+
+            await wait_until(delivered, "what the spool still holds delivered", 90)
+            async with s.get(f"http://127.0.0.1:{port}/v1/logs/export") as r:
+                export = await r.read()
+            dropped = int((await status(s, url))["telemetry"]["spool"]["dropped"])
+        report = verify_events(export_items(export))
+        assert report.ok, report.as_json()  # the gap is declared by the drop events that arrived
+        (node,) = report.nodes.values()
+        assert node.first_seq == dropped + 1 and node.declared_dropped == dropped
+    finally:
+        await agent.stop()
+        if runner is not None:
+            await runner.cleanup()

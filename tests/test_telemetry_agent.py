@@ -191,3 +191,12 @@ async def test_a_full_spool_drops_the_oldest_counts_and_reports_it(aiohttp_clien
         await agent.stop()
         if runner is not None:
             await runner.cleanup()
+
+
+def test_a_damaged_telemetry_key_stops_the_agent_with_one_line(tmp_path: pathlib.Path) -> None:
+    cfg = write_config(tmp_path, ["http://127.0.0.1:9"], {})
+    (tmp_path / "agent-data" / "telemetry").mkdir(parents=True)
+    (tmp_path / "agent-data" / "telemetry" / "node.key").write_text("not a key\n")
+    r = subprocess.run([sys.executable, "-m", "wasmlog", "agent", "serve", "--config", str(cfg)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: the telemetry spool or key in"), r.stderr

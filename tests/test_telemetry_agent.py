@@ -69,8 +69,12 @@ async def test_events_survive_an_outage_and_a_sigkill_and_arrive_in_order(aiohtt
             await wait_until(lambda: refused_counted(data) == 25, "the interval's count spooled", 30)
             async with s.post(url + "/sweep") as r:
                 assert r.status == 200
+            async def failing() -> bool:
+                return int((await status(s, url))["telemetry"]["sinks"][0]["failures"]) >= 1
+
+            await wait_until(failing, "the shipper retrying the sink that is down", 30)
             before_kill = (await status(s, url))["telemetry"]
-            assert before_kill["sinks"][0]["delivered_through"] == 0 and before_kill["sinks"][0]["failures"] >= 1
+            assert before_kill["sinks"][0]["delivered_through"] == 0 and before_kill["sinks"][0]["last_error"]
             await agent.kill()  # during the outage: nothing spooled may be lost
             url = await agent.start()
             await flood_refused(s, url, 5)

@@ -26,7 +26,7 @@ def agent_group() -> None:
 def agent_serve(config_file: pathlib.Path, limits: ServerLimits) -> None:
     """Admit the configured modules, serve them WAGI-style on /run/NS/NAME, sweep every sweep_interval.
 
-    Exit status 2 for a config, trust policy, state file or artifact key that cannot be used (one line naming the key or file)."""
+    Exit status 2 for a config, trust policy, state file, artifact key or telemetry spool that cannot be used (one line naming the key or file)."""
     from edge.agent_config import ConfigError, parse_config
     from edge.agent_state import StateError
     from edge.artifacts import KeyFileError

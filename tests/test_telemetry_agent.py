@@ -204,3 +204,35 @@ def test_a_damaged_telemetry_key_stops_the_agent_with_one_line(tmp_path: pathlib
     r = subprocess.run([sys.executable, "-m", "wasmlog", "agent", "serve", "--config", str(cfg)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: the telemetry spool or key in"), r.stderr
+
+
+async def test_traps_deadlines_and_memory_caps_are_aggregated_events(aiohttp_client, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    import wasmtime
+    from test_agent import in_process_agent
+
+    from edge.telemetry_events import DEADLINE, MEMORY_CAP, TRAP
+
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    wat = ROOT / "tests" / "wasm"
+    for name in ("loop", "membomb", "trap"):
+        await publish(api, f"acme:{name}@1.0.0", wasmtime.wat2wasm((wat / f"agent_{name}.wat").read_text()), ALICE)
+    agent, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url],
+                                                    {f"acme:{n}@1.0.0": "small" for n in ("loop", "membomb", "trap")})
+    try:
+        for _ in range(3):
+            for name, status_code in (("loop", 504), ("membomb", 502), ("trap", 502)):
+                r = await client.get(f"/run/acme/{name}")
+                assert r.status == status_code, (name, await r.text())
+        await agent.telemetry.flush()  # the interval's end, now
+        events = list(agent.telemetry.spool.scan())
+    finally:
+        await client.close()
+        await sandbox.close()
+    counts: dict[tuple[str, Any], int] = {}
+    for e in events:
+        if e.name in (DEADLINE, MEMORY_CAP, TRAP):
+            key = (e.name, e.attr("wasmlog.module.ref"))
+            counts[key] = counts.get(key, 0) + int(e.attr("wasmlog.count") or 0)
+            assert e.attr("wasmlog.module.digest") is not None and e.attr("wasmlog.module.log_index") is not None
+    assert counts == {(DEADLINE, "acme:loop@1.0.0"): 3, (MEMORY_CAP, "acme:membomb@1.0.0"): 3, (TRAP, "acme:trap@1.0.0"): 3}
+    assert len([e for e in events if e.name in (DEADLINE, MEMORY_CAP, TRAP)]) == 6  # one at once, one with the rest, per module

@@ -40,7 +40,6 @@ SEVERITY: dict[str, tuple[int, str]] = {
     DEADLINE: WARN, MEMORY_CAP: WARN, DROPPED: WARN,
     INTEGRITY: ERROR,
 }
-AGGREGATED = frozenset({REQUEST_REFUSED, TRAP, DEADLINE, MEMORY_CAP})
 
 # The event's own attributes (besides event.name and wasmlog.event.*): name -> type. Anything else is refused.
 ATTRIBUTES: dict[str, type] = {

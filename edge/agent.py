@@ -35,6 +35,7 @@ from .agent_state import ADMITTED, QUARANTINED, ModuleState, ModuleStore, StateE
 from .agent_sweep import next_state, refresh_checkpoint
 from .artifacts import load_or_create_key
 from .sandbox import Sandbox
+from .telemetry import Telemetry
 
 logger = logging.getLogger("wasmlog.agent")
 MAX_POLICY_BYTES = 1 << 20
@@ -74,6 +75,7 @@ class Agent:
         self._next_trigger = "request"  # who asked for it first: start, interval, request
         self.sweep_waiting = 0  # callers waiting for a sweep's result (the running one's, or the next one's)
         self._sweeper: asyncio.Task[None] | None = None
+        self.telemetry = Telemetry(config.data, config.telemetry.sinks, config.telemetry.spool_bytes, config.telemetry.interval, clock)
 
     def now(self) -> int:
         return int(self.clock())
@@ -127,6 +129,7 @@ class Agent:
                     logger.info("%s: %s%s", m.ref, new.state, f" ({new.reason}: {new.message})" if new.reason else "")
             if changed != self.modules:
                 await asyncio.to_thread(self.state_file.save, changed)
+                await self.telemetry.moves(moves)  # on disk before it is served or reported
                 self.modules = changed
             return moves
 
@@ -142,6 +145,7 @@ class Agent:
             new = ModuleState(ref, QUARANTINED, reason, message, old.profile, self.now(), old.version, old.digest, old.log_index)
             changed = {**self.modules, ref: new}
             await asyncio.to_thread(self.state_file.save, changed)
+            await self.telemetry.moves([(old, new)])
             self.modules = changed
         logger.warning("%s: quarantined (%s: %s)", ref, reason, message)
 
@@ -236,6 +240,7 @@ class Agent:
             self.sweeps += 1
             self.last_sweep = {"number": self.sweeps, "trigger": trigger, "time": now, "seconds": round(time.monotonic() - started, 3),
                                "checkpoint": checkpoint, "findings": findings, "modules": modules}
+            await self.telemetry.swept(self.last_sweep)
             return self.last_sweep
 
     def _note_sources(self, admission: Admission, findings: list[dict[str, Any]], now: int) -> None:
@@ -282,4 +287,5 @@ class Agent:
             "sweep_waiting": self.sweep_waiting,
             "sources": [{"url": url, **source} for url, source in self.sources.items()],
             "sandbox": self.sandbox.status(),
+            "telemetry": self.telemetry.status(),
         }

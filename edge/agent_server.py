@@ -125,6 +125,7 @@ async def run_module(request: web.Request) -> web.Response:
     m, s = found
     if s is None or s.state != ADMITTED or s.digest is None:
         why = "not admitted yet" if s is None else f"{s.state} ({s.reason}: {s.message})"
+        await agent.telemetry.request_failed(m.ref, s, None)
         raise ModuleNotServed(f"{m.ref} is {why}")
     module = agent.store.path(s.digest)
     if not module.exists():
@@ -159,6 +160,7 @@ async def run_module(request: web.Request) -> web.Response:
         metrics.runs.labels(m.ref, "403").inc()
         return error_response(e)
     except (SandboxError, CgiError) as e:
+        await agent.telemetry.request_failed(m.ref, s, e)
         response = error_response(e)
         metrics.runs.labels(m.ref, str(response.status)).inc()
         return response
@@ -216,6 +218,7 @@ def make_apps(agent: Agent, *, periodic_sweeps: bool = True) -> tuple[web.Applic
     admin.router.add_get("/status", get_status)
     admin.router.add_get("/healthz", get_healthz)
     admin.router.add_post("/sweep", post_sweep)
+    admin.cleanup_ctx.append(agent.telemetry.running)  # shipping and signing; cleaned up after the sweeps stop
     if periodic_sweeps:
         admin.cleanup_ctx.append(_sweeps)
     modules = web.Application(middlewares=[agent_errors_middleware])

@@ -188,6 +188,9 @@ class InProcessAgent:
     sandbox: Sandbox
 
     async def close(self) -> None:
+        """Stop both listeners (the admin app's cleanup flushes and closes the telemetry spool), then the agent."""
+        await self.runs.close()
+        await self.admin.close()
         await self.agent.close()
         await self.sandbox.close()
 

@@ -27,10 +27,11 @@ def agent_serve(config_file: pathlib.Path, limits: ServerLimits) -> None:
     """Sweep once, then serve the admitted modules WAGI-style on /run/NS/NAME (listen) and the admin API on
     admin_listen (/status, /metrics, /healthz, POST /sweep); sweep every sweep_interval. Prints one line per listener.
 
-    Exit status 2 for a config, trust policy or artifact key that cannot be used (one line naming the key or file).
+    Exit status 2 for a config, trust policy, artifact key or telemetry spool that cannot be used (one line naming the key or file).
     A state.json that does not check is not used: the start-up sweep decides everything anew (see /status)."""
     from edge.agent_config import ConfigError, parse_config
     from edge.artifacts import KeyFileError
+    from edge.telemetry_spool import SpoolError
     from edge.verify import VerifyError
 
     try:
@@ -53,7 +54,7 @@ def agent_serve(config_file: pathlib.Path, limits: ServerLimits) -> None:
     try:
         with asyncio.Runner(loop_factory=new_loop) as runner:
             runner.run(go())
-    except (VerifyError, KeyFileError) as e:  # the trust policy, the artifact key
+    except (VerifyError, KeyFileError, SpoolError) as e:  # the trust policy, the artifact key, the spool
         raise click.exceptions.Exit(_fail(str(e))) from None
     except OSError as e:  # the listen address is taken, the data directory cannot be written
         raise click.exceptions.Exit(_fail(f"agent: {e}", 1)) from None

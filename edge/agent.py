@@ -61,6 +61,7 @@ class Agent:
         self._writing = asyncio.Lock()  # one change of state.json at a time (a sweep, a quarantine while serving)
         self.last_sweep: dict[str, Any] | None = None
         self.sweeps = 0
+        self.prewarming: asyncio.Future[dict[str, str]] | None = None
 
     def now(self) -> int:
         return int(self.clock())
@@ -75,6 +76,12 @@ class Agent:
             async with self.lock, aiohttp.ClientSession(timeout=FETCH_TIMEOUT) as session:
                 admission = Admission(self.policy, self.config.registries, self.store, self.checkpoints, self.now())
                 await self._apply(list(zip(new, await self._decide(admission, session, new), strict=True)))
+        self.prewarm()
+
+    def prewarm(self) -> None:
+        """Compile the admitted modules' artifacts in the background, so that no first request waits for it."""
+        self.prewarming = self.sandbox.prewarm([(s.digest, self.store.path(s.digest)) for s in self.modules.values()
+                                                if s.state == ADMITTED and s.digest is not None])
 
     async def _decide(self, admission: Admission, session: aiohttp.ClientSession, modules: list[ModuleConfig]) -> list[Decision]:
         """Admission decisions for modules, ADMISSION_CONCURRENCY fetching at once."""
@@ -165,6 +172,7 @@ class Agent:
                         "changed": old is None or (old.state, old.digest) != (new.state, new.digest)}
                        for (m, _), (old, new) in zip(decisions, await self._apply(decisions), strict=True)]
             self.sweeps += 1
+            self.prewarm()  # what this sweep admitted, or whose artifact it deleted
             self.last_sweep = {"time": now, "seconds": round(time.monotonic() - started, 3), "checkpoint": checkpoint,
                                "findings": findings, "modules": modules}
             return self.last_sweep

@@ -25,6 +25,7 @@ from agent_helpers import (
     write_config,
 )
 from aiohttp import web
+from helpers import wait_until
 from registry_helpers import release_envelope, start_registry, with_custom_section
 from test_up import free_ports
 
@@ -42,6 +43,7 @@ from wasmlog.network import NetworkConfig, run_network
 ALICE = Ed25519Signer.generate("alice")
 BOB = Ed25519Signer.generate("bob")
 HELLO = printing_module(b"Content-Type: text/plain\n\nhello from acme\n")
+OTHER = printing_module(b"Content-Type: text/plain\n\nthe other one\n")
 EVIL = printing_module(b"Content-Type: text/plain\n\nEVIL tampered bytes\n")  # same imports as HELLO
 NETTY = printing_module(b"never run\n", NET_MODULE_IMPORT)
 
@@ -175,19 +177,21 @@ async def in_process_agent(aiohttp_client, tmp_path: pathlib.Path, registries: l
 async def test_a_tampered_module_is_never_run_and_is_quarantined_and_repaired(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
     api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
     await publish(api, "acme:hello@1.0.0", HELLO)
-    agent, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"})
+    await publish(api, "acme:other@1.0.0", OTHER)
+    agent, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout", "acme:other@1.0.0": "stdout"})
     try:
+        assert agent.prewarming is not None and await agent.prewarming == {}  # both compiled from verified bytes at admission
         digest = hashlib.sha256(HELLO).hexdigest()
         stored = agent.store.path(digest)
         stored.write_bytes(EVIL)  # someone with disk access swaps the bytes
+        # Its attested artifact is cached: the run is the verified module's, the swapped file is not even read.
         r = await client.get("/run/acme/hello")
-        body = await r.read()
-        assert b"EVIL" not in body and r.status in (200, 403)  # a run from the attested artifact, or refused: never the new bytes
+        assert (r.status, await r.read()) == (200, b"hello from acme\n")
         r = await client.post("/sweep")
         result = await r.json()
         assert any(f["kind"] == "integrity" and f["digest"] == digest for f in result["findings"]), result
         assert stored.read_bytes() == HELLO  # fetched again, re-verified, stored
-        (m,) = result["modules"]
+        (m, _) = result["modules"]
         assert m["state"] == "admitted" and m["digest"] == digest
         r = await client.get("/run/acme/hello")
         assert r.status == 200 and await r.read() == b"hello from acme\n"
@@ -195,6 +199,26 @@ async def test_a_tampered_module_is_never_run_and_is_quarantined_and_repaired(ai
         result = await (await client.post("/sweep")).json()
         assert any(f["kind"] == "integrity" and f.get("message") == "missing" for f in result["findings"])
         assert stored.read_bytes() == HELLO
+
+        # A module that must be compiled (no worker holds it, its artifact is gone): the swapped bytes are refused,
+        # never compiled, and the module is quarantined at once; the next sweep repairs it.
+        assert agent.prewarming is not None and await agent.prewarming == {}
+        other = hashlib.sha256(OTHER).hexdigest()
+        compiled = sandbox.status()["compiled"]
+        for artifact in (agent.config.data / "artifacts").glob(f"{other}.*"):
+            artifact.unlink()
+        agent.store.path(other).write_bytes(EVIL)
+        r = await client.get("/run/acme/other")
+        assert r.status == 403 and (await r.json())["error"] == "IntegrityError"
+        (m,) = [m for m in (await (await client.get("/status")).json())["modules"] if m["ref"] == "acme:other@1.0.0"]
+        assert (m["state"], m["reason"]) == ("quarantined", "integrity")
+        r = await client.get("/run/acme/other")
+        assert r.status == 403 and (await r.json())["error"] == "ModuleNotServed"
+        assert sandbox.status()["compiled"] == compiled and sandbox.status()["integrity_errors"] >= 1  # EVIL never compiled
+        result = await (await client.post("/sweep")).json()
+        assert agent.store.path(other).read_bytes() == OTHER
+        r = await client.get("/run/acme/other")
+        assert (r.status, await r.read()) == (200, b"the other one\n")
     finally:
         await sandbox.close()
 
@@ -335,23 +359,85 @@ async def test_a_runaway_loop_and_a_memory_bomb_are_stopped_while_others_keep_se
     api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
     for ref, module in (("acme:hello@1.0.0", HELLO), ("acme:spin@1.0.0", SPIN), ("acme:bomb@1.0.0", BOMB)):
         await publish(api, ref, module)
-    _, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url],
+    agent, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url],
                                                     {"acme:hello@1.0.0": "stdout", "acme:spin@1.0.0": "small", "acme:bomb@1.0.0": "small"})
     try:
         assert all(m["state"] == "admitted" for m in (await (await client.get("/status")).json())["modules"])
+        assert agent.prewarming is not None and await agent.prewarming == {}  # no run below waits for a compile
         spin = asyncio.ensure_future(client.get("/run/acme/spin"))
         hello = asyncio.ensure_future(client.get("/run/acme/hello"))
         done, _ = await asyncio.wait({spin, hello}, return_when=asyncio.FIRST_COMPLETED)
         assert hello in done and (await hello).status == 200  # served while the loop still runs
         r = await spin
         assert r.status == 504 and (await r.json())["error"] == "DeadlineExceeded"
-        r = await client.get("/run/acme/bomb")
-        assert r.status == 502, await r.text()
+        # The bomb (its memory not exported) is stopped by its 4 MiB cap, reported as such, not as a plain trap;
+        # another module is served beside it.
+        bomb = asyncio.ensure_future(client.get("/run/acme/bomb"))
+        hello = asyncio.ensure_future(client.get("/run/acme/hello"))
+        r = await bomb
+        body = await r.json()
+        assert (r.status, body["error"]) == (502, "MemoryExceeded") and "memory cap of 4 MiB reached" in body["message"], body
+        assert (await hello).status == 200
+        assert sandbox.status()["failed_memory"] == 1 and "failed_trap" not in sandbox.status()
+        async with client.get("/metrics") as m:
+            assert 'wasmlog_agent_runs_total{module="acme:bomb@1.0.0",status="502"} 1.0' in await m.text()
         r = await client.get("/run/acme/hello")
         assert r.status == 200 and await r.read() == b"hello from acme\n"
         assert (await client.get("/healthz")).status == 200
     finally:
         await sandbox.close()
+
+
+async def test_a_flooded_runaway_module_cannot_hold_every_worker(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """More requests to a looping module than there are workers: one runs (max_in_flight 1), the excess is 503 with
+    Retry-After at once, and another module keeps answering 200 on the workers the loop may not take."""
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:hello@1.0.0", HELLO)
+    await publish(api, "acme:spin@1.0.0", SPIN)
+    agent, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url],
+                                                    {"acme:hello@1.0.0": "stdout", "acme:spin@1.0.0": "one_at_a_time"})
+    try:
+        assert agent.prewarming is not None and await agent.prewarming == {}
+        first = asyncio.ensure_future(client.get("/run/acme/spin"))
+        await wait_until(lambda: sandbox.status()["busy"] == 1, "the loop to run")
+        flood = await asyncio.gather(*(client.get("/run/acme/spin") for _ in range(5)))  # 6 requests, 2 workers
+        for r in flood:
+            assert r.status == 503 and r.headers["Retry-After"] == "1" and (await r.json())["error"] == "SandboxBusy"
+        for _ in range(3):
+            r = await client.get("/run/acme/hello")
+            assert (r.status, await r.read()) == (200, b"hello from acme\n")
+        assert not first.done() and sandbox.status()["busy"] == 1  # all of that while the loop still ran
+        r = await first
+        assert r.status == 504 and (await r.json())["error"] == "DeadlineExceeded"
+        assert (await client.get("/run/acme/spin")).status == 504  # its one slot is free again
+    finally:
+        await sandbox.close()
+
+
+async def test_the_first_request_after_admission_or_a_restart_finds_its_artifact_cached(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:hello@1.0.0", HELLO)
+    agent, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"})
+    digest = hashlib.sha256(HELLO).hexdigest()
+    try:
+        assert agent.prewarming is not None and await agent.prewarming == {}
+        assert len(list((agent.config.data / "artifacts").glob(f"{digest}.*.cwasm"))) == 1
+        assert sandbox.status()["compiled"] == 1
+        r = await client.get("/run/acme/hello")
+        assert (r.status, await r.read()) == (200, b"hello from acme\n")
+        status = sandbox.status()
+        assert status["compiled"] == 1 and status["artifacts_loaded"] == 1  # the request loaded it; it compiled nothing
+    finally:
+        await sandbox.close()
+    for artifact in (agent.config.data / "artifacts").glob("*.cwasm"):
+        artifact.unlink()  # e.g. a new Wasmtime: nothing cached is valid any more
+    restarted = Agent(agent.config, new_sandbox(agent.config, workers=1))
+    try:
+        await restarted.start()  # restores the admitted module from state.json, fetches nothing
+        assert restarted.prewarming is not None and await restarted.prewarming == {}
+        assert len(list((agent.config.data / "artifacts").glob(f"{digest}.*.cwasm"))) == 1
+    finally:
+        await restarted.sandbox.close()
 
 
 async def test_each_sweep_rechecks_admitted_modules_against_the_current_trust_policy(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -408,8 +494,7 @@ async def test_a_tampered_compiled_artifact_is_never_loaded_and_is_rebuilt(aioht
     await publish(api, "acme:hello@1.0.0", HELLO)
     agent, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"})
     try:
-        r = await client.get("/run/acme/hello")  # compiles and caches the artifact
-        assert r.status == 200
+        assert agent.prewarming is not None and await agent.prewarming == {}  # compiled and cached at admission
         digest = hashlib.sha256(HELLO).hexdigest()
         (artifact,) = (agent.config.data / "artifacts").glob(f"{digest}.*")
         data = bytearray(artifact.read_bytes())
@@ -419,10 +504,15 @@ async def test_a_tampered_compiled_artifact_is_never_loaded_and_is_rebuilt(aioht
         assert any(f["kind"] == "integrity" and f["what"] == "artifact" and f["digest"] == digest for f in result["findings"]), result
         (m,) = result["modules"]
         assert m["state"] == "admitted" and m["previous"] == "quarantined"  # quarantined, re-verified, admitted again in one sweep
-        assert not artifact.exists()
-        r = await client.get("/run/acme/hello")  # compiled again from the verified bytes
+        # The re-admission compiles the verified bytes again (a compile worker, whichever run worker serves next).
+        assert agent.prewarming is not None and await agent.prewarming == {}
+        (rebuilt,) = (agent.config.data / "artifacts").glob(f"{digest}.*")
+        assert rebuilt.read_bytes() != bytes(data) and sandbox.verify_cache() == []
+        status = sandbox.status()
+        assert status["compiled"] == 2 and status["artifacts_rejected"] == 1 and "artifacts_refused_by_wasmtime" not in status
+        r = await client.get("/run/acme/hello")
         assert r.status == 200 and await r.read() == b"hello from acme\n"
-        assert len(list((agent.config.data / "artifacts").glob(f"{digest}.*"))) == 1
+        assert "artifacts_refused_by_wasmtime" not in sandbox.status()  # the tampered bytes never reached Wasmtime
     finally:
         await sandbox.close()
 

@@ -279,7 +279,12 @@ class Sandbox:
         if pending is None:
             pending = self._compiling[digest] = self._background_task(self._compile(digest, module))
             pending.add_done_callback(lambda f: (self._compiling.pop(digest, None), f.cancelled() or f.exception()))
-        return await asyncio.shield(pending)  # a request that gives up does not stop the compile others wait for
+        try:
+            return await asyncio.shield(pending)  # a request that gives up does not stop the compile others wait for
+        except asyncio.CancelledError:
+            if pending.cancelled() and self._closed:
+                raise SandboxError("the sandbox is closed") from None
+            raise
 
     async def _compile(self, digest: str, module: pathlib.Path) -> bytes:
         """Compile the module file, after checking its SHA-256 against digest, in a compile worker; cache the

@@ -414,6 +414,30 @@ async def test_a_flooded_runaway_module_cannot_hold_every_worker(aiohttp_client,
         await sandbox.close()
 
 
+async def test_a_request_that_cannot_start_within_its_deadline_answers_503(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """timeout_ms is per request: with every worker held by other modules' 3 s runs, a request whose deadline is
+    2 s never starts; it answers 503 with Retry-After (the module did not run), not a 504 after a run."""
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    spin2 = wasmtime.wat2wasm('(module (func (export "_start") (loop $l (br $l))) (func (export "second")))')
+    for ref, module in (("acme:hello@1.0.0", HELLO), ("acme:spin@1.0.0", SPIN), ("acme:spin2@1.0.0", bytes(spin2))):
+        await publish(api, ref, module)
+    agent, client, sandbox = await in_process_agent(aiohttp_client, tmp_path, [api.url], {
+        "acme:hello@1.0.0": "stdout", "acme:spin@1.0.0": "one_at_a_time", "acme:spin2@1.0.0": "one_at_a_time"})
+    try:
+        assert agent.prewarming is not None and await agent.prewarming == {}
+        spins = [asyncio.ensure_future(client.get(f"/run/acme/{name}")) for name in ("spin", "spin2")]
+        await wait_until(lambda: sandbox.status()["busy"] == 2, "both workers to run a loop")
+        r = await client.get("/run/acme/hello")  # the stdout profile's deadline: 2000 ms
+        body = await r.json()
+        assert (r.status, r.headers["Retry-After"], body["error"]) == (503, "1", "NoWorkerInTime"), body
+        assert not any(s.done() for s in spins)  # the loops (3 s) still held both workers
+        assert [(await s).status for s in spins] == [504, 504]
+        r = await client.get("/run/acme/hello")
+        assert (r.status, await r.read()) == (200, b"hello from acme\n")
+    finally:
+        await sandbox.close()
+
+
 async def test_the_first_request_after_admission_or_a_restart_finds_its_artifact_cached(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
     api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
     await publish(api, "acme:hello@1.0.0", HELLO)

@@ -150,8 +150,19 @@ class Idle:
 
     def release(self, worker: Worker, key: str | None = None) -> None:
         """Give the worker back (key: the caller it was handed to, if any); it goes to the first waiter that may take it."""
+        self._workers.append(worker)
         self.forget(key)
+
+    def forget(self, key: str | None) -> None:
+        """A worker handed to key is back or was lost (it is being replaced): key holds one fewer, and a waiter of
+        key that was at its cap may now take an idle worker."""
+        if key is not None:
+            self.held[key] -= 1
+            if self.held[key] <= 0:
+                del self.held[key]
         for waiter in list(self._waiters):
+            if not self._workers:
+                return
             future, waiting_key, cap = waiter
             if future.done():
                 self._waiters.remove(waiter)
@@ -159,16 +170,7 @@ class Idle:
                 self._waiters.remove(waiter)
                 if waiting_key is not None:
                     self.held[waiting_key] += 1
-                future.set_result(worker)
-                return
-        self._workers.append(worker)
-
-    def forget(self, key: str | None) -> None:
-        """A worker handed to key was lost (it is being replaced): key holds one fewer."""
-        if key is not None:
-            self.held[key] -= 1
-            if self.held[key] <= 0:
-                del self.held[key]
+                future.set_result(self._workers.popleft())
 
     @property
     def waiting(self) -> int:

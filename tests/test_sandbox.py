@@ -531,6 +531,35 @@ def test_workers_are_handed_out_first_come_first_served() -> None:
     assert asyncio.run(scenario()) == ["first", "second", "the releaser, asking again"]
 
 
+def test_a_key_never_holds_more_workers_than_its_cap() -> None:
+    """Idle with caps: a module at its cap waits even beside an idle worker, which another module takes at once;
+    the capped waiter gets a worker as soon as its module holds one fewer, whether given back or lost."""
+
+    async def scenario() -> None:
+        idle = Idle()
+        a, b, c = object(), object(), object()
+        for w in (a, b):
+            idle.release(w)  # type: ignore[arg-type]
+        first = await idle.acquire("loop", 1)
+        assert first is a
+        second = asyncio.ensure_future(idle.acquire("loop", 1))
+        await asyncio.sleep(0)  # let it queue (nothing else can run meanwhile: one event loop, no I/O)
+        assert not second.done() and idle.waiting == 1
+        assert await idle.acquire("hello", 1) is b  # the idle worker the loop may not take
+        idle.release(b, "hello")
+        assert not second.done()  # still capped
+        idle.release(first, "loop")
+        assert await second is b and idle.held == {"loop": 1}  # the longest idle worker
+        third = asyncio.ensure_future(idle.acquire("loop", 1))
+        await asyncio.sleep(0)
+        assert not third.done()
+        idle.forget("loop")  # the worker the loop held died (it is being replaced)
+        assert await third is a
+        idle.release(c)  # type: ignore[arg-type]
+        assert await idle.acquire("other", 1) is c and idle.held == {"loop": 1, "other": 1}
+    asyncio.run(scenario())
+
+
 def test_an_unclosed_sandbox_with_a_replacement_starting_does_not_hang_the_loop(tmp_path: pathlib.Path) -> None:
     digest, path = module(tmp_path, "hello")
     script = f"""

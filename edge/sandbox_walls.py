@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import platform
 import resource
@@ -40,7 +41,7 @@ def set_limits(data_mb: int) -> None:
 ALLOWED = (
     # pipes to the agent, the run's stdin memfd, read-only files (late imports), their metadata
     "read", "readv", "pread64", "preadv", "write", "writev", "close", "lseek", "fstat", "stat", "lstat", "newfstatat",
-    "statx", "fstatfs", "getdents64", "readlink", "readlinkat", "access", "faccessat", "faccessat2", "getcwd", "fcntl",
+    "statx", "fstatfs", "getdents64", "readlink", "readlinkat", "access", "faccessat", "faccessat2", "getcwd",
     "dup", "dup2", "dup3", "memfd_create", "ftruncate", "pipe2", "eventfd2",
     "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll", "select", "pselect6",
     # memory: Wasmtime maps, protects, resets and releases linear memories and code; aarch64 syncs the icache
@@ -57,6 +58,10 @@ ALLOWED = (
 )
 PR_SET_NAME, PR_GET_NAME = 15, 16
 TCGETS, FIONBIO, FIONCLEX, FIOCLEX = 0x5401, 0x5421, 0x5450, 0x5451
+# fcntl: duplicate, descriptor and status flags, memfd seals (Wasmtime seals its memory images); not
+# F_SETOWN/F_SETSIG (which would aim SIGIO at another process) nor locks or leases.
+F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC, F_ADD_SEALS, F_GET_SEALS = 0, 1, 2, 3, 4, 1030, 1033, 1034
+F_SETOWN = 8
 CLONE_THREAD = 0x00010000
 OPEN_WRITE_FLAGS = os.O_ACCMODE | os.O_CREAT | os.O_TRUNC  # O_TRUNC truncates even a file opened O_RDONLY
 # What clone3 and openat2 ask for sits in memory the filter cannot read: they answer ENOSYS, and the C library
@@ -78,6 +83,8 @@ def _conditional_rules(seccomp: Any, pid: int) -> list[tuple[str, tuple[Any, ...
     ]
     rules += [("ioctl", (arg(1, seccomp.EQ, request),)) for request in (TCGETS, FIONBIO, FIONCLEX, FIOCLEX)]
     rules += [("prctl", (arg(0, seccomp.EQ, option),)) for option in (PR_SET_NAME, PR_GET_NAME)]  # naming threads
+    rules += [("fcntl", (arg(1, seccomp.EQ, command),)) for command in (F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC,
+                                                                      F_ADD_SEALS, F_GET_SEALS)]
     return rules
 
 
@@ -202,6 +209,14 @@ def probe(forbidden_read: str | None = None, own_file: str | None = None, new_fi
             os._exit(0)
         os.wait()
 
+    def aim_sigio_at_parent() -> None:
+        read_end, write_end = os.pipe()
+        try:
+            fcntl.fcntl(read_end, F_SETOWN, parent)
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+
     siginfo = ctypes.create_string_buffer(128)  # a zeroed siginfo_t
     result = {
         "fork": attempt(fork),
@@ -215,6 +230,7 @@ def probe(forbidden_read: str | None = None, own_file: str | None = None, new_fi
         "sigqueue_parent": attempt(raw("rt_sigqueueinfo", parent, signal.SIGCONT, siginfo)),
         "prlimit_parent": attempt(lambda: resource.prlimit(parent, resource.RLIMIT_NOFILE)),
         "prlimit_set_self": attempt(lambda: resource.prlimit(0, resource.RLIMIT_CORE, (0, 0))),
+        "sigio_to_parent": attempt(aim_sigio_at_parent),
         "signal_self": attempt(lambda: os.kill(os.getpid(), 0)),  # allowed: the worker's own
     }
     if own_file:

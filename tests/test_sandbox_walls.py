@@ -22,7 +22,7 @@ from edge.sandbox_pool import Worker
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # What each probe attempt must get from a worker whose allow-list is loaded: EPERM, the filter's default action.
 DENIED = ["fork", "execve", "socket", "socket_unix", "open_for_write", "signal_parent", "signal_group", "tgkill_parent",
-          "sigqueue_parent", "prlimit_parent", "prlimit_set_self"]
+          "sigqueue_parent", "prlimit_parent", "prlimit_set_self", "sigio_to_parent"]
 DENIED_ON_FILES = ["chmod", "fchmodat2", "utime", "setxattr", "create"]
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import importlib.metadata
 import pathlib
 import sys
@@ -27,11 +26,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .artifacts import DIGEST_RE, ArtifactCache, load_or_create_key
-from .memory_export import with_memory_export
-from .sandbox_compile import COMPILE_TIMEOUT, Compilers
+from .sandbox_compile import Artifacts, Compilers
 from .sandbox_pool import Idle, Worker, WorkerLost, WorkerStartError
 from .sandbox_protocol import (
-    MEMORY_EXPORT,
     WORKER_DATA_MB,
     WORKER_OVERHEAD_MB,
     engine_settings_id,
@@ -90,13 +87,14 @@ class Sandbox:
             raise SandboxError("Wasmtime is not installed: pip install 'wasmlog[sandbox]'") from None
         self._data_mb = worker_data_mb
         self._cache = ArtifactCache(pathlib.Path(cache_dir), load_or_create_key(pathlib.Path(key_file)), engine_settings_id(self._version))
+        self.counters: collections.Counter[str] = collections.Counter()
         root = pathlib.Path(__file__).resolve().parent.parent
         env = {"PYTHONPATH": str(root), "WASMLOG_WORKER_DATA_MB": str(worker_data_mb),
                "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8", **({"WASMLOG_WORKER_PROBES": "1"} if probes else {})}
         self._env = {**env, "WASMLOG_WORKER_ROLE": "run"}
         self._probes = probes
         self._compilers = Compilers(env, self._version, **({"per_process": compiles_per_process} if compiles_per_process else {}))
-        self._compiling: dict[str, asyncio.Future[bytes]] = {}
+        self._artifacts = Artifacts(self._cache, self._compilers, self.counters)
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._idle = Idle()
         self._workers: dict[int, Worker] = {}
@@ -104,10 +102,7 @@ class Sandbox:
         self._started = False
         self._closed = False
         self._background: set[asyncio.Future[Any]] = set()
-        self._prewarms: set[asyncio.Future[dict[str, str]]] = set()
         self._last_start_error: str | None = None
-        self._last_store_error: str | None = None
-        self.counters: collections.Counter[str] = collections.Counter()
 
     async def start(self) -> None:
         """Start the workers (run() does this on first use; call it early to learn the seccomp state)."""
@@ -201,7 +196,7 @@ class Sandbox:
                    argv0: str, still_allowed: Callable[[], bool] | None) -> RunResult:
         artifact = None
         if not any(digest in w.holds for w in self._workers.values()):
-            artifact = await self._artifact(digest, module)
+            artifact = await self._artifacts.get(digest, module)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + profile.timeout_ms / 1000
         try:
@@ -243,7 +238,7 @@ class Sandbox:
         for _ in range(3):
             blobs = {"stdin": stdin}
             if digest not in worker.holds:
-                blobs["artifact"] = artifact = artifact if artifact is not None else await self._artifact(digest, module)
+                blobs["artifact"] = artifact = artifact if artifact is not None else await self._artifacts.get(digest, module)
             reply, out = await worker.call(request, blobs, remaining + GRACE)
             status, kind = reply.get("status"), reply.get("kind")
             if status == "need-module" or kind == "artifact-rejected":
@@ -263,85 +258,16 @@ class Sandbox:
             raise failure(kind, str(reply.get("message")))
         raise SandboxError(f"sandbox worker pid {worker.pid} would not load module {digest}")
 
-    def _attested_artifact(self, digest: str) -> bytes | None:
-        artifact, bad = self._cache.load(digest)
-        if bad:
-            self.counters["artifacts_rejected"] += 1
-        return artifact
-
-    async def _artifact(self, digest: str, module: pathlib.Path) -> bytes:
-        """The attested artifact of digest: from the cache if its MAC checks, else compiled (once, however many
-        requests ask at the same time) by a compile worker and cached."""
-        cached = self._attested_artifact(digest)
-        if cached is not None:
-            return cached
-        pending = self._compiling.get(digest)
-        if pending is None:
-            pending = self._compiling[digest] = self._background_task(self._compile(digest, module))
-            pending.add_done_callback(lambda f: (self._compiling.pop(digest, None), f.cancelled() or f.exception()))
-        try:
-            return await asyncio.shield(pending)  # a request that gives up does not stop the compile others wait for
-        except asyncio.CancelledError:
-            if pending.cancelled() and self._closed:
-                raise SandboxError("the sandbox is closed") from None
-            raise
-
-    async def _compile(self, digest: str, module: pathlib.Path) -> bytes:
-        """Compile the module file, after checking its SHA-256 against digest, in a compile worker; cache the
-        artifact under its MAC."""
-        try:
-            wasm = await asyncio.to_thread(module.read_bytes)
-        except OSError as e:
-            raise IntegrityError(f"module file {module} is unreadable: {e}") from None
-        if hashlib.sha256(wasm).hexdigest() != digest:
-            self.counters["integrity_errors"] += 1
-            raise IntegrityError(f"module file {module} does not hash to {digest}: it changed on disk")
-        try:
-            reply, blobs = await self._compilers.call({"op": "compile", "digest": digest}, {"wasm": with_memory_export(wasm, MEMORY_EXPORT)})
-        except WorkerStartError as e:
-            raise SandboxError(str(e)) from None
-        except WorkerLost as e:
-            if e.timed_out:
-                raise DeadlineExceeded(f"compiling sha256:{digest[:16]} took over {COMPILE_TIMEOUT:.0f} s: {e}") from None
-            raise WorkerCrashed(f"compile worker: {e}") from None
-        if reply.get("status") != "ok":
-            raise failure(reply.get("kind"), str(reply.get("message")))
-        self.counters["compiled"] += 1
-        try:
-            self._cache.store(digest, blobs["artifact"])
-        except OSError as e:  # the run goes on; the next cold start compiles again
-            self.counters["artifact_store_failures"] += 1
-            self._last_store_error = f"{type(e).__name__}: {e}"
-        return blobs["artifact"]
-
     def prewarm(self, modules: Iterable[tuple[str, pathlib.Path]]) -> asyncio.Future[dict[str, str]]:
         """Compile, in the background and one at a time, each module (digest, file) whose attested artifact is
         not cached, so that its first request does not pay for it. The task's result maps the digests that could
         not be compiled to why (the request that runs one meets the same error)."""
-        items = list(modules)
-
-        async def warm() -> dict[str, str]:
-            failures: dict[str, str] = {}
-            for digest, path in items:
-                if self._closed:
-                    break
-                try:
-                    await self._artifact(digest, path)
-                    self.counters["prewarmed"] += 1
-                except SandboxError as e:
-                    self.counters["prewarm_failures"] += 1
-                    failures[digest] = f"{type(e).__name__}: {e}"
-            return failures
-
-        task = self._background_task(warm())
-        self._prewarms.add(task)
-        task.add_done_callback(self._prewarms.discard)
-        return task
+        return self._artifacts.prewarm(modules, lambda: self._closed)
 
     @property
     def compiling(self) -> bool:
         """Whether a compile (a prewarm or one a request waits for) is under way."""
-        return bool(self._compiling or self._prewarms)
+        return self._artifacts.compiling
 
     async def probe(self, role: str = "run", **paths: pathlib.Path) -> dict[str, str]:
         """Ask a worker of role ("run" or "compile") to try what its walls deny (edge.sandbox_walls.probe):
@@ -401,7 +327,7 @@ class Sandbox:
             "engine_settings": self._cache.settings_id,
             "cache_dir": str(self._cache.dir),
             "last_worker_start_error": self._last_start_error,
-            "last_artifact_store_error": self._last_store_error,
+            "last_artifact_store_error": self._artifacts.last_store_error,
             **dict(sorted(self.counters.items())),
         }
 
@@ -413,6 +339,6 @@ class Sandbox:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await self._compilers.close()
+        await self._artifacts.close()
         await asyncio.gather(*(w.close() for w in list(self._workers.values())), return_exceptions=True)
         self._workers.clear()

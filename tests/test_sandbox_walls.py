@@ -172,3 +172,26 @@ async def test_a_worker_that_ran_a_module_cannot_compile_and_a_compile_worker_ca
     finally:
         await asyncio.gather(compiler.close(), runner.close())
 
+
+
+# The legacy x86_64 syscalls aarch64 does not have, each with the successor both have (and the list allows).
+AARCH64_SUCCESSOR = {"open": "openat", "stat": "newfstatat", "lstat": "newfstatat", "readlink": "readlinkat",
+                     "access": "faccessat", "dup2": "dup3", "epoll_wait": "epoll_pwait", "poll": "ppoll",
+                     "select": "pselect6", "time": "clock_gettime"}
+
+
+def test_the_allow_list_names_real_syscalls_on_x86_64_and_aarch64() -> None:
+    """Every name the filter allows is a syscall of x86_64; on aarch64 too, or it is a legacy call whose
+    successor aarch64 has and the list allows (so the filter means the same on both)."""
+    if not seccomp_available():
+        pytest.skip("seccomp is unavailable on this machine (no libseccomp to resolve names with)")
+    import pyseccomp  # type: ignore[import-untyped,import-not-found,unused-ignore]
+
+    from edge.sandbox_walls import ALLOWED, ENOSYS_SYSCALLS, _conditional_rules
+
+    names = {*ALLOWED, *ENOSYS_SYSCALLS, *(name for name, _ in _conditional_rules(pyseccomp, os.getpid()))}
+    x86 = {n for n in names if pyseccomp.resolve_syscall(pyseccomp.Arch.X86_64, n) >= 0}
+    arm = {n for n in names if pyseccomp.resolve_syscall(pyseccomp.Arch.AARCH64, n) >= 0}
+    assert x86 == names
+    assert names - arm == set(AARCH64_SUCCESSOR) & names
+    assert all(AARCH64_SUCCESSOR[n] in arm for n in names - arm)

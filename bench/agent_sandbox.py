@@ -4,8 +4,9 @@ module, through edge.sandbox's real worker processes. Prints JSON.
     python bench/agent_sandbox.py [--modules 200] [--requests 2000] [--concurrency 4] [--workers 2]
 
 Every module is distinct (its own digest), so each first run is a cold start for the worker that gets it:
-- compile: no cached artifact; the module file is read, its SHA-256 checked, Wasmtime compiles it in the worker,
-  the artifact is MAC'd and stored, then the module runs;
+- compile: no cached artifact; the module file is read, its SHA-256 checked, Wasmtime compiles it in a compile
+  worker (a process that never runs a module; one is started for every 16 compiles), the artifact is MAC'd and
+  stored, then a run worker loads it and the module runs;
 - cached: fresh workers, artifacts on disk; the artifact's MAC is checked, the worker deserializes it, the
   module runs (the path an agent takes after a restart);
 - warm (baseline): the worker already holds the module;
@@ -104,7 +105,7 @@ async def main() -> None:
         # The floor: the same cold starts inside one process (the worker's code, no pipes, no MAC check).
         from edge.artifacts import ArtifactCache, load_or_create_key
         from edge.sandbox_worker import Runtime
-        runtime = Runtime()
+        runtime = Runtime("run")
         cache = ArtifactCache(root / "cache", load_or_create_key(key), status_settings_id)
         request = {"argv": ["bench"], "env": [["REQUEST_METHOD", "GET"]],
                    "profile": {"imports": list(PROFILE.imports), "memory_mb": PROFILE.memory_mb, "timeout_ms": PROFILE.timeout_ms, "fuel": None}}
@@ -115,8 +116,8 @@ async def main() -> None:
             runtime.run({**request, "digest": digest}, b"", artifact)
             in_process_times.append(time.perf_counter() - start)
 
-        sandbox = Sandbox(root / "cache", key, workers=args.workers)
-        await sandbox.start()
+        sandbox = Sandbox(root / "cache", key, workers=args.workers, module_workers=args.workers)  # one module may use
+        await sandbox.start()  # every worker here (the agent keeps one back for the other modules)
         digest, path = modules[0]
         latencies: list[float] = []
         queue = iter(range(args.requests))

@@ -76,6 +76,7 @@ class Agent:
         self.sweep_waiting = 0  # callers waiting for a sweep's result (the running one's, or the next one's)
         self._sweeper: asyncio.Task[None] | None = None
         self.telemetry = Telemetry(config.data, config.telemetry.sinks, config.telemetry.spool_bytes, config.telemetry.interval, clock)
+        self.prewarming: asyncio.Future[dict[str, str]] | None = None
 
     def now(self) -> int:
         return int(self.clock())
@@ -90,6 +91,11 @@ class Agent:
         self.started = {"time": self.now(), "state_file": state_file}
         await self.sweep("start")
         self.started["serving_since"] = self.now()
+
+    def prewarm(self) -> None:
+        """Compile the admitted modules' artifacts in the background, so that no first request waits for it."""
+        self.prewarming = self.sandbox.prewarm([(s.digest, self.store.path(s.digest)) for s in self.modules.values()
+                                                if s.state == ADMITTED and s.digest is not None])
 
     def _load_state(self) -> tuple[dict[str, ModuleState], str]:
         try:
@@ -238,6 +244,7 @@ class Agent:
                         "changed": old is None or (old.state, old.digest) != (new.state, new.digest)}
                        for (m, _), (old, new) in zip(decisions, await self._apply(decisions), strict=True)]
             self.sweeps += 1
+            self.prewarm()  # what this sweep admitted, or whose artifact it deleted
             self.last_sweep = {"number": self.sweeps, "trigger": trigger, "time": now, "seconds": round(time.monotonic() - started, 3),
                                "checkpoint": checkpoint, "findings": findings, "modules": modules}
             await self.telemetry.swept(self.last_sweep)

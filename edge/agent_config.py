@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from registry.record import RecordError, check_label, check_version
 
 from .sandbox_protocol import MAX_PROFILE_MEMORY_MB
+from .sandbox_types import DEFAULT_MAX_IN_FLIGHT
 
 MAX_CONFIG_BYTES = 1 << 20
 DEFAULT_LISTEN = "127.0.0.1:7400"
@@ -27,6 +28,7 @@ DEFAULT_ADMIN_LISTEN = "127.0.0.1:7401"  # /status, /metrics, /healthz, POST /sw
 DEFAULT_SWEEP_INTERVAL = 300
 MAX_MEMORY_MB = MAX_PROFILE_MEMORY_MB  # what a sandbox worker can hold (edge/sandbox_protocol.py)
 MAX_TIMEOUT_MS = 600_000
+MAX_IN_FLIGHT = 1024
 MAX_SWEEP_INTERVAL = 7 * 86400
 MAX_PATTERN = 256
 # A pattern is module.field; each side printable ASCII without space, glob brackets or '?': only '*' is a wildcard.
@@ -39,7 +41,7 @@ MIN_SPOOL_BYTES, MAX_SPOOL_BYTES = 64 << 10, 1 << 40
 MAX_SINKS = 16
 
 TOP_KEYS = {"trust_policy", "registries", "data", "listen", "admin_listen", "sweep_interval", "profiles", "modules", *TELEMETRY_KEYS}
-PROFILE_KEYS = {"imports", "memory_mb", "timeout_ms", "fuel", "env"}
+PROFILE_KEYS = {"imports", "memory_mb", "timeout_ms", "fuel", "env", "max_in_flight"}
 MODULE_KEYS = {"ref", "profile"}
 
 
@@ -53,7 +55,8 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class ProfileConfig:
-    """What a module may use: the host functions it is linked with, its memory, its time."""
+    """What a module may use: the host functions it is linked with, its memory, its time (per request: the wait
+    for a worker and the run), and how many of its requests may be in flight at once (more answer 503)."""
 
     name: str
     imports: tuple[str, ...]
@@ -61,6 +64,7 @@ class ProfileConfig:
     timeout_ms: int
     fuel: int | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
 
 
 @dataclass(frozen=True)
@@ -152,8 +156,9 @@ def _profile(name: str, obj: Any) -> ProfileConfig:
             raise ConfigError(f"{key}.env.{k}", "an environment name is a letter or '_' then letters, digits, '_'")
         if type(v) is not str or len(v) > MAX_ENV_VALUE or "\x00" in v:
             raise ConfigError(f"{key}.env.{k}", f"want a string of at most {MAX_ENV_VALUE} characters without NUL")
+    max_in_flight = _int(t.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT), f"{key}.max_in_flight", 1, MAX_IN_FLIGHT)
     return ProfileConfig(name, imports, _int(t["memory_mb"], f"{key}.memory_mb", 1, MAX_MEMORY_MB),
-                         _int(t["timeout_ms"], f"{key}.timeout_ms", 1, MAX_TIMEOUT_MS), fuel, dict(env))
+                         _int(t["timeout_ms"], f"{key}.timeout_ms", 1, MAX_TIMEOUT_MS), fuel, dict(env), max_in_flight)
 
 
 def _module(i: int, obj: Any, profiles: Mapping[str, ProfileConfig]) -> ModuleConfig:

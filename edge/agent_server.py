@@ -3,7 +3,8 @@ runs, /run/...: a module's answer never shares an origin with the agent's own AP
 listener (`admin_listen`, a port of its own) serves /status, /metrics, /healthz and POST /sweep.
 
 Every error maps to one status in STATUS: a module not admitted (refused, quarantined, yanked) 403,
-unknown 404, a deadline 504, a trap or a memory cap 502; none of them disturbs another module.
+unknown 404, a deadline 504, a trap or a memory cap 502, a module with max_in_flight requests already in
+flight or no worker free within the request's deadline 503 (Retry-After); none of them disturbs another module.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .sandbox import (
     MemoryExceeded,
     NoLongerAllowed,
     NotGranted,
+    NoWorkerInTime,
     Profile,
     Sandbox,
     SandboxBusy,
@@ -64,6 +66,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (NotGranted, 403),
     (NoLongerAllowed, 403),  # quarantined or yanked while the request waited for a worker
     (IntegrityError, 403),  # the stored module was tampered with: quarantined, never run
+    (NoWorkerInTime, 503),  # with Retry-After: the module did not run
     (SandboxBusy, 503),  # with Retry-After
     (DeadlineExceeded, 504),
     (MemoryExceeded, 502),
@@ -140,7 +143,8 @@ async def run_module(request: web.Request) -> web.Response:
         headers=request.headers.items(), content_length=len(body), server_name=host, server_port=port,
     )
     p = agent.config.profiles[m.profile]
-    profile = Profile(imports=p.imports, memory_mb=p.memory_mb, timeout_ms=p.timeout_ms, fuel=p.fuel, env=p.env)
+    profile = Profile(imports=p.imports, memory_mb=p.memory_mb, timeout_ms=p.timeout_ms, fuel=p.fuel, env=p.env,
+                      max_in_flight=p.max_in_flight)
     metrics = request.app[METRICS_KEY]
     started = time.monotonic()
     try:
@@ -231,8 +235,9 @@ def make_apps(agent: Agent, *, periodic_sweeps: bool = True) -> tuple[web.Applic
     return modules, admin
 
 
-def new_sandbox(config: AgentConfig, workers: int = 2) -> Sandbox:
-    """The sandbox of an agent: compiled artifacts in data/artifacts, their HMAC key in data/artifact.key (0600)."""
+def new_sandbox(config: AgentConfig, workers: int = 3) -> Sandbox:
+    """The sandbox of an agent: compiled artifacts in data/artifacts, their HMAC key in data/artifact.key (0600).
+    One module runs on at most workers - 1 of the run workers at once (edge.sandbox)."""
     config.data.mkdir(mode=0o700, parents=True, exist_ok=True)
     return Sandbox(config.data / "artifacts", config.data / "artifact.key", workers=workers)
 

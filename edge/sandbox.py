@@ -1,33 +1,32 @@
 """Confined execution of admitted WASI command modules (issue 14: "Running, confined", "A second wall",
 "Cold starts that stay attested").
 
-Modules run in a pool (edge.sandbox_pool) of long-lived worker processes (edge.sandbox_worker), never in the
-caller's process; each worker runs one request at a time, with lowered resource limits and, where libseccomp can
-be loaded, a syscall filter. A run links only the WASI functions its profile grants, under a memory cap (store limits), a deadline
-(epoch interruption) and optional fuel. A worker that dies or stops answering is killed and replaced.
+Modules run in a pool (edge.sandbox_pool) of long-lived run workers (edge.sandbox_worker), never in the caller's
+process; each worker runs one request at a time, with lowered resource limits, a syscall allow-list where
+libseccomp can be loaded and Landlock where the kernel has it (edge.sandbox_walls). A run links only the WASI
+functions its profile grants, under a memory cap (store limits), a deadline (epoch interruption) and optional
+fuel. A worker that dies or stops answering is killed and replaced. One module runs on at most module_workers
+workers at once (all but one, by default) and has at most its profile's max_in_flight requests in the sandbox;
+its request's deadline covers the wait for a worker as well as the run.
 
-Compiled artifacts are cached per (module digest, Wasmtime version, engine settings) under an HMAC (edge.artifacts);
-a bad one is deleted and rebuilt from the module file after its SHA-256 is checked against the digest.
+Compiled artifacts are cached per (module digest, Wasmtime version, engine settings) under an HMAC
+(edge.artifacts), and come only from compile workers that never run a module (edge.sandbox_compile), fed the
+module file once its SHA-256 is checked against the digest; run workers only load artifacts whose MAC checked.
+prewarm() compiles admitted modules ahead of their first request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import functools
-import hashlib
 import importlib.metadata
 import pathlib
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from registry.trust_policy import TrustPolicy
-from registry.wasm import Import
-from tlog.policy import Policy
-
 from .artifacts import DIGEST_RE, ArtifactCache, load_or_create_key
+from .sandbox_compile import Artifacts, Compilers
 from .sandbox_pool import Idle, Worker, WorkerLost, WorkerStartError
 from .sandbox_protocol import (
     WORKER_DATA_MB,
@@ -35,129 +34,52 @@ from .sandbox_protocol import (
     engine_settings_id,
     wasmtime_version,
 )
+from .sandbox_types import (
+    DEFAULT_MAX_IN_FLIGHT,
+    DeadlineExceeded,
+    IntegrityError,
+    MemoryExceeded,
+    ModuleInvalid,
+    NoLongerAllowed,
+    NotGranted,
+    NoWorkerInTime,
+    Profile,
+    RunResult,
+    SandboxBusy,
+    SandboxError,
+    Trapped,
+    WorkerCrashed,
+    check_env,
+    failure,
+    imports_granted,
+)
+
+__all__ = ["DEFAULT_MAX_IN_FLIGHT", "GRACE", "DeadlineExceeded", "IntegrityError", "MemoryExceeded", "ModuleInvalid",
+           "NoLongerAllowed", "NoWorkerInTime", "NotGranted", "Profile", "RunResult", "Sandbox", "SandboxBusy",
+           "SandboxError", "Trapped", "WorkerCrashed", "check_env", "imports_granted"]
 
 MAX_WAITING = 64  # requests that may wait for a worker at once (each holds its stdin); more are SandboxBusy
 GRACE = 2.0  # seconds past a run's deadline before the worker is presumed hung and killed
-SELFTEST_TIMEOUT = 30.0
-COMPILE_TIMEOUT = 60.0  # a module built to be slow to compile costs its worker this long at most
+PROBE_TIMEOUT = 30.0
 # RLIMIT_DATA of each worker: its own heap, the compiler's, and the linear memory of the run in progress
 # (Wasmtime's address-space reservations are PROT_NONE and do not count). A profile must leave WORKER_OVERHEAD_MB.
 
 
-@dataclass(frozen=True)
-class Profile:
-    """What a module may use: import patterns ("module.field", '*' wildcards, as in the trust policy), a linear
-    memory cap, a wall-clock deadline per run, optional fuel, and environment variables set by the operator."""
-
-    imports: tuple[str, ...]
-    memory_mb: int
-    timeout_ms: int
-    fuel: int | None = None
-    env: Mapping[str, str] = field(default_factory=dict, hash=False)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.imports, str) or not all(isinstance(p, str) and p for p in self.imports):
-            raise ValueError("profile imports must be a tuple of non-empty 'module.field' patterns")
-        object.__setattr__(self, "imports", tuple(self.imports))  # a list would make the profile unhashable
-        for name, value in (("memory_mb", self.memory_mb), ("timeout_ms", self.timeout_ms), ("fuel", self.fuel)):
-            if value is not None and (type(value) is not int or value <= 0):
-                raise ValueError(f"profile {name} must be a positive integer, not {value!r}")
-        check_env(self.env)
-
-
-@dataclass(frozen=True)
-class RunResult:
-    stdout: bytes
-    stderr: bytes
-    exit_code: int
-
-
-class SandboxError(Exception):
-    """A run that did not complete; the subclasses say why."""
-
-
-class DeadlineExceeded(SandboxError):
-    """The run passed its deadline (or used up its fuel) and was stopped."""
-
-
-class MemoryExceeded(SandboxError):
-    """The module hit its linear memory cap (and then trapped), or its initial memory exceeds the cap."""
-
-
-class Trapped(SandboxError):
-    """The module trapped, failed, or wrote more output than allowed."""
-
-
-class NotGranted(SandboxError):
-    """The module imports something its profile does not grant: it was never instantiated."""
-
-
-class IntegrityError(SandboxError):
-    """The module file's SHA-256 is not the digest it was admitted under."""
-
-
-class SandboxBusy(SandboxError):
-    """Every worker is busy and max_waiting requests already wait for one: try again later (503)."""
-
-
-class NoLongerAllowed(SandboxError):
-    """The caller's still_allowed() said no once a worker was free: the module was stopped while it waited."""
-
-
-class ModuleInvalid(SandboxError):
-    """The module does not compile, or is not a WASI command (no _start)."""
-
-
-class WorkerCrashed(SandboxError):
-    """The worker process running the request died; it was replaced."""
-
-
-def _failure(kind: object, message: str) -> SandboxError:
-    """The error for a worker's failure kind."""
-    if kind == "deadline":
-        return DeadlineExceeded(message)
-    if kind == "memory":
-        return MemoryExceeded(message)
-    if kind in ("trap", "output"):
-        return Trapped(message)
-    if kind == "not-granted":
-        return NotGranted(message)
-    if kind == "module-invalid":
-        return ModuleInvalid(message)
-    return SandboxError(f"{kind}: {message}")
-
-
-def imports_granted(imports: Iterable[tuple[str, str]], patterns: Iterable[str]) -> list[str]:
-    """The imports ("module", "field") that no pattern grants, as "module.field" strings, in order.
-    Matching is the trust policy's: a pattern is split on its first '.', module and field globbed separately."""
-    matcher = _matcher(tuple(patterns))
-    return [f"{module}.{name}" for module, name in imports if not matcher.import_allowed(Import(module, name, "func"), False)]
-
-
-_NO_LOGS = Policy(logs=(), witnesses={}, groups={}, quorum="none")
-
-
-@functools.lru_cache(maxsize=256)
-def _matcher(patterns: tuple[str, ...]) -> TrustPolicy:
-    """The trust policy's matcher for these patterns (compiled once: profiles are few, runs many)."""
-    return TrustPolicy(tlog=_NO_LOGS, allowed_imports=patterns)
-
-
-def check_env(env: Mapping[str, str]) -> None:
-    for key, value in env.items():
-        if not isinstance(key, str) or not isinstance(value, str) or not key or "=" in key or "\0" in key + value:
-            raise ValueError(f"environment variable {str(key)[:40]!r}: names are non-empty without '=' or NUL, values without NUL")
-
-
 class Sandbox:
-    """A pool of sandbox workers and the attested artifact cache. run() may be called concurrently: each run
-    takes an idle worker (waiting for one if all are busy)."""
+    """A pool of run workers, compile workers and the attested artifact cache. run() may be called concurrently:
+    each run takes an idle worker its module may use (waiting for one, within its deadline, if none is free)."""
 
     def __init__(self, cache_dir: pathlib.Path, key_file: pathlib.Path, *, workers: int = 2,
-                 worker_data_mb: int = WORKER_DATA_MB, max_waiting: int = MAX_WAITING) -> None:
+                 worker_data_mb: int = WORKER_DATA_MB, max_waiting: int = MAX_WAITING, module_workers: int | None = None,
+                 compiles_per_process: int | None = None, probes: bool = False) -> None:
+        """module_workers: how many workers one module may hold at once (default: all but one, so that one
+        module's flood never holds every worker). probes: whether workers answer the probe op (tests)."""
         if workers < 1:
             raise ValueError("a sandbox needs at least one worker")
         self._size = workers
+        self._module_workers = module_workers if module_workers is not None else max(1, workers - 1)
+        if not 1 <= self._module_workers <= workers:
+            raise ValueError(f"module_workers must be from 1 to the {workers} workers")
         self._max_waiting = max_waiting
         try:
             self._version = wasmtime_version()
@@ -165,18 +87,22 @@ class Sandbox:
             raise SandboxError("Wasmtime is not installed: pip install 'wasmlog[sandbox]'") from None
         self._data_mb = worker_data_mb
         self._cache = ArtifactCache(pathlib.Path(cache_dir), load_or_create_key(pathlib.Path(key_file)), engine_settings_id(self._version))
+        self.counters: collections.Counter[str] = collections.Counter()
         root = pathlib.Path(__file__).resolve().parent.parent
-        self._env = {"PYTHONPATH": str(root), "WASMLOG_WORKER_DATA_MB": str(worker_data_mb),
-                     "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
+        env = {"PYTHONPATH": str(root), "WASMLOG_WORKER_DATA_MB": str(worker_data_mb),
+               "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8", **({"WASMLOG_WORKER_PROBES": "1"} if probes else {})}
+        self._env = {**env, "WASMLOG_WORKER_ROLE": "run"}
+        self._probes = probes
+        self._compilers = Compilers(env, self._version, **({"per_process": compiles_per_process} if compiles_per_process else {}))
+        self._artifacts = Artifacts(self._cache, self._compilers, self.counters)
+        self._in_flight: collections.Counter[str] = collections.Counter()
         self._idle = Idle()
         self._workers: dict[int, Worker] = {}
         self._start_lock = asyncio.Lock()
         self._started = False
         self._closed = False
-        self._replacing: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
         self._last_start_error: str | None = None
-        self._last_store_error: str | None = None
-        self.counters: collections.Counter[str] = collections.Counter()
 
     async def start(self) -> None:
         """Start the workers (run() does this on first use; call it early to learn the seccomp state)."""
@@ -194,15 +120,23 @@ class Sandbox:
             worker = await Worker.start(self._env)
         except WorkerStartError as e:
             raise SandboxError(str(e)) from None
-        if worker.hello.get("wasmtime") != self._version:
+        if worker.hello.get("wasmtime") != self._version or worker.hello.get("role") != "run":
             await worker.kill()
-            raise SandboxError(f"sandbox worker runs Wasmtime {worker.hello.get('wasmtime')}, the agent {self._version}")
+            raise SandboxError(f"sandbox worker says Wasmtime {worker.hello.get('wasmtime')}, role {worker.hello.get('role')}; "
+                               f"the agent runs {self._version} and wants a run worker")
         self._workers[worker.pid] = worker
         return worker
 
-    def _replace(self, worker: Worker) -> None:
-        """Forget a lost worker and start another in the background (retrying while the sandbox is open)."""
+    def _background_task(self, awaitable: Any) -> asyncio.Future[Any]:
+        task: asyncio.Future[Any] = asyncio.ensure_future(awaitable)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def _replace(self, worker: Worker, key: str | None = None) -> None:
+        """Forget a lost worker (handed to key) and start another in the background (retrying while the sandbox is open)."""
         self._workers.pop(worker.pid, None)
+        self._idle.forget(key)
         self.counters["worker_restarts"] += 1
 
         async def replace() -> None:
@@ -222,17 +156,18 @@ class Sandbox:
                     self._idle.release(new)
                 return
 
-        task = asyncio.ensure_future(replace())
-        self._replacing.add(task)
-        task.add_done_callback(self._replacing.discard)
+        self._background_task(replace())
 
     async def run(self, digest: str, module: pathlib.Path, profile: Profile, *, stdin: bytes,
                   env: Mapping[str, str], argv0: str | None = None, still_allowed: Callable[[], bool] | None = None) -> RunResult:
         """Run the module's _start with stdin and the environment env overlaid by profile.env (the operator's
         word is final), argv [argv0 or the module file's stem]. Raises a SandboxError subclass.
 
-        still_allowed, if given, is asked once a worker is free, right before the run starts: False raises
-        NoLongerAllowed (a module stopped while its request waited for a worker never runs)."""
+        The profile's timeout_ms covers the wait for a worker (NoWorkerInTime past it) and the run
+        (DeadlineExceeded); compiling, when no worker holds the module and the cache lost its artifact, comes
+        before the clock starts and is bounded by COMPILE_TIMEOUT. still_allowed, if given, is asked once a
+        worker is free, right before the run starts: False raises NoLongerAllowed (a module stopped while its
+        request waited for a worker never runs)."""
         if not DIGEST_RE.fullmatch(digest):
             raise ValueError("digest must be 64 lowercase hex characters (SHA-256 of the module)")
         check_env(env)
@@ -242,18 +177,41 @@ class Sandbox:
         await self.start()
         if self._closed:
             raise SandboxError("the sandbox is closed")
+        if self._in_flight[digest] >= profile.max_in_flight:
+            self.counters["refused_max_in_flight"] += 1
+            raise SandboxBusy(f"sha256:{digest[:16]} already has {self._in_flight[digest]} requests in flight "
+                              f"(its profile's max_in_flight)")
         if self._idle.waiting >= self._max_waiting:
             raise SandboxBusy(f"all {self._size} workers are busy and {self._idle.waiting} requests wait for one")
-        worker = await self._idle.acquire()
+        self._in_flight[digest] += 1
+        try:
+            return await self._run(digest, pathlib.Path(module), profile, stdin, {**env, **profile.env},
+                                   argv0 or pathlib.Path(module).stem, still_allowed)
+        finally:
+            self._in_flight[digest] -= 1
+            if self._in_flight[digest] <= 0:
+                del self._in_flight[digest]
+
+    async def _run(self, digest: str, module: pathlib.Path, profile: Profile, stdin: bytes, env: Mapping[str, str],
+                   argv0: str, still_allowed: Callable[[], bool] | None) -> RunResult:
+        artifact = None
+        if not any(digest in w.holds for w in self._workers.values()):
+            artifact = await self._artifacts.get(digest, module)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + profile.timeout_ms / 1000
+        try:
+            worker = await asyncio.wait_for(self._idle.acquire(digest, self._module_workers), profile.timeout_ms / 1000)
+        except TimeoutError:
+            self.counters["no_worker_in_time"] += 1
+            raise NoWorkerInTime(f"no worker came free for sha256:{digest[:16]} within its deadline of {profile.timeout_ms} ms") from None
         if still_allowed is not None and not still_allowed():
-            self._idle.release(worker)
+            self._idle.release(worker, digest)
             raise NoLongerAllowed(f"sha256:{digest[:16]} was stopped while its request waited for a worker")
         worker.busy = True
         try:
-            result = await self._run_on(worker, digest, pathlib.Path(module), profile, stdin, {**env, **profile.env},
-                                        argv0 or pathlib.Path(module).stem)
+            result = await self._run_on(worker, digest, module, profile, stdin, env, argv0, artifact, deadline)
         except WorkerLost as e:
-            self._replace(worker)
+            self._replace(worker, digest)
             if e.timed_out:
                 raise DeadlineExceeded(str(e)) from None
             raise WorkerCrashed(f"{e}; replaced") from None
@@ -261,37 +219,34 @@ class Sandbox:
             if worker.alive and not isinstance(sys.exc_info()[1], SandboxError):
                 await asyncio.shield(worker.kill())  # cancelled mid-request: the worker's state is unknown
             if not worker.alive:
-                self._replace(worker)
+                self._replace(worker, digest)
             else:
                 worker.busy = False
-                self._idle.release(worker)
+                self._idle.release(worker, digest)
             raise
         worker.busy = False
-        self._idle.release(worker)
+        self._idle.release(worker, digest)
         return result
 
     async def _run_on(self, worker: Worker, digest: str, module: pathlib.Path, profile: Profile, stdin: bytes,
-                      env: Mapping[str, str], argv0: str) -> RunResult:
-        """One round trip when the worker holds the module or its attested artifact is cached (sent along)."""
-        request = {"op": "run", "digest": digest, "argv": [argv0], "env": sorted(env.items()),
+                      env: Mapping[str, str], argv0: str, artifact: bytes | None, deadline: float) -> RunResult:
+        """One round trip when the worker holds the module; otherwise its attested artifact goes along."""
+        remaining = max(0.001, deadline - asyncio.get_running_loop().time())
+        request = {"op": "run", "digest": digest, "argv": [argv0], "env": sorted(env.items()), "deadline_ms": remaining * 1000,
                    "profile": {"imports": list(profile.imports), "memory_mb": profile.memory_mb,
                                "timeout_ms": profile.timeout_ms, "fuel": profile.fuel}}
-        timeout = profile.timeout_ms / 1000 + GRACE
         for _ in range(3):
             blobs = {"stdin": stdin}
             if digest not in worker.holds:
-                artifact = self._attested_artifact(digest)
-                if artifact is None:
-                    await self._compile(worker, digest, module)
-                else:
-                    blobs["artifact"] = artifact
-            reply, out = await worker.call(request, blobs, timeout)
+                blobs["artifact"] = artifact = artifact if artifact is not None else await self._artifacts.get(digest, module)
+            reply, out = await worker.call(request, blobs, remaining + GRACE)
             status, kind = reply.get("status"), reply.get("kind")
             if status == "need-module" or kind == "artifact-rejected":
                 worker.holds.pop(digest, None)
                 if kind == "artifact-rejected":  # MAC good, yet Wasmtime refused it: rebuild from the module
                     self.counters["artifacts_refused_by_wasmtime"] += 1
                     self._cache.discard(digest)
+                    artifact = None
                 continue
             if "artifact" in blobs:
                 self.counters["artifacts_loaded"] += 1
@@ -300,43 +255,34 @@ class Sandbox:
                 self.counters["runs"] += 1
                 return RunResult(stdout=out.get("stdout", b""), stderr=out.get("stderr", b""), exit_code=int(reply["exit_code"]))
             self.counters[f"failed_{kind}"] += 1
-            raise _failure(kind, str(reply.get("message")))
+            raise failure(kind, str(reply.get("message")))
         raise SandboxError(f"sandbox worker pid {worker.pid} would not load module {digest}")
 
-    def _attested_artifact(self, digest: str) -> bytes | None:
-        artifact, bad = self._cache.load(digest)
-        if bad:
-            self.counters["artifacts_rejected"] += 1
-        return artifact
+    def prewarm(self, modules: Iterable[tuple[str, pathlib.Path]]) -> asyncio.Future[dict[str, str]]:
+        """Compile, in the background and one at a time, each module (digest, file) whose attested artifact is
+        not cached, so that its first request does not pay for it. The task's result maps the digests that could
+        not be compiled to why (the request that runs one meets the same error)."""
+        return self._artifacts.prewarm(modules, lambda: self._closed)
 
-    async def _compile(self, worker: Worker, digest: str, module: pathlib.Path) -> None:
-        """Have the worker compile the module file (after checking its SHA-256 against digest); cache the
-        artifact under its MAC."""
-        try:
-            wasm = await asyncio.to_thread(module.read_bytes)
-        except OSError as e:
-            raise IntegrityError(f"module file {module} is unreadable: {e}") from None
-        if hashlib.sha256(wasm).hexdigest() != digest:
-            self.counters["integrity_errors"] += 1
-            raise IntegrityError(f"module file {module} does not hash to {digest}: it changed on disk")
-        reply, blobs = await worker.call({"op": "compile", "digest": digest}, {"wasm": wasm}, COMPILE_TIMEOUT)
-        if reply.get("status") != "ok":
-            raise _failure(reply.get("kind"), str(reply.get("message")))
-        worker.remember(digest)
-        self.counters["compiled"] += 1
-        try:
-            self._cache.store(digest, blobs["artifact"])
-        except OSError as e:  # the run goes on; the next cold start compiles again
-            self.counters["artifact_store_failures"] += 1
-            self._last_store_error = f"{type(e).__name__}: {e}"
+    @property
+    def compiling(self) -> bool:
+        """Whether a compile (a prewarm or one a request waits for) is under way."""
+        return self._artifacts.compiling
 
-    async def self_test(self, forbidden_read: pathlib.Path | None = None) -> dict[str, str]:
-        """Ask an idle worker to try what its walls deny: {"fork": "EPERM", ...} or "allowed" for each attempt;
-        with forbidden_read, also to open that file for reading ("read_outside")."""
+    async def probe(self, role: str = "run", **paths: pathlib.Path) -> dict[str, str]:
+        """Ask a worker of role ("run" or "compile") to try what its walls deny (edge.sandbox_walls.probe):
+        {"fork": "EPERM", ...} or "allowed" for each attempt; paths: forbidden_read, own_file, new_file.
+        Only a sandbox made with probes=True has workers that answer."""
+        if not self._probes:
+            raise SandboxError("this sandbox's workers do not answer probes (probes=False)")
+        header = {"op": "probe", **{("read" if k == "forbidden_read" else k): str(v) for k, v in paths.items()}}
+        if role == "compile":
+            reply, _ = await self._compilers.call(header, {})
+            return dict(reply["result"])
         await self.start()
         worker = await self._idle.acquire()
         try:
-            reply, _ = await worker.call({"op": "selftest", "read": str(forbidden_read) if forbidden_read else None}, {}, SELFTEST_TIMEOUT)
+            reply, _ = await worker.call(header, {}, PROBE_TIMEOUT)
         except WorkerLost:
             self._replace(worker)
             raise
@@ -357,6 +303,7 @@ class Sandbox:
         landlock = bool(hellos) and all(h.get("landlock") is True for h in hellos)
         landlock_reason = next((h.get("landlock_reason") for h in hellos if h.get("landlock") is not True), None) \
             or (hellos[0].get("landlock_reason") if hellos else "no sandbox worker has started yet")
+        compiler = self._compilers.hello
         return {
             "workers": self._size,
             "alive": sum(1 for w in self._workers.values() if w.alive),
@@ -366,14 +313,21 @@ class Sandbox:
             "pids": sorted(self._workers),
             "seccomp": seccomp,
             "seccomp_reason": reason,
+            "seccomp_policy": "allow-list, anything else EPERM" if seccomp else None,
             "threads_at_walls": max((int(h.get("threads_at_walls", 0)) for h in hellos), default=None),
             "landlock": landlock,
             "landlock_reason": landlock_reason,
+            "module_workers": self._module_workers,
+            "in_flight": sum(self._in_flight.values()),
+            "compile_workers_started": self._compilers.started,
+            "compile_worker_walls": None if compiler is None else {k: compiler.get(k) for k in ("seccomp", "landlock", "threads_at_walls")},
+            "last_compile": self._compilers.last,
+            "compiling": self.compiling,
             "wasmtime": self._version,
             "engine_settings": self._cache.settings_id,
             "cache_dir": str(self._cache.dir),
             "last_worker_start_error": self._last_start_error,
-            "last_artifact_store_error": self._last_store_error,
+            "last_artifact_store_error": self._artifacts.last_store_error,
             **dict(sorted(self.counters.items())),
         }
 
@@ -382,8 +336,9 @@ class Sandbox:
         SandboxError)."""
         self._closed = True
         self._idle.fail_waiters(SandboxError("the sandbox is closed"))
-        for task in list(self._replacing):
+        for task in list(self._background):
             task.cancel()
-        await asyncio.gather(*self._replacing, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._artifacts.close()
         await asyncio.gather(*(w.close() for w in list(self._workers.values())), return_exceptions=True)
         self._workers.clear()

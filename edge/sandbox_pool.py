@@ -134,43 +134,74 @@ class Worker:
 
 
 class Idle:
-    """Idle workers, handed out first come, first served: a released worker goes straight to the longest
-    waiting caller (asyncio.Queue would let a caller that releases and asks again overtake the waiters)."""
+    """Idle workers, handed out first come, first served among the callers that may take one: a released worker
+    goes straight to the longest waiting caller whose key holds fewer workers than its cap (asyncio.Queue would
+    let a caller that releases and asks again overtake the waiters). A key (a module) thus never holds more
+    than its cap of workers at once, however many of its requests wait."""
 
     def __init__(self) -> None:
         self._workers: collections.deque[Worker] = collections.deque()
-        self._waiters: collections.deque[asyncio.Future[Worker]] = collections.deque()
+        self._waiters: collections.deque[tuple[asyncio.Future[Worker], str | None, int]] = collections.deque()
+        self.held: collections.Counter[str] = collections.Counter()  # workers each key holds now
+        self._failed: BaseException | None = None
 
-    def release(self, worker: Worker) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(worker)
-                return
+    def _may_take(self, key: str | None, cap: int) -> bool:
+        return key is None or self.held[key] < cap
+
+    def release(self, worker: Worker, key: str | None = None) -> None:
+        """Give the worker back (key: the caller it was handed to, if any); it goes to the first waiter that may take it."""
         self._workers.append(worker)
+        self.forget(key)
+
+    def forget(self, key: str | None) -> None:
+        """A worker handed to key is back or was lost (it is being replaced): key holds one fewer, and a waiter of
+        key that was at its cap may now take an idle worker."""
+        if key is not None:
+            self.held[key] -= 1
+            if self.held[key] <= 0:
+                del self.held[key]
+        for waiter in list(self._waiters):
+            if not self._workers:
+                return
+            future, waiting_key, cap = waiter
+            if future.done():
+                self._waiters.remove(waiter)
+            elif self._may_take(waiting_key, cap):
+                self._waiters.remove(waiter)
+                if waiting_key is not None:
+                    self.held[waiting_key] += 1
+                future.set_result(self._workers.popleft())
 
     @property
     def waiting(self) -> int:
         """Callers waiting for a worker now."""
-        return sum(1 for w in self._waiters if not w.done())
+        return sum(1 for w, _, _ in self._waiters if not w.done())
 
     def fail_waiters(self, error: BaseException) -> None:
+        """Fail every caller waiting now, and every caller from now on, with error (the pool is closing)."""
+        self._failed = error
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter, _, _ = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(error)
 
-    async def acquire(self) -> Worker:
-        if self._workers and not self._waiters:
+    async def acquire(self, key: str | None = None, cap: int = 1) -> Worker:
+        """An idle worker, waiting for one if none is free or key already holds cap of them; release it with key."""
+        if self._failed is not None:
+            raise self._failed
+        if self._workers and self._may_take(key, cap) and not any(
+                not w.done() and self._may_take(k, c) for w, k, c in self._waiters):
+            if key is not None:
+                self.held[key] += 1
             return self._workers.popleft()
         waiter: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        self._waiters.append((waiter, key, cap))
         try:
             return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self.release(waiter.result())  # handed over just as the caller gave up: pass it on
+                self.release(waiter.result(), key)  # handed over just as the caller gave up: pass it on
             else:
                 with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+                    self._waiters.remove((waiter, key, cap))
             raise

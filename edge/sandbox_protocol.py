@@ -25,7 +25,12 @@ WORKER_DATA_MB = 4096  # RLIMIT_DATA of a worker process
 WORKER_OVERHEAD_MB = 512  # what a worker needs besides a module's linear memory
 MAX_PROFILE_MEMORY_MB = WORKER_DATA_MB - WORKER_OVERHEAD_MB  # the largest memory_mb a profile may ask for
 
+# Every module is compiled with its first memory also exported under this name (edge.memory_export), so that a
+# run that trapped can be told to have hit its memory cap even when the module keeps its memory to itself.
+MEMORY_EXPORT = "\x00wasmlog:memory"
+
 ENGINE_SETTINGS: Mapping[str, object] = {
+    "wasmlog_memory_export": MEMORY_EXPORT,  # ours, not a wasmtime.Config setting: part of what an artifact is
     "epoch_interruption": True,
     "consume_fuel": True,
     "cranelift_opt_level": "speed",

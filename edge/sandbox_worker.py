@@ -1,181 +1,50 @@
-"""A sandbox worker: `python -m edge.sandbox_worker`, one of the agent's long-lived processes that compile and
-run WASI modules, one request at a time, speaking edge.sandbox_protocol frames on its stdin and stdout.
+"""A sandbox worker: `python -m edge.sandbox_worker`, one of the agent's processes, speaking
+edge.sandbox_protocol frames on its stdin and stdout, one request at a time, in one of two roles (its
+WASMLOG_WORKER_ROLE):
 
-At start it lowers its resource limits, builds its Wasmtime engine and deadline watchdog, then (where libseccomp
-can be loaded) installs a syscall filter that denies creating processes, sockets, tracing, file writes and the
-like, and (where the kernel has Landlock) confines its file system access to reading the interpreter's files,
-/proc and /sys, so that not even the agent's artifact key can be read; it says hello with what it managed.
-It keeps the modules it has loaded (by digest) in a small LRU; a run of a
-module it does not hold answers "need-module"; the agent sends the checked artifact along with a run, or has the
-verified bytes compiled first.
+- "run": long-lived; runs WASI modules it is handed as attested compiled artifacts (checked by the agent), and
+  keeps the ones it has loaded (by digest) in a small LRU; a run of a module it does not hold answers
+  "need-module". It never compiles: what it could hand back is never stored.
+- "compile": started fresh by the agent to compile verified module bytes into artifacts; it never instantiates or
+  runs a module, and refuses to.
+
+At start it lowers its resource limits and builds its Wasmtime engine, then puts up its walls (edge.sandbox_walls):
+a syscall allow-list where libseccomp can be loaded, and Landlock where the kernel has it (file system access
+confined to reading the interpreter's files, /proc and /sys, so that not even the agent's artifact key can be
+read); it says hello with what it managed. The probe op (trying from inside what the walls deny) is answered
+only when the agent started the worker with WASMLOG_WORKER_PROBES=1.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import resource
-import socket
-import struct
 import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import wasmtime
 
-from edge.sandbox import imports_granted
 from edge.sandbox_protocol import (
     ENGINE_SETTINGS,
     MAX_BLOB,
+    MEMORY_EXPORT,
     MODULE_LRU,
     encode,
     read_frame,
     wasmtime_version,
 )
+from edge.sandbox_types import imports_granted
+from edge.sandbox_walls import Seccomp, apply_landlock, probe, readable_trees, set_limits
 
 STDOUT_MAX = 16 << 20
 STDERR_MAX = 1 << 20
-NOFILE = 1024  # each loaded module may hold a memfd (its copy-on-write memory image); MODULE_LRU of them
 TABLE_ELEMENTS = 1 << 20
 WASI = "wasi_snapshot_preview1"
-
-
-def set_limits(data_mb: int) -> None:
-    """No core dumps, few descriptors, and a cap on writable private memory (RLIMIT_DATA counts mappings as they
-    become writable, so Wasmtime's large PROT_NONE reservations for linear memory do not count against it)."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
-    if data_mb > 0:
-        resource.setrlimit(resource.RLIMIT_DATA, (data_mb << 20, data_mb << 20))
-
-
-# Denied once the engine is up: starting programs and processes, networking, tracing or reading other
-# processes, changing the file system, and the kernel's administrative surface. Threads stay allowed (clone
-# with CLONE_THREAD), and so do signals to the worker itself and opening files for reading.
-DENIED_SYSCALLS = (
-    "execve", "execveat", "fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_open",
-    "pidfd_getfd", "pidfd_send_signal", "tkill", "socket", "socketpair", "connect", "bind", "listen", "accept",
-    "accept4", "mount", "umount2", "pivot_root", "chroot", "setns", "unshare", "bpf", "perf_event_open",
-    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "keyctl", "add_key",
-    "request_key", "userfaultfd", "iopl", "ioperm", "reboot", "swapon", "swapoff", "acct", "setuid", "setgid",
-    "setreuid", "setregid", "setresuid", "setresgid", "setgroups", "personality", "io_uring_setup",
-    "open_by_handle_at", "name_to_handle_at", "creat", "unlink", "unlinkat", "rename", "renameat", "renameat2",
-    "link", "linkat", "symlink", "symlinkat", "mkdir", "mkdirat", "rmdir", "truncate", "chmod", "fchmod",
-    "fchmodat", "chown", "fchown", "lchown", "fchownat", "mknod", "mknodat",
-)
-CLONE_THREAD = 0x00010000
-
-
-def _deny_rules(seccomp: Any) -> list[tuple[int, str, tuple[Any, ...]]]:
-    """(action, syscall, argument conditions) for the filter; rules on one syscall are alternatives."""
-    eperm, pid = seccomp.ERRNO(errno.EPERM), os.getpid()
-    rules: list[tuple[int, str, tuple[Any, ...]]] = [(eperm, name, ()) for name in DENIED_SYSCALLS]
-    # A process, not a thread: clone without CLONE_THREAD. clone3 and openat2 hide their flags in memory the
-    # filter cannot read, so they answer ENOSYS and the C library falls back to clone and openat.
-    rules.append((eperm, "clone", (seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_THREAD, 0),)))
-    rules += [(seccomp.ERRNO(errno.ENOSYS), "clone3", ()), (seccomp.ERRNO(errno.ENOSYS), "openat2", ())]
-    # Signals only to itself.
-    rules += [(eperm, "kill", (seccomp.Arg(0, seccomp.NE, pid),)), (eperm, "tgkill", (seccomp.Arg(0, seccomp.NE, pid),))]
-    # Files open for reading only: no O_WRONLY, O_RDWR or O_CREAT.
-    for syscall, flags in (("open", 1), ("openat", 2)):
-        for mask, value in ((os.O_ACCMODE, os.O_WRONLY), (os.O_ACCMODE, os.O_RDWR), (os.O_CREAT, os.O_CREAT)):
-            rules.append((eperm, syscall, (seccomp.Arg(flags, seccomp.MASKED_EQ, mask, value),)))
-    return rules
-
-
-def apply_seccomp() -> tuple[bool, str]:
-    """Install the deny-list filter; (active, why not when it is not)."""
-    try:
-        import pyseccomp as seccomp  # type: ignore[import-untyped,import-not-found,unused-ignore]
-    except Exception as e:  # noqa: BLE001 - ImportError, or RuntimeError when libseccomp.so is missing
-        return False, f"no seccomp bindings: {type(e).__name__}: {e}"
-    try:
-        f = seccomp.SyscallFilter(seccomp.ALLOW)
-        rules = _deny_rules(seccomp)
-        skipped = []
-        for action, name, args in rules:
-            try:
-                f.add_rule(action, name, *args)
-            except (OSError, ValueError, RuntimeError):
-                skipped.append(name)  # a syscall this architecture does not have
-        f.load()
-    except Exception as e:  # noqa: BLE001 - the kernel or library refused: say so, do not pretend
-        return False, f"seccomp filter not loaded: {type(e).__name__}: {e}"
-    return True, (f"deny-list filter, {len(rules) - len(skipped)} rules: no processes, programs, sockets, tracing, "
-                  "signals to others, file writes or administration" + (f" (not on this architecture: {', '.join(skipped)})" if skipped else ""))
-
-
-# Landlock (Linux 5.13+): once the worker is up, the file system is out of reach except for reading the
-# interpreter's own files (late imports), /proc (the run's stdin is a memfd opened through /proc/self/fd) and
-# /sys; nothing can be written, and in particular the agent's data directory (its artifact key) cannot be read.
-_LANDLOCK_CREATE_RULESET, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT_SELF = 444, 445, 446
-_READ_FILE, _READ_DIR = 1 << 2, 1 << 3
-_ACCESS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1, 5: (1 << 16) - 1}
-
-
-def apply_landlock(readable: Iterable[str]) -> tuple[bool, str]:
-    """Restrict the worker's file system access to reading the readable trees; (active, why not when not)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    abi = libc.syscall(_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
-    if abi < 1:
-        return False, f"Landlock unavailable: {os.strerror(ctypes.get_errno())}"
-    handled = _ACCESS_BY_ABI.get(abi, _ACCESS_BY_ABI[5])
-    attr = struct.pack("=Q", handled)  # handled_access_fs; network and scopes left alone (seccomp covers them)
-    ruleset = libc.syscall(_LANDLOCK_CREATE_RULESET, ctypes.c_char_p(attr), ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
-    if ruleset < 0:
-        return False, f"Landlock ruleset refused: {os.strerror(ctypes.get_errno())}"
-    try:
-        allowed = []
-        for tree in sorted(set(readable)):
-            try:
-                fd = os.open(tree, os.O_PATH | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                rule = struct.pack("=Qi", _READ_FILE | _READ_DIR, fd)  # struct landlock_path_beneath_attr (packed)
-                if libc.syscall(_LANDLOCK_ADD_RULE, ruleset, ctypes.c_int(1), ctypes.c_char_p(rule), ctypes.c_uint32(0)) == 0:
-                    allowed.append(tree)
-            finally:
-                os.close(fd)
-        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, required to restrict an unprivileged process
-            return False, f"no_new_privs refused: {os.strerror(ctypes.get_errno())}"
-        if libc.syscall(_LANDLOCK_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)) != 0:
-            return False, f"Landlock restriction refused: {os.strerror(ctypes.get_errno())}"
-    finally:
-        os.close(ruleset)
-    return True, f"Landlock ABI {abi}: read-only access to {', '.join(allowed)}; nothing else"
-
-
-def readable_trees() -> list[str]:
-    return [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, "/proc", "/sys", os.devnull]
-
-
-def self_test(forbidden_read: str | None = None) -> dict[str, str]:
-    """What the worker gets when it tries what its walls deny: 'allowed' or the errno name."""
-    def attempt(action: Callable[[], object]) -> str:
-        try:
-            action()
-        except OSError as e:
-            return errno.errorcode.get(e.errno or 0, str(e.errno))
-        return "allowed"
-
-    def fork() -> None:
-        if os.fork() == 0:
-            os._exit(0)
-        os.wait()
-
-    return {
-        "fork": attempt(fork),
-        "execve": attempt(lambda: os.execv("/nonexistent/wasmlog-selftest", ["x"])),  # ENOENT if not denied
-        "socket": attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()),
-        "open_for_write": attempt(lambda: os.close(os.open(os.devnull, os.O_WRONLY))),
-        "signal_parent": attempt(lambda: os.kill(os.getppid(), 0)),
-        **({"read_outside": attempt(lambda: os.close(os.open(forbidden_read, os.O_RDONLY)))} if forbidden_read else {}),
-    }
+ROLES = ("run", "compile")
 
 
 class Watchdog(threading.Thread):
@@ -239,18 +108,25 @@ class Failure(Exception):
 
 
 class Runtime:
-    def __init__(self) -> None:
+    """The worker's engine and, in the run role, the modules it holds; counts says what it has done."""
+
+    def __init__(self, role: str) -> None:
         config = wasmtime.Config()
         for name, value in ENGINE_SETTINGS.items():
-            setattr(config, name, value)
+            if not name.startswith("wasmlog_"):  # wasmlog_* settings are ours (edge.sandbox_protocol)
+                setattr(config, name, value)
+        self.role = role
         self.engine = wasmtime.Engine(config)
         self.watchdog = Watchdog(self.engine)  # started by main() once the walls are up: a thread started
         # before seccomp and Landlock would stay outside both (they bind the calling thread and its children)
         self.modules: OrderedDict[str, wasmtime.Module] = OrderedDict()
+        self.counts = {"runs": 0, "compiles": 0, "loads": 0}
         self._wasi = wasmtime.Linker(self.engine)  # every WASI function; runs copy only the granted ones
-        self._wasi.define_wasi()
-        self._probe_wasi()
         self._use_memfd = os.path.isdir("/proc/self/fd") and hasattr(os, "memfd_create")
+        self._deadline_ms = 0.0
+        if role == "run":
+            self._wasi.define_wasi()
+            self._probe_wasi()
 
     def _probe_wasi(self) -> None:
         """Exercise WASI linking and a run once before the seccomp filter goes on (lazy initialisation)."""
@@ -273,15 +149,19 @@ class Runtime:
             module = wasmtime.Module.deserialize(self.engine, artifact)
         except wasmtime.WasmtimeError as e:
             raise Failure("artifact-rejected", f"Wasmtime refused the artifact: {str(e).splitlines()[0]}") from None
+        self.counts["loads"] += 1
         self.remember(digest, module)
 
-    def compile(self, digest: str, wasm: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
+    def compile(self, wasm: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """Compile verified module bytes into an artifact (compile role only: nothing here ever ran a module)."""
+        if self.role != "compile":
+            raise Failure("refused", "a run worker does not compile: artifacts come only from compile workers")
+        self.counts["compiles"] += 1
         try:
             module = wasmtime.Module(self.engine, wasm)
         except wasmtime.WasmtimeError as e:
             raise Failure("module-invalid", f"module does not compile: {str(e).splitlines()[0]}") from None
-        self.remember(digest, module)
-        return {"status": "ok"}, {"artifact": bytes(module.serialize())}
+        return {"status": "ok", "stats": {"role": self.role, **self.counts}}, {"artifact": bytes(module.serialize())}
 
     def _stdin_path(self, data: bytes) -> tuple[str, int]:
         if self._use_memfd:
@@ -300,6 +180,8 @@ class Runtime:
 
     def run(self, req: dict[str, Any], stdin: bytes, artifact: bytes | None) -> tuple[dict[str, Any], dict[str, bytes]]:
         """Run a module this worker holds, or the one in artifact (checked by the agent), loaded first."""
+        if self.role != "run":
+            raise Failure("refused", "a compile worker never instantiates or runs a module")
         digest = req["digest"]
         if artifact is not None:
             self.load(digest, artifact)
@@ -314,6 +196,7 @@ class Runtime:
         if "_start" not in {e.name for e in module.exports}:
             raise Failure("module-invalid", "module has no _start export (not a WASI command)")
         store = wasmtime.Store(self.engine)
+        self.counts["runs"] += 1
         try:
             return self._run_in(store, module, req, stdin)
         finally:
@@ -341,7 +224,8 @@ class Runtime:
         linker = self._linker(store, module)
         exit_code = 0
         instance: wasmtime.Instance | None = None
-        self.watchdog.arm(profile["timeout_ms"] / 1000)  # before instantiation: a start function may loop
+        self._deadline_ms = float(req.get("deadline_ms", profile["timeout_ms"]))  # what is left of the request's deadline
+        self.watchdog.arm(self._deadline_ms / 1000)  # before instantiation: a start function may loop
         try:
             instance = linker.instantiate(store, module)
             start = instance.exports(store)["_start"]
@@ -394,11 +278,14 @@ class Runtime:
             if stdout.overflow or stderr.overflow:
                 return Failure("output", self._overflow_message(stdout, stderr))
             if fired:
-                return Failure("deadline", f"the run exceeded its deadline of {profile['timeout_ms']} ms")
+                left = round(self._deadline_ms)
+                waited = f" ({left} ms of it were left to run after the wait for a worker)" if left < profile["timeout_ms"] else ""
+                return Failure("deadline", f"the run exceeded its deadline of {profile['timeout_ms']} ms{waited}")
         if e.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
             return Failure("deadline", f"the run used up its fuel ({profile['fuel']})")
         cap = profile["memory_mb"] << 20
-        memory = instance.exports(store).get("memory") if instance is not None else None
+        exports = instance.exports(store) if instance is not None else {}
+        memory = exports.get(MEMORY_EXPORT) or exports.get("memory")  # ours, added to every compiled module
         if isinstance(memory, wasmtime.Memory) and memory.data_len(store) * 2 > cap:
             # Wasmtime answers a memory.grow past the cap with -1, not a trap; a module that then traps with
             # more than half its cap in use is reported as having hit the cap.
@@ -409,6 +296,11 @@ class Runtime:
 
 def main() -> int:
     data_mb = int(os.environ.get("WASMLOG_WORKER_DATA_MB", "0"))
+    role = os.environ.get("WASMLOG_WORKER_ROLE", "run")
+    probes = os.environ.get("WASMLOG_WORKER_PROBES") == "1"
+    if role not in ROLES:
+        print(f"unknown WASMLOG_WORKER_ROLE {role!r}", file=sys.stderr)
+        return 2
     channel_in = os.fdopen(os.dup(0), "rb", buffering=0)
     channel_out = os.fdopen(os.dup(1), "wb", buffering=0)
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -416,10 +308,11 @@ def main() -> int:
     os.dup2(2, 1)  # anything printed goes to stderr, never into the channel
     os.close(devnull)
     set_limits(data_mb)
-    runtime = Runtime()
+    runtime = Runtime(role)
     threads = len(os.listdir("/proc/self/task"))  # the walls bind this thread and the threads it starts later
-    seccomp, reason = apply_seccomp()  # first: loading the bindings looks for libseccomp on the file system
+    seccomp_filter = Seccomp()  # built first: loading the bindings looks for libseccomp on the file system
     landlock, landlock_reason = apply_landlock(readable_trees())
+    seccomp, reason = seccomp_filter.load()  # last: the allow-list has no room for Landlock's own syscalls
     if threads != 1:  # never claim a wall that a thread predating it is outside of
         seccomp, reason = False, f"{threads} threads were running when the filter went on; only one is covered"
         landlock, landlock_reason = False, f"{threads} threads were running when the ruleset went on; only one is covered"
@@ -442,9 +335,9 @@ def main() -> int:
         while view:
             view = view[channel_out.write(view) or 0:]
 
-    send({"op": "hello", "pid": os.getpid(), "wasmtime": wasmtime_version(), "seccomp": seccomp,
+    send({"op": "hello", "pid": os.getpid(), "role": role, "wasmtime": wasmtime_version(), "seccomp": seccomp,
           "seccomp_reason": reason, "landlock": landlock, "landlock_reason": landlock_reason, "max_blob": MAX_BLOB,
-          "threads_at_walls": threads})
+          "threads_at_walls": threads, "probes": probes})
     while True:
         frame = read_frame(read_exactly)
         if frame is None:
@@ -455,9 +348,9 @@ def main() -> int:
             if op == "run":
                 send(*runtime.run(req, blobs.get("stdin", b""), blobs.get("artifact")))
             elif op == "compile":
-                send(*runtime.compile(req["digest"], blobs["wasm"]))
-            elif op == "selftest":
-                send({"status": "ok", "result": self_test(req.get("read"))})
+                send(*runtime.compile(blobs["wasm"]))
+            elif op == "probe" and probes:
+                send({"status": "ok", "result": probe(req.get("read"), req.get("own_file"), req.get("new_file"))})
             else:
                 send({"status": "error", "kind": "protocol", "message": f"unknown op {op!r}"})
         except Failure as f:

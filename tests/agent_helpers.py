@@ -103,6 +103,12 @@ env = {{ GREETING = "from the profile" }}
 imports = []
 memory_mb = 4
 timeout_ms = 300
+
+[profiles.one_at_a_time]
+imports = []
+memory_mb = 4
+timeout_ms = 3000
+max_in_flight = 1
 '''
 
 

@@ -42,6 +42,7 @@ from wasmlog.network import NetworkConfig, run_network
 ALICE = Ed25519Signer.generate("alice")
 BOB = Ed25519Signer.generate("bob")
 HELLO = printing_module(b"Content-Type: text/plain\n\nhello from acme\n")
+OTHER = printing_module(b"Content-Type: text/plain\n\nthe other one\n")
 EVIL = printing_module(b"Content-Type: text/plain\n\nEVIL tampered bytes\n")  # same imports as HELLO
 NETTY = printing_module(b"never run\n", NET_MODULE_IMPORT)
 
@@ -200,19 +201,21 @@ async def test_a_yank_stops_a_module_at_the_next_sweep_and_sigkill_keeps_it_stop
 async def test_a_tampered_module_is_never_run_and_is_quarantined_and_repaired(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
     api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
     await publish(api, "acme:hello@1.0.0", HELLO)
-    a = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"})
+    await publish(api, "acme:other@1.0.0", OTHER)
+    a = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout", "acme:other@1.0.0": "stdout"})
     try:
+        assert a.agent.prewarming is not None and await a.agent.prewarming == {}  # both compiled from verified bytes at admission
         digest = hashlib.sha256(HELLO).hexdigest()
         stored = a.agent.store.path(digest)
         stored.write_bytes(EVIL)  # someone with disk access swaps the bytes
+        # Its attested artifact is cached: the run is the verified module's, the swapped file is not even read.
         r = await a.runs.get("/run/acme/hello")
-        body = await r.read()
-        assert b"EVIL" not in body and r.status in (200, 403)  # a run from the attested artifact, or refused: never the new bytes
+        assert (r.status, await r.read()) == (200, b"hello from acme\n")
         r = await a.admin.post("/sweep")
         result = await r.json()
         assert any(f["kind"] == "integrity" and f["digest"] == digest for f in result["findings"]), result
         assert stored.read_bytes() == HELLO  # fetched again, re-verified, stored
-        (m,) = result["modules"]
+        (m, _) = result["modules"]
         assert m["state"] == "admitted" and m["digest"] == digest
         r = await a.runs.get("/run/acme/hello")
         assert r.status == 200 and await r.read() == b"hello from acme\n"
@@ -220,6 +223,26 @@ async def test_a_tampered_module_is_never_run_and_is_quarantined_and_repaired(ai
         result = await (await a.admin.post("/sweep")).json()
         assert any(f["kind"] == "integrity" and f.get("message") == "missing" for f in result["findings"])
         assert stored.read_bytes() == HELLO
+
+        # A module that must be compiled (no worker holds it, its artifact is gone): the swapped bytes are refused,
+        # never compiled, and the module is quarantined at once; the next sweep repairs it.
+        assert a.agent.prewarming is not None and await a.agent.prewarming == {}
+        other = hashlib.sha256(OTHER).hexdigest()
+        compiled = a.sandbox.status()["compiled"]
+        for artifact in (a.agent.config.data / "artifacts").glob(f"{other}.*"):
+            artifact.unlink()
+        a.agent.store.path(other).write_bytes(EVIL)
+        r = await a.runs.get("/run/acme/other")
+        assert r.status == 403 and (await r.json())["error"] == "IntegrityError"
+        (m,) = [m for m in (await (await a.admin.get("/status")).json())["modules"] if m["ref"] == "acme:other@1.0.0"]
+        assert (m["state"], m["reason"]) == ("quarantined", "integrity")
+        r = await a.runs.get("/run/acme/other")
+        assert r.status == 403 and (await r.json())["error"] == "ModuleNotServed"
+        assert a.sandbox.status()["compiled"] == compiled and a.sandbox.status()["integrity_errors"] >= 1  # EVIL never compiled
+        result = await (await a.admin.post("/sweep")).json()
+        assert a.agent.store.path(other).read_bytes() == OTHER
+        r = await a.runs.get("/run/acme/other")
+        assert (r.status, await r.read()) == (200, b"the other one\n")
     finally:
         await a.close()
 
@@ -349,19 +372,105 @@ async def test_a_runaway_loop_and_a_memory_bomb_are_stopped_while_others_keep_se
                                                     {"acme:hello@1.0.0": "stdout", "acme:spin@1.0.0": "small", "acme:bomb@1.0.0": "small"})
     try:
         assert all(m["state"] == "admitted" for m in (await (await a.admin.get("/status")).json())["modules"])
+        assert a.agent.prewarming is not None and await a.agent.prewarming == {}  # no run below waits for a compile
         spin = asyncio.ensure_future(a.runs.get("/run/acme/spin"))
         hello = asyncio.ensure_future(a.runs.get("/run/acme/hello"))
         done, _ = await asyncio.wait({spin, hello}, return_when=asyncio.FIRST_COMPLETED)
         assert hello in done and (await hello).status == 200  # served while the loop still runs
         r = await spin
         assert r.status == 504 and (await r.json())["error"] == "DeadlineExceeded"
-        r = await a.runs.get("/run/acme/bomb")
-        assert r.status == 502, await r.text()
+        # The bomb (its memory not exported) is stopped by its 4 MiB cap, reported as such, not as a plain trap;
+        # another module is served beside it.
+        bomb = asyncio.ensure_future(a.runs.get("/run/acme/bomb"))
+        hello = asyncio.ensure_future(a.runs.get("/run/acme/hello"))
+        r = await bomb
+        body = await r.json()
+        assert (r.status, body["error"]) == (502, "MemoryExceeded") and "memory cap of 4 MiB reached" in body["message"], body
+        assert (await hello).status == 200
+        assert a.sandbox.status()["failed_memory"] == 1 and "failed_trap" not in a.sandbox.status()
+        async with a.admin.get("/metrics") as m:
+            assert 'wasmlog_agent_runs_total{module="acme:bomb@1.0.0",status="502"} 1.0' in await m.text()
         r = await a.runs.get("/run/acme/hello")
         assert r.status == 200 and await r.read() == b"hello from acme\n"
         assert (await a.admin.get("/healthz")).status == 200
     finally:
         await a.close()
+
+
+async def test_a_flooded_runaway_module_cannot_hold_every_worker(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """More requests to a looping module than there are workers: one runs (max_in_flight 1), the excess is 503 with
+    Retry-After at once, and another module keeps answering 200 on the workers the loop may not take."""
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:hello@1.0.0", HELLO)
+    await publish(api, "acme:spin@1.0.0", SPIN)
+    a = await in_process_agent(aiohttp_client, tmp_path, [api.url],
+                                                    {"acme:hello@1.0.0": "stdout", "acme:spin@1.0.0": "one_at_a_time"})
+    try:
+        assert a.agent.prewarming is not None and await a.agent.prewarming == {}
+        first = asyncio.ensure_future(a.runs.get("/run/acme/spin"))
+        await wait_until(lambda: a.sandbox.status()["busy"] == 1, "the loop to run")
+        flood = await asyncio.gather(*(a.runs.get("/run/acme/spin") for _ in range(5)))  # 6 requests, 2 workers
+        for r in flood:
+            assert r.status == 503 and r.headers["Retry-After"] == "1" and (await r.json())["error"] == "SandboxBusy"
+        for _ in range(3):
+            r = await a.runs.get("/run/acme/hello")
+            assert (r.status, await r.read()) == (200, b"hello from acme\n")
+        assert not first.done() and a.sandbox.status()["busy"] == 1  # all of that while the loop still ran
+        r = await first
+        assert r.status == 504 and (await r.json())["error"] == "DeadlineExceeded"
+        assert (await a.runs.get("/run/acme/spin")).status == 504  # its one slot is free again
+    finally:
+        await a.close()
+
+
+async def test_a_request_that_cannot_start_within_its_deadline_answers_503(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """timeout_ms is per request: with every worker held by other modules' 3 s runs, a request whose deadline is
+    2 s never starts; it answers 503 with Retry-After (the module did not run), not a 504 after a run."""
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    spin2 = wasmtime.wat2wasm('(module (func (export "_start") (loop $l (br $l))) (func (export "second")))')
+    for ref, module in (("acme:hello@1.0.0", HELLO), ("acme:spin@1.0.0", SPIN), ("acme:spin2@1.0.0", bytes(spin2))):
+        await publish(api, ref, module)
+    a = await in_process_agent(aiohttp_client, tmp_path, [api.url], {
+        "acme:hello@1.0.0": "stdout", "acme:spin@1.0.0": "one_at_a_time", "acme:spin2@1.0.0": "one_at_a_time"})
+    try:
+        assert a.agent.prewarming is not None and await a.agent.prewarming == {}
+        spins = [asyncio.ensure_future(a.runs.get(f"/run/acme/{name}")) for name in ("spin", "spin2")]
+        await wait_until(lambda: a.sandbox.status()["busy"] == 2, "both workers to run a loop")
+        r = await a.runs.get("/run/acme/hello")  # the stdout profile's deadline: 2000 ms
+        body = await r.json()
+        assert (r.status, r.headers["Retry-After"], body["error"]) == (503, "1", "NoWorkerInTime"), body
+        assert not any(s.done() for s in spins)  # the loops (3 s) still held both workers
+        assert [(await s).status for s in spins] == [504, 504]
+        r = await a.runs.get("/run/acme/hello")
+        assert (r.status, await r.read()) == (200, b"hello from acme\n")
+    finally:
+        await a.close()
+
+
+async def test_the_first_request_after_admission_or_a_restart_finds_its_artifact_cached(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:hello@1.0.0", HELLO)
+    a = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"})
+    digest = hashlib.sha256(HELLO).hexdigest()
+    try:
+        assert a.agent.prewarming is not None and await a.agent.prewarming == {}
+        assert len(list((a.agent.config.data / "artifacts").glob(f"{digest}.*.cwasm"))) == 1
+        assert a.sandbox.status()["compiled"] == 1
+        r = await a.runs.get("/run/acme/hello")
+        assert (r.status, await r.read()) == (200, b"hello from acme\n")
+        status = a.sandbox.status()
+        assert status["compiled"] == 1 and status["artifacts_loaded"] == 1  # the request loaded it; it compiled nothing
+    finally:
+        await a.close()
+    for artifact in (a.agent.config.data / "artifacts").glob("*.cwasm"):
+        artifact.unlink()  # e.g. a new Wasmtime: nothing cached is valid any more
+    restarted = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"})  # the same data directory
+    try:
+        assert restarted.agent.started is not None and restarted.agent.started["state_file"] == "verified"
+        assert restarted.agent.prewarming is not None and await restarted.agent.prewarming == {}
+        assert len(list((a.agent.config.data / "artifacts").glob(f"{digest}.*.cwasm"))) == 1
+    finally:
+        await restarted.close()
 
 
 async def test_each_sweep_rechecks_admitted_modules_against_the_current_trust_policy(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -414,8 +523,7 @@ async def test_a_tampered_compiled_artifact_is_never_loaded_and_is_rebuilt(aioht
     await publish(api, "acme:hello@1.0.0", HELLO)
     a = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"})
     try:
-        r = await a.runs.get("/run/acme/hello")  # compiles and caches the artifact
-        assert r.status == 200
+        assert a.agent.prewarming is not None and await a.agent.prewarming == {}  # compiled and cached at admission
         digest = hashlib.sha256(HELLO).hexdigest()
         (artifact,) = (a.agent.config.data / "artifacts").glob(f"{digest}.*")
         data = bytearray(artifact.read_bytes())
@@ -425,10 +533,15 @@ async def test_a_tampered_compiled_artifact_is_never_loaded_and_is_rebuilt(aioht
         assert any(f["kind"] == "integrity" and f["what"] == "artifact" and f["digest"] == digest for f in result["findings"]), result
         (m,) = result["modules"]
         assert m["state"] == "admitted" and m["previous"] == "quarantined"  # quarantined, re-verified, admitted again in one sweep
-        assert not artifact.exists()
-        r = await a.runs.get("/run/acme/hello")  # compiled again from the verified bytes
+        # The re-admission compiles the verified bytes again (a compile worker, whichever run worker serves next).
+        assert a.agent.prewarming is not None and await a.agent.prewarming == {}
+        (rebuilt,) = (a.agent.config.data / "artifacts").glob(f"{digest}.*")
+        assert rebuilt.read_bytes() != bytes(data) and a.sandbox.verify_cache() == []
+        status = a.sandbox.status()
+        assert status["compiled"] == 2 and status["artifacts_rejected"] == 1 and "artifacts_refused_by_wasmtime" not in status
+        r = await a.runs.get("/run/acme/hello")
         assert r.status == 200 and await r.read() == b"hello from acme\n"
-        assert len(list((a.agent.config.data / "artifacts").glob(f"{digest}.*"))) == 1
+        assert "artifacts_refused_by_wasmtime" not in a.sandbox.status()  # the tampered bytes never reached Wasmtime
     finally:
         await a.close()
 

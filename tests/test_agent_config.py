@@ -42,6 +42,8 @@ def test_the_issue_example_parses() -> None:
     assert c.registries == ("http://127.0.0.1:7380",) and (c.host, c.port) == ("127.0.0.1", 7400) and c.sweep_interval == 300
     p = c.profiles["stdout"]
     assert (p.imports, p.memory_mb, p.timeout_ms, p.fuel, dict(p.env)) == (("wasi_snapshot_preview1.fd_write",), 16, 500, None, {})
+    assert p.max_in_flight == 16  # the default: README "The config"
+    assert parse_config(EXAMPLE.replace("timeout_ms = 500", "timeout_ms = 500\nmax_in_flight = 3"), BASE).profiles["stdout"].max_in_flight == 3
     (m,) = c.modules
     assert (m.ref, m.namespace, m.name, m.version, m.profile) == ("acme:hello@1.0.0", "acme", "hello", "1.0.0", "stdout")
     assert c.module("acme", "hello") is m and c.module("acme", "other") is None
@@ -84,6 +86,10 @@ def test_the_admin_listener() -> None:
     ("timeout_ms = 500", "timeout_ms = -1", "profiles.stdout.timeout_ms"),
     ("timeout_ms = 500", "timeout_ms = 1.5", "profiles.stdout.timeout_ms"),
     ("timeout_ms = 500", "timeout_ms = 500\nfuel = 0", "profiles.stdout.fuel"),
+    ("timeout_ms = 500", "timeout_ms = 500\nmax_in_flight = 0", "profiles.stdout.max_in_flight"),
+    ("timeout_ms = 500", "timeout_ms = 500\nmax_in_flight = 1025", "profiles.stdout.max_in_flight"),
+    ("timeout_ms = 500", 'timeout_ms = 500\nmax_in_flight = "4"', "profiles.stdout.max_in_flight"),
+    ("timeout_ms = 500", "timeout_ms = 500\nmax_in_flight = true", "profiles.stdout.max_in_flight"),
     ("env = {}", 'env = {"1BAD" = "x"}', "profiles.stdout.env.1BAD"),
     ("env = {}", "env = {A = 1}", "profiles.stdout.env.A"),
     ("env = {}", 'env = "A=1"', "profiles.stdout.env"),

@@ -1,0 +1,80 @@
+"""The verifiable index over a registry's log (spec/status-proof.md). Pure.
+
+Every log entry that decodes as a namespace record (valid or void: the index does not judge,
+the verifier replays the rules) is listed under the keys index_keys gives it; the map
+(registry/index_map.py) takes each key to the hash of its history: the complete list of
+(log index, record type) of that key's records, in index order. Index-root records and
+entries that do not decode are in no key's history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from immutables import Map
+
+from .index_map import MapProof, SparseMap, key_hash
+from .record import RECORD_TYPES, Action, Record, Release
+
+TYPE_CODES = {t: i for i, t in enumerate(RECORD_TYPES)}  # release 0, key-grant 1, key-revocation 2, yank 3
+History = tuple[tuple[int, int], ...]  # (log index, TYPE_CODES[type]) in index order
+_EMPTY_HISTORY = hashlib.sha256(b"wasmlog-index-history\x00").digest()
+
+
+def index_keys(record: Record) -> tuple[str]:
+    """The key a record is listed under: its namespace for key grants and revocations,
+    `namespace:name` for releases and yanks."""
+    body = record.body
+    if isinstance(body, Release):
+        return (f"{body.ref.namespace}:{body.ref.name}",)
+    assert isinstance(body, Action)
+    if body.action == "yank":
+        return (f"{body.namespace}:{body.name}",)
+    return (body.namespace,)
+
+
+def history_hash(history: Iterable[tuple[int, int]], start: bytes = _EMPTY_HISTORY) -> bytes:
+    """The value hash of a history: a hash chain over its items (so appending one costs one hash)."""
+    h = start
+    for index, code in history:
+        h = hashlib.sha256(b"\x01" + h + index.to_bytes(8, "big") + bytes([code])).digest()
+    return h
+
+
+@dataclass(frozen=True)
+class IndexState:
+    """The index as of the log's first `size` entries: each key's history and value hash, and the map."""
+
+    size: int = 0
+    histories: Map[str, History] = field(default_factory=Map)
+    values: Map[str, bytes] = field(default_factory=Map)
+    map: SparseMap = field(default_factory=SparseMap)
+
+    @property
+    def root(self) -> bytes:
+        return self.map.root
+
+    def with_records(self, records: Iterable[tuple[int, Record | None]], size: int) -> IndexState:
+        """The index after these (index, record) pairs (None: an entry in no history), in index
+        order, all at or above self.size and below size; self never changes."""
+        histories = self.histories.mutate()
+        values = self.values.mutate()
+        tree = self.map
+        for index, record in records:
+            assert self.size <= index < size, (index, self.size, size)
+            if record is None:
+                continue
+            code = TYPE_CODES[record.type]
+            for key in index_keys(record):
+                histories[key] = histories.get(key, ()) + ((index, code),)
+                values[key] = vh = history_hash([(index, code)], values.get(key, _EMPTY_HISTORY))
+                tree = tree.set(key_hash(key), vh)
+        return IndexState(size, histories.finish(), values.finish(), tree)
+
+    def history(self, key: str) -> History:
+        return self.histories.get(key, ())
+
+    def prove(self, key: str) -> MapProof:
+        return self.map.prove(key_hash(key))

@@ -90,11 +90,12 @@ async def online_facts(url: str, known_size: int | None, size: int, ns: str | No
 
 def run_verify(
     *, policy_file: pathlib.Path, module_file: pathlib.Path, proof_file: pathlib.Path, sbom_file: pathlib.Path | None,
+    status_file: pathlib.Path | None = None,
     state_dir: pathlib.Path | None, consistency_file: pathlib.Path | None, url: str | None, now: int, as_json: bool,
 ) -> tuple[int, str]:
     """Return (exit status, the one line to print)."""
     try:
-        verified = _verify(policy_file=policy_file, module_file=module_file, proof_file=proof_file, sbom_file=sbom_file,
+        verified = _verify(policy_file=policy_file, module_file=module_file, proof_file=proof_file, sbom_file=sbom_file, status_file=status_file,
                            state_dir=state_dir, consistency_file=consistency_file, url=url, now=now)
     except VerifyError as e:
         code = 2 if e.unusable_input else 1
@@ -112,12 +113,14 @@ def run_verify(
 
 def _verify(
     *, policy_file: pathlib.Path, module_file: pathlib.Path, proof_file: pathlib.Path, sbom_file: pathlib.Path | None,
+    status_file: pathlib.Path | None,
     state_dir: pathlib.Path | None, consistency_file: pathlib.Path | None, url: str | None, now: int,
 ) -> Verified:
     policy = parse_trust_policy(_read(policy_file, "trust policy").decode("utf-8", "replace"))
     module = _read(module_file, "module")
     proof = _read(proof_file, "tlog-proof", "proof-malformed")
     sbom = _read(sbom_file, "SBOM") if sbom_file else None
+    status_proof = _read(status_file, "status proof") if status_file else None
     consistency = None
     if consistency_file is not None:
         consistency = _hash_lines(_read(consistency_file, "consistency proof").decode("ascii", "replace"), str(consistency_file))
@@ -138,7 +141,8 @@ def _verify(
             raise VerifyError("entry-invalid", f"log entry: {e}") from None
         fetched, status = run(online_facts(url, None if known is None else known.checkpoint.size, cp.size, ns, policy, now))
         consistency = consistency or fetched
-    verified = verify_module(module=module, proof=tp, policy=policy, now=now, sbom=sbom, known=known, consistency=consistency, status=status)
+    verified = verify_module(module=module, proof=tp, policy=policy, now=now, sbom=sbom, known=known, consistency=consistency, status=status,
+                             status_proof=status_proof)
     if state_dir is not None and verified.known != known:
         save_known(state_dir, verified.known)
     return verified

@@ -3,7 +3,10 @@ from them, and every tamper of spec/status-proof.md gets its own reason."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
+import sys
 
 import pytest
 from registry_helpers import REGISTRY_KEY, release_envelope, start_registry, wat_module
@@ -202,3 +205,39 @@ async def fetch_other(api: RegistryClient, ref: PackageRef, module: bytes) -> tu
     """Publish ref (bob holds its namespace) and fetch its proofs."""
     await api.publish(BOB, ref, module)
     return await fetch(api, ref)
+
+
+async def run_wasmlog(*args: str) -> tuple[int, str]:
+    p = await asyncio.create_subprocess_exec(sys.executable, "-m", "wasmlog", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await p.communicate()
+    return p.returncode or 0, out.decode() + err.decode()
+
+
+async def test_fetch_writes_the_status_proof_and_verify_reads_it_beside_the_module(aiohttp_client, tmp_path) -> None:
+    api, _, module = await published(aiohttp_client, tmp_path)
+    code, out = await run_wasmlog("fetch", "--registry", api.url, "--out", str(tmp_path / "got"), str(REF))
+    assert code == 0, out
+    wasm = tmp_path / "got" / "acme_hello_1.0.0.wasm"
+    status_file = wasm.with_name(wasm.name + ".status-proof")
+    assert wasm.read_bytes() == module and status_file.exists()
+    # This test registry has no witnesses: its checkpoints are cosigned here, as witnesses would.
+    proof_file = wasm.with_name(wasm.name + ".tlog-proof")
+    proof_file.write_bytes(cosigned_proof(proof_file.read_bytes()))
+    status_file.write_bytes(cosigned_status(status_file.read_bytes()).encode())
+    (tmp_path / "policy.toml").write_text(policy_toml("max_status_age = 600"))
+    verify = ("verify", "--policy", str(tmp_path / "policy.toml"), "--json")
+    code, out = await run_wasmlog(*verify, "--now", str(NOW), str(wasm))
+    assert code == 0 and json.loads(out)["status"]["cosigned"] == NOW - 60, out
+    code, out = await run_wasmlog(*verify, "--now", str(NOW + 600), str(wasm))
+    assert code == 1 and json.loads(out)["reason"] == "status-stale", out
+    # --status names another file; without any, require_status refuses
+    moved = tmp_path / "elsewhere.status-proof"
+    status_file.rename(moved)
+    code, out = await run_wasmlog(*verify, "--now", str(NOW), str(wasm))
+    assert code == 1 and json.loads(out)["reason"] == "status-missing", out
+    code, out = await run_wasmlog(*verify, "--now", str(NOW), "--status", str(moved), str(wasm))
+    assert code == 0, out
+    await api.act(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=3, reason="CVE"))
+    moved.write_bytes(cosigned_status(await api.get(api.package_path(REF) + "/status-proof")).encode())
+    code, out = await run_wasmlog(*verify, "--now", str(NOW), "--status", str(moved), str(wasm))
+    assert code == 1 and json.loads(out)["reason"] == "yanked", out

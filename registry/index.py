@@ -78,3 +78,9 @@ class IndexState:
 
     def prove(self, key: str) -> MapProof:
         return self.map.prove(key_hash(key))
+
+    @classmethod
+    def from_histories(cls, size: int, histories: dict[str, History]) -> IndexState:
+        """The index with these complete histories as of size (a saved audit state)."""
+        values = {key: history_hash(h) for key, h in histories.items()}
+        return cls(size, Map(histories), Map(values), SparseMap.build((key_hash(k), v) for k, v in values.items()))

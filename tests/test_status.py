@@ -12,6 +12,8 @@ import pytest
 from registry_helpers import REGISTRY_KEY, release_envelope, start_registry, wat_module
 
 from edge.verify import TrustPolicy, VerifyError, parse_trust_policy, verify_module
+from registry.audit import make_auditor
+from registry.audit_state import AuditState
 from registry.blobs import BlobStore
 from registry.client import RegistryClient
 from registry.dsse import parse_envelope
@@ -22,7 +24,7 @@ from registry.status_proof import StatusProof, parse_status_proof
 from tlog.cosignature import cosign
 from tlog.hashes import leaf_hash
 from tlog.log import Log
-from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer, parse_note
+from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer, parse_note, verifier_from_vkey
 from tlog.proof_file import TlogProof, parse_tlog_proof
 from tlog.sequencer import Sequencer
 from tlog.storage.lmdb_store import LMDBLogStore
@@ -241,3 +243,26 @@ async def test_fetch_writes_the_status_proof_and_verify_reads_it_beside_the_modu
     moved.write_bytes(cosigned_status(await api.get(api.package_path(REF) + "/status-proof")).encode())
     code, out = await run_wasmlog(*verify, "--now", str(NOW), "--status", str(moved), str(wasm))
     assert code == 1 and json.loads(out)["reason"] == "yanked", out
+
+
+async def test_a_registry_that_withholds_a_yank_from_its_index_is_named_by_the_audit(aiohttp_client, tmp_path) -> None:
+    api, registry, module = await published(aiohttp_client, tmp_path)
+    proof, _ = await fetch(api)
+    honest = registry.log.trailer
+    assert honest is not None
+
+    def withholding(plan):  # type: ignore[no-untyped-def]
+        """This registry indexes its batches as if their yanks were not there."""
+        hidden = [b"withheld" if decode_entry(e).type == "yank" else e for e in plan.new_entries]
+        return honest(dataclasses.replace(plan, new_entries=tuple(hidden), new_leaf_hashes=tuple(map(leaf_hash, hidden))))
+
+    registry.log.trailer = withholding
+    await api.act(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=3, reason="CVE"))
+    yank_index = registry.release(REF).yanked_at
+    _, lying = await fetch(api)
+    check(module, proof, lying)  # the edge cannot tell from the status proof alone...
+    root_index = lying.root.index
+    auditor = make_auditor(log_url=api.url + "/log", session=api.session, verifiers=[verifier_from_vkey(REGISTRY_KEY.vkey)], state=AuditState())
+    await auditor.run()  # ...the audit names the index root that leaves the yank out
+    assert [(f.kind, f.where) for f in auditor.findings] == [("index-root-mismatch", f"index {root_index} (index-root record)")]
+    assert yank_index == root_index - 1

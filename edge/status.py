@@ -11,9 +11,9 @@ from typing import NamedTuple
 
 from registry.index import TYPE_CODES, history_hash, index_keys
 from registry.index_map import MapProofError, key_hash, verify_map_proof
-from registry.record import Record, Release, decode_entry, decode_index_root
-from registry.state import RegistryState, Unauthorized, ValidationError
-from registry.status_proof import Included, KeyProof, StatusProof, parse_status_proof
+from registry.record import Action, Record, Release, decode_entry, decode_index_root
+from registry.state import public_key
+from registry.status_proof import CARRIED, Included, KeyProof, StatusProof, parse_status_proof
 from registry.trust_policy import TrustPolicy, VerifyError, open_checkpoint
 from tlog.checkpoint import Checkpoint
 from tlog.errors import ProofError, TlogError
@@ -21,7 +21,6 @@ from tlog.hashes import leaf_hash
 from tlog.merkle import verify_inclusion
 
 _RELEASE = TYPE_CODES["release"]
-_YANK = TYPE_CODES["yank"]
 # Checkpoint failures, as the status proof's own reasons.
 _CHECKPOINT_REASONS = {"log-unknown": "status-other-log", "log-signature": "status-checkpoint",
                        "witness-signature": "status-quorum", "witness-quorum": "status-quorum"}
@@ -97,9 +96,9 @@ def _check_key(kp: KeyProof, want: str, root: bytes, size: int) -> None:
 
 
 def _records(sp: StatusProof, cp: Checkpoint, ns: str, package: str) -> list[tuple[int, Record]]:
-    """Every record the histories list (all but releases), each decoded, of its key and type, and included."""
-    needed: dict[int, tuple[str, int]] = {i: (ns, code) for i, code in sp.namespace.history if code != _RELEASE}
-    needed.update({i: (package, code) for i, code in sp.package.history if code != _RELEASE})
+    """Every revocation and yank the histories list, each decoded, of its key and type, and included."""
+    needed: dict[int, tuple[str, int]] = {i: (ns, code) for i, code in sp.namespace.history if code in CARRIED}
+    needed.update({i: (package, code) for i, code in sp.package.history if code in CARRIED})
     out = []
     for inc in sp.records:
         try:
@@ -123,27 +122,18 @@ def _type_name(code: int) -> str:
 
 
 def _decide(records: list[tuple[int, Record]], release: Record, release_index: int) -> None:
-    """Replay the namespace's rules over its grants and revocations, this release and the package's yanks."""
-    state = RegistryState()
-    applied = False
-    for index, record in sorted([*records, (release_index, release)], key=lambda r: r[0]):
-        try:
-            state = state.apply(record, index)
-        except Unauthorized as e:
-            if index == release_index:
-                ns = state.namespaces.get(release.namespace)
-                revoked = None if ns is None else ns.revoked_as(release.signer)
-                if ns is not None and revoked is not None:
-                    raise VerifyError("key-revoked", f"{revoked} was revoked at index {ns.revoked[revoked]}, "
-                                                     f"before this release ({release_index})") from None
-                raise VerifyError("status-unauthorized", f"the release's signer may not act in the namespace: {e}") from None
-        except ValidationError:
-            pass  # a void record changes nothing, for the verifier as for the registry
-        else:
-            applied = applied or index == release_index
-    if not applied:
-        raise VerifyError("status-unauthorized", "the release is void under the namespace's rules")
-    assert isinstance(release.body, Release)
-    current = state.release(release.body.ref)
-    if current is not None and current.yanked_at is not None:
-        raise VerifyError("yanked", f"{current.release.ref} was yanked at index {current.yanked_at}")
+    """Refuse a release whose signer's public key was revoked before it, or that was yanked. A record
+    not signed by its signer is void and ignored; a void revocation or yank otherwise counts (it can
+    only make the verifier refuse more, never accept more)."""
+    body = release.body
+    assert isinstance(body, Release)
+    signer_key = release.signer_verifier.public_key
+    for index, record in records:  # in index order
+        action = record.body
+        if not isinstance(action, Action) or not record.signed_by_signer:
+            continue
+        if action.action == "key-revocation" and action.key is not None and index < release_index \
+                and public_key(action.key) == signer_key:
+            raise VerifyError("key-revoked", f"{action.key} was revoked at index {index}, before this release ({release_index})")
+        if action.action == "yank" and (action.name, action.version) == (body.ref.name, body.ref.version):
+            raise VerifyError("yanked", f"{body.ref} was yanked at index {index}")

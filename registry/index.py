@@ -59,18 +59,21 @@ class IndexState:
     def with_records(self, records: Iterable[tuple[int, Record | None]], size: int) -> IndexState:
         """The index after these (index, record) pairs (None: an entry in no history), in index
         order, all at or above self.size and below size; self never changes."""
+        added: dict[str, list[tuple[int, int]]] = {}
+        for index, record in records:
+            assert self.size <= index < size, (index, self.size, size)
+            if record is not None:
+                for key in index_keys(record):
+                    added.setdefault(key, []).append((index, TYPE_CODES[record.type]))
+        if not added:
+            return IndexState(size, self.histories, self.values, self.map)
         histories = self.histories.mutate()
         values = self.values.mutate()
         tree = self.map
-        for index, record in records:
-            assert self.size <= index < size, (index, self.size, size)
-            if record is None:
-                continue
-            code = TYPE_CODES[record.type]
-            for key in index_keys(record):
-                histories[key] = histories.get(key, ()) + ((index, code),)
-                values[key] = vh = history_hash([(index, code)], values.get(key, _EMPTY_HISTORY))
-                tree = tree.set(key_hash(key), vh)
+        for key, items in added.items():  # each key's path is hashed once per call, however many records it got
+            histories[key] = histories.get(key, ()) + tuple(items)
+            values[key] = vh = history_hash(items, values.get(key, _EMPTY_HISTORY))
+            tree = tree.set(key_hash(key), vh)
         return IndexState(size, histories.finish(), values.finish(), tree)
 
     def history(self, key: str) -> History:

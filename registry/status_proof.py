@@ -8,7 +8,7 @@ Canonical CBOR (deterministic encoding, as log entries):
      "root": {"index": I, "entry": <index-root record>, "proof": [<inclusion hash>, ...]},
      "keys": [{"key": NS, "history": [[index, type], ...], "proof": [<sibling>, ...], "other": null},
               {"key": "NS:NAME", ...}],
-     "records": [{"index": I, "entry": <log entry>, "proof": [...]}, ...]}   # in index order
+     "records": [{"index": I, "entry": <log entry>, "proof": [...]}, ...]}   # revocations and yanks, in index order
 
 Parsing is strict and bounded: exactly these fields and types, nothing that does not
 re-encode to the same bytes.
@@ -166,6 +166,12 @@ def _hash(obj: object, what: str) -> bytes:
     return obj
 
 
+# The records a status proof carries: revocations and yanks (what can make a release refused). Grants
+# and releases are listed in the histories but not carried: a status proof stays small, and a void
+# revocation or yank can only make a verifier refuse more, never accept more.
+CARRIED = frozenset({TYPE_CODES["key-revocation"], TYPE_CODES["yank"]})
+
+
 def build_status_proof(
     *, index: IndexState, checkpoint: bytes, root: Included, namespace: str, name: str,
     included: Callable[[Sequence[int]], list[Included]],
@@ -175,6 +181,6 @@ def build_status_proof(
     with their inclusion proofs to the checkpoint."""
     package = f"{namespace}:{name}"
     ns_history, pkg_history = index.history(namespace), index.history(package)
-    needed = sorted({i for i, code in (*ns_history, *pkg_history) if code != TYPE_CODES["release"]})
+    needed = sorted({i for i, code in (*ns_history, *pkg_history) if code in CARRIED})
     return StatusProof(checkpoint, root, KeyProof(namespace, ns_history, index.prove(namespace)),
                        KeyProof(package, pkg_history, index.prove(package)), tuple(included(needed)))

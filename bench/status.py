@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 from edge.status import verify_status
 from registry.dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope
@@ -42,7 +43,7 @@ from tlog.cosignature import cosign, cosignature_verifier_from_vkey
 from tlog.hashes import leaf_hash
 from tlog.log import Log
 from tlog.merkle import inclusion_proofs
-from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer, open_note, parse_note, verifier_from_vkey
+from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer, Verifier, open_note, parse_note, verifier_from_vkey
 from tlog.storage.lmdb_store import LMDBLogStore
 from tlog.storage.memory import MemoryLogStore
 
@@ -81,7 +82,7 @@ def big_index(namespaces: int, records: int, rng: random.Random) -> tuple[IndexS
         if record is not None:
             body = record.body
             key = "target" if record.type in ("key-grant", "key-revocation") else \
-                f"target:{body.ref.name if isinstance(body, Release) else body.name}"  # type: ignore[union-attr]
+                f"target:{body.ref.name if isinstance(body, Release) else body.name}"
             histories.setdefault(key, []).append((i, CODES[record.type]))
             continue
         ns = i % namespaces
@@ -112,7 +113,7 @@ def proof_bench(namespaces: int, records: int, rng: random.Random) -> dict[str, 
     size = published.checkpoint.size
     note = cosigned(published.note)
 
-    def included(indexes: list[int]) -> list[Included]:
+    def included(indexes: Sequence[int]) -> list[Included]:
         proofs = inclusion_proofs(list(indexes), size, log.reader)
         return [Included(i, log.store.read_entries(i, i + 1)[0], tuple(p)) for i, p in zip(indexes, proofs, strict=True)]
 
@@ -127,7 +128,7 @@ def proof_bench(namespaces: int, records: int, rng: random.Random) -> dict[str, 
         t = time.perf_counter()
         verify_status(data, release=fresh, release_index=checked, origin=LOG.name, policy=policy, now=NOW)
         runs.append(time.perf_counter() - t)
-    note_verifiers = [verifier_from_vkey(LOG.vkey), *(cosignature_verifier_from_vkey(w.vkey) for w in WITNESSES)]
+    note_verifiers: list[Verifier] = [verifier_from_vkey(LOG.vkey), *(cosignature_verifier_from_vkey(w.vkey) for w in WITNESSES)]
     sig_runs = []
     for _ in range(30):
         fresh_records = [decode_entry(r.entry) for r in sp.records] + [decode_entry(at[checked].entry)]

@@ -106,7 +106,7 @@ POOL = [
 
 def naive_key(record) -> str:  # type: ignore[no-untyped-def]
     if record.type in ("key-grant", "key-revocation"):
-        return record.body.namespace
+        return str(record.body.namespace)
     body = record.body
     return f"{body.ref.namespace}:{body.ref.name}" if record.type == "release" else f"{body.namespace}:{body.name}"
 

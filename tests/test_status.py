@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import pathlib
 import sys
+from typing import Any
 
 import pytest
 from registry_helpers import REGISTRY_KEY, release_envelope, start_registry, wat_module
@@ -86,7 +88,7 @@ def reason(module: bytes, proof: bytes, status: StatusProof | None, **kw) -> str
     return e.value.reason
 
 
-async def published(aiohttp_client, tmp_path):  # type: ignore[no-untyped-def]
+async def published(aiohttp_client: Any, tmp_path: pathlib.Path) -> tuple[RegistryClient, Registry, bytes]:
     """A registry where alice claimed acme, granted bob, and bob published acme:hello@1.0.0."""
     api, client, registry, _ = await start_registry(aiohttp_client, tmp_path)
     module = wat_module("no_imports", tmp_path)
@@ -146,7 +148,7 @@ async def test_a_release_signed_by_a_revoked_key_is_refused(aiohttp_client, tmp_
     assert e.value.reason == "key-revoked" and "revoked at index" in str(e.value)
 
 
-async def other_log_registry(aiohttp_client, tmp_path):  # type: ignore[no-untyped-def]
+async def other_log_registry(aiohttp_client: Any, tmp_path: pathlib.Path) -> RegistryClient:
     """A second registry, with its own log key and origin."""
     store = LMDBLogStore(str(tmp_path / "other-log"))
     seq = Sequencer(Log(store, OTHER_LOG), interval=0.005)

@@ -25,13 +25,14 @@ from edge.verify import (
     VerifyError,
     verify_module,
 )
-from edge.verify_cli import online_facts, parse_proof
+from edge.verify_cli import online_facts, parse_proof, status_proof_of
 from registry.client import RegistryClient, RegistryError
 from registry.record import PackageRef, Release, decode_entry
 from registry.sbom import MAX_SBOM_BYTES
 from registry.wasm import MAX_MODULE_BYTES
 from tlog.client import UNREACHABLE, failure_kind
 from tlog.errors import TlogError
+from tlog.policy import NONE
 from tlog.proof_file import TlogProof
 
 from .agent_config import ModuleConfig, ProfileConfig
@@ -158,16 +159,19 @@ class Admission:
         assert tp.parsed is not None
         digest = body.module_sha256
         known_size = None if known is None else known.checkpoint.size
+        # Yanks and revocations from the release's status proof when the registry serves one and the
+        # policy has witnesses to date it (without, the namespace's actions list, as before).
+        status_proof = None if self.policy.tlog.quorum == NONE else await status_proof_of(url, ref)
         status = self._status.get((url, ref.namespace))
         consistency = None
         if status is None or known_size not in (None, 0, tp.parsed.size):  # the namespace's actions once per admission round
-            namespace = None if status is not None else ref.namespace
+            namespace = None if status is not None or status_proof is not None else ref.namespace
             consistency, fetched = await online_facts(url, known_size, tp.parsed.size, namespace, self.policy, self.now)
             status = self._status.setdefault((url, ref.namespace), fetched) if fetched is not None else status
 
         def verify_and_store() -> Decision:
             verified = verify_module(module=module, proof=tp, policy=self.policy, now=self.now, sbom=sbom, known=known,
-                                     consistency=consistency, status=status)
+                                     consistency=consistency, status=status, status_proof=status_proof)
             if verified.ref != ref:
                 raise VerifyError("entry-invalid", f"{url} answered for {ref} with the proof of {verified.ref}")
             if verified.known != known:

@@ -8,8 +8,9 @@ import pathlib
 
 import aiohttp
 
-from registry.client import RegistryClient
-from registry.record import decode_entry
+from registry.client import RegistryClient, RegistryError
+from registry.record import PackageRef, decode_entry
+from registry.status_proof import MAX_STATUS_PROOF_BYTES
 from tlog.client import BAD_RESPONSE, UNREACHABLE, failure_kind
 from tlog.errors import TlogError
 from tlog.proof_file import TlogProof, parse_tlog_proof
@@ -73,12 +74,10 @@ async def online_facts(url: str, known_size: int | None, size: int, ns: str | No
     except VerifyError:
         raise
     except Exception as e:  # every failure of the exchange is named below; ours is re-raised
-        kind = failure_kind(e)
-        if kind == UNREACHABLE:
-            raise VerifyError("registry-unreachable", f"registry {url} unreachable: {e!r}") from None
-        if kind == BAD_RESPONSE or isinstance(e, (KeyError, TypeError)):
-            raise VerifyError("registry-error", f"registry {url} answered badly: {e}") from None
-        raise
+        failure = _registry_failure(url, e)
+        if failure is e:
+            raise
+        raise failure from None
     if ns is None or proofs is None:
         return consistency, None
     try:
@@ -86,6 +85,34 @@ async def online_facts(url: str, known_size: int | None, size: int, ns: str | No
     except VerifyError as e:  # the registry's records, not the module's proof
         raise VerifyError("registry-error", f"registry {url} sent a namespace record that does not verify ({e.reason}): {e}") from None
     return consistency, status
+
+
+def _registry_failure(url: str, e: Exception) -> Exception:
+    """A failed exchange with a registry as its reason (registry-unreachable, registry-error), or e itself (ours)."""
+    kind = failure_kind(e)
+    if kind == UNREACHABLE:
+        return VerifyError("registry-unreachable", f"registry {url} unreachable: {e!r}")
+    if kind == BAD_RESPONSE or isinstance(e, (KeyError, TypeError)):
+        return VerifyError("registry-error", f"registry {url} answered badly: {e}")
+    return e
+
+
+async def status_proof_of(url: str, ref: PackageRef) -> bytes | None:
+    """The release's status proof from the registry at url, or None when it serves none (404: a registry
+    from before status proofs; 503: no index root yet). Raises VerifyError like online_facts."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            api = RegistryClient(url, session)
+            return await api.get(api.package_path(ref) + "/status-proof", MAX_STATUS_PROOF_BYTES)
+    except RegistryError as e:
+        if e.status in (404, 503):
+            return None
+        raise _registry_failure(url, e) from None
+    except Exception as e:  # named by _registry_failure; ours is re-raised
+        failure = _registry_failure(url, e)
+        if failure is e:
+            raise
+        raise failure from None
 
 
 def run_verify(

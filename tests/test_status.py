@@ -8,10 +8,13 @@ import dataclasses
 import json
 import pathlib
 import sys
+import time
 from typing import Any
 
+import aiohttp
 import pytest
 from registry_helpers import REGISTRY_KEY, release_envelope, start_registry, wat_module
+from test_up import free_ports
 
 from edge.verify import TrustPolicy, VerifyError, parse_trust_policy, verify_module
 from registry.audit import make_auditor
@@ -30,6 +33,7 @@ from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer, parse_note, verifier_fr
 from tlog.proof_file import TlogProof, parse_tlog_proof
 from tlog.sequencer import Sequencer
 from tlog.storage.lmdb_store import LMDBLogStore
+from wasmlog.network import NetworkConfig, run_network
 
 WITNESSES = [Ed25519Signer.generate(f"w{i}.example", ALG_COSIGNATURE_V1) for i in range(3)]
 OTHER_LOG = Ed25519Signer.generate("other.example/log")
@@ -276,3 +280,32 @@ async def test_a_registry_that_withholds_a_yank_from_its_index_is_named_by_the_a
     await auditor.run()  # ...the audit names the index root that leaves the yank out
     assert [(f.kind, f.where) for f in auditor.findings] == [("index-root-mismatch", f"index {root_index} (index-root record)")]
     assert yank_index == root_index - 1
+
+
+async def test_status_proofs_on_a_witnessed_network(tmp_path) -> None:
+    """`wasmlog up` (three witnesses, a quorum of two): every checkpoint the witnesses cosign ends with an
+    index root, so the registry serves status proofs that verify offline under the network's own trust
+    policy with require_status, and show the yank once it lands."""
+    port = free_ports(4)
+    ready, stop = asyncio.Event(), asyncio.Event()
+    network = asyncio.create_task(run_network(NetworkConfig(data=tmp_path / "net", port=port), ready=ready, stop=stop))
+    try:
+        await asyncio.wait_for(ready.wait(), 30)
+        policy_text = (tmp_path / "net" / "trust-policy.toml").read_text()
+        policy = parse_trust_policy("require_status = true\n" + policy_text)
+        async with aiohttp.ClientSession() as s:
+            api = RegistryClient(f"http://127.0.0.1:{port}", s)
+            module = wat_module("no_imports", tmp_path)
+            await api.act(ALICE, Action("key-grant", "acme", key=ALICE.vkey, issued=1))
+            proof = await api.publish(ALICE, REF, module)
+            path = api.package_path(REF)
+            now = int(time.time())
+            verified = verify_module(module=module, proof=proof, policy=policy, now=now, status_proof=await api.get(path + "/status-proof"))
+            assert verified.status is not None and now - verified.status.time < 60
+            await api.act(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=2, reason="CVE"))
+            with pytest.raises(VerifyError) as e:
+                verify_module(module=module, proof=proof, policy=policy, now=now, status_proof=await api.get(path + "/status-proof"))
+            assert e.value.reason == "yanked"
+    finally:
+        stop.set()
+        await network

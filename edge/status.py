@@ -67,7 +67,7 @@ def verify_status(
         raise VerifyError("status-root-invalid", f"the index root at {sp.root.index} (as of {root.size}) is not the last entry "
                                                  f"of the checkpoint (size {cp.size}) committing the index as of its own index")
     ns = release.namespace
-    package = f"{ns}:{index_keys(release)[0].split(':', 1)[1]}"
+    (package,) = index_keys(release)  # NS:NAME
     for kp, want in ((sp.namespace, ns), (sp.package, package)):
         _check_key(kp, want, root.root, root.size)
     if (release_index, _RELEASE) not in sp.package.history:

@@ -9,6 +9,7 @@ import json
 import pathlib
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -21,11 +22,12 @@ from registry.audit import make_auditor
 from registry.audit_state import AuditState
 from registry.blobs import BlobStore
 from registry.client import RegistryClient
-from registry.dsse import parse_envelope
-from registry.record import Action, PackageRef, decode_entry, decode_index_root, is_index_root, record_for
+from registry.dsse import ACTION_PAYLOAD_TYPE, parse_envelope, sign_envelope
+from registry.index import IndexState
+from registry.record import Action, IndexRoot, PackageRef, decode_entry, decode_index_root, is_index_root, record_for
 from registry.server import make_app
 from registry.service import Registry
-from registry.status_proof import StatusProof, parse_status_proof
+from registry.status_proof import Included, StatusProof, build_status_proof, parse_status_proof
 from tlog.cosignature import cosign
 from tlog.hashes import leaf_hash
 from tlog.log import Log
@@ -33,6 +35,7 @@ from tlog.note import ALG_COSIGNATURE_V1, Ed25519Signer, parse_note, verifier_fr
 from tlog.proof_file import TlogProof, parse_tlog_proof
 from tlog.sequencer import Sequencer
 from tlog.storage.lmdb_store import LMDBLogStore
+from tlog.storage.memory import MemoryLogStore
 from wasmlog.network import NetworkConfig, run_network
 
 WITNESSES = [Ed25519Signer.generate(f"w{i}.example", ALG_COSIGNATURE_V1) for i in range(3)]
@@ -309,3 +312,25 @@ async def test_status_proofs_on_a_witnessed_network(tmp_path) -> None:
     finally:
         stop.set()
         await network
+
+
+def test_an_index_root_naming_another_log_or_another_size_proves_nothing() -> None:
+    """A log whose last entry is an index root of another origin, or as of another size than its own index."""
+    module = bytes.fromhex("0061736d01000000010401600000020b0103656e76036c6f670000")
+    grant = record_for("key-grant", ALICE.vkey, sign_envelope(ACTION_PAYLOAD_TYPE, Action("key-grant", "acme", key=ALICE.vkey, issued=1).payload(), ALICE))
+    release = record_for("release", ALICE.vkey, parse_envelope(release_envelope(ALICE, REF, module, None)))
+    index = IndexState().with_records([(0, grant), (1, release)], 2)
+    for root, why in ((IndexRoot("other.example/log", 2, index.root), "status-other-log"),
+                      (IndexRoot(REGISTRY_KEY.name, 1, index.root), "status-root-invalid")):
+        log = Log(MemoryLogStore(), REGISTRY_KEY)
+        log.integrate([grant.entry, release.entry])
+        (at,), published_cp = log.integrate([root.encode()])
+        note = cosigned(published_cp.note)
+        size = published_cp.checkpoint.size
+
+        def included(indexes: Sequence[int], log: Log = log, size: int = size) -> list[Included]:
+            return [Included(i, log.store.read_entries(i, i + 1)[0], tuple(log.inclusion_proof(i, size))) for i in indexes]
+
+        sp = build_status_proof(index=index, checkpoint=note, root=included([at])[0], namespace="acme", name="hello", included=included)
+        proof = TlogProof(1, tuple(log.inclusion_proof(1, size)), note, release.entry).encode()
+        assert reason(module, proof, sp) == why

@@ -198,11 +198,13 @@ def upkeep_bench(index: IndexState, batch: int, appends: int) -> dict[str, objec
     }
 
 
-def audit_bench(index: IndexState, entries: list[bytes]) -> dict[str, object]:
+def audit_bench(index: IndexState, entries: list[bytes], batch: int) -> dict[str, object]:
+    """The auditor's index work: decode every entry, update the index once per batch (it flushes at each index root)."""
     state = dataclasses.replace(index, size=0)
     t = time.perf_counter()
-    for i, e in enumerate(entries):
-        state = state.with_records([(i, decode_entry(e))], i + 1)
+    for s in range(0, len(entries), batch):
+        chunk = entries[s:s + batch]
+        state = state.with_records([(s + i, decode_entry(e)) for i, e in enumerate(chunk)], s + len(chunk))
     return {"audit_records_per_second": round(len(entries) / (time.perf_counter() - t))}
 
 
@@ -218,7 +220,7 @@ def main() -> None:
     index = proof.pop("_index")
     upkeep = upkeep_bench(index, args.batch, args.appends)  # type: ignore[arg-type]
     entries = upkeep.pop("_entries")
-    audit = audit_bench(index, entries)  # type: ignore[arg-type]
+    audit = audit_bench(index, entries, args.batch)  # type: ignore[arg-type]
     json.dump({"status_proof": proof, "upkeep": upkeep, "audit": audit,
                "targets": {"status_proof_under_4KiB": proof["status_proof_bytes"] < 4096,  # type: ignore[operator]
                            "verify_within_2x_signatures": proof["verify_over_signatures"] <= 2,  # type: ignore[operator]

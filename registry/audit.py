@@ -82,6 +82,7 @@ class Auditor:
     releases_checked: int = 0
     _origin: str = ""
     _last_root_index: IndexState | None = None  # the index at the previous index root (the monitor's index-root events)
+    _index_buffer: list[tuple[int, Record | None]] = field(default_factory=list)  # read, not yet indexed (_flush_index)
 
     async def run(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Audit up to the latest checkpoint; return its size (or the audited size if it failed)."""
@@ -94,6 +95,7 @@ class Auditor:
         replayed_from = self.state.registry, self.state.registry_log, dict(self.state.previous), self.state.index
         async for index, entry in self.follower.entries(cp, progress):
             await self._entry(index, entry)
+        self._flush_index()
         self.findings.extend(self.follower.findings)
         self.follower.findings.clear()
         if self.follower.state.size == cp.size:
@@ -115,13 +117,13 @@ class Auditor:
                 self.state.registry_log = False  # not a wasmlog registry log: only the tree is audited
             if self.state.registry_log:
                 self.findings.append(Finding("void-record", f"entry does not decode: {e}", f"index {index}"))
-                self.state.index = self.state.index.with_records([(index, None)], index + 1)
+                self._index_buffer.append((index, None))
             return
         if self.state.registry_log is None:
             self.state.registry_log = True
         if not self.state.registry_log:
             return
-        self.state.index = self.state.index.with_records([(index, record)], index + 1)
+        self._index_buffer.append((index, record))
         try:
             self.state.registry = self.state.registry.apply(record, index)
         except ValidationError as e:
@@ -145,6 +147,7 @@ class Auditor:
 
     def _index_root(self, index: int, entry: bytes) -> None:
         """Check an index-root record against the index recomputed from every entry before it."""
+        self._flush_index()
         ours = self.state.index
         self.state.index = ours.with_records([(index, None)], index + 1)
         where = f"index {index} (index-root record)"
@@ -162,6 +165,12 @@ class Auditor:
             self.on_event(Event("index-root", index, ",".join(sorted(self.namespaces)),
                                 {"root": root.root.hex(), "size": root.size, "matches": root.root == ours.root}))
         self._last_root_index = ours
+
+    def _flush_index(self) -> None:
+        """Index the records read since the last flush (one map update per key)."""
+        if self._index_buffer:
+            self.state.index = self.state.index.with_records(self._index_buffer, self._index_buffer[-1][0] + 1)
+            self._index_buffer = []
 
     def _watched_changed(self, ours: IndexState) -> bool:
         """Whether a watched namespace's index keys changed since the previous index root (the monitor's index-root event)."""

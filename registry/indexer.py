@@ -38,6 +38,7 @@ class Indexer:
         self._tentative: IndexState | None = None  # computed by the trailer, adopted once its batch is applied
         self._at: OrderedDict[int, IndexState] = OrderedDict()  # index-root size -> the index it commits
         self.mismatches: list[tuple[int, str]] = []  # index roots (log index, why) that do not match our index
+        self._buffer: list[tuple[int, Record | None]] = []  # applied, not yet in index (see flush)
 
     # ── upkeep ──────────────────────────────────────────────────────────────
     def trailer(self, plan: BatchPlan) -> bytes:
@@ -49,13 +50,21 @@ class Indexer:
         return IndexRoot(self.log.origin, plan.state.size, self._tentative.root).encode()
 
     def add(self, index: int, record: Record | None) -> None:
-        """Entry index (a namespace record, or None) was applied, in index order."""
+        """Entry index (a namespace record, or None) was applied, in index order (indexed at the next flush)."""
         if self._tentative is not None and index < self._tentative.size:
             return  # the trailer already indexed this batch
-        self.index = self.index.with_records([*((i, None) for i in range(self.index.size, index)), (index, record)], index + 1)
+        self._buffer.append((index, record))
+
+    def flush(self) -> None:
+        """Index what add() buffered: one map update per key, however many records it got."""
+        if self._buffer:
+            end = self._buffer[-1][0] + 1
+            self.index = self.index.with_records(_with_gaps(self.index.size, self._buffer), end)
+            self._buffer = []
 
     def add_root(self, index: int, entry: bytes) -> None:
         """An index-root record at index: check it against our index and keep that state to prove from."""
+        self.flush()
         if self._tentative is not None and self._tentative.size == index:
             self.index, self._tentative = self._tentative, None
         if self.index.size < index:
@@ -98,6 +107,16 @@ class Indexer:
         proof = build_status_proof(index=index, checkpoint=published.note, root=records[-1], namespace=namespace, name=name,
                                    included=lambda ixs: included(ixs)[:-1])
         return proof.encode()
+
+
+def _with_gaps(start: int, items: list[tuple[int, Record | None]]) -> list[tuple[int, Record | None]]:
+    """items, in index order from start, with the entries they skip (earlier index roots) as None."""
+    out: list[tuple[int, Record | None]] = []
+    for index, record in items:
+        out += [(i, None) for i in range(start, index)]
+        out.append((index, record))
+        start = index + 1
+    return out
 
 
 def _record(entry: bytes) -> Record | None:

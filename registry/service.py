@@ -182,6 +182,7 @@ class Registry:
                 self.rejected.append((index, e))  # logged but void: replay reports it, state ignores it
                 ok = False
             self.indexer.add(index, record)
+        self.indexer.flush()
         return ok
 
     def _on_integrated(self, entries: Sequence[bytes], indexes: Sequence[int]) -> None:

@@ -131,7 +131,7 @@ def proof_bench(namespaces: int, records: int, rng: random.Random) -> dict[str, 
     note_verifiers: list[Verifier] = [verifier_from_vkey(LOG.vkey), *(cosignature_verifier_from_vkey(w.vkey) for w in WITNESSES)]
     sig_runs = []
     for _ in range(30):
-        fresh_records = [decode_entry(r.entry) for r in sp.records] + [decode_entry(at[checked].entry)]
+        fresh_records = [decode_entry(r.entry) for r in sp.records]  # the release's own signature is verify_module's
         t = time.perf_counter()
         open_note(note, note_verifiers)
         assert all(r.signed_by_signer for r in fresh_records)
@@ -142,7 +142,7 @@ def proof_bench(namespaces: int, records: int, rng: random.Random) -> dict[str, 
         "target_records": 100, "status_proof_bytes": len(data), "status_proof_records": len(sp.records),
         "map_proof_hashes": [len(sp.namespace.proof.siblings), len(sp.package.proof.siblings)],
         "inclusion_proof_hashes": len(root.proof),
-        "verify_ms": round(verify_s * 1000, 3), "signature_checks": 4 + len(sp.records) + 1,
+        "verify_ms": round(verify_s * 1000, 3), "signature_checks": 4 + len(sp.records),
         "signature_checks_ms": round(sigs_s * 1000, 3), "verify_over_signatures": round(verify_s / sigs_s, 2),
         "_index": index,
     }

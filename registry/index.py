@@ -10,7 +10,8 @@ entries that do not decode are in no key's history.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from immutables import Map
@@ -20,7 +21,7 @@ from .record import RECORD_TYPES, Action, Record, Release
 
 TYPE_CODES = {t: i for i, t in enumerate(RECORD_TYPES)}  # release 0, key-grant 1, key-revocation 2, yank 3
 History = tuple[tuple[int, int], ...]  # (log index, TYPE_CODES[type]) in index order
-_EMPTY_HISTORY = hashlib.sha256(b"wasmlog-index-history\x00").digest()
+_HISTORY_PREFIX = b"wasmlog-index-history\x00"
 
 
 def index_keys(record: Record) -> tuple[str]:
@@ -35,12 +36,14 @@ def index_keys(record: Record) -> tuple[str]:
     return (body.namespace,)
 
 
-def history_hash(history: Iterable[tuple[int, int]], start: bytes = _EMPTY_HISTORY) -> bytes:
-    """The value hash of a history: a hash chain over its items (so appending one costs one hash)."""
-    h = start
-    for index, code in history:
-        h = hashlib.sha256(b"\x01" + h + index.to_bytes(8, "big") + bytes([code])).digest()
-    return h
+def history_hash(history: Sequence[tuple[int, int]]) -> bytes:
+    """The value hash of a history: SHA-256 over its items packed flat (a C-speed pack, one hash):
+
+        "wasmlog-index-history" 0x00 || uint64_be(n) || n x uint64_be(index) || n x uint8(type)
+    """
+    indexes = [i for i, _ in history]
+    return hashlib.sha256(_HISTORY_PREFIX + struct.pack(f">Q{len(indexes)}Q", len(indexes), *indexes)
+                          + bytes(c for _, c in history)).digest()
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,8 @@ class IndexState:
         values = self.values.mutate()
         tree = self.map
         for key, items in added.items():  # each key's path is hashed once per call, however many records it got
-            histories[key] = histories.get(key, ()) + tuple(items)
-            values[key] = vh = history_hash(items, values.get(key, _EMPTY_HISTORY))
+            histories[key] = history = histories.get(key, ()) + tuple(items)
+            values[key] = vh = history_hash(history)
             tree = tree.set(key_hash(key), vh)
         return IndexState(size, histories.finish(), values.finish(), tree)
 

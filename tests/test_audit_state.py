@@ -109,6 +109,9 @@ BROKEN = {
         _encode(AuditState()).replace(b'"compact": []', b'"compact": ["' + b"A" * 43 + b'="]').replace(b'"size": 0', b'"size": 1'),
         "without the checkpoint"),
     "a pickle under the JSON name": (pickle.dumps((2, "anything")), "not valid JSON"),
+    "an index history past the index's size": (
+        _encode(AuditState()).replace(b'"histories": {}', b'"histories": {"acme": [[0, 1]]}'), "index: the history of 'acme'"),
+    "an index with an extra field": (_encode(AuditState()).replace(b'"histories": {}', b'"histories": {}, "root": 1'), "index must have"),
 }
 
 

@@ -18,6 +18,7 @@ from registry_helpers import REGISTRY_KEY, release_envelope, start_registry, wat
 from test_up import free_ports
 
 from edge.verify import TrustPolicy, VerifyError, parse_trust_policy, verify_module
+from edge.verify_cli import status_proof_of
 from registry.audit import make_auditor
 from registry.audit_state import AuditState
 from registry.blobs import BlobStore
@@ -334,3 +335,13 @@ def test_an_index_root_naming_another_log_or_another_size_proves_nothing() -> No
         sp = build_status_proof(index=index, checkpoint=note, root=included([at])[0], namespace="acme", name="hello", included=included)
         proof = TlogProof(1, tuple(log.inclusion_proof(1, size)), note, release.entry).encode()
         assert reason(module, proof, sp) == why
+
+
+async def test_the_agent_fetches_status_proofs_and_names_a_registry_it_cannot_reach(aiohttp_client, tmp_path) -> None:
+    api, _, _ = await published(aiohttp_client, tmp_path)
+    fetched = await status_proof_of(api.url, REF)
+    assert fetched is not None and parse_status_proof(fetched).package.key == "acme:hello"
+    assert await status_proof_of(api.url, PackageRef("acme", "nothing", "1.0.0")) is None  # 404: none served
+    with pytest.raises(VerifyError) as e:
+        await status_proof_of(f"http://127.0.0.1:{free_ports(1)}", REF)
+    assert e.value.reason == "registry-unreachable"

@@ -30,12 +30,13 @@ from edge.verify import (
     VerifyError,
     verify_module,
 )
-from edge.verify_cli import online_facts, parse_proof
+from edge.verify_cli import online_facts, parse_proof, status_proof_of
 from registry.client import RegistryClient
 from registry.record import PackageRef, RecordError, Release, check_version, decode_entry
 from registry.sbom import MAX_SBOM_BYTES
 from registry.wasm import MAX_MODULE_BYTES
 from tlog.errors import MalformedError, TlogError
+from tlog.policy import NONE
 from tlog.proof_file import TlogProof
 
 from .agent_config import ModuleConfig, ProfileConfig
@@ -228,10 +229,13 @@ class Admission:
         consistency = None
         if known_size not in (None, 0, tp.parsed.size):
             consistency, _ = await online_facts(url, known_size, tp.parsed.size, None, self.policy, self.now)
+        # The release's status proof when this source serves one and the policy has witnesses to date it:
+        # yanks and revocations proven as of an index root, on top of those every source proved (refresh).
+        status_proof = None if self.policy.tlog.quorum == NONE else await status_proof_of(url, ref)
 
         def verify(policy: TrustPolicy) -> Verified:
             return verify_module(module=module, proof=tp, policy=policy, now=self.now, sbom=sbom, known=known,
-                                 consistency=consistency, status=refresh.status)
+                                 consistency=consistency, status=refresh.status, status_proof=status_proof)
 
         def verify_and_store() -> Decision:
             try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from registry.record import (
@@ -22,6 +22,7 @@ from registry.record import (
     check_module,
     decode_entry,
 )
+from registry.status_proof import StatusProof
 from registry.trust_policy import (
     EVIDENCE_REASONS,
     REASONS,
@@ -43,6 +44,8 @@ from tlog.merkle import check_extends, verify_inclusion
 from tlog.note import open_note, verifier_from_vkey
 from tlog.policy import MAX_FUTURE_SKEW
 from tlog.proof_file import TlogProof, parse_tlog_proof
+
+from .status import StatusVerified, verify_status
 
 __all__ = [  # the trust policy's names, re-exported: the verifier is where edge code finds them
     "EVIDENCE_REASONS", "MAX_FUTURE_SKEW", "REASONS", "KnownCheckpoint", "NamespaceStatus", "TrustPolicy", "Verified",
@@ -68,6 +71,7 @@ class Verified(NamedTuple):
     newest_cosignature: int | None
     record: Record
     known: KnownCheckpoint  # the anti-rollback state to keep after this verification
+    status: StatusVerified | None = None  # what the status proof showed, if one was given
 
     def summary(self) -> str:
         w = ",".join(self.witnesses) or "none"
@@ -81,6 +85,8 @@ class Verified(NamedTuple):
             "ok": True, "package": str(self.ref), "module_sha256": self.module_sha256, "signer": self.signer,
             "index": self.index, "origin": self.checkpoint.origin, "tree_size": self.checkpoint.size,
             "witnesses": list(self.witnesses), "newest_cosignature": self.newest_cosignature,
+            "status": None if self.status is None else {
+                "as_of": self.status.as_of, "tree_size": self.status.checkpoint.size, "cosigned": self.status.time},
         }
 
 
@@ -143,11 +149,13 @@ class NamespaceStatus:
 def verify_module(
     *, module: bytes, proof: bytes | TlogProof, policy: TrustPolicy, now: int, sbom: bytes | None = None,
     known: KnownCheckpoint | None = None, consistency: Sequence[bytes] | None = None,
-    status: NamespaceStatus | None = None,
+    status: NamespaceStatus | None = None, status_proof: bytes | StatusProof | None = None,
 ) -> Verified:
     """Every check of spec/trust-policy.md, in order; the first failure raises VerifyError.
 
     proof: the tlog-proof file's bytes, or what parse_tlog_proof already read from them.
+    status_proof: the release's status proof (spec/status-proof.md); with one, freshness is the
+    status proof's (max_status_age) and max_checkpoint_age does not apply to the inclusion proof.
     """
     try:
         tp: TlogProof = proof if isinstance(proof, TlogProof) else parse_tlog_proof(proof)
@@ -183,7 +191,8 @@ def verify_module(
     if sbom is not None and (release.sbom_sha256 is None or hashlib.sha256(sbom).hexdigest() != release.sbom_sha256):
         raise VerifyError("sbom-digest", "the SBOM's digest is not the one in the statement")
     parsed = (tp.note, tp.parsed) if tp.note is not None and tp.parsed is not None else None
-    cp, _, witnesses, newest = open_checkpoint(tp.checkpoint, policy, now, parsed)
+    inclusion_policy = policy if status_proof is None else replace(policy, max_checkpoint_age=None)
+    cp, _, witnesses, newest = open_checkpoint(tp.checkpoint, inclusion_policy, now, parsed)
     try:
         verify_inclusion(tp.index, cp.size, leaf_hash(tp.extra), tp.proof, cp.root_hash)
     except ProofError as e:
@@ -198,7 +207,12 @@ def verify_module(
         for vkey, revoked_at in status.revoked.items():
             if revoked_at < tp.index and verifier_from_vkey(vkey).public_key == signer_key:
                 raise VerifyError("key-revoked", f"{vkey} was revoked at index {revoked_at}, before this release ({tp.index})")
-    return Verified(release.ref, digest, record.signer, tp.index, cp, witnesses, newest, record, new_known)
+    verified_status = None
+    if status_proof is not None:
+        verified_status = verify_status(status_proof, release=record, release_index=tp.index, origin=cp.origin, policy=policy, now=now)
+    elif policy.require_status:
+        raise VerifyError("status-missing", "the trust policy requires a status proof and none was given")
+    return Verified(release.ref, digest, record.signer, tp.index, cp, witnesses, newest, record, new_known, verified_status)
 
 
 def namespace_status(namespace: str, proofs: Iterable[bytes], policy: TrustPolicy, now: int) -> NamespaceStatus:

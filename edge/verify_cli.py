@@ -8,8 +8,9 @@ import pathlib
 
 import aiohttp
 
-from registry.client import RegistryClient
-from registry.record import decode_entry
+from registry.client import RegistryClient, RegistryError
+from registry.record import PackageRef, decode_entry
+from registry.status_proof import MAX_STATUS_PROOF_BYTES
 from tlog.client import BAD_RESPONSE, UNREACHABLE, failure_kind
 from tlog.errors import TlogError
 from tlog.proof_file import TlogProof, parse_tlog_proof
@@ -73,12 +74,10 @@ async def online_facts(url: str, known_size: int | None, size: int, ns: str | No
     except VerifyError:
         raise
     except Exception as e:  # every failure of the exchange is named below; ours is re-raised
-        kind = failure_kind(e)
-        if kind == UNREACHABLE:
-            raise VerifyError("registry-unreachable", f"registry {url} unreachable: {e!r}") from None
-        if kind == BAD_RESPONSE or isinstance(e, (KeyError, TypeError)):
-            raise VerifyError("registry-error", f"registry {url} answered badly: {e}") from None
-        raise
+        failure = _registry_failure(url, e)
+        if failure is e:
+            raise
+        raise failure from None
     if ns is None or proofs is None:
         return consistency, None
     try:
@@ -88,13 +87,42 @@ async def online_facts(url: str, known_size: int | None, size: int, ns: str | No
     return consistency, status
 
 
+def _registry_failure(url: str, e: Exception) -> Exception:
+    """A failed exchange with a registry as its reason (registry-unreachable, registry-error), or e itself (ours)."""
+    kind = failure_kind(e)
+    if kind == UNREACHABLE:
+        return VerifyError("registry-unreachable", f"registry {url} unreachable: {e!r}")
+    if kind == BAD_RESPONSE or isinstance(e, (KeyError, TypeError)):
+        return VerifyError("registry-error", f"registry {url} answered badly: {e}")
+    return e
+
+
+async def status_proof_of(url: str, ref: PackageRef) -> bytes | None:
+    """The release's status proof from the registry at url, or None when it serves none (404: a registry
+    from before status proofs; 503: no index root yet). Raises VerifyError like online_facts."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            api = RegistryClient(url, session)
+            return await api.get(api.package_path(ref) + "/status-proof", MAX_STATUS_PROOF_BYTES)
+    except RegistryError as e:
+        if e.status in (404, 503):
+            return None
+        raise _registry_failure(url, e) from None
+    except Exception as e:  # named by _registry_failure; ours is re-raised
+        failure = _registry_failure(url, e)
+        if failure is e:
+            raise
+        raise failure from None
+
+
 def run_verify(
     *, policy_file: pathlib.Path, module_file: pathlib.Path, proof_file: pathlib.Path, sbom_file: pathlib.Path | None,
+    status_file: pathlib.Path | None = None,
     state_dir: pathlib.Path | None, consistency_file: pathlib.Path | None, url: str | None, now: int, as_json: bool,
 ) -> tuple[int, str]:
     """Return (exit status, the one line to print)."""
     try:
-        verified = _verify(policy_file=policy_file, module_file=module_file, proof_file=proof_file, sbom_file=sbom_file,
+        verified = _verify(policy_file=policy_file, module_file=module_file, proof_file=proof_file, sbom_file=sbom_file, status_file=status_file,
                            state_dir=state_dir, consistency_file=consistency_file, url=url, now=now)
     except VerifyError as e:
         code = 2 if e.unusable_input else 1
@@ -112,12 +140,14 @@ def run_verify(
 
 def _verify(
     *, policy_file: pathlib.Path, module_file: pathlib.Path, proof_file: pathlib.Path, sbom_file: pathlib.Path | None,
+    status_file: pathlib.Path | None,
     state_dir: pathlib.Path | None, consistency_file: pathlib.Path | None, url: str | None, now: int,
 ) -> Verified:
     policy = parse_trust_policy(_read(policy_file, "trust policy").decode("utf-8", "replace"))
     module = _read(module_file, "module")
     proof = _read(proof_file, "tlog-proof", "proof-malformed")
     sbom = _read(sbom_file, "SBOM") if sbom_file else None
+    status_proof = _read(status_file, "status proof") if status_file else None
     consistency = None
     if consistency_file is not None:
         consistency = _hash_lines(_read(consistency_file, "consistency proof").decode("ascii", "replace"), str(consistency_file))
@@ -138,7 +168,8 @@ def _verify(
             raise VerifyError("entry-invalid", f"log entry: {e}") from None
         fetched, status = run(online_facts(url, None if known is None else known.checkpoint.size, cp.size, ns, policy, now))
         consistency = consistency or fetched
-    verified = verify_module(module=module, proof=tp, policy=policy, now=now, sbom=sbom, known=known, consistency=consistency, status=status)
+    verified = verify_module(module=module, proof=tp, policy=policy, now=now, sbom=sbom, known=known, consistency=consistency, status=status,
+                             status_proof=status_proof)
     if state_dir is not None and verified.known != known:
         save_known(state_dir, verified.known)
     return verified

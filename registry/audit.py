@@ -17,6 +17,7 @@ from tlog.note import Verifier
 from .audit_state import AuditState
 from .client import RegistryClient
 from .follow import Finding, Follower, FollowState
+from .index import IndexState
 from .record import (
     Action,
     ImportsMismatch,
@@ -25,6 +26,8 @@ from .record import (
     Release,
     check_module,
     decode_entry,
+    decode_index_root,
+    is_index_root,
 )
 from .state import ValidationError
 
@@ -77,6 +80,9 @@ class Auditor:
     expected_keys: frozenset[str] = frozenset()
     findings: list[Finding] = field(default_factory=list)
     releases_checked: int = 0
+    _origin: str = ""
+    _last_root_index: IndexState | None = None  # the index at the previous index root (the monitor's index-root events)
+    _index_buffer: list[tuple[int, Record | None]] = field(default_factory=list)  # read, not yet indexed (_flush_index)
 
     async def run(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Audit up to the latest checkpoint; return its size (or the audited size if it failed)."""
@@ -85,19 +91,24 @@ class Auditor:
             return self.state.follow.size
         cp, note = latest
         self.follower.state = self.state.follow
-        replayed_from = self.state.registry, self.state.registry_log, dict(self.state.previous)
+        self._origin = cp.origin
+        replayed_from = self.state.registry, self.state.registry_log, dict(self.state.previous), self.state.index
         async for index, entry in self.follower.entries(cp, progress):
             await self._entry(index, entry)
+        self._flush_index()
         self.findings.extend(self.follower.findings)
         self.follower.findings.clear()
         if self.follower.state.size == cp.size:
             self.state.follow = FollowState(cp.size, self.follower.state.compact, note.decode())
         else:  # not all verified: the next run replays these entries again, onto the state they started from
-            self.state.registry, self.state.registry_log, self.state.previous = replayed_from
+            self.state.registry, self.state.registry_log, self.state.previous, self.state.index = replayed_from
         return self.state.follow.size
 
     async def _entry(self, index: int, entry: bytes) -> None:
         if self.state.registry_log is False:  # not a wasmlog registry log: only the tree is audited
+            return
+        if self.state.registry_log and is_index_root(entry):
+            self._index_root(index, entry)
             return
         try:
             record = decode_entry(entry)
@@ -106,11 +117,13 @@ class Auditor:
                 self.state.registry_log = False  # not a wasmlog registry log: only the tree is audited
             if self.state.registry_log:
                 self.findings.append(Finding("void-record", f"entry does not decode: {e}", f"index {index}"))
+                self._index_buffer.append((index, None))
             return
         if self.state.registry_log is None:
             self.state.registry_log = True
         if not self.state.registry_log:
             return
+        self._index_buffer.append((index, record))
         try:
             self.state.registry = self.state.registry.apply(record, index)
         except ValidationError as e:
@@ -131,6 +144,39 @@ class Auditor:
         if self.on_event is not None and record.namespace in self.namespaces:
             for event in events_for(record, index, previous, self.expected_keys):
                 self.on_event(event)
+
+    def _index_root(self, index: int, entry: bytes) -> None:
+        """Check an index-root record against the index recomputed from every entry before it."""
+        self._flush_index()
+        ours = self.state.index
+        self.state.index = ours.with_records([(index, None)], index + 1)
+        where = f"index {index} (index-root record)"
+        try:
+            root = decode_index_root(entry)
+        except TlogError as e:
+            self.findings.append(Finding("index-root-mismatch", f"the index-root record does not decode: {e}", where))
+            return
+        if root.size != index or root.origin != self._origin or root.root != ours.root:
+            self.findings.append(Finding(
+                "index-root-mismatch",
+                f"the registry's index root {root.root.hex()} as of size {root.size} in {root.origin!r} is not the index "
+                f"recomputed from the log, {ours.root.hex()} as of size {index} in {self._origin!r}", where))
+        if self.on_event is not None and self.namespaces and self._watched_changed(ours):
+            self.on_event(Event("index-root", index, ",".join(sorted(self.namespaces)),
+                                {"root": root.root.hex(), "size": root.size, "matches": root.root == ours.root}))
+        self._last_root_index = ours
+
+    def _flush_index(self) -> None:
+        """Index the records read since the last flush (one map update per key)."""
+        if self._index_buffer:
+            self.state.index = self.state.index.with_records(self._index_buffer, self._index_buffer[-1][0] + 1)
+            self._index_buffer = []
+
+    def _watched_changed(self, ours: IndexState) -> bool:
+        """Whether a watched namespace's index keys changed since the previous index root (the monitor's index-root event)."""
+        before = self._last_root_index
+        return any(before is None or ours.values.get(key) != before.values.get(key)
+                   for key in ours.values if key.split(":", 1)[0] in self.namespaces)
 
     async def _check_blobs(self, release: Release, index: int) -> None:
         assert self.registry is not None
@@ -171,6 +217,7 @@ class Auditor:
             "namespaces": len(ns),
             "releases": sum(len(n.releases) for n in ns.values()),
             "blobs_checked": self.releases_checked,
+            "index_keys": len(self.state.index.histories),
             "findings": [f.as_json() for f in self.findings],
         }
 

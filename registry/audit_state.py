@@ -11,7 +11,11 @@ revocations, releases with their statements), so an audit resumes where it stopp
      "namespaces": {ns: {"keys": [vkey, ...], "revoked": {vkey: index},
                          "releases": {"name@version": {"index": I, "signer": vkey,
                                                        "yanked_at": I | null,
-                                                       "statement": "<in-toto statement JSON>"}}}}}
+                                                       "statement": "<in-toto statement JSON>"}}}},
+     "index": {"size": N, "histories": {key: [[index, type], ...]}}}   # the verifiable index (spec/status-proof.md)
+
+`index` is optional when loading (a state saved before index roots existed): the index then
+starts empty at its size, and every index root after it is reported as not matching.
 
 Loading is strict: an unknown format or version, a file that is not this JSON, or values that
 do not fit together (a compact range that does not hash to the checkpoint's root, a statement
@@ -21,6 +25,7 @@ state (`audit-state.pickle`) is never read: it could run code.
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 from dataclasses import dataclass, field
@@ -36,6 +41,7 @@ from tlog.note import parse_note
 
 from .dsse import strict_json
 from .follow import FollowState
+from .index import TYPE_CODES, IndexState
 from .record import Release, check_label, check_version, parse_statement
 from .state import NamespaceState, RegistryState, ReleaseState
 
@@ -55,6 +61,7 @@ class AuditState:
     registry: RegistryState = field(default_factory=RegistryState)
     registry_log: bool | None = None  # None until the first entry says whether this is a wasmlog registry
     previous: dict[str, str] = field(default_factory=dict)  # "ns:name" -> latest version by log order
+    index: IndexState = field(default_factory=IndexState)  # the verifiable index recomputed from the log
 
     def save(self, directory: pathlib.Path) -> None:
         """Replace DIR/audit-state.json atomically."""
@@ -99,6 +106,7 @@ def encode_state(state: AuditState) -> bytes:
         "registry_log": state.registry_log,
         "previous": state.previous,
         "namespaces": namespaces,
+        "index": {"size": state.index.size, "histories": {k: [list(i) for i in h] for k, h in state.index.histories.items()}},
     }
     return json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()
 
@@ -114,7 +122,8 @@ def decode_state(data: bytes) -> AuditState:
     if obj.get("version") != VERSION:
         raise AuditStateError(f"audit state version {str(obj.get('version'))[:20]} is not {VERSION}, the one this wasmlog reads")
     try:
-        top = _fields(obj, {"format", "version", "follow", "registry_log", "previous", "namespaces"}, "the state")
+        names = {"format", "version", "follow", "registry_log", "previous", "namespaces"}
+        top = _fields(obj, names | ({"index"} if "index" in obj else set()), "the state")
         if top["registry_log"] not in (True, False, None):
             raise AuditStateError("registry_log must be true, false or null")
         follow = FollowState.from_json(top["follow"])
@@ -125,7 +134,22 @@ def decode_state(data: bytes) -> AuditState:
         raise
     except TlogError as e:  # a label, version, statement or checkpoint that does not parse
         raise AuditStateError(str(e)) from None
-    return AuditState(follow, RegistryState(namespaces), top["registry_log"], previous)
+    index = _index(top["index"]) if "index" in top else IndexState(follow.size)
+    return AuditState(follow, RegistryState(namespaces), top["registry_log"], previous, index)
+
+
+def _index(obj: object) -> IndexState:
+    d = _fields(obj, {"size", "histories"}, "index")
+    if not _is_index(d["size"]):
+        raise AuditStateError("index: size must be a log size")
+    histories = {}
+    for key, items in _dict(d["histories"], "index histories").items():
+        if type(items) is not list or not all(type(i) is list and len(i) == 2 and _is_index(i[0]) and _is_index(i[1])
+                                              and i[0] < d["size"] and i[1] < len(TYPE_CODES) for i in items) \
+                or any(a[0] >= b[0] for a, b in itertools.pairwise(items)):
+            raise AuditStateError(f"index: the history of {str(key)[:80]!r} is not [[index, type], ...] in index order below its size")
+        histories[key] = tuple((i[0], i[1]) for i in items)
+    return IndexState.from_histories(d["size"], histories)
 
 
 def _check_follow(follow: FollowState) -> None:

@@ -39,7 +39,7 @@ T = TypeVar("T")
 @dataclass
 class Finding:
     # tile-mismatch, bundle-mismatch, malformed-tile, root-mismatch, fetch-failed, rollback, checkpoint-signature,
-    # void-record, blob-mismatch, blob-unavailable
+    # void-record, blob-mismatch, blob-unavailable, index-root-mismatch
     kind: str
     message: str
     where: str = ""

@@ -483,6 +483,47 @@ def _read_entry_generally(data: bytes) -> tuple[str, str, bytes, bytes, str, str
     return record_type, signer, payload, signatures[0].sig, signatures[0].keyid, payload_type
 
 
+INDEX_ROOT = "index-root"
+_INDEX_ROOT_KEYS = ["v", "root", "size", "type", "origin"]  # deterministic order: shorter first, then bytewise
+_INDEX_ROOT_HEAD = b"\xa5\x61v\x01\x64root\x58\x20"  # every index-root entry starts so; a namespace record never does
+
+
+class IndexRoot(NamedTuple):
+    """An index-root record (spec/registry.md): the registry's verifiable index, a map whose
+    root is `root`, as of the log's first `size` entries, in the log named `origin`."""
+
+    origin: str
+    size: int
+    root: bytes
+
+    def encode(self) -> bytes:
+        return cbor2.dumps({"v": 1, "root": self.root, "size": self.size, "type": INDEX_ROOT, "origin": self.origin})
+
+
+def is_index_root(data: bytes) -> bool:
+    """Whether an entry claims to be an index-root record (decode it with decode_index_root)."""
+    return data.startswith(_INDEX_ROOT_HEAD)
+
+
+def decode_index_root(data: bytes) -> IndexRoot:
+    """Decode an index-root entry strictly: canonical CBOR with exactly its fields. Raises RecordError."""
+    if len(data) > 1024 or not is_index_root(data):
+        raise RecordError("not an index-root record")
+    try:
+        obj = cbor2.loads(data)
+    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as e:
+        raise RecordError(f"index-root record is not CBOR: {e}") from None
+    if type(obj) is not dict or list(obj) != _INDEX_ROOT_KEYS:
+        raise _fields_error(obj, _INDEX_ROOT_KEYS, "index-root record")
+    v, root, size, record_type, origin = obj.values()
+    if type(v) is not int or v != 1 or record_type != INDEX_ROOT or type(root) is not bytes or len(root) != 32 \
+            or type(size) is not int or not 0 <= size < 2**63 or type(origin) is not str or not origin:
+        raise RecordError("index-root record: v 1, root 32 bytes, size a log size, origin text")
+    if cbor2.dumps(obj) != data:
+        raise RecordError("index-root record is not canonical CBOR")
+    return IndexRoot(origin, size, root)
+
+
 def module_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

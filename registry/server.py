@@ -33,6 +33,7 @@ from tlog.server import make_app as make_log_app
 from tlog.witnessing import QuorumError
 
 from .dsse import MAX_ENVELOPE_BYTES, strict_json
+from .indexer import NoIndexRoot
 from .publish_reader import PublishReader
 from .record import RecordError, check_label, decode_entry, parse_package_ref
 from .sbom import MAX_SBOM_BYTES
@@ -76,6 +77,7 @@ STATUS: list[tuple[type[TlogError], int]] = [
     (PushbackError, 503),
     (QuorumError, 503),
     (NotYetPublished, 503),
+    (NoIndexRoot, 503),
     (StorageFullError, 507),
     (TlogError, 500),
 ]
@@ -227,6 +229,18 @@ async def get_proof(request: web.Request) -> web.Response:
     )
 
 
+async def get_status_proof(request: web.Request) -> web.Response:
+    """The release's status proof (spec/status-proof.md) against the latest published checkpoint."""
+    registry = request.app[REGISTRY]
+    ref = _ref(request)
+    index = registry.release(ref).index
+    proof = await asyncio.to_thread(registry.indexer.status_proof, ref.namespace, ref.name, index)
+    return web.Response(body=proof, content_type=STATUS_PROOF_TYPE)
+
+
+STATUS_PROOF_TYPE = "application/vnd.wasmlog.status-proof+cbor"
+
+
 def make_app(
     registry: Registry, sequencer: Sequencer, *, witness_policy: Policy | None = None, witness_timeout: float = 5.0,
     max_checkpoint_age: float | None = None, read_only: bool = False,
@@ -252,6 +266,7 @@ def make_app(
             web.get(pkg + "/sbom", get_sbom),
             web.get(pkg + "/statement", get_statement),
             web.get(pkg + "/tlog-proof", get_proof),
+            web.get(pkg + "/status-proof", get_status_proof),
         ]
     )
     install(app, "wasmlog_registry")

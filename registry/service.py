@@ -25,6 +25,7 @@ from tlog.tiles import TILE_WIDTH
 from .blobs import BlobStore
 from .dsse import parse_envelope
 from .groupsync import GroupSync
+from .indexer import Indexer
 from .record import (
     PackageRef,
     Record,
@@ -33,6 +34,7 @@ from .record import (
     check_module,
     check_module_digest,
     decode_entry,
+    is_index_root,
     module_digest,
     record_for,
 )
@@ -143,8 +145,11 @@ class Registry:
         self.rejected: list[tuple[int, TlogError]] = []
         self.state = RegistryState()
         self._applied_size = 0
-        self._replay()
         self._pending: dict[bytes, Record] = {}  # leaf hash -> record, in submission order
+        self.indexer = Indexer(self.log, self._pending.get)
+        self._replay()
+        if self.log.signer is not None:  # our own log (not a mirror's copy): every batch ends with an index root
+            self.log.trailer = self.indexer.trailer
         self.pending_state = self.state
         sequencer.on_integrated.append(self._on_integrated)
         sequencer.entry_as_extra = True  # every proof we hand out carries its entry
@@ -164,6 +169,11 @@ class Registry:
         for index, entry in entries:
             if index < self._applied_size:
                 continue
+            self._applied_size = index + 1
+            if is_index_root(entry):
+                self.indexer.add_root(index, entry)
+                continue
+            record = None
             try:
                 # A record we checked at submission is reused: its signature was verified once.
                 record = (known or {}).get(leaf_hash(entry)) or decode_entry(entry)
@@ -171,13 +181,15 @@ class Registry:
             except (RecordError, ValidationError) as e:
                 self.rejected.append((index, e))  # logged but void: replay reports it, state ignores it
                 ok = False
-            self._applied_size = index + 1
+            self.indexer.add(index, record)
+        self.indexer.flush()
         return ok
 
     def _on_integrated(self, entries: Sequence[bytes], indexes: Sequence[int]) -> None:
         fresh = sorted({i: e for e, i in zip(entries, indexes, strict=True) if i >= self._applied_size}.items())
         all_pending = all(leaf_hash(e) in self._pending for _, e in fresh)
         ok = self._apply(fresh, self._pending)
+        self.indexer.batch_done(self._applied_size)
         for _, e in fresh:
             self._pending.pop(leaf_hash(e), None)
         # pending_state already is state + the remaining pending records, in the same order,

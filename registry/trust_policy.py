@@ -40,7 +40,12 @@ REASONS = (
     "log-signature", "inclusion", "witness-signature", "witness-quorum", "stale", "state-invalid",
     "consistency-required", "consistency-malformed", "inconsistent", "fork", "registry-unreachable",
     "registry-error", "yanked", "key-revoked", "policy-malformed", "input-unreadable",
+    # the status proof (spec/status-proof.md)
+    "status-missing", "status-malformed", "status-checkpoint", "status-quorum", "status-other-log", "status-stale",
+    "status-inclusion", "status-root-invalid", "status-wrong-key", "status-map-proof", "status-release-missing",
+    "status-foreign-record", "status-incomplete",
 )
+DEFAULT_MAX_STATUS_AGE = 86400  # seconds: a status proof's checkpoint may be one day old
 EVIDENCE_REASONS = ("inconsistent", "fork")  # the failures that carry signed checkpoints worth keeping
 
 
@@ -56,7 +61,7 @@ class VerifyError(Exception):
     @property
     def unusable_input(self) -> bool:
         """Input that could not be read at all (exit status 2), as opposed to a failed check (1)."""
-        return self.reason in ("proof-malformed", "policy-malformed", "state-invalid", "input-unreadable")
+        return self.reason in ("proof-malformed", "policy-malformed", "state-invalid", "input-unreadable", "status-malformed")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ class TrustPolicy:
     max_checkpoint_age: int | None = None
     namespace_keys: Mapping[str, frozenset[str]] = field(default_factory=dict)
     allowed_imports: tuple[str, ...] | None = None  # None: no restriction
+    require_status: bool = False  # refuse a module without a status proof
+    max_status_age: int = DEFAULT_MAX_STATUS_AGE  # seconds: how old a status proof's cosigned checkpoint may be
 
     def import_allowed(self, imp: Import, component: bool) -> bool:
         """Whether an import of a core module (component False) or a component is allowed."""
@@ -103,7 +110,7 @@ def parse_trust_policy(text: str) -> TrustPolicy:
         raise VerifyError("policy-malformed", "trust policy too large")
     try:
         obj = tomllib.loads(text)
-        unknown = set(obj) - {"tlog_policy", "max_checkpoint_age", "namespaces", "imports"}
+        unknown = set(obj) - {"tlog_policy", "max_checkpoint_age", "namespaces", "imports", "require_status", "max_status_age"}
         if unknown:
             raise ValueError(f"unknown keys {sorted(unknown)}")
         tlog = parse_policy(obj["tlog_policy"].encode())
@@ -112,6 +119,12 @@ def parse_trust_policy(text: str) -> TrustPolicy:
         age = obj.get("max_checkpoint_age")
         if age is not None and (not isinstance(age, int) or isinstance(age, bool) or age < 0):
             raise ValueError("max_checkpoint_age is a non-negative integer (seconds)")
+        require_status = obj.get("require_status", False)
+        if not isinstance(require_status, bool):
+            raise ValueError("require_status is true or false")
+        status_age = obj.get("max_status_age", DEFAULT_MAX_STATUS_AGE)
+        if not isinstance(status_age, int) or isinstance(status_age, bool) or status_age < 0:
+            raise ValueError("max_status_age is a non-negative integer (seconds)")
         pins: dict[str, frozenset[str]] = {}
         for ns, table in obj.get("namespaces", {}).items():
             if not isinstance(table, dict) or set(table) != {"keys"} or not isinstance(table["keys"], list):
@@ -125,7 +138,7 @@ def parse_trust_policy(text: str) -> TrustPolicy:
             allowed = tuple(imports["allow"])
     except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError, AttributeError, TlogError) as e:
         raise VerifyError("policy-malformed", f"trust policy: {e}") from None
-    return TrustPolicy(tlog, age, pins, allowed)
+    return TrustPolicy(tlog, age, pins, allowed, require_status, status_age)
 
 
 def open_checkpoint(

@@ -39,13 +39,14 @@ async def audit(client, state: AuditState | None = None, **kw):  # type: ignore[
 
 
 async def test_audit_of_hundreds_of_releases_then_a_flipped_tile_byte(aiohttp_client, aiohttp_server, tmp_path) -> None:
-    api, client, _, store = await start_registry(aiohttp_client, tmp_path)
+    api, client, source, store = await start_registry(aiohttp_client, tmp_path)
     base = wat_module("no_imports", tmp_path)
     await api.claim_if_unclaimed(ALICE, "acme")
     await asyncio.gather(*(api.publish(ALICE, parse_package_ref(f"acme:m{i % 7}@1.0.{i}"), module_variant(base, i)) for i in range(299)))
     auditor = await audit(client)
     report = auditor.report("x")
-    assert report["findings"] == [] and report["tree_size"] == 300 and report["releases"] == 299
+    assert report["findings"] == [] and report["tree_size"] == source.log.published.checkpoint.size and report["releases"] == 299
+    assert report["index_keys"] == 1 + 7  # the namespace and its seven packages
     assert report["blobs_checked"] == 299
     tile = store.read_tile(0, 0)
     await client.close()
@@ -65,18 +66,18 @@ async def test_audit_of_hundreds_of_releases_then_a_flipped_tile_byte(aiohttp_cl
 
 
 async def test_audit_resumes_from_its_state(aiohttp_client, tmp_path) -> None:
-    api, client, _, _ = await start_registry(aiohttp_client, tmp_path)
+    api, client, registry, _ = await start_registry(aiohttp_client, tmp_path)
     base = wat_module("no_imports", tmp_path)
     await api.publish(ALICE, parse_package_ref("acme:a@1.0.0"), base)
     state = AuditState()
     first = await audit(client, state)
-    assert first.report("x")["tree_size"] == 2
+    assert first.report("x")["tree_size"] == registry.log.published.checkpoint.size == 4  # grant, root, release, root
     state.save(tmp_path / "st")
     await asyncio.gather(*(api.publish(ALICE, parse_package_ref(f"acme:a@1.1.{i}"), module_variant(base, i)) for i in range(300)))
     resumed = AuditState.load(tmp_path / "st")
     second = await audit(client, resumed)
     report = second.report("x")
-    assert report["findings"] == [] and report["tree_size"] == 302 and report["blobs_checked"] == 300  # only the new ones
+    assert report["findings"] == [] and report["tree_size"] == registry.log.published.checkpoint.size and report["blobs_checked"] == 300  # only the new ones
 
 
 async def test_monitor_reports_unexpected_keys_and_capability_escalation(aiohttp_client, tmp_path) -> None:
@@ -89,10 +90,12 @@ async def test_monitor_reports_unexpected_keys_and_capability_escalation(aiohttp
     events: list[Event] = []
     await audit(client, namespaces=frozenset({"acme"}), expected_keys=frozenset({ALICE.vkey}), on_event=events.append)
     kinds = [(e.kind, e.index) for e in events]
+    # every record is one batch, closed by an index root: index-root events follow each change to acme
     assert kinds == [
-        ("key-grant", 0), ("release", 1), ("key-grant", 2), ("release", 3), ("unexpected-key", 3),
-        ("capability-escalation", 3), ("yank", 4),
-    ]
+        ("key-grant", 0), ("index-root", 1), ("release", 2), ("index-root", 3), ("key-grant", 4), ("index-root", 5),
+        ("release", 6), ("unexpected-key", 6), ("capability-escalation", 6), ("index-root", 7), ("yank", 8), ("index-root", 9),
+    ]  # and none after other:x (indexes 10 to 13)
+    assert all(e.detail["matches"] for e in events if e.kind == "index-root")
     escalation = next(e for e in events if e.kind == "capability-escalation")
     assert "fastly_http_req.send" in escalation.detail["added_imports"]
 
@@ -143,5 +146,5 @@ async def test_monitor_cli_posts_events_to_a_webhook(aiohttp_client, aiohttp_ser
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     lines = [json.loads(line) for line in out.decode().splitlines()]
-    assert [e["event"] for e in lines] == ["key-grant", "unexpected-key", "release", "unexpected-key"]
+    assert [e["event"] for e in lines] == ["key-grant", "unexpected-key", "index-root", "release", "unexpected-key", "index-root"]
     assert received == lines

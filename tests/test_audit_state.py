@@ -42,7 +42,7 @@ async def audit(client, state: AuditState):  # type: ignore[no-untyped-def]
 
 
 async def test_state_round_trips_through_json_and_the_audit_resumes(aiohttp_client, tmp_path: pathlib.Path) -> None:
-    api, client, _, _ = await start_registry(aiohttp_client, tmp_path)
+    api, client, registry, _ = await start_registry(aiohttp_client, tmp_path)
     base = wat_module("imports_all_kinds", tmp_path)
     await api.publish(ALICE, parse_package_ref("acme:hello@1.0.0"), base, CYCLONEDX, "application/vnd.cyclonedx+json")
     await api.publish(ALICE, parse_package_ref("acme:hello@1.1.0"), wat_module("no_imports", tmp_path))
@@ -52,15 +52,15 @@ async def test_state_round_trips_through_json_and_the_audit_resumes(aiohttp_clie
     await api.act(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=4, reason="CVE"))
     state = AuditState()
     first = await audit(client, state)
-    assert first["findings"] == [] and first["tree_size"] == 7
+    assert first["findings"] == [] and first["tree_size"] == 14  # each record closed by its index root
     state.save(tmp_path / "st")
 
     saved = json.loads((tmp_path / "st" / FILE_NAME).read_text())
     assert saved["format"] == "wasmlog-audit-state" and saved["version"] == VERSION == 1
     acme = saved["namespaces"]["acme"]
     assert sorted(acme["keys"]) == sorted([ALICE.vkey, BOB.vkey]) and list(acme["revoked"]) == [CAROL.vkey]
-    assert acme["releases"]["hello@1.0.0"]["yanked_at"] == 6 and acme["releases"]["hello@1.1.0"]["yanked_at"] is None
-    assert saved["previous"] == {"acme:hello": "1.1.0"} and saved["follow"]["size"] == 7
+    assert acme["releases"]["hello@1.0.0"]["yanked_at"] == 12 and acme["releases"]["hello@1.1.0"]["yanked_at"] is None
+    assert saved["previous"] == {"acme:hello": "1.1.0"} and saved["follow"]["size"] == 14
 
     loaded = AuditState.load(tmp_path / "st")
     assert loaded == state  # every field, down to each release's imports and SBOM digest
@@ -69,7 +69,7 @@ async def test_state_round_trips_through_json_and_the_audit_resumes(aiohttp_clie
 
     await asyncio.gather(*(api.publish(BOB, parse_package_ref(f"acme:hello@2.0.{i}"), base) for i in range(3)))
     second = await audit(client, loaded)
-    assert second["findings"] == [] and second["tree_size"] == 10 and second["blobs_checked"] == 3  # only the new ones
+    assert second["findings"] == [] and second["tree_size"] == registry.log.published.checkpoint.size and second["blobs_checked"] == 3  # only the new ones
     assert second["releases"] == 5
 
 
@@ -109,6 +109,9 @@ BROKEN = {
         _encode(AuditState()).replace(b'"compact": []', b'"compact": ["' + b"A" * 43 + b'="]').replace(b'"size": 0', b'"size": 1'),
         "without the checkpoint"),
     "a pickle under the JSON name": (pickle.dumps((2, "anything")), "not valid JSON"),
+    "an index history past the index's size": (
+        _encode(AuditState()).replace(b'"histories": {}', b'"histories": {"acme": [[0, 1]]}'), "index: the history of 'acme'"),
+    "an index with an extra field": (_encode(AuditState()).replace(b'"histories": {}', b'"histories": {}, "root": 1'), "index must have"),
 }
 
 

@@ -24,8 +24,9 @@ PURE = {
     "tlog": ["hashes", "merkle", "compact", "tiles", "note", "checkpoint", "cosignature", "proof_file", "integrate",
              "errors", "policy", "witness_protocol", "syntax"],
     "witness": ["errors", "loglist", "rules"],
-    "registry": ["wasm", "dsse", "record", "state", "sbom", "publish_body", "trust_policy", "diff"],
-    "edge": ["verify", "agent_cgi", "telemetry_events", "telemetry_otlp", "telemetry_verify", "sandbox_types", "memory_export"],
+    "registry": ["wasm", "dsse", "record", "state", "sbom", "publish_body", "trust_policy", "diff",
+                 "index_map", "index", "status_proof"],
+    "edge": ["verify", "agent_cgi", "telemetry_events", "telemetry_otlp", "telemetry_verify", "sandbox_types", "memory_export", "status"],
 }
 IO = {"asyncio", "aiohttp", "lmdb", "click", "socket", "os", "requests", "subprocess", "pathlib", "io", "time", "shutil",
       "uvloop", "urllib", "http", "ssl", "select", "selectors", "multiprocessing", "datetime"}

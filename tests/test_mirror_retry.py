@@ -58,7 +58,7 @@ async def test_a_source_that_is_down_then_back(aiohttp_client, aiohttp_server, t
     await go_on.put(None)
     assert await asyncio.wait_for(delays.get(), 30) == 5.0  # the next round succeeds: back to the interval
     status = await (await mirror_client.get("/mirror/status")).json()
-    assert status["size"] == 2 and status["retry"] == {"attempts": 0, "last_error": None, "error_kind": None, "next_retry": None}
+    assert status["size"] == 4 and status["retry"] == {"attempts": 0, "last_error": None, "error_kind": None, "next_retry": None}
     assert app[MIRROR].stopped is None
     await go_on.put(None)
     await source.close()

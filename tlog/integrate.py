@@ -99,3 +99,10 @@ def plan_batch(
     tiles = {k: bytes(v) for k, v in builder.changed.items()}
     summaries = {k: tile_summary(v) for k, v in tiles.items()}
     return BatchPlan(state.size, tuple(indexes), tuple(new_entries), tuple(new_hashes), tiles, new_state, summaries)
+
+
+def extend_plan(plan: BatchPlan, entries: Sequence[bytes]) -> BatchPlan:
+    """plan followed by entries, appended as given (no dedup), as one plan: one commit for both."""
+    more = plan_batch(plan.state, entries, lambda _: None, dedup=False)
+    return BatchPlan(plan.old_size, plan.indexes, plan.new_entries + more.new_entries, plan.new_leaf_hashes + more.new_leaf_hashes,
+                     {**plan.tiles, **more.tiles}, more.state, {**plan.summaries, **more.summaries})

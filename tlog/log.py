@@ -8,13 +8,13 @@ readers may run concurrently and see either the old or the new tree.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, is_valid_origin, parse_checkpoint
 from .errors import NotFoundError, ProofError, TlogError
 from .hashes import EMPTY_ROOT, HASH_SIZE, leaf_hash
-from .integrate import TreeState, plan_batch
+from .integrate import BatchPlan, TreeState, extend_plan, plan_batch
 from .merkle import consistency_proof, inclusion_proof, inclusion_proofs, tree_hash
 from .note import Ed25519Signer, Ed25519Verifier, b64encode, open_note, sign_note
 from .proof_file import TlogProof
@@ -55,6 +55,9 @@ class Log:
         if not is_valid_origin(self.origin):
             raise TlogError(f"invalid origin {self.origin!r}: want a schema-less URL, no spaces or '+'")
         self._write_lock = threading.Lock()
+        # Called (in integrate's thread, under its lock) with each batch's plan: an entry it returns
+        # is appended after the batch, in the same commit (the registry's index-root record).
+        self.trailer: Callable[[BatchPlan], bytes | None] | None = None
         self._state, note = store.load()
         self.reader = TileNodeReader(self._fetch_tile, cache_tiles=cache_tiles, summary=self._fetch_summary)
         if note is None:
@@ -136,6 +139,9 @@ class Log:
             known = self.store.lookup(hashes) if note is None else {}
             plan = plan_batch(self._state, entries, known.get, dedup=note is None, leaf_hashes=hashes)
             if note is None:
+                trailer = self.trailer(plan) if self.trailer is not None and plan.new_entries else None
+                if trailer is not None:
+                    plan = extend_plan(plan, [trailer])
                 note = self.sign(plan.state)
             else:
                 cp = parse_checkpoint(open_note(note, [self.verifier])[0].text)

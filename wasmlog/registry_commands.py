@@ -8,7 +8,7 @@ import time
 import click
 
 from registry.blobs import BlobStore
-from registry.client import RegistryClient
+from registry.client import RegistryClient, RegistryError
 from registry.frontend import CHECK_SOCKET, make_registry_frontend_app
 from registry.record import Action, PackageRef
 from registry.sbom import CYCLONEDX, SPDX
@@ -129,7 +129,7 @@ def publish(url: str, key_file: pathlib.Path, sbom_file: pathlib.Path | None, re
 @click.argument("ref", metavar="NAMESPACE:NAME@VERSION", callback=package_ref)
 @one_line_errors
 def fetch(url: str, out_dir: pathlib.Path, ref: PackageRef) -> None:
-    """Download a module, its .tlog-proof and its SBOM."""
+    """Download a module, its .tlog-proof, its .status-proof and its SBOM."""
 
     async def go(c: RegistryClient) -> list[pathlib.Path]:
         path = c.package_path(ref)
@@ -139,6 +139,13 @@ def fetch(url: str, out_dir: pathlib.Path, ref: PackageRef) -> None:
         written = [out_dir / f"{stem}.wasm", out_dir / f"{stem}.wasm.tlog-proof"]
         written[0].write_bytes(await c.get(path + "/module.wasm"))
         written[1].write_bytes(await c.get(path + "/tlog-proof"))
+        try:
+            status = await c.get(path + "/status-proof")
+        except RegistryError as e:  # a registry with no index root yet (503), or one from before status proofs (404)
+            click.echo(f"no status proof: {e}", err=True)
+        else:
+            written.append(out_dir / f"{stem}.wasm.status-proof")
+            written[-1].write_bytes(status)
         if meta["sbom"] is not None:
             written.append(out_dir / f"{stem}.sbom.json")
             written[-1].write_bytes(await c.get(path + "/sbom"))

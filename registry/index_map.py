@@ -1,0 +1,190 @@
+"""The verifiable index's authenticated map: a compressed sparse Merkle tree. Pure.
+
+Keys are 256-bit hashes (key_hash). A subtree holding no key hashes to EMPTY; a subtree
+holding exactly one key hashes to that key's leaf, wherever it sits; any other subtree is
+split on the next bit of the key hashes (0 left, 1 right):
+
+    EMPTY         = 32 zero bytes
+    leaf(kh, vh)  = SHA-256(0x10 || kh || vh)
+    node(l, r)    = SHA-256(0x11 || l || r)
+
+So the tree's shape, and its root, is a function of the set of (key hash, value hash) pairs
+only, and a key sits at depth ~log2(n): a proof is the siblings from the root down to where
+the key's path ends (O(log n) hashes), plus, for an absent key whose path ends at another
+key's leaf, that leaf's key and value hashes. The trie is persistent: set() shares every
+subtree it does not touch, so an update costs O(log n) hashes and the old map stays valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from tlog.errors import ProofError
+
+HASH_SIZE = 32
+EMPTY = bytes(HASH_SIZE)
+MAX_DEPTH = 256  # a proof has at most one sibling per key bit
+_LEAF = b"\x10"
+_NODE = b"\x11"
+_sha256 = hashlib.sha256
+
+
+class MapProofError(ProofError):
+    """A map proof that does not show the claimed value (or absence) under the map root."""
+
+
+def key_hash(key: str) -> bytes:
+    """Where a key sits in the map."""
+    return _sha256(b"wasmlog-index-key\x00" + key.encode()).digest()
+
+
+def leaf_hash(kh: bytes, vh: bytes) -> bytes:
+    return _sha256(_LEAF + kh + vh).digest()
+
+
+def node_hash(left: bytes, right: bytes) -> bytes:
+    return _sha256(_NODE + left + right).digest()
+
+
+def bit(kh: bytes, depth: int) -> int:
+    return (kh[depth >> 3] >> (7 - (depth & 7))) & 1
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    kh: bytes
+    vh: bytes
+    hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    left: Leaf | Node | None
+    right: Leaf | Node | None
+    hash: bytes
+
+
+Tree = Leaf | Node | None
+
+
+def _hash(t: Tree) -> bytes:
+    return EMPTY if t is None else t.hash
+
+
+def _node(left: Tree, right: Tree) -> Node:
+    return Node(left, right, node_hash(_hash(left), _hash(right)))
+
+
+def _leaf(kh: bytes, vh: bytes) -> Leaf:
+    return Leaf(kh, vh, leaf_hash(kh, vh))
+
+
+def _join(a: Leaf, b: Leaf, depth: int) -> Node:
+    """The subtree at depth holding exactly the two leaves a and b (different key hashes)."""
+    ba, bb = bit(a.kh, depth), bit(b.kh, depth)
+    if ba == bb:
+        child = _join(a, b, depth + 1)
+        return _node(None, child) if ba else _node(child, None)
+    return _node(b, a) if ba else _node(a, b)
+
+
+def _set(t: Tree, new: Leaf, depth: int) -> Leaf | Node:
+    if t is None:
+        return new
+    if isinstance(t, Leaf):
+        return new if t.kh == new.kh else _join(t, new, depth)
+    if bit(new.kh, depth):
+        return _node(t.left, _set(t.right, new, depth + 1))
+    return _node(_set(t.left, new, depth + 1), t.right)
+
+
+def _build(items: Sequence[tuple[bytes, bytes]], depth: int) -> Tree:
+    """The subtree of items (sorted by key hash, distinct) at depth."""
+    if not items:
+        return None
+    if len(items) == 1:
+        return _leaf(*items[0])
+    lo, hi = 0, len(items)  # first item whose bit at depth is 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if bit(items[mid][0], depth):
+            hi = mid
+        else:
+            lo = mid + 1
+    return _node(_build(items[:lo], depth + 1), _build(items[lo:], depth + 1))
+
+
+@dataclass(frozen=True)
+class MapProof:
+    """siblings: from the root down; other: the leaf (key hash, value hash) the path of an
+    absent key ends at, or None (the path ends at the key's own leaf, or at an empty subtree)."""
+
+    siblings: tuple[bytes, ...]
+    other: tuple[bytes, bytes] | None = None
+
+
+@dataclass(frozen=True)
+class SparseMap:
+    """A persistent map from key hash to value hash."""
+
+    tree: Tree = None
+
+    @property
+    def root(self) -> bytes:
+        return _hash(self.tree)
+
+    def set(self, kh: bytes, vh: bytes) -> SparseMap:
+        return SparseMap(_set(self.tree, _leaf(kh, vh), 0))
+
+    @classmethod
+    def build(cls, items: Iterable[tuple[bytes, bytes]]) -> SparseMap:
+        """The map of these (key hash, value hash) pairs (the last one wins for a repeated key)."""
+        return cls(_build(sorted(dict(items).items()), 0))
+
+    def get(self, kh: bytes) -> bytes | None:
+        t, depth = self.tree, 0
+        while isinstance(t, Node):
+            t = t.right if bit(kh, depth) else t.left
+            depth += 1
+        return t.vh if t is not None and t.kh == kh else None
+
+    def prove(self, kh: bytes) -> MapProof:
+        """The proof of kh's value, or of its absence."""
+        siblings = []
+        t, depth = self.tree, 0
+        while isinstance(t, Node):
+            if bit(kh, depth):
+                siblings.append(_hash(t.left))
+                t = t.right
+            else:
+                siblings.append(_hash(t.right))
+                t = t.left
+            depth += 1
+        other = (t.kh, t.vh) if t is not None and t.kh != kh else None
+        return MapProof(tuple(siblings), other)
+
+
+def verify_map_proof(root: bytes, kh: bytes, vh: bytes | None, proof: MapProof) -> None:
+    """Check that the map with this root holds value hash vh at kh (vh None: holds nothing there).
+    Raises MapProofError."""
+    depth = len(proof.siblings)
+    if depth > MAX_DEPTH or any(len(s) != HASH_SIZE for s in proof.siblings):
+        raise MapProofError(f"a map proof has at most {MAX_DEPTH} siblings of {HASH_SIZE} bytes")
+    if vh is not None:
+        if proof.other is not None:
+            raise MapProofError("a proof of a present key ends at that key's own leaf")
+        h = leaf_hash(kh, vh)
+    elif proof.other is None:
+        h = EMPTY
+    else:
+        okh, ovh = proof.other
+        if len(okh) != HASH_SIZE or len(ovh) != HASH_SIZE or okh == kh \
+                or any(bit(okh, d) != bit(kh, d) for d in range(depth)):
+            raise MapProofError("the leaf an absence proof ends at is not on the key's path, or is the key itself")
+        h = leaf_hash(okh, ovh)
+    for d in reversed(range(depth)):
+        h = node_hash(proof.siblings[d], h) if bit(kh, d) else node_hash(h, proof.siblings[d])
+    if h != root:
+        raise MapProofError("the map proof does not lead to the index root")

@@ -1,0 +1,196 @@
+"""The status-proof file (spec/status-proof.md): what an edge node needs, offline, to know that a
+release is not yanked and its signer not revoked, as of a cosigned checkpoint. Pure.
+
+Canonical CBOR (deterministic encoding, as log entries):
+
+    {"v": 1,
+     "checkpoint": <the checkpoint note, verbatim, with its cosignatures>,
+     "root": {"index": I, "entry": <index-root record>, "proof": [<inclusion hash>, ...]},
+     "keys": [{"key": NS, "history": [[index, type], ...], "proof": [<sibling>, ...], "other": null},
+              {"key": "NS:NAME", ...}],
+     "records": [{"index": I, "entry": <log entry>, "proof": [...]}, ...]}   # revocations and yanks, in index order
+
+Parsing is strict and bounded: exactly these fields and types, nothing that does not
+re-encode to the same bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+
+from tlog.errors import MalformedError, TooLargeError
+from tlog.merkle import MAX_PROOF_HASHES, MAX_TREE_SIZE
+from tlog.note import MAX_NOTE_BYTES
+from tlog.tiles import MAX_ENTRY_SIZE
+
+from .index import TYPE_CODES, History, IndexState
+from .index_map import HASH_SIZE, MAX_DEPTH, MapProof
+from .record import MAX_LABEL, RECORD_TYPES
+
+MAX_STATUS_PROOF_BYTES = 4 << 20
+MAX_RECORDS = 1024  # grants, revocations and yanks of one namespace and package
+MAX_HISTORY = 1 << 17  # records under one key
+_MAX_KEY = 2 * MAX_LABEL + 1
+
+
+class StatusProofError(MalformedError):
+    """A status-proof file that is not as spec/status-proof.md describes."""
+
+
+@dataclass(frozen=True)
+class Included:
+    """A log entry at index with its inclusion proof to the status proof's checkpoint."""
+
+    index: int
+    entry: bytes
+    proof: tuple[bytes, ...]
+
+    def as_cbor(self) -> dict[str, Any]:
+        return {"index": self.index, "entry": self.entry, "proof": list(self.proof)}
+
+
+@dataclass(frozen=True)
+class KeyProof:
+    """A key's complete history and the map proof of its value hash."""
+
+    key: str
+    history: History
+    proof: MapProof
+
+    def as_cbor(self) -> dict[str, Any]:
+        other = None if self.proof.other is None else list(self.proof.other)
+        return {"key": self.key, "history": [list(h) for h in self.history], "proof": list(self.proof.siblings), "other": other}
+
+
+@dataclass(frozen=True)
+class StatusProof:
+    checkpoint: bytes
+    root: Included  # the index-root record
+    namespace: KeyProof
+    package: KeyProof
+    records: tuple[Included, ...]
+
+    def encode(self) -> bytes:
+        return cbor2.dumps({
+            "v": 1, "checkpoint": self.checkpoint, "root": self.root.as_cbor(),
+            "keys": [self.namespace.as_cbor(), self.package.as_cbor()], "records": [r.as_cbor() for r in self.records],
+        }, canonical=True)
+
+
+def parse_status_proof(data: bytes) -> StatusProof:
+    """Parse a status-proof file. Raises StatusProofError (TooLargeError past the size bound)."""
+    if len(data) > MAX_STATUS_PROOF_BYTES:
+        raise TooLargeError(f"status proof of {len(data)} bytes is over {MAX_STATUS_PROOF_BYTES}")
+    try:
+        obj = cbor2.loads(data)
+    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError, OverflowError) as e:
+        raise StatusProofError(f"status proof is not CBOR: {e}") from None
+    top = _fields(obj, ["v", "keys", "root", "records", "checkpoint"], "status proof")
+    if top["v"] != 1 or type(top["v"]) is not int:
+        raise StatusProofError("status proof v must be 1")
+    checkpoint = _bytes(top["checkpoint"], "checkpoint", MAX_NOTE_BYTES)
+    keys = _list(top["keys"], "keys", 2)
+    if len(keys) != 2:
+        raise StatusProofError("keys holds exactly two: the namespace's, then the package's")
+    records = tuple(_included(r, "record") for r in _list(top["records"], "records", MAX_RECORDS))
+    if any(a.index >= b.index for a, b in itertools.pairwise(records)):
+        raise StatusProofError("records must be in increasing index order")
+    proof = StatusProof(checkpoint, _included(top["root"], "root"), _key_proof(keys[0]), _key_proof(keys[1]), records)
+    # Every map's keys are in canonical order (_fields) and cbor2 writes shortest forms and definite
+    # lengths, so the plain encoder gives the canonical bytes (cheaper than canonical=True's sorting).
+    if cbor2.dumps(obj) != data:
+        raise StatusProofError("status proof is not canonical CBOR")
+    return proof
+
+
+def _key_proof(obj: object) -> KeyProof:
+    d = _fields(obj, ["key", "other", "proof", "history"], "a key's proof")
+    key = d["key"]
+    if type(key) is not str or not 0 < len(key) <= _MAX_KEY:
+        raise StatusProofError(f"a key is text of at most {_MAX_KEY} characters")
+    raw = _list(d["history"], f"history of {key}", MAX_HISTORY)
+    types = len(RECORD_TYPES)
+    # Checked a column at a time (C loops: a history can be long): [index, type] pairs of ints in range.
+    if raw and (set(map(type, raw)) != {list} or set(map(len, raw)) != {2}):
+        raise StatusProofError(f"a history item of {key} is [log index, record type 0..{types - 1}]")
+    indexes, codes = [i for i, _ in raw], [c for _, c in raw]
+    if raw and (set(map(type, indexes)) | set(map(type, codes)) != {int} or min(indexes) < 0 or max(indexes) >= MAX_TREE_SIZE
+                or min(codes) < 0 or max(codes) >= types):
+        raise StatusProofError(f"a history item of {key} is [log index, record type 0..{types - 1}]")
+    if not all(map(operator.lt, indexes, indexes[1:])):
+        raise StatusProofError(f"the history of {key} must be in increasing index order")
+    history = tuple(zip(indexes, codes, strict=True))
+    siblings = tuple(_hash(h, "map proof sibling") for h in _list(d["proof"], f"map proof of {key}", MAX_DEPTH))
+    other = d["other"]
+    if other is not None:
+        pair = _list(other, "other leaf", 2)
+        if len(pair) != 2:
+            raise StatusProofError("other is [key hash, value hash] or null")
+        other = (_hash(pair[0], "other key hash"), _hash(pair[1], "other value hash"))
+    return KeyProof(key, history, MapProof(siblings, other))
+
+
+def _included(obj: object, what: str) -> Included:
+    d = _fields(obj, ["entry", "index", "proof"], what)
+    if not _is_index(d["index"]):
+        raise StatusProofError(f"{what} index must be a log index")
+    entry = _bytes(d["entry"], f"{what} entry", MAX_ENTRY_SIZE)
+    proof = tuple(_hash(h, f"{what} inclusion hash") for h in _list(d["proof"], f"{what} proof", MAX_PROOF_HASHES))
+    return Included(d["index"], entry, proof)
+
+
+def _is_index(v: object) -> bool:
+    return type(v) is int and 0 <= v < MAX_TREE_SIZE
+
+
+def _fields(obj: object, names: list[str], what: str) -> dict[str, Any]:
+    """obj is a map of exactly these keys, in this (canonical: shorter first, then bytewise) order."""
+    if type(obj) is not dict or list(obj) != names:
+        if type(obj) is dict and obj.keys() == set(names):
+            raise StatusProofError(f"{what}: keys not in canonical order")
+        raise StatusProofError(f"{what} must have exactly the fields {', '.join(sorted(names))}")
+    return obj
+
+
+def _list(obj: object, what: str, limit: int) -> list[Any]:
+    if type(obj) is not list or len(obj) > limit:
+        raise StatusProofError(f"{what} must be a list of at most {limit}")
+    return obj
+
+
+def _bytes(obj: object, what: str, limit: int) -> bytes:
+    if type(obj) is not bytes or not 0 < len(obj) <= limit:
+        raise StatusProofError(f"{what} must be 1 to {limit} bytes")
+    return obj
+
+
+def _hash(obj: object, what: str) -> bytes:
+    if type(obj) is not bytes or len(obj) != HASH_SIZE:
+        raise StatusProofError(f"{what} must be {HASH_SIZE} bytes")
+    return obj
+
+
+# The records a status proof carries: revocations and yanks (what can make a release refused). Grants
+# and releases are listed in the histories but not carried: a status proof stays small, and a void
+# revocation or yank can only make a verifier refuse more, never accept more.
+CARRIED = frozenset({TYPE_CODES["key-revocation"], TYPE_CODES["yank"]})
+
+
+def build_status_proof(
+    *, index: IndexState, checkpoint: bytes, root: Included, namespace: str, name: str,
+    included: Callable[[Sequence[int]], list[Included]],
+) -> StatusProof:
+    """The status proof of namespace:name from the index committed by the index-root record
+    `root` (index: the index as of that record's size); included(indexes) reads those entries
+    with their inclusion proofs to the checkpoint."""
+    package = f"{namespace}:{name}"
+    ns_history, pkg_history = index.history(namespace), index.history(package)
+    needed = sorted({i for i, code in (*ns_history, *pkg_history) if code in CARRIED})
+    return StatusProof(checkpoint, root, KeyProof(namespace, ns_history, index.prove(namespace)),
+                       KeyProof(package, pkg_history, index.prove(package)), tuple(included(needed)))

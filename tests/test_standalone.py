@@ -38,3 +38,15 @@ def test_the_vectors_the_tests_load_are_in_the_repository() -> None:
     assert {"rfc6962-8-leaves.json", "signed-note.json", "tiles.json"} <= named
     readme = (vectors / "README.md").read_text()
     assert all(f"`{name}`" in readme for name in named), "every vector file has its source in tests/vectors/README.md"
+
+
+def test_no_file_holds_an_unresolved_merge() -> None:
+    markers = ("<" * 7 + " ", "=" * 7 + "\n", ">" * 7 + " ")  # at the start of a line, as git writes them
+    found = []
+    for path in project_files():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        except UnicodeDecodeError:
+            continue
+        found += [f"{path.relative_to(ROOT)}:{n}" for n, line in enumerate(lines, 1) if line.startswith(markers)]
+    assert not found, found

@@ -345,3 +345,28 @@ async def test_the_agent_fetches_status_proofs_and_names_a_registry_it_cannot_re
     with pytest.raises(VerifyError) as e:
         await status_proof_of(f"http://127.0.0.1:{free_ports(1)}", REF)
     assert e.value.reason == "registry-unreachable"
+
+
+async def test_a_status_proof_is_as_fresh_as_its_quorum_not_its_newest_witness(aiohttp_client, tmp_path) -> None:
+    """A registry shows the checkpoint with its yank to W0 and W1 only (a quorum of two), and keeps asking W2,
+    which never saw past the yank, to cosign the checkpoint before it: W2 honestly cosigns that one afresh.
+    One fresh cosignature beside stale ones is not a fresh quorum: the status proof's time is the newest
+    time by which a quorum had cosigned."""
+    api, registry, module = await published(aiohttp_client, tmp_path)
+    proof, _ = await fetch(api)
+    before = parse_status_proof(await api.get(api.package_path(REF) + "/status-proof"))
+    await api.act(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=3, reason="CVE"))
+    _, yanked = await fetch(api)
+    assert reason(module, proof, yanked) == "yanked"
+    text = parse_note(before.checkpoint).text
+    old = NOW - POLICY.max_status_age - 1  # when W0 and W1 last cosigned the checkpoint before the yank
+
+    def signed(*times: int) -> StatusProof:
+        return dataclasses.replace(before, checkpoint=before.checkpoint + b"".join(
+            cosign(w, text, t).line().encode() for w, t in zip(WITNESSES, times, strict=True)))
+
+    assert reason(module, proof, signed(old, old, NOW - 60)) == "status-stale"
+    # the quorum (any two) met by NOW - 100 at the latest: as fresh as that
+    verified = check(module, proof, signed(old, NOW - 100, NOW - 60))
+    assert verified.status is not None and verified.status.time == NOW - 100
+    assert reason(module, proof, signed(old, NOW - 100, NOW - 60), now=NOW - 100 + POLICY.max_status_age + 1) == "status-stale"

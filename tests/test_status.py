@@ -370,3 +370,34 @@ async def test_a_status_proof_is_as_fresh_as_its_quorum_not_its_newest_witness(a
     verified = check(module, proof, signed(old, NOW - 100, NOW - 60))
     assert verified.status is not None and verified.status.time == NOW - 100
     assert reason(module, proof, signed(old, NOW - 100, NOW - 60), now=NOW - 100 + POLICY.max_status_age + 1) == "status-stale"
+
+
+@pytest.mark.parametrize("first", ["index-root", "undecodable"])
+async def test_a_log_that_opens_with_an_index_root_or_garbage_is_still_audited(aiohttp_client, tmp_path, first) -> None:
+    """A compromised registry makes its first entry something that is not a namespace record (a true index root
+    of the empty index, or bytes that decode as nothing), then withholds a yank from its index: the audit still
+    treats the log as a registry's and names the lying root (and the undecodable entry)."""
+    api, _, registry, _ = await start_registry(aiohttp_client, tmp_path)
+    registry.sequencer.submit(IndexRoot(REGISTRY_KEY.name, 0, bytes(32)).encode() if first == "index-root" else b"not a record")
+    await registry.sequencer.flush()
+    module = wat_module("no_imports", tmp_path)
+    await api.act(ALICE, Action("key-grant", "acme", key=ALICE.vkey, issued=1))
+    await api.publish(ALICE, REF, module)
+    honest = registry.log.trailer
+    assert honest is not None
+
+    def withholding(plan):  # type: ignore[no-untyped-def]
+        hidden = [b"withheld" if decode_entry(e).type == "yank" else e for e in plan.new_entries]
+        return honest(dataclasses.replace(plan, new_entries=tuple(hidden), new_leaf_hashes=tuple(map(leaf_hash, hidden))))
+
+    registry.log.trailer = withholding
+    await api.act(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=3, reason="CVE"))
+    root_index = registry.log.published.checkpoint.size - 1
+    auditor = make_auditor(log_url=api.url + "/log", session=api.session, verifiers=[verifier_from_vkey(REGISTRY_KEY.vkey)], state=AuditState())
+    await auditor.run()
+    found = [(f.kind, f.where) for f in auditor.findings]
+    assert ("index-root-mismatch", f"index {root_index} (index-root record)") in found
+    assert [f for f in found if f[0] == "index-root-mismatch"] == [("index-root-mismatch", f"index {root_index} (index-root record)")]
+    assert auditor.report(api.url)["registry_log"] is True
+    if first == "undecodable":
+        assert ("void-record", "index 0") in found

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from registry_helpers import REGISTRY_KEY, release_envelope, start_registry, wat_module
+from registry_helpers import REGISTRY_KEY, build_registry, release_envelope, start_registry, wat_module
 from test_up import free_ports
 
 from edge.verify import TrustPolicy, VerifyError, parse_trust_policy, verify_module
@@ -378,8 +378,7 @@ async def test_a_log_that_opens_with_an_index_root_or_garbage_is_still_audited(a
     of the empty index, or bytes that decode as nothing), then withholds a yank from its index: the audit still
     treats the log as a registry's and names the lying root (and the undecodable entry)."""
     api, _, registry, _ = await start_registry(aiohttp_client, tmp_path)
-    registry.sequencer.submit(IndexRoot(REGISTRY_KEY.name, 0, bytes(32)).encode() if first == "index-root" else b"not a record")
-    await registry.sequencer.flush()
+    await registry.sequencer.add(IndexRoot(REGISTRY_KEY.name, 0, bytes(32)).encode() if first == "index-root" else b"not a record")
     module = wat_module("no_imports", tmp_path)
     await api.act(ALICE, Action("key-grant", "acme", key=ALICE.vkey, issued=1))
     await api.publish(ALICE, REF, module)
@@ -401,3 +400,64 @@ async def test_a_log_that_opens_with_an_index_root_or_garbage_is_still_audited(a
     assert auditor.report(api.url)["registry_log"] is True
     if first == "undecodable":
         assert ("void-record", "index 0") in found
+
+
+async def test_a_key_revoked_then_granted_again_stays_revoked(aiohttp_client, tmp_path) -> None:
+    """Grants are not carried in status proofs. Bob's key is revoked at i; a compromised registry logs a grant of
+    it again at j (under another name too: a key is its public key) and Bob's releases at k > j: the rules make
+    that grant and those releases void, and the verifier refuses them from the revocation alone; Bob's release
+    from before i stays accepted."""
+    api, registry, module = await published(aiohttp_client, tmp_path)
+    early_proof, _ = await fetch(api)
+    await api.act(ALICE, Action("key-revocation", "acme", key=BOB.vkey, issued=2))
+    revoked_at = registry.state.namespaces["acme"].revoked[BOB.vkey]
+    bob_again = Ed25519Signer("bob-again", BOB.seed)  # the same public key under another name
+
+    async def logged_straight(entry: bytes) -> int:
+        await registry.sequencer.add(entry)
+        return registry.log.store.lookup([leaf_hash(entry)])[leaf_hash(entry)]
+
+    def grant(key: Ed25519Signer) -> bytes:
+        action = Action("key-grant", "acme", key=key.vkey, issued=5)
+        return record_for("key-grant", ALICE.vkey, sign_envelope(ACTION_PAYLOAD_TYPE, action.payload(), ALICE)).encode()
+
+    regranted = [await logged_straight(grant(BOB)), await logged_straight(grant(bob_again))]
+    assert revoked_at < min(regranted) and {i for i, _ in registry.rejected} >= set(regranted)  # void by the rules
+    for signer, version in ((BOB, "2.0.0"), (bob_again, "3.0.0")):
+        ref = PackageRef("acme", "hello", version)
+        entry = record_for("release", signer.vkey, parse_envelope(release_envelope(signer, ref, module, None))).encode()
+        index = await logged_straight(entry)
+        size = registry.log.published.checkpoint.size
+        proof = TlogProof(index, tuple(registry.log.inclusion_proof(index, size)), cosigned(registry.log.published.note), entry).encode()
+        status = cosigned_status(registry.indexer.status_proof("acme", "hello", index))
+        assert index > max(regranted) and reason(module, proof, status) == "key-revoked"
+    _, latest = await fetch(api)
+    check(module, early_proof, latest)  # bob's release from before his revocation
+
+
+async def test_batches_flushed_concurrently_are_all_indexed(tmp_path) -> None:
+    """Sequencer.flush called again while a batch is still integrating (as the tests here and the batching loop
+    can): each batch's index root must build on every batch before it. The index the registry keeps, and every
+    root it logged, match the index recomputed from its log."""
+    registry, seq, _ = build_registry(tmp_path)
+
+    def grant(ns: str, key: Ed25519Signer) -> bytes:
+        action = Action("key-grant", ns, key=key.vkey, issued=1)
+        return record_for("key-grant", key.vkey, sign_envelope(ACTION_PAYLOAD_TYPE, action.payload(), key)).encode()
+
+    for n in range(10):
+        waiters = [seq.submit(grant(f"ns{n}-a", ALICE))]
+        first = asyncio.create_task(seq.flush())
+        await asyncio.sleep(0)  # the first batch is in integrate's thread
+        waiters.append(seq.submit(grant(f"ns{n}-b", BOB)))
+        await asyncio.gather(first, seq.flush(), *waiters)
+    size = registry.log.integrated.checkpoint.size
+    entries = registry.log.store.read_entries(0, size)
+    recomputed, roots = IndexState(), []
+    for i, entry in enumerate(entries):
+        if is_index_root(entry):
+            roots.append((decode_index_root(entry).root, recomputed.root))
+        recomputed = recomputed.with_records([(i, None if is_index_root(entry) else decode_entry(entry))], i + 1)
+    assert len(roots) == 20 and all(logged == ours for logged, ours in roots)
+    assert dict(registry.indexer.index.histories) == dict(recomputed.histories) and len(recomputed.histories) == 20
+    assert not registry.indexer.mismatches

@@ -14,6 +14,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from registry_helpers import REGISTRY_KEY, build_registry, release_envelope, start_registry, wat_module
 from test_up import free_ports
 
@@ -86,11 +88,11 @@ async def fetch(api: RegistryClient, ref: PackageRef = REF) -> tuple[bytes, Stat
     return cosigned_proof(await api.get(path + "/tlog-proof")), cosigned_status(await api.get(path + "/status-proof"))
 
 
-def check(module: bytes, proof: bytes, status: StatusProof | None, policy: TrustPolicy = POLICY, now: int = NOW):  # type: ignore[no-untyped-def]
+def check(module: bytes, proof: bytes, status: bytes | StatusProof | None, policy: TrustPolicy = POLICY, now: int = NOW):  # type: ignore[no-untyped-def]
     return verify_module(module=module, proof=proof, policy=policy, now=now, status_proof=status)
 
 
-def reason(module: bytes, proof: bytes, status: StatusProof | None, **kw) -> str:  # type: ignore[no-untyped-def]
+def reason(module: bytes, proof: bytes, status: bytes | StatusProof | None, **kw) -> str:  # type: ignore[no-untyped-def]
     with pytest.raises(VerifyError) as e:
         check(module, proof, status, **kw)
     return e.value.reason
@@ -461,3 +463,51 @@ async def test_batches_flushed_concurrently_are_all_indexed(tmp_path) -> None:
     assert len(roots) == 20 and all(logged == ours for logged, ours in roots)
     assert dict(registry.indexer.index.histories) == dict(recomputed.histories) and len(recomputed.histories) == 20
     assert not registry.indexer.mismatches
+
+
+def offline_status() -> tuple[bytes, bytes, bytes]:
+    """(module, its tlog-proof, its status proof) from a log built here: alice claims acme and grants bob and
+    carol, bob releases hello@1.0.0, carol is revoked, hello@0.9.0 is yanked; an index root closes the log."""
+    module = bytes.fromhex("0061736d01000000010401600000020b0103656e76036c6f670000")
+
+    def act(a: Action) -> Any:
+        return record_for(a.action, ALICE.vkey, sign_envelope(ACTION_PAYLOAD_TYPE, a.payload(), ALICE))
+
+    records = [act(Action("key-grant", "acme", key=k.vkey, issued=1)) for k in (ALICE, BOB, CAROL)]
+    records.append(record_for("release", BOB.vkey, parse_envelope(release_envelope(BOB, REF, module, None))))
+    records += [act(Action("key-revocation", "acme", key=CAROL.vkey, issued=2)),
+                act(Action("yank", "acme", name="hello", version="0.9.0", issued=3, reason="old"))]
+    index = IndexState().with_records(list(enumerate(records)), len(records))
+    log = Log(MemoryLogStore(), REGISTRY_KEY)
+    log.integrate([r.entry for r in records])
+    (at,), published_cp = log.integrate([IndexRoot(REGISTRY_KEY.name, len(records), index.root).encode()])
+    note, size = cosigned(published_cp.note), published_cp.checkpoint.size
+
+    def included(indexes: Sequence[int]) -> list[Included]:
+        return [Included(i, log.store.read_entries(i, i + 1)[0], tuple(log.inclusion_proof(i, size))) for i in indexes]
+
+    sp = build_status_proof(index=index, checkpoint=note, root=included([at])[0], namespace="acme", name="hello", included=included)
+    assert len(sp.records) == 2
+    return module, TlogProof(3, tuple(log.inclusion_proof(3, size)), note, records[3].entry).encode(), sp.encode()
+
+
+OFFLINE = offline_status()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_a_mutated_status_proof_is_refused_with_a_reason_never_a_crash(data: st.DataObject) -> None:
+    """Any byte changed, inserted or cut: the verifier decides with a reason code (or accepts bytes that say the same)."""
+    module, proof, status = OFFLINE
+    assert check(module, proof, status).status is not None
+    pos = data.draw(st.integers(0, len(status) - 1))
+    how = data.draw(st.sampled_from(["flip", "insert", "cut"]))
+    byte = data.draw(st.integers(0, 255))
+    mutated = {"flip": status[:pos] + bytes([status[pos] ^ (byte or 1)]) + status[pos + 1:],
+               "insert": status[:pos] + bytes([byte]) + status[pos:], "cut": status[:pos]}[how]
+    try:
+        verified = check(module, proof, mutated)
+    except VerifyError as e:
+        assert e.reason.startswith("status-")
+        return
+    assert verified.status is not None and parse_status_proof(mutated).encode() == mutated  # only a canonical file is read

@@ -511,3 +511,29 @@ def test_a_mutated_status_proof_is_refused_with_a_reason_never_a_crash(data: st.
         assert e.reason.startswith("status-")
         return
     assert verified.status is not None and parse_status_proof(mutated).encode() == mutated  # only a canonical file is read
+
+
+async def test_two_index_roots_in_one_batch_only_the_last_proves_and_the_audit_names_the_lie(aiohttp_client, tmp_path) -> None:
+    """A compromised registry slips a lying index root (one that leaves out the yank) into a batch, before the
+    batch's own trailer: no status proof can use it (it is not its checkpoint's last entry), the trailer's root
+    shows the yank, and the audit names the lie and nothing else."""
+    api, registry, module = await published(aiohttp_client, tmp_path)
+    proof, before = await fetch(api)
+    await api.act(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=3, reason="CVE"))
+    yanked_at = registry.log.published.checkpoint.size - 2
+    entries = registry.log.store.read_entries(0, yanked_at + 2)
+    without_yank = IndexState().with_records([(i, None if is_index_root(e) or i == yanked_at else decode_entry(e)) for i, e in enumerate(entries)],
+                                             yanked_at + 2)
+    lie = IndexRoot(REGISTRY_KEY.name, yanked_at + 2, without_yank.root)
+    await registry.sequencer.add(lie.encode())
+    lie_index = registry.log.published.checkpoint.size - 2
+    assert lie_index == yanked_at + 2 and is_index_root(registry.log.store.read_entries(lie_index + 1, lie_index + 2)[0])
+    _, latest = await fetch(api)
+    assert latest.root.index == lie_index + 1 and reason(module, proof, latest) == "yanked"
+    size = registry.log.published.checkpoint.size
+    lying = dataclasses.replace(latest, root=Included(lie_index, lie.encode(), tuple(registry.log.inclusion_proof(lie_index, size))),
+                                namespace=before.namespace, package=before.package, records=before.records)
+    assert reason(module, proof, lying) == "status-root-invalid"
+    auditor = make_auditor(log_url=api.url + "/log", session=api.session, verifiers=[verifier_from_vkey(REGISTRY_KEY.vkey)], state=AuditState())
+    await auditor.run()
+    assert [(f.kind, f.where) for f in auditor.findings] == [("index-root-mismatch", f"index {lie_index} (index-root record)")]

@@ -537,3 +537,24 @@ async def test_two_index_roots_in_one_batch_only_the_last_proves_and_the_audit_n
     auditor = make_auditor(log_url=api.url + "/log", session=api.session, verifiers=[verifier_from_vkey(REGISTRY_KEY.vkey)], state=AuditState())
     await auditor.run()
     assert [(f.kind, f.where) for f in auditor.findings] == [("index-root-mismatch", f"index {lie_index} (index-root record)")]
+
+
+async def test_a_void_revocation_before_a_grant_refuses_and_the_audit_names_it(aiohttp_client, tmp_path) -> None:
+    """The other order: a compromised registry logs a revocation of carol's key before carol was ever granted
+    (void: only a granted key can be revoked), then carol is granted and releases, both valid by the rules. The
+    status proof cannot show that the revocation was void without carrying grants: it counts, the release is
+    refused (a registry can always refuse by serving nothing), and the audit names the void revocation."""
+    api, registry, module = await published(aiohttp_client, tmp_path)
+    revocation = Action("key-revocation", "acme", key=CAROL.vkey, issued=2)
+    entry = record_for("key-revocation", ALICE.vkey, sign_envelope(ACTION_PAYLOAD_TYPE, revocation.payload(), ALICE)).encode()
+    await registry.sequencer.add(entry)
+    void_at = registry.log.store.lookup([leaf_hash(entry)])[leaf_hash(entry)]
+    assert [i for i, _ in registry.rejected] == [void_at]
+    await api.act(ALICE, Action("key-grant", "acme", key=CAROL.vkey, issued=3))
+    ref = PackageRef("acme", "hello", "2.0.0")
+    proof = cosigned_proof(await api.publish(CAROL, ref, module))
+    _, status = await fetch(api, ref)
+    assert reason(module, proof, status) == "key-revoked"
+    auditor = make_auditor(log_url=api.url + "/log", session=api.session, verifiers=[verifier_from_vkey(REGISTRY_KEY.vkey)], state=AuditState())
+    await auditor.run()
+    assert [(f.kind, f.where) for f in auditor.findings] == [("void-record", f"index {void_at}")]

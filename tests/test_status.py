@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from registry_helpers import REGISTRY_KEY, build_registry, release_envelope, start_registry, wat_module
 from test_up import free_ports
 
-from edge.verify import TrustPolicy, VerifyError, parse_trust_policy, verify_module
+from edge.verify import MAX_FUTURE_SKEW, TrustPolicy, VerifyError, parse_trust_policy, verify_module
 from edge.verify_cli import status_proof_of
 from registry.audit import make_auditor
 from registry.audit_state import AuditState
@@ -372,6 +372,9 @@ async def test_a_status_proof_is_as_fresh_as_its_quorum_not_its_newest_witness(a
     verified = check(module, proof, signed(old, NOW - 100, NOW - 60))
     assert verified.status is not None and verified.status.time == NOW - 100
     assert reason(module, proof, signed(old, NOW - 100, NOW - 60), now=NOW - 100 + POLICY.max_status_age + 1) == "status-stale"
+    # a cosignature from further ahead than MAX_FUTURE_SKEW does not count at all; within it, it counts as is
+    assert reason(module, proof, signed(old, NOW + MAX_FUTURE_SKEW + 1, NOW + MAX_FUTURE_SKEW + 1)) == "status-quorum"
+    assert check(module, proof, signed(old, NOW + MAX_FUTURE_SKEW, NOW + MAX_FUTURE_SKEW)).status.time == NOW + MAX_FUTURE_SKEW
 
 
 @pytest.mark.parametrize("first", ["index-root", "undecodable"])

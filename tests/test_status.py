@@ -561,3 +561,19 @@ async def test_a_void_revocation_before_a_grant_refuses_and_the_audit_names_it(a
     auditor = make_auditor(log_url=api.url + "/log", session=api.session, verifiers=[verifier_from_vkey(REGISTRY_KEY.vkey)], state=AuditState())
     await auditor.run()
     assert [(f.kind, f.where) for f in auditor.findings] == [("void-record", f"index {void_at}")]
+
+
+def test_a_history_relabelled_reordered_or_padded_proves_nothing() -> None:
+    """The value hash commits to every (index, type) in order: a revocation relabelled as a grant (so it need
+    not be carried), items swapped, or an item added, no longer lead to the index root, or do not parse."""
+    module, proof, status = OFFLINE
+    sp = parse_status_proof(status)
+    ns = sp.namespace
+    revocation = next(i for i, (_, code) in enumerate(ns.history) if code == 2)
+    relabelled = tuple((i, 1) if k == revocation else (i, c) for k, (i, c) in enumerate(ns.history))
+    assert reason(module, proof, dataclasses.replace(sp, namespace=dataclasses.replace(ns, history=relabelled),
+                                                     records=tuple(r for r in sp.records if r.index != ns.history[revocation][0]))) == "status-map-proof"
+    swapped = dataclasses.replace(ns, history=(ns.history[1], ns.history[0], *ns.history[2:]))
+    assert reason(module, proof, dataclasses.replace(sp, namespace=swapped).encode()) == "status-malformed"
+    padded = dataclasses.replace(ns, history=(*ns.history, (ns.history[-1][0] + 1, 1)))
+    assert reason(module, proof, dataclasses.replace(sp, namespace=padded)) == "status-map-proof"

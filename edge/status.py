@@ -14,7 +14,7 @@ from registry.index_map import MapProofError, key_hash, verify_map_proof
 from registry.record import Action, Record, Release, decode_entry, decode_index_root
 from registry.state import public_key
 from registry.status_proof import CARRIED, Included, KeyProof, StatusProof, parse_status_proof
-from registry.trust_policy import TrustPolicy, VerifyError, open_checkpoint
+from registry.trust_policy import TrustPolicy, VerifyError, open_checkpoint_quorum_time
 from tlog.checkpoint import Checkpoint
 from tlog.errors import ProofError, TlogError
 from tlog.hashes import leaf_hash
@@ -27,7 +27,7 @@ _CHECKPOINT_REASONS = {"log-unknown": "status-other-log", "log-signature": "stat
 
 
 class StatusVerified(NamedTuple):
-    """Not yanked and signer not revoked, as of the index root's size, in checkpoint cosigned at time."""
+    """Not yanked and signer not revoked, as of the index root's size, in checkpoint cosigned by a quorum at time."""
 
     as_of: int
     checkpoint: Checkpoint
@@ -48,13 +48,13 @@ def verify_status(
     spec/status-proof.md; the first failure raises VerifyError."""
     sp = status if isinstance(status, StatusProof) else parse_status(status)
     try:
-        cp, _, _, newest = open_checkpoint(sp.checkpoint, TrustPolicy(policy.tlog), now)
+        cp, cosigned = open_checkpoint_quorum_time(sp.checkpoint, policy, now)
     except VerifyError as e:
         raise VerifyError(_CHECKPOINT_REASONS.get(e.reason, "status-checkpoint"), f"status proof checkpoint: {e}") from None
     if cp.origin != origin:
         raise VerifyError("status-other-log", f"the status proof is from log {cp.origin!r}, the release from {origin!r}")
-    if newest is None or now - newest > policy.max_status_age:
-        age = "no cosigned time" if newest is None else f"cosigned {now - newest}s ago"
+    if cosigned is None or now - cosigned > policy.max_status_age:  # when a quorum had cosigned, not just one witness
+        age = "no cosigned time" if cosigned is None else f"a quorum cosigned {now - cosigned}s ago"
         raise VerifyError("status-stale", f"the status proof's checkpoint is older than max_status_age {policy.max_status_age}s ({age})")
     _included(sp.root, cp, "the index-root record")
     try:
@@ -74,7 +74,7 @@ def verify_status(
         raise VerifyError("status-release-missing", f"the history of {package} does not list this release at {release_index}")
     records = _records(sp, cp, ns, package)
     _decide(records, release, release_index)
-    return StatusVerified(root.size, cp, newest)
+    return StatusVerified(root.size, cp, cosigned)
 
 
 def _included(inc: Included, cp: Checkpoint, what: str) -> None:

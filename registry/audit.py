@@ -83,6 +83,7 @@ class Auditor:
     _origin: str = ""
     _last_root_index: IndexState | None = None  # the index at the previous index root (the monitor's index-root events)
     _index_buffer: list[tuple[int, Record | None]] = field(default_factory=list)  # read, not yet indexed (_flush_index)
+    _undecodable_from: int | None = None  # the first entry that did not decode, read while registry_log was undecided
 
     async def run(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Audit up to the latest checkpoint; return its size (or the audited size if it failed)."""
@@ -93,6 +94,7 @@ class Auditor:
         self.follower.state = self.state.follow
         self._origin = cp.origin
         replayed_from = self.state.registry, self.state.registry_log, dict(self.state.previous), self.state.index
+        self._undecodable_from = None
         async for index, entry in self.follower.entries(cp, progress):
             await self._entry(index, entry)
         self._flush_index()
@@ -105,24 +107,22 @@ class Auditor:
         return self.state.follow.size
 
     async def _entry(self, index: int, entry: bytes) -> None:
-        if self.state.registry_log is False:  # not a wasmlog registry log: only the tree is audited
+        if self.state.registry_log is False:  # a state saved when a first entry that did not decode settled it: only the tree
             return
-        if self.state.registry_log and is_index_root(entry):
+        if is_index_root(entry):
+            self._registry_record_at(index)
             self._index_root(index, entry)
             return
         try:
             record = decode_entry(entry)
         except TlogError as e:
-            if self.state.registry_log is None:
-                self.state.registry_log = False  # not a wasmlog registry log: only the tree is audited
             if self.state.registry_log:
                 self.findings.append(Finding("void-record", f"entry does not decode: {e}", f"index {index}"))
                 self._index_buffer.append((index, None))
+            elif self._undecodable_from is None:
+                self._undecodable_from = index
             return
-        if self.state.registry_log is None:
-            self.state.registry_log = True
-        if not self.state.registry_log:
-            return
+        self._registry_record_at(index)
         self._index_buffer.append((index, record))
         try:
             self.state.registry = self.state.registry.apply(record, index)
@@ -144,6 +144,15 @@ class Auditor:
         if self.on_event is not None and record.namespace in self.namespaces:
             for event in events_for(record, index, previous, self.expected_keys):
                 self.on_event(event)
+
+    def _registry_record_at(self, index: int) -> None:
+        """The entry at index is a namespace record or an index root: this is a registry's log, whatever came
+        before (so a registry cannot escape the audit by opening its log with an entry that decodes as nothing)."""
+        if self.state.registry_log is None:
+            self.state.registry_log = True
+            if self._undecodable_from is not None:
+                self.findings.append(Finding("void-record", f"entries {self._undecodable_from} to {index - 1} do not decode "
+                                             "(before the log's first namespace record or index root)", f"index {self._undecodable_from}"))
 
     def _index_root(self, index: int, entry: bytes) -> None:
         """Check an index-root record against the index recomputed from every entry before it."""

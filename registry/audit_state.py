@@ -59,7 +59,7 @@ class AuditStateError(TlogError):
 class AuditState:
     follow: FollowState = field(default_factory=FollowState)
     registry: RegistryState = field(default_factory=RegistryState)
-    registry_log: bool | None = None  # None until the first entry says whether this is a wasmlog registry
+    registry_log: bool | None = None  # None until an entry is a namespace record or an index root (False: states of older versions)
     previous: dict[str, str] = field(default_factory=dict)  # "ns:name" -> latest version by log order
     index: IndexState = field(default_factory=IndexState)  # the verifiable index recomputed from the log
 

@@ -12,8 +12,9 @@ import fnmatch
 import functools
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from tlog.checkpoint import Checkpoint
 from tlog.errors import (
@@ -26,12 +27,13 @@ from tlog.errors import (
     UnverifiedNoteError,
 )
 from tlog.note import OWN_KEY_NAME_RULE, Note, is_own_key_name, verifier_from_vkey
-from tlog.policy import OpenedCheckpoint, Policy, parse_policy
+from tlog.policy import OpenedCheckpoint, Policy, open_checkpoint_times, parse_policy
 from tlog.policy import open_checkpoint as open_tlog_checkpoint
 
 from .wasm import Import
 
 MAX_TRUST_POLICY_BYTES = 1 << 20
+_T = TypeVar("_T")
 
 # Stable reason codes, one per check (spec/trust-policy.md).
 REASONS = (
@@ -148,8 +150,20 @@ def open_checkpoint(
 
     Returns the checkpoint, the note, the witnesses counted and the newest counted cosignature time.
     """
+    return _reasons(lambda: open_tlog_checkpoint(note_bytes, policy.tlog, now, max_age=policy.max_checkpoint_age, parsed=parsed))
+
+
+def open_checkpoint_quorum_time(note_bytes: bytes, policy: TrustPolicy, now: int) -> tuple[Checkpoint, int | None]:
+    """The checkpoint, opened as open_checkpoint does without a freshness bound, and its quorum
+    time (tlog.policy.Policy.quorum_time: the newest time by which a quorum had cosigned)."""
+    opened, times = _reasons(lambda: open_checkpoint_times(note_bytes, policy.tlog, now))
+    return opened.checkpoint, policy.tlog.quorum_time(times)
+
+
+def _reasons(open_note: Callable[[], _T]) -> _T:
+    """open_note(), tlog's checkpoint errors raised as VerifyError reasons."""
     try:
-        return open_tlog_checkpoint(note_bytes, policy.tlog, now, max_age=policy.max_checkpoint_age, parsed=parsed)
+        return open_note()
     except UnknownLogError as e:
         raise VerifyError("log-unknown", f"{e}") from None
     except CosignatureError as e:

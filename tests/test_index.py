@@ -191,3 +191,25 @@ def test_status_proof_bounds() -> None:
     one_key = SAMPLE.encode().replace(b"\x82\xa4", b"\x81\xa4", 1)
     with pytest.raises(StatusProofError):
         parse_status_proof(one_key)
+
+
+def test_status_proof_counts_are_bounded() -> None:
+    """One past each bound of spec/status-proof.md is refused; the bound itself parses."""
+    import dataclasses
+
+    from registry.status_proof import MAX_HISTORY, MAX_RECORDS
+    from tlog.merkle import MAX_PROOF_HASHES
+
+    long_history = tuple((i, 0) for i in range(MAX_HISTORY))
+    at_bounds = dataclasses.replace(
+        SAMPLE, package=dataclasses.replace(SAMPLE.package, history=long_history, proof=MapProof((bytes(32),) * 256, None)),
+        records=tuple(Included(i, b"x", (bytes(32),) * MAX_PROOF_HASHES) for i in range(MAX_RECORDS)))
+    assert parse_status_proof(at_bounds.encode()) == at_bounds
+    for past in (
+        dataclasses.replace(at_bounds, package=dataclasses.replace(at_bounds.package, history=(*long_history, (MAX_HISTORY, 0)))),
+        dataclasses.replace(at_bounds, package=dataclasses.replace(at_bounds.package, proof=MapProof((bytes(32),) * 257, None))),
+        dataclasses.replace(at_bounds, records=(*at_bounds.records, Included(MAX_RECORDS, b"x", ()))),
+        dataclasses.replace(at_bounds, root=Included(2, b"root-entry", (bytes(32),) * (MAX_PROOF_HASHES + 1))),
+    ):
+        with pytest.raises(StatusProofError):
+            parse_status_proof(past.encode())

@@ -30,7 +30,7 @@ from tlog.note import (
     parse_note,
     sign_note,
 )
-from tlog.policy import MAX_FUTURE_SKEW, open_checkpoint, parse_policy
+from tlog.policy import MAX_FUTURE_SKEW, open_checkpoint, open_checkpoint_times, parse_policy
 
 LOG = Ed25519Signer.generate("example.com/log")
 W = [Ed25519Signer.generate(f"w{i}.example", ALG_COSIGNATURE_V1) for i in range(3)]
@@ -78,6 +78,31 @@ def test_each_failure_has_its_own_type() -> None:
         open_checkpoint(note_with((W[0], NOW - 61), (W[1], NOW - 70)), POLICY, NOW, max_age=60)
     with pytest.raises(MalformedError):
         open_checkpoint(CP.text().encode(), POLICY, NOW)
+
+
+# Nested groups: (W0 and W1) or (any two of W2..W4), or all of A0..A2 (quorum none is the last policy).
+NESTED = parse_policy(("\n".join([
+    f"log {LOG.vkey}", *(f"witness {n} {Ed25519Signer.generate(n.lower() + '.example', ALG_COSIGNATURE_V1).vkey}"
+                         for n in ["W0", "W1", "W2", "W3", "W4", "A0", "A1", "A2"]),
+    "group pair all W0 W1", "group trio 2 W2 W3 W4", "group all-a all A0 A1 A2", "group q any pair trio all-a", "quorum q"]) + "\n").encode())
+NO_QUORUM = parse_policy(f"log {LOG.vkey}\nwitness W0 {W[0].vkey}\nquorum none\n".encode())
+
+
+@given(st.sampled_from([POLICY, NESTED, NO_QUORUM]), st.dictionaries(st.sampled_from(["W0", "W1", "W2", "W3", "W4", "A0", "A1", "A2"]),
+                                                                     st.integers(NOW - 5, NOW + 5)))
+def test_the_quorum_time_is_the_newest_time_a_quorum_had_cosigned_by(policy, times) -> None:  # type: ignore[no-untyped-def]
+    """Against the definition, directly: the newest T at which the witnesses cosigning at T or later meet the quorum."""
+    times = {name: t for name, t in times.items() if name in policy.witnesses}
+    meeting = [t for t in times.values() if policy.satisfied(n for n, u in times.items() if u >= t)]
+    assert policy.quorum_time(times) == (max(meeting) if meeting else None)
+
+
+def test_the_quorum_time_of_an_opened_checkpoint() -> None:
+    """One witness that cosigned long after the others does not make the quorum (2 of 3) that fresh."""
+    opened, times = open_checkpoint_times(note_with((W[0], NOW - 900), (W[1], NOW - 5), (W[2], NOW - 300)), POLICY, NOW)
+    assert opened.newest_cosignature == NOW - 5 and times == {"W0": NOW - 900, "W1": NOW - 5, "W2": NOW - 300}
+    assert POLICY.quorum_time(times) == NOW - 300
+    assert POLICY.quorum_time({"W1": NOW - 5}) is None
 
 
 LEAVES = tuple(leaf_hash(bytes([i])) for i in range(40))

@@ -86,11 +86,11 @@ async def fetch(api: RegistryClient, ref: PackageRef = REF) -> tuple[bytes, Stat
     return cosigned_proof(await api.get(path + "/tlog-proof")), cosigned_status(await api.get(path + "/status-proof"))
 
 
-def check(module: bytes, proof: bytes, status: StatusProof | None, policy: TrustPolicy = POLICY, now: int = NOW):  # type: ignore[no-untyped-def]
+def check(module: bytes, proof: bytes, status: bytes | StatusProof | None, policy: TrustPolicy = POLICY, now: int = NOW):  # type: ignore[no-untyped-def]
     return verify_module(module=module, proof=proof, policy=policy, now=now, status_proof=status)
 
 
-def reason(module: bytes, proof: bytes, status: StatusProof | None, **kw) -> str:  # type: ignore[no-untyped-def]
+def reason(module: bytes, proof: bytes, status: bytes | StatusProof | None, **kw) -> str:  # type: ignore[no-untyped-def]
     with pytest.raises(VerifyError) as e:
         check(module, proof, status, **kw)
     return e.value.reason

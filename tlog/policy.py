@@ -89,6 +89,16 @@ class Policy:
                 holds.add(group.name)
         return self.quorum in holds
 
+    def quorum_time(self, times: Mapping[str, int]) -> int | None:
+        """The newest time T such that the witnesses whose cosignature (times: policy name -> time) is
+        at T or later meet the quorum on their own: how fresh a quorum vouches the checkpoint is.
+        None when there is no cosignature (with quorum none, the newest cosignature's time)."""
+        ordered = sorted(times.items(), key=lambda item: item[1], reverse=True)
+        for k in range(1, len(ordered) + 1):  # monotone: adding witnesses never breaks a quorum
+            if self.satisfied(name for name, _ in ordered[:k]):
+                return ordered[k - 1][1]
+        return None
+
     @functools.cached_property
     def witness_keys(self) -> dict[tuple[str, int], PolicyWitness]:
         """The policy's witnesses by the (key name, key ID) of their signature lines."""
@@ -207,6 +217,19 @@ def open_checkpoint(
     signature fails), UnverifiedNoteError (no log signature), CosignatureError, QuorumNotMetError,
     StaleCheckpointError.
     """
+    opened, _ = open_checkpoint_times(note_bytes, policy, now, parsed=parsed)
+    newest = opened.newest_cosignature
+    if max_age is not None and (newest is None or now - newest > max_age):
+        age = "no cosignature" if newest is None else f"newest cosignature {now - newest}s old"
+        raise StaleCheckpointError(f"checkpoint too old: {age}, the policy allows {max_age}s")
+    return opened
+
+
+def open_checkpoint_times(
+    note_bytes: bytes, policy: Policy, now: int, *, parsed: tuple[Note, Checkpoint] | None = None,
+) -> tuple[OpenedCheckpoint, dict[str, int]]:
+    """open_checkpoint without a freshness bound, with each counted witness's cosignature time
+    (policy name -> time; Policy.quorum_time takes them). Raises as open_checkpoint."""
     origin = parsed[1].origin if parsed is not None else note_bytes.split(b"\n", 1)[0].decode("utf-8", "replace")
     log = policy.log_for(origin)
     if log is None:
@@ -242,7 +265,4 @@ def open_checkpoint(
     if not policy.satisfied(names):
         raise QuorumNotMetError(f"cosigned by {sorted(names) or 'no witness'}: the quorum {policy.quorum} is not met")
     newest = max(newest_by_witness.values()) if newest_by_witness else None
-    if max_age is not None and (newest is None or now - newest > max_age):
-        age = "no cosignature" if newest is None else f"newest cosignature {now - newest}s old"
-        raise StaleCheckpointError(f"checkpoint too old: {age}, the policy allows {max_age}s")
-    return OpenedCheckpoint(cp, note, tuple(sorted(names)), newest)
+    return OpenedCheckpoint(cp, note, tuple(sorted(names)), newest), newest_by_witness

@@ -67,11 +67,13 @@ class Sequencer:
         self._full = asyncio.Event()
         self.cosigner = cosigner
         # Called on the event loop after each batch is durable (entries, their indexes), before
-        # any submitter is answered: how an application keeps state derived from the log in step.
+        # any submitter is answered and before the next batch integrates: how an application
+        # keeps state derived from the log in step.
         self.on_integrated: list[Callable[[Sequence[bytes], Sequence[int]], None]] = []
         self.republish_interval = republish_interval
         self.witness_budget = witness_budget
         self._publish_lock = asyncio.Lock()
+        self._integrate_lock = asyncio.Lock()  # each batch's listeners run before the next batch integrates
         self._last_publish = float("-inf")
         self.observer: Observer | None = None
         self.batches = 0  # counters for metrics and tests
@@ -126,15 +128,16 @@ class Sequencer:
         if not batch:
             return
         entries = [entry for entry, _ in batch]
-        started = time.monotonic()
         try:
-            indexes, integrated = await asyncio.to_thread(self.log.integrate, entries, leaf_hashes=keys)
-            if self.observer is not None:
-                self.observer.batch(len(entries), time.monotonic() - started)
-                if self.cosigner is None:
-                    self.observer.published()
-            for listener in self.on_integrated:
-                listener(entries, indexes)
+            async with self._integrate_lock:  # flush can be called while another batch integrates
+                started = time.monotonic()
+                indexes, integrated = await asyncio.to_thread(self.log.integrate, entries, leaf_hashes=keys)
+                if self.observer is not None:
+                    self.observer.batch(len(entries), time.monotonic() - started)
+                    if self.cosigner is None:
+                        self.observer.published()
+                for listener in self.on_integrated:
+                    listener(entries, indexes)
             published = await self.publish(integrated) if self.cosigner else integrated
             extras = entries if self.entry_as_extra else None
             proofs = await asyncio.to_thread(self.log.tlog_proofs, indexes, published, extras)

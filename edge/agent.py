@@ -17,6 +17,7 @@ import logging
 import pathlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -126,9 +127,10 @@ class Agent:
             now = self.now()
             changed = dict(self.modules)
             moves = []
+            max_status_age = self.policy.max_status_age if self.policy.require_status else None
             for m, decision in decisions:
                 old = self.modules.get(m.ref)
-                new = next_state(old, decision, m.profile, m.ref, now)
+                new = next_state(old, decision, m.profile, m.ref, now, max_status_age)
                 changed[m.ref] = new
                 moves.append((old, new))
                 if new != old:
@@ -148,7 +150,7 @@ class Agent:
             old = self.modules.get(ref)
             if old is None or old.state == QUARANTINED or (digests is not None and old.digest not in digests):
                 return
-            new = ModuleState(ref, QUARANTINED, reason, message, old.profile, self.now(), old.version, old.digest, old.log_index)
+            new = replace(old, state=QUARANTINED, reason=reason, message=message, since=self.now())
             changed = {**self.modules, ref: new}
             await asyncio.to_thread(self.state_file.save, changed)
             await self.telemetry.moves([(old, new)])
@@ -265,7 +267,7 @@ class Agent:
         if s is None:
             return {"ref": m.ref, "state": "pending", "reason": None, "profile": m.profile}
         return {"ref": m.ref, "state": s.state, "reason": s.reason, "message": s.message, "version": s.version, "digest": s.digest,
-                "log_index": s.log_index, "profile": s.profile, "since": s.since}
+                "log_index": s.log_index, "profile": s.profile, "since": s.since, "status_as_of": s.status_as_of}
 
     def checkpoints_json(self) -> list[dict[str, Any]]:
         out = []

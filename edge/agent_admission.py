@@ -30,13 +30,12 @@ from edge.verify import (
     VerifyError,
     verify_module,
 )
-from edge.verify_cli import online_facts, parse_proof, status_proof_of
+from edge.verify_cli import online_facts, parse_proof, status_online
 from registry.client import RegistryClient
 from registry.record import PackageRef, RecordError, Release, check_version, decode_entry
 from registry.sbom import MAX_SBOM_BYTES
 from registry.wasm import MAX_MODULE_BYTES
 from tlog.errors import MalformedError, TlogError
-from tlog.policy import NONE
 from tlog.proof_file import TlogProof
 
 from .agent_config import ModuleConfig, ProfileConfig
@@ -74,6 +73,7 @@ class Decision:
     source: str | None = None
     tampered: tuple[str, ...] = ()  # stored modules found not to hash to their name (replaced by fetched bytes)
     evidence: tuple[str, ...] = field(default=())  # files of fork/inconsistency evidence written
+    status_time: int | None = None  # the cosigned time of the status proof it was admitted with, if any
 
 
 @dataclass
@@ -230,12 +230,14 @@ class Admission:
         if known_size not in (None, 0, tp.parsed.size):
             consistency, _ = await online_facts(url, known_size, tp.parsed.size, None, self.policy, self.now)
         # The release's status proof when this source serves one and the policy has witnesses to date it:
-        # yanks and revocations proven as of an index root, on top of those every source proved (refresh).
-        status_proof = None if self.policy.tlog.quorum == NONE else await status_proof_of(url, ref)
+        # yanks and revocations proven as of an index root, on top of those every source proved (refresh);
+        # and the consistency proof its checkpoint needs when newer than the trusted one.
+        trusted = max(tp.parsed.size, known_size or 0)
+        status_proof, status_consistency = await status_online(url, ref, None, trusted, self.policy, self.now)
 
         def verify(policy: TrustPolicy) -> Verified:
-            return verify_module(module=module, proof=tp, policy=policy, now=self.now, sbom=sbom, known=known,
-                                 consistency=consistency, status=refresh.status, status_proof=status_proof)
+            return verify_module(module=module, proof=tp, policy=policy, now=self.now, sbom=sbom, known=known, consistency=consistency,
+                                 status=refresh.status, status_proof=status_proof, status_consistency=status_consistency)
 
         def verify_and_store() -> Decision:
             try:
@@ -252,7 +254,8 @@ class Admission:
                                 ref.version, verified.module_sha256, verified.index, url, tampered)
             if tampered or self.store.get(digest) is None:
                 self.store.put(digest, module)
-            return Decision(ADMITTED, None, None, ref.version, verified.module_sha256, verified.index, url, tampered)
+            return Decision(ADMITTED, None, None, ref.version, verified.module_sha256, verified.index, url, tampered,
+                            status_time=None if verified.status is None else verified.status.time)
 
         return await asyncio.to_thread(verify_and_store)
 

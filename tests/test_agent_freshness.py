@@ -1,0 +1,97 @@
+"""Freshness belongs to status, in the edge agent: with require_status, an admitted module is served only while
+the newest status proof that verified for it is younger than max_status_age by its cosigned time.
+
+A real witnessed registry (its witnesses and the agent read the test's clock), a real mirror in front of it
+that replays an old status proof, the agent in this process with its real sandbox. The module stops at the
+first sweep past the age and comes back at the sweep that verifies a fresh status proof."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+from agent_helpers import InProcessAgent, in_process_agent, mirror_app, printing_module
+from aiohttp import web
+from witnessed_helpers import Clock, start_witnessed_registry, trust_policy
+
+from edge import telemetry_events as ev
+from registry.record import Action, PackageRef
+from tlog.note import Ed25519Signer
+
+ALICE = Ed25519Signer.generate("alice")
+BOB = Ed25519Signer.generate("bob")
+HELLO = printing_module(b"Content-Type: text/plain\n\nhello from acme\n")
+REF = PackageRef("acme", "hello", "1.0.0")
+MAX_AGE = 600
+
+
+async def module_status(a: InProcessAgent) -> dict[str, Any]:
+    body = await (await a.admin.get("/status")).json()
+    (m,) = body["modules"]
+    return m  # type: ignore[no-any-return]
+
+
+async def runs(a: InProcessAgent) -> int:
+    return (await a.runs.get("/run/acme/hello")).status
+
+
+def events(a: InProcessAgent, name: str) -> list[ev.Event]:
+    return [e for e in a.agent.telemetry.spool.scan() if e.name == name]
+
+
+async def test_a_module_stops_when_its_status_proofs_stop_getting_fresher(aiohttp_client, aiohttp_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock(float(int(time.time())))
+    t0 = int(clock.now)
+    api, _ = await start_witnessed_registry(aiohttp_client, aiohttp_server, tmp_path, clock)
+    await api.act(ALICE, Action("key-grant", "acme", key=ALICE.vkey, issued=1))
+    await api.publish(ALICE, REF, HELLO)  # cosigned at t0
+    replayed: list[bytes] = []  # when set, the mirror answers every status proof request with it
+
+    def replaying(request: web.Request) -> web.Response | None:
+        return web.Response(body=replayed[0]) if replayed and request.path.endswith("/status-proof") else None
+
+    async with aiohttp.ClientSession() as session:
+        mirror = await aiohttp_server(mirror_app(api.url, session, replaying))
+        a = await in_process_agent(aiohttp_client, tmp_path, [str(mirror.make_url("")).rstrip("/")], {str(REF): "stdout"},
+                                   trust_policy=trust_policy(f"require_status = true\nmax_status_age = {MAX_AGE}"), clock=clock)
+        try:
+            m = await module_status(a)
+            assert (m["state"], m["status_as_of"]) == ("admitted", t0) and await runs(a) == 200
+            replayed.append(await api.get(api.package_path(REF) + "/status-proof"))  # the mirror now replays this one
+
+            clock.now = t0 + MAX_AGE  # as old as allowed: still served
+            await a.agent.sweep()
+            m = await module_status(a)
+            assert (m["state"], m["status_as_of"]) == ("admitted", t0) and await runs(a) == 200
+
+            clock.now = t0 + MAX_AGE + 1  # the first sweep past the age stops it
+            sweep = await a.agent.sweep()
+            m = await module_status(a)
+            assert (m["state"], m["reason"], m["status_as_of"]) == ("quarantined", "status-stale", t0), m
+            assert f"cosigned {MAX_AGE + 1}s ago" in m["message"] and "status-stale" in m["message"]  # and this sweep's own failure
+            assert [x["state"] for x in sweep["modules"]] == ["quarantined"] and await runs(a) == 403
+            (quarantined,) = events(a, ev.QUARANTINED)
+            assert quarantined.attr("wasmlog.reason") == "status-stale" and quarantined.attr("wasmlog.status.as_of") == t0
+
+            clock.now = t0 + MAX_AGE + 100  # a source failing again changes nothing: still quarantined
+            await a.agent.sweep()
+            assert (await module_status(a))["state"] == "quarantined" and await runs(a) == 403
+
+            replayed.clear()  # the mirror serves the registry's status proofs again, and a new batch is cosigned now
+            await api.act(ALICE, Action("key-grant", "acme", key=BOB.vkey, issued=2))
+            await a.agent.sweep()
+            m = await module_status(a)
+            assert (m["state"], m["reason"], m["status_as_of"]) == ("admitted", None, t0 + MAX_AGE + 100) and await runs(a) == 200
+            (released,) = events(a, ev.RELEASED)
+            assert released.attr("wasmlog.status.as_of") == t0 + MAX_AGE + 100
+
+            # Without require_status nothing of this applies: a source's stale status proof proves nothing either way.
+            (tmp_path / "edge" / "trust-policy.toml").write_text(trust_policy(f"max_status_age = {MAX_AGE}"))  # re-read at each sweep
+            replayed.append(await api.get(api.package_path(REF) + "/status-proof"))
+            clock.now = t0 + 3 * MAX_AGE
+            sweep = await a.agent.sweep()
+            assert (await module_status(a))["state"] == "admitted" and await runs(a) == 200
+            assert [f["reason"] for f in sweep["findings"] if f["kind"] == "unavailable"] == ["status-stale"]
+        finally:
+            await a.close()

@@ -33,7 +33,7 @@ from edge.verify import (
 from .agent_admission import FETCH_TIMEOUT, Admission, Decision, is_final
 from .agent_config import AgentConfig, ModuleConfig
 from .agent_state import ADMITTED, QUARANTINED, ModuleState, ModuleStore, StateError, StateFile, state_key
-from .agent_sweep import next_state, refresh_checkpoint
+from .agent_sweep import next_state, refresh_checkpoint, status_stale
 from .artifacts import load_or_create_key
 from .sandbox import Sandbox
 from .telemetry import Telemetry
@@ -156,6 +156,13 @@ class Agent:
             await self.telemetry.moves([(old, new)])
             self.modules = changed
         logger.warning("%s: quarantined (%s: %s)", ref, reason, message)
+
+    def status_stale(self, s: ModuleState) -> str | None:
+        """With require_status, why admitted s may no longer be served (its newest verified status proof aged
+        out since the last sweep), else None."""
+        if not self.policy.require_status or s.state != ADMITTED:
+            return None
+        return status_stale(s, self.now(), self.policy.max_status_age)
 
     def serving(self, namespace: str, name: str) -> tuple[ModuleConfig, ModuleState | None] | None:
         m = self.config.module(namespace, name)

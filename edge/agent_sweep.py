@@ -80,11 +80,10 @@ def next_state(old: ModuleState | None, decision: Decision, profile: str, ref: s
     quarantined `status-stale` (the node can no longer vouch for it), until a sweep admits it with a
     fresh one."""
     if old is not None and decision.state != ADMITTED and not is_final(decision.reason):
-        if max_status_age is None or old.state != ADMITTED or not status_aged(old, now, max_status_age):
+        stale = None if max_status_age is None or old.state != ADMITTED else status_stale(old, now, max_status_age)
+        if stale is None:
             return old
-        known = "none verified" if old.status_as_of is None else f"the newest that verified was cosigned {now - old.status_as_of}s ago"
-        message = (f"no source served a status proof younger than max_status_age {max_status_age}s ({known}); "
-                   f"this sweep: ({decision.reason}) {decision.message}")
+        message = f"{stale}; this sweep: ({decision.reason}) {decision.message}"
         return replace(old, state=QUARANTINED, reason="status-stale", message=message, since=now)
     as_of = None if old is None or old.digest != decision.digest else old.status_as_of  # the newest known of this release
     if decision.status_time is not None:
@@ -102,6 +101,10 @@ def next_state(old: ModuleState | None, decision: Decision, profile: str, ref: s
     return new
 
 
-def status_aged(s: ModuleState, now: int, max_status_age: int) -> bool:
-    """Whether the newest status proof that verified for s is older than max_status_age (or there is none)."""
-    return s.status_as_of is None or now - s.status_as_of > max_status_age
+def status_stale(s: ModuleState, now: int, max_status_age: int) -> str | None:
+    """Why s can no longer be vouched for: its newest verified status proof is older than max_status_age
+    (or there is none); None while it is not."""
+    if s.status_as_of is not None and now - s.status_as_of <= max_status_age:
+        return None
+    known = "none verified" if s.status_as_of is None else f"the newest that verified was cosigned {now - s.status_as_of}s ago"
+    return f"no source served a status proof younger than max_status_age {max_status_age}s ({known})"

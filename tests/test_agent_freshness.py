@@ -3,7 +3,7 @@ the newest status proof that verified for it is younger than max_status_age by i
 
 A real witnessed registry (its witnesses and the agent read the test's clock), a real mirror in front of it
 that replays an old status proof, the agent in this process with its real sandbox. The module stops at the
-first sweep past the age and comes back at the sweep that verifies a fresh status proof."""
+first request or sweep past the age and comes back at the sweep that verifies a fresh status proof."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ from aiohttp import web
 from witnessed_helpers import Clock, start_witnessed_registry, trust_policy
 
 from edge import telemetry_events as ev
+from registry.client import RegistryClient
 from registry.record import Action, PackageRef
 from tlog.note import Ed25519Signer
 
 ALICE = Ed25519Signer.generate("alice")
 BOB = Ed25519Signer.generate("bob")
+CAROL = Ed25519Signer.generate("carol")
 HELLO = printing_module(b"Content-Type: text/plain\n\nhello from acme\n")
 REF = PackageRef("acme", "hello", "1.0.0")
 MAX_AGE = 600
@@ -34,6 +36,17 @@ async def module_status(a: InProcessAgent) -> dict[str, Any]:
 
 async def runs(a: InProcessAgent) -> int:
     return (await a.runs.get("/run/acme/hello")).status
+
+
+async def release(a: InProcessAgent, api: RegistryClient, replayed: list[bytes], record: Action, now: int) -> None:
+    """The mirror serves the registry's status proofs again, a new batch is cosigned now: the next sweep releases the module."""
+    replayed.clear()
+    await api.act(ALICE, record)
+    released = len(events(a, ev.RELEASED))
+    await a.agent.sweep()
+    m = await module_status(a)
+    assert (m["state"], m["reason"], m["status_as_of"]) == ("admitted", None, now) and await runs(a) == 200
+    assert [e.attr("wasmlog.status.as_of") for e in events(a, ev.RELEASED)][released:] == [now]
 
 
 def events(a: InProcessAgent, name: str) -> list[ev.Event]:
@@ -65,31 +78,36 @@ async def test_a_module_stops_when_its_status_proofs_stop_getting_fresher(aiohtt
             m = await module_status(a)
             assert (m["state"], m["status_as_of"]) == ("admitted", t0) and await runs(a) == 200
 
-            clock.now = t0 + MAX_AGE + 1  # the first sweep past the age stops it
-            sweep = await a.agent.sweep()
+            clock.now = t0 + MAX_AGE + 1  # past the age: not served any more, even before the next sweep
+            assert await runs(a) == 403
             m = await module_status(a)
             assert (m["state"], m["reason"], m["status_as_of"]) == ("quarantined", "status-stale", t0), m
-            assert f"cosigned {MAX_AGE + 1}s ago" in m["message"] and "status-stale" in m["message"]  # and this sweep's own failure
-            assert [x["state"] for x in sweep["modules"]] == ["quarantined"] and await runs(a) == 403
+            assert f"cosigned {MAX_AGE + 1}s ago" in m["message"]
             (quarantined,) = events(a, ev.QUARANTINED)
             assert quarantined.attr("wasmlog.reason") == "status-stale" and quarantined.attr("wasmlog.status.as_of") == t0
 
-            clock.now = t0 + MAX_AGE + 100  # a source failing again changes nothing: still quarantined
+            clock.now = t0 + MAX_AGE + 100  # a sweep whose source fails again changes nothing: still quarantined
             await a.agent.sweep()
             assert (await module_status(a))["state"] == "quarantined" and await runs(a) == 403
 
-            replayed.clear()  # the mirror serves the registry's status proofs again, and a new batch is cosigned now
-            await api.act(ALICE, Action("key-grant", "acme", key=BOB.vkey, issued=2))
-            await a.agent.sweep()
-            m = await module_status(a)
-            assert (m["state"], m["reason"], m["status_as_of"]) == ("admitted", None, t0 + MAX_AGE + 100) and await runs(a) == 200
-            (released,) = events(a, ev.RELEASED)
-            assert released.attr("wasmlog.status.as_of") == t0 + MAX_AGE + 100
+            t1 = int(clock.now)
+            await release(a, api, replayed, Action("key-grant", "acme", key=BOB.vkey, issued=2), t1)
 
+            replayed.append(await api.get(api.package_path(REF) + "/status-proof"))  # replayed again
+            clock.now = t1 + MAX_AGE + 1  # the first sweep past the age stops it
+            sweep = await a.agent.sweep()
+            m = await module_status(a)
+            assert (m["state"], m["reason"], m["status_as_of"]) == ("quarantined", "status-stale", t1), m
+            assert f"cosigned {MAX_AGE + 1}s ago" in m["message"] and "this sweep: (status-stale)" in m["message"]
+            assert [x["state"] for x in sweep["modules"]] == ["quarantined"] and await runs(a) == 403
+            assert [e.attr("wasmlog.status.as_of") for e in events(a, ev.QUARANTINED)] == [t0, t1]
+
+            t2 = int(clock.now)
+            await release(a, api, replayed, Action("key-grant", "acme", key=CAROL.vkey, issued=2), t2)
             # Without require_status nothing of this applies: a source's stale status proof proves nothing either way.
             (tmp_path / "edge" / "trust-policy.toml").write_text(trust_policy(f"max_status_age = {MAX_AGE}"))  # re-read at each sweep
             replayed.append(await api.get(api.package_path(REF) + "/status-proof"))
-            clock.now = t0 + 3 * MAX_AGE
+            clock.now = t2 + 3 * MAX_AGE
             sweep = await a.agent.sweep()
             assert (await module_status(a))["state"] == "admitted" and await runs(a) == 200
             assert [f["reason"] for f in sweep["findings"] if f["kind"] == "unavailable"] == ["status-stale"]

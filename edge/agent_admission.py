@@ -232,7 +232,7 @@ class Admission:
         # The release's status proof when this source serves one and the policy has witnesses to date it:
         # yanks and revocations proven as of an index root, on top of those every source proved (refresh);
         # and the consistency proof its checkpoint needs when newer than the trusted one.
-        trusted = max(tp.parsed.size, known_size or 0)
+        trusted = known.checkpoint if known is not None and known.checkpoint.size > tp.parsed.size else tp.parsed
         status_proof, status_consistency = await status_online(url, ref, None, trusted, self.policy, self.now)
 
         def verify(policy: TrustPolicy) -> Verified:

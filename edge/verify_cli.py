@@ -11,7 +11,7 @@ import aiohttp
 from registry.client import RegistryClient, RegistryError
 from registry.record import PackageRef, Release, decode_entry
 from registry.status_proof import MAX_STATUS_PROOF_BYTES
-from tlog.checkpoint import parse_checkpoint
+from tlog.checkpoint import Checkpoint, parse_checkpoint
 from tlog.client import BAD_RESPONSE, UNREACHABLE, failure_kind
 from tlog.errors import TlogError
 from tlog.note import parse_note
@@ -120,23 +120,25 @@ async def status_proof_of(url: str, ref: PackageRef) -> bytes | None:
         raise failure from None
 
 
-async def status_consistency_of(url: str, status_proof: bytes, trusted_size: int, policy: TrustPolicy, now: int) -> list[bytes] | None:
-    """The consistency proof from trusted_size to the status proof's checkpoint, from the registry at url, when
-    that checkpoint is larger (its size read unverified: the verifier checks the checkpoint and the proof);
+async def status_consistency_of(url: str, status_proof: bytes, trusted: Checkpoint, policy: TrustPolicy, now: int) -> list[bytes] | None:
+    """The consistency proof from the trusted checkpoint to the status proof's, from the registry at url, when
+    that one is of the same log and larger (read unverified: the verifier checks the checkpoint and the proof);
     None otherwise, or when the status proof cannot be read (the verifier says why). Raises VerifyError like
     online_facts."""
     try:
-        size = parse_checkpoint(parse_note(parse_status(status_proof).checkpoint).text).size
+        cp = parse_checkpoint(parse_note(parse_status(status_proof).checkpoint).text)
     except (VerifyError, TlogError):
         return None
-    if size <= trusted_size or trusted_size <= 0:
+    size = cp.size
+    if cp.origin != trusted.origin or size <= trusted.size or trusted.size <= 0:
         return None
+    trusted_size = trusted.size
     consistency: list[bytes] | None
     consistency, _ = await online_facts(url, trusted_size, size, None, policy, now)
     return consistency
 
 
-async def status_online(url: str, ref: PackageRef, status_proof: bytes | None, trusted_size: int, policy: TrustPolicy,
+async def status_online(url: str, ref: PackageRef, status_proof: bytes | None, trusted: Checkpoint, policy: TrustPolicy,
                         now: int) -> tuple[bytes | None, list[bytes] | None]:
     """With --registry (and the agent): the release's status proof (status_proof if given, else the registry's when the
     policy has witnesses to date it) and the consistency proof its checkpoint needs (status_consistency_of)."""
@@ -144,7 +146,7 @@ async def status_online(url: str, ref: PackageRef, status_proof: bytes | None, t
         status_proof = await status_proof_of(url, ref)
     if status_proof is None:
         return None, None
-    return status_proof, await status_consistency_of(url, status_proof, trusted_size, policy, now)
+    return status_proof, await status_consistency_of(url, status_proof, trusted, policy, now)
 
 
 def run_verify(
@@ -202,7 +204,7 @@ def _verify(
         fetched, status = run(online_facts(url, None if known is None else known.checkpoint.size, cp.size, release.namespace, policy, now))
         consistency = consistency or fetched
         if isinstance(release.body, Release):  # else verify_module says what it is
-            trusted = max(cp.size, known.checkpoint.size if known is not None else 0)
+            trusted = known.checkpoint if known is not None and known.checkpoint.size > cp.size else cp
             status_proof, status_consistency = run(status_online(url, release.body.ref, status_proof, trusted, policy, now))
     verified = verify_module(module=module, proof=tp, policy=policy, now=now, sbom=sbom, known=known, consistency=consistency, status=status,
                              status_proof=status_proof, status_consistency=status_consistency)

@@ -7,18 +7,22 @@ first request or sweep past the age and comes back at the sweep that verifies a 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 import aiohttp
 from agent_helpers import InProcessAgent, in_process_agent, mirror_app, printing_module
 from aiohttp import web
-from witnessed_helpers import Clock, start_witnessed_registry, trust_policy
+from registry_helpers import REGISTRY_KEY
+from witnessed_helpers import WITNESS_KEYS, Clock, start_witnessed_registry, trust_policy
 
 from edge import telemetry_events as ev
 from registry.client import RegistryClient
 from registry.record import Action, PackageRef
-from tlog.note import Ed25519Signer
+from registry.status_proof import parse_status_proof
+from tlog.cosignature import cosign
+from tlog.note import Ed25519Signer, parse_note
 
 ALICE = Ed25519Signer.generate("alice")
 BOB = Ed25519Signer.generate("bob")
@@ -111,5 +115,44 @@ async def test_a_module_stops_when_its_status_proofs_stop_getting_fresher(aiohtt
             sweep = await a.agent.sweep()
             assert (await module_status(a))["state"] == "admitted" and await runs(a) == 200
             assert [f["reason"] for f in sweep["findings"] if f["kind"] == "unavailable"] == ["status-stale"]
+        finally:
+            await a.close()
+
+
+def cosigned_at(note: bytes, at: int) -> bytes:
+    """note with its witnesses' cosignatures made again at time at (as they cosigned the same tree then)."""
+    n = parse_note(note)
+    log_lines = "".join(s.line() for s in n.signatures if s.name == REGISTRY_KEY.name)
+    return (n.text + "\n" + log_lines).encode() + b"".join(cosign(w, n.text, at).line().encode() for w in WITNESS_KEYS)
+
+
+async def test_the_freshest_status_proof_any_source_serves_counts(aiohttp_client, aiohttp_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A mirror listed first serves the same status proof as cosigned 200 s earlier: it verifies, but the
+    registry's fresher one is what the node keeps, so the mirror cannot age the module out early."""
+    clock = Clock(float(int(time.time())))
+    t0 = int(clock.now)
+    api, _ = await start_witnessed_registry(aiohttp_client, aiohttp_server, tmp_path, clock)
+    await api.act(ALICE, Action("key-grant", "acme", key=ALICE.vkey, issued=1))
+    await api.publish(ALICE, REF, HELLO)
+
+    async def older(request: web.Request) -> web.Response | None:
+        if not request.path.endswith("/status-proof"):
+            return None
+        sp = parse_status_proof(await api.get(request.path))
+        return web.Response(body=dataclasses.replace(sp, checkpoint=cosigned_at(sp.checkpoint, t0 - 200)).encode())
+
+    async with aiohttp.ClientSession() as session:
+        mirror = await aiohttp_server(mirror_app(api.url, session, older))
+        a = await in_process_agent(aiohttp_client, tmp_path, [str(mirror.make_url("")).rstrip("/"), api.url], {str(REF): "stdout"},
+                                   trust_policy=trust_policy(f"require_status = true\nmax_status_age = {MAX_AGE}"), clock=clock)
+        try:
+            m = await module_status(a)
+            assert (m["state"], m["status_as_of"]) == ("admitted", t0), m
+            served = await a.admin.get("/status")
+            assert [s["url"] for s in (await served.json())["sources"] if s["last_ok"] is not None][:1] == [str(mirror.make_url("")).rstrip("/")]
+            clock.now = t0 - 200 + MAX_AGE + 1  # the mirror's has aged out, the registry's has not
+            assert await runs(a) == 200 and (await module_status(a))["state"] == "admitted"
+            clock.now = t0 + MAX_AGE + 1
+            assert await runs(a) == 403 and (await module_status(a))["reason"] == "status-stale"
         finally:
             await a.close()

@@ -17,6 +17,7 @@ import logging
 import pathlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -32,7 +33,7 @@ from edge.verify import (
 from .agent_admission import FETCH_TIMEOUT, Admission, Decision, is_final
 from .agent_config import AgentConfig, ModuleConfig
 from .agent_state import ADMITTED, QUARANTINED, ModuleState, ModuleStore, StateError, StateFile, state_key
-from .agent_sweep import next_state, refresh_checkpoint
+from .agent_sweep import next_state, refresh_checkpoint, status_stale
 from .artifacts import load_or_create_key
 from .sandbox import Sandbox
 from .telemetry import Telemetry
@@ -126,9 +127,10 @@ class Agent:
             now = self.now()
             changed = dict(self.modules)
             moves = []
+            max_status_age = self.policy.max_status_age if self.policy.require_status else None
             for m, decision in decisions:
                 old = self.modules.get(m.ref)
-                new = next_state(old, decision, m.profile, m.ref, now)
+                new = next_state(old, decision, m.profile, m.ref, now, max_status_age)
                 changed[m.ref] = new
                 moves.append((old, new))
                 if new != old:
@@ -148,12 +150,19 @@ class Agent:
             old = self.modules.get(ref)
             if old is None or old.state == QUARANTINED or (digests is not None and old.digest not in digests):
                 return
-            new = ModuleState(ref, QUARANTINED, reason, message, old.profile, self.now(), old.version, old.digest, old.log_index)
+            new = replace(old, state=QUARANTINED, reason=reason, message=message, since=self.now())
             changed = {**self.modules, ref: new}
             await asyncio.to_thread(self.state_file.save, changed)
             await self.telemetry.moves([(old, new)])
             self.modules = changed
         logger.warning("%s: quarantined (%s: %s)", ref, reason, message)
+
+    def status_stale(self, s: ModuleState) -> str | None:
+        """With require_status, why admitted s may no longer be served (its newest verified status proof aged
+        out since the last sweep), else None."""
+        if not self.policy.require_status or s.state != ADMITTED:
+            return None
+        return status_stale(s, self.now(), self.policy.max_status_age)
 
     def serving(self, namespace: str, name: str) -> tuple[ModuleConfig, ModuleState | None] | None:
         m = self.config.module(namespace, name)
@@ -265,7 +274,7 @@ class Agent:
         if s is None:
             return {"ref": m.ref, "state": "pending", "reason": None, "profile": m.profile}
         return {"ref": m.ref, "state": s.state, "reason": s.reason, "message": s.message, "version": s.version, "digest": s.digest,
-                "log_index": s.log_index, "profile": s.profile, "since": s.since}
+                "log_index": s.log_index, "profile": s.profile, "since": s.since, "status_as_of": s.status_as_of}
 
     def checkpoints_json(self) -> list[dict[str, Any]]:
         out = []

@@ -30,13 +30,13 @@ from edge.verify import (
     VerifyError,
     verify_module,
 )
-from edge.verify_cli import online_facts, parse_proof, status_proof_of
+from edge.verify_cli import online_facts, parse_proof, status_online
 from registry.client import RegistryClient
 from registry.record import PackageRef, RecordError, Release, check_version, decode_entry
 from registry.sbom import MAX_SBOM_BYTES
 from registry.wasm import MAX_MODULE_BYTES
+from tlog.checkpoint import Checkpoint
 from tlog.errors import MalformedError, TlogError
-from tlog.policy import NONE
 from tlog.proof_file import TlogProof
 
 from .agent_config import ModuleConfig, ProfileConfig
@@ -74,6 +74,7 @@ class Decision:
     source: str | None = None
     tampered: tuple[str, ...] = ()  # stored modules found not to hash to their name (replaced by fetched bytes)
     evidence: tuple[str, ...] = field(default=())  # files of fork/inconsistency evidence written
+    status_time: int | None = None  # the cosigned time of the status proof it was admitted with, if any
 
 
 @dataclass
@@ -202,6 +203,18 @@ class Admission:
         self.answered.update(refresh.answered)
         return refresh
 
+    async def _status_proofs(self, urls: Sequence[str], ref: PackageRef, trusted: Checkpoint) -> list[tuple[bytes | None, list[bytes] | None]]:
+        """The release's status proof (and the consistency proof it needs) from each of urls that serves one; a
+        source that fails here is left out (its failure is named when it is tried itself)."""
+
+        async def one(url: str) -> tuple[bytes | None, list[bytes] | None]:
+            try:
+                return await status_online(url, ref, None, trusted, self.policy, self.now)
+            except Exception:  # noqa: BLE001 -- another source's: it proves nothing here
+                return None, None
+
+        return list(await asyncio.gather(*(one(u) for u in urls)))
+
     async def _verify(self, url: str, ref: PackageRef, profile: ProfileConfig, tp: TlogProof, body: Release, module: bytes,
                       sbom: bytes | None, tampered: tuple[str, ...]) -> Decision:
         """Verification against a proof whose checkpoint is the trusted one's size cannot move the trusted
@@ -230,12 +243,31 @@ class Admission:
         if known_size not in (None, 0, tp.parsed.size):
             consistency, _ = await online_facts(url, known_size, tp.parsed.size, None, self.policy, self.now)
         # The release's status proof when this source serves one and the policy has witnesses to date it:
-        # yanks and revocations proven as of an index root, on top of those every source proved (refresh).
-        status_proof = None if self.policy.tlog.quorum == NONE else await status_proof_of(url, ref)
+        # yanks and revocations proven as of an index root, on top of those every source proved (refresh);
+        # and the consistency proof its checkpoint needs when newer than the trusted one. With require_status,
+        # every other source's too: the freshest that verifies counts (status_as_of), whoever serves it.
+        trusted = known.checkpoint if known is not None and known.checkpoint.size > tp.parsed.size else tp.parsed
+        own = await status_online(url, ref, None, trusted, self.policy, self.now)  # its failure is this source's
+        others = await self._status_proofs([u for u in self.registries if u != url], ref, trusted) if self.policy.require_status else []
+        statuses = [s for s in (own, *others) if s[0] is not None] or [own]
 
         def verify(policy: TrustPolicy) -> Verified:
-            return verify_module(module=module, proof=tp, policy=policy, now=self.now, sbom=sbom, known=known,
-                                 consistency=consistency, status=refresh.status, status_proof=status_proof)
+            """Against each status proof in turn: the freshest that verifies; a withdrawal, a policy refusal or a
+            fork any of them proves, at once; none verifying, the first one's failure (this source's own)."""
+            verified: list[Verified] = []
+            failures: list[VerifyError] = []
+            for status_proof, status_consistency in statuses:
+                try:
+                    verified.append(verify_module(module=module, proof=tp, policy=policy, now=self.now, sbom=sbom, known=known,
+                                                  consistency=consistency, status=refresh.status, status_proof=status_proof,
+                                                  status_consistency=status_consistency))
+                except VerifyError as e:
+                    if e.reason in GONE_REASONS | POLICY_REASONS | {"fork"}:
+                        raise
+                    failures.append(e)
+            if not verified:
+                raise failures[0]
+            return max(verified, key=lambda v: -1 if v.status is None else v.status.time)
 
         def verify_and_store() -> Decision:
             try:
@@ -252,7 +284,8 @@ class Admission:
                                 ref.version, verified.module_sha256, verified.index, url, tampered)
             if tampered or self.store.get(digest) is None:
                 self.store.put(digest, module)
-            return Decision(ADMITTED, None, None, ref.version, verified.module_sha256, verified.index, url, tampered)
+            return Decision(ADMITTED, None, None, ref.version, verified.module_sha256, verified.index, url, tampered,
+                            status_time=None if verified.status is None else verified.status.time)
 
         return await asyncio.to_thread(verify_and_store)
 

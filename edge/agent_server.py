@@ -126,6 +126,9 @@ async def run_module(request: web.Request) -> web.Response:
     if found is None:
         raise NotFoundError(f"no module {ns[:64]}:{name[:64]} is configured")
     m, s = found
+    if s is not None and s.digest is not None and (stale := agent.status_stale(s)) is not None:  # between sweeps too
+        await agent.quarantine(m.ref, "status-stale", stale, {s.digest})
+        s = agent.modules.get(m.ref)
     if s is None or s.state != ADMITTED or s.digest is None:
         why = "not admitted yet" if s is None else f"{s.state} ({s.reason}: {s.message})"
         await agent.telemetry.request_failed(m.ref, s, None)

@@ -1,7 +1,8 @@
 """The agent's state on disk, under its data directory:
 
 - state.json: per configured module its state (admitted | refused | quarantined), reason, the
-  release it resolved to, digest, log index, profile, since; replaced atomically (temp file,
+  release it resolved to, digest, log index, profile, since, and the cosigned time of the newest
+  status proof that verified for it (status_as_of); replaced atomically (temp file,
   fsync, rename), and always written before the state is acted on, so it survives a SIGKILL.
   It carries an HMAC-SHA256 under a key derived from the node's artifact key (state_key): a file
   edited on disk, or written by another node, does not check, and is not used (StateError);
@@ -29,7 +30,8 @@ MAX_STATE_BYTES = 64 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-STATE_VERSION = 2  # 1 had no MAC
+STATE_VERSION = 3  # 1 had no MAC; 2 no status_as_of (read as None)
+READ_VERSIONS = (2, 3)
 
 
 class StateError(Exception):
@@ -53,22 +55,25 @@ class ModuleState:
     version: str | None = None  # the release it resolved to
     digest: str | None = None  # sha256 hex of the module
     log_index: int | None = None
+    status_as_of: int | None = None  # POSIX seconds: the cosigned time of the newest status proof that verified
 
     def as_json(self) -> dict[str, object]:
         return asdict(self)
 
 
-def _module_state(obj: object) -> ModuleState:
-    if type(obj) is not dict or set(obj) != set(ModuleState.__dataclass_fields__):
+def _module_state(obj: object, version: int) -> ModuleState:
+    fields = set(ModuleState.__dataclass_fields__) - ({"status_as_of"} if version == 2 else set())
+    if type(obj) is not dict or set(obj) != fields:
         raise StateError(f"a module entry has the wrong fields: {obj!r:.200}")
     m = ModuleState(**obj)
-    if m.state not in STATES or (m.digest is not None and not _HEX64.fullmatch(str(m.digest))):
+    if m.state not in STATES or (m.digest is not None and not _HEX64.fullmatch(str(m.digest))) \
+            or (m.status_as_of is not None and type(m.status_as_of) is not int):
         raise StateError(f"a module entry is damaged: {obj!r:.200}")
     return m
 
 
 class StateFile:
-    """state.json: {"version": 2, "modules": {ref: ModuleState}, "mac": hex HMAC-SHA256 under key of the
+    """state.json: {"version": 3, "modules": {ref: ModuleState}, "mac": hex HMAC-SHA256 under key of the
     canonical JSON (sorted keys, no spaces) of the rest}."""
 
     def __init__(self, data: pathlib.Path, key: bytes) -> None:
@@ -90,14 +95,14 @@ class StateFile:
             obj = strict_json(self.path.read_bytes(), str(self.path))
         except (OSError, MalformedError) as e:
             raise StateError(f"{self.path}: {e}") from None
-        if type(obj) is not dict or set(obj) != {"version", "modules", "mac"} or obj["version"] != STATE_VERSION \
-                or type(obj["modules"]) is not dict or type(obj["mac"]) is not str:
-            raise StateError(f"{self.path} is not a version {STATE_VERSION} agent state file")
+        if type(obj) is not dict or set(obj) != {"version", "modules", "mac"} or type(obj["version"]) is not int \
+                or obj["version"] not in READ_VERSIONS or type(obj["modules"]) is not dict or type(obj["mac"]) is not str:
+            raise StateError(f"{self.path} is not an agent state file of version {' or '.join(map(str, READ_VERSIONS))}")
         mac = obj.pop("mac")
         if not hmac.compare_digest(mac.encode(), self._mac(obj).encode()):
             raise StateError(f"{self.path}: its MAC does not check under this node's key (edited, or another node's)")
         try:
-            return {ref: _module_state(m) for ref, m in obj["modules"].items()}
+            return {ref: _module_state(m, obj["version"]) for ref, m in obj["modules"].items()}
         except TypeError as e:
             raise StateError(f"{self.path}: {e}") from None
 

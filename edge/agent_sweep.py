@@ -68,22 +68,43 @@ async def refresh_checkpoint(session: aiohttp.ClientSession, registries: Sequenc
     return {"accepted": True, "registry": newest[1], "origin": newest[2], "size": newest[0], "findings": findings}
 
 
-def next_state(old: ModuleState | None, decision: Decision, profile: str, ref: str, now: int) -> ModuleState:
+def next_state(old: ModuleState | None, decision: Decision, profile: str, ref: str, now: int,
+               max_status_age: int | None = None) -> ModuleState:
     """Where a module goes on a decision: admitted when admitted; a module that was admitted (or
     quarantined) and is refused for a final reason (is_final: a verified yank or revocation, a policy or
     capability refusal of verified data) is quarantined; one never admitted stays refused. Any other
     failure (a source unreachable, garbage from it, a proof that does not verify) proves nothing about
-    the release: the module's state stays as it was, and the next sweep tries again."""
+    the release: the module's state stays as it was, and the next sweep tries again, except that
+    freshness belongs to status: with max_status_age (the policy's, when it has require_status), an
+    admitted module whose newest verified status proof (status_as_of) is older than that is
+    quarantined `status-stale` (the node can no longer vouch for it), until a sweep admits it with a
+    fresh one."""
     if old is not None and decision.state != ADMITTED and not is_final(decision.reason):
-        return old
+        stale = None if max_status_age is None or old.state != ADMITTED else status_stale(old, now, max_status_age)
+        if stale is None:
+            return old
+        message = f"{stale}; this sweep: ({decision.reason}) {decision.message}"
+        return replace(old, state=QUARANTINED, reason="status-stale", message=message, since=now)
+    as_of = None if old is None or old.digest != decision.digest else old.status_as_of  # the newest known of this release
+    if decision.status_time is not None:
+        as_of = max(as_of or 0, decision.status_time)
     if decision.state == ADMITTED:
-        new = ModuleState(ref, ADMITTED, None, None, profile, now, decision.version, decision.digest, decision.log_index)
+        new = ModuleState(ref, ADMITTED, None, None, profile, now, decision.version, decision.digest, decision.log_index, as_of)
     else:
         state = QUARANTINED if old is not None and old.state in (ADMITTED, QUARANTINED) else decision.state
         digest, index = decision.digest, decision.log_index
         if digest is None and old is not None and old.version == decision.version:  # the release that stops serving
-            digest, index = old.digest, old.log_index
-        new = ModuleState(ref, state, decision.reason, decision.message, profile, now, decision.version, digest, index)
+            digest, index, as_of = old.digest, old.log_index, old.status_as_of
+        new = ModuleState(ref, state, decision.reason, decision.message, profile, now, decision.version, digest, index, as_of)
     if old is not None and (old.state, old.reason, old.version, old.digest) == (new.state, new.reason, new.version, new.digest):
         return replace(new, since=old.since, message=new.message or old.message)
     return new
+
+
+def status_stale(s: ModuleState, now: int, max_status_age: int) -> str | None:
+    """Why s can no longer be vouched for: its newest verified status proof is older than max_status_age
+    (or there is none); None while it is not."""
+    if s.status_as_of is not None and now - s.status_as_of <= max_status_age:
+        return None
+    known = "none verified" if s.status_as_of is None else f"the newest that verified was cosigned {now - s.status_as_of}s ago"
+    return f"no source served a status proof younger than max_status_age {max_status_age}s ({known})"

@@ -48,7 +48,8 @@ QUIET_CHECKPOINT_REASONS = {"registry-unreachable", "registry-error"}
 
 def _module_attrs(s: ModuleState) -> dict[str, ev.Value | None]:
     return {"wasmlog.module.ref": s.ref, "wasmlog.module.version": s.version,
-            "wasmlog.module.digest": None if s.digest is None else "sha256:" + s.digest, "wasmlog.module.log_index": s.log_index}
+            "wasmlog.module.digest": None if s.digest is None else "sha256:" + s.digest, "wasmlog.module.log_index": s.log_index,
+            "wasmlog.status.as_of": s.status_as_of}
 
 
 def move_drafts(old: ModuleState | None, new: ModuleState) -> list[Draft]:

@@ -50,6 +50,7 @@ ATTRIBUTES: dict[str, type] = {
     "wasmlog.sweep.findings": int, "wasmlog.sweep.changed": int, "wasmlog.dropped.first_seq": int,
     "wasmlog.dropped.last_seq": int, "wasmlog.dropped.undelivered": int, "wasmlog.dropped.sink": str,
     "wasmlog.head.seq": int, "wasmlog.head.hash": str, "wasmlog.head.note": str, "wasmlog.node.vkey": str,
+    "wasmlog.status.as_of": int,
 }
 MAX_BODY = 1024
 MAX_ATTR_STRING = 8192

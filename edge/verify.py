@@ -45,12 +45,12 @@ from tlog.note import open_note, verifier_from_vkey
 from tlog.policy import MAX_FUTURE_SKEW
 from tlog.proof_file import TlogProof, parse_tlog_proof
 
-from .status import StatusVerified, verify_status
+from .status import StatusVerified, parse_status, verify_status
 
 __all__ = [  # the trust policy's names, re-exported: the verifier is where edge code finds them
     "EVIDENCE_REASONS", "MAX_FUTURE_SKEW", "REASONS", "KnownCheckpoint", "NamespaceStatus", "TrustPolicy", "Verified",
-    "VerifyError", "check_against_known", "check_known", "namespace_status", "open_checkpoint", "parse_trust_policy",
-    "verify_module",
+    "VerifyError", "check_against_known", "check_known", "check_status_checkpoint", "namespace_status", "open_checkpoint",
+    "parse_trust_policy", "verify_module",
 ]
 
 
@@ -138,6 +138,25 @@ def check_against_known(
     return KnownCheckpoint(cp, note) if cp.size > k.size else known
 
 
+def check_status_checkpoint(cp: Checkpoint, note: bytes, known: KnownCheckpoint, consistency: Sequence[bytes] | None,
+                            required: bool) -> None:
+    """The status proof's checkpoint cp (verified, of known's log) against known, the checkpoint this
+    verification trusts (the remembered one or the module's tlog-proof's, whichever is newer). Older is
+    status-rollback (it says nothing of what came after); the same size with another root is a fork; newer
+    must be shown consistent by consistency (from known's size), which is required when required (a node
+    that remembers a checkpoint); without one otherwise, the witness quorum both carry vouches for it."""
+    k = known.checkpoint
+    if cp.size < k.size:
+        raise VerifyError("status-rollback", f"the status proof's checkpoint (size {cp.size}) is older than the one this node "
+                                             f"trusts (size {k.size}): it says nothing of the records since")
+    if cp.size > k.size and consistency is None and not required:
+        return
+    try:
+        check_against_known(cp, note, known, consistency)
+    except VerifyError as e:
+        raise VerifyError(e.reason, f"the status proof's checkpoint: {e}", evidence=e.evidence) from None
+
+
 @dataclass(frozen=True)
 class NamespaceStatus:
     """Verified yank and revocation facts for a namespace, from the log (online refresh)."""
@@ -150,12 +169,15 @@ def verify_module(
     *, module: bytes, proof: bytes | TlogProof, policy: TrustPolicy, now: int, sbom: bytes | None = None,
     known: KnownCheckpoint | None = None, consistency: Sequence[bytes] | None = None,
     status: NamespaceStatus | None = None, status_proof: bytes | StatusProof | None = None,
+    status_consistency: Sequence[bytes] | None = None,
 ) -> Verified:
     """Every check of spec/trust-policy.md, in order; the first failure raises VerifyError.
 
     proof: the tlog-proof file's bytes, or what parse_tlog_proof already read from them.
     status_proof: the release's status proof (spec/status-proof.md); with one, freshness is the
     status proof's (max_status_age) and max_checkpoint_age does not apply to the inclusion proof.
+    status_consistency: a consistency proof from the trusted checkpoint (the newer of known and the
+    tlog-proof's) to the status proof's, when that is newer (check_status_checkpoint).
     """
     try:
         tp: TlogProof = proof if isinstance(proof, TlogProof) else parse_tlog_proof(proof)
@@ -209,7 +231,10 @@ def verify_module(
                 raise VerifyError("key-revoked", f"{vkey} was revoked at index {revoked_at}, before this release ({tp.index})")
     verified_status = None
     if status_proof is not None:
-        verified_status = verify_status(status_proof, release=record, release_index=tp.index, origin=cp.origin, policy=policy, now=now)
+        sp = status_proof if isinstance(status_proof, StatusProof) else parse_status(status_proof)
+        verified_status = verify_status(sp, release=record, release_index=tp.index, origin=cp.origin, policy=policy, now=now)
+        remembers = known is not None and known.checkpoint.origin == cp.origin
+        check_status_checkpoint(verified_status.checkpoint, sp.checkpoint, new_known, status_consistency, remembers)
     elif policy.require_status:
         raise VerifyError("status-missing", "the trust policy requires a status proof and none was given")
     return Verified(release.ref, digest, record.signer, tp.index, cp, witnesses, newest, record, new_known, verified_status)

@@ -9,17 +9,22 @@ import pathlib
 import aiohttp
 
 from registry.client import RegistryClient, RegistryError
-from registry.record import PackageRef, decode_entry
+from registry.record import PackageRef, Release, decode_entry
 from registry.status_proof import MAX_STATUS_PROOF_BYTES
+from tlog.checkpoint import Checkpoint, parse_checkpoint
 from tlog.client import BAD_RESPONSE, UNREACHABLE, failure_kind
 from tlog.errors import TlogError
+from tlog.note import parse_note
+from tlog.policy import NONE
 from tlog.proof_file import TlogProof, parse_tlog_proof
 from tlog.runloop import run
 
 from .state import load_known, save_evidence, save_known
+from .status import parse_status
 from .verify import (
     EVIDENCE_REASONS,
     NamespaceStatus,
+    TrustPolicy,
     Verified,
     VerifyError,
     namespace_status,
@@ -115,6 +120,35 @@ async def status_proof_of(url: str, ref: PackageRef) -> bytes | None:
         raise failure from None
 
 
+async def status_consistency_of(url: str, status_proof: bytes, trusted: Checkpoint, policy: TrustPolicy, now: int) -> list[bytes] | None:
+    """The consistency proof from the trusted checkpoint to the status proof's, from the registry at url, when
+    that one is of the same log and larger (read unverified: the verifier checks the checkpoint and the proof);
+    None otherwise, or when the status proof cannot be read (the verifier says why). Raises VerifyError like
+    online_facts."""
+    try:
+        cp = parse_checkpoint(parse_note(parse_status(status_proof).checkpoint).text)
+    except (VerifyError, TlogError):
+        return None
+    size = cp.size
+    if cp.origin != trusted.origin or size <= trusted.size or trusted.size <= 0:
+        return None
+    trusted_size = trusted.size
+    consistency: list[bytes] | None
+    consistency, _ = await online_facts(url, trusted_size, size, None, policy, now)
+    return consistency
+
+
+async def status_online(url: str, ref: PackageRef, status_proof: bytes | None, trusted: Checkpoint, policy: TrustPolicy,
+                        now: int) -> tuple[bytes | None, list[bytes] | None]:
+    """With --registry (and the agent): the release's status proof (status_proof if given, else the registry's when the
+    policy has witnesses to date it) and the consistency proof its checkpoint needs (status_consistency_of)."""
+    if status_proof is None and policy.tlog.quorum != NONE:
+        status_proof = await status_proof_of(url, ref)
+    if status_proof is None:
+        return None, None
+    return status_proof, await status_consistency_of(url, status_proof, trusted, policy, now)
+
+
 def run_verify(
     *, policy_file: pathlib.Path, module_file: pathlib.Path, proof_file: pathlib.Path, sbom_file: pathlib.Path | None,
     status_file: pathlib.Path | None = None,
@@ -161,15 +195,19 @@ def _verify(
         except (TlogError, OSError) as e:
             raise VerifyError("state-invalid", f"the remembered checkpoint in {state_dir}: {e}") from None
     status: NamespaceStatus | None = None
+    status_consistency = None
     if url is not None:
         try:
-            ns = decode_entry(tp.extra or b"").namespace
+            release = decode_entry(tp.extra or b"")
         except TlogError as e:
             raise VerifyError("entry-invalid", f"log entry: {e}") from None
-        fetched, status = run(online_facts(url, None if known is None else known.checkpoint.size, cp.size, ns, policy, now))
+        fetched, status = run(online_facts(url, None if known is None else known.checkpoint.size, cp.size, release.namespace, policy, now))
         consistency = consistency or fetched
+        if isinstance(release.body, Release):  # else verify_module says what it is
+            trusted = known.checkpoint if known is not None and known.checkpoint.size > cp.size else cp
+            status_proof, status_consistency = run(status_online(url, release.body.ref, status_proof, trusted, policy, now))
     verified = verify_module(module=module, proof=tp, policy=policy, now=now, sbom=sbom, known=known, consistency=consistency, status=status,
-                             status_proof=status_proof)
+                             status_proof=status_proof, status_consistency=status_consistency)
     if state_dir is not None and verified.known != known:
         save_known(state_dir, verified.known)
     return verified

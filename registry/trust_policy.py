@@ -45,7 +45,7 @@ REASONS = (
     # the status proof (spec/status-proof.md)
     "status-missing", "status-malformed", "status-checkpoint", "status-quorum", "status-other-log", "status-stale",
     "status-inclusion", "status-root-invalid", "status-wrong-key", "status-map-proof", "status-release-missing",
-    "status-foreign-record", "status-incomplete",
+    "status-foreign-record", "status-incomplete", "status-rollback",
 )
 DEFAULT_MAX_STATUS_AGE = 86400  # seconds: a status proof's checkpoint may be one day old
 EVIDENCE_REASONS = ("inconsistent", "fork")  # the failures that carry signed checkpoints worth keeping

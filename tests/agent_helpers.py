@@ -202,11 +202,15 @@ class InProcessAgent:
 
 
 async def in_process_agent(aiohttp_client, tmp_path: pathlib.Path, registries: list[str], modules: dict[str, str], *,  # type: ignore[no-untyped-def]
-                           periodic_sweeps: bool = False, workers: int = 2, sweep_interval: int = 3600) -> InProcessAgent:
+                           periodic_sweeps: bool = False, workers: int = 2, sweep_interval: int = 3600,
+                           trust_policy: str | None = None, clock: Callable[[], float] | None = None) -> InProcessAgent:
+    """trust_policy: the trust-policy.toml text (default TRUST_POLICY); clock: the agent's (default the real one)."""
     cfg = write_config(tmp_path / "edge", registries, modules, sweep_interval)
+    if trust_policy is not None:
+        (cfg.parent / "trust-policy.toml").write_text(trust_policy)
     config = parse_config(cfg.read_text(), cfg.parent)
     sandbox = new_sandbox(config, workers=workers)
-    agent = Agent(config, sandbox)
+    agent = Agent(config, sandbox) if clock is None else Agent(config, sandbox, clock=clock)
     await agent.start()
     runs_app, admin_app = make_apps(agent, periodic_sweeps=periodic_sweeps)
     return InProcessAgent(agent, await aiohttp_client(runs_app), await aiohttp_client(admin_app), sandbox)

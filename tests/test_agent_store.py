@@ -4,6 +4,7 @@ state.json is used only when its MAC checks under this node's key."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -104,3 +105,25 @@ def test_a_malformed_state_json_is_refused(tmp_path: pathlib.Path, body: bytes) 
     plant(f.path, "fifo")  # never blocks the start
     with pytest.raises(StateError):
         f.load()
+
+
+def _signed(f: StateFile, version: int, modules: dict[str, dict[str, object]]) -> None:
+    """Write a state.json of version under f's key, as that version of the agent wrote it."""
+    content: dict[str, object] = {"version": version, "modules": modules}
+    f.path.write_text(json.dumps({**content, "mac": f._mac(content)}))
+
+
+def test_a_version_2_state_json_is_read_without_status_times(tmp_path: pathlib.Path) -> None:
+    f = StateFile(tmp_path, state_key(load_or_create_key(tmp_path / "artifact.key")))
+    v3 = {ref: s.as_json() for ref, s in states("acme:a@1.0.0").items()}
+    v2 = {ref: {k: v for k, v in m.items() if k != "status_as_of"} for ref, m in v3.items()}
+    _signed(f, 2, v2)
+    assert f.load() == states("acme:a@1.0.0")  # status_as_of None: with require_status, the next sweep decides
+    f.save({ref: dataclasses.replace(s, status_as_of=1_700_000_000) for ref, s in states("acme:a@1.0.0").items()})
+    assert json.loads(f.path.read_text())["version"] == 3
+    loaded = f.load()
+    assert loaded is not None and loaded["acme:a@1.0.0"].status_as_of == 1_700_000_000
+    for version, modules in ((2, v3), (3, v2), (3, {"acme:a@1.0.0": {**v3["acme:a@1.0.0"], "status_as_of": "1"}}), (True, v2)):
+        _signed(f, version, modules)
+        with pytest.raises(StateError):
+            f.load()

@@ -15,7 +15,7 @@ import click
 @click.option("--sbom", "sbom_file", type=click.Path(dir_okay=False, path_type=pathlib.Path), help="Check this SBOM against the release's digest.")
 @click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=pathlib.Path), help="Anti-rollback state: the newest checkpoint accepted per log.")
 @click.option("--consistency", "consistency_file", type=click.Path(dir_okay=False, path_type=pathlib.Path), help="Offline consistency proof (base64 lines) between the stored and the proof's checkpoint.")
-@click.option("--registry", "url", help="Online: fetch consistency proofs and the namespace's yanks and revocations.")
+@click.option("--registry", "url", help="Online: fetch consistency proofs, the namespace's yanks and revocations, and the status proof if none is beside the module.")
 @click.option("--now", type=int, help="POSIX seconds to judge freshness at (default: the clock).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.argument("module_file", metavar="MODULE.wasm", type=click.Path(dir_okay=False, path_type=pathlib.Path))

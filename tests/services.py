@@ -138,7 +138,7 @@ class SeaweedServer:
         config = os.path.join(self.dir, "s3.json")
         identity = {"name": "wasmlog", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
         with open(config, "w") as f:
-            json.dump({"identities": [identity]}, f)
+            json.dump({"identities": [identity, {"name": "anonymous", "actions": ["Read"]}]}, f)
         ports = {name: free_port() for name in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc", "s3.port.grpc")}
         args = [self.weed, "server", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-filer", "-s3", f"-s3.port={self.s3_port}",
                 f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=64",
@@ -172,12 +172,8 @@ class SeaweedServer:
 
     def destroy(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its data is thrown away: no graceful (10 s+) shutdown
+            self.proc.wait()
         if self.proc is not None:
             self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)

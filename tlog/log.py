@@ -123,18 +123,22 @@ class Log:
         return sign_note(cp.text(), [self.signer])
 
     def integrate(
-        self, entries: Sequence[bytes], *, note: bytes | None = None, leaf_hashes: Sequence[bytes] | None = None
+        self, entries: Sequence[bytes], *, note: bytes | None = None, leaf_hashes: Sequence[bytes] | None = None,
+        dedup: bool = True,
     ) -> tuple[tuple[int, ...], Published]:
         """Append entries (duplicates get their first index) durably; return indexes and the new checkpoint.
 
         With note (a mirror), every entry is appended as given and note must be a checkpoint,
-        verified by the caller, of exactly the resulting tree. Raises StorageFullError or
-        TlogError; then nothing is published and the in-memory state is reloaded from the store.
+        verified by the caller, of exactly the resulting tree. dedup=False appends entries as given
+        too, signed by this log (entries a shared store already sequenced, deduplicated). Raises
+        StorageFullError or TlogError; then nothing is published and the in-memory state is
+        reloaded from the store.
         """
         with self._write_lock:
+            dedup = dedup and note is None
             hashes = leaf_hashes if leaf_hashes is not None else [leaf_hash(e) for e in entries]
-            known = self.store.lookup(hashes) if note is None else {}
-            plan = plan_batch(self._state, entries, known.get, dedup=note is None, leaf_hashes=hashes)
+            known = self.store.lookup(hashes) if dedup else {}
+            plan = plan_batch(self._state, entries, known.get, dedup=dedup, leaf_hashes=hashes)
             if note is None:
                 note = self.sign(plan.state)
             else:
@@ -157,6 +161,20 @@ class Log:
             if not self.witnessed:
                 self._published = self._integrated
             return plan.indexes, self._integrated
+
+    def refresh(self) -> bool:
+        """Take up a tree another process committed to a shared store; True if it moved on."""
+        with self._write_lock:
+            state, note = self.store.load()
+            if note is None or (state.size == self._state.size and note == self._integrated.note):
+                return False
+            if state.size < self._state.size:
+                raise TlogError(f"the store's tree ({state.size}) is smaller than this process's ({self._state.size})")
+            self._state = state
+            self._integrated = self._check_stored(note)
+            if not self.witnessed:
+                self._published = self._integrated
+            return True
 
     def publish(self, published: Published) -> None:
         """Durably publish a cosigned checkpoint of the integrated tree; never moves backwards."""

@@ -1,0 +1,147 @@
+"""The log on PostgreSQL and S3 (SharedLogStore, SharedSequencer), in one process with several "nodes".
+
+Real PostgreSQL and SeaweedFS (tests/services.py). The bucket is checked by the existing auditor
+over plain HTTP from SeaweedFS's S3 endpoint (anonymous reads), and against a naive RFC 6962 root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+
+import aiohttp
+import pytest
+from helpers import wait_until
+
+from registry.audit import AuditState, make_auditor
+from tlog.checkpoint import parse_checkpoint
+from tlog.errors import TlogError
+from tlog.log import Log
+from tlog.note import Ed25519Signer, Ed25519Verifier, open_note
+from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
+from tlog.shared_sequencer import SharedSequencer
+from tlog.storage.objects import ObjectStore
+from tlog.storage.shared import SharedLogStore
+
+KEY = Ed25519Signer.generate("example.com/shared")
+VERIFIER = Ed25519Verifier(KEY.name, KEY.public_key)
+
+
+def mth(leaves: list[bytes]) -> bytes:
+    """RFC 6962 §2.1 Merkle Tree Hash, straight from the definition."""
+    if not leaves:
+        return hashlib.sha256().digest()
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1
+    while k * 2 < len(leaves):
+        k *= 2
+    return hashlib.sha256(b"\x01" + mth(leaves[:k]) + mth(leaves[k:])).digest()
+
+
+def leaf(entry: bytes) -> bytes:
+    return hashlib.sha256(b"\x00" + entry).digest()
+
+
+@pytest.fixture
+def shared(pg_dsn, s3_bucket, seaweed, monkeypatch):  # type: ignore[no-untyped-def]
+    """A factory of SharedLogStores on one database and bucket (closed at the end)."""
+    for k, v in seaweed.env.items():
+        monkeypatch.setenv(k, v)
+    stores: list[SharedLogStore] = []
+
+    def make(**kw) -> SharedLogStore:  # type: ignore[no-untyped-def]
+        store = SharedLogStore(pg_dsn, f"s3://{s3_bucket}/log", **kw)
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        with contextlib.suppress(Exception):
+            store.close()
+
+
+async def audit_bucket(seaweed, bucket: str) -> tuple[int, list]:  # type: ignore[no-untyped-def,type-arg]
+    """Audit the bucket as a tlog-tiles log over plain HTTP; return (size, findings)."""
+    async with aiohttp.ClientSession() as session:
+        auditor = make_auditor(log_url=f"{seaweed.endpoint}/{bucket}/log", session=session, verifiers=[VERIFIER], state=AuditState())
+        size = await auditor.run()
+        report = auditor.report("bucket")
+    return size, report["findings"]
+
+
+async def test_three_nodes_are_one_log_and_the_bucket_is_a_tlog_tiles_log(shared, seaweed, s3_bucket) -> None:  # type: ignore[no-untyped-def]
+    nodes = [SharedSequencer(Log(shared(), KEY), interval=0.01, batch_max=100) for _ in range(3)]
+    entries = [b"entry %d" % i for i in range(700)]
+    async with contextlib.AsyncExitStack() as stack:
+        for node in nodes:
+            await stack.enter_async_context(node.running())
+        proofs = await asyncio.gather(*(nodes[i % 3].add(e) for i, e in enumerate(entries)))
+        again = await nodes[2].add(entries[5])  # a duplicate through another node: its first index
+        assert sum(node.leading for node in nodes) == 1
+    by_index: dict[int, bytes] = {}
+    for e, proof in zip(entries, proofs, strict=True):
+        tp = parse_tlog_proof(proof)
+        verify_tlog_proof(tp, leaf(e), VERIFIER)
+        assert tp.index not in by_index
+        by_index[tp.index] = e
+    assert sorted(by_index) == list(range(700))
+    assert parse_tlog_proof(again).index == parse_tlog_proof(proofs[5]).index
+    size, findings = await audit_bucket(seaweed, s3_bucket)
+    assert (size, findings) == (700, [])
+    note = ObjectStore(f"s3://{s3_bucket}/log").get("checkpoint")
+    cp = parse_checkpoint(open_note(note, [VERIFIER])[0].text)
+    assert cp.root_hash == mth([leaf(by_index[i]) for i in range(700)])
+
+
+async def test_the_lead_passes_on_when_the_integrator_stops(shared) -> None:  # type: ignore[no-untyped-def]
+    first, second = (SharedSequencer(Log(shared(), KEY), interval=0.01) for _ in range(2))
+    async with second.running():
+        async with first.running():
+            await wait_until(lambda: first.leading or second.leading, "a leader")
+            leader, other = (first, second) if first.leading else (second, first)
+            await other.add(b"through the follower")
+        # first stopped (and resigned if it led): second must integrate on its own now
+        proof = await asyncio.wait_for(second.add(b"after the stop"), 20)
+        assert second.leading
+    verify_tlog_proof(parse_tlog_proof(proof), leaf(b"after the stop"), VERIFIER)
+
+
+async def test_a_crash_between_the_bucket_and_the_database_is_redone_to_the_same_bytes(shared, seaweed, s3_bucket) -> None:  # type: ignore[no-untyped-def]
+    crashes = []
+
+    def crash(plan) -> None:  # type: ignore[no-untyped-def]
+        if not crashes and plan.state.size >= 256:
+            crashes.append(plan.state.size)
+            raise RuntimeError("injected: died after writing the objects")
+
+    node = SharedSequencer(Log(shared(before_commit=crash), KEY), interval=0.01)
+    entries = [b"crash %d" % i for i in range(300)]  # one full tile and bundle, written before the crash
+    async with node.running():
+        proofs = await asyncio.wait_for(asyncio.gather(*(node.add(e) for e in entries)), 30)
+    assert crashes  # the first commit died; the redo wrote the same immutable objects (412 and equal bytes)
+    assert [parse_tlog_proof(p).index for p in proofs] == list(range(300))
+    assert await audit_bucket(seaweed, s3_bucket) == (300, [])
+
+
+def test_a_second_writer_cannot_fork_the_tree(shared) -> None:  # type: ignore[no-untyped-def]
+    a, b = shared(), shared()
+    log_a, log_b = Log(a, KEY), Log(b, KEY)
+    a.sequence([b"one", b"two"], [leaf(b"one"), leaf(b"two")])
+    log_a.integrate(a.sequenced(0, 10), dedup=False)
+    with pytest.raises(TlogError, match="another process integrated"):
+        log_b.integrate(b.sequenced(0, 1), dedup=False)  # a plan from the stale size 0
+    assert log_b.integrated.checkpoint.size == 2  # it reloaded the truth
+    with pytest.raises(TlogError, match="not the one sequenced"):
+        log_b.integrate([b"never sequenced"], dedup=False)
+    assert a.committed_size() == 2
+
+
+def test_sequencing_is_durable_ordered_and_deduplicated(shared) -> None:  # type: ignore[no-untyped-def]
+    store = shared()
+    entries = [b"a", b"b", b"c"]
+    assert store.sequence(entries, [leaf(e) for e in entries]) == [0, 1, 2]
+    assert store.sequence([b"d", b"b"], [leaf(b"d"), leaf(b"b")]) == [3, 1]
+    assert store.sequenced(1, 10) == [b"b", b"c", b"d"]
+    assert store.lookup([leaf(b"b")]) == {}  # sequenced, not yet logged

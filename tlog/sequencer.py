@@ -77,6 +77,7 @@ class Sequencer:
         self.batches = 0  # counters for metrics and tests
         self.integrated = 0
         self.entry_as_extra = False  # answer with tlog-proofs whose extra line is the entry itself
+        self.leading = True  # this process integrates (on shared storage, only the lock holder does)
 
     @property
     def pending(self) -> int:

@@ -223,7 +223,8 @@ async def get_healthz(request: web.Request) -> web.Response:
     age = metrics.age()
     if log.witnessed and bound is not None and (age > bound or not log.published.note):
         return web.Response(status=503, text=f"checkpoint is {age:.0f}s old (bound {bound}s)\n")
-    return web.Response(text=f"ok: size {log.published.checkpoint.size}, checkpoint {age:.0f}s old\n")
+    role = "integrating" if request.app[SEQUENCER].leading else "following the integrator"
+    return web.Response(text=f"ok: size {log.published.checkpoint.size}, checkpoint {age:.0f}s old, {role}\n")
 
 
 def make_app(

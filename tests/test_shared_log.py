@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import subprocess
+import sys
 
 import aiohttp
 import pytest
@@ -22,6 +24,7 @@ from tlog.errors import TlogError
 from tlog.log import Log
 from tlog.note import Ed25519Signer, Ed25519Verifier, open_note
 from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
+from tlog.server import make_app
 from tlog.shared_sequencer import SharedSequencer
 from tlog.storage.objects import ObjectStore
 from tlog.storage.shared import SharedLogStore
@@ -135,3 +138,38 @@ def test_sequencing_is_durable_ordered_and_deduplicated(shared) -> None:  # type
     assert store.sequence([b"d", b"b"], [leaf(b"d"), leaf(b"b")]) == [3, 1]
     assert store.sequenced(1, 10) == [b"b", b"c", b"d"]
     assert store.lookup([leaf(b"b")]) == {}  # sequenced, not yet logged
+
+
+async def test_a_database_outage_is_a_503_and_the_log_carries_on_after(shared, postgres, aiohttp_client) -> None:  # type: ignore[no-untyped-def]
+    node = SharedSequencer(Log(shared(), KEY), interval=0.01)
+    client = await aiohttp_client(make_app(node))
+    assert (await client.post("/add", data=b"before")).status == 200
+    await asyncio.to_thread(postgres.stop, "immediate")
+    try:
+        r = await client.post("/add", data=b"during")
+        assert r.status == 503 and r.headers["Retry-After"] == "1"
+        assert "database" in await r.text()
+    finally:
+        await asyncio.to_thread(postgres.start)
+
+    async def accepted() -> bool:
+        return (await client.post("/add", data=b"after")).status == 200  # a stale connection may cost one 503
+
+    await wait_until(accepted, "an add after the database came back", 30)
+    proof = await (await client.post("/add", data=b"after")).read()
+    assert parse_tlog_proof(proof).index == 1  # "during" was refused before it was sequenced
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--store", "postgresql://x@127.0.0.1:1/x"], "--store postgresql://... with --objects"),
+    (["--data", "DATA", "--store", "postgresql://x@127.0.0.1:1/x", "--objects", "s3://b/p"], "give --data DIR, or"),
+    (["--store", "postgresql://x@127.0.0.1:1/x", "--objects", "s3://b/p", "--workers", "2"], "--workers is not supported with --store"),
+    (["--store", "postgresql://x@127.0.0.1:1/x", "--objects", "s3:/b"], "want s3://BUCKET[/PREFIX]"),
+    (["--store", "postgresql://nobody@127.0.0.1:1/x", "--objects", "s3://b/p"], "the log's database"),
+])
+def test_log_serve_names_what_is_wrong_with_its_storage_options(tmp_path, args: list[str], message: str) -> None:
+    key = tmp_path / "log.key"
+    key.write_text(KEY.private_key + "\n")
+    args = [str(tmp_path / "data") if a == "DATA" else a for a in args]
+    done = subprocess.run([sys.executable, "-m", "wasmlog", "log", "serve", "--key", str(key), *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and message in done.stderr, done.stderr

@@ -24,7 +24,7 @@ from ..tiles import CHECKPOINT_CACHE, IMMUTABLE, TileID
 
 SHORT_LIVED = "public, max-age=60"  # partial tiles and bundles: superseded as the tree grows
 PUT_THREADS = 8
-CACHE_OBJECTS = 1024  # immutable objects kept in memory (a full tile is 8 KiB)
+CACHE_BYTES = 64 << 20  # immutable objects kept in memory, least recently used first out (a full tile is 8 KiB)
 
 
 def parse_objects_url(url: str) -> tuple[str, str]:
@@ -53,6 +53,7 @@ class ObjectStore:
         self._s3 = client
         self._pool = ThreadPoolExecutor(PUT_THREADS, thread_name_prefix="s3-put")
         self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cached_bytes = 0
         self._cache_lock = threading.Lock()
 
     def key(self, path: str) -> str:
@@ -75,8 +76,9 @@ class ObjectStore:
         """The object's bytes (kept in memory if immutable). Raises NotFoundError or StorageUnavailableError."""
         with self._cache_lock:
             cached = self._cache.get(path)
-        if cached is not None:
-            return cached
+            if cached is not None:
+                self._cache.move_to_end(path)
+                return cached
         answer = self._call(f"reading {path}", "get_object", 404, Key=self.key(path))
         if answer is None:
             raise NotFoundError(f"{path} is not in the bucket")
@@ -87,9 +89,12 @@ class ObjectStore:
 
     def _remember(self, path: str, body: bytes) -> None:
         with self._cache_lock:
+            if path in self._cache:
+                return
             self._cache[path] = body
-            if len(self._cache) > CACHE_OBJECTS:
-                self._cache.popitem(last=False)
+            self._cached_bytes += len(body)
+            while self._cached_bytes > CACHE_BYTES:
+                self._cached_bytes -= len(self._cache.popitem(last=False)[1])
 
     def put(self, path: str, body: bytes, *, immutable: bool) -> None:
         """Write one object (see the module docstring). Raises StorageUnavailableError, or TlogError for a fork."""

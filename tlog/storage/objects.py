@@ -13,6 +13,7 @@ AWS_SECRET_ACCESS_KEY, AWS_REGION, or any other source boto3 reads). Blocking: c
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -27,14 +28,23 @@ PUT_THREADS = 8
 CACHE_BYTES = 64 << 20  # immutable objects kept in memory, least recently used first out (a full tile is 8 KiB)
 
 
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's bucket naming rules (dots and hyphens inside)
+_PREFIX_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+MAX_PREFIX = 512
+
+
 def parse_objects_url(url: str) -> tuple[str, str]:
-    """Split s3://BUCKET[/PREFIX] into (bucket, prefix without slashes at either end). Raises MalformedError."""
-    if not url.startswith("s3://"):
-        raise MalformedError(f"objects URL {url!r}: want s3://BUCKET[/PREFIX]")
-    bucket, _, prefix = url[len("s3://") :].partition("/")
-    if not bucket or "//" in prefix or prefix.startswith("/"):
-        raise MalformedError(f"objects URL {url!r}: want s3://BUCKET[/PREFIX]")
-    return bucket, prefix.strip("/")
+    """Split s3://BUCKET[/PREFIX] into (bucket, prefix). PREFIX is slash-separated segments of letters,
+    digits, '.', '_' and '-' (no empty, '.' or '..' segment). Raises MalformedError."""
+    scheme, _, rest = url.partition("://")
+    bucket, _, prefix = rest.partition("/")
+    segments = prefix.split("/") if prefix else []
+    if (
+        scheme != "s3" or not _BUCKET.fullmatch(bucket) or len(prefix) > MAX_PREFIX
+        or not all(_PREFIX_SEGMENT.fullmatch(p) and p not in (".", "..") for p in segments)
+    ):
+        raise MalformedError(f"objects URL {url[:100]!r}: want s3://BUCKET[/PREFIX]")
+    return bucket, prefix
 
 
 class ObjectStore:

@@ -64,6 +64,8 @@ class SharedLogStore:
         self.publish_integrated = publish_integrated
         self.before_commit = before_commit  # fault injection for tests: raise after the objects, before the database
         self._local = threading.local()
+        self._conns: list[Any] = []  # every thread's connection, closed by close()
+        self._conns_lock = threading.Lock()
         self._size = 0  # the committed size last seen: the width of partial tiles and bundles read
         self._lead_lock = threading.Lock()
         self._lead_conn: Any = None
@@ -80,6 +82,8 @@ class SharedLogStore:
         try:
             if conn is None or conn.closed:
                 conn = self._local.conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+                with self._conns_lock:
+                    self._conns = [c for c in self._conns if not c.closed] + [conn]
             with conn.transaction(), conn.cursor() as cur:
                 yield cur
         except psycopg.Error as e:
@@ -190,8 +194,9 @@ class SharedLogStore:
 
     def close(self) -> None:
         self.resign()
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
             conn.close()
         self.objects.close()
 

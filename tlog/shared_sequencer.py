@@ -106,7 +106,8 @@ class SharedSequencer(Sequencer):
             self.log.refresh()
         if not leading:
             return []
-        if took_over:  # the previous integrator may have died before writing the checkpoint object
+        if took_over or self.store.bucket_checkpoint != self.log.integrated.note:
+            # the previous integrator (or our own last round) may have died between the database and the bucket
             self.store.put_checkpoint(self.log.integrated.note)
         batches = []
         for _ in range(ROUNDS_PER_WAKE):

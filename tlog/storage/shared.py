@@ -67,6 +67,7 @@ class SharedLogStore:
         self._conns: list[Any] = []  # every thread's connection, closed by close()
         self._conns_lock = threading.Lock()
         self._size = 0  # the committed size last seen: the width of partial tiles and bundles read
+        self.bucket_checkpoint: bytes | None = None  # the checkpoint object this store last wrote
         self._lead_lock = threading.Lock()
         self._lead_conn: Any = None
         self._leading = False
@@ -136,6 +137,7 @@ class SharedLogStore:
     def put_checkpoint(self, note: bytes) -> None:
         """Write the checkpoint object (after every tile it covers is in the bucket)."""
         self.objects.put("checkpoint", note, immutable=False)
+        self.bucket_checkpoint = note
 
     def _check_sequenced(self, plan: BatchPlan) -> None:
         hashes = list(plan.new_leaf_hashes)

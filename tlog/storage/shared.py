@@ -38,6 +38,7 @@ else:
 
 LEADER_LOCK = 0x776C6F67  # pg_try_advisory_lock key of the integrator ("wlog")
 SCHEMA_LOCK = 0x776C6F68
+LEAD_KEEPALIVES = [("tcp_keepalives_idle", 5), ("tcp_keepalives_interval", 2), ("tcp_keepalives_count", 3), ("tcp_user_timeout", 11000)]
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS tlog_next (id smallint PRIMARY KEY CHECK (id = 1), next bigint NOT NULL)",
     "INSERT INTO tlog_next VALUES (1, 0) ON CONFLICT DO NOTHING",
@@ -258,6 +259,10 @@ class SharedLogStore:
                 if self._lead_conn is None or self._lead_conn.closed:
                     self._leading = False
                     self._lead_conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+                    # A killed process's session ends at once; a vanished machine's once these keepalives
+                    # go unanswered (~11 s), and PostgreSQL then frees the lock for another process.
+                    for setting, value in LEAD_KEEPALIVES:
+                        self._lead_conn.execute(f"SET {setting} = {value}")
                 if self._leading:
                     self._lead_conn.execute("SELECT 1")  # the lock lives as long as this session
                 else:

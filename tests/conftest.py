@@ -26,3 +26,70 @@ def load_vectors(name: str) -> dict:
     if not p.exists():
         pytest.fail(f"vector file {p} not found")
     return json.loads(p.read_text())
+
+
+def _service(make):  # type: ignore[no-untyped-def]
+    """Start a session-wide server (tests/services.py); skip if its binaries are missing, but fail under CI."""
+    from services import ServiceMissing, running
+
+    try:
+        cm = running(make)
+        server = cm.__enter__()
+    except ServiceMissing as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"{e}: CI must have it (.ci/run installs it)")
+        pytest.skip(str(e))
+    return cm, server
+
+
+@pytest.fixture(scope="session")
+def postgres():  # type: ignore[no-untyped-def]
+    """A throwaway PostgreSQL cluster for the whole session (services.PostgresServer)."""
+    from services import PostgresServer
+
+    cm, server = _service(PostgresServer)
+    yield server
+    cm.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def seaweed():  # type: ignore[no-untyped-def]
+    """A throwaway SeaweedFS with its S3 gateway for the whole session (services.SeaweedServer)."""
+    from services import SeaweedServer
+
+    cm, server = _service(SeaweedServer)
+    yield server
+    cm.__exit__(None, None, None)
+
+
+_names = iter(range(1 << 30))
+
+
+@pytest.fixture
+def pg_dsn(postgres):  # type: ignore[no-untyped-def]
+    """A new empty database in the session's cluster."""
+    return postgres.new_database(f"t{os.getpid()}_{next(_names)}")
+
+
+@pytest.fixture
+def s3_path(seaweed):  # type: ignore[no-untyped-def]
+    """BUCKET/PREFIX: a new empty prefix in the session's SeaweedFS bucket (s3://{s3_path}/... is a fresh place)."""
+    from services import BUCKET
+
+    return f"{BUCKET}/t{os.getpid()}-{next(_names)}"
+
+
+@pytest.fixture(params=["lmdb", "shared"])
+def engine(request, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """Each storage engine of the log in turn (tests/engines.py); the shared one on a new database and bucket."""
+    from engines import LMDBEngine, SharedEngine
+
+    if request.param == "lmdb":
+        made = LMDBEngine(tmp_path / "lmdb")
+    else:
+        seaweed = request.getfixturevalue("seaweed")
+        for k, v in seaweed.env.items():
+            monkeypatch.setenv(k, v)
+        made = SharedEngine(request.getfixturevalue("pg_dsn"), f"s3://{request.getfixturevalue('s3_path')}/log")
+    yield made
+    made.close()

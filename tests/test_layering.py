@@ -31,7 +31,7 @@ PURE = {
 IO = {"asyncio", "aiohttp", "lmdb", "click", "socket", "os", "requests", "subprocess", "pathlib", "io", "time", "shutil",
       "uvloop", "urllib", "http", "ssl", "select", "selectors", "multiprocessing", "datetime"}
 # tlog's layers: server → sequencer → log → storage → pure core
-LAYER = {"keys": 1, "files": 1, "runloop": 1, "server": 4, "frontend": 4, "metrics": 4, "httplimits": 4, "sequencer": 3,
+LAYER = {"keys": 1, "files": 1, "runloop": 1, "server": 4, "frontend": 4, "metrics": 4, "httplimits": 4, "sequencer": 3, "shared_sequencer": 3,
          "addipc": 3, "witnessing": 3, "client": 3, "log": 2, "storage": 1, **dict.fromkeys(PURE["tlog"], 0)}
 
 

@@ -65,6 +65,10 @@ class StorageFullError(TlogError):
     """The storage has no room left; nothing of the failed batch was written."""
 
 
+class StorageUnavailableError(TlogError):
+    """The shared storage (database or bucket) could not be reached or failed; nothing was acknowledged."""
+
+
 class UnknownLogError(TlogError):
     """A checkpoint of a log the policy does not name."""
 

@@ -126,18 +126,22 @@ class Log:
         return sign_note(cp.text(), [self.signer])
 
     def integrate(
-        self, entries: Sequence[bytes], *, note: bytes | None = None, leaf_hashes: Sequence[bytes] | None = None
+        self, entries: Sequence[bytes], *, note: bytes | None = None, leaf_hashes: Sequence[bytes] | None = None,
+        dedup: bool = True,
     ) -> tuple[tuple[int, ...], Published]:
         """Append entries (duplicates get their first index) durably; return indexes and the new checkpoint.
 
         With note (a mirror), every entry is appended as given and note must be a checkpoint,
-        verified by the caller, of exactly the resulting tree. Raises StorageFullError or
-        TlogError; then nothing is published and the in-memory state is reloaded from the store.
+        verified by the caller, of exactly the resulting tree. dedup=False appends entries as given
+        too, signed by this log (entries a shared store already sequenced, deduplicated). Raises
+        StorageFullError or TlogError; then nothing is published and the in-memory state is
+        reloaded from the store.
         """
         with self._write_lock:
+            dedup = dedup and note is None
             hashes = leaf_hashes if leaf_hashes is not None else [leaf_hash(e) for e in entries]
-            known = self.store.lookup(hashes) if note is None else {}
-            plan = plan_batch(self._state, entries, known.get, dedup=note is None, leaf_hashes=hashes)
+            known = self.store.lookup(hashes) if dedup else {}
+            plan = plan_batch(self._state, entries, known.get, dedup=dedup, leaf_hashes=hashes)
             if note is None:
                 trailer = self.trailer(plan) if self.trailer is not None and plan.new_entries else None
                 if trailer is not None:
@@ -163,6 +167,28 @@ class Log:
             if not self.witnessed:
                 self._published = self._integrated
             return plan.indexes, self._integrated
+
+    def refresh(self) -> bool:
+        """Take up a tree (and, witnessed, a published checkpoint) another process committed to a
+        shared store; True if either moved on."""
+        with self._write_lock:
+            state, note = self.store.load()
+            moved = note is not None and (state.size != self._state.size or note != self._integrated.note)
+            if moved:
+                assert note is not None
+                if state.size < self._state.size:
+                    raise TlogError(f"the store's tree ({state.size}) is smaller than this process's ({self._state.size})")
+                self._state = state
+                self._integrated = self._check_stored(note)
+            if not self.witnessed:
+                self._published = self._integrated
+                return moved
+            published = self.store.published()
+            if published and published != self._published.note:
+                checked = self._check_published(published)
+                if checked.checkpoint.size >= self._published.checkpoint.size:
+                    self._published, moved = checked, True
+            return moved
 
     def publish(self, published: Published) -> None:
         """Durably publish a cosigned checkpoint of the integrated tree; never moves backwards."""

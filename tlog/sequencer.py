@@ -79,6 +79,7 @@ class Sequencer:
         self.batches = 0  # counters for metrics and tests
         self.integrated = 0
         self.entry_as_extra = False  # answer with tlog-proofs whose extra line is the entry itself
+        self.leading = True  # this process integrates (on shared storage, only the lock holder does)
 
     @property
     def pending(self) -> int:
@@ -189,7 +190,7 @@ class Sequencer:
         while True:
             behind = self.log.published.checkpoint.size < self.log.integrated.checkpoint.size or not self.log.published.note
             stale = time.monotonic() - self._last_publish >= self.republish_interval
-            if (behind or stale) and not self._pool:
+            if (behind or stale) and not self._pool and self.leading:
                 try:
                     await self.publish(self.log.integrated)
                 except TlogError as e:

@@ -25,6 +25,7 @@ from .errors import (
     ProofError,
     PushbackError,
     StorageFullError,
+    StorageUnavailableError,
     TlogError,
     TooLargeError,
     UnsupportedEncodingError,
@@ -41,7 +42,7 @@ from .metrics import LogMetrics, install
 from .note import b64encode
 from .policy import Policy
 from .sequencer import Sequencer
-from .tiles import ENTRIES, MAX_ENTRY_SIZE, parse_tile_path
+from .tiles import CHECKPOINT_CACHE, ENTRIES, IMMUTABLE, MAX_ENTRY_SIZE, parse_tile_path
 from .witnessing import DEFAULT_WITNESS_TIMEOUT, Cosigner, QuorumError
 
 LOG = web.AppKey("log", Log)
@@ -53,8 +54,6 @@ MAX_CHECKPOINT_AGE: web.AppKey[float | None] = web.AppKey("max_checkpoint_age")
 logger = logging.getLogger("wasmlog.server")
 
 RETRY_AFTER_SECONDS = 1
-IMMUTABLE = "public, max-age=31536000, immutable"  # tiles never change once served
-CHECKPOINT_CACHE = "public, max-age=2"  # c2sp.org/tlog-tiles: no caching beyond a few seconds
 BUNDLE_CACHE_SIZE = 256
 
 # Every TlogError maps to one status here (the order matters: subclasses first).
@@ -68,6 +67,7 @@ STATUS: list[tuple[type[TlogError], int]] = [
     (PushbackError, 503),
     (QuorumError, 503),  # the entry is durable; its checkpoint waits for witnesses
     (StorageFullError, 507),
+    (StorageUnavailableError, 503),  # the shared database or bucket: nothing was acknowledged, retry
     (TlogError, 500),
 ]
 
@@ -223,7 +223,8 @@ async def get_healthz(request: web.Request) -> web.Response:
     age = metrics.age()
     if log.witnessed and bound is not None and (age > bound or not log.published.note):
         return web.Response(status=503, text=f"checkpoint is {age:.0f}s old (bound {bound}s)\n")
-    return web.Response(text=f"ok: size {log.published.checkpoint.size}, checkpoint {age:.0f}s old\n")
+    role = "integrating" if request.app[SEQUENCER].leading else "following the integrator"
+    return web.Response(text=f"ok: size {log.published.checkpoint.size}, checkpoint {age:.0f}s old, {role}\n")
 
 
 def make_app(

@@ -26,6 +26,8 @@ FULL_TILE_BYTES = TILE_WIDTH * HASH_SIZE  # 8,192
 MAX_LEVEL = 63  # c2sp.org/tlog-tiles: "between 0 and 63"
 ENTRIES = -1  # the level we give entry bundles (tile/entries/...)
 MAX_ENTRY_SIZE = 0xFFFF  # entry bundles carry a big-endian uint16 length
+IMMUTABLE = "public, max-age=31536000, immutable"  # Cache-Control of full tiles: they never change once served
+CHECKPOINT_CACHE = "public, max-age=2"  # c2sp.org/tlog-tiles: no caching of the checkpoint beyond a few seconds
 MAX_TILE_PATH = 128  # longest canonical path is under 100 characters
 
 _LEVEL = re.compile(decimal(2))

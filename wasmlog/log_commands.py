@@ -23,6 +23,8 @@ from tlog.sequencer import (
     Sequencer,
 )
 from tlog.server import SEQUENCER, make_app, status_for
+from tlog.shared_sequencer import SharedSequencer
+from tlog.storage.base import LogStore
 from tlog.storage.lmdb_store import DEFAULT_MAP_SIZE, LMDBLogStore
 from tlog.witnessing import DEFAULT_WITNESS_TIMEOUT
 
@@ -40,20 +42,38 @@ from .common import (
 )
 
 
+def open_store(data: pathlib.Path | None, store: str | None, objects: str | None, *, witnessed: bool, map_size: int) -> LogStore:
+    """The LMDB store in data, or the shared store on PostgreSQL (store, a libpq DSN) and a bucket (objects, s3://BUCKET/PREFIX)."""
+    if (data is None) == (store is None) or (store is None) != (objects is None):
+        raise TlogError("give --data DIR, or --store postgresql://... with --objects s3://BUCKET/PREFIX")
+    if store is None:
+        assert data is not None
+        return LMDBLogStore(str(data), map_size=map_size)
+    from tlog.storage.shared import SharedLogStore
+
+    assert objects is not None
+    return SharedLogStore(store, objects, publish_integrated=not witnessed)
+
+
 def serve_log(
-    *, data: pathlib.Path, signer: Ed25519Signer, origin: str | None, listen: str,
+    *, data: pathlib.Path | None, signer: Ed25519Signer, origin: str | None, listen: str,
     interval_ms: int, batch_max: int, max_pending: int, map_size: int, banner: str = "",
     witness_policy: Policy | None = None, republish_interval: float = DEFAULT_REPUBLISH_INTERVAL,
     witness_timeout: float = DEFAULT_WITNESS_TIMEOUT, healthz_max_age: float = 300.0, workers: int = 1,
     witness_rounds_per_day: int | None = None,
-    limits: ServerLimits = DEFAULT_LIMITS,
+    limits: ServerLimits = DEFAULT_LIMITS, store: str | None = None, objects: str | None = None,
 ) -> None:
-    """Serve a log; with workers > 1, that many HTTP front-end processes serve the port and this one sequences."""
+    """Serve a log; with workers > 1, that many HTTP front-end processes serve the port and this one sequences.
+
+    With store and objects (shared storage), every process started so is one log with the others."""
     host, port = split_listen(listen)
-    store = LMDBLogStore(str(data), map_size=map_size)
+    if store is not None and workers > 1:
+        raise TlogError("--workers is not supported with --store: run more `log serve` processes on the same database instead")
+    log_store = open_store(data, store, objects, witnessed=witness_policy is not None, map_size=map_size)
     try:
-        log = Log(store, signer, origin=origin, witnessed=witness_policy is not None)
-        sequencer = Sequencer(
+        log = Log(log_store, signer, origin=origin, witnessed=witness_policy is not None)
+        sequencer_class = Sequencer if store is None else SharedSequencer
+        sequencer = sequencer_class(
             log, interval=interval_ms / 1000, batch_max=batch_max, max_pending=max_pending,
             republish_interval=republish_interval,
             witness_budget=witness_budget(witness_rounds_per_day),
@@ -68,7 +88,7 @@ def serve_log(
             {ADD_SOCKET: lambda a: AddServer(a[SEQUENCER].submit, status_for)}, limits,
         )
     finally:
-        store.close()
+        log_store.close()
 
 
 def log_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -91,7 +111,9 @@ def log_group() -> None:
 
 
 @log_group.command("serve")
-@click.option("--data", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path), help="LMDB directory.")
+@click.option("--data", type=click.Path(file_okay=False, path_type=pathlib.Path), help="LMDB directory (or --store and --objects).")
+@click.option("--store", default=None, help="Shared storage: a PostgreSQL DSN (postgresql://USER@HOST:PORT/DB; PGPASSWORD and the other libpq variables apply). Every process on it is one log.")
+@click.option("--objects", default=None, help="With --store: s3://BUCKET/PREFIX for the tiles and checkpoint (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION apply).")
 @click.option("--key", "key_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
 @click.option("--origin", default=None, help="Checkpoint origin (default: the key name).")
 @click.option("--witness-policy", "policy_file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="A c2sp.org/tlog-policy file: publish only checkpoints its witness quorum cosigned.")
@@ -101,7 +123,7 @@ def log_group() -> None:
 @log_options
 @server_limit_options
 def log_serve(
-    data: pathlib.Path, key_file: pathlib.Path, origin: str | None, policy_file: pathlib.Path | None,
+    data: pathlib.Path | None, store: str | None, objects: str | None, key_file: pathlib.Path, origin: str | None, policy_file: pathlib.Path | None,
     republish_interval: float, witness_timeout: float, witness_rounds_per_day: int | None, **opts: int | str,
 ) -> None:
     """Serve a c2sp.org/tlog-tiles log with POST /add and proof endpoints."""
@@ -109,7 +131,7 @@ def log_serve(
         signer = read_signer(key_file)
         policy = read_witness_policy(policy_file, signer) if policy_file else None
         serve_log(
-            data=data, signer=signer, origin=origin, witness_policy=policy,
+            data=data, store=store, objects=objects, signer=signer, origin=origin, witness_policy=policy,
             republish_interval=republish_interval, witness_timeout=witness_timeout,
             witness_rounds_per_day=witness_rounds_per_day, **opts,  # type: ignore[arg-type]
         )

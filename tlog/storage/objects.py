@@ -1,0 +1,130 @@
+"""The log's objects in an S3-compatible bucket, in the c2sp.org/tlog-tiles layout under a prefix.
+
+    PREFIX/checkpoint                       short-lived (Cache-Control: CHECKPOINT_CACHE)
+    PREFIX/tile/<L>/<N>[.p/<W>]             hash tiles
+    PREFIX/tile/entries/<N>[.p/<W>]         entry bundles (uncompressed)
+
+Full tiles and bundles are immutable: written with If-None-Match: * (a 412 means it is there;
+its bytes are then compared, and a difference is a fork, refused). Partial ones are short-lived and
+overwritten (their content is fixed by their path once entries are sequenced, so rewriting is safe).
+The client is boto3, configured the standard way (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_REGION, or any other source boto3 reads). Blocking: call from worker threads.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..errors import MalformedError, MissingDependencyError, NotFoundError, StorageUnavailableError, TlogError
+from ..tiles import CHECKPOINT_CACHE, IMMUTABLE, TileID
+
+SHORT_LIVED = "public, max-age=60"  # partial tiles and bundles: superseded as the tree grows
+PUT_THREADS = 8
+CACHE_BYTES = 64 << 20  # immutable objects kept in memory, least recently used first out (a full tile is 8 KiB)
+
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's bucket naming rules (dots and hyphens inside)
+_PREFIX_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+MAX_PREFIX = 512
+
+
+def parse_objects_url(url: str) -> tuple[str, str]:
+    """Split s3://BUCKET[/PREFIX] into (bucket, prefix). PREFIX is slash-separated segments of letters,
+    digits, '.', '_' and '-' (no empty, '.' or '..' segment). Raises MalformedError."""
+    scheme, _, rest = url.partition("://")
+    bucket, _, prefix = rest.partition("/")
+    segments = prefix.split("/") if prefix else []
+    if (
+        scheme != "s3" or not _BUCKET.fullmatch(bucket) or len(prefix) > MAX_PREFIX
+        or not all(_PREFIX_SEGMENT.fullmatch(p) and p not in (".", "..") for p in segments)
+    ):
+        raise MalformedError(f"objects URL {url[:100]!r}: want s3://BUCKET[/PREFIX]")
+    return bucket, prefix
+
+
+class ObjectStore:
+    """A bucket and prefix holding one log's tlog-tiles objects."""
+
+    def __init__(self, url: str, client: Any = None) -> None:
+        self.bucket, self.prefix = parse_objects_url(url)
+        if client is None:
+            try:
+                import boto3
+                from botocore.config import Config
+            except ImportError as e:
+                raise MissingDependencyError("S3 object storage", "shared", e) from e
+            config = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=PUT_THREADS * 2)
+            client = boto3.client("s3", config=config)
+        self._s3 = client
+        self._pool = ThreadPoolExecutor(PUT_THREADS, thread_name_prefix="s3-put")
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cached_bytes = 0
+        self._cache_lock = threading.Lock()
+
+    def key(self, path: str) -> str:
+        return f"{self.prefix}/{path}" if self.prefix else path
+
+    def _call(self, what: str, method: str, expect: int, **kwargs: Any) -> Any:
+        """The client's answer, or None for the expected failure status (404 or 412). Raises StorageUnavailableError."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self._s3, method)(Bucket=self.bucket, **kwargs)
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == expect:
+                return None
+            raise StorageUnavailableError(f"{what}: {e}") from None
+        except BotoCoreError as e:
+            raise StorageUnavailableError(f"{what}: {e}") from None
+
+    def get(self, path: str, *, immutable: bool = False) -> bytes:
+        """The object's bytes (kept in memory if immutable). Raises NotFoundError or StorageUnavailableError."""
+        with self._cache_lock:
+            cached = self._cache.get(path)
+            if cached is not None:
+                self._cache.move_to_end(path)
+                return cached
+        answer = self._call(f"reading {path}", "get_object", 404, Key=self.key(path))
+        if answer is None:
+            raise NotFoundError(f"{path} is not in the bucket")
+        body: bytes = answer["Body"].read()
+        if immutable:
+            self._remember(path, body)
+        return body
+
+    def _remember(self, path: str, body: bytes) -> None:
+        with self._cache_lock:
+            if path in self._cache:
+                return
+            self._cache[path] = body
+            self._cached_bytes += len(body)
+            while self._cached_bytes > CACHE_BYTES:
+                self._cached_bytes -= len(self._cache.popitem(last=False)[1])
+
+    def put(self, path: str, body: bytes, *, immutable: bool) -> None:
+        """Write one object (see the module docstring). Raises StorageUnavailableError, or TlogError for a fork."""
+        cache = IMMUTABLE if immutable else (CHECKPOINT_CACHE if path == "checkpoint" else SHORT_LIVED)
+        extra = {"IfNoneMatch": "*"} if immutable else {}
+        content_type = "text/plain; charset=utf-8" if path == "checkpoint" else "application/octet-stream"
+        written = self._call(
+            f"writing {path}", "put_object", 412, Key=self.key(path), Body=body, CacheControl=cache, ContentType=content_type, **extra
+        )
+        if written is None and self.get(path) != body:  # 412: it is there already
+            raise TlogError(f"{path} is already in the bucket with other bytes: refusing to fork")
+        if immutable:
+            self._remember(path, body)
+
+    def put_tiles(self, objects: Iterable[tuple[TileID, bytes]]) -> None:
+        """Write tiles and bundles concurrently; return once every one is written (or raise the first failure)."""
+        futures = [self._pool.submit(self.put, tile.path(), body, immutable=tile.is_full) for tile, body in objects]
+        for f in futures:
+            f.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+

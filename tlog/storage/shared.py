@@ -1,0 +1,281 @@
+"""The log on shared storage: PostgreSQL coordinates, an S3-compatible bucket serves.
+
+Any number of processes on one database and bucket are one log. PostgreSQL holds (one log per database):
+
+    tlog_next     next              the next index to assign (its row lock orders sequencing)
+    tlog_entries  idx -> entry      sequenced entries not yet in a full bundle in the bucket
+    tlog_dedup    leaf hash -> idx  every sequenced entry (the dedup index)
+    tlog_tree     size, checkpoint, published   the integrated tree (its row lock orders commits)
+
+and the bucket the tlog-tiles objects (storage/objects.py). Submitting is sequencing: sequence()
+assigns indexes in one transaction, durable before it returns, so the tree's content is fixed before
+it is integrated. One process at a time integrates (try_lead: a session advisory lock, released by
+PostgreSQL when the holder's connection dies): it plans a batch from sequenced() entries, and commit()
+writes every tile and bundle it changes to the bucket, then moves tlog_tree from the plan's old size
+(conditional: a second writer gets TlogError), then writes the checkpoint object. A crash anywhere
+is redone by the next integrator with the same entries, so the same bytes: the bucket converges.
+Blocking (psycopg 3, boto3): called from worker threads; one connection per thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from ..errors import MissingDependencyError, NotFoundError, StorageUnavailableError, TlogError
+from ..integrate import BatchPlan, TreeState, state_from_tiles
+from ..tiles import ENTRIES, TILE_WIDTH, TileID, encode_entry_bundle, parse_entry_bundle, tile_for_size
+from .objects import ObjectStore
+
+try:
+    import psycopg
+except ImportError as e:  # the shared extra
+    _missing: ImportError | None = e
+else:
+    _missing = None
+
+LEADER_LOCK = 0x776C6F67  # pg_try_advisory_lock key of the integrator ("wlog")
+SCHEMA_LOCK = 0x776C6F68
+LEAD_KEEPALIVES = [("tcp_keepalives_idle", 5), ("tcp_keepalives_interval", 2), ("tcp_keepalives_count", 3), ("tcp_user_timeout", 11000)]
+SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS tlog_next (id smallint PRIMARY KEY CHECK (id = 1), next bigint NOT NULL)",
+    "INSERT INTO tlog_next VALUES (1, 0) ON CONFLICT DO NOTHING",
+    "CREATE TABLE IF NOT EXISTS tlog_entries (idx bigint PRIMARY KEY, entry bytea NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS tlog_dedup (hash bytea PRIMARY KEY, idx bigint NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS tlog_tree (id smallint PRIMARY KEY CHECK (id = 1), size bigint NOT NULL, checkpoint bytea, published bytea)",
+    "INSERT INTO tlog_tree VALUES (1, 0, NULL, NULL) ON CONFLICT DO NOTHING",
+]
+
+
+class SharedLogStore:
+    """A LogStore (storage/base.py) over PostgreSQL at dsn and a bucket at objects_url, with sequencing.
+
+    publish_integrated: every committed checkpoint is written to the bucket at once (an unwitnessed
+    log); otherwise only those passed to publish().
+    """
+
+    def __init__(self, dsn: str, objects_url: str, *, publish_integrated: bool = True, objects: ObjectStore | None = None,
+                 before_commit: Callable[[BatchPlan], None] | None = None) -> None:
+        if _missing is not None:
+            raise MissingDependencyError("PostgreSQL storage", "shared", _missing)
+        self.dsn = dsn
+        self.objects = objects if objects is not None else ObjectStore(objects_url)
+        self.publish_integrated = publish_integrated
+        self.before_commit = before_commit  # fault injection for tests: raise after the objects, before the database
+        self._local = threading.local()
+        self._conns: list[Any] = []  # every thread's connection, closed by close()
+        self._conns_lock = threading.Lock()
+        self._size = 0  # the committed size last seen: the width of partial tiles and bundles read
+        self.bucket_checkpoint: bytes | None = None  # the checkpoint object this store last wrote
+        self._lead_lock = threading.Lock()
+        self._lead_conn: Any = None
+        self._leading = False
+        with self._txn() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))  # concurrent CREATE IF NOT EXISTS can collide
+            for statement in SCHEMA:
+                cur.execute(statement)
+
+    @contextmanager
+    def _txn(self) -> Iterator[Any]:
+        """A cursor in a transaction on this thread's connection; database failures become StorageUnavailableError."""
+        conn = getattr(self._local, "conn", None)
+        try:
+            if conn is None or conn.closed:
+                conn = self._local.conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+                with self._conns_lock:
+                    self._conns = [c for c in self._conns if not c.closed] + [conn]
+            with conn.transaction(), conn.cursor() as cur:
+                yield cur
+        except psycopg.Error as e:
+            if conn is not None and conn.broken:
+                conn.close()
+            raise StorageUnavailableError(f"the log's database: {e}".strip()) from None
+
+    def _tile_at(self, size: int, level: int, index: int) -> bytes:
+        tile = tile_for_size(size, level, index)
+        return self.objects.get(tile.path(), immutable=tile.is_full)
+
+    # The LogStore interface.
+
+    def load(self) -> tuple[TreeState, bytes | None]:
+        with self._txn() as cur:
+            size, checkpoint = cur.execute("SELECT size, checkpoint FROM tlog_tree").fetchone()
+        self._size = max(self._size, size)
+        return state_from_tiles(size, lambda level, index: self._tile_at(size, level, index)), checkpoint
+
+    def commit(self, plan: BatchPlan, checkpoint: bytes) -> None:
+        """LogStore.commit, for plans of sequenced entries only (TlogError otherwise): objects, then the tree row."""
+        old, new = plan.old_size, plan.state.size
+        if plan.new_entries:
+            self._check_sequenced(plan)
+        start = old - old % TILE_WIDTH
+        with self._txn() as cur:
+            if self.committed_size(cur) != old:
+                raise TlogError(f"stored size is not the batch's base size {old}: another process integrated")
+            rows = cur.execute("SELECT entry FROM tlog_entries WHERE idx >= %s AND idx < %s ORDER BY idx", (start, old)).fetchall()
+        if len(rows) != old - start:
+            raise TlogError(f"entries [{start}, {old}) of the partial bundle are missing from the database")
+        entries = [row[0] for row in rows] + list(plan.new_entries)
+        objects = [(TileID(level, index, len(data) // 32), data) for (level, index), data in plan.tiles.items()]
+        for first in range(start, new, TILE_WIDTH):
+            bundle = entries[first - start : first - start + TILE_WIDTH]
+            objects.append((TileID(ENTRIES, first // TILE_WIDTH, len(bundle)), encode_entry_bundle(bundle)))
+        self.objects.put_tiles(objects)
+        if self.before_commit is not None:
+            self.before_commit(plan)
+        with self._txn() as cur:
+            size = cur.execute("SELECT size FROM tlog_tree FOR UPDATE").fetchone()[0]
+            if size != old:
+                raise TlogError(f"stored size {size} is not the batch's base size {old}: another process integrated")
+            cur.execute("UPDATE tlog_tree SET size = %s, checkpoint = %s", (new, checkpoint))
+            cur.execute("DELETE FROM tlog_entries WHERE idx < %s", (new - new % TILE_WIDTH,))
+        self._size = max(self._size, new)
+        if self.publish_integrated:
+            self.put_checkpoint(checkpoint)
+
+    def put_checkpoint(self, note: bytes) -> None:
+        """Write the checkpoint object (after every tile it covers is in the bucket)."""
+        self.objects.put("checkpoint", note, immutable=False)
+        self.bucket_checkpoint = note
+
+    def _check_sequenced(self, plan: BatchPlan) -> None:
+        hashes = list(plan.new_leaf_hashes)
+        with self._txn() as cur:
+            found = dict(cur.execute("SELECT hash, idx FROM tlog_dedup WHERE hash = ANY(%s)", (hashes,)).fetchall())
+        for i, h in enumerate(hashes):
+            if found.get(h) != plan.old_size + i:
+                raise TlogError(f"entry {plan.old_size + i} of the batch is not the one sequenced at that index")
+
+    def publish(self, note: bytes) -> None:
+        with self._txn() as cur:
+            cur.execute("UPDATE tlog_tree SET published = %s", (note,))
+        self.put_checkpoint(note)
+
+    def published(self) -> bytes | None:
+        with self._txn() as cur:
+            note: bytes | None = cur.execute("SELECT published FROM tlog_tree").fetchone()[0]
+        return note
+
+    def lookup(self, leaf_hashes: Sequence[bytes]) -> dict[bytes, int]:
+        """The index of each leaf hash that is logged (integrated); sequenced ones are not reported."""
+        with self._txn() as cur:
+            rows = cur.execute(
+                "SELECT d.hash, d.idx FROM tlog_dedup d, tlog_tree t WHERE d.hash = ANY(%s) AND d.idx < t.size", (list(leaf_hashes),)
+            ).fetchall()
+        return dict(rows)
+
+    def read_tile(self, level: int, index: int) -> bytes:
+        """A hash tile, full or as wide as the committed tree makes it. Raises NotFoundError."""
+        try:
+            return self._tile_at(self._size, level, index)
+        except NotFoundError:
+            return self._tile_at(self.committed_size(), level, index)  # committed by another process since
+
+    def read_summary(self, level: int, index: int) -> bytes | None:
+        return None  # no summaries in the bucket: the reader expands full tiles (cached) instead
+
+    def read_entries(self, start: int, end: int) -> list[bytes]:
+        size = self._size
+        if end > size:
+            size = self.committed_size()
+        if not 0 <= start <= end <= size:
+            raise NotFoundError(f"entries [{start}, {end}) not found")
+        out: list[bytes] = []
+        for first in range(start - start % TILE_WIDTH, end, TILE_WIDTH):
+            bundle = tile_for_size(size, ENTRIES, first // TILE_WIDTH)
+            data = self.objects.get(bundle.path(), immutable=bundle.is_full)
+            entries = parse_entry_bundle(data, bundle.width)
+            out.extend(entries[max(start - first, 0) : end - first])
+        return out
+
+    def checkpoint(self) -> bytes | None:
+        with self._txn() as cur:
+            note: bytes | None = cur.execute("SELECT checkpoint FROM tlog_tree").fetchone()[0]
+        return note
+
+    def close(self) -> None:
+        self.resign()
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
+        self.objects.close()
+
+    # Sequencing and integration across processes.
+
+    def committed_size(self, cur: Any = None) -> int:
+        """The integrated tree size in the database."""
+        if cur is None:
+            with self._txn() as own:
+                return self.committed_size(own)
+        size: int = cur.execute("SELECT size FROM tlog_tree").fetchone()[0]
+        self._size = max(self._size, size)
+        return size
+
+    def sequence(self, entries: Sequence[bytes], leaf_hashes: Sequence[bytes]) -> list[int]:
+        """Assign each entry its index (a logged or sequenced one keeps its earlier index), durably.
+
+        When this returns the entries are committed in the database; they will be integrated in order.
+        leaf_hashes must be distinct. Raises StorageUnavailableError.
+        """
+        with self._txn() as cur:
+            nxt = cur.execute("SELECT next FROM tlog_next FOR UPDATE").fetchone()[0]
+            known = dict(cur.execute("SELECT hash, idx FROM tlog_dedup WHERE hash = ANY(%s)", (list(leaf_hashes),)).fetchall())
+            indexes: list[int] = []
+            new_idx: list[int] = []
+            new_entries: list[bytes] = []
+            new_hashes: list[bytes] = []
+            for entry, h in zip(entries, leaf_hashes, strict=True):
+                index = known.get(h)
+                if index is None:
+                    index = known[h] = nxt + len(new_idx)
+                    new_idx.append(index)
+                    new_entries.append(entry)
+                    new_hashes.append(h)
+                indexes.append(index)
+            if new_idx:
+                cur.execute("INSERT INTO tlog_entries SELECT * FROM unnest(%s::bigint[], %s::bytea[])", (new_idx, new_entries))
+                cur.execute("INSERT INTO tlog_dedup SELECT * FROM unnest(%s::bytea[], %s::bigint[])", (new_hashes, new_idx))
+                cur.execute("UPDATE tlog_next SET next = %s", (nxt + len(new_idx),))
+        return indexes
+
+    def sequenced(self, start: int, limit: int) -> list[bytes]:
+        """Up to limit sequenced entries from index start on, in order (stops at the first gap)."""
+        with self._txn() as cur:
+            rows = cur.execute("SELECT idx, entry FROM tlog_entries WHERE idx >= %s ORDER BY idx LIMIT %s", (start, limit)).fetchall()
+        out: list[bytes] = []
+        for idx, entry in rows:
+            if idx != start + len(out):
+                break
+            out.append(entry)
+        return out
+
+    def try_lead(self) -> bool:
+        """Hold (or try to take) the integrator's lock; False if another process holds it or the database is gone."""
+        with self._lead_lock:
+            try:
+                if self._lead_conn is None or self._lead_conn.closed:
+                    self._leading = False
+                    self._lead_conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+                    # A killed process's session ends at once; a vanished machine's once these keepalives
+                    # go unanswered (~11 s), and PostgreSQL then frees the lock for another process.
+                    for setting, value in LEAD_KEEPALIVES:
+                        self._lead_conn.execute(f"SET {setting} = {value}")
+                if self._leading:
+                    self._lead_conn.execute("SELECT 1")  # the lock lives as long as this session
+                else:
+                    self._leading = bool(self._lead_conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)).fetchone()[0])
+            except psycopg.Error:
+                if self._lead_conn is not None:
+                    self._lead_conn.close()
+                self._lead_conn, self._leading = None, False
+            return self._leading
+
+    def resign(self) -> None:
+        """Give up the integrator's lock (closing its session)."""
+        with self._lead_lock:
+            if self._lead_conn is not None:
+                self._lead_conn.close()
+            self._lead_conn, self._leading = None, False

@@ -12,6 +12,7 @@ everything anew, and a module it cannot verify is not served.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import pathlib
@@ -69,8 +70,8 @@ class Agent:
         self.started: dict[str, Any] | None = None  # when, and what state.json was worth
         self.last_sweep: dict[str, Any] | None = None
         self.sweeps = 0
+        self.findings_total: collections.Counter[str] = collections.Counter()  # by kind, over every sweep (the metrics)
         self.sources: dict[str, dict[str, Any]] = {url: {"last_ok": None, "last_error": None} for url in config.registries}
-        self.on_sweep: Callable[[dict[str, Any]], None] | None = None  # told each sweep's result (the metrics)
         self._next_sweep: asyncio.Future[dict[str, Any]] | None = None  # the sweep the callers since the running one wait for
         self._next_trigger = "request"  # who asked for it first: start, interval, request
         self.sweep_waiting = 0  # callers waiting for a sweep's result (the running one's, or the next one's)
@@ -195,8 +196,6 @@ class Agent:
                 except Exception as e:  # noqa: BLE001 -- handed to every caller of this sweep
                     future.set_exception(e)
                 else:
-                    if self.on_sweep is not None:
-                        self.on_sweep(result)
                     future.set_result(result)
         finally:
             self._sweeper = None
@@ -244,6 +243,7 @@ class Agent:
                         "changed": old is None or (old.state, old.digest) != (new.state, new.digest)}
                        for (m, _), (old, new) in zip(decisions, await self._apply(decisions), strict=True)]
             self.sweeps += 1
+            self.findings_total.update(f["kind"] for f in findings)
             self.prewarm()  # what this sweep admitted, or whose artifact it deleted
             self.last_sweep = {"number": self.sweeps, "trigger": trigger, "time": now, "seconds": round(time.monotonic() - started, 3),
                                "checkpoint": checkpoint, "findings": findings, "modules": modules}

@@ -14,11 +14,12 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from tlog.errors import (
     BodyTimeoutError,
@@ -92,23 +93,32 @@ agent_errors_middleware = errors_middleware_for(error_response)
 
 
 class AgentMetrics:
-    """The agent's metrics, in the admin app's registry; sweeps are counted once each, however many asked."""
+    """The agent's metrics, in the admin app's registry. Sweeps and their findings are the agent's own counts
+    (Agent.sweeps, Agent.findings_total), read at each scrape: the start-up sweep, run before the metrics
+    exist, counts, and /metrics never lags behind /status."""
 
     def __init__(self, app: web.Application, agent: Agent) -> None:
         registry = app[METRICS]
         self.runs = Counter("wasmlog_agent_runs", "Module runs by module and HTTP status", ["module", "status"], registry=registry)
         self.run_seconds = Histogram("wasmlog_agent_run_seconds", "Time to run a module for a request", buckets=LATENCY_BUCKETS, registry=registry)
-        self.sweeps = Counter("wasmlog_agent_sweeps", "Sweeps run", registry=registry)
-        self.findings = Counter("wasmlog_agent_sweep_findings", "Sweep findings by kind", ["kind"], registry=registry)
+        registry.register(_SweepCounts(agent))
         modules = Gauge("wasmlog_agent_modules", "Configured modules by state", ["state"], registry=registry)
         for state in STATES:
             modules.labels(state).set_function(_counter(agent, state))
-        agent.on_sweep = self.swept
 
-    def swept(self, result: dict[str, Any]) -> None:
-        self.sweeps.inc()
-        for f in result["findings"]:
-            self.findings.labels(f["kind"]).inc()
+
+class _SweepCounts(Collector):
+    """wasmlog_agent_sweeps_total and wasmlog_agent_sweep_findings_total{kind}, from the agent's counts."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("wasmlog_agent_sweeps", "Sweeps run", value=self.agent.sweeps)
+        findings = CounterMetricFamily("wasmlog_agent_sweep_findings", "Sweep findings by kind", labels=["kind"])
+        for kind, n in sorted(self.agent.findings_total.items()):
+            findings.add_metric([kind], n)
+        yield findings
 
 
 def _counter(agent: Agent, state: str) -> Callable[[], int]:

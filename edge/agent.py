@@ -78,6 +78,7 @@ class Agent:
         self._sweeper: asyncio.Task[None] | None = None
         self.telemetry = Telemetry(config.data, config.telemetry.sinks, config.telemetry.spool_bytes, config.telemetry.interval, clock)
         self.prewarming: asyncio.Future[dict[str, str]] | None = None
+        self.prewarm_failures: dict[str, str] = {}  # digest -> why the last prewarm could not compile it
 
     def now(self) -> int:
         return int(self.clock())
@@ -94,9 +95,19 @@ class Agent:
         self.started["serving_since"] = self.now()
 
     def prewarm(self) -> None:
-        """Compile the admitted modules' artifacts in the background, so that no first request waits for it."""
-        self.prewarming = self.sandbox.prewarm([(s.digest, self.store.path(s.digest)) for s in self.modules.values()
-                                                if s.state == ADMITTED and s.digest is not None])
+        """Compile the admitted modules' artifacts in the background, so that no first request waits for it.
+        A stored module found not to hash to its digest is quarantined at once, as a request would."""
+        self.prewarming = asyncio.ensure_future(self._prewarm([(s.digest, self.store.path(s.digest)) for s in self.modules.values()
+                                                               if s.state == ADMITTED and s.digest is not None]))
+
+    async def _prewarm(self, modules: list[tuple[str, pathlib.Path]]) -> dict[str, str]:
+        self.prewarm_failures = failures = await self.sandbox.prewarm(modules)
+        for digest in failures:
+            if await asyncio.to_thread(self.store.get, digest) is None:  # missing, or not the bytes admitted
+                for ref in [ref for ref, s in self.modules.items() if s.digest == digest]:
+                    await self.quarantine(ref, "integrity", f"the stored module sha256:{digest[:16]} does not hash to its digest "
+                                          "(found by a prewarm)", {digest})
+        return failures
 
     def _load_state(self) -> tuple[dict[str, ModuleState], str]:
         try:
@@ -176,7 +187,9 @@ class Agent:
             self.sweep_waiting -= 1
 
     async def close(self) -> None:
-        """Stop a sweep in progress (its callers get CancelledError)."""
+        """Stop a sweep in progress (its callers get CancelledError) and a prewarm."""
+        if self.prewarming is not None:
+            self.prewarming.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -292,6 +305,9 @@ class Agent:
             "sweeps": self.sweeps,
             "sweep_running": self.lock.locked(),
             "sweep_waiting": self.sweep_waiting,
+            "prewarm": {"running": self.prewarming is not None and not self.prewarming.done(),
+                        "failures": [{"digest": d, "refs": sorted(r for r, s in self.modules.items() if s.digest == d), "error": e}
+                                     for d, e in sorted(self.prewarm_failures.items())]},
             "sources": [{"url": url, **source} for url, source in self.sources.items()],
             "sandbox": self.sandbox.status(),
             "telemetry": self.telemetry.status(),

@@ -163,7 +163,7 @@ async def run_module(request: web.Request) -> web.Response:
             return now is not None and now[1] is not None and now[1].state == ADMITTED and now[1].digest == s.digest
 
         result = await agent.sandbox.run(s.digest, module, profile, stdin=body, env=merged_environment(cgi, p.env),
-                                         still_allowed=still_admitted)
+                                         still_allowed=still_admitted, key=m.ref)
         if not still_admitted():  # stopped while it ran: its answer is not served either
             raise NoLongerAllowed(f"{m.ref} was stopped while it ran")
         if result.exit_code != 0:

@@ -210,3 +210,6 @@ async def in_process_agent(aiohttp_client, tmp_path: pathlib.Path, registries: l
     await agent.start()
     runs_app, admin_app = make_apps(agent, periodic_sweeps=periodic_sweeps)
     return InProcessAgent(agent, await aiohttp_client(runs_app), await aiohttp_client(admin_app), sandbox)
+
+
+LOOP = wasmtime.wat2wasm('(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))')

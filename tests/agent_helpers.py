@@ -32,12 +32,12 @@ def _wat_string(data: bytes) -> str:
     return "".join(chr(b) if 0x20 <= b < 0x7F and b not in (0x22, 0x5C) else f"\\{b:02x}" for b in data)
 
 
-def printing_module(text: bytes, extra_imports: str = "") -> bytes:
-    """A WASI command whose _start writes text to stdout (fd_write only, plus extra_imports)."""
+def printing_module(text: bytes, extra_imports: str = "", pages: int = 1) -> bytes:
+    """A WASI command whose _start writes text to stdout (fd_write only, plus extra_imports), with pages of memory."""
     return wasmtime.wat2wasm(f'''(module
   {FD_WRITE}
   {extra_imports}
-  (memory (export "memory") 1)
+  (memory (export "memory") {pages})
   (data (i32.const 64) "{_wat_string(text)}")
   (func (export "_start")
     (i32.store (i32.const 0) (i32.const 64))
@@ -103,6 +103,11 @@ env = {{ GREETING = "from the profile" }}
 imports = []
 memory_mb = 4
 timeout_ms = 300
+
+[profiles.exiting]
+imports = ["{WASI}.fd_write", "{WASI}.proc_exit"]
+memory_mb = 16
+timeout_ms = 2000
 
 [profiles.one_at_a_time]
 imports = []

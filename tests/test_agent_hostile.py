@@ -4,9 +4,12 @@ real HTTP on loopback."""
 from __future__ import annotations
 
 import asyncio
+import json
 import pathlib
+from typing import Any
 
-from agent_helpers import LOOP, in_process_agent
+import wasmtime
+from agent_helpers import FD_WRITE, LOOP, WASI, in_process_agent, printing_module
 from helpers import wait_until
 from registry_helpers import start_registry
 from test_agent import publish
@@ -29,5 +32,87 @@ async def test_two_modules_with_identical_bytes_do_not_share_their_in_flight_cap
         r = await a.runs.get("/run/beta/spin")  # not acme's cap: it runs (and loops to its deadline)
         assert r.status == 504 and (await r.json())["error"] == "DeadlineExceeded"
         assert (await first).status == 504
+    finally:
+        await a.close()
+
+
+def writing_module(writes: int) -> bytes:
+    """A WASI command that writes 64 KiB of zeros to stdout writes times (no header block: all body)."""
+    return wasmtime.wat2wasm(f'''(module
+  {FD_WRITE}
+  (memory (export "memory") 2)
+  (func (export "_start") (local $i i32)
+    (i32.store (i32.const 0) (i32.const 65536))
+    (i32.store (i32.const 4) (i32.const 65536))
+    (loop $more
+      (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $more (i32.lt_u (local.get $i) (i32.const {writes}))))))''')
+
+
+def exiting_module(code: int) -> bytes:
+    """A WASI command that writes a CGI answer, then exits with code."""
+    return wasmtime.wat2wasm(f'''(module
+  {FD_WRITE}
+  (import "{WASI}" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "Content-Type: text/plain\\n\\nhalf an answer\\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 40))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (call $exit (i32.const {code}))))''')
+
+
+HUGE_HEADER = b"X-A: " + b"a" * 70_000 + b"\n\nbody"
+MANY_HEADERS = b"".join(b"X-%d: v\n" % i for i in range(101)) + b"\nbody"
+HOSTILE = {
+    "acme:big@1.0.0": writing_module(64),  # 4 MiB: within the bound, served
+    "acme:flood@1.0.0": writing_module(1 << 30),  # writes until the bound stops it
+    "acme:s999@1.0.0": printing_module(b"Status: 999 Whatever\n\nbody"),
+    "acme:s103@1.0.0": printing_module(b"Status: 103 Early Hints\n\nbody"),
+    "acme:crlf@1.0.0": printing_module(b"Status: 200\r\nX-Evil: a\rSet-Cookie: x=1\r\n\r\nbody"),
+    "acme:cookie@1.0.0": printing_module(b"Set-Cookie: sid=planted; Domain=127.0.0.1; Path=/\nLocation: http://elsewhere.example/\n\n"),
+    "acme:hugehdr@1.0.0": printing_module(HUGE_HEADER, pages=2),
+    "acme:manyhdr@1.0.0": printing_module(MANY_HEADERS),
+    "acme:exit3@1.0.0": exiting_module(3),
+    "acme:hello@1.0.0": printing_module(b"Content-Type: text/plain\n\nhello\n"),
+}
+
+
+async def test_hostile_output_is_bounded_never_a_500_and_never_costs_a_worker(aiohttp_client, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    for ref, module in HOSTILE.items():
+        await publish(api, ref, module)
+    profiles = {ref: "exiting" if "exit" in ref else "stdout" for ref in HOSTILE}
+    a = await in_process_agent(aiohttp_client, tmp_path, [api.url], profiles)
+    try:
+        assert a.agent.prewarming is not None and await a.agent.prewarming == {}
+
+        async def run(name: str) -> tuple[int, bytes, Any]:
+            r = await a.runs.get(f"/run/acme/{name}", allow_redirects=False)
+            return r.status, await r.read(), r.headers
+
+        status, body, _ = await run("big")
+        assert status == 200 and body == bytes(64 << 16)
+        status, body, _ = await run("flood")
+        assert status == 502 and b"output too large" in body
+        for name in ("s999", "s103"):
+            status, body, _ = await run(name)
+            assert status == 502 and json.loads(body)["error"] == "CgiError", (name, body)
+        status, body, headers = await run("crlf")  # a CR inside a header: no header block at all, all body
+        assert (status, body) == (200, b"Status: 200\r\nX-Evil: a\rSet-Cookie: x=1\r\n\r\nbody")
+        assert "X-Evil" not in headers and "Set-Cookie" not in headers and headers["Content-Type"] == "text/plain; charset=utf-8"
+        status, body, headers = await run("cookie")
+        assert status == 302 and headers["Location"] == "http://elsewhere.example/"
+        assert "Set-Cookie" not in headers  # cookies ignore ports: it would land on every service of this host
+        for name, text in (("hugehdr", HUGE_HEADER), ("manyhdr", MANY_HEADERS)):  # over the header block's bounds: all body
+            status, body, headers = await run(name)
+            assert (status, body) == (200, text) and "X-A" not in headers and "X-1" not in headers, name
+        status, body, _ = await run("exit3")
+        assert status == 502 and json.loads(body)["error"] == "Trapped" and b"exited with status 3" in body
+        assert (await run("hello"))[:2] == (200, b"hello\n")
+        sandbox = a.sandbox.status()
+        assert sandbox.get("worker_restarts", 0) == 0 and sandbox["alive"] == sandbox["workers"]
     finally:
         await a.close()

@@ -222,6 +222,12 @@ async def _sweeps(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def _closing(app: web.Application) -> AsyncIterator[None]:
+    """Close the agent (a sweep or prewarm in progress) when the admin app stops."""
+    yield
+    await app[AGENT].close()
+
+
 def make_apps(agent: Agent, *, periodic_sweeps: bool = True) -> tuple[web.Application, web.Application]:
     """(the module listener's app: /run/... only; the admin listener's app: /status, /metrics, /healthz,
     POST /sweep, and the periodic sweeps)."""
@@ -233,6 +239,7 @@ def make_apps(agent: Agent, *, periodic_sweeps: bool = True) -> tuple[web.Applic
     admin.router.add_get("/healthz", get_healthz)
     admin.router.add_post("/sweep", post_sweep)
     admin.cleanup_ctx.append(agent.telemetry.running)  # shipping and signing; cleaned up after the sweeps stop
+    admin.cleanup_ctx.append(_closing)  # a sweep or prewarm in progress stops before the telemetry closes
     if periodic_sweeps:
         admin.cleanup_ctx.append(_sweeps)
     modules = web.Application(middlewares=[agent_errors_middleware])
@@ -271,7 +278,7 @@ async def serve_agent(config: AgentConfig, limits: ServerLimits, stop: asyncio.E
                 print(f"wasmlog agent{what}: http://{host}:{sites[0].port}/", flush=True)
             await stop.wait()
         finally:
-            for runner in reversed(runners):
+            for runner in runners:  # the modules' first: their requests end (and report) before the telemetry closes
                 await runner.cleanup()
             await agent.close()
     finally:

@@ -9,7 +9,7 @@ import pathlib
 from typing import Any
 
 import wasmtime
-from agent_helpers import FD_WRITE, LOOP, WASI, in_process_agent, printing_module
+from agent_helpers import FD_WRITE, LOOP, WASI, echo_module, in_process_agent, parse_echo, printing_module
 from helpers import wait_until
 from registry_helpers import start_registry
 from test_agent import publish
@@ -114,5 +114,38 @@ async def test_hostile_output_is_bounded_never_a_500_and_never_costs_a_worker(ai
         assert (await run("hello"))[:2] == (200, b"hello\n")
         sandbox = a.sandbox.status()
         assert sandbox.get("worker_restarts", 0) == 0 and sandbox["alive"] == sandbox["workers"]
+    finally:
+        await a.close()
+
+
+CGI_VARIABLES = {"GATEWAY_INTERFACE", "REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "SERVER_PROTOCOL",
+                 "SERVER_NAME", "SERVER_PORT", "SERVER_SOFTWARE", "CONTENT_TYPE", "CONTENT_LENGTH"}
+
+
+async def test_the_module_sees_exactly_the_cgi_variables_and_its_profile_env_and_a_bounded_stdin(  # type: ignore[no-untyped-def]
+        aiohttp_client, tmp_path: pathlib.Path, monkeypatch) -> None:
+    monkeypatch.setenv("WASMLOG_CANARY", "host-secret")  # in the agent's environment: never in a module's
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:echo@1.0.0", echo_module())
+    a = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:echo@1.0.0": "cgi"})
+    try:
+        r = await a.runs.get("/run/acme/echo/p?q=1", headers={"X-One": "1"}, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
+        assert r.status == 200
+        env, stdin = parse_echo(await r.read())
+        assert set(env) == CGI_VARIABLES | {"HTTP_HOST", "HTTP_X_ONE", "GREETING"}, sorted(env)
+        assert (env["PATH_INFO"], env["QUERY_STRING"], env["GREETING"], stdin) == ("/p", "q=1", "from the profile", b"")
+
+        body = bytes(range(256)) * 4096  # 1 MiB: the most a request may carry
+        r = await a.runs.post("/run/acme/echo", data=body)
+        assert r.status == 200 and parse_echo(await r.read())[1] == body
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            for _ in range(32):
+                yield bytes(64 << 10)  # 2 MiB with no Content-Length
+
+        r = await a.runs.post("/run/acme/echo", data=chunks())
+        assert r.status == 413
+        r = await a.runs.post("/run/acme/echo", data=b"x" * ((1 << 20) + 1))
+        assert r.status == 413
     finally:
         await a.close()

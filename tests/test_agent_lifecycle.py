@@ -3,19 +3,19 @@ and a clean SIGTERM (workers reaped, no process left behind). Real registry, rea
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import os
 import pathlib
 import signal
 
 import aiohttp
-from agent_helpers import AgentProcess, in_process_agent, printing_module, write_config
+from agent_helpers import LOOP, AgentProcess, in_process_agent, printing_module, write_config
+from helpers import wait_until
 from registry_helpers import start_registry
-from test_agent import ALICE, publish
+from test_agent import publish
 
-from edge.telemetry_events import QUARANTINED
+from edge.telemetry_events import DEADLINE, QUARANTINED
 from edge.telemetry_spool import Spool
-from registry.record import parse_package_ref
 
 HELLO = printing_module(b"Content-Type: text/plain\n\nhello from acme\n")
 EVIL = printing_module(b"Content-Type: text/plain\n\nEVIL tampered bytes\n")
@@ -53,3 +53,54 @@ async def test_a_tampered_module_met_by_a_prewarm_is_quarantined_at_once_and_sho
         assert (await (await a.admin.get("/status")).json())["prewarm"]["failures"] == []
     finally:
         await a.close()
+
+
+def children_of(pid: int) -> set[int]:
+    """The processes whose parent is pid, now (from /proc)."""
+    found = set()
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+async def test_sigterm_stops_cleanly_mid_request_and_leaves_no_process_behind(aiohttp_client, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:hello@1.0.0", HELLO)
+    await publish(api, "acme:spin@1.0.0", LOOP)
+    cfg = write_config(tmp_path / "edge", [api.url], {"acme:hello@1.0.0": "stdout", "acme:spin@1.0.0": "one_at_a_time"})
+    agent = AgentProcess(cfg)
+    url = await agent.start()
+    assert agent.proc is not None
+    async with aiohttp.ClientSession() as s:
+        status = await (await s.get(agent.admin + "/status")).json()
+        assert status["sweeps"] == 1
+        metrics = await (await s.get(agent.admin + "/metrics")).text()
+        assert "wasmlog_agent_sweeps_total 1.0" in metrics  # the start-up sweep counts
+        async with s.get(url + "/run/acme/hello") as r:
+            assert r.status == 200
+        spinning = asyncio.ensure_future(s.get(url + "/run/acme/spin"))
+        await wait_until(lambda: busy(s, agent.admin), "the runaway module to run")
+        workers = children_of(agent.proc.pid)
+        status = await (await s.get(agent.admin + "/status")).json()
+        assert set(status["sandbox"]["pids"]) <= workers and len(workers) >= 3  # the run workers and a compile worker
+        agent.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(agent.proc.wait(), 60) == 0
+        assert (await spinning).status == 504  # the request in flight was answered, and its event spooled, before the stop
+    spool = Spool(cfg.parent / "agent-data" / "telemetry", 1 << 20, readonly=True)
+    try:
+        assert [e.attr("wasmlog.module.ref") for e in spool.scan() if e.name == DEADLINE] == ["acme:spin@1.0.0"]
+    finally:
+        spool.close()
+    left = [pid for pid in workers if pathlib.Path(f"/proc/{pid}").exists()]
+    assert left == [], [pathlib.Path(f"/proc/{pid}/cmdline").read_bytes() for pid in left]
+    assert "Traceback" not in (cfg.parent / "agent.stderr").read_text()
+
+
+async def busy(s: aiohttp.ClientSession, admin: str) -> bool:
+    return bool((await (await s.get(admin + "/status")).json())["sandbox"]["busy"])

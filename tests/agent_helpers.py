@@ -34,7 +34,7 @@ def _wat_string(data: bytes) -> str:
 
 def printing_module(text: bytes, extra_imports: str = "", pages: int = 1) -> bytes:
     """A WASI command whose _start writes text to stdout (fd_write only, plus extra_imports), with pages of memory."""
-    return wasmtime.wat2wasm(f'''(module
+    return bytes(wasmtime.wat2wasm(f'''(module
   {FD_WRITE}
   {extra_imports}
   (memory (export "memory") {pages})
@@ -42,7 +42,7 @@ def printing_module(text: bytes, extra_imports: str = "", pages: int = 1) -> byt
   (func (export "_start")
     (i32.store (i32.const 0) (i32.const 64))
     (i32.store (i32.const 4) (i32.const {len(text)}))
-    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))''')
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))'''))
 
 
 HEADER = b"Content-Type: text/x-echo\nX-Module: echo\n\n"
@@ -50,7 +50,7 @@ HEADER = b"Content-Type: text/x-echo\nX-Module: echo\n\n"
 
 def echo_module() -> bytes:
     """A WASI command that answers a CGI header block, then its environment (NUL-separated), "\\n--\\n", then its stdin."""
-    return wasmtime.wat2wasm(f'''(module
+    return bytes(wasmtime.wat2wasm(f'''(module
   {FD_WRITE}
   (import "{WASI}" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
   (import "{WASI}" "environ_sizes_get" (func $sizes (param i32 i32) (result i32)))
@@ -76,7 +76,7 @@ def echo_module() -> bytes:
         (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
         (br_if $done (i32.eqz (i32.load (i32.const 8))))
         (call $write (i32.const 65536) (i32.load (i32.const 8)))
-        (br $more)))))''')
+        (br $more)))))'''))
 
 
 def parse_echo(body: bytes) -> tuple[dict[str, str], bytes]:
@@ -217,4 +217,4 @@ async def in_process_agent(aiohttp_client, tmp_path: pathlib.Path, registries: l
     return InProcessAgent(agent, await aiohttp_client(runs_app), await aiohttp_client(admin_app), sandbox)
 
 
-LOOP = wasmtime.wat2wasm('(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))')
+LOOP = bytes(wasmtime.wat2wasm('(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))'))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import wasmtime
@@ -38,7 +39,7 @@ async def test_two_modules_with_identical_bytes_do_not_share_their_in_flight_cap
 
 def writing_module(writes: int) -> bytes:
     """A WASI command that writes 64 KiB of zeros to stdout writes times (no header block: all body)."""
-    return wasmtime.wat2wasm(f'''(module
+    return bytes(wasmtime.wat2wasm(f'''(module
   {FD_WRITE}
   (memory (export "memory") 2)
   (func (export "_start") (local $i i32)
@@ -47,12 +48,12 @@ def writing_module(writes: int) -> bytes:
     (loop $more
       (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
       (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br_if $more (i32.lt_u (local.get $i) (i32.const {writes}))))))''')
+      (br_if $more (i32.lt_u (local.get $i) (i32.const {writes}))))))'''))
 
 
 def exiting_module(code: int) -> bytes:
     """A WASI command that writes a CGI answer, then exits with code."""
-    return wasmtime.wat2wasm(f'''(module
+    return bytes(wasmtime.wat2wasm(f'''(module
   {FD_WRITE}
   (import "{WASI}" "proc_exit" (func $exit (param i32)))
   (memory (export "memory") 1)
@@ -61,7 +62,7 @@ def exiting_module(code: int) -> bytes:
     (i32.store (i32.const 0) (i32.const 64))
     (i32.store (i32.const 4) (i32.const 40))
     (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
-    (call $exit (i32.const {code}))))''')
+    (call $exit (i32.const {code}))))'''))
 
 
 HUGE_HEADER = b"X-A: " + b"a" * 70_000 + b"\n\nbody"
@@ -139,7 +140,7 @@ async def test_the_module_sees_exactly_the_cgi_variables_and_its_profile_env_and
         r = await a.runs.post("/run/acme/echo", data=body)
         assert r.status == 200 and parse_echo(await r.read())[1] == body
 
-        async def chunks():  # type: ignore[no-untyped-def]
+        async def chunks() -> AsyncIterator[bytes]:
             for _ in range(32):
                 yield bytes(64 << 10)  # 2 MiB with no Content-Length
 

@@ -12,10 +12,11 @@ import aiohttp
 from agent_helpers import LOOP, AgentProcess, in_process_agent, printing_module, write_config
 from helpers import wait_until
 from registry_helpers import start_registry
-from test_agent import publish
+from test_agent import ALICE, NETTY, publish
 
-from edge.telemetry_events import DEADLINE, QUARANTINED
+from edge.telemetry_events import ADMITTED, DEADLINE, QUARANTINED, REFUSED, RELEASED, YANK
 from edge.telemetry_spool import Spool
+from registry.record import Action
 
 HELLO = printing_module(b"Content-Type: text/plain\n\nhello from acme\n")
 EVIL = printing_module(b"Content-Type: text/plain\n\nEVIL tampered bytes\n")
@@ -104,3 +105,35 @@ async def test_sigterm_stops_cleanly_mid_request_and_leaves_no_process_behind(ai
 
 async def busy(s: aiohttp.ClientSession, admin: str) -> bool:
     return bool((await (await s.get(admin + "/status")).json())["sandbox"]["busy"])
+
+
+async def test_every_state_change_has_its_event_from_the_start_up_sweep_on(aiohttp_client, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    """Replaying the spool's module events gives each module's history: admitted and refused by the start-up sweep,
+    quarantined on the request path, released by a sweep, quarantined by a yank."""
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:hello@1.0.0", HELLO)
+    await publish(api, "acme:netty@1.0.0", NETTY)
+    a = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout", "acme:netty@1.0.0": "stdout"})
+    digest = hashlib.sha256(HELLO).hexdigest()
+    try:
+        assert a.agent.prewarming is not None and await a.agent.prewarming == {}
+        for artifact in (a.agent.config.data / "artifacts").glob(f"{digest}.*"):
+            artifact.unlink()
+        a.agent.store.path(digest).write_bytes(EVIL)
+        r = await a.runs.get("/run/acme/hello")  # no worker holds it and its artifact is gone: the file must be compiled
+        assert r.status == 403 and (await r.json())["error"] == "IntegrityError"
+        assert (await a.admin.post("/sweep")).status == 200  # repaired
+        await api.act(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=1))
+        assert (await a.admin.post("/sweep")).status == 200
+        history: dict[str, list[tuple[str, str | None]]] = {}
+        for e in a.agent.telemetry.spool.scan():
+            if e.name in (ADMITTED, REFUSED, QUARANTINED, RELEASED, YANK):
+                history.setdefault(str(e.attr("wasmlog.module.ref")), []).append((e.name, e.attr("wasmlog.reason")))  # type: ignore[arg-type]
+        assert history == {
+            "acme:hello@1.0.0": [(ADMITTED, None), (QUARANTINED, "integrity"), (RELEASED, None), (YANK, "yanked"), (QUARANTINED, "yanked")],
+            "acme:netty@1.0.0": [(REFUSED, "capability")],
+        }
+        status = {m["ref"]: (m["state"], m["reason"]) for m in (await (await a.admin.get("/status")).json())["modules"]}
+        assert status == {"acme:hello@1.0.0": ("quarantined", "yanked"), "acme:netty@1.0.0": ("refused", "capability")}
+    finally:
+        await a.close()

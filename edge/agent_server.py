@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import Counter, Gauge, Histogram
@@ -261,13 +261,16 @@ def new_sandbox(config: AgentConfig, workers: int = 3) -> Sandbox:
 
 async def serve_agent(config: AgentConfig, limits: ServerLimits, stop: asyncio.Event) -> None:
     """Run the start-up sweep, then serve both listeners until stop is set; sweeps every sweep_interval.
-    Nothing is served before the start-up sweep has re-checked every module (Agent.start)."""
+    Nothing is served before the start-up sweep has re-checked every module (Agent.start); a stop during that
+    sweep ends it, and no listener is opened."""
     load_trust_policy(config.trust_policy)  # a policy that cannot be used stops us before anything is created
     sandbox = new_sandbox(config)
+    agent = None
     try:
         agent = Agent(config, sandbox)
         await sandbox.start()  # the workers, now: /status says whether their syscall filter is active
-        await agent.start()
+        if not await _unless_stopped(agent.start(), stop):
+            return
         modules, admin = make_apps(agent)
         runners = []
         try:
@@ -280,6 +283,23 @@ async def serve_agent(config: AgentConfig, limits: ServerLimits, stop: asyncio.E
         finally:
             for runner in runners:  # the modules' first: their requests end (and report) before the telemetry closes
                 await runner.cleanup()
-            await agent.close()
     finally:
+        if agent is not None:
+            await agent.close()
         await sandbox.close()
+
+
+async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Await work unless stop is set first (then work is cancelled): whether work completed."""
+    task, stopped = asyncio.ensure_future(work), asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+    task.result()  # its error, if any
+    return True

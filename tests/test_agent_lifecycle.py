@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import pathlib
 import signal
+import sys
 
 import aiohttp
-from agent_helpers import LOOP, AgentProcess, in_process_agent, printing_module, write_config
+from agent_helpers import LOOP, ROOT, AgentProcess, in_process_agent, mirror_app, printing_module, write_config
+from aiohttp import web
 from helpers import wait_until
 from registry_helpers import start_registry
 from test_agent import ALICE, NETTY, publish
@@ -137,3 +140,36 @@ async def test_every_state_change_has_its_event_from_the_start_up_sweep_on(aioht
         assert status == {"acme:hello@1.0.0": ("quarantined", "yanked"), "acme:netty@1.0.0": ("refused", "capability")}
     finally:
         await a.close()
+
+
+async def test_sigterm_during_the_start_up_sweep_stops_before_anything_is_served(aiohttp_client, aiohttp_server, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:hello@1.0.0", HELLO)
+    asked, never = asyncio.Event(), asyncio.Event()
+
+    async def hanging(request: web.Request) -> None:
+        """The checkpoint never comes (the fetch's own timeout is a minute)."""
+        if request.path == "/log/checkpoint":
+            asked.set()
+            await never.wait()
+
+    async with aiohttp.ClientSession() as session:
+        server = await aiohttp_server(mirror_app(api.url, session, hanging))
+        cfg = write_config(tmp_path / "edge", [str(server.make_url("")).rstrip("/")], {"acme:hello@1.0.0": "stdout"})
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wasmlog", "agent", "serve", "--config", str(cfg), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            await asyncio.wait_for(asked.wait(), 60)  # the start-up sweep is under way
+            workers = children_of(proc.pid)
+            proc.send_signal(signal.SIGTERM)
+            out, err = await asyncio.wait_for(proc.communicate(), 50)  # well before the fetch would give up
+        finally:
+            never.set()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert proc.returncode == 0, err
+    assert out == b"", out  # no listener was opened
+    assert b"Traceback" not in err, err
+    assert [pid for pid in workers if pathlib.Path(f"/proc/{pid}").exists()] == []

@@ -4,6 +4,7 @@ and a clean SIGTERM (workers reaped, no process left behind). Real registry, rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -59,6 +60,14 @@ async def test_a_tampered_module_met_by_a_prewarm_is_quarantined_at_once_and_sho
         await a.close()
 
 
+def running(pid: int) -> bool:
+    """Whether process pid exists and is not a zombie (one whose new parent has not reaped it yet is done)."""
+    try:
+        return (pathlib.Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def children_of(pid: int) -> set[int]:
     """The processes whose parent is pid, now (from /proc)."""
     found = set()
@@ -101,7 +110,7 @@ async def test_sigterm_stops_cleanly_mid_request_and_leaves_no_process_behind(ai
         assert [e.attr("wasmlog.module.ref") for e in spool.scan() if e.name == DEADLINE] == ["acme:spin@1.0.0"]
     finally:
         spool.close()
-    left = [pid for pid in workers if pathlib.Path(f"/proc/{pid}").exists()]
+    left = [pid for pid in workers if pathlib.Path(f"/proc/{pid}").exists()]  # reaped by the agent: not even zombies
     assert left == [], [pathlib.Path(f"/proc/{pid}/cmdline").read_bytes() for pid in left]
     assert "Traceback" not in (cfg.parent / "agent.stderr").read_text()
 
@@ -172,4 +181,26 @@ async def test_sigterm_during_the_start_up_sweep_stops_before_anything_is_served
     assert proc.returncode == 0, err
     assert out == b"", out  # no listener was opened
     assert b"Traceback" not in err, err
-    assert [pid for pid in workers if pathlib.Path(f"/proc/{pid}").exists()] == []
+    assert [pid for pid in workers if pathlib.Path(f"/proc/{pid}").exists()] == []  # reaped by the agent
+
+
+async def test_a_sigkilled_agent_leaves_no_worker_behind(aiohttp_client, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:spin@1.0.0", LOOP)
+    cfg = write_config(tmp_path / "edge", [api.url], {"acme:spin@1.0.0": "one_at_a_time"})
+    agent = AgentProcess(cfg)
+    url = await agent.start()
+    assert agent.proc is not None
+    async with aiohttp.ClientSession() as s:
+        spinning = asyncio.ensure_future(s.get(url + "/run/acme/spin"))
+        await wait_until(lambda: busy(s, agent.admin), "the runaway module to run")
+        workers = children_of(agent.proc.pid)
+        assert len(workers) >= 3
+        await agent.kill()
+        with contextlib.suppress(aiohttp.ClientError):
+            await spinning
+
+    def gone() -> bool:
+        return not [pid for pid in workers if running(pid)]
+
+    await wait_until(gone, "every worker of the killed agent to exit", 30)

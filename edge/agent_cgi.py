@@ -92,6 +92,14 @@ def cgi_environment(*, method: str, script_name: str, path_info: str, query_stri
     return env
 
 
+def server_name_and_port(host: str) -> tuple[str, str]:
+    """SERVER_NAME and SERVER_PORT from a Host header: "name[:port]", an IPv6 address in brackets kept in them."""
+    name, colon, port = host.rpartition(":")
+    if not colon or name.startswith("[") != name.endswith("]") or (not name.startswith("[") and ":" in name):
+        return host, ""  # no port (a bracketed IPv6 address alone, or a name without one)
+    return name, port
+
+
 def merged_environment(cgi: Mapping[str, str], profile_env: Mapping[str, str]) -> dict[str, str]:
     """What the module sees: the CGI variables, then the profile's environment (the operator's word wins)."""
     return {**cgi, **profile_env}

@@ -34,7 +34,7 @@ from tlog.metrics import LATENCY_BUCKETS, METRICS, install
 from tlog.server import errors_middleware_for
 
 from .agent import Agent, load_trust_policy
-from .agent_cgi import CgiError, cgi_environment, merged_environment, parse_cgi
+from .agent_cgi import CgiError, cgi_environment, merged_environment, parse_cgi, server_name_and_port
 from .agent_config import AgentConfig
 from .agent_state import ADMITTED, STATES
 from .sandbox import (
@@ -146,7 +146,7 @@ async def run_module(request: web.Request) -> web.Response:
         raise ModuleNotServed(f"{m.ref} is quarantined (integrity: its stored module is missing)")
     body = await request.read()  # bounded by the route's body limit
     tail = request.match_info.get("tail")
-    host, _, port = (request.host or "").partition(":")
+    host, port = server_name_and_port(request.host or "")
     cgi = cgi_environment(
         method=request.method, script_name=f"/run/{ns}/{name}", path_info="" if tail is None else "/" + tail,
         query_string=request.rel_url.raw_query_string, protocol=f"HTTP/{request.version.major}.{request.version.minor}",

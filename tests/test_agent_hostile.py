@@ -135,6 +135,11 @@ async def test_the_module_sees_exactly_the_cgi_variables_and_its_profile_env_and
         env, stdin = parse_echo(await r.read())
         assert set(env) == CGI_VARIABLES | {"HTTP_HOST", "HTTP_X_ONE", "GREETING"}, sorted(env)
         assert (env["PATH_INFO"], env["QUERY_STRING"], env["GREETING"], stdin) == ("/p", "q=1", "from the profile", b"")
+        for host, name, port in (("[::1]:7400", "[::1]", "7400"), ("[::1]", "[::1]", ""), ("edge.example:8080", "edge.example", "8080"),
+                                 ("edge.example", "edge.example", "")):
+            r = await a.runs.get("/run/acme/echo", headers={"Host": host})
+            env, _ = parse_echo(await r.read())
+            assert (env["SERVER_NAME"], env["SERVER_PORT"], env["HTTP_HOST"]) == (name, port, host)
 
         body = bytes(range(256)) * 4096  # 1 MiB: the most a request may carry
         r = await a.runs.post("/run/acme/echo", data=body)

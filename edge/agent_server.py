@@ -137,7 +137,7 @@ async def run_module(request: web.Request) -> web.Response:
         raise NotFoundError(f"no module {ns[:64]}:{name[:64]} is configured")
     m, s = found
     if s is None or s.state != ADMITTED or s.digest is None:
-        why = "not admitted yet" if s is None else f"{s.state} ({s.reason}: {s.message})"
+        why = "not admitted yet" if s is None else f"{s.state} ({s.reason})"  # the message, naming sources: /status only
         await agent.telemetry.request_failed(m.ref, s, None)
         raise ModuleNotServed(f"{m.ref} is {why}")
     module = agent.store.path(s.digest)
@@ -172,7 +172,7 @@ async def run_module(request: web.Request) -> web.Response:
     except IntegrityError as e:
         await agent.quarantine(m.ref, "integrity", str(e), {s.digest})
         metrics.runs.labels(m.ref, "403").inc()
-        return error_response(e)
+        return error_response(IntegrityError(f"{m.ref} is quarantined (integrity): its stored module changed on disk"))  # no path
     except (SandboxError, CgiError) as e:
         await agent.telemetry.request_failed(m.ref, s, e)
         response = error_response(e)

@@ -4,6 +4,7 @@ real HTTP on loopback."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import pathlib
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from agent_helpers import FD_WRITE, LOOP, WASI, echo_module, in_process_agent, p
 from helpers import wait_until
 from registry_helpers import start_registry
 from test_agent import publish
+from test_up import free_ports
 
 
 async def test_two_modules_with_identical_bytes_do_not_share_their_in_flight_cap(aiohttp_client, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
@@ -153,5 +155,37 @@ async def test_the_module_sees_exactly_the_cgi_variables_and_its_profile_env_and
         assert r.status == 413
         r = await a.runs.post("/run/acme/echo", data=b"x" * ((1 << 20) + 1))
         assert r.status == 413
+    finally:
+        await a.close()
+
+
+async def test_the_module_listener_names_the_reason_never_the_agents_sources_or_paths(aiohttp_client, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    """A 403 on the public listener says which module and why (state, reason code); the sources it was fetched from
+    and the data directory stay on the admin listener."""
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    hello = printing_module(b"hello\n")
+    await publish(api, "acme:hello@1.0.0", hello)
+    await publish(api, "acme:other@1.0.0", printing_module(b"other\n"))
+    down = f"http://127.0.0.1:{free_ports(1)}"  # nothing listens there
+    a = await in_process_agent(aiohttp_client, tmp_path, [down, api.url], {"acme:hello@1.0.0": "stdout", "acme:other@1.0.0": "stdout",
+                                                                          "acme:absent@1.0.0": "stdout"})
+    try:
+        assert a.agent.prewarming is not None and await a.agent.prewarming == {}
+        status = {m["ref"]: m for m in (await (await a.admin.get("/status")).json())["modules"]}
+        assert status["acme:absent@1.0.0"]["state"] == "refused" and down in str(status["acme:absent@1.0.0"]["message"])
+        r = await a.runs.get("/run/acme/absent")
+        body = await r.json()
+        assert r.status == 403 and body["error"] == "ModuleNotServed" and status["acme:absent@1.0.0"]["reason"] in body["message"]
+        assert down not in body["message"] and api.url not in body["message"], body
+        for artifact in (a.agent.config.data / "artifacts").glob("*"):
+            artifact.unlink()
+        digest = hashlib.sha256(printing_module(b"other\n")).hexdigest()
+        a.agent.store.path(digest).write_bytes(hello)  # tampered: the request that must compile it finds out
+        r = await a.runs.get("/run/acme/other")
+        body = await r.json()
+        assert r.status == 403 and body["error"] == "IntegrityError" and "acme:other@1.0.0" in body["message"]
+        assert str(tmp_path) not in body["message"], body
+        (m,) = [m for m in (await (await a.admin.get("/status")).json())["modules"] if m["ref"] == "acme:other@1.0.0"]
+        assert (m["state"], m["reason"]) == ("quarantined", "integrity") and str(a.agent.store.path(digest)) in m["message"]
     finally:
         await a.close()

@@ -281,7 +281,10 @@ async def serve_agent(config: AgentConfig, limits: ServerLimits, stop: asyncio.E
                 print(f"wasmlog agent{what}: http://{host}:{sites[0].port}/", flush=True)
             await stop.wait()
         finally:
-            for runner in runners:  # the modules' first: their requests end (and report) before the telemetry closes
+            for runner in runners[:1]:  # the modules' listener first: its requests end (and report) before the telemetry closes
+                await runner.cleanup()
+            await agent.close()  # then a sweep in progress, however long its sources hang, before the admin listener waits for it
+            for runner in runners[1:]:
                 await runner.cleanup()
     finally:
         if agent is not None:

@@ -204,3 +204,35 @@ async def test_a_sigkilled_agent_leaves_no_worker_behind(aiohttp_client, tmp_pat
         return not [pid for pid in workers if running(pid)]
 
     await wait_until(gone, "every worker of the killed agent to exit", 30)
+
+
+async def test_sigterm_with_a_sweep_asked_for_and_hanging_stops_at_once(aiohttp_client, aiohttp_server, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:hello@1.0.0", HELLO)
+    held, asked, never = [False], asyncio.Event(), asyncio.Event()
+
+    async def hanging(request: web.Request) -> None:
+        if held[0] and request.path == "/log/checkpoint":
+            asked.set()
+            await never.wait()
+
+    async with aiohttp.ClientSession() as session:
+        server = await aiohttp_server(mirror_app(api.url, session, hanging))
+        cfg = write_config(tmp_path / "edge", [str(server.make_url("")).rstrip("/")], {"acme:hello@1.0.0": "stdout"})
+        agent = AgentProcess(cfg)
+        await agent.start()
+        assert agent.proc is not None
+        try:
+            held[0] = True
+            sweeping = asyncio.ensure_future(session.post(agent.admin + "/sweep"))
+            await asyncio.wait_for(asked.wait(), 60)
+            agent.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(agent.proc.wait(), 30) == 0  # not the minute a hung fetch or handler may take
+            with contextlib.suppress(aiohttp.ClientError):
+                await sweeping
+        finally:
+            never.set()
+            if agent.proc.returncode is None:
+                agent.proc.kill()
+                await agent.proc.wait()
+    assert "Traceback" not in (cfg.parent / "agent.stderr").read_text()

@@ -49,8 +49,8 @@ EVIL = printing_module(b"Content-Type: text/plain\n\nEVIL tampered bytes\n")  # 
 NETTY = printing_module(b"never run\n", NET_MODULE_IMPORT)
 
 
-async def publish(api: RegistryClient, ref: str, module: bytes, signer: Ed25519Signer = ALICE) -> None:
-    await api.publish(signer, parse_package_ref(ref), module)
+async def publish(api: RegistryClient, ref: str, module: bytes | bytearray, signer: Ed25519Signer = ALICE) -> None:
+    await api.publish(signer, parse_package_ref(ref), bytes(module))
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes, Any]:

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import pathlib
+import re
 import signal
 import sys
 
@@ -236,3 +237,37 @@ async def test_sigterm_with_a_sweep_asked_for_and_hanging_stops_at_once(aiohttp_
                 agent.proc.kill()
                 await agent.proc.wait()
     assert "Traceback" not in (cfg.parent / "agent.stderr").read_text()
+
+
+async def test_periodic_sweeps_and_post_sweep_share_sweeps_never_queue_them(aiohttp_client, aiohttp_server, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:hello@1.0.0", HELLO)
+    held, asked, release = [False], asyncio.Event(), asyncio.Event()
+
+    async def slow_checkpoint(request: web.Request) -> None:
+        if held[0] and request.path == "/log/checkpoint":
+            asked.set()
+            await release.wait()
+
+    async with aiohttp.ClientSession() as session:
+        server = await aiohttp_server(mirror_app(api.url, session, slow_checkpoint))
+        a = await in_process_agent(aiohttp_client, tmp_path, [str(server.make_url("")).rstrip("/")], {"acme:hello@1.0.0": "stdout"},
+                                   periodic_sweeps=True, sweep_interval=1)
+        try:
+            held[0] = True
+            await asyncio.wait_for(asked.wait(), 30)  # the first periodic sweep runs, and waits for the checkpoint
+            assert a.agent.sweeps == 1 and a.agent.sweep_waiting == 1  # the periodic loop waits for it
+            posts = [asyncio.ensure_future(a.admin.post("/sweep")) for _ in range(5)]
+            await wait_until(lambda: a.agent.sweep_waiting == 6, "the five callers to wait beside the periodic loop")
+            release.set()
+            results = [await (await r).json() for r in posts]
+            assert {r["number"] for r in results} == {3} and results[0]["trigger"] == "request"  # one more, shared
+            await wait_until(lambda: a.agent.sweeps >= 4, "the next periodic sweep")
+            status = await (await a.admin.get("/status")).json()
+            metrics = await (await a.admin.get("/metrics")).text()
+            count = re.search(r"^wasmlog_agent_sweeps_total (\S+)$", metrics, re.MULTILINE)
+            assert count is not None and float(count[1]) >= status["sweeps"] >= 4
+            assert not status["sweep_running"] or status["sweep_waiting"] <= 1  # never a queue of sweeps
+        finally:
+            release.set()
+            await a.close()

@@ -104,7 +104,7 @@ class Agent:
         self.prewarm_failures = failures = await self.sandbox.prewarm(modules)
         for digest in failures:
             if await asyncio.to_thread(self.store.get, digest) is None:  # missing, or not the bytes admitted
-                for ref in [ref for ref, s in self.modules.items() if s.digest == digest]:
+                for ref in [ref for ref, s in self.modules.items() if s.digest == digest and s.state == ADMITTED]:
                     await self.quarantine(ref, "integrity", f"the stored module sha256:{digest[:16]} does not hash to its digest "
                                           "(found by a prewarm)", {digest})
         return failures

@@ -155,10 +155,11 @@ class Agent:
         await asyncio.to_thread(self.state_file.save, dict(self.modules))
 
     async def quarantine(self, ref: str, reason: str, message: str, digests: set[str] | None = None) -> None:
-        """Stop serving ref now (only if it is still the release with one of digests, when given)."""
+        """Stop serving ref now (only if it is admitted, and still the release with one of digests, when given:
+        a module never admitted stays refused)."""
         async with self._writing:
             old = self.modules.get(ref)
-            if old is None or old.state == QUARANTINED or (digests is not None and old.digest not in digests):
+            if old is None or old.state != ADMITTED or (digests is not None and old.digest not in digests):
                 return
             new = ModuleState(ref, QUARANTINED, reason, message, old.profile, self.now(), old.version, old.digest, old.log_index)
             changed = {**self.modules, ref: new}

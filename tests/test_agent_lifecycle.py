@@ -271,3 +271,22 @@ async def test_periodic_sweeps_and_post_sweep_share_sweeps_never_queue_them(aioh
         finally:
             release.set()
             await a.close()
+
+
+async def test_an_integrity_finding_never_turns_a_refused_module_into_a_quarantined_one(aiohttp_client, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    """Only an admitted module can be quarantined: one refused (never admitted) with the same bytes stays refused."""
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:hello@1.0.0", HELLO)
+    await publish(api, "beta:hello@1.0.0", HELLO)  # the same bytes, under a profile that grants nothing
+    a = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout", "beta:hello@1.0.0": "small"})
+    try:
+        before = {m["ref"]: (m["state"], m["reason"]) for m in (await (await a.admin.get("/status")).json())["modules"]}
+        assert before == {"acme:hello@1.0.0": ("admitted", None), "beta:hello@1.0.0": ("refused", "capability")}
+        a.agent.store.path(hashlib.sha256(HELLO).hexdigest()).write_bytes(EVIL)
+        result = await (await a.admin.post("/sweep")).json()
+        assert any(f["kind"] == "integrity" for f in result["findings"])
+        after = {m["ref"]: (m["state"], m["reason"]) for m in (await (await a.admin.get("/status")).json())["modules"]}
+        assert after == before  # acme repaired and admitted again; beta refused as it was
+        assert [e.attr("wasmlog.module.ref") for e in a.agent.telemetry.spool.scan() if e.name == QUARANTINED] == ["acme:hello@1.0.0"]
+    finally:
+        await a.close()

@@ -12,6 +12,7 @@ everything anew, and a module it cannot verify is not served.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import pathlib
@@ -70,14 +71,15 @@ class Agent:
         self.started: dict[str, Any] | None = None  # when, and what state.json was worth
         self.last_sweep: dict[str, Any] | None = None
         self.sweeps = 0
+        self.findings_total: collections.Counter[str] = collections.Counter()  # by kind, over every sweep (the metrics)
         self.sources: dict[str, dict[str, Any]] = {url: {"last_ok": None, "last_error": None} for url in config.registries}
-        self.on_sweep: Callable[[dict[str, Any]], None] | None = None  # told each sweep's result (the metrics)
         self._next_sweep: asyncio.Future[dict[str, Any]] | None = None  # the sweep the callers since the running one wait for
         self._next_trigger = "request"  # who asked for it first: start, interval, request
         self.sweep_waiting = 0  # callers waiting for a sweep's result (the running one's, or the next one's)
         self._sweeper: asyncio.Task[None] | None = None
         self.telemetry = Telemetry(config.data, config.telemetry.sinks, config.telemetry.spool_bytes, config.telemetry.interval, clock)
         self.prewarming: asyncio.Future[dict[str, str]] | None = None
+        self.prewarm_failures: dict[str, str] = {}  # digest -> why the last prewarm could not compile it
 
     def now(self) -> int:
         return int(self.clock())
@@ -94,9 +96,19 @@ class Agent:
         self.started["serving_since"] = self.now()
 
     def prewarm(self) -> None:
-        """Compile the admitted modules' artifacts in the background, so that no first request waits for it."""
-        self.prewarming = self.sandbox.prewarm([(s.digest, self.store.path(s.digest)) for s in self.modules.values()
-                                                if s.state == ADMITTED and s.digest is not None])
+        """Compile the admitted modules' artifacts in the background, so that no first request waits for it.
+        A stored module found not to hash to its digest is quarantined at once, as a request would."""
+        self.prewarming = asyncio.ensure_future(self._prewarm([(s.digest, self.store.path(s.digest)) for s in self.modules.values()
+                                                               if s.state == ADMITTED and s.digest is not None]))
+
+    async def _prewarm(self, modules: list[tuple[str, pathlib.Path]]) -> dict[str, str]:
+        self.prewarm_failures = failures = await self.sandbox.prewarm(modules)
+        for digest in failures:
+            if await asyncio.to_thread(self.store.get, digest) is None:  # missing, or not the bytes admitted
+                for ref in [ref for ref, s in self.modules.items() if s.digest == digest and s.state == ADMITTED]:
+                    await self.quarantine(ref, "integrity", f"the stored module sha256:{digest[:16]} does not hash to its digest "
+                                          "(found by a prewarm)", {digest})
+        return failures
 
     def _load_state(self) -> tuple[dict[str, ModuleState], str]:
         try:
@@ -145,10 +157,11 @@ class Agent:
         await asyncio.to_thread(self.state_file.save, dict(self.modules))
 
     async def quarantine(self, ref: str, reason: str, message: str, digests: set[str] | None = None) -> None:
-        """Stop serving ref now (only if it is still the release with one of digests, when given)."""
+        """Stop serving ref now (only if it is admitted, and still the release with one of digests, when given:
+        a module never admitted stays refused)."""
         async with self._writing:
             old = self.modules.get(ref)
-            if old is None or old.state == QUARANTINED or (digests is not None and old.digest not in digests):
+            if old is None or old.state != ADMITTED or (digests is not None and old.digest not in digests):
                 return
             new = replace(old, state=QUARANTINED, reason=reason, message=message, since=self.now())
             changed = {**self.modules, ref: new}
@@ -184,7 +197,9 @@ class Agent:
             self.sweep_waiting -= 1
 
     async def close(self) -> None:
-        """Stop a sweep in progress (its callers get CancelledError)."""
+        """Stop a sweep in progress (its callers get CancelledError) and a prewarm."""
+        if self.prewarming is not None:
+            self.prewarming.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -204,8 +219,6 @@ class Agent:
                 except Exception as e:  # noqa: BLE001 -- handed to every caller of this sweep
                     future.set_exception(e)
                 else:
-                    if self.on_sweep is not None:
-                        self.on_sweep(result)
                     future.set_result(result)
         finally:
             self._sweeper = None
@@ -253,6 +266,7 @@ class Agent:
                         "changed": old is None or (old.state, old.digest) != (new.state, new.digest)}
                        for (m, _), (old, new) in zip(decisions, await self._apply(decisions), strict=True)]
             self.sweeps += 1
+            self.findings_total.update(f["kind"] for f in findings)
             self.prewarm()  # what this sweep admitted, or whose artifact it deleted
             self.last_sweep = {"number": self.sweeps, "trigger": trigger, "time": now, "seconds": round(time.monotonic() - started, 3),
                                "checkpoint": checkpoint, "findings": findings, "modules": modules}
@@ -301,6 +315,9 @@ class Agent:
             "sweeps": self.sweeps,
             "sweep_running": self.lock.locked(),
             "sweep_waiting": self.sweep_waiting,
+            "prewarm": {"running": self.prewarming is not None and not self.prewarming.done(),
+                        "failures": [{"digest": d, "refs": sorted(r for r, s in self.modules.items() if s.digest == d), "error": e}
+                                     for d, e in sorted(self.prewarm_failures.items())]},
             "sources": [{"url": url, **source} for url, source in self.sources.items()],
             "sandbox": self.sandbox.status(),
             "telemetry": self.telemetry.status(),

@@ -2,7 +2,7 @@
 
 stdout may start with a CGI header block (RFC 3875 section 6): header lines, then a blank line, then
 the body. `Status: 404 Not Found` sets the status, `Location:` without a Status is a 302, any other
-header is passed on except the hop-by-hop ones and Content-Length (the agent frames the body).
+header is passed on except the hop-by-hop ones, Content-Length (the agent frames the body) and Set-Cookie.
 Output that does not start with a well-formed header block is all body, text/plain.
 """
 
@@ -17,8 +17,11 @@ MAX_HEADER_BLOCK = 64 << 10
 MAX_HEADERS = 100
 _HEADER = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
 _STATUS = re.compile(rb"([2-5][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")  # no 1xx: an interim response is not an answer
+# Never passed on: what the agent frames itself, hop-by-hop headers, and cookies: a cookie ignores ports, so one
+# a module set would reach every other service of the agent's host (its admin listener, a registry), and no
+# module ever sees a Cookie header to read one back (NOT_FORWARDED).
 DROPPED = frozenset({"status", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "trailer", "te",
-                     "proxy-connection", "proxy-authenticate"})
+                     "proxy-connection", "proxy-authenticate", "set-cookie", "set-cookie2"})
 _ENV_HEADER = re.compile(r"[A-Za-z0-9-]{1,128}")
 # Request headers a module never sees: credentials (RFC 3875 section 4.1.18 leaves them out), hop-by-hop
 # headers (RFC 9110 section 7.6.1) and Proxy (it would become HTTP_PROXY, a proxy setting: "httpoxy").
@@ -87,6 +90,14 @@ def cgi_environment(*, method: str, script_name: str, path_info: str, query_stri
             http.setdefault("HTTP_" + name.upper().replace("-", "_"), []).append(value)
     env.update({k: ", ".join(v) for k, v in http.items()})
     return env
+
+
+def server_name_and_port(host: str) -> tuple[str, str]:
+    """SERVER_NAME and SERVER_PORT from a Host header: "name[:port]", an IPv6 address in brackets kept in them."""
+    name, colon, port = host.rpartition(":")
+    if not colon or name.startswith("[") != name.endswith("]") or (not name.startswith("[") and ":" in name):
+        return host, ""  # no port (a bracketed IPv6 address alone, or a name without one)
+    return name, port
 
 
 def merged_environment(cgi: Mapping[str, str], profile_env: Mapping[str, str]) -> dict[str, str]:

@@ -2,13 +2,15 @@
 
 Every mistake raises ConfigError naming the key it is about: an unknown key, a value of the
 wrong type or out of range, an import pattern that is not "module.field" (``*`` allowed),
-a module with no profile or an unknown one, two modules for one namespace:name, an admin
-listener on the modules' port.
+a module with no profile or an unknown one, two modules for one namespace:name, a registry listed
+twice, a listen host that is neither an IP address nor a host name, an admin listener on the modules'
+port. The error is one line: anything unprintable in a key is escaped.
 Relative paths are resolved against base (the config file's directory).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import pathlib
 import re
 import tomllib
@@ -33,6 +35,7 @@ MAX_SWEEP_INTERVAL = 7 * 86400
 MAX_PATTERN = 256
 # A pattern is module.field; each side printable ASCII without space, glob brackets or '?': only '*' is a wildcard.
 _PATTERN_SIDE = re.compile(r"[!-~]+")
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 MAX_ENV_VALUE = 4096
 TELEMETRY_KEYS = {"telemetry", "telemetry_spool_bytes", "telemetry_interval"}
@@ -49,8 +52,14 @@ class ConfigError(Exception):
     """A config mistake: key names where it is (e.g. "profiles.stdout.memory_mb")."""
 
     def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
+        key = _one_line(key)[:200]  # a key is the config's text: a newline in it must not start a second line
+        super().__init__(f"{key}: {_one_line(message)}")
         self.key = key
+
+
+def _one_line(text: str) -> str:
+    """text with anything unprintable (a newline, a control character) escaped."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 @dataclass(frozen=True)
@@ -212,7 +221,13 @@ def _listen(obj: Any, key: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isascii() or not port.isdigit() or len(port) > 5 or not 0 <= int(port) < 65536:
         raise ConfigError(key, f"want HOST:PORT, got {listen!r}")
-    return host.strip("[]"), int(port)
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:7400
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(host):
+            raise ConfigError(key, f"{host!r} is neither an IP address nor a host name") from None
+    return host, int(port)
 
 
 def parse_config(text: str, base: pathlib.Path) -> AgentConfig:
@@ -227,6 +242,8 @@ def parse_config(text: str, base: pathlib.Path) -> AgentConfig:
     if type(t["registries"]) is not list or not t["registries"]:
         raise ConfigError("registries", "want a non-empty list of registry URLs, tried in order")
     registries = tuple(_url(u, f"registries[{i}]") for i, u in enumerate(t["registries"]))
+    if len(set(registries)) != len(registries):
+        raise ConfigError("registries", "a URL is listed twice")
     profiles_obj = t.get("profiles", {})
     if type(profiles_obj) is not dict:
         raise ConfigError("profiles", "want tables [profiles.NAME]")

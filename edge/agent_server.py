@@ -14,11 +14,12 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from tlog.errors import (
     BodyTimeoutError,
@@ -33,7 +34,7 @@ from tlog.metrics import LATENCY_BUCKETS, METRICS, install
 from tlog.server import errors_middleware_for
 
 from .agent import Agent, load_trust_policy
-from .agent_cgi import CgiError, cgi_environment, merged_environment, parse_cgi
+from .agent_cgi import CgiError, cgi_environment, merged_environment, parse_cgi, server_name_and_port
 from .agent_config import AgentConfig
 from .agent_state import ADMITTED, STATES
 from .sandbox import (
@@ -92,23 +93,32 @@ agent_errors_middleware = errors_middleware_for(error_response)
 
 
 class AgentMetrics:
-    """The agent's metrics, in the admin app's registry; sweeps are counted once each, however many asked."""
+    """The agent's metrics, in the admin app's registry. Sweeps and their findings are the agent's own counts
+    (Agent.sweeps, Agent.findings_total), read at each scrape: the start-up sweep, run before the metrics
+    exist, counts, and /metrics never lags behind /status."""
 
     def __init__(self, app: web.Application, agent: Agent) -> None:
         registry = app[METRICS]
         self.runs = Counter("wasmlog_agent_runs", "Module runs by module and HTTP status", ["module", "status"], registry=registry)
         self.run_seconds = Histogram("wasmlog_agent_run_seconds", "Time to run a module for a request", buckets=LATENCY_BUCKETS, registry=registry)
-        self.sweeps = Counter("wasmlog_agent_sweeps", "Sweeps run", registry=registry)
-        self.findings = Counter("wasmlog_agent_sweep_findings", "Sweep findings by kind", ["kind"], registry=registry)
+        registry.register(_SweepCounts(agent))
         modules = Gauge("wasmlog_agent_modules", "Configured modules by state", ["state"], registry=registry)
         for state in STATES:
             modules.labels(state).set_function(_counter(agent, state))
-        agent.on_sweep = self.swept
 
-    def swept(self, result: dict[str, Any]) -> None:
-        self.sweeps.inc()
-        for f in result["findings"]:
-            self.findings.labels(f["kind"]).inc()
+
+class _SweepCounts(Collector):
+    """wasmlog_agent_sweeps_total and wasmlog_agent_sweep_findings_total{kind}, from the agent's counts."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("wasmlog_agent_sweeps", "Sweeps run", value=self.agent.sweeps)
+        findings = CounterMetricFamily("wasmlog_agent_sweep_findings", "Sweep findings by kind", labels=["kind"])
+        for kind, n in sorted(self.agent.findings_total.items()):
+            findings.add_metric([kind], n)
+        yield findings
 
 
 def _counter(agent: Agent, state: str) -> Callable[[], int]:
@@ -130,7 +140,7 @@ async def run_module(request: web.Request) -> web.Response:
         await agent.quarantine(m.ref, "status-stale", stale, {s.digest})
         s = agent.modules.get(m.ref)
     if s is None or s.state != ADMITTED or s.digest is None:
-        why = "not admitted yet" if s is None else f"{s.state} ({s.reason}: {s.message})"
+        why = "not admitted yet" if s is None else f"{s.state} ({s.reason})"  # the message, naming sources: /status only
         await agent.telemetry.request_failed(m.ref, s, None)
         raise ModuleNotServed(f"{m.ref} is {why}")
     module = agent.store.path(s.digest)
@@ -139,7 +149,7 @@ async def run_module(request: web.Request) -> web.Response:
         raise ModuleNotServed(f"{m.ref} is quarantined (integrity: its stored module is missing)")
     body = await request.read()  # bounded by the route's body limit
     tail = request.match_info.get("tail")
-    host, _, port = (request.host or "").partition(":")
+    host, port = server_name_and_port(request.host or "")
     cgi = cgi_environment(
         method=request.method, script_name=f"/run/{ns}/{name}", path_info="" if tail is None else "/" + tail,
         query_string=request.rel_url.raw_query_string, protocol=f"HTTP/{request.version.major}.{request.version.minor}",
@@ -156,7 +166,7 @@ async def run_module(request: web.Request) -> web.Response:
             return now is not None and now[1] is not None and now[1].state == ADMITTED and now[1].digest == s.digest
 
         result = await agent.sandbox.run(s.digest, module, profile, stdin=body, env=merged_environment(cgi, p.env),
-                                         still_allowed=still_admitted)
+                                         still_allowed=still_admitted, key=m.ref)
         if not still_admitted():  # stopped while it ran: its answer is not served either
             raise NoLongerAllowed(f"{m.ref} was stopped while it ran")
         if result.exit_code != 0:
@@ -165,7 +175,7 @@ async def run_module(request: web.Request) -> web.Response:
     except IntegrityError as e:
         await agent.quarantine(m.ref, "integrity", str(e), {s.digest})
         metrics.runs.labels(m.ref, "403").inc()
-        return error_response(e)
+        return error_response(IntegrityError(f"{m.ref} is quarantined (integrity): its stored module changed on disk"))  # no path
     except (SandboxError, CgiError) as e:
         await agent.telemetry.request_failed(m.ref, s, e)
         response = error_response(e)
@@ -215,6 +225,12 @@ async def _sweeps(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def _closing(app: web.Application) -> AsyncIterator[None]:
+    """Close the agent (a sweep or prewarm in progress) when the admin app stops."""
+    yield
+    await app[AGENT].close()
+
+
 def make_apps(agent: Agent, *, periodic_sweeps: bool = True) -> tuple[web.Application, web.Application]:
     """(the module listener's app: /run/... only; the admin listener's app: /status, /metrics, /healthz,
     POST /sweep, and the periodic sweeps)."""
@@ -226,6 +242,7 @@ def make_apps(agent: Agent, *, periodic_sweeps: bool = True) -> tuple[web.Applic
     admin.router.add_get("/healthz", get_healthz)
     admin.router.add_post("/sweep", post_sweep)
     admin.cleanup_ctx.append(agent.telemetry.running)  # shipping and signing; cleaned up after the sweeps stop
+    admin.cleanup_ctx.append(_closing)  # a sweep or prewarm in progress stops before the telemetry closes
     if periodic_sweeps:
         admin.cleanup_ctx.append(_sweeps)
     modules = web.Application(middlewares=[agent_errors_middleware])
@@ -247,13 +264,16 @@ def new_sandbox(config: AgentConfig, workers: int = 3) -> Sandbox:
 
 async def serve_agent(config: AgentConfig, limits: ServerLimits, stop: asyncio.Event) -> None:
     """Run the start-up sweep, then serve both listeners until stop is set; sweeps every sweep_interval.
-    Nothing is served before the start-up sweep has re-checked every module (Agent.start)."""
+    Nothing is served before the start-up sweep has re-checked every module (Agent.start); a stop during that
+    sweep ends it, and no listener is opened."""
     load_trust_policy(config.trust_policy)  # a policy that cannot be used stops us before anything is created
     sandbox = new_sandbox(config)
+    agent = None
     try:
         agent = Agent(config, sandbox)
         await sandbox.start()  # the workers, now: /status says whether their syscall filter is active
-        await agent.start()
+        if not await _unless_stopped(agent.start(), stop):
+            return
         modules, admin = make_apps(agent)
         runners = []
         try:
@@ -264,8 +284,28 @@ async def serve_agent(config: AgentConfig, limits: ServerLimits, stop: asyncio.E
                 print(f"wasmlog agent{what}: http://{host}:{sites[0].port}/", flush=True)
             await stop.wait()
         finally:
-            for runner in reversed(runners):
+            for runner in runners[:1]:  # the modules' listener first: its requests end (and report) before the telemetry closes
                 await runner.cleanup()
-            await agent.close()
+            await agent.close()  # then a sweep in progress, however long its sources hang, before the admin listener waits for it
+            for runner in runners[1:]:
+                await runner.cleanup()
     finally:
+        if agent is not None:
+            await agent.close()
         await sandbox.close()
+
+
+async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Await work unless stop is set first (then work is cancelled): whether work completed."""
+    task, stopped = asyncio.ensure_future(work), asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+    task.result()  # its error, if any
+    return True

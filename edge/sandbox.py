@@ -5,8 +5,9 @@ Modules run in a pool (edge.sandbox_pool) of long-lived run workers (edge.sandbo
 process; each worker runs one request at a time, with lowered resource limits, a syscall allow-list where
 libseccomp can be loaded and Landlock where the kernel has it (edge.sandbox_walls). A run links only the WASI
 functions its profile grants, under a memory cap (store limits), a deadline (epoch interruption) and optional
-fuel. A worker that dies or stops answering is killed and replaced. One module runs on at most module_workers
-workers at once (all but one, by default) and has at most its profile's max_in_flight requests in the sandbox;
+fuel. A worker that dies or stops answering is killed and replaced. One module (a run's key: the agent's
+configured module, so two modules with the same bytes count apart) runs on at most module_workers workers at
+once (all but one, by default) and has at most its profile's max_in_flight requests in the sandbox;
 its request's deadline covers the wait for a worker as well as the run.
 
 Compiled artifacts are cached per (module digest, Wasmtime version, engine settings) under an HMAC
@@ -159,7 +160,8 @@ class Sandbox:
         self._background_task(replace())
 
     async def run(self, digest: str, module: pathlib.Path, profile: Profile, *, stdin: bytes,
-                  env: Mapping[str, str], argv0: str | None = None, still_allowed: Callable[[], bool] | None = None) -> RunResult:
+                  env: Mapping[str, str], argv0: str | None = None, still_allowed: Callable[[], bool] | None = None,
+                  key: str | None = None) -> RunResult:
         """Run the module's _start with stdin and the environment env overlaid by profile.env (the operator's
         word is final), argv [argv0 or the module file's stem]. Raises a SandboxError subclass.
 
@@ -167,7 +169,9 @@ class Sandbox:
         (DeadlineExceeded); compiling, when no worker holds the module and the cache lost its artifact, comes
         before the clock starts and is bounded by COMPILE_TIMEOUT. still_allowed, if given, is asked once a
         worker is free, right before the run starts: False raises NoLongerAllowed (a module stopped while its
-        request waited for a worker never runs)."""
+        request waited for a worker never runs). key names the module the run is for (default: digest): its
+        profile's max_in_flight and the worker cap count the runs of that key, so two modules with the same bytes
+        never share them."""
         if not DIGEST_RE.fullmatch(digest):
             raise ValueError("digest must be 64 lowercase hex characters (SHA-256 of the module)")
         check_env(env)
@@ -177,41 +181,42 @@ class Sandbox:
         await self.start()
         if self._closed:
             raise SandboxError("the sandbox is closed")
-        if self._in_flight[digest] >= profile.max_in_flight:
+        key = key if key is not None else digest
+        if self._in_flight[key] >= profile.max_in_flight:
             self.counters["refused_max_in_flight"] += 1
-            raise SandboxBusy(f"sha256:{digest[:16]} already has {self._in_flight[digest]} requests in flight "
+            raise SandboxBusy(f"{key[:140]} already has {self._in_flight[key]} requests in flight "
                               f"(its profile's max_in_flight)")
         if self._idle.waiting >= self._max_waiting:
             raise SandboxBusy(f"all {self._size} workers are busy and {self._idle.waiting} requests wait for one")
-        self._in_flight[digest] += 1
+        self._in_flight[key] += 1
         try:
             return await self._run(digest, pathlib.Path(module), profile, stdin, {**env, **profile.env},
-                                   argv0 or pathlib.Path(module).stem, still_allowed)
+                                   argv0 or pathlib.Path(module).stem, still_allowed, key)
         finally:
-            self._in_flight[digest] -= 1
-            if self._in_flight[digest] <= 0:
-                del self._in_flight[digest]
+            self._in_flight[key] -= 1
+            if self._in_flight[key] <= 0:
+                del self._in_flight[key]
 
     async def _run(self, digest: str, module: pathlib.Path, profile: Profile, stdin: bytes, env: Mapping[str, str],
-                   argv0: str, still_allowed: Callable[[], bool] | None) -> RunResult:
+                   argv0: str, still_allowed: Callable[[], bool] | None, key: str) -> RunResult:
         artifact = None
         if not any(digest in w.holds for w in self._workers.values()):
             artifact = await self._artifacts.get(digest, module)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + profile.timeout_ms / 1000
         try:
-            worker = await asyncio.wait_for(self._idle.acquire(digest, self._module_workers), profile.timeout_ms / 1000)
+            worker = await asyncio.wait_for(self._idle.acquire(key, self._module_workers), profile.timeout_ms / 1000)
         except TimeoutError:
             self.counters["no_worker_in_time"] += 1
             raise NoWorkerInTime(f"no worker came free for sha256:{digest[:16]} within its deadline of {profile.timeout_ms} ms") from None
         if still_allowed is not None and not still_allowed():
-            self._idle.release(worker, digest)
+            self._idle.release(worker, key)
             raise NoLongerAllowed(f"sha256:{digest[:16]} was stopped while its request waited for a worker")
         worker.busy = True
         try:
             result = await self._run_on(worker, digest, module, profile, stdin, env, argv0, artifact, deadline)
         except WorkerLost as e:
-            self._replace(worker, digest)
+            self._replace(worker, key)
             if e.timed_out:
                 raise DeadlineExceeded(str(e)) from None
             raise WorkerCrashed(f"{e}; replaced") from None
@@ -219,13 +224,13 @@ class Sandbox:
             if worker.alive and not isinstance(sys.exc_info()[1], SandboxError):
                 await asyncio.shield(worker.kill())  # cancelled mid-request: the worker's state is unknown
             if not worker.alive:
-                self._replace(worker, digest)
+                self._replace(worker, key)
             else:
                 worker.busy = False
-                self._idle.release(worker, digest)
+                self._idle.release(worker, key)
             raise
         worker.busy = False
-        self._idle.release(worker, digest)
+        self._idle.release(worker, key)
         return result
 
     async def _run_on(self, worker: Worker, digest: str, module: pathlib.Path, profile: Profile, stdin: bytes,

@@ -32,17 +32,17 @@ def _wat_string(data: bytes) -> str:
     return "".join(chr(b) if 0x20 <= b < 0x7F and b not in (0x22, 0x5C) else f"\\{b:02x}" for b in data)
 
 
-def printing_module(text: bytes, extra_imports: str = "") -> bytes:
-    """A WASI command whose _start writes text to stdout (fd_write only, plus extra_imports)."""
-    return wasmtime.wat2wasm(f'''(module
+def printing_module(text: bytes, extra_imports: str = "", pages: int = 1) -> bytes:
+    """A WASI command whose _start writes text to stdout (fd_write only, plus extra_imports), with pages of memory."""
+    return bytes(wasmtime.wat2wasm(f'''(module
   {FD_WRITE}
   {extra_imports}
-  (memory (export "memory") 1)
+  (memory (export "memory") {pages})
   (data (i32.const 64) "{_wat_string(text)}")
   (func (export "_start")
     (i32.store (i32.const 0) (i32.const 64))
     (i32.store (i32.const 4) (i32.const {len(text)}))
-    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))''')
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))'''))
 
 
 HEADER = b"Content-Type: text/x-echo\nX-Module: echo\n\n"
@@ -50,7 +50,7 @@ HEADER = b"Content-Type: text/x-echo\nX-Module: echo\n\n"
 
 def echo_module() -> bytes:
     """A WASI command that answers a CGI header block, then its environment (NUL-separated), "\\n--\\n", then its stdin."""
-    return wasmtime.wat2wasm(f'''(module
+    return bytes(wasmtime.wat2wasm(f'''(module
   {FD_WRITE}
   (import "{WASI}" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
   (import "{WASI}" "environ_sizes_get" (func $sizes (param i32 i32) (result i32)))
@@ -76,7 +76,7 @@ def echo_module() -> bytes:
         (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
         (br_if $done (i32.eqz (i32.load (i32.const 8))))
         (call $write (i32.const 65536) (i32.load (i32.const 8)))
-        (br $more)))))''')
+        (br $more)))))'''))
 
 
 def parse_echo(body: bytes) -> tuple[dict[str, str], bytes]:
@@ -103,6 +103,11 @@ env = {{ GREETING = "from the profile" }}
 imports = []
 memory_mb = 4
 timeout_ms = 300
+
+[profiles.exiting]
+imports = ["{WASI}.fd_write", "{WASI}.proc_exit"]
+memory_mb = 16
+timeout_ms = 2000
 
 [profiles.one_at_a_time]
 imports = []
@@ -214,3 +219,6 @@ async def in_process_agent(aiohttp_client, tmp_path: pathlib.Path, registries: l
     await agent.start()
     runs_app, admin_app = make_apps(agent, periodic_sweeps=periodic_sweeps)
     return InProcessAgent(agent, await aiohttp_client(runs_app), await aiohttp_client(admin_app), sandbox)
+
+
+LOOP = bytes(wasmtime.wat2wasm('(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))'))

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import pathlib
 import re
+import sys
 import time
 from typing import Any
 
@@ -47,8 +49,8 @@ EVIL = printing_module(b"Content-Type: text/plain\n\nEVIL tampered bytes\n")  # 
 NETTY = printing_module(b"never run\n", NET_MODULE_IMPORT)
 
 
-async def publish(api: RegistryClient, ref: str, module: bytes, signer: Ed25519Signer = ALICE) -> None:
-    await api.publish(signer, parse_package_ref(ref), module)
+async def publish(api: RegistryClient, ref: str, module: bytes | bytearray, signer: Ed25519Signer = ALICE) -> None:
+    await api.publish(signer, parse_package_ref(ref), bytes(module))
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes, Any]:
@@ -504,7 +506,9 @@ async def test_sweeps_run_every_sweep_interval(aiohttp_client, tmp_path) -> None
     a = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello@1.0.0": "stdout"}, periodic_sweeps=True,
                                workers=1, sweep_interval=1)
     try:
-        assert a.agent.sweeps == 1  # the start-up sweep (before the metrics existed: not counted there)
+        assert a.agent.sweeps == 1  # the start-up sweep
+        metrics = await (await a.admin.get("/metrics")).text()
+        assert "wasmlog_agent_sweeps_total 1.0" in metrics  # counted, though it ran before the metrics existed
         await api.act(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=1))
         # the yank lands before the second periodic sweep starts at the latest
         await wait_until(lambda: a.agent.sweeps >= 3, "two periodic sweeps", 30)
@@ -513,7 +517,7 @@ async def test_sweeps_run_every_sweep_interval(aiohttp_client, tmp_path) -> None
         assert status["last_sweep"]["trigger"] == "interval"
         async with a.admin.get("/metrics") as r:
             count = re.search(r"^wasmlog_agent_sweeps_total (\S+)$", await r.text(), re.MULTILINE)
-        assert count is not None and float(count[1]) >= 2
+        assert count is not None and float(count[1]) >= status["sweeps"]  # never behind /status
     finally:
         await a.close()
 
@@ -554,17 +558,35 @@ def readme_heredoc(name: str) -> str:
     return m[2] + "\n"
 
 
+def readme_command(start: str, port: int) -> str:
+    """The line of README.md's "Edge agent" walkthrough that starts with start, its comment left out, to run in a
+    shell with this interpreter's wasmlog and python, against the registry on port."""
+    section = (ROOT / "README.md").read_text().split("## Edge agent", 1)[1].split("\n## ", 1)[0]
+    (line,) = [line for line in section.splitlines() if line.startswith(start)]
+    line = re.sub(r"\s+# .*$", "", line).replace("127.0.0.1:7380", f"127.0.0.1:{port}")
+    return re.sub(r"^(wasmlog|python) ", lambda m: f"{sys.executable} -m wasmlog " if m[1] == "wasmlog" else f"{sys.executable} ", line)
+
+
+async def readme_shell(start: str, port: int, cwd: pathlib.Path) -> None:
+    """Run the README's line starting with start in cwd (exit status 0, or the test fails with its stderr)."""
+    proc = await asyncio.create_subprocess_shell(readme_command(start, port), cwd=cwd, stdout=asyncio.subprocess.PIPE,
+                                                 stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, (start, out, err)
+
+
 async def test_the_readme_path_on_a_wasmlog_up_network(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """README "Edge agent", as written there: `wasmlog up` (witness quorum), publish, the config, serve, run, yank, sweep."""
+    """README "Edge agent", as written there: `wasmlog up` (witness quorum), keygen, the module, publish, the config,
+    serve, run, yank, sweep; the shell lines run as they are written (wasmlog and python this interpreter's)."""
     port = free_ports(5)
     ready, stop = asyncio.Event(), asyncio.Event()
     network = asyncio.create_task(run_network(NetworkConfig(data=tmp_path / "wasmlog-data", port=port), ready=ready, stop=stop))
     try:
         await asyncio.wait_for(ready.wait(), 30)
-        hello = wasmtime.wat2wasm(readme_heredoc("hello.wat"))
+        (tmp_path / "hello.wat").write_text(readme_heredoc("hello.wat"))
+        for start in ("wasmlog keygen ", "python -c ", "wasmlog publish "):
+            await readme_shell(start, port, tmp_path)
         async with aiohttp.ClientSession() as s:
-            api = RegistryClient(f"http://127.0.0.1:{port}", s)
-            await publish(api, "acme:hello@1.0.0", hello)
             config = readme_heredoc("agent.toml").replace("127.0.0.1:7380", f"127.0.0.1:{port}")
             for listener in ("127.0.0.1:7400", "127.0.0.1:7401"):  # both are in the README's config
                 assert f'"{listener}"' in config
@@ -575,7 +597,7 @@ async def test_the_readme_path_on_a_wasmlog_up_network(tmp_path) -> None:  # typ
             try:
                 code, body, _ = await get(s, url + "/run/acme/hello")
                 assert (code, body) == (200, b"hello\n")
-                await api.act(ALICE, Action("yank", "acme", name="hello", version="1.0.0", issued=1, reason="CVE-XXXX"))
+                await readme_shell("wasmlog yank ", port, tmp_path)
                 (m,) = (await sweep(s, agent.admin))["modules"]
                 assert (m["state"], m["reason"]) == ("quarantined", "yanked")
                 assert (await get(s, url + "/run/acme/hello"))[0] == 403

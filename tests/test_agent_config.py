@@ -118,13 +118,18 @@ def test_the_admin_listener() -> None:
     ("sweep_interval = 300", "sweep_interval = 0", "sweep_interval"),
     ("sweep_interval = 300", 'sweep_interval = "5m"', "sweep_interval"),
     ("sweep_interval = 300", "sweep_interval = 300 300", "(syntax)"),
+    ('registries = ["http://127.0.0.1:7380"]', 'registries = ["http://127.0.0.1:7380", "http://127.0.0.1:7380/"]', "registries"),
+    ('listen = "127.0.0.1:7400"', 'listen = "bad host:7400"', "listen"),
+    ('listen = "127.0.0.1:7400"', 'listen = "127.0.0.1:7400"\nadmin_listen = "[127.0.0.1:7401"', "admin_listen"),
+    ("[profiles.stdout]", '[profiles."std\\nout"]', "profiles.std\\nout"),  # a newline in a key: escaped, one line
+    ("sweep_interval = 300", 'sweep_interval = 300\n"x\\ry\\u2028z" = 1', "x\\ry\\u2028z"),
 ])
 def test_each_mistake_is_named_by_its_key(old: str, new: str, key: str) -> None:
     assert old in EXAMPLE
     with pytest.raises(ConfigError) as e:
         parse_config(EXAMPLE.replace(old, new, 1), BASE)
     assert e.value.key == key, str(e.value)
-    assert str(e.value).startswith(f"{key}: ")
+    assert str(e.value).startswith(f"{key}: ") and str(e.value).isprintable()
 
 
 @pytest.mark.parametrize("key", ["modules", "profiles"])

@@ -37,6 +37,7 @@ from .publish_reader import PublishReader
 from .record import RecordError, check_label, decode_entry, parse_package_ref
 from .sbom import MAX_SBOM_BYTES
 from .service import NotYetPublished, Registry
+from .shared_service import SharedRegistry
 from .state import (
     AlreadyYanked,
     InvalidSignature,
@@ -255,6 +256,8 @@ def make_app(
         ]
     )
     install(app, "wasmlog_registry")
+    if isinstance(registry, SharedRegistry):
+        app.cleanup_ctx.append(registry.follower)  # take up what other processes log
     app.add_subapp("/log/", make_log_app(sequencer, witness_policy=witness_policy, witness_timeout=witness_timeout, writable=False,
                                           max_checkpoint_age=max_checkpoint_age))
     return app

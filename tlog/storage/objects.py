@@ -91,8 +91,9 @@ class ObjectStore:
             if len(self._cache) > CACHE_OBJECTS:
                 self._cache.popitem(last=False)
 
-    def put(self, path: str, body: bytes, *, immutable: bool) -> None:
-        """Write one object (see the module docstring). Raises StorageUnavailableError, or TlogError for a fork."""
+    def put(self, path: str, body: bytes, *, immutable: bool, remember: bool = True) -> None:
+        """Write one object (see the module docstring); an immutable one is kept in memory unless remember is False.
+        Raises StorageUnavailableError, or TlogError for a fork."""
         cache = IMMUTABLE if immutable else (CHECKPOINT_CACHE if path == "checkpoint" else SHORT_LIVED)
         extra = {"IfNoneMatch": "*"} if immutable else {}
         content_type = "text/plain; charset=utf-8" if path == "checkpoint" else "application/octet-stream"
@@ -101,7 +102,7 @@ class ObjectStore:
         )
         if written is None and self.get(path) != body:  # 412: it is there already
             raise TlogError(f"{path} is already in the bucket with other bytes: refusing to fork")
-        if immutable:
+        if immutable and remember:
             self._remember(path, body)
 
     def put_tiles(self, objects: Iterable[tuple[TileID, bytes]]) -> None:

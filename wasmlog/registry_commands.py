@@ -26,7 +26,7 @@ from tlog.sequencer import (
     Sequencer,
 )
 from tlog.storage.lmdb_store import LMDBLogStore
-from tlog.storage.objects import parse_objects_url
+from tlog.storage.objects import objects_url_under
 from tlog.witnessing import DEFAULT_WITNESS_TIMEOUT
 
 from .common import (
@@ -79,7 +79,7 @@ def open_registry(
     from tlog.storage.shared import SharedLogStore
 
     assert objects is not None
-    log_url, blobs_url = objects_under(objects, "log"), objects_under(objects, "blobs")
+    log_url, blobs_url = objects_url_under(objects, "log"), objects_url_under(objects, "blobs")
     shared_store = SharedLogStore(store, log_url)
     try:
         blobs = BucketBlobStore(blobs_url)
@@ -93,12 +93,6 @@ def open_registry(
     except BaseException:
         shared_store.close()
         raise
-
-
-def objects_under(objects: str, part: str) -> str:
-    """s3://BUCKET/PREFIX/part (checking the URL). Raises MalformedError."""
-    bucket, prefix = parse_objects_url(objects)
-    return f"s3://{bucket}/{prefix}/{part}" if prefix else f"s3://{bucket}/{part}"
 
 
 @registry_group.command("serve")

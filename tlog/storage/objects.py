@@ -37,6 +37,12 @@ def parse_objects_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
+def objects_url_under(url: str, part: str) -> str:
+    """The objects URL of part under url's prefix: s3://BUCKET/PREFIX/part. Raises MalformedError."""
+    bucket, prefix = parse_objects_url(url)
+    return f"s3://{bucket}/{prefix}/{part}" if prefix else f"s3://{bucket}/{part}"
+
+
 class ObjectStore:
     """A bucket and prefix holding one log's tlog-tiles objects."""
 

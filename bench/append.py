@@ -1,6 +1,7 @@
 """Durable append throughput and submit-to-proof latency over HTTP. Prints JSON.
 
     python bench/append.py [--seconds 10] [--concurrency 256] [--client-procs 1] [--client wrk] [--workers N]
+                           [--store DSN|local --objects s3://BUCKET/PREFIX --shared-procs 2]
 
 --workers N runs the log with N HTTP front-end processes (`log serve --workers N`); the
 bare baseline stays one process (two bare processes measured ~26.8k req/s on the 2-core
@@ -13,12 +14,18 @@ Runs, in the same way and in the same run: (1) a bare aiohttp POST handler
 (the baseline: HTTP alone), (2) the log server (`wasmlog log serve`, LMDB,
 fsync per batch) at full load, (3) the log at half the load it reached.
 Load comes from separate client processes on loopback.
+
+With --store, the same run also measures (4) the shared engine: --shared-procs `log serve --store
+DSN --objects URL` processes on one database and bucket (an empty database; AWS_* variables from
+the environment), the load spread over them, at full and half load. `--store local` starts a
+throwaway PostgreSQL and SeaweedFS on this machine (tests/services.py) and uses them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -56,7 +63,7 @@ def wait_ready(url: str) -> None:
     raise RuntimeError(f"{url} did not start")
 
 
-async def _load(url: str, tag: str, concurrency: int, seconds: float, rate: float | None) -> tuple[int, int, list[float]]:
+async def _load(urls: list[str], tag: str, concurrency: int, seconds: float, rate: float | None) -> tuple[int, int, list[float]]:
     latencies: list[float] = []
     errors = 0
     stop = time.perf_counter() + seconds
@@ -76,7 +83,7 @@ async def _load(url: str, tag: str, concurrency: int, seconds: float, rate: floa
                 n += 1
                 t = time.perf_counter()
                 try:
-                    async with session.post(url + "/add", data=body) as r:
+                    async with session.post(urls[w % len(urls)] + "/add", data=body) as r:
                         await r.read()
                         ok = r.status == 200
                 except aiohttp.ClientError:
@@ -90,7 +97,7 @@ async def _load(url: str, tag: str, concurrency: int, seconds: float, rate: floa
     return len(latencies), errors, latencies
 
 
-def _client(args: tuple[str, str, int, float, float | None]) -> tuple[int, int, list[float]]:
+def _client(args: tuple[list[str], str, int, float, float | None]) -> tuple[int, int, list[float]]:
     return asyncio.run(_load(*args))
 
 
@@ -135,7 +142,9 @@ def run_wrk(url: str, tag: str, *, concurrency: int, seconds: float, rate: float
     return result
 
 
-def run_load(url: str, tag: str, *, procs: int, concurrency: int, seconds: float, rate: float | None = None) -> dict[str, float]:
+def run_load(url: str | list[str], tag: str, *, procs: int, concurrency: int, seconds: float, rate: float | None = None) -> dict[str, float]:
+    """Load url (or, spread over them, several urls that are one log) from procs client processes."""
+    url = [url] if isinstance(url, str) else url
     per_rate = None if rate is None else rate / procs
     with multiprocessing.Pool(procs) as pool:
         results = pool.map(_client, [(url, f"{tag}{p}", concurrency // procs, seconds, per_rate) for p in range(procs)])
@@ -162,6 +171,9 @@ def main() -> None:
     p.add_argument("--interval-ms", type=int, default=100)
     p.add_argument("--workers", type=int, default=1, help="log serve --workers: HTTP front-end processes (1: one process)")
     p.add_argument("--client", choices=["python", "wrk"], default="python")
+    p.add_argument("--store", default=None, help="also measure the shared engine: a PostgreSQL DSN (an empty database), or 'local'")
+    p.add_argument("--objects", default=None, help="with --store DSN: s3://BUCKET/PREFIX")
+    p.add_argument("--shared-procs", type=int, default=2, help="log serve processes on the shared store")
     args = p.parse_args()
     kw = {"procs": args.client_procs, "concurrency": args.concurrency, "seconds": args.seconds}
     load = run_wrk if args.client == "wrk" else run_load
@@ -197,8 +209,67 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait()
+    if args.store:
+        result["shared"] = run_shared(args, kw)
     json.dump(result, sys.stdout, indent=1)
     print()
+
+
+def run_shared(args: argparse.Namespace, kw: dict[str, int | float]) -> dict[str, object]:
+    """The shared engine: args.shared_procs `log serve --store --objects` processes, the load spread over them."""
+    with contextlib.ExitStack() as stack:
+        env = dict(os.environ)
+        dsn, objects = args.store, args.objects
+        if dsn == "local":
+            sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+            from services import BUCKET, PostgresServer, SeaweedServer, running
+
+            pg = stack.enter_context(running(PostgresServer))
+            s3 = stack.enter_context(running(SeaweedServer))
+            assert isinstance(pg, PostgresServer) and isinstance(s3, SeaweedServer)
+            dsn, objects = pg.new_database("bench"), f"s3://{BUCKET}/bench"
+            env.update(s3.env)
+        d = stack.enter_context(tempfile.TemporaryDirectory())
+        key = os.path.join(d, "log")
+        subprocess.run([sys.executable, "-m", "wasmlog", "keygen", "bench.example/shared", "--out", key], check=True, capture_output=True)
+        urls = []
+        for _ in range(args.shared_procs):
+            port = free_port()
+            server = subprocess.Popen(
+                [sys.executable, "-m", "wasmlog", "log", "serve", "--store", dsn, "--objects", objects, "--key", key + ".key",
+                 "--listen", f"127.0.0.1:{port}", "--interval-ms", str(args.interval_ms)],
+                stdout=subprocess.DEVNULL, env=env,
+            )
+            stack.callback(server.wait)
+            stack.callback(server.terminate)
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            wait_ready(url)
+        load = run_wrk if args.client == "wrk" else run_load
+        full = load(urls, "sf", **kw) if args.client == "python" else load(urls[0], "sf", **kw)
+        out: dict[str, object] = {"processes": args.shared_procs, "full_load": full, "integrator_at_full_load": integrator_costs(urls)}
+        if args.client == "python":
+            out["half_load"] = load(urls, "sh", rate=full["requests_per_s"] / 2, **kw)
+        return out
+
+
+def integrator_costs(urls: list[str]) -> dict[str, float]:
+    """Batches integrated so far, from the processes' /metrics (summed: whoever led): count, entries and seconds per batch."""
+    import urllib.request
+
+    totals = dict.fromkeys(("wasmlog_log_integration_seconds_sum", "wasmlog_log_integration_seconds_count", "wasmlog_log_batch_entries_sum"), 0.0)
+    for url in urls:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                name, _, value = line.partition(" ")
+                if name in totals:
+                    totals[name] += float(value)
+    batches = totals["wasmlog_log_integration_seconds_count"] or 1.0
+    return {
+        "batches": totals["wasmlog_log_integration_seconds_count"],
+        "entries_per_batch": totals["wasmlog_log_batch_entries_sum"] / batches,
+        "seconds_per_batch": totals["wasmlog_log_integration_seconds_sum"] / batches,
+    }
 
 
 if __name__ == "__main__":

@@ -72,6 +72,24 @@ def pg_dsn(postgres):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def s3_bucket(seaweed):  # type: ignore[no-untyped-def]
-    """A new empty bucket in the session's SeaweedFS."""
-    return seaweed.new_bucket(f"t{os.getpid()}-{next(_names)}")
+def s3_path(seaweed):  # type: ignore[no-untyped-def]
+    """BUCKET/PREFIX: a new empty prefix in the session's SeaweedFS bucket (s3://{s3_path}/... is a fresh place)."""
+    from services import BUCKET
+
+    return f"{BUCKET}/t{os.getpid()}-{next(_names)}"
+
+
+@pytest.fixture(params=["lmdb", "shared"])
+def engine(request, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """Each storage engine of the log in turn (tests/engines.py); the shared one on a new database and bucket."""
+    from engines import LMDBEngine, SharedEngine
+
+    if request.param == "lmdb":
+        made = LMDBEngine(tmp_path / "lmdb")
+    else:
+        seaweed = request.getfixturevalue("seaweed")
+        for k, v in seaweed.env.items():
+            monkeypatch.setenv(k, v)
+        made = SharedEngine(request.getfixturevalue("pg_dsn"), f"s3://{request.getfixturevalue('s3_path')}/log")
+    yield made
+    made.close()

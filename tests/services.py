@@ -25,6 +25,7 @@ from helpers import free_port
 ACCESS_KEY = "wasmlog-test"
 SECRET_KEY = "wasmlog-test-secret-key"
 REGION = "us-east-1"
+BUCKET = "wasmlog-test"  # one bucket for the session; each test gets a prefix of its own
 START_SECONDS = 60.0
 
 
@@ -141,7 +142,7 @@ class SeaweedServer:
             json.dump({"identities": [identity, {"name": "anonymous", "actions": ["Read"]}]}, f)
         ports = {name: free_port() for name in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc", "s3.port.grpc")}
         args = [self.weed, "server", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-filer", "-s3", f"-s3.port={self.s3_port}",
-                f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=64",
+                f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=256",
                 "-master.telemetry=false", "-volume.preStopSeconds=0", *(f"-{k}={v}" for k, v in ports.items())]
         self.log = open(os.path.join(self.dir, "weed.log"), "wb")  # noqa: SIM115 (closed in destroy)
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir, start_new_session=True)
@@ -160,13 +161,14 @@ class SeaweedServer:
 
         try:
             s3 = self.client()
-            s3.create_bucket(Bucket="wasmlog-ready")
-            s3.put_object(Bucket="wasmlog-ready", Key="probe", Body=b"ok")
-            return bool(s3.get_object(Bucket="wasmlog-ready", Key="probe")["Body"].read() == b"ok")
+            s3.create_bucket(Bucket=BUCKET)
+            s3.put_object(Bucket=BUCKET, Key="probe", Body=b"ok")
+            return bool(s3.get_object(Bucket=BUCKET, Key="probe")["Body"].read() == b"ok")
         except (BotoCoreError, ClientError):
             return False
 
     def new_bucket(self, name: str) -> str:
+        """Create a bucket (each is a SeaweedFS collection with volumes of its own: tests share BUCKET instead)."""
         self.client().create_bucket(Bucket=name)
         return name
 

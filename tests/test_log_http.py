@@ -1,15 +1,16 @@
-"""The log over real HTTP on loopback, on real LMDB: adds, reads, proofs, errors, faults."""
+"""The log over real HTTP on loopback, on each storage engine (LMDB; PostgreSQL + S3): adds, reads,
+proofs, errors; and LMDB's faults (a full map, failures around its commit, a slow disk)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import gzip
-import pathlib
 import threading
 
 import pytest
 import reference
+from engines import LMDBEngine
 from helpers import wait_until
 
 from tlog.checkpoint import parse_checkpoint
@@ -19,7 +20,6 @@ from tlog.log import Log
 from tlog.merkle import verify_consistency, verify_inclusion
 from tlog.note import Ed25519Signer, Ed25519Verifier, open_note
 from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
-from tlog.sequencer import Sequencer
 from tlog.server import SEQUENCER, make_app
 from tlog.storage.lmdb_store import LMDBLogStore
 from tlog.tiles import parse_entry_bundle, split_hashes
@@ -28,11 +28,12 @@ KEY = Ed25519Signer.generate("example.com/testlog")
 VERIFIER = Ed25519Verifier(KEY.name, KEY.public_key)
 
 
-async def start(aiohttp_client, path: pathlib.Path, **kw):  # type: ignore[no-untyped-def]
+async def start(aiohttp_client, engine, **kw):  # type: ignore[no-untyped-def]
+    """The log app on a new store of engine (tests/engines.py); store options (map_size, before_commit, after_commit) pass through."""
     store_kw = {k: kw.pop(k) for k in ("map_size", "before_commit", "after_commit") if k in kw}
-    store = LMDBLogStore(str(path), **store_kw)
+    store = engine.open(**store_kw)
     log = Log(store, KEY)
-    seq = Sequencer(log, interval=kw.pop("interval", 0.01), **kw)
+    seq = engine.sequencer(log, interval=kw.pop("interval", 0.01), **kw)
     client = await aiohttp_client(make_app(seq))
     return client, store
 
@@ -45,8 +46,8 @@ async def add(client, entry: bytes) -> tuple[int, bytes]:  # type: ignore[no-unt
     return tp.index, tp.checkpoint
 
 
-async def test_add_returns_verifiable_tlog_proof(aiohttp_client, tmp_path) -> None:
-    client, _ = await start(aiohttp_client, tmp_path)
+async def test_add_returns_verifiable_tlog_proof(aiohttp_client, engine) -> None:
+    client, _ = await start(aiohttp_client, engine)
     r = await client.post("/add", data=b"hello")
     assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
     tp = parse_tlog_proof(await r.read())
@@ -55,8 +56,8 @@ async def test_add_returns_verifiable_tlog_proof(aiohttp_client, tmp_path) -> No
     assert cp.origin == "example.com/testlog" and cp.size == 1
 
 
-async def test_concurrent_adds_get_distinct_indexes_and_duplicates_the_first(aiohttp_client, tmp_path) -> None:
-    client, _ = await start(aiohttp_client, tmp_path)
+async def test_concurrent_adds_get_distinct_indexes_and_duplicates_the_first(aiohttp_client, engine) -> None:
+    client, _ = await start(aiohttp_client, engine)
     entries = [b"entry %d" % i for i in range(300)]
     results = await asyncio.gather(*(add(client, e) for e in entries))
     assert sorted(i for i, _ in results) == list(range(300))
@@ -113,15 +114,15 @@ async def test_concurrent_adds_get_distinct_indexes_and_duplicates_the_first(aio
         ("/proof/consistency?old=99999999999999999999&new=3", 400),
     ],
 )
-async def test_bad_reads_get_4xx(aiohttp_client, tmp_path, path: str, status: int) -> None:
-    client, _ = await start(aiohttp_client, tmp_path)
+async def test_bad_reads_get_4xx(aiohttp_client, engine, path: str, status: int) -> None:
+    client, _ = await start(aiohttp_client, engine)
     await asyncio.gather(*(add(client, b"%d" % i) for i in range(300)))
     r = await client.get(path)
     assert r.status == status, await r.text()
 
 
-async def test_proof_endpoints(aiohttp_client, tmp_path) -> None:
-    client, _ = await start(aiohttp_client, tmp_path)
+async def test_proof_endpoints(aiohttp_client, engine) -> None:
+    client, _ = await start(aiohttp_client, engine)
     entries = [b"x%d" % i for i in range(40)]
     for e in entries[:17]:
         await add(client, e)  # one at a time: a checkpoint at every size
@@ -139,8 +140,8 @@ async def test_proof_endpoints(aiohttp_client, tmp_path) -> None:
     assert same.status == 200 and await same.text() == ""
 
 
-async def test_entry_size_limits(aiohttp_client, tmp_path) -> None:
-    client, _ = await start(aiohttp_client, tmp_path)
+async def test_entry_size_limits(aiohttp_client, engine) -> None:
+    client, _ = await start(aiohttp_client, engine)
     assert (await client.post("/add", data=b"")).status == 400
     assert (await client.post("/add", data=b"x" * 65536)).status == 413
     assert (await client.post("/add", data=b"x" * 1_000_000)).status == 413
@@ -155,7 +156,7 @@ async def test_full_pool_gets_503_with_retry_after(aiohttp_client, tmp_path) -> 
             committing.set()  # a slow disk: the next entries pile up while this batch commits
             release.wait(10)
 
-    client, _ = await start(aiohttp_client, tmp_path, interval=0.01, batch_max=2, max_pending=2, before_commit=slow)
+    client, _ = await start(aiohttp_client, LMDBEngine(tmp_path), interval=0.01, batch_max=2, max_pending=2, before_commit=slow)
     seq = client.app[SEQUENCER]
     try:
         in_flight = [asyncio.create_task(client.post("/add", data=b"p%d" % i)) for i in range(2)]
@@ -171,7 +172,7 @@ async def test_full_pool_gets_503_with_retry_after(aiohttp_client, tmp_path) -> 
 
 
 async def test_storage_full_is_a_clear_error_and_loses_nothing(aiohttp_client, tmp_path) -> None:
-    client, store = await start(aiohttp_client, tmp_path, map_size=1 << 20)
+    client, store = await start(aiohttp_client, LMDBEngine(tmp_path), map_size=1 << 20)
     acked = []
     status = 200
     i = 0
@@ -204,7 +205,7 @@ async def test_failure_before_commit_fails_the_batch_and_writes_nothing(aiohttp_
         if fail["on"]:
             raise Boom("injected failure before commit")
 
-    client, store = await start(aiohttp_client, tmp_path, before_commit=before)
+    client, store = await start(aiohttp_client, LMDBEngine(tmp_path), before_commit=before)
     await add(client, b"a")
     fail["on"] = True
     rs = await asyncio.gather(*(client.post("/add", data=b"b%d" % i) for i in range(5)))
@@ -222,7 +223,7 @@ async def test_failure_after_commit_never_forks(aiohttp_client, tmp_path) -> Non
         if fail["on"]:
             raise Boom("injected failure after commit")
 
-    client, store = await start(aiohttp_client, tmp_path, after_commit=after)
+    client, store = await start(aiohttp_client, LMDBEngine(tmp_path), after_commit=after)
     _, first = await add(client, b"a")
     fail["on"] = True
     rs = await asyncio.gather(*(client.post("/add", data=b"b%d" % i) for i in range(5)))
@@ -235,19 +236,3 @@ async def test_failure_after_commit_never_forks(aiohttp_client, tmp_path) -> Non
     r = await client.get(f"/proof/consistency?old={cp0.size}&new={cp1.size}")
     proof = [base64.b64decode(x) for x in (await r.text()).splitlines()]
     verify_consistency(cp0.size, cp1.size, proof, cp0.root_hash, cp1.root_hash)
-
-
-async def test_restart_keeps_tree_and_refuses_other_origin(tmp_path) -> None:
-    store = LMDBLogStore(str(tmp_path))
-    log = Log(store, KEY)
-    log.integrate([b"1", b"2", b"3"])
-    before = log.published
-    store.close()
-    store = LMDBLogStore(str(tmp_path))
-    log = Log(store, KEY)
-    assert log.published == before
-    with pytest.raises(TlogError):
-        Log(store, KEY, origin="example.com/other")
-    with pytest.raises(TlogError):
-        Log(store, Ed25519Signer.generate("example.com/testlog"))  # another key under the same name
-    store.close()

@@ -17,10 +17,11 @@ def test_postgres_commits_and_survives_a_crash(postgres, pg_dsn) -> None:
         assert conn.execute("SELECT v FROM t WHERE k = 1").fetchone() == ("one",)
 
 
-def test_seaweed_put_get_and_conditional_write(seaweed, s3_bucket) -> None:
+def test_seaweed_put_get_and_conditional_write(seaweed, s3_path) -> None:
     s3 = seaweed.client()
-    s3.put_object(Bucket=s3_bucket, Key="a/b", Body=b"first", IfNoneMatch="*")
+    bucket, prefix = s3_path.split("/", 1)
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/a", Body=b"first", IfNoneMatch="*")
     with pytest.raises(ClientError) as e:
-        s3.put_object(Bucket=s3_bucket, Key="a/b", Body=b"second", IfNoneMatch="*")
+        s3.put_object(Bucket=bucket, Key=f"{prefix}/a", Body=b"second", IfNoneMatch="*")
     assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
-    assert s3.get_object(Bucket=s3_bucket, Key="a/b")["Body"].read() == b"first"
+    assert s3.get_object(Bucket=bucket, Key=f"{prefix}/a")["Body"].read() == b"first"

@@ -18,8 +18,8 @@ import subprocess
 import sys
 
 import aiohttp
+import reference
 from helpers import free_port, wait_until
-from test_shared_log import mth
 
 from registry.follow import Follower
 from tlog.checkpoint import Checkpoint, parse_checkpoint
@@ -98,12 +98,12 @@ async def load(session: aiohttp.ClientSession, nodes: list[Node], tag: str, acke
         acked[entry] = (tp.index, tp.checkpoint)
 
 
-async def test_sigkill_one_of_three_and_the_database_loses_nothing_and_never_forks(tmp_path, postgres, pg_dsn, seaweed, s3_bucket) -> None:  # type: ignore[no-untyped-def]
+async def test_sigkill_one_of_three_and_the_database_loses_nothing_and_never_forks(tmp_path, postgres, pg_dsn, seaweed, s3_path) -> None:  # type: ignore[no-untyped-def]
     signer = Ed25519Signer.generate("example.com/sharedcrash")
     verifier = Ed25519Verifier(signer.name, signer.public_key)
     key = tmp_path / "log.key"
     key.write_text(signer.private_key + "\n")
-    nodes = [Node(str(key), pg_dsn, f"s3://{s3_bucket}/log", seaweed.env, str(tmp_path / f"node{i}.log")) for i in range(PROCESSES)]
+    nodes = [Node(str(key), pg_dsn, f"s3://{s3_path}/log", seaweed.env, str(tmp_path / f"node{i}.log")) for i in range(PROCESSES)]
     acked: dict[bytes, tuple[int, bytes]] = {}
     rng = random.Random(17)
     stop = asyncio.Event()
@@ -134,7 +134,7 @@ async def test_sigkill_one_of_three_and_the_database_loses_nothing_and_never_for
             stop.set()
             await asyncio.wait_for(asyncio.gather(*clients), 60)
             # The bucket converges to a tree covering every acknowledged entry.
-            bucket = TileClient(f"{seaweed.endpoint}/{s3_bucket}/log", session)
+            bucket = TileClient(f"{seaweed.endpoint}/{s3_path}/log", session)
             highest = max(index for index, _ in acked.values())
 
             async def covered() -> bool:
@@ -153,8 +153,8 @@ async def test_sigkill_one_of_three_and_the_database_loses_nothing_and_never_for
     assert follower.findings == [] and len(logged) == cp.size
     for entry, (index, _) in acked.items():
         assert logged[index] == entry, f"acknowledged {entry!r} at {index}, the bucket has {logged[index]!r}"
-    leaves = [hashlib.sha256(b"\x00" + e).digest() for e in logged]
+    tree = tuple(logged)
     for size, note in {checkpoint_of(n, verifier).size: n for _, n in acked.values()}.items():
-        assert checkpoint_of(note, verifier).root_hash == mth(leaves[:size]), f"the checkpoint of size {size} is not a prefix of the bucket's tree"
+        assert checkpoint_of(note, verifier).root_hash == reference.mth(tree, 0, size), f"the checkpoint of size {size} is not a prefix of the bucket's tree"
     assert len(set(logged)) == len(logged), "an entry was logged twice"
     print(f"{len(acked)} acknowledged, {cp.size} logged, {ROUNDS} kills")

@@ -1,7 +1,8 @@
 """The log on PostgreSQL and S3 (SharedLogStore, SharedSequencer), in one process with several "nodes".
 
 Real PostgreSQL and SeaweedFS (tests/services.py). The bucket is checked by the existing auditor
-over plain HTTP from SeaweedFS's S3 endpoint (anonymous reads), and against a naive RFC 6962 root.
+over plain HTTP from SeaweedFS's S3 endpoint (anonymous reads), and against the naive RFC 6962
+reference (tests/reference.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 
 import aiohttp
 import pytest
+import reference
 from helpers import wait_until
 
 from registry.audit import AuditState, make_auditor
@@ -28,31 +30,19 @@ KEY = Ed25519Signer.generate("example.com/shared")
 VERIFIER = Ed25519Verifier(KEY.name, KEY.public_key)
 
 
-def mth(leaves: list[bytes]) -> bytes:
-    """RFC 6962 §2.1 Merkle Tree Hash, straight from the definition."""
-    if not leaves:
-        return hashlib.sha256().digest()
-    if len(leaves) == 1:
-        return leaves[0]
-    k = 1
-    while k * 2 < len(leaves):
-        k *= 2
-    return hashlib.sha256(b"\x01" + mth(leaves[:k]) + mth(leaves[k:])).digest()
-
-
 def leaf(entry: bytes) -> bytes:
     return hashlib.sha256(b"\x00" + entry).digest()
 
 
 @pytest.fixture
-def shared(pg_dsn, s3_bucket, seaweed, monkeypatch):  # type: ignore[no-untyped-def]
+def shared(pg_dsn, s3_path, seaweed, monkeypatch):  # type: ignore[no-untyped-def]
     """A factory of SharedLogStores on one database and bucket (closed at the end)."""
     for k, v in seaweed.env.items():
         monkeypatch.setenv(k, v)
     stores: list[SharedLogStore] = []
 
     def make(**kw) -> SharedLogStore:  # type: ignore[no-untyped-def]
-        store = SharedLogStore(pg_dsn, f"s3://{s3_bucket}/log", **kw)
+        store = SharedLogStore(pg_dsn, f"s3://{s3_path}/log", **kw)
         stores.append(store)
         return store
 
@@ -71,7 +61,7 @@ async def audit_bucket(seaweed, bucket: str) -> tuple[int, list]:  # type: ignor
     return size, report["findings"]
 
 
-async def test_three_nodes_are_one_log_and_the_bucket_is_a_tlog_tiles_log(shared, seaweed, s3_bucket) -> None:  # type: ignore[no-untyped-def]
+async def test_three_nodes_are_one_log_and_the_bucket_is_a_tlog_tiles_log(shared, seaweed, s3_path) -> None:  # type: ignore[no-untyped-def]
     nodes = [SharedSequencer(Log(shared(), KEY), interval=0.01, batch_max=100) for _ in range(3)]
     entries = [b"entry %d" % i for i in range(700)]
     async with contextlib.AsyncExitStack() as stack:
@@ -88,11 +78,11 @@ async def test_three_nodes_are_one_log_and_the_bucket_is_a_tlog_tiles_log(shared
         by_index[tp.index] = e
     assert sorted(by_index) == list(range(700))
     assert parse_tlog_proof(again).index == parse_tlog_proof(proofs[5]).index
-    size, findings = await audit_bucket(seaweed, s3_bucket)
+    size, findings = await audit_bucket(seaweed, s3_path)
     assert (size, findings) == (700, [])
-    note = ObjectStore(f"s3://{s3_bucket}/log").get("checkpoint")
+    note = ObjectStore(f"s3://{s3_path}/log").get("checkpoint")
     cp = parse_checkpoint(open_note(note, [VERIFIER])[0].text)
-    assert cp.root_hash == mth([leaf(by_index[i]) for i in range(700)])
+    assert cp.root_hash == reference.mth(tuple(by_index[i] for i in range(700)))
 
 
 async def test_the_lead_passes_on_when_the_integrator_stops(shared) -> None:  # type: ignore[no-untyped-def]
@@ -108,7 +98,7 @@ async def test_the_lead_passes_on_when_the_integrator_stops(shared) -> None:  # 
     verify_tlog_proof(parse_tlog_proof(proof), leaf(b"after the stop"), VERIFIER)
 
 
-async def test_a_crash_between_the_bucket_and_the_database_is_redone_to_the_same_bytes(shared, seaweed, s3_bucket) -> None:  # type: ignore[no-untyped-def]
+async def test_a_crash_between_the_bucket_and_the_database_is_redone_to_the_same_bytes(shared, seaweed, s3_path) -> None:  # type: ignore[no-untyped-def]
     crashes = []
 
     def crash(plan) -> None:  # type: ignore[no-untyped-def]
@@ -122,7 +112,7 @@ async def test_a_crash_between_the_bucket_and_the_database_is_redone_to_the_same
         proofs = await asyncio.wait_for(asyncio.gather(*(node.add(e) for e in entries)), 30)
     assert crashes  # the first commit died; the redo wrote the same immutable objects (412 and equal bytes)
     assert [parse_tlog_proof(p).index for p in proofs] == list(range(300))
-    assert await audit_bucket(seaweed, s3_bucket) == (300, [])
+    assert await audit_bucket(seaweed, s3_path) == (300, [])
 
 
 def test_a_second_writer_cannot_fork_the_tree(shared) -> None:  # type: ignore[no-untyped-def]

@@ -109,24 +109,27 @@ class SharedSequencer(Sequencer):
         self._waiting_entries += len(entries)
         self._wake.set()
 
-    def _integrate_round(self) -> tuple[int, float]:
-        """In a worker thread: lead if we can and integrate what is sequenced, or take up others' tree."""
+    def _integrate_round(self) -> list[tuple[int, float]]:
+        """In a worker thread: lead if we can and integrate what is sequenced, or take up others' tree.
+
+        Returns (entries, seconds) of each batch integrated."""
         leading = self.store.try_lead()
         took_over, self.leading = leading and not self.leading, leading
         if self.store.committed_size() != self.log.state.size:
             self.log.refresh()
         if not leading:
-            return 0, 0.0
+            return []
         if took_over:  # the previous integrator may have died before writing the checkpoint object
             self.store.put_checkpoint(self.log.integrated.note)
-        done, started = 0, time.monotonic()
+        batches = []
         for _ in range(ROUNDS_PER_WAKE):
+            started = time.monotonic()
             entries = self.store.sequenced(self.log.state.size, self.batch_max)
             if not entries:
                 break
             self.log.integrate(entries, dedup=False)
-            done += len(entries)
-        return done, time.monotonic() - started
+            batches.append((len(entries), time.monotonic() - started))
+        return batches
 
     async def _answer(self) -> None:
         published = self.log.published
@@ -155,9 +158,10 @@ class SharedSequencer(Sequencer):
     async def _integrate_loop(self) -> None:
         while True:
             try:
-                done, seconds = await asyncio.to_thread(self._integrate_round)
-                if done and self.observer is not None:
-                    self.observer.batch(done, seconds)
+                batches = await asyncio.to_thread(self._integrate_round)
+                if batches and self.observer is not None:
+                    for entries, seconds in batches:
+                        self.observer.batch(entries, seconds)
                     self.observer.published()
                 await self._answer()
             except TlogError as e:  # the database or bucket is away: the entries are durable, retry

@@ -178,8 +178,11 @@ class SharedLogStore:
         return dict(rows)
 
     def read_tile(self, level: int, index: int) -> bytes:
-        """A full hash tile (the Log keeps the partial ones of its tree in memory)."""
-        return self.objects.get(TileID(level, index).path(), immutable=True)
+        """A hash tile, full or as wide as the committed tree makes it. Raises NotFoundError."""
+        try:
+            return self._tile_at(self._size, level, index)
+        except NotFoundError:
+            return self._tile_at(self.committed_size(), level, index)  # committed by another process since
 
     def read_summary(self, level: int, index: int) -> bytes | None:
         return None  # no summaries in the bucket: the reader expands full tiles (cached) instead

@@ -61,10 +61,10 @@ async def lmdb_registry(tmp_path, aiohttp_client):  # type: ignore[no-untyped-de
 
 
 async def test_a_registry_migrates_to_shared_storage_and_back_keeping_every_entry_hash_and_blob(
-    lmdb_registry, tmp_path, pg_dsn, seaweed, s3_bucket, monkeypatch  # type: ignore[no-untyped-def]
+    lmdb_registry, tmp_path, pg_dsn, seaweed, s3_path, monkeypatch  # type: ignore[no-untyped-def]
 ) -> None:
     data, modules = lmdb_registry
-    objects = f"s3://{s3_bucket}/reg"
+    objects = f"s3://{s3_path}/reg"
     done = migrate(seaweed.env, "--from", str(data), "--to-store", pg_dsn, "--to-objects", objects)
     assert done.returncode == 0, done.stderr
     assert f"copied {RELEASES + 1} entries" in done.stdout

@@ -36,15 +36,15 @@ def leaf(entry: bytes) -> bytes:
 
 
 @pytest.fixture
-def nodes(pg_dsn, s3_bucket, seaweed, monkeypatch, aiohttp_client):  # type: ignore[no-untyped-def]
+def nodes(pg_dsn, s3_path, seaweed, monkeypatch, aiohttp_client):  # type: ignore[no-untyped-def]
     """A factory of registry nodes on one database and bucket: each returns its RegistryClient."""
     for k, v in seaweed.env.items():
         monkeypatch.setenv(k, v)
     closers = []
 
     async def make() -> tuple[RegistryClient, SharedRegistry]:
-        store = SharedLogStore(pg_dsn, f"s3://{s3_bucket}/reg/log")
-        blobs = BucketBlobStore(f"s3://{s3_bucket}/reg/blobs")
+        store = SharedLogStore(pg_dsn, f"s3://{s3_path}/reg/log")
+        blobs = BucketBlobStore(f"s3://{s3_path}/reg/blobs")
         closers.extend([store.close, blobs.close])
         sequencer = SharedSequencer(Log(store, REGISTRY_KEY), interval=0.01)
         registry = SharedRegistry(sequencer=sequencer, blobs=blobs)
@@ -90,7 +90,7 @@ async def test_concurrent_claims_of_one_namespace_through_two_nodes_exactly_one_
     assert reg_a.rejected == reg_b.rejected == []
 
 
-async def test_a_release_published_through_one_node_is_served_by_the_other_from_the_bucket(nodes, s3_bucket) -> None:  # type: ignore[no-untyped-def]
+async def test_a_release_published_through_one_node_is_served_by_the_other_from_the_bucket(nodes, s3_path) -> None:  # type: ignore[no-untyped-def]
     (first, _), (second, _) = await nodes(), await nodes()
     alice = Ed25519Signer.generate("alice")
     module = with_custom_section(EMPTY_MODULE, 100_000)  # over the inline size: written from a thread
@@ -98,7 +98,7 @@ async def test_a_release_published_through_one_node_is_served_by_the_other_from_
     proof = parse_tlog_proof(await first.publish(alice, ref, module))
     verify_tlog_proof(proof, leaf(proof.extra), VERIFIER)  # type: ignore[arg-type]
     digest = hashlib.sha256(module).hexdigest()
-    objects = ObjectStore(f"s3://{s3_bucket}/reg/blobs")
+    objects = ObjectStore(f"s3://{s3_path}/reg/blobs")
     assert objects.get(f"sha256/{digest}") == module  # in the bucket, under its digest
     path = second.package_path(ref)
     await wait_until(lambda: _published(second, path), "the release visible through the second node")

@@ -100,10 +100,10 @@ async def race(session: aiohttp.ClientSession, nodes: list[RegistryNode], ns: st
     return keys[statuses.index(200)].vkey
 
 
-async def test_registry_processes_sigkilled_under_publish_load_lose_nothing(tmp_path, pg_dsn, seaweed, s3_bucket) -> None:  # type: ignore[no-untyped-def]
+async def test_registry_processes_sigkilled_under_publish_load_lose_nothing(tmp_path, pg_dsn, seaweed, s3_path) -> None:  # type: ignore[no-untyped-def]
     key = tmp_path / "registry.key"
     key.write_text(REGISTRY_KEY.private_key + "\n")
-    nodes = [RegistryNode(str(key), pg_dsn, f"s3://{s3_bucket}/reg", seaweed.env, str(tmp_path / f"node{i}.log")) for i in range(PROCESSES)]
+    nodes = [RegistryNode(str(key), pg_dsn, f"s3://{s3_path}/reg", seaweed.env, str(tmp_path / f"node{i}.log")) for i in range(PROCESSES)]
     acked: dict[int, tuple[bytes, bytes]] = {}
     winners: dict[str, str] = {}
     rng = random.Random(17)
@@ -128,7 +128,7 @@ async def test_registry_processes_sigkilled_under_publish_load_lose_nothing(tmp_
             await wait_until(lambda: len(acked) >= target, "publishes after the last round", 60)
             stop.set()
             await asyncio.wait_for(asyncio.gather(*clients), 60)
-            bucket = TileClient(f"{seaweed.endpoint}/{s3_bucket}/reg/log", session)
+            bucket = TileClient(f"{seaweed.endpoint}/{s3_path}/reg/log", session)
             highest = max(acked)
 
             async def covered() -> bool:
@@ -147,7 +147,7 @@ async def test_registry_processes_sigkilled_under_publish_load_lose_nothing(tmp_
         assert follower.findings == [] and len(logged) == latest[0].size
         for index, (entry, module) in acked.items():
             assert logged[index] == entry, f"acknowledged publish at {index} is not in the bucket's log"
-            async with session.get(f"{seaweed.endpoint}/{s3_bucket}/reg/blobs/sha256/{hashlib.sha256(module).hexdigest()}") as r:
+            async with session.get(f"{seaweed.endpoint}/{s3_path}/reg/blobs/sha256/{hashlib.sha256(module).hexdigest()}") as r:
                 assert r.status == 200 and await r.read() == module, f"the module of the publish at {index}"
     state, rejected = replay((i, decode_entry(e)) for i, e in enumerate(logged))
     assert rejected == []  # nothing refused was ever logged

@@ -137,14 +137,16 @@ class SharedRegistry(Registry):
     def _on_integrated(self, entries: Sequence[bytes], indexes: Sequence[int]) -> None:
         """Before this process's submitters are answered: apply every record up to theirs."""
         size = max(indexes) + 1
-        missing = [i for i in range(self._applied_size, size) if i not in self._known]
-        self._advance(size, self._fetch(missing[0], size) if missing else {})
+        self._advance(size, self._fetch(self._applied_size, size))  # reads the store only if something is not known (rare)
 
     def _fetch(self, start: int, end: int) -> dict[int, Known]:
-        """Records [start, end) read from the store (blocking), but those known already."""
+        """Records [start, end) that are not known already, read from the store (blocking)."""
+        missing = [i for i in range(start, end) if i not in self._known]
         out: dict[int, Known] = {}
-        for first in range(start, end, TILE_WIDTH):
-            for i, entry in enumerate(self.store.read_entries(first, min(end, first + TILE_WIDTH)), start=first):
+        if not missing:
+            return out
+        for first in range(missing[0], missing[-1] + 1, TILE_WIDTH):
+            for i, entry in enumerate(self.store.read_entries(first, min(missing[-1] + 1, first + TILE_WIDTH)), start=first):
                 if i not in self._known:
                     out[i] = (leaf_hash(entry), _decode(entry))
         return out

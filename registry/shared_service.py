@@ -37,6 +37,7 @@ from .state import RegistryState, ValidationError
 
 logger = logging.getLogger("wasmlog.registry.shared")
 
+PREPARE_MAX = 65536  # records sequenced but not integrated, read before the lock (more are read under it)
 Known = tuple[bytes, Record | None]  # an entry's leaf hash and its record (None: not a valid record)
 
 
@@ -61,6 +62,7 @@ class SharedRegistry(Registry):
         self._known_hashes: set[bytes] = set()
         self._submitted: dict[bytes, Record] = {}  # leaf hash -> checked record, until sequenced or refused
         self._tentative: tuple[int, RegistryState, dict[int, Known]] | None = None
+        self._prepared: dict[bytes, Record] = {}  # leaf hash -> others' records decoded and verified outside the lock
         sequencer.admission = self
 
     # ── submitting ──────────────────────────────────────────────────────────
@@ -92,13 +94,29 @@ class SharedRegistry(Registry):
         return h in self._known_hashes or h in self._submitted or bool(self.store.lookup([h]))
 
     # ── the Admission (tlog/storage/shared.py), in the sequencing thread ─────
+    def prepare(self) -> None:
+        """Decode, and verify the signatures of, what others sequenced since we last looked, before
+        taking the sequencing lock: under it only the records sequenced meanwhile cost a verification."""
+        with self._lock:
+            seen = self._seen
+        committed = self.store.committed_size()
+        entries = [e for first in range(seen, committed, TILE_WIDTH) for e in self.store.read_entries(first, min(committed, first + TILE_WIDTH))]
+        entries += self.store.sequenced(max(seen, committed), PREPARE_MAX)
+        prepared: dict[bytes, Record] = {}
+        for entry in entries:
+            h = leaf_hash(entry)
+            record = self._submitted.get(h) or _decode(entry)
+            if record is not None and record.signed_by_signer:  # computed once, here
+                prepared[h] = record
+        self._prepared = prepared
+
     def admit(self, next_index: int, sequenced_since: Callable[[int], list[bytes]], entries: Sequence[bytes]) -> list[TlogError | None]:
         with self._lock:
             seen, state = self._seen, self._sequenced_state
         tentative: dict[int, Known] = {}
         for i, entry in enumerate(sequenced_since(seen), start=seen):
             h = leaf_hash(entry)
-            record = self._submitted.get(h) or _decode(entry)
+            record = self._prepared.get(h) or self._submitted.get(h) or _decode(entry)
             tentative[i] = (h, record)
             if record is not None:
                 with contextlib.suppress(ValidationError):  # a void record changes nothing (replay reports it)
@@ -119,6 +137,7 @@ class SharedRegistry(Registry):
             verdicts.append(None)
             index += 1
         self._tentative = (seen, state, tentative)
+        self._prepared = {}
         return verdicts
 
     def committed(self, next_index: int) -> None:

@@ -41,8 +41,6 @@ _syncfs = _load_syncfs()
 
 
 class BlobStore:
-    local = True  # a write() lands in the page cache: cheap enough for the event loop when small
-
     def __init__(self, root: str) -> None:
         self.dir = os.path.join(root, "sha256")
         os.makedirs(self.dir, exist_ok=True)

@@ -7,9 +7,11 @@ and confirmed when write() returns: sync() has nothing left to do. Blocking: cal
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 from tlog.errors import MalformedError, TlogError
@@ -17,16 +19,15 @@ from tlog.storage.objects import ObjectStore
 from tlog.syntax import lower_hex
 
 _HEX64 = re.compile(lower_hex(64))
-READ_CHUNK = 256 << 10
+WRITE_THREADS = 32  # concurrent blob writes, apart from the default executor: a PUT mostly waits for the bucket
 
 
 class BucketBlobStore:
     """Blobs under a bucket prefix (objects_url: s3://BUCKET/PREFIX)."""
 
-    local = False  # every write is a network round trip: never on the event loop
-
     def __init__(self, objects_url: str, objects: ObjectStore | None = None) -> None:
-        self.objects = objects if objects is not None else ObjectStore(objects_url)
+        self.objects = objects if objects is not None else ObjectStore(objects_url, connections=WRITE_THREADS + 8)
+        self._writers = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="blob-put")
 
     def _path(self, digest: str) -> str:
         if not _HEX64.fullmatch(digest):
@@ -40,6 +41,10 @@ class BucketBlobStore:
         return digest
 
     write = put  # a bucket write is durable on its own: no group sync to share
+
+    async def put_async(self, data: bytes) -> str:
+        """put() in this store's own writer threads (a blob write never waits behind the log's worker threads)."""
+        return await asyncio.get_running_loop().run_in_executor(self._writers, self.put, data)
 
     def sync(self) -> None:
         """Nothing to do: every write() was confirmed by the bucket when it returned."""
@@ -64,4 +69,5 @@ class BucketBlobStore:
         return data
 
     def close(self) -> None:
+        self._writers.shutdown(wait=True)
         self.objects.close()

@@ -119,8 +119,8 @@ Blobs = BlobStore | BucketBlobStore
 async def store_blobs(blobs: Blobs, group: GroupSync, *datas: bytes | None) -> None:
     """Write each blob and return once all are durable (one shared filesystem sync per round; a bucket
     confirms each write, made concurrently)."""
-    if not blobs.local:
-        await asyncio.gather(*(asyncio.to_thread(blobs.write, data) for data in datas if data is not None))
+    if isinstance(blobs, BucketBlobStore):
+        await asyncio.gather(*(blobs.put_async(data) for data in datas if data is not None))
         return
     for data in datas:
         if data is None:

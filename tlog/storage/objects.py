@@ -46,7 +46,8 @@ def objects_url_under(url: str, part: str) -> str:
 class ObjectStore:
     """A bucket and prefix holding one log's tlog-tiles objects."""
 
-    def __init__(self, url: str, client: Any = None) -> None:
+    def __init__(self, url: str, client: Any = None, *, connections: int = PUT_THREADS * 2) -> None:
+        """connections: the S3 client's pool (at least as many as threads that call this store at once)."""
         self.bucket, self.prefix = parse_objects_url(url)
         if client is None:
             try:
@@ -54,7 +55,7 @@ class ObjectStore:
                 from botocore.config import Config
             except ImportError as e:
                 raise MissingDependencyError("S3 object storage", "shared", e) from e
-            config = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=PUT_THREADS * 2)
+            config = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=connections)
             client = boto3.client("s3", config=config)
         self._s3 = client
         self._pool = ThreadPoolExecutor(PUT_THREADS, thread_name_prefix="s3-put")

@@ -18,6 +18,7 @@ from tlog.errors import (
     NotFoundError,
     PushbackError,
     StorageFullError,
+    StorageUnavailableError,
     TlogError,
     TooLargeError,
     UnsupportedEncodingError,
@@ -77,6 +78,7 @@ STATUS: list[tuple[type[TlogError], int]] = [
     (PushbackError, 503),
     (QuorumError, 503),
     (NotYetPublished, 503),
+    (StorageUnavailableError, 503),  # the shared database or bucket: nothing was acknowledged, retry
     (StorageFullError, 507),
     (TlogError, 500),
 ]

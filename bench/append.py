@@ -216,41 +216,71 @@ def main() -> None:
 
 
 def run_shared(args: argparse.Namespace, kw: dict[str, int | float]) -> dict[str, object]:
-    """The shared engine: args.shared_procs `log serve --store --objects` processes, the load spread over them."""
-    with contextlib.ExitStack() as stack:
+    """The shared engine: args.shared_procs `log serve --store --objects` processes, the load spread over them;
+    then, with those stopped, the cost of one batch of each size measured in this process on the same store."""
+    with contextlib.ExitStack() as services:
         env = dict(os.environ)
         dsn, objects = args.store, args.objects
         if dsn == "local":
             sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
             from services import BUCKET, PostgresServer, SeaweedServer, running
 
-            pg = stack.enter_context(running(PostgresServer))
-            s3 = stack.enter_context(running(SeaweedServer))
+            pg = services.enter_context(running(PostgresServer))
+            s3 = services.enter_context(running(SeaweedServer))
             assert isinstance(pg, PostgresServer) and isinstance(s3, SeaweedServer)
             dsn, objects = pg.new_database("bench"), f"s3://{BUCKET}/bench"
             env.update(s3.env)
-        d = stack.enter_context(tempfile.TemporaryDirectory())
+        d = services.enter_context(tempfile.TemporaryDirectory())
         key = os.path.join(d, "log")
         subprocess.run([sys.executable, "-m", "wasmlog", "keygen", "bench.example/shared", "--out", key], check=True, capture_output=True)
-        urls = []
-        for _ in range(args.shared_procs):
-            port = free_port()
-            server = subprocess.Popen(
-                [sys.executable, "-m", "wasmlog", "log", "serve", "--store", dsn, "--objects", objects, "--key", key + ".key",
-                 "--listen", f"127.0.0.1:{port}", "--interval-ms", str(args.interval_ms)],
-                stdout=subprocess.DEVNULL, env=env,
-            )
-            stack.callback(server.wait)
-            stack.callback(server.terminate)
-            urls.append(f"http://127.0.0.1:{port}")
-        for url in urls:
-            wait_ready(url)
-        load = run_wrk if args.client == "wrk" else run_load
-        full = load(urls, "sf", **kw) if args.client == "python" else load(urls[0], "sf", **kw)
-        out: dict[str, object] = {"processes": args.shared_procs, "full_load": full, "integrator_at_full_load": integrator_costs(urls)}
-        if args.client == "python":
-            out["half_load"] = load(urls, "sh", rate=full["requests_per_s"] / 2, **kw)
+        with contextlib.ExitStack() as servers:
+            urls = []
+            for _ in range(args.shared_procs):
+                port = free_port()
+                server = subprocess.Popen(
+                    [sys.executable, "-m", "wasmlog", "log", "serve", "--store", dsn, "--objects", objects, "--key", key + ".key",
+                     "--listen", f"127.0.0.1:{port}", "--interval-ms", str(args.interval_ms)],
+                    stdout=subprocess.DEVNULL, env=env,
+                )
+                servers.callback(server.wait)
+                servers.callback(server.terminate)
+                urls.append(f"http://127.0.0.1:{port}")
+            for url in urls:
+                wait_ready(url)
+            load = run_wrk if args.client == "wrk" else run_load
+            full = load(urls, "sf", **kw) if args.client == "python" else load(urls[0], "sf", **kw)
+            out: dict[str, object] = {"processes": args.shared_procs, "full_load": full, "integrator_at_full_load": integrator_costs(urls)}
+            if args.client == "python":
+                out["half_load"] = load(urls, "sh", rate=full["requests_per_s"] / 2, **kw)
+        os.environ.update(env)
+        out["batch_costs"] = batch_costs(dsn, objects, key + ".key")
         return out
+
+
+def batch_costs(dsn: str, objects: str, key: str) -> dict[str, dict[str, float]]:
+    """Seconds to sequence, and then to integrate, one batch of each size, in this process (no server running)."""
+    import pathlib
+
+    from tlog.hashes import leaf_hash
+    from tlog.keys import read_signer
+    from tlog.log import Log
+    from tlog.storage.shared import SharedLogStore
+
+    store = SharedLogStore(dsn, objects)
+    try:
+        log = Log(store, read_signer(pathlib.Path(key)))
+        costs: dict[str, dict[str, float]] = {}
+        for size in (16, 256, 1024, 4096):
+            entries = [b"cost-%d-%d-" % (size, i) + b"x" * 200 for i in range(size)]
+            t = time.perf_counter()
+            store.sequence(entries, [leaf_hash(e) for e in entries])
+            sequenced = time.perf_counter() - t
+            t = time.perf_counter()
+            log.integrate(store.sequenced(log.state.size, size), dedup=False)
+            costs[str(size)] = {"sequence_s": sequenced, "integrate_s": time.perf_counter() - t}
+        return costs
+    finally:
+        store.close()
 
 
 def integrator_costs(urls: list[str]) -> dict[str, float]:

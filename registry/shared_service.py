@@ -42,10 +42,14 @@ Known = tuple[bytes, Record | None]  # an entry's leaf hash and its record (None
 
 
 def _decode(entry: bytes) -> Record | None:
+    """The entry's record, its signature verified now (cached on the record: apply() then costs no
+    verification), or None if it is not a valid record. Call from a worker thread."""
     try:
-        return decode_entry(entry)
+        record = decode_entry(entry)
     except RecordError:
         return None
+    _ = record.signed_by_signer
+    return record
 
 
 class SharedRegistry(Registry):
@@ -106,7 +110,7 @@ class SharedRegistry(Registry):
         for entry in entries:
             h = leaf_hash(entry)
             record = self._submitted.get(h) or _decode(entry)
-            if record is not None and record.signed_by_signer:  # computed once, here
+            if record is not None:
                 prepared[h] = record
         self._prepared = prepared
 

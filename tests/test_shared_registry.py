@@ -119,7 +119,7 @@ async def _published(api: RegistryClient, path: str) -> bool:
     return True
 
 
-async def test_the_follower_takes_up_records_other_nodes_logged_before_it_started(nodes) -> None:  # type: ignore[no-untyped-def]
+async def test_a_node_started_later_replays_the_bucket_and_enforces_what_it_holds(nodes) -> None:  # type: ignore[no-untyped-def]
     first, _ = await nodes()
     alice = Ed25519Signer.generate("alice")
     for v in range(3):
@@ -129,3 +129,19 @@ async def test_the_follower_takes_up_records_other_nodes_logged_before_it_starte
     assert versions["versions"] == ["1.0.0", "1.0.1", "1.0.2"]
     assert await claim(late, Ed25519Signer.generate("mallory"), "acme") == 403  # claimed through the first node
     assert registry.state.namespaces["acme"].keys == {alice.vkey}
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--data", "d", "--store", "postgresql://x/y", "--objects", "s3://b/p"], "give --data DIR, or --store"),
+    (["--store", "postgresql://x/y"], "give --data DIR, or --store"),
+    (["--store", "postgresql://x/y", "--objects", "s3://b/p", "--workers", "2"], "--workers is not supported with --store"),
+])
+def test_registry_serve_takes_one_storage(tmp_path, args: list[str], says: str) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    key = tmp_path / "reg.key"
+    key.write_text(REGISTRY_KEY.private_key + "\n")
+    done = subprocess.run([sys.executable, "-m", "wasmlog", "registry", "serve", "--key", str(key), *args],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 1 and says in done.stderr, done.stderr

@@ -1,7 +1,8 @@
 """Three `wasmlog registry serve --store ... --objects ...` processes under publish load, one SIGKILLed each round.
 
 Each round two fresh keys race to claim one namespace through two different processes (exactly
-one wins, the other gets 403), then a random process is SIGKILLed and restarted. At the end, from
+one wins, the other gets 403), then a random process is SIGKILLed and restarted; one round also
+crashes PostgreSQL (pg_ctl stop -m immediate) and starts it again. At the end, from
 the bucket alone (read over plain HTTP from SeaweedFS): every acknowledged publish is at its index
 with its module in the bucket under its digest, and the log replays without a void record.
 """
@@ -26,6 +27,7 @@ from tlog.note import Ed25519Signer, Ed25519Verifier
 from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
 
 ROUNDS = 3
+DATABASE_CRASH_ROUND = 1
 PUBLISHERS = 6
 PROCESSES = 3
 EMPTY_MODULE = b"\x00asm\x01\x00\x00\x00"
@@ -100,7 +102,7 @@ async def race(session: aiohttp.ClientSession, nodes: list[RegistryNode], ns: st
     return keys[statuses.index(200)].vkey
 
 
-async def test_registry_processes_sigkilled_under_publish_load_lose_nothing(tmp_path, pg_dsn, seaweed, s3_path) -> None:  # type: ignore[no-untyped-def]
+async def test_registry_processes_sigkilled_under_publish_load_lose_nothing(tmp_path, postgres, pg_dsn, seaweed, s3_path) -> None:  # type: ignore[no-untyped-def]
     key = tmp_path / "registry.key"
     key.write_text(REGISTRY_KEY.private_key + "\n")
     nodes = [RegistryNode(str(key), pg_dsn, f"s3://{s3_path}/reg", seaweed.env, str(tmp_path / f"node{i}.log")) for i in range(PROCESSES)]
@@ -122,6 +124,9 @@ async def test_registry_processes_sigkilled_under_publish_load_lose_nothing(tmp_
                 winners[f"race{round_}"] = await race(session, pair, f"race{round_}")
                 victim = rng.choice(nodes)
                 victim.kill()
+                if round_ == DATABASE_CRASH_ROUND:
+                    await asyncio.to_thread(postgres.stop, "immediate")
+                    await asyncio.to_thread(postgres.start)
                 victim.start()
                 await wait_until(lambda victim=victim: victim.ready(session), f"the restarted node on {victim.port}", 60)
             target = len(acked) + 40
@@ -153,4 +158,4 @@ async def test_registry_processes_sigkilled_under_publish_load_lose_nothing(tmp_
     assert rejected == []  # nothing refused was ever logged
     for ns, vkey in winners.items():
         assert state.namespaces[ns].keys == {vkey}
-    print(f"{len(acked)} publishes acknowledged, {len(logged)} records logged, {ROUNDS} kills")
+    print(f"{len(acked)} publishes acknowledged, {len(logged)} records logged, {ROUNDS} kills and a database crash")

@@ -6,14 +6,18 @@ Real LMDB on disk, real PostgreSQL and SeaweedFS (tests/services.py), the real c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import lmdb
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from registry_helpers import CYCLONEDX, REGISTRY_KEY, start_registry, with_custom_section
 
 from registry.blobs import BlobStore
@@ -132,3 +136,36 @@ async def test_an_interrupted_migration_resumes_and_a_tampered_source_is_refused
 def test_migrate_needs_one_source_and_one_target(tmp_path: pathlib.Path) -> None:
     done = migrate({}, "--from", str(tmp_path))
     assert done.returncode == 2 and "--to DIR" in done.stderr
+
+
+@settings(max_examples=20, deadline=None)
+@given(count=st.integers(1, 700), chunk=st.integers(1, 300), batch_tiles=st.integers(1, 2), killed_after=st.integers(1, 3))
+def test_a_copy_interrupted_after_any_batch_and_resumed_is_the_source_tree(count: int, chunk: int, batch_tiles: int, killed_after: int) -> None:
+    """copy_log against the RFC 6962 definition (tests/reference.py), for any size, source batching and interruption."""
+    from reference import mth
+
+    from wasmlog.migrate import copy_log
+
+    entries = [b"entry %d" % i for i in range(count)]
+    with tempfile.TemporaryDirectory() as d:
+        source, target = LMDBLogStore(f"{d}/src"), LMDBLogStore(f"{d}/dst")
+        try:
+            log = Log(source, REGISTRY_KEY)
+            for first in range(0, count, chunk):
+                log.integrate(entries[first : first + chunk])
+            calls = []
+
+            def killed(done: int, size: int) -> None:
+                calls.append(done)
+                if len(calls) == killed_after and done < size:
+                    raise RuntimeError("killed")
+
+            with contextlib.suppress(RuntimeError):
+                copy_log(source, target, progress=killed, batch=batch_tiles * TILE_WIDTH)
+            report = copy_log(source, target, batch=batch_tiles * TILE_WIDTH)
+            assert report.size == count
+            assert contents(target) == contents(source)
+            assert Log(target, REGISTRY_KEY).integrated.checkpoint.root_hash == mth(tuple(entries))
+        finally:
+            source.close()
+            target.close()

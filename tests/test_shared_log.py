@@ -10,20 +10,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import string
+import subprocess
+import sys
 
 import aiohttp
 import pytest
 import reference
 from helpers import wait_until
+from hypothesis import given
+from hypothesis import strategies as st
 
 from registry.audit import AuditState, make_auditor
 from tlog.checkpoint import parse_checkpoint
-from tlog.errors import TlogError
+from tlog.errors import MalformedError, TlogError
 from tlog.log import Log
 from tlog.note import Ed25519Signer, Ed25519Verifier, open_note
 from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
+from tlog.server import make_app
 from tlog.shared_sequencer import SharedSequencer
-from tlog.storage.objects import ObjectStore
+from tlog.storage.objects import ObjectStore, parse_objects_url
 from tlog.storage.shared import SharedLogStore
 
 KEY = Ed25519Signer.generate("example.com/shared")
@@ -83,6 +89,11 @@ async def test_three_nodes_are_one_log_and_the_bucket_is_a_tlog_tiles_log(shared
     note = ObjectStore(f"s3://{s3_path}/log").get("checkpoint")
     cp = parse_checkpoint(open_note(note, [VERIFIER])[0].text)
     assert cp.root_hash == reference.mth(tuple(by_index[i] for i in range(700)))
+    async with aiohttp.ClientSession() as session:  # what a CDN in front of the bucket sees
+        for path, cache in [("tile/0/001", "immutable"), ("tile/entries/001", "immutable"), ("tile/0/002.p/188", "max-age=60"),
+                            ("tile/entries/002.p/188", "max-age=60"), ("checkpoint", "max-age=2")]:
+            async with session.get(f"{seaweed.endpoint}/{s3_path}/log/{path}") as r:
+                assert r.status == 200 and cache in r.headers["Cache-Control"], (path, r.headers.get("Cache-Control"))
 
 
 async def test_the_lead_passes_on_when_the_integrator_stops(shared) -> None:  # type: ignore[no-untyped-def]
@@ -135,3 +146,66 @@ def test_sequencing_is_durable_ordered_and_deduplicated(shared) -> None:  # type
     assert store.sequence([b"d", b"b"], [leaf(b"d"), leaf(b"b")]) == [3, 1]
     assert store.sequenced(1, 10) == [b"b", b"c", b"d"]
     assert store.lookup([leaf(b"b")]) == {}  # sequenced, not yet logged
+
+
+async def test_a_database_outage_is_a_503_and_the_log_carries_on_after(shared, postgres, aiohttp_client) -> None:  # type: ignore[no-untyped-def]
+    node = SharedSequencer(Log(shared(), KEY), interval=0.01)
+    client = await aiohttp_client(make_app(node))
+    assert (await client.post("/add", data=b"before")).status == 200
+    await asyncio.to_thread(postgres.stop, "immediate")
+    try:
+        r = await client.post("/add", data=b"during")
+        assert r.status == 503 and r.headers["Retry-After"] == "1"
+        assert "database" in await r.text()
+    finally:
+        await asyncio.to_thread(postgres.start)
+
+    async def accepted() -> bool:
+        return (await client.post("/add", data=b"after")).status == 200  # a stale connection may cost one 503
+
+    await wait_until(accepted, "an add after the database came back", 30)
+    proof = await (await client.post("/add", data=b"after")).read()
+    assert parse_tlog_proof(proof).index == 1  # "during" was refused before it was sequenced
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--store", "postgresql://x@127.0.0.1:1/x"], "--store postgresql://... with --objects"),
+    (["--data", "DATA", "--store", "postgresql://x@127.0.0.1:1/x", "--objects", "s3://bucket/p"], "give --data DIR, or"),
+    (["--store", "postgresql://x@127.0.0.1:1/x", "--objects", "s3://bucket/p", "--workers", "2"], "--workers is not supported with --store"),
+    (["--store", "postgresql://x@127.0.0.1:1/x", "--objects", "s3:/bucket"], "want s3://BUCKET[/PREFIX]"),
+    (["--store", "postgresql://nobody@127.0.0.1:1/x", "--objects", "s3://bucket/p"], "the log's database"),
+])
+def test_log_serve_names_what_is_wrong_with_its_storage_options(tmp_path, args: list[str], message: str) -> None:
+    key = tmp_path / "log.key"
+    key.write_text(KEY.private_key + "\n")
+    args = [str(tmp_path / "data") if a == "DATA" else a for a in args]
+    done = subprocess.run([sys.executable, "-m", "wasmlog", "log", "serve", "--key", str(key), *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and message in done.stderr, done.stderr
+
+
+segment = st.text(alphabet=string.ascii_letters + string.digits + "._-", min_size=1, max_size=20).filter(lambda s: s not in (".", ".."))
+bucket = st.from_regex(r"[a-z0-9][a-z0-9.-]{1,20}[a-z0-9]", fullmatch=True)
+
+
+@given(bucket, st.lists(segment, max_size=5))
+def test_objects_urls_round_trip(name: str, segments: list[str]) -> None:
+    prefix = "/".join(segments)
+    url = f"s3://{name}/{prefix}" if prefix else f"s3://{name}"
+    assert parse_objects_url(url) == (name, prefix)
+
+
+@given(st.text(max_size=60))
+def test_objects_urls_are_parsed_strictly(text: str) -> None:
+    """Anything parsed re-forms into the same URL; anything else is a MalformedError, never another error."""
+    try:
+        name, prefix = parse_objects_url(text)
+    except MalformedError:
+        return
+    assert text == (f"s3://{name}/{prefix}" if prefix else f"s3://{name}")
+
+
+@pytest.mark.parametrize("url", ["s3://", "s3:/b", "http://bucket/p", "s3://Bucket/p", "s3://b/p", "s3://bucket//p", "s3://bucket/p/",
+                                 "s3://bucket/../p", "s3://bucket/p q", "s3://-bucket/p", "s3://bucket/" + "p" * 600])
+def test_objects_urls_refused(url: str) -> None:
+    with pytest.raises(MalformedError):
+        parse_objects_url(url)

@@ -13,6 +13,7 @@ AWS_SECRET_ACCESS_KEY, AWS_REGION, or any other source boto3 reads). Blocking: c
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -24,17 +25,26 @@ from ..tiles import CHECKPOINT_CACHE, IMMUTABLE, TileID
 
 SHORT_LIVED = "public, max-age=60"  # partial tiles and bundles: superseded as the tree grows
 PUT_THREADS = 8
-CACHE_OBJECTS = 1024  # immutable objects kept in memory (a full tile is 8 KiB)
+CACHE_BYTES = 64 << 20  # immutable objects kept in memory, least recently used first out (a full tile is 8 KiB)
+
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's bucket naming rules (dots and hyphens inside)
+_PREFIX_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+MAX_PREFIX = 512
 
 
 def parse_objects_url(url: str) -> tuple[str, str]:
-    """Split s3://BUCKET[/PREFIX] into (bucket, prefix without slashes at either end). Raises MalformedError."""
-    if not url.startswith("s3://"):
-        raise MalformedError(f"objects URL {url!r}: want s3://BUCKET[/PREFIX]")
-    bucket, _, prefix = url[len("s3://") :].partition("/")
-    if not bucket or "//" in prefix or prefix.startswith("/"):
-        raise MalformedError(f"objects URL {url!r}: want s3://BUCKET[/PREFIX]")
-    return bucket, prefix.strip("/")
+    """Split s3://BUCKET[/PREFIX] into (bucket, prefix). PREFIX is slash-separated segments of letters,
+    digits, '.', '_' and '-' (no empty, '.' or '..' segment). Raises MalformedError."""
+    scheme, _, rest = url.partition("://")
+    bucket, _, prefix = rest.partition("/")
+    segments = prefix.split("/") if prefix else []
+    if (
+        scheme != "s3" or not _BUCKET.fullmatch(bucket) or len(prefix) > MAX_PREFIX
+        or not all(_PREFIX_SEGMENT.fullmatch(p) and p not in (".", "..") for p in segments)
+    ):
+        raise MalformedError(f"objects URL {url[:100]!r}: want s3://BUCKET[/PREFIX]")
+    return bucket, prefix
 
 
 def objects_url_under(url: str, part: str) -> str:
@@ -60,6 +70,7 @@ class ObjectStore:
         self._s3 = client
         self._pool = ThreadPoolExecutor(PUT_THREADS, thread_name_prefix="s3-put")
         self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cached_bytes = 0
         self._cache_lock = threading.Lock()
 
     def key(self, path: str) -> str:
@@ -82,8 +93,9 @@ class ObjectStore:
         """The object's bytes (kept in memory if immutable). Raises NotFoundError or StorageUnavailableError."""
         with self._cache_lock:
             cached = self._cache.get(path)
-        if cached is not None:
-            return cached
+            if cached is not None:
+                self._cache.move_to_end(path)
+                return cached
         answer = self._call(f"reading {path}", "get_object", 404, Key=self.key(path))
         if answer is None:
             raise NotFoundError(f"{path} is not in the bucket")
@@ -94,9 +106,12 @@ class ObjectStore:
 
     def _remember(self, path: str, body: bytes) -> None:
         with self._cache_lock:
+            if path in self._cache:
+                return
             self._cache[path] = body
-            if len(self._cache) > CACHE_OBJECTS:
-                self._cache.popitem(last=False)
+            self._cached_bytes += len(body)
+            while self._cached_bytes > CACHE_BYTES:
+                self._cached_bytes -= len(self._cache.popitem(last=False)[1])
 
     def put(self, path: str, body: bytes, *, immutable: bool, remember: bool = True) -> None:
         """Write one object (see the module docstring); an immutable one is kept in memory unless remember is False.

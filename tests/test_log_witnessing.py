@@ -307,3 +307,36 @@ def test_policy_quorum_matches_recursive_definition(policy: tuple[str, dict[str,
         return sum(holds(m) for m in members) >= k
 
     assert parse_policy(text.encode()).satisfied(witnessed) == holds(quorum)
+
+
+async def test_a_witnessed_log_on_shared_storage_publishes_only_cosigned_checkpoints(aiohttp_client, aiohttp_server, tmp_path, pg_dsn, s3_path, seaweed, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Two processes on PostgreSQL and S3: only the integrator has checkpoints cosigned; both answer
+    with quorum-cosigned proofs, and the bucket's checkpoint is the cosigned one."""
+    from tlog.shared_sequencer import SharedSequencer
+    from tlog.storage.objects import ObjectStore
+    from tlog.storage.shared import SharedLogStore
+
+    for k, v in seaweed.env.items():
+        monkeypatch.setenv(k, v)
+    ports = [free_port() for _ in range(3)]
+    for i in range(3):
+        await start_witness(aiohttp_server, tmp_path, i, ports[i])
+    policy = parse_policy(policy_text(ports))
+    clients, stores = [], []
+    for _ in range(2):
+        store = SharedLogStore(pg_dsn, f"s3://{s3_path}/log", publish_integrated=False)
+        stores.append(store)
+        seq = SharedSequencer(Log(store, LOG_KEY, witnessed=True), interval=0.01, republish_interval=3600)
+        clients.append(await aiohttp_client(make_app(seq, witness_policy=policy, witness_timeout=2.0)))
+    try:
+        results = await asyncio.gather(*(add_ok(clients[i % 2], policy, b"shared %d" % i) for i in range(40)))
+        assert sorted(tp.index for tp, _, _ in results) == list(range(40))
+        assert sum(c.app[SEQUENCER].leading for c in clients) == 1
+        note = ObjectStore(f"s3://{s3_path}/log").get("checkpoint")
+        _, verified = open_note(note, [LOG_VERIFIER, *(w.verifier for w in policy.witnesses.values())])
+        assert policy.satisfied(policy.witnessed_by(verified))
+    finally:
+        for c in clients:
+            await c.close()
+        for store in stores:
+            store.close()

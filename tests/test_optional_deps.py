@@ -1,4 +1,5 @@
-"""Optional dependencies stay optional: the commands run with uvloop and the SBOM libraries hidden.
+"""Optional dependencies stay optional: the commands run with uvloop, the SBOM libraries and the
+shared-storage drivers hidden.
 
 Each command runs in a subprocess whose first import hook refuses the hidden packages, as if
 they were not installed (Windows has no uvloop; `pip install wasmlog` has no SBOM libraries).
@@ -16,7 +17,7 @@ from test_verify import MODULE
 
 from tlog.note import Ed25519Signer
 
-OPTIONAL = ("uvloop", "cyclonedx", "spdx_tools")
+OPTIONAL = ("uvloop", "cyclonedx", "spdx_tools", "psycopg", "boto3", "botocore")
 REGISTRY_KEY = Ed25519Signer.generate("optional.example/log")
 ALICE = Ed25519Signer.generate("alice")
 
@@ -53,6 +54,13 @@ def test_the_hook_hides_the_optional_packages(tmp_path) -> None:  # type: ignore
 def test_verify_help_without_optional_packages() -> None:
     out = run("verify", "--help")
     assert out.returncode == 0 and "MODULE.wasm" in out.stdout, out.stderr
+
+
+def test_log_serve_on_shared_storage_names_the_extra_without_its_drivers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    key = tmp_path / "log.key"
+    key.write_text(REGISTRY_KEY.private_key + "\n")
+    out = run("log", "serve", "--key", str(key), "--store", "postgresql://x@127.0.0.1:1/x", "--objects", "s3://bucket/p")
+    assert out.returncode == 1 and "wasmlog[shared]" in out.stderr, out.stderr
 
 
 async def _ready(url: str, server: subprocess.Popen[bytes]) -> None:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from registry.audit import AuditState, make_auditor
 from tlog.checkpoint import parse_checkpoint
-from tlog.errors import MalformedError, TlogError
+from tlog.errors import MalformedError, StorageUnavailableError, TlogError
 from tlog.log import Log
 from tlog.note import Ed25519Signer, Ed25519Verifier, open_note
 from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
@@ -209,3 +209,31 @@ def test_objects_urls_are_parsed_strictly(text: str) -> None:
 def test_objects_urls_refused(url: str) -> None:
     with pytest.raises(MalformedError):
         parse_objects_url(url)
+
+
+class CheckpointWriteFails(ObjectStore):
+    """The bucket refuses the first write of the checkpoint object (after the database committed)."""
+
+    failed = False
+
+    def put(self, path: str, body: bytes, *, immutable: bool) -> None:
+        if path == "checkpoint" and not self.failed and b"\n1\n" in body:  # the checkpoint of size 1
+            self.failed = True
+            raise StorageUnavailableError("injected: the bucket refused the checkpoint")
+        super().put(path, body, immutable=immutable)
+
+
+async def test_the_bucket_checkpoint_converges_after_a_failure_between_database_and_bucket(shared, s3_path) -> None:  # type: ignore[no-untyped-def]
+    objects = CheckpointWriteFails(f"s3://{s3_path}/log")
+    store = shared(objects=objects)
+    node = SharedSequencer(Log(store, KEY), interval=0.01)
+    async with node.running():
+        proof = await asyncio.wait_for(node.add(b"one"), 20)  # committed; its checkpoint object failed once
+
+        def bucket_size() -> int:
+            note = ObjectStore(f"s3://{s3_path}/log").get("checkpoint")
+            return parse_checkpoint(open_note(note, [VERIFIER])[0].text).size
+
+        await wait_until(lambda: bucket_size() == 1, "the checkpoint object of size 1", 20)
+    assert objects.failed
+    verify_tlog_proof(parse_tlog_proof(proof), leaf(b"one"), VERIFIER)

@@ -163,18 +163,26 @@ class Log:
             return plan.indexes, self._integrated
 
     def refresh(self) -> bool:
-        """Take up a tree another process committed to a shared store; True if it moved on."""
+        """Take up a tree (and, witnessed, a published checkpoint) another process committed to a
+        shared store; True if either moved on."""
         with self._write_lock:
             state, note = self.store.load()
-            if note is None or (state.size == self._state.size and note == self._integrated.note):
-                return False
-            if state.size < self._state.size:
-                raise TlogError(f"the store's tree ({state.size}) is smaller than this process's ({self._state.size})")
-            self._state = state
-            self._integrated = self._check_stored(note)
+            moved = note is not None and (state.size != self._state.size or note != self._integrated.note)
+            if moved:
+                assert note is not None
+                if state.size < self._state.size:
+                    raise TlogError(f"the store's tree ({state.size}) is smaller than this process's ({self._state.size})")
+                self._state = state
+                self._integrated = self._check_stored(note)
             if not self.witnessed:
                 self._published = self._integrated
-            return True
+                return moved
+            published = self.store.published()
+            if published and published != self._published.note:
+                checked = self._check_published(published)
+                if checked.checkpoint.size >= self._published.checkpoint.size:
+                    self._published, moved = checked, True
+            return moved
 
     def publish(self, published: Published) -> None:
         """Durably publish a cosigned checkpoint of the integrated tree; never moves backwards."""

@@ -187,7 +187,7 @@ class Sequencer:
         while True:
             behind = self.log.published.checkpoint.size < self.log.integrated.checkpoint.size or not self.log.published.note
             stale = time.monotonic() - self._last_publish >= self.republish_interval
-            if (behind or stale) and not self._pool:
+            if (behind or stale) and not self._pool and self.leading:
                 try:
                     await self.publish(self.log.integrated)
                 except TlogError as e:

@@ -44,17 +44,19 @@ class SharedSequencer(Sequencer):
     """Sequencer over a SharedLogStore. Start it with ``async with sequencer.running():``.
 
     on_integrated listeners hear of this process's own submissions (entries, indexes) once they
-    are in the served tree, before those submitters are answered. An admission (storage/shared.py)
-    judges new entries while they are sequenced; a refused entry's submitter gets its error.
-    Witnessed logs are not supported yet.
+    are in the served tree, before those submitters are answered. With a cosigner (a witnessed log),
+    only the integrator has checkpoints cosigned and publishes them (store.publish); every process
+    answers once the published checkpoint covers its submitters' entries. An admission
+    (storage/shared.py) judges new entries while they are sequenced; a refused entry's submitter
+    gets its error.
     """
 
     def __init__(self, log: Log, *, poll_interval: float = DEFAULT_POLL_INTERVAL, **options: Any) -> None:
         super().__init__(log, **options)
         if not isinstance(log.store, SharedLogStore):
             raise TlogError("a SharedSequencer needs a log on a SharedLogStore")
-        if log.witnessed:
-            raise TlogError("a witnessed log on shared storage is not supported yet")
+        if log.witnessed == log.store.publish_integrated:
+            raise TlogError("a witnessed log needs SharedLogStore(publish_integrated=False), an unwitnessed one True")
         self.store: SharedLogStore = log.store
         self.poll_interval = poll_interval
         self._waiting: list[_Waiting] = []
@@ -115,11 +117,19 @@ class SharedSequencer(Sequencer):
         Returns (entries, seconds) of each batch integrated."""
         leading = self.store.try_lead()
         took_over, self.leading = leading and not self.leading, leading
-        if self.store.committed_size() != self.log.state.size:
+        stale = self.store.committed_size() != self.log.state.size
+        if not stale and self.log.witnessed and not leading:  # the integrator publishes cosigned checkpoints
+            stale = (self.store.published() or b"") != self.log.published.note
+        if stale:
             self.log.refresh()
         if not leading:
             return []
-        if took_over:  # the previous integrator may have died before writing the checkpoint object
+        if took_over and self.cosigner is not None:
+            self.cosigner.resume(self.log.published.note, self.log.published.checkpoint.size)
+        if self.log.witnessed:
+            pass  # the checkpoint object is the published one: written by store.publish
+        elif took_over or self.store.bucket_checkpoint != self.log.integrated.note:
+            # the previous integrator (or our own last round) may have died between the database and the bucket
             self.store.put_checkpoint(self.log.integrated.note)
         batches = []
         for _ in range(ROUNDS_PER_WAKE):
@@ -162,7 +172,10 @@ class SharedSequencer(Sequencer):
                 if batches and self.observer is not None:
                     for entries, seconds in batches:
                         self.observer.batch(entries, seconds)
-                    self.observer.published()
+                    if self.cosigner is None:
+                        self.observer.published()
+                if batches and self.cosigner is not None:
+                    await self.publish(self.log.integrated)  # QuorumError: the republisher retries
                 await self._answer()
             except TlogError as e:  # the database or bucket is away: the entries are durable, retry
                 log.warning("integration round: %s", e)
@@ -178,6 +191,8 @@ class SharedSequencer(Sequencer):
     async def running(self) -> AsyncIterator[SharedSequencer]:
         """Run the batching and integration loops for the duration of the context; resign the lead after."""
         tasks = [asyncio.create_task(self._run(), name="sequencer"), asyncio.create_task(self._integrate_loop(), name="integrator")]
+        if self.cosigner is not None:
+            tasks.append(asyncio.create_task(self._republish(), name="republisher"))  # acts only while leading
         try:
             yield self
         finally:

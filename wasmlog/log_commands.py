@@ -49,12 +49,10 @@ def open_store(data: pathlib.Path | None, store: str | None, objects: str | None
     if store is None:
         assert data is not None
         return LMDBLogStore(str(data), map_size=map_size)
-    if witnessed:
-        raise TlogError("--witness-policy is not supported with --store yet")
     from tlog.storage.shared import SharedLogStore
 
     assert objects is not None
-    return SharedLogStore(store, objects)
+    return SharedLogStore(store, objects, publish_integrated=not witnessed)
 
 
 def serve_log(

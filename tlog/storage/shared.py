@@ -38,6 +38,7 @@ else:
 
 LEADER_LOCK = 0x776C6F67  # pg_try_advisory_lock key of the integrator ("wlog")
 SCHEMA_LOCK = 0x776C6F68
+LEAD_KEEPALIVES = [("tcp_keepalives_idle", 5), ("tcp_keepalives_interval", 2), ("tcp_keepalives_count", 3), ("tcp_user_timeout", 11000)]
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS tlog_next (id smallint PRIMARY KEY CHECK (id = 1), next bigint NOT NULL)",
     "INSERT INTO tlog_next VALUES (1, 0) ON CONFLICT DO NOTHING",
@@ -87,7 +88,10 @@ class SharedLogStore:
         self.publish_integrated = publish_integrated
         self.before_commit = before_commit  # fault injection for tests: raise after the objects, before the database
         self._local = threading.local()
+        self._conns: list[Any] = []  # every thread's connection, closed by close()
+        self._conns_lock = threading.Lock()
         self._size = 0  # the committed size last seen: the width of partial tiles and bundles read
+        self.bucket_checkpoint: bytes | None = None  # the checkpoint object this store last wrote
         self._lead_lock = threading.Lock()
         self._lead_conn: Any = None
         self._leading = False
@@ -103,6 +107,8 @@ class SharedLogStore:
         try:
             if conn is None or conn.closed:
                 conn = self._local.conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+                with self._conns_lock:
+                    self._conns = [c for c in self._conns if not c.closed] + [conn]
             with conn.transaction(), conn.cursor() as cur:
                 yield cur
         except psycopg.Error as e:
@@ -155,6 +161,7 @@ class SharedLogStore:
     def put_checkpoint(self, note: bytes) -> None:
         """Write the checkpoint object (after every tile it covers is in the bucket)."""
         self.objects.put("checkpoint", note, immutable=False)
+        self.bucket_checkpoint = note
 
     def _check_sequenced(self, plan: BatchPlan) -> None:
         hashes = list(plan.new_leaf_hashes)
@@ -213,8 +220,9 @@ class SharedLogStore:
 
     def close(self) -> None:
         self.resign()
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
             conn.close()
         self.objects.close()
 
@@ -290,6 +298,10 @@ class SharedLogStore:
                 if self._lead_conn is None or self._lead_conn.closed:
                     self._leading = False
                     self._lead_conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+                    # A killed process's session ends at once; a vanished machine's once these keepalives
+                    # go unanswered (~11 s), and PostgreSQL then frees the lock for another process.
+                    for setting, value in LEAD_KEEPALIVES:
+                        self._lead_conn.execute(f"SET {setting} = {value}")
                 if self._leading:
                     self._lead_conn.execute("SELECT 1")  # the lock lives as long as this session
                 else:

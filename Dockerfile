@@ -8,7 +8,7 @@ COPY witness ./witness
 COPY registry ./registry
 COPY edge ./edge
 COPY wasmlog ./wasmlog
-RUN pip install --no-cache-dir '.[registry]' && rm -rf /src
+RUN pip install --no-cache-dir '.[registry,shared]' && rm -rf /src
 USER wasmlog
 WORKDIR /data
 ENTRYPOINT ["wasmlog", "--log-format", "json"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import sys
 
 # A minimal module importing env.log; benchmarks vary it with a custom section.
 BASE_MODULE = bytes.fromhex("0061736d01000000010401600000020b0103656e76036c6f670000")
@@ -55,3 +57,15 @@ def proc_status(pid: int, field: str) -> int:
     """A size field of /proc/PID/status (VmRSS, VmHWM, ...) in bytes."""
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def local_shared_storage(stack: contextlib.ExitStack, database: str) -> tuple[str, str, dict[str, str]]:
+    """A throwaway PostgreSQL and SeaweedFS on this machine (tests/services.py), stopped with stack:
+    (a new database's DSN, an s3:// URL with a prefix of its own, the AWS_* variables that reach it)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from services import BUCKET, PostgresServer, SeaweedServer, running
+
+    pg = stack.enter_context(running(PostgresServer))
+    s3 = stack.enter_context(running(SeaweedServer))
+    assert isinstance(pg, PostgresServer) and isinstance(s3, SeaweedServer)
+    return pg.new_database(database), f"s3://{BUCKET}/{database}", s3.env

@@ -2,6 +2,7 @@
 
     python bench/publish.py [--publishers 64] [--per-publisher 40] [--seconds-baseline 1]
                             [--interval-ms 100] [--workers N] [--passes 2] [--url URL]
+                            [--store DSN|local --objects s3://BUCKET/PREFIX --shared-procs 2]
 
 Each pass publishes with fresh keys and namespaces on the same server (the first pass also pays for a
 fresh data directory). --workers N runs `registry serve --workers N` (front-end processes).
@@ -11,12 +12,19 @@ has its own key and namespace and publishes distinct modules (a custom section v
 publish pays: CBOR body parsing, DSSE signature check, authorization, wasm parse, SBOM-less statement
 checks, one durable blob write, and a durable append. Signing happens before the clock starts.
 Baselines in the same run: Ed25519 verify rate, and SHA-256 + fsync'd file writes per second.
+
+With --store, the same run also measures the shared engine: --shared-procs `registry serve --store DSN
+--objects URL` processes on one (empty) database and bucket prefix, each publisher sending to one of
+them, with the integrator's cost per batch from their /log/metrics. Blobs then go to the bucket (each
+write confirmed by it) instead of an fsync'd file. `--store local` starts a throwaway PostgreSQL and
+SeaweedFS on this machine (tests/services.py); otherwise AWS_* variables come from the environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -27,7 +35,8 @@ import time
 
 import aiohttp
 import nacl.signing
-from common import free_port, module_variant
+from append import integrator_costs, wait_ready
+from common import free_port, local_shared_storage, module_variant
 
 from registry.client import RegistryClient, RegistryError, release_statement
 from registry.dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope
@@ -74,19 +83,19 @@ def prepare(publishers: int, per: int) -> list[tuple[Ed25519Signer, bytes, list[
     return out
 
 
-async def drive(url: str, work) -> tuple[float, list[float], int]:  # type: ignore[no-untyped-def]
+async def drive(urls: str | list[str], work) -> tuple[float, list[float], int]:  # type: ignore[no-untyped-def]
+    """Publish work; publisher p sends everything to urls[p % len(urls)] (processes of one registry)."""
+    urls = [urls] if isinstance(urls, str) else urls
     latencies: list[float] = []
     errors = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=len(work))) as session:
-        async def claim(body: bytes) -> None:
+        async def claim(url: str, body: bytes) -> None:
             async with session.post(url + "/api/v1/records", data=body, headers={"Content-Type": "application/json"}) as r:
                 assert r.status == 200, await r.text()
 
-        await asyncio.gather(*(claim(c) for _, c, _ in work))
+        await asyncio.gather(*(claim(urls[p % len(urls)], c) for p, (_, c, _) in enumerate(work)))
 
-        api = RegistryClient(url, session)
-
-        async def publisher(key: Ed25519Signer, releases: list[tuple[bytes, bytes]]) -> None:
+        async def publisher(api: RegistryClient, key: Ed25519Signer, releases: list[tuple[bytes, bytes]]) -> None:
             nonlocal errors
             for envelope, module in releases:
                 t = time.perf_counter()
@@ -97,7 +106,7 @@ async def drive(url: str, work) -> tuple[float, list[float], int]:  # type: igno
                 latencies.append(time.perf_counter() - t)
 
         start = time.perf_counter()
-        await asyncio.gather(*(publisher(k, rel) for k, _, rel in work))
+        await asyncio.gather(*(publisher(RegistryClient(urls[p % len(urls)], session), k, rel) for p, (k, _, rel) in enumerate(work)))
         return time.perf_counter() - start, latencies, errors
 
 
@@ -122,6 +131,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="registry serve --workers: HTTP front-end processes (1: one process)")
     p.add_argument("--passes", type=int, default=2, help="passes over fresh namespaces on the same server (the first "
                    "also pays for a fresh data directory)")
+    p.add_argument("--store", default=None, help="also measure the shared engine: a PostgreSQL DSN (an empty database), or 'local'")
+    p.add_argument("--objects", default=None, help="with --store DSN: s3://BUCKET/PREFIX")
+    p.add_argument("--shared-procs", type=int, default=2, help="registry serve processes on the shared store")
     args = p.parse_args()
     if args.url:
         print(json.dumps(summary(*asyncio.run(drive(args.url, prepare(args.publishers, args.per_publisher))))))
@@ -145,20 +157,49 @@ def main() -> None:
             server.wait()
         os.makedirs(os.path.join(d, "fs"))
         fsync_rate = fsync_write_rate(args.seconds_baseline, os.path.join(d, "fs"))
-    json.dump(
-        {
-            "benchmark": "registry_publish",
-            "publishers": args.publishers,
-            "interval_ms": args.interval_ms,
-            "workers": args.workers,
-            "passes": passes,
-            "baseline_ed25519_verify_per_s": ed25519_verify_rate(args.seconds_baseline),
-            "baseline_fsynced_file_writes_per_s": fsync_rate,
-        },
-        sys.stdout,
-        indent=1,
-    )
+    result = {
+        "benchmark": "registry_publish",
+        "publishers": args.publishers,
+        "interval_ms": args.interval_ms,
+        "workers": args.workers,
+        "passes": passes,
+        "baseline_ed25519_verify_per_s": ed25519_verify_rate(args.seconds_baseline),
+        "baseline_fsynced_file_writes_per_s": fsync_rate,
+    }
+    if args.store:
+        result["shared"] = run_shared(args)
+    json.dump(result, sys.stdout, indent=1)
     print()
+
+
+def run_shared(args: argparse.Namespace) -> dict[str, object]:
+    """The shared engine: args.shared_procs `registry serve --store --objects` processes, the publishers spread over them."""
+    with contextlib.ExitStack() as stack:
+        env = dict(os.environ)
+        dsn, objects = args.store, args.objects
+        if dsn == "local":
+            dsn, objects, s3_env = local_shared_storage(stack, "benchpublish")
+            env.update(s3_env)
+        d = stack.enter_context(tempfile.TemporaryDirectory())
+        subprocess.run([sys.executable, "-m", "wasmlog", "keygen", "bench.example/registry", "--out", os.path.join(d, "reg")], check=True, capture_output=True)
+        urls = []
+        for _ in range(args.shared_procs):
+            port = free_port()
+            server = subprocess.Popen(
+                [sys.executable, "-m", "wasmlog", "registry", "serve", "--store", dsn, "--objects", objects, "--key", os.path.join(d, "reg.key"),
+                 "--listen", f"127.0.0.1:{port}", "--interval-ms", str(args.interval_ms)],
+                stdout=subprocess.DEVNULL, env=env,
+            )
+            stack.callback(server.wait)
+            stack.callback(server.terminate)
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            wait_ready(url + "/log")
+        passes = []
+        for _ in range(args.passes):
+            work = prepare(args.publishers, args.per_publisher)  # signing happens before the clock starts
+            passes.append(summary(*asyncio.run(drive(urls, work))))
+        return {"processes": args.shared_procs, "passes": passes, "integrator": integrator_costs([url + "/log" for url in urls])}
 
 
 if __name__ == "__main__":

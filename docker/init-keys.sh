@@ -3,6 +3,7 @@
 set -eu
 cd /keys
 [ -f log.key ] || wasmlog keygen registry.wasmlog.internal/log --out log
+[ -f shared-log.key ] || wasmlog keygen shared.wasmlog.internal/log --out shared-log  # the "shared" profile's registry
 for i in 1 2 3; do
   [ -f witness$i.key ] || wasmlog keygen witness$i.wasmlog.internal --witness --out witness$i
 done

@@ -18,6 +18,7 @@ from tlog.errors import (
     NotFoundError,
     PushbackError,
     StorageFullError,
+    StorageUnavailableError,
     TlogError,
     TooLargeError,
     UnsupportedEncodingError,
@@ -38,6 +39,7 @@ from .publish_reader import PublishReader
 from .record import RecordError, check_label, decode_entry, parse_package_ref
 from .sbom import MAX_SBOM_BYTES
 from .service import NotYetPublished, Registry
+from .shared_service import SharedRegistry
 from .state import (
     AlreadyYanked,
     InvalidSignature,
@@ -78,6 +80,7 @@ STATUS: list[tuple[type[TlogError], int]] = [
     (QuorumError, 503),
     (NotYetPublished, 503),
     (NoIndexRoot, 503),
+    (StorageUnavailableError, 503),  # the shared database or bucket: nothing was acknowledged, retry
     (StorageFullError, 507),
     (TlogError, 500),
 ]
@@ -270,6 +273,8 @@ def make_app(
         ]
     )
     install(app, "wasmlog_registry")
+    if isinstance(registry, SharedRegistry):
+        app.cleanup_ctx.append(registry.follower)  # take up what other processes log
     app.add_subapp("/log/", make_log_app(sequencer, witness_policy=witness_policy, witness_timeout=witness_timeout, writable=False,
                                           max_checkpoint_age=max_checkpoint_age))
     return app

@@ -23,6 +23,7 @@ from tlog.sequencer import Sequencer
 from tlog.tiles import TILE_WIDTH
 
 from .blobs import BlobStore
+from .bucket_blobs import BucketBlobStore
 from .dsse import parse_envelope
 from .groupsync import GroupSync
 from .indexer import Indexer
@@ -114,8 +115,15 @@ async def check_release_contents(record: Record, module: bytes, sbom: bytes | No
             await sbom_pool.validate(release.sbom_media_type, sbom)
 
 
-async def store_blobs(blobs: BlobStore, group: GroupSync, *datas: bytes | None) -> None:
-    """Write each blob and return once all are durable (one shared filesystem sync per round)."""
+Blobs = BlobStore | BucketBlobStore
+
+
+async def store_blobs(blobs: Blobs, group: GroupSync, *datas: bytes | None) -> None:
+    """Write each blob and return once all are durable (one shared filesystem sync per round; a bucket
+    confirms each write, made concurrently)."""
+    if isinstance(blobs, BucketBlobStore):
+        await asyncio.gather(*(blobs.put_async(data) for data in datas if data is not None))
+        return
     for data in datas:
         if data is None:
             continue
@@ -137,7 +145,7 @@ CHECKED_CACHE = 4096  # records checked for front-ends, kept until they submit t
 
 
 class Registry:
-    def __init__(self, *, sequencer: Sequencer, blobs: BlobStore, sbom_pool: SbomPool | None = None) -> None:
+    def __init__(self, *, sequencer: Sequencer, blobs: Blobs, sbom_pool: SbomPool | None = None) -> None:
         self.sequencer = sequencer
         self.sbom_pool = SbomPool() if sbom_pool is None else sbom_pool
         self.log: Log = sequencer.log

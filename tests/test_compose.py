@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 
@@ -32,11 +33,14 @@ def options_of(cmd: click.Command) -> set[str]:
     return {o for p in cmd.params if isinstance(p, click.Option) for o in p.opts}
 
 
+SHARED = {"postgres", "s3", "s3-init", "registry-shared-1", "registry-shared-2"}  # the "shared" profile
+
+
 def test_every_service_runs_a_real_command_with_real_options() -> None:
-    assert set(SERVICES) == {"init", "registry", "witness1", "witness2", "witness3", "monitor", "mirror"}
+    assert set(SERVICES) == {"init", "registry", "witness1", "witness2", "witness3", "monitor", "mirror", *SHARED}
     assert "wasmlog" in (ROOT / "Dockerfile").read_text()
     for name, svc in SERVICES.items():
-        if name == "init":
+        if name in ("init", "s3-init") or "image" in svc:  # scripts, and the PostgreSQL and S3 servers' own images
             continue
         cmd, rest = resolve(svc["command"])
         declared = options_of(cmd)
@@ -67,3 +71,30 @@ def test_ports_volumes_and_references() -> None:
             assert dep in SERVICES
     peers = [a for a in SERVICES["witness1"]["command"] if a.startswith("http://witness")]
     assert peers == ["http://witness2:7381", "http://witness3:7381"]
+
+
+def test_the_shared_profile_is_one_registry_on_the_database_and_bucket_it_starts() -> None:
+    """Two registry processes on the profile's PostgreSQL and S3 server, with the standard variables, the
+    bucket s3-init creates, and a log key of their own (a second log must never sign with the first's key)."""
+    assert all(SERVICES[name].get("profiles") == ["shared"] for name in SHARED)
+    assert "shared" in (ROOT / "Dockerfile").read_text()  # the image has psycopg and boto3
+    bucket = SERVICES["s3-init"]["entrypoint"][-1]
+    assert (ROOT / "docker" / "create-bucket.py").exists()
+    db = SERVICES["postgres"]["environment"]
+    registries = [SERVICES["registry-shared-1"], SERVICES["registry-shared-2"]]
+    for svc in registries:
+        args = svc["command"]
+        store, objects, key = (args[args.index(o) + 1] for o in ("--store", "--objects", "--key"))
+        assert store == f"postgresql://{db['POSTGRES_USER']}@postgres:5432/{db['POSTGRES_DB']}"
+        assert objects.startswith(f"s3://{bucket}/")
+        assert key == "/keys/shared-log.key" and key != SERVICES["registry"]["command"][SERVICES["registry"]["command"].index("--key") + 1]
+        env = svc["environment"]
+        assert env["PGPASSWORD"] == db["POSTGRES_PASSWORD"]
+        assert set(env) == {"PGPASSWORD", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"}
+        host, port = re.fullmatch(r"http://([\w-]+):(\d+)", env["AWS_ENDPOINT_URL"]).groups()  # type: ignore[union-attr]
+        assert host == "s3" and f"-s3.port={port}" in SERVICES["s3"]["command"]
+        assert set(svc["depends_on"]) == {"init", "postgres", "s3-init"}
+    assert registries[0]["command"][:-1] == registries[1]["command"][:-1]  # one registry: the same store and objects
+    s3_config = json.loads((ROOT / "docker" / "s3.json").read_text())
+    creds = {(c["accessKey"], c["secretKey"]) for i in s3_config["identities"] for c in i.get("credentials", [])}
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) in creds

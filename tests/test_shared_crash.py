@@ -40,6 +40,8 @@ def checkpoint_of(note: bytes, verifier: Ed25519Verifier) -> Checkpoint:
 class Node:
     """One `log serve` process on the shared store, restartable on its port."""
 
+    health_path = "/healthz"
+
     def __init__(self, key: str, dsn: str, objects: str, env: dict[str, str], logfile: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -65,7 +67,7 @@ class Node:
             with open(self.logfile) as log:
                 raise AssertionError(f"node on {self.port} exited: {log.read()[-3000:]}")
         try:
-            async with session.get(self.url + "/healthz") as r:
+            async with session.get(self.url + self.health_path) as r:
                 return await r.text() if r.status == 200 else None
         except aiohttp.ClientError:
             return None

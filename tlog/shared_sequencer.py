@@ -22,7 +22,7 @@ from .errors import PushbackError, TlogError
 from .hashes import leaf_hash
 from .log import Log
 from .sequencer import Sequencer
-from .storage.shared import SharedLogStore
+from .storage.shared import Admission, SharedLogStore
 
 log = logging.getLogger("wasmlog.shared_sequencer")
 
@@ -46,7 +46,9 @@ class SharedSequencer(Sequencer):
     on_integrated listeners hear of this process's own submissions (entries, indexes) once they
     are in the served tree, before those submitters are answered. With a cosigner (a witnessed log),
     only the integrator has checkpoints cosigned and publishes them (store.publish); every process
-    answers once the published checkpoint covers its submitters' entries.
+    answers once the published checkpoint covers its submitters' entries. An admission
+    (storage/shared.py) judges new entries while they are sequenced; a refused entry's submitter
+    gets its error.
     """
 
     def __init__(self, log: Log, *, poll_interval: float = DEFAULT_POLL_INTERVAL, **options: Any) -> None:
@@ -61,6 +63,7 @@ class SharedSequencer(Sequencer):
         self._waiting_entries = 0
         self._wake = asyncio.Event()
         self.leading = False
+        self.admission: Admission | None = None
 
     @property
     def pending(self) -> int:
@@ -86,7 +89,7 @@ class SharedSequencer(Sequencer):
         entries = [entry for entry, _ in batch]
         futures = [fut for _, fut in batch]
         try:
-            indexes = await asyncio.to_thread(self.store.sequence, entries, keys)
+            results = await asyncio.to_thread(self.store.sequence, entries, keys, self.admission)
         except Exception as e:  # every waiter must hear of a failure
             if not isinstance(e, TlogError):
                 log.exception("sequencing %d entries failed", len(entries))
@@ -94,6 +97,16 @@ class SharedSequencer(Sequencer):
             if self.observer is not None:
                 self.observer.batch_failed()
             return
+        indexes: list[int] = []
+        for result, fut in zip(results, futures, strict=True):
+            if isinstance(result, TlogError):
+                _fail([fut], result)
+            else:
+                indexes.append(result)
+        if not indexes:
+            return
+        admitted = [(e, f) for e, f, r in zip(entries, futures, results, strict=True) if not isinstance(r, TlogError)]
+        entries, futures = [e for e, _ in admitted], [f for _, f in admitted]
         self._waiting.append(_Waiting(max(indexes) + 1, indexes, entries, futures))
         self._waiting_entries += len(entries)
         self._wake.set()

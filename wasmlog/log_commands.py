@@ -147,3 +147,38 @@ def log_front(ipc_dir: str, listen: str, limits: ServerLimits) -> None:
     """An HTTP front-end process of `log serve --workers N` (started by it, not by hand)."""
     host, port = split_listen(listen)
     run_app(make_frontend_app(ipc_dir), host, port, reuse_port=True, limits=limits)
+
+
+@log_group.command("migrate")
+@click.option("--from", "from_dir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path), help="Copy from this LMDB directory ...")
+@click.option("--from-store", default=None, help="... or from this PostgreSQL DSN (with --from-objects).")
+@click.option("--from-objects", default=None, help="s3://BUCKET/PREFIX of --from-store.")
+@click.option("--to", "to_dir", type=click.Path(file_okay=False, path_type=pathlib.Path), help="Copy into this LMDB directory ...")
+@click.option("--to-store", default=None, help="... or into this PostgreSQL DSN (with --to-objects).")
+@click.option("--to-objects", default=None, help="s3://BUCKET/PREFIX of --to-store.")
+@click.option("--registry", is_flag=True, help="A registry's data: DIR/log and DIR/blobs, PREFIX/log and PREFIX/blobs (blobs are copied too).")
+def log_migrate(from_dir: pathlib.Path | None, from_store: str | None, from_objects: str | None, to_dir: pathlib.Path | None,
+                to_store: str | None, to_objects: str | None, registry: bool) -> None:
+    """Copy a log between LMDB and PostgreSQL + S3, recomputing every hash; run it again to resume."""
+    from registry.bucket_blobs import BucketBlobStore
+
+    from .migrate import migrate, open_lmdb, open_shared
+
+    def side(directory: pathlib.Path | None, store: str | None, objects: str | None, name: str) -> Any:
+        if (directory is None) == (store is None) or (store is None) != (objects is None):
+            raise click.UsageError(f"give --{name} DIR, or --{name}-store DSN with --{name}-objects s3://BUCKET/PREFIX")
+        return open_lmdb(directory, registry) if directory is not None else open_shared(store, objects, registry)  # type: ignore[arg-type]
+
+    opened: list[Any] = []
+    try:
+        opened.append(side(from_dir, from_store, from_objects, "from"))
+        opened.append(side(to_dir, to_store, to_objects, "to"))
+        report = migrate(opened[0], opened[1], progress=lambda done, size: click.echo(f"{done}/{size}", err=True))
+    except TlogError as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        for log_store, blobs in opened:
+            if isinstance(blobs, BucketBlobStore):
+                blobs.close()
+            log_store.close()
+    click.echo(f"copied {report.copied} entries (the copy has {report.size}) and {report.blobs} blobs")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import time
+from collections.abc import Callable
 
 import click
 
@@ -15,14 +16,17 @@ from registry.sbom import CYCLONEDX, SPDX
 from registry.server import error_body, make_app, status_for
 from registry.service import Registry
 from tlog.addipc import AddServer
+from tlog.errors import TlogError
 from tlog.frontend import ADD_SOCKET
 from tlog.httplimits import ServerLimits
 from tlog.keys import read_signer
 from tlog.log import Log
+from tlog.note import Ed25519Signer
 from tlog.sequencer import (
     Sequencer,
 )
 from tlog.storage.lmdb_store import LMDBLogStore
+from tlog.storage.objects import objects_url_under
 from tlog.witnessing import DEFAULT_WITNESS_TIMEOUT
 
 from .common import (
@@ -50,8 +54,51 @@ def registry_group() -> None:
     """Run a registry with its embedded log."""
 
 
+def open_registry(
+    data: pathlib.Path | None, store: str | None, objects: str | None, signer: Ed25519Signer, *, witnessed: bool,
+    interval_ms: int, batch_max: int, max_pending: int, witness_rounds_per_day: int | None,
+) -> tuple[Registry, Sequencer, Callable[[], None]]:
+    """A registry on LMDB and files under data (DIR/log, DIR/blobs), or on PostgreSQL (store) and a bucket
+    (objects, s3://BUCKET/PREFIX: the log's objects under PREFIX/log, blobs under PREFIX/blobs); and its closer."""
+    options = {"interval": interval_ms / 1000, "batch_max": batch_max, "max_pending": max_pending}
+    if store is None:
+        assert data is not None
+        lmdb_store = LMDBLogStore(str(data / "log"))
+        try:
+            sequencer = Sequencer(Log(lmdb_store, signer, witnessed=witnessed), witness_budget=witness_budget(witness_rounds_per_day),
+                                  **options)  # type: ignore[arg-type]
+            return Registry(sequencer=sequencer, blobs=BlobStore(str(data / "blobs"))), sequencer, lmdb_store.close
+        except BaseException:
+            lmdb_store.close()
+            raise
+    if witnessed:
+        raise TlogError("--witness-policy is not supported with --store yet")
+    from registry.bucket_blobs import BucketBlobStore
+    from registry.shared_service import SharedRegistry
+    from tlog.shared_sequencer import SharedSequencer
+    from tlog.storage.shared import SharedLogStore
+
+    assert objects is not None
+    log_url, blobs_url = objects_url_under(objects, "log"), objects_url_under(objects, "blobs")
+    shared_store = SharedLogStore(store, log_url)
+    try:
+        blobs = BucketBlobStore(blobs_url)
+        shared = SharedSequencer(Log(shared_store, signer), **options)
+
+        def close() -> None:
+            blobs.close()
+            shared_store.close()
+
+        return SharedRegistry(sequencer=shared, blobs=blobs), shared, close
+    except BaseException:
+        shared_store.close()
+        raise
+
+
 @registry_group.command("serve")
-@click.option("--data", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path), help="Data directory (LMDB log, blobs).")
+@click.option("--data", type=click.Path(file_okay=False, path_type=pathlib.Path), help="Data directory (LMDB log, blobs), or --store and --objects.")
+@click.option("--store", default=None, help="Shared storage: a PostgreSQL DSN (postgresql://USER@HOST:PORT/DB; PGPASSWORD and the other libpq variables apply). Every process on it is one registry.")
+@click.option("--objects", default=None, help="With --store: s3://BUCKET/PREFIX for the log's tiles (PREFIX/log) and the blobs (PREFIX/blobs) (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION apply).")
 @key_opt
 @click.option("--witness-policy", "policy_file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), help="A c2sp.org/tlog-policy file: publish only checkpoints its witness quorum cosigned.")
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True)
@@ -61,18 +108,20 @@ def registry_group() -> None:
 @server_limit_options
 @one_line_errors
 def registry_serve(
-    data: pathlib.Path, key_file: pathlib.Path, policy_file: pathlib.Path | None, listen: str,
+    data: pathlib.Path | None, store: str | None, objects: str | None, key_file: pathlib.Path, policy_file: pathlib.Path | None, listen: str,
     interval_ms: int, batch_max: int, max_pending: int, witness_rounds_per_day: int | None, workers: int, limits: ServerLimits,
 ) -> None:
     """Serve the registry API under /api/v1/ and its log under /log/."""
+    if (data is None) == (store is None) or (store is None) != (objects is None):
+        raise TlogError("give --data DIR, or --store postgresql://... with --objects s3://BUCKET/PREFIX")
+    if store is not None and workers > 1:
+        raise TlogError("--workers is not supported with --store: run more `registry serve` processes on the same database instead")
     host, port = split_listen(listen)
     signer = read_signer(key_file)
     policy = read_witness_policy(policy_file, signer) if policy_file else None
-    store = LMDBLogStore(str(data / "log"))
+    registry, sequencer, close = open_registry(data, store, objects, signer, witnessed=policy is not None, interval_ms=interval_ms,
+                                               batch_max=batch_max, max_pending=max_pending, witness_rounds_per_day=witness_rounds_per_day)
     try:
-        sequencer = Sequencer(Log(store, signer, witnessed=policy is not None), interval=interval_ms / 1000,
-                              batch_max=batch_max, max_pending=max_pending, witness_budget=witness_budget(witness_rounds_per_day))
-        registry = Registry(sequencer=sequencer, blobs=BlobStore(str(data / "blobs")))
         click.echo(f"registry at http://{host}:{port}/api/v1/ with its log {sequencer.log.origin} at /log/")
         app = make_app(registry, sequencer, witness_policy=policy, witness_timeout=DEFAULT_WITNESS_TIMEOUT,
                        max_checkpoint_age=DEFAULT_HEALTHZ_MAX_AGE)
@@ -89,7 +138,7 @@ def registry_serve(
             limits,
         )
     finally:
-        store.close()
+        close()
 
 
 @registry_group.command("front", hidden=True)

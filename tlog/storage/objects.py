@@ -47,10 +47,17 @@ def parse_objects_url(url: str) -> tuple[str, str]:
     return bucket, prefix
 
 
+def objects_url_under(url: str, part: str) -> str:
+    """The objects URL of part under url's prefix: s3://BUCKET/PREFIX/part. Raises MalformedError."""
+    bucket, prefix = parse_objects_url(url)
+    return f"s3://{bucket}/{prefix}/{part}" if prefix else f"s3://{bucket}/{part}"
+
+
 class ObjectStore:
     """A bucket and prefix holding one log's tlog-tiles objects."""
 
-    def __init__(self, url: str, client: Any = None) -> None:
+    def __init__(self, url: str, client: Any = None, *, connections: int = PUT_THREADS * 2) -> None:
+        """connections: the S3 client's pool (at least as many as threads that call this store at once)."""
         self.bucket, self.prefix = parse_objects_url(url)
         if client is None:
             try:
@@ -58,7 +65,7 @@ class ObjectStore:
                 from botocore.config import Config
             except ImportError as e:
                 raise MissingDependencyError("S3 object storage", "shared", e) from e
-            config = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=PUT_THREADS * 2)
+            config = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=connections)
             client = boto3.client("s3", config=config)
         self._s3 = client
         self._pool = ThreadPoolExecutor(PUT_THREADS, thread_name_prefix="s3-put")
@@ -106,8 +113,9 @@ class ObjectStore:
             while self._cached_bytes > CACHE_BYTES:
                 self._cached_bytes -= len(self._cache.popitem(last=False)[1])
 
-    def put(self, path: str, body: bytes, *, immutable: bool) -> None:
-        """Write one object (see the module docstring). Raises StorageUnavailableError, or TlogError for a fork."""
+    def put(self, path: str, body: bytes, *, immutable: bool, remember: bool = True) -> None:
+        """Write one object (see the module docstring); an immutable one is kept in memory unless remember is False.
+        Raises StorageUnavailableError, or TlogError for a fork."""
         cache = IMMUTABLE if immutable else (CHECKPOINT_CACHE if path == "checkpoint" else SHORT_LIVED)
         extra = {"IfNoneMatch": "*"} if immutable else {}
         content_type = "text/plain; charset=utf-8" if path == "checkpoint" else "application/octet-stream"
@@ -116,7 +124,7 @@ class ObjectStore:
         )
         if written is None and self.get(path) != body:  # 412: it is there already
             raise TlogError(f"{path} is already in the bucket with other bytes: refusing to fork")
-        if immutable:
+        if immutable and remember:
             self._remember(path, body)
 
     def put_tiles(self, objects: Iterable[tuple[TileID, bytes]]) -> None:

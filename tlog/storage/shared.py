@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import MissingDependencyError, NotFoundError, StorageUnavailableError, TlogError
 from ..integrate import BatchPlan, TreeState, state_from_tiles
@@ -47,6 +47,29 @@ SCHEMA = [
     "CREATE TABLE IF NOT EXISTS tlog_tree (id smallint PRIMARY KEY CHECK (id = 1), size bigint NOT NULL, checkpoint bytea, published bytea)",
     "INSERT INTO tlog_tree VALUES (1, 0, NULL, NULL) ON CONFLICT DO NOTHING",
 ]
+
+
+class Admission(Protocol):
+    """What an application checks while entries are sequenced, under the sequencing lock (tlog_next's row lock).
+
+    Every process sequences, one transaction at a time across all of them: an admission sees every
+    entry sequenced before the ones it judges, so two processes can never both admit conflicting entries.
+    """
+
+    def prepare(self) -> None:
+        """Called before the sequencing transaction, outside its lock: the place for costly work
+        (such as reading and checking what others sequenced) that admit() can then reuse."""
+        ...
+
+    def admit(self, next_index: int, sequenced_since: Callable[[int], list[bytes]], entries: Sequence[bytes]) -> list[TlogError | None]:
+        """For each new entry (in order): None to sequence it (at next_index, next_index + 1, ... among
+        those admitted), or the error to refuse it with. sequenced_since(i) returns every entry already
+        sequenced in [i, next_index), in order. Must not keep anything until committed() is called."""
+        ...
+
+    def committed(self, next_index: int) -> None:
+        """The transaction that called admit() committed; next_index is the next index to assign now."""
+        ...
 
 
 class SharedLogStore:
@@ -214,32 +237,48 @@ class SharedLogStore:
         self._size = max(self._size, size)
         return size
 
-    def sequence(self, entries: Sequence[bytes], leaf_hashes: Sequence[bytes]) -> list[int]:
+    def sequence(self, entries: Sequence[bytes], leaf_hashes: Sequence[bytes], admission: Admission | None = None) -> list[int | TlogError]:
         """Assign each entry its index (a logged or sequenced one keeps its earlier index), durably.
 
         When this returns the entries are committed in the database; they will be integrated in order.
-        leaf_hashes must be distinct. Raises StorageUnavailableError.
+        With an admission, a new entry it refuses gets its error instead of an index (nothing is stored
+        for it). leaf_hashes must be distinct. Raises StorageUnavailableError.
         """
         with self._txn() as cur:
             nxt = cur.execute("SELECT next FROM tlog_next FOR UPDATE").fetchone()[0]
             known = dict(cur.execute("SELECT hash, idx FROM tlog_dedup WHERE hash = ANY(%s)", (list(leaf_hashes),)).fetchall())
-            indexes: list[int] = []
+            fresh = [(entry, h) for entry, h in zip(entries, leaf_hashes, strict=True) if h not in known]
+            verdicts: list[TlogError | None] = [None] * len(fresh)
+            if admission is not None and fresh:
+                verdicts = admission.admit(nxt, lambda start: self._sequenced_since(cur, start, nxt), [entry for entry, _ in fresh])
+            refused: dict[bytes, TlogError] = {}
             new_idx: list[int] = []
             new_entries: list[bytes] = []
             new_hashes: list[bytes] = []
-            for entry, h in zip(entries, leaf_hashes, strict=True):
-                index = known.get(h)
-                if index is None:
-                    index = known[h] = nxt + len(new_idx)
-                    new_idx.append(index)
-                    new_entries.append(entry)
-                    new_hashes.append(h)
-                indexes.append(index)
+            for (entry, h), verdict in zip(fresh, verdicts, strict=True):
+                if verdict is not None:
+                    refused[h] = verdict
+                    continue
+                known[h] = nxt + len(new_idx)
+                new_idx.append(known[h])
+                new_entries.append(entry)
+                new_hashes.append(h)
             if new_idx:
                 cur.execute("INSERT INTO tlog_entries SELECT * FROM unnest(%s::bigint[], %s::bytea[])", (new_idx, new_entries))
                 cur.execute("INSERT INTO tlog_dedup SELECT * FROM unnest(%s::bytea[], %s::bigint[])", (new_hashes, new_idx))
                 cur.execute("UPDATE tlog_next SET next = %s", (nxt + len(new_idx),))
-        return indexes
+        if admission is not None and fresh:
+            admission.committed(nxt + len(new_idx))
+        return [refused[h] if h in refused else known[h] for h in leaf_hashes]
+
+    def _sequenced_since(self, cur: Any, start: int, end: int) -> list[bytes]:
+        """Entries [start, end) inside a sequencing transaction: from tlog_entries, or the bucket for integrated full bundles."""
+        rows = cur.execute("SELECT idx, entry FROM tlog_entries WHERE idx >= %s AND idx < %s ORDER BY idx", (start, end)).fetchall()
+        first = rows[0][0] if rows else end
+        if [idx for idx, _ in rows] != list(range(first, end)):
+            raise TlogError(f"sequenced entries [{first}, {end}) are not all in the database")
+        older = self.read_entries(start, first) if start < first else []  # deleted rows: integrated, so in the bucket
+        return older + [entry for _, entry in rows]
 
     def sequenced(self, start: int, limit: int) -> list[bytes]:
         """Up to limit sequenced entries from index start on, in order (stops at the first gap)."""

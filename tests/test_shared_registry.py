@@ -1,0 +1,147 @@
+"""The registry on PostgreSQL and S3 (SharedRegistry): several registry "nodes" on one database and bucket.
+
+Each node has its own connections, sequencer and in-memory state, and its own HTTP server on
+loopback, as separate machines would; real PostgreSQL and SeaweedFS (tests/services.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+
+import pytest
+from helpers import wait_until
+from registry_helpers import REGISTRY_KEY, with_custom_section
+
+from registry.bucket_blobs import BucketBlobStore
+from registry.client import RegistryClient, RegistryError
+from registry.record import Action, PackageRef, decode_entry
+from registry.server import make_app
+from registry.shared_service import SharedRegistry
+from tlog.log import Log
+from tlog.note import Ed25519Signer, Ed25519Verifier
+from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
+from tlog.shared_sequencer import SharedSequencer
+from tlog.storage.objects import ObjectStore
+from tlog.storage.shared import SharedLogStore
+
+EMPTY_MODULE = b"\x00asm\x01\x00\x00\x00"
+VERIFIER = Ed25519Verifier(REGISTRY_KEY.name, REGISTRY_KEY.public_key)
+
+
+def leaf(entry: bytes) -> bytes:
+    return hashlib.sha256(b"\x00" + entry).digest()
+
+
+@pytest.fixture
+def nodes(pg_dsn, s3_path, seaweed, monkeypatch, aiohttp_client):  # type: ignore[no-untyped-def]
+    """A factory of registry nodes on one database and bucket: each returns its RegistryClient."""
+    for k, v in seaweed.env.items():
+        monkeypatch.setenv(k, v)
+    closers = []
+
+    async def make() -> tuple[RegistryClient, SharedRegistry]:
+        store = SharedLogStore(pg_dsn, f"s3://{s3_path}/reg/log")
+        blobs = BucketBlobStore(f"s3://{s3_path}/reg/blobs")
+        closers.extend([store.close, blobs.close])
+        sequencer = SharedSequencer(Log(store, REGISTRY_KEY), interval=0.01)
+        registry = SharedRegistry(sequencer=sequencer, blobs=blobs)
+        client = await aiohttp_client(make_app(registry, sequencer))
+        return RegistryClient(str(client.make_url("")), client.session), registry
+
+    yield make
+    for close in closers:
+        with contextlib.suppress(Exception):
+            close()
+
+
+async def claim(api: RegistryClient, signer: Ed25519Signer, ns: str) -> int | bytes:
+    """A self-grant claiming ns: its tlog-proof, or the HTTP status it was refused with."""
+    try:
+        return await api.act(signer, Action("key-grant", ns, key=signer.vkey, issued=int(time.time())))
+    except RegistryError as e:
+        return e.status
+
+
+async def test_concurrent_claims_of_one_namespace_through_two_nodes_exactly_one_wins(nodes) -> None:  # type: ignore[no-untyped-def]
+    (first, reg_a), (second, reg_b) = await nodes(), await nodes()
+    namespaces = [f"ns{i}" for i in range(40)]
+    keys = {ns: (Ed25519Signer.generate(f"{ns}-a"), Ed25519Signer.generate(f"{ns}-b")) for ns in namespaces}
+    answers = await asyncio.gather(*(
+        claim(api, keys[ns][k], ns) for ns in namespaces for k, api in ((0, first), (1, second))
+    ))
+    for i, ns in enumerate(namespaces):
+        a, b = answers[2 * i : 2 * i + 2]
+        won = [k for k, answer in enumerate((a, b)) if isinstance(answer, bytes)]
+        assert len(won) == 1, (ns, a, b)
+        assert (b if won == [0] else a) == 403  # Unauthorized: the namespace is the other key's
+        winner = keys[ns][won[0]]
+        proof = parse_tlog_proof(a if won == [0] else b)  # type: ignore[arg-type]
+        verify_tlog_proof(proof, leaf(proof.extra), VERIFIER)  # type: ignore[arg-type]
+        assert decode_entry(proof.extra).signer == winner.vkey  # type: ignore[arg-type]
+        for api in (first, second):  # every node serves every read
+            await wait_until(lambda ns=ns, api=api: api.namespace(ns), f"{ns} visible")  # type: ignore[misc]
+            assert (await api.namespace(ns))["keys"] == [winner.vkey]  # type: ignore[index]
+    size = reg_a.log.integrated.checkpoint.size
+    assert size == len(namespaces)  # nothing refused was logged
+    await wait_until(lambda: reg_b.log.integrated.checkpoint.size == size, "the other node at the same size")
+    assert reg_a.rejected == reg_b.rejected == []
+
+
+async def test_a_release_published_through_one_node_is_served_by_the_other_from_the_bucket(nodes, s3_path) -> None:  # type: ignore[no-untyped-def]
+    (first, _), (second, _) = await nodes(), await nodes()
+    alice = Ed25519Signer.generate("alice")
+    module = with_custom_section(EMPTY_MODULE, 100_000)  # over the inline size: written from a thread
+    ref = PackageRef("acme", "hello", "1.0.0")
+    proof = parse_tlog_proof(await first.publish(alice, ref, module))
+    verify_tlog_proof(proof, leaf(proof.extra), VERIFIER)  # type: ignore[arg-type]
+    digest = hashlib.sha256(module).hexdigest()
+    objects = ObjectStore(f"s3://{s3_path}/reg/blobs")
+    assert objects.get(f"sha256/{digest}") == module  # in the bucket, under its digest
+    path = second.package_path(ref)
+    await wait_until(lambda: _published(second, path), "the release visible through the second node")
+    assert await second.get(path + "/module.wasm") == module
+    assert (await second.get_json(path))["index"] == proof.index
+    with pytest.raises(RegistryError) as refused:  # the version is taken, whichever node is asked
+        await second.publish(alice, ref, with_custom_section(EMPTY_MODULE, 10))
+    assert refused.value.status == 409
+    again = parse_tlog_proof(await second.publish(alice, ref, module))  # the same release again: its index
+    assert again.index == proof.index
+
+
+async def _published(api: RegistryClient, path: str) -> bool:
+    try:
+        await api.get_json(path)
+    except RegistryError:
+        return False
+    return True
+
+
+async def test_a_node_started_later_replays_the_bucket_and_enforces_what_it_holds(nodes) -> None:  # type: ignore[no-untyped-def]
+    first, _ = await nodes()
+    alice = Ed25519Signer.generate("alice")
+    for v in range(3):
+        await first.publish(alice, PackageRef("acme", "lib", f"1.0.{v}"), with_custom_section(EMPTY_MODULE, v))
+    late, registry = await nodes()  # replays the bucket at start
+    versions = await late.get_json("/api/v1/packages/acme/lib")
+    assert versions["versions"] == ["1.0.0", "1.0.1", "1.0.2"]
+    assert await claim(late, Ed25519Signer.generate("mallory"), "acme") == 403  # claimed through the first node
+    assert registry.state.namespaces["acme"].keys == {alice.vkey}
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--data", "d", "--store", "postgresql://x/y", "--objects", "s3://b/p"], "give --data DIR, or --store"),
+    (["--store", "postgresql://x/y"], "give --data DIR, or --store"),
+    (["--store", "postgresql://x/y", "--objects", "s3://b/p", "--workers", "2"], "--workers is not supported with --store"),
+])
+def test_registry_serve_takes_one_storage(tmp_path, args: list[str], says: str) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    key = tmp_path / "reg.key"
+    key.write_text(REGISTRY_KEY.private_key + "\n")
+    done = subprocess.run([sys.executable, "-m", "wasmlog", "registry", "serve", "--key", str(key), *args],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 1 and says in done.stderr, done.stderr

@@ -41,9 +41,9 @@ def history_hash(history: Sequence[tuple[int, int]]) -> bytes:
 
         "wasmlog-index-history" 0x00 || uint64_be(n) || n x uint64_be(index) || n x uint8(type)
     """
-    indexes = [i for i, _ in history]
-    return hashlib.sha256(_HISTORY_PREFIX + struct.pack(f">Q{len(indexes)}Q", len(indexes), *indexes)
-                          + bytes(c for _, c in history)).digest()
+    n = len(history)
+    indexes, codes = zip(*history, strict=True) if n else ((), ())
+    return hashlib.sha256(_HISTORY_PREFIX + struct.pack(f">Q{n}Q", n, *indexes) + bytes(codes)).digest()
 
 
 @dataclass(frozen=True)

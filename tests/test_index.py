@@ -188,9 +188,32 @@ def test_status_proof_bounds() -> None:
     unordered = dataclasses.replace(SAMPLE, records=(SAMPLE.records[0], SAMPLE.records[0]))
     with pytest.raises(StatusProofError):
         parse_status_proof(unordered.encode())
-    one_key = SAMPLE.encode().replace(b"\x82\xa4", b"\x81\xa4", 1)
+    one_key = SAMPLE.encode().replace(b"\x82\xa5", b"\x81\xa5", 1)
+    assert one_key != SAMPLE.encode()
     with pytest.raises(StatusProofError):
         parse_status_proof(one_key)
+
+
+def test_a_status_proofs_history_columns_are_strict() -> None:
+    """A history travels as types (a byte each) and indexes (the first, then increases of at least 1)."""
+    import cbor2
+
+    def with_package(types: object, indexes: object) -> bytes:
+        obj = cbor2.loads(SAMPLE.encode())
+        obj["keys"][1].update(types=types, indexes=indexes)
+        return cbor2.dumps(obj, canonical=True)
+
+    assert parse_status_proof(with_package(b"\x00\x03\x02", [1, 4, 1])).package.history == ((1, 0), (5, 3), (6, 2))
+    assert parse_status_proof(with_package(b"", [])).package.history == ()
+    for types, indexes in (
+        (b"\x00", [1, 4]), (b"\x00\x03", [1]),  # columns of different lengths
+        (b"\x00\x04", [1, 4]),  # no record type 4
+        (b"\x00\x00", [1, 0]), (b"\x00\x00", [1, -3]),  # not increasing
+        (b"\x00", [-1]), (b"\x00\x00", [2**63 - 2, 1]),  # not a log index
+        ("\x00", [1]), (b"\x00", [True]), (b"\x00", [[1]]), (b"\x00\x00", [1, 1.0]),  # wrong types
+    ):
+        with pytest.raises(StatusProofError):
+            parse_status_proof(with_package(types, indexes))
 
 
 def test_status_proof_counts_are_bounded() -> None:

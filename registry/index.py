@@ -48,11 +48,10 @@ def history_hash(history: Sequence[tuple[int, int]]) -> bytes:
 
 @dataclass(frozen=True)
 class IndexState:
-    """The index as of the log's first `size` entries: each key's history and value hash, and the map."""
+    """The index as of the log's first `size` entries: each key's history, and the map (key hash -> value hash)."""
 
     size: int = 0
     histories: Map[str, History] = field(default_factory=Map)
-    values: Map[str, bytes] = field(default_factory=Map)
     map: SparseMap = field(default_factory=SparseMap)
 
     @property
@@ -69,15 +68,13 @@ class IndexState:
                 for key in index_keys(record):
                     added.setdefault(key, []).append((index, TYPE_CODES[record.type]))
         if not added:
-            return IndexState(size, self.histories, self.values, self.map)
+            return IndexState(size, self.histories, self.map)
         histories = self.histories.mutate()
-        values = self.values.mutate()
         tree = self.map
         for key, items in added.items():  # each key's path is hashed once per call, however many records it got
             histories[key] = history = histories.get(key, ()) + tuple(items)
-            values[key] = vh = history_hash(history)
-            tree = tree.set(key_hash(key), vh)
-        return IndexState(size, histories.finish(), values.finish(), tree)
+            tree = tree.set(key_hash(key), history_hash(history))
+        return IndexState(size, histories.finish(), tree)
 
     def history(self, key: str) -> History:
         return self.histories.get(key, ())
@@ -88,5 +85,4 @@ class IndexState:
     @classmethod
     def from_histories(cls, size: int, histories: dict[str, History]) -> IndexState:
         """The index with these complete histories as of size (a saved audit state)."""
-        values = {key: history_hash(h) for key, h in histories.items()}
-        return cls(size, Map(histories), Map(values), SparseMap.build((key_hash(k), v) for k, v in values.items()))
+        return cls(size, Map(histories), SparseMap.build((key_hash(k), history_hash(h)) for k, h in histories.items()))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias, TypeGuard, Union, cast
 
 from tlog.errors import ProofError
 
@@ -52,38 +53,38 @@ def bit(kh: bytes, depth: int) -> int:
     return (kh[depth >> 3] >> (7 - (depth & 7))) & 1
 
 
-@dataclass(frozen=True, slots=True)
-class Leaf:
-    kh: bytes
-    vh: bytes
-    hash: bytes
+# A subtree is None (no key), a leaf (leaf hash, key hash, value hash) or a node (node hash, left,
+# right): plain tuples of bytes, which the garbage collector stops tracking once it has seen them
+# (a map of 10^5 keys as objects is otherwise what every full collection walks).
+Leaf: TypeAlias = tuple[bytes, bytes, bytes]
+Node: TypeAlias = tuple[bytes, "Tree", "Tree"]
+Tree: TypeAlias = Union[Leaf, Node, None]  # noqa: UP007 (a recursive alias: "|" cannot take the forward reference)
 
 
-@dataclass(frozen=True, slots=True)
-class Node:
-    left: Leaf | Node | None
-    right: Leaf | Node | None
-    hash: bytes
+def _is_leaf(t: Leaf | Node) -> TypeGuard[Leaf]:
+    return type(t[1]) is bytes
 
 
-Tree = Leaf | Node | None
+def _children(t: Leaf | Node) -> tuple[Tree, Tree]:
+    """A node's (left, right)."""
+    return cast(Node, t)[1:]
 
 
 def _hash(t: Tree) -> bytes:
-    return EMPTY if t is None else t.hash
+    return EMPTY if t is None else t[0]
 
 
 def _node(left: Tree, right: Tree) -> Node:
-    return Node(left, right, node_hash(_hash(left), _hash(right)))
+    return node_hash(_hash(left), _hash(right)), left, right
 
 
 def _leaf(kh: bytes, vh: bytes) -> Leaf:
-    return Leaf(kh, vh, leaf_hash(kh, vh))
+    return leaf_hash(kh, vh), kh, vh
 
 
 def _join(a: Leaf, b: Leaf, depth: int) -> Node:
     """The subtree at depth holding exactly the two leaves a and b (different key hashes)."""
-    ba, bb = bit(a.kh, depth), bit(b.kh, depth)
+    ba, bb = bit(a[1], depth), bit(b[1], depth)
     if ba == bb:
         child = _join(a, b, depth + 1)
         return _node(None, child) if ba else _node(child, None)
@@ -93,11 +94,12 @@ def _join(a: Leaf, b: Leaf, depth: int) -> Node:
 def _set(t: Tree, new: Leaf, depth: int) -> Leaf | Node:
     if t is None:
         return new
-    if isinstance(t, Leaf):
-        return new if t.kh == new.kh else _join(t, new, depth)
-    if bit(new.kh, depth):
-        return _node(t.left, _set(t.right, new, depth + 1))
-    return _node(_set(t.left, new, depth + 1), t.right)
+    if _is_leaf(t):
+        return new if t[1] == new[1] else _join(t, new, depth)
+    left, right = _children(t)
+    if bit(new[1], depth):
+        return _node(left, _set(right, new, depth + 1))
+    return _node(_set(left, new, depth + 1), right)
 
 
 def _build(items: Sequence[tuple[bytes, bytes]], depth: int) -> Tree:
@@ -145,24 +147,22 @@ class SparseMap:
 
     def get(self, kh: bytes) -> bytes | None:
         t, depth = self.tree, 0
-        while isinstance(t, Node):
-            t = t.right if bit(kh, depth) else t.left
+        while t is not None and not _is_leaf(t):
+            t = _children(t)[bit(kh, depth)]
             depth += 1
-        return t.vh if t is not None and t.kh == kh else None
+        return t[2] if t is not None and t[1] == kh else None
 
     def prove(self, kh: bytes) -> MapProof:
         """The proof of kh's value, or of its absence."""
         siblings = []
         t, depth = self.tree, 0
-        while isinstance(t, Node):
-            if bit(kh, depth):
-                siblings.append(_hash(t.left))
-                t = t.right
-            else:
-                siblings.append(_hash(t.right))
-                t = t.left
+        while t is not None and not _is_leaf(t):
+            children = _children(t)
+            b = bit(kh, depth)
+            siblings.append(_hash(children[1 - b]))
+            t = children[b]
             depth += 1
-        other = (t.kh, t.vh) if t is not None and t.kh != kh else None
+        other = (t[1], t[2]) if t is not None and t[1] != kh else None
         return MapProof(tuple(siblings), other)
 
 

@@ -182,11 +182,8 @@ class Auditor:
             self._index_buffer = []
 
     def _watched_changed(self, ours: IndexState) -> bool:
-        """Whether a watched namespace's index keys changed since the previous index root (the monitor's index-root
-        event): a history only grows, so a changed one is a longer one."""
-        before = self._last_root_index
-        return any(before is None or len(history) != len(before.history(key))
-                   for key, history in ours.histories.items() if key.split(":", 1)[0] in self.namespaces)
+        """Whether a watched namespace's index keys changed since the previous index root (the monitor's index-root event)."""
+        return any(key.split(":", 1)[0] in self.namespaces for key, _ in ours.changed(self._last_root_index))
 
     async def _check_blobs(self, release: Release, index: int) -> None:
         assert self.registry is not None

@@ -9,12 +9,11 @@ entries that do not decode are in no key's history.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-
-from immutables import Map
 
 from .index_map import MapProof, SparseMap, key_hash
 from .record import RECORD_TYPES, Action, Record, Release
@@ -48,10 +47,10 @@ def history_hash(history: Sequence[tuple[int, int]]) -> bytes:
 
 @dataclass(frozen=True)
 class IndexState:
-    """The index as of the log's first `size` entries: each key's history, and the map (key hash -> value hash)."""
+    """The index as of the log's first `size` entries: the map from each key's hash to its history's
+    hash, each leaf carrying (key, history) (one structure the garbage collector stops tracking)."""
 
     size: int = 0
-    histories: Map[str, History] = field(default_factory=Map)
     map: SparseMap = field(default_factory=SparseMap)
 
     @property
@@ -67,17 +66,26 @@ class IndexState:
             if record is not None:
                 for key in index_keys(record):
                     added.setdefault(key, []).append((index, TYPE_CODES[record.type]))
-        if not added:
-            return IndexState(size, self.histories, self.map)
-        histories = self.histories.mutate()
         tree = self.map
         for key, items in added.items():  # each key's path is hashed once per call, however many records it got
-            histories[key] = history = histories.get(key, ()) + tuple(items)
-            tree = tree.set(key_hash(key), history_hash(history))
-        return IndexState(size, histories.finish(), tree)
+            kh = key_hash(key)
+            old = tree.payload(kh)
+            history = (() if old is None else old[1]) + tuple(items)
+            tree = tree.set(kh, history_hash(history), (key, history))
+        return IndexState(size, tree)
 
     def history(self, key: str) -> History:
-        return self.histories.get(key, ())
+        entry: tuple[str, History] | None = self.map.payload(key_hash(key))
+        return () if entry is None else entry[1]
+
+    @functools.cached_property
+    def histories(self) -> dict[str, History]:
+        """Every key's history (a walk of the map: computed once per state)."""
+        return dict(self.map.payloads())
+
+    def changed(self, since: IndexState | None) -> Iterator[tuple[str, History]]:
+        """(key, history) of every key whose history is new or longer since that state (every key: since None)."""
+        return self.map.payloads(None if since is None else since.map)
 
     def prove(self, key: str) -> MapProof:
         return self.map.prove(key_hash(key))
@@ -85,4 +93,4 @@ class IndexState:
     @classmethod
     def from_histories(cls, size: int, histories: dict[str, History]) -> IndexState:
         """The index with these complete histories as of size (a saved audit state)."""
-        return cls(size, Map(histories), SparseMap.build((key_hash(k), history_hash(h)) for k, h in histories.items()))
+        return cls(size, SparseMap.build(((key_hash(k), history_hash(h)) for k, h in histories.items()), histories.items()))

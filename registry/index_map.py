@@ -18,9 +18,10 @@ subtree it does not touch, so an update costs O(log n) hashes and the old map st
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias, TypeGuard, Union, cast
+from typing import Any, TypeAlias, TypeGuard, Union, cast
 
 from tlog.errors import ProofError
 
@@ -53,10 +54,12 @@ def bit(kh: bytes, depth: int) -> int:
     return (kh[depth >> 3] >> (7 - (depth & 7))) & 1
 
 
-# A subtree is None (no key), a leaf (leaf hash, key hash, value hash) or a node (node hash, left,
-# right): plain tuples of bytes, which the garbage collector stops tracking once it has seen them
-# (a map of 10^5 keys as objects is otherwise what every full collection walks).
-Leaf: TypeAlias = tuple[bytes, bytes, bytes]
+# A subtree is None (no key), a leaf (leaf hash, key hash, value hash, payload) or a node (node
+# hash, left, right): plain tuples, which the garbage collector stops tracking once it has seen
+# them, payloads included if they are tuples of atoms (a map of 10^5 keys as objects, or beside a
+# second map of its payloads, is otherwise what every full collection walks). The payload is the
+# caller's, unhashed (the index keeps each key and its history there).
+Leaf: TypeAlias = tuple[bytes, bytes, bytes, Any]
 Node: TypeAlias = tuple[bytes, "Tree", "Tree"]
 Tree: TypeAlias = Union[Leaf, Node, None]  # noqa: UP007 (a recursive alias: "|" cannot take the forward reference)
 
@@ -78,8 +81,36 @@ def _node(left: Tree, right: Tree) -> Node:
     return node_hash(_hash(left), _hash(right)), left, right
 
 
-def _leaf(kh: bytes, vh: bytes) -> Leaf:
-    return leaf_hash(kh, vh), kh, vh
+def _leaf(kh: bytes, vh: bytes, payload: Any = None) -> Leaf:
+    return leaf_hash(kh, vh), kh, vh, payload
+
+
+def _find(t: Tree, kh: bytes, depth: int) -> Leaf | None:
+    """kh's leaf in the subtree t at depth, if there is one."""
+    while t is not None and not _is_leaf(t):
+        t = _children(t)[bit(kh, depth)]
+        depth += 1
+    return t if t is not None and t[1] == kh else None
+
+
+def _changed(a: Tree, b: Tree, depth: int) -> Iterator[Leaf]:
+    """The leaves of subtree a whose key is not in subtree b (at the same depth) with the same value."""
+    if a is None or (b is not None and a[0] == b[0]):  # equal hashes: equal subtrees
+        return
+    if _is_leaf(a):
+        old = _find(b, a[1], depth)
+        if old is None or old[2] != a[2]:
+            yield a
+        return
+    bl: Tree
+    br: Tree
+    if b is None or _is_leaf(b):  # b's one leaf, if any, lies on the side of its key's bit
+        bl, br = (None, b) if b is not None and bit(b[1], depth) else (b, None)
+    else:
+        bl, br = _children(b)
+    left, right = _children(a)
+    yield from _changed(left, bl, depth + 1)
+    yield from _changed(right, br, depth + 1)
 
 
 def _join(a: Leaf, b: Leaf, depth: int) -> Node:
@@ -102,8 +133,8 @@ def _set(t: Tree, new: Leaf, depth: int) -> Leaf | Node:
     return _node(_set(left, new, depth + 1), right)
 
 
-def _build(items: Sequence[tuple[bytes, bytes]], depth: int) -> Tree:
-    """The subtree of items (sorted by key hash, distinct) at depth."""
+def _build(items: Sequence[tuple[bytes, bytes, Any]], depth: int) -> Tree:
+    """The subtree of items (key hash, value hash, payload), sorted by key hash and distinct, at depth."""
     if not items:
         return None
     if len(items) == 1:
@@ -129,7 +160,7 @@ class MapProof:
 
 @dataclass(frozen=True)
 class SparseMap:
-    """A persistent map from key hash to value hash."""
+    """A persistent map from key hash to value hash (and its payload)."""
 
     tree: Tree = None
 
@@ -137,20 +168,29 @@ class SparseMap:
     def root(self) -> bytes:
         return _hash(self.tree)
 
-    def set(self, kh: bytes, vh: bytes) -> SparseMap:
-        return SparseMap(_set(self.tree, _leaf(kh, vh), 0))
+    def set(self, kh: bytes, vh: bytes, payload: Any = None) -> SparseMap:
+        return SparseMap(_set(self.tree, _leaf(kh, vh, payload), 0))
 
     @classmethod
-    def build(cls, items: Iterable[tuple[bytes, bytes]]) -> SparseMap:
-        """The map of these (key hash, value hash) pairs (the last one wins for a repeated key)."""
-        return cls(_build(sorted(dict(items).items()), 0))
+    def build(cls, items: Iterable[tuple[bytes, bytes]], payloads: Iterable[Any] = ()) -> SparseMap:
+        """The map of these (key hash, value hash) pairs, with these payloads in the same order if
+        given (the last one wins for a repeated key)."""
+        with_payloads = {kh: (kh, vh, payload) for (kh, vh), payload in itertools.zip_longest(items, payloads)}
+        return cls(_build([with_payloads[kh] for kh in sorted(with_payloads)], 0))
 
     def get(self, kh: bytes) -> bytes | None:
-        t, depth = self.tree, 0
-        while t is not None and not _is_leaf(t):
-            t = _children(t)[bit(kh, depth)]
-            depth += 1
-        return t[2] if t is not None and t[1] == kh else None
+        leaf = _find(self.tree, kh, 0)
+        return None if leaf is None else leaf[2]
+
+    def payload(self, kh: bytes) -> Any:
+        """kh's payload (None when kh is not in the map)."""
+        leaf = _find(self.tree, kh, 0)
+        return None if leaf is None else leaf[3]
+
+    def payloads(self, since: SparseMap | None = None) -> Iterator[Any]:
+        """The payload of every key (in key-hash order); with since, only of the keys whose value
+        is new or changed since that map (shared and equal subtrees are skipped)."""
+        return (leaf[3] for leaf in _changed(self.tree, None if since is None else since.tree, 0))
 
     def prove(self, kh: bytes) -> MapProof:
         """The proof of kh's value, or of its absence."""

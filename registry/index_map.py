@@ -207,8 +207,8 @@ class SparseMap:
 
 
 def verify_map_proof(root: bytes, kh: bytes, vh: bytes | None, proof: MapProof) -> None:
-    """Check that the map with this root holds value hash vh at kh (vh None: holds nothing there).
-    Raises MapProofError."""
+    """Check that the map with this root holds value hash vh at kh (a 32-byte key hash; vh None:
+    holds nothing there). Raises MapProofError."""
     siblings = proof.siblings
     depth = len(siblings)
     if depth > MAX_DEPTH or (siblings and set(map(len, siblings)) != {HASH_SIZE}):

@@ -183,9 +183,7 @@ class Auditor:
 
     def _watched_changed(self, ours: IndexState) -> bool:
         """Whether a watched namespace's index keys changed since the previous index root (the monitor's index-root event)."""
-        before = self._last_root_index
-        return any(before is None or ours.values.get(key) != before.values.get(key)
-                   for key in ours.values if key.split(":", 1)[0] in self.namespaces)
+        return any(key.split(":", 1)[0] in self.namespaces for key, _ in ours.changed(self._last_root_index))
 
     async def _check_blobs(self, release: Release, index: int) -> None:
         assert self.registry is not None

@@ -9,12 +9,11 @@ entries that do not decode are in no key's history.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-
-from immutables import Map
 
 from .index_map import MapProof, SparseMap, key_hash
 from .record import RECORD_TYPES, Action, Record, Release
@@ -41,18 +40,17 @@ def history_hash(history: Sequence[tuple[int, int]]) -> bytes:
 
         "wasmlog-index-history" 0x00 || uint64_be(n) || n x uint64_be(index) || n x uint8(type)
     """
-    indexes = [i for i, _ in history]
-    return hashlib.sha256(_HISTORY_PREFIX + struct.pack(f">Q{len(indexes)}Q", len(indexes), *indexes)
-                          + bytes(c for _, c in history)).digest()
+    n = len(history)
+    indexes, codes = zip(*history, strict=True) if n else ((), ())
+    return hashlib.sha256(_HISTORY_PREFIX + struct.pack(f">Q{n}Q", n, *indexes) + bytes(codes)).digest()
 
 
 @dataclass(frozen=True)
 class IndexState:
-    """The index as of the log's first `size` entries: each key's history and value hash, and the map."""
+    """The index as of the log's first `size` entries: the map from each key's hash to its history's
+    hash, each leaf carrying (key, history) (one structure the garbage collector stops tracking)."""
 
     size: int = 0
-    histories: Map[str, History] = field(default_factory=Map)
-    values: Map[str, bytes] = field(default_factory=Map)
     map: SparseMap = field(default_factory=SparseMap)
 
     @property
@@ -68,19 +66,26 @@ class IndexState:
             if record is not None:
                 for key in index_keys(record):
                     added.setdefault(key, []).append((index, TYPE_CODES[record.type]))
-        if not added:
-            return IndexState(size, self.histories, self.values, self.map)
-        histories = self.histories.mutate()
-        values = self.values.mutate()
         tree = self.map
         for key, items in added.items():  # each key's path is hashed once per call, however many records it got
-            histories[key] = history = histories.get(key, ()) + tuple(items)
-            values[key] = vh = history_hash(history)
-            tree = tree.set(key_hash(key), vh)
-        return IndexState(size, histories.finish(), values.finish(), tree)
+            kh = key_hash(key)
+            old = tree.payload(kh)
+            history = (() if old is None else old[1]) + tuple(items)
+            tree = tree.set(kh, history_hash(history), (key, history))
+        return IndexState(size, tree)
 
     def history(self, key: str) -> History:
-        return self.histories.get(key, ())
+        entry: tuple[str, History] | None = self.map.payload(key_hash(key))
+        return () if entry is None else entry[1]
+
+    @functools.cached_property
+    def histories(self) -> dict[str, History]:
+        """Every key's history (a walk of the map: computed once per state)."""
+        return dict(self.map.payloads())
+
+    def changed(self, since: IndexState | None) -> Iterator[tuple[str, History]]:
+        """(key, history) of every key whose history is new or longer since that state (every key: since None)."""
+        return self.map.payloads(None if since is None else since.map)
 
     def prove(self, key: str) -> MapProof:
         return self.map.prove(key_hash(key))
@@ -88,5 +93,4 @@ class IndexState:
     @classmethod
     def from_histories(cls, size: int, histories: dict[str, History]) -> IndexState:
         """The index with these complete histories as of size (a saved audit state)."""
-        values = {key: history_hash(h) for key, h in histories.items()}
-        return cls(size, Map(histories), Map(values), SparseMap.build((key_hash(k), v) for k, v in values.items()))
+        return cls(size, SparseMap.build(((key_hash(k), history_hash(h)) for k, h in histories.items()), histories.items()))

@@ -18,8 +18,10 @@ subtree it does not touch, so an update costs O(log n) hashes and the old map st
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeGuard, Union, cast
 
 from tlog.errors import ProofError
 
@@ -52,38 +54,68 @@ def bit(kh: bytes, depth: int) -> int:
     return (kh[depth >> 3] >> (7 - (depth & 7))) & 1
 
 
-@dataclass(frozen=True, slots=True)
-class Leaf:
-    kh: bytes
-    vh: bytes
-    hash: bytes
+# A subtree is None (no key), a leaf (leaf hash, key hash, value hash, payload) or a node (node
+# hash, left, right): plain tuples, which the garbage collector stops tracking once it has seen
+# them, payloads included if they are tuples of atoms (a map of 10^5 keys as objects, or beside a
+# second map of its payloads, is otherwise what every full collection walks). The payload is the
+# caller's, unhashed (the index keeps each key and its history there).
+Leaf: TypeAlias = tuple[bytes, bytes, bytes, Any]
+Node: TypeAlias = tuple[bytes, "Tree", "Tree"]
+Tree: TypeAlias = Union[Leaf, Node, None]  # noqa: UP007 (a recursive alias: "|" cannot take the forward reference)
 
 
-@dataclass(frozen=True, slots=True)
-class Node:
-    left: Leaf | Node | None
-    right: Leaf | Node | None
-    hash: bytes
+def _is_leaf(t: Leaf | Node) -> TypeGuard[Leaf]:
+    return type(t[1]) is bytes
 
 
-Tree = Leaf | Node | None
+def _children(t: Leaf | Node) -> tuple[Tree, Tree]:
+    """A node's (left, right)."""
+    return cast(Node, t)[1:]
 
 
 def _hash(t: Tree) -> bytes:
-    return EMPTY if t is None else t.hash
+    return EMPTY if t is None else t[0]
 
 
 def _node(left: Tree, right: Tree) -> Node:
-    return Node(left, right, node_hash(_hash(left), _hash(right)))
+    return node_hash(_hash(left), _hash(right)), left, right
 
 
-def _leaf(kh: bytes, vh: bytes) -> Leaf:
-    return Leaf(kh, vh, leaf_hash(kh, vh))
+def _leaf(kh: bytes, vh: bytes, payload: Any = None) -> Leaf:
+    return leaf_hash(kh, vh), kh, vh, payload
+
+
+def _find(t: Tree, kh: bytes, depth: int) -> Leaf | None:
+    """kh's leaf in the subtree t at depth, if there is one."""
+    while t is not None and not _is_leaf(t):
+        t = _children(t)[bit(kh, depth)]
+        depth += 1
+    return t if t is not None and t[1] == kh else None
+
+
+def _changed(a: Tree, b: Tree, depth: int) -> Iterator[Leaf]:
+    """The leaves of subtree a whose key is not in subtree b (at the same depth) with the same value."""
+    if a is None or (b is not None and a[0] == b[0]):  # equal hashes: equal subtrees
+        return
+    if _is_leaf(a):
+        old = _find(b, a[1], depth)
+        if old is None or old[2] != a[2]:
+            yield a
+        return
+    bl: Tree
+    br: Tree
+    if b is None or _is_leaf(b):  # b's one leaf, if any, lies on the side of its key's bit
+        bl, br = (None, b) if b is not None and bit(b[1], depth) else (b, None)
+    else:
+        bl, br = _children(b)
+    left, right = _children(a)
+    yield from _changed(left, bl, depth + 1)
+    yield from _changed(right, br, depth + 1)
 
 
 def _join(a: Leaf, b: Leaf, depth: int) -> Node:
     """The subtree at depth holding exactly the two leaves a and b (different key hashes)."""
-    ba, bb = bit(a.kh, depth), bit(b.kh, depth)
+    ba, bb = bit(a[1], depth), bit(b[1], depth)
     if ba == bb:
         child = _join(a, b, depth + 1)
         return _node(None, child) if ba else _node(child, None)
@@ -93,15 +125,16 @@ def _join(a: Leaf, b: Leaf, depth: int) -> Node:
 def _set(t: Tree, new: Leaf, depth: int) -> Leaf | Node:
     if t is None:
         return new
-    if isinstance(t, Leaf):
-        return new if t.kh == new.kh else _join(t, new, depth)
-    if bit(new.kh, depth):
-        return _node(t.left, _set(t.right, new, depth + 1))
-    return _node(_set(t.left, new, depth + 1), t.right)
+    if _is_leaf(t):
+        return new if t[1] == new[1] else _join(t, new, depth)
+    left, right = _children(t)
+    if bit(new[1], depth):
+        return _node(left, _set(right, new, depth + 1))
+    return _node(_set(left, new, depth + 1), right)
 
 
-def _build(items: Sequence[tuple[bytes, bytes]], depth: int) -> Tree:
-    """The subtree of items (sorted by key hash, distinct) at depth."""
+def _build(items: Sequence[tuple[bytes, bytes, Any]], depth: int) -> Tree:
+    """The subtree of items (key hash, value hash, payload), sorted by key hash and distinct, at depth."""
     if not items:
         return None
     if len(items) == 1:
@@ -127,7 +160,7 @@ class MapProof:
 
 @dataclass(frozen=True)
 class SparseMap:
-    """A persistent map from key hash to value hash."""
+    """A persistent map from key hash to value hash (and its payload)."""
 
     tree: Tree = None
 
@@ -135,42 +168,50 @@ class SparseMap:
     def root(self) -> bytes:
         return _hash(self.tree)
 
-    def set(self, kh: bytes, vh: bytes) -> SparseMap:
-        return SparseMap(_set(self.tree, _leaf(kh, vh), 0))
+    def set(self, kh: bytes, vh: bytes, payload: Any = None) -> SparseMap:
+        return SparseMap(_set(self.tree, _leaf(kh, vh, payload), 0))
 
     @classmethod
-    def build(cls, items: Iterable[tuple[bytes, bytes]]) -> SparseMap:
-        """The map of these (key hash, value hash) pairs (the last one wins for a repeated key)."""
-        return cls(_build(sorted(dict(items).items()), 0))
+    def build(cls, items: Iterable[tuple[bytes, bytes]], payloads: Iterable[Any] = ()) -> SparseMap:
+        """The map of these (key hash, value hash) pairs, with these payloads in the same order if
+        given (the last one wins for a repeated key)."""
+        with_payloads = {kh: (kh, vh, payload) for (kh, vh), payload in itertools.zip_longest(items, payloads)}
+        return cls(_build([with_payloads[kh] for kh in sorted(with_payloads)], 0))
 
     def get(self, kh: bytes) -> bytes | None:
-        t, depth = self.tree, 0
-        while isinstance(t, Node):
-            t = t.right if bit(kh, depth) else t.left
-            depth += 1
-        return t.vh if t is not None and t.kh == kh else None
+        leaf = _find(self.tree, kh, 0)
+        return None if leaf is None else leaf[2]
+
+    def payload(self, kh: bytes) -> Any:
+        """kh's payload (None when kh is not in the map)."""
+        leaf = _find(self.tree, kh, 0)
+        return None if leaf is None else leaf[3]
+
+    def payloads(self, since: SparseMap | None = None) -> Iterator[Any]:
+        """The payload of every key (in key-hash order); with since, only of the keys whose value
+        is new or changed since that map (shared and equal subtrees are skipped)."""
+        return (leaf[3] for leaf in _changed(self.tree, None if since is None else since.tree, 0))
 
     def prove(self, kh: bytes) -> MapProof:
         """The proof of kh's value, or of its absence."""
         siblings = []
         t, depth = self.tree, 0
-        while isinstance(t, Node):
-            if bit(kh, depth):
-                siblings.append(_hash(t.left))
-                t = t.right
-            else:
-                siblings.append(_hash(t.right))
-                t = t.left
+        while t is not None and not _is_leaf(t):
+            children = _children(t)
+            b = bit(kh, depth)
+            siblings.append(_hash(children[1 - b]))
+            t = children[b]
             depth += 1
-        other = (t.kh, t.vh) if t is not None and t.kh != kh else None
+        other = (t[1], t[2]) if t is not None and t[1] != kh else None
         return MapProof(tuple(siblings), other)
 
 
 def verify_map_proof(root: bytes, kh: bytes, vh: bytes | None, proof: MapProof) -> None:
-    """Check that the map with this root holds value hash vh at kh (vh None: holds nothing there).
-    Raises MapProofError."""
-    depth = len(proof.siblings)
-    if depth > MAX_DEPTH or any(len(s) != HASH_SIZE for s in proof.siblings):
+    """Check that the map with this root holds value hash vh at kh (a 32-byte key hash; vh None:
+    holds nothing there). Raises MapProofError."""
+    siblings = proof.siblings
+    depth = len(siblings)
+    if depth > MAX_DEPTH or (siblings and set(map(len, siblings)) != {HASH_SIZE}):
         raise MapProofError(f"a map proof has at most {MAX_DEPTH} siblings of {HASH_SIZE} bytes")
     if vh is not None:
         if proof.other is not None:
@@ -180,11 +221,17 @@ def verify_map_proof(root: bytes, kh: bytes, vh: bytes | None, proof: MapProof) 
         h = EMPTY
     else:
         okh, ovh = proof.other
-        if len(okh) != HASH_SIZE or len(ovh) != HASH_SIZE or okh == kh \
-                or any(bit(okh, d) != bit(kh, d) for d in range(depth)):
+        if len(okh) != HASH_SIZE or len(ovh) != HASH_SIZE or okh == kh or _path(okh, depth) != _path(kh, depth):
             raise MapProofError("the leaf an absence proof ends at is not on the key's path, or is the key itself")
         h = leaf_hash(okh, ovh)
-    for d in reversed(range(depth)):
-        h = node_hash(proof.siblings[d], h) if bit(kh, d) else node_hash(h, proof.siblings[d])
+    path = _path(kh, depth)
+    for sibling in reversed(siblings):  # node_hash, inlined: the edge's hot path
+        h = _sha256(_NODE + sibling + h).digest() if path & 1 else _sha256(_NODE + h + sibling).digest()
+        path >>= 1
     if h != root:
         raise MapProofError("the map proof does not lead to the index root")
+
+
+def _path(kh: bytes, depth: int) -> int:
+    """The first depth bits of a key hash, as an integer (the bit at depth - 1 lowest)."""
+    return int.from_bytes(kh, "big") >> (8 * HASH_SIZE - depth)

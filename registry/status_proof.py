@@ -6,8 +6,8 @@ Canonical CBOR (deterministic encoding, as log entries):
     {"v": 1,
      "checkpoint": <the checkpoint note, verbatim, with its cosignatures>,
      "root": {"index": I, "entry": <index-root record>, "proof": [<inclusion hash>, ...]},
-     "keys": [{"key": NS, "history": [[index, type], ...], "proof": [<sibling>, ...], "other": null},
-              {"key": "NS:NAME", ...}],
+     "keys": [{"key": NS, "other": null, "proof": [<sibling>, ...], "types": <one byte per record>,
+               "indexes": [<first log index>, <increase>, ...]}, {"key": "NS:NAME", ...}],
      "records": [{"index": I, "entry": <log entry>, "proof": [...]}, ...]}   # revocations and yanks, in index order
 
 Parsing is strict and bounded: exactly these fields and types, nothing that does not
@@ -65,7 +65,9 @@ class KeyProof:
 
     def as_cbor(self) -> dict[str, Any]:
         other = None if self.proof.other is None else list(self.proof.other)
-        return {"key": self.key, "history": [list(h) for h in self.history], "proof": list(self.proof.siblings), "other": other}
+        indexes = [i for i, _ in self.history]
+        return {"key": self.key, "other": other, "proof": list(self.proof.siblings), "types": bytes(c for _, c in self.history),
+                "indexes": indexes[:1] + list(map(operator.sub, indexes[1:], indexes))}
 
 
 @dataclass(frozen=True)
@@ -110,23 +112,23 @@ def parse_status_proof(data: bytes) -> StatusProof:
 
 
 def _key_proof(obj: object) -> KeyProof:
-    d = _fields(obj, ["key", "other", "proof", "history"], "a key's proof")
+    d = _fields(obj, ["key", "other", "proof", "types", "indexes"], "a key's proof")
     key = d["key"]
     if type(key) is not str or not 0 < len(key) <= _MAX_KEY:
         raise StatusProofError(f"a key is text of at most {_MAX_KEY} characters")
-    raw = _list(d["history"], f"history of {key}", MAX_HISTORY)
-    types = len(RECORD_TYPES)
-    # Checked a column at a time (C loops: a history can be long): [index, type] pairs of ints in range.
-    if raw and (set(map(type, raw)) != {list} or set(map(len, raw)) != {2}):
-        raise StatusProofError(f"a history item of {key} is [log index, record type 0..{types - 1}]")
-    indexes, codes = [i for i, _ in raw], [c for _, c in raw]
-    if raw and (set(map(type, indexes)) | set(map(type, codes)) != {int} or min(indexes) < 0 or max(indexes) >= MAX_TREE_SIZE
-                or min(codes) < 0 or max(codes) >= types):
-        raise StatusProofError(f"a history item of {key} is [log index, record type 0..{types - 1}]")
-    if not all(map(operator.lt, indexes, indexes[1:])):
-        raise StatusProofError(f"the history of {key} must be in increasing index order")
-    history = tuple(zip(indexes, codes, strict=True))
-    siblings = tuple(_hash(h, "map proof sibling") for h in _list(d["proof"], f"map proof of {key}", MAX_DEPTH))
+    gaps = _list(d["indexes"], f"indexes of {key}", MAX_HISTORY)
+    codes = d["types"]
+    if type(codes) is not bytes or len(codes) != len(gaps) or (codes and max(codes) >= len(RECORD_TYPES)):
+        raise StatusProofError(f"the types of {key} are one byte 0..{len(RECORD_TYPES) - 1} per index")
+    history: History = ()
+    if gaps:  # checked a column at a time (C loops: a history can be long)
+        if set(map(type, gaps)) != {int} or gaps[0] < 0 or min(gaps[1:], default=1) < 1:
+            raise StatusProofError(f"the indexes of {key} are a log index, then increases of at least 1")
+        indexes = tuple(itertools.accumulate(gaps))
+        if indexes[-1] >= MAX_TREE_SIZE:
+            raise StatusProofError(f"the indexes of {key} go past the largest log index")
+        history = tuple(zip(indexes, codes, strict=True))
+    siblings = _hashes(d["proof"], f"map proof of {key}", MAX_DEPTH)
     other = d["other"]
     if other is not None:
         pair = _list(other, "other leaf", 2)
@@ -141,8 +143,7 @@ def _included(obj: object, what: str) -> Included:
     if not _is_index(d["index"]):
         raise StatusProofError(f"{what} index must be a log index")
     entry = _bytes(d["entry"], f"{what} entry", MAX_ENTRY_SIZE)
-    proof = tuple(_hash(h, f"{what} inclusion hash") for h in _list(d["proof"], f"{what} proof", MAX_PROOF_HASHES))
-    return Included(d["index"], entry, proof)
+    return Included(d["index"], entry, _hashes(d["proof"], f"{what} proof", MAX_PROOF_HASHES))
 
 
 def _is_index(v: object) -> bool:
@@ -168,6 +169,14 @@ def _bytes(obj: object, what: str, limit: int) -> bytes:
     if type(obj) is not bytes or not 0 < len(obj) <= limit:
         raise StatusProofError(f"{what} must be 1 to {limit} bytes")
     return obj
+
+
+def _hashes(obj: object, what: str, limit: int) -> tuple[bytes, ...]:
+    """A list of at most limit hashes (checked a column at a time)."""
+    hashes = _list(obj, what, limit)
+    if hashes and (set(map(type, hashes)) != {bytes} or set(map(len, hashes)) != {HASH_SIZE}):
+        raise StatusProofError(f"{what} must be a list of {HASH_SIZE}-byte hashes")
+    return tuple(hashes)
 
 
 def _hash(obj: object, what: str) -> bytes:

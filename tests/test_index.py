@@ -52,6 +52,9 @@ def test_the_map_matches_the_naive_root_and_proves_presence_and_absence(items, p
         incremental = incremental.set(kh, vh)
     built = SparseMap.build(items.items())
     assert incremental.root == built.root == naive_root(items)
+    assert not list(incremental.payloads(since=built)) and len(list(built.payloads())) == len(items)
+    for kh in [*list(items)[:3], *(p for p in probes if p not in items)]:  # a changed value or a new key: only it
+        assert list(built.set(kh, bytes(a ^ 1 for a in items.get(kh, bytes(32))), kh).payloads(since=built)) == [kh]
     for kh, vh in items.items():
         proof = incremental.prove(kh)
         verify_map_proof(built.root, kh, vh, proof)
@@ -129,10 +132,14 @@ def test_the_index_from_random_record_sequences_matches_a_naive_reference(picks,
     state, start = IndexState(), 0
     for n in [*chunks, len(records)]:
         end = min(len(records), start + n)
-        state = state.with_records([(i, records[i]) for i in range(start, end)], end)
+        before, state = state, state.with_records([(i, records[i]) for i in range(start, end)], end)
+        assert dict(state.changed(before)) == {k: h for k, h in state.histories.items() if before.history(k) != h}
         start = end
     assert state.size == len(records)
     assert {k: list(v) for k, v in state.histories.items()} == histories
+    assert dict(state.changed(None)) == state.histories
+    rebuilt = IndexState.from_histories(state.size, state.histories)  # a saved audit state, loaded
+    assert rebuilt.root == state.root and rebuilt.histories == state.histories and not list(state.changed(rebuilt))
     values = {key_hash(k): naive_value(h) for k, h in histories.items()}
     assert state.root == naive_root(values)
     for key in ("acme", "zeta", "acme:a", "zeta:b", "nobody", "acme:zzz"):
@@ -188,9 +195,32 @@ def test_status_proof_bounds() -> None:
     unordered = dataclasses.replace(SAMPLE, records=(SAMPLE.records[0], SAMPLE.records[0]))
     with pytest.raises(StatusProofError):
         parse_status_proof(unordered.encode())
-    one_key = SAMPLE.encode().replace(b"\x82\xa4", b"\x81\xa4", 1)
+    one_key = SAMPLE.encode().replace(b"\x82\xa5", b"\x81\xa5", 1)
+    assert one_key != SAMPLE.encode()
     with pytest.raises(StatusProofError):
         parse_status_proof(one_key)
+
+
+def test_a_status_proofs_history_columns_are_strict() -> None:
+    """A history travels as types (a byte each) and indexes (the first, then increases of at least 1)."""
+    import cbor2
+
+    def with_package(types: object, indexes: object) -> bytes:
+        obj = cbor2.loads(SAMPLE.encode())
+        obj["keys"][1].update(types=types, indexes=indexes)
+        return cbor2.dumps(obj, canonical=True)
+
+    assert parse_status_proof(with_package(b"\x00\x03\x02", [1, 4, 1])).package.history == ((1, 0), (5, 3), (6, 2))
+    assert parse_status_proof(with_package(b"", [])).package.history == ()
+    for types, indexes in (
+        (b"\x00", [1, 4]), (b"\x00\x03", [1]),  # columns of different lengths
+        (b"\x00\x04", [1, 4]),  # no record type 4
+        (b"\x00\x00", [1, 0]), (b"\x00\x00", [1, -3]),  # not increasing
+        (b"\x00", [-1]), (b"\x00\x00", [2**63 - 2, 1]),  # not a log index
+        ("\x00", [1]), (b"\x00", [True]), (b"\x00", [[1]]), (b"\x00\x00", [1, 1.0]),  # wrong types
+    ):
+        with pytest.raises(StatusProofError):
+            parse_status_proof(with_package(types, indexes))
 
 
 def test_status_proof_counts_are_bounded() -> None:

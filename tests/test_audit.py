@@ -97,6 +97,30 @@ async def test_monitor_reports_unexpected_keys_and_capability_escalation(aiohttp
     assert "fastly_http_req.send" in escalation.detail["added_imports"]
 
 
+async def test_monitor_reports_the_components_an_sbom_change_adds_removes_and_changes(aiohttp_client, tmp_path) -> None:
+    api, client, _, _ = await start_registry(aiohttp_client, tmp_path)
+    cdx = "application/vnd.cyclonedx+json"
+    sbom2 = CYCLONEDX.replace(b'"1.0.200"', b'"1.0.201"').replace(b"}]}", b'},{"type":"library","name":"evil","version":"6.6.6"}]}')
+    sbom3 = CYCLONEDX.replace(b'"1.0.200"', b'"1.0.201"')
+    module = wat_module("no_imports", tmp_path)
+    await api.publish(ALICE, parse_package_ref("acme:hello@1.0.0"), module, CYCLONEDX, cdx)
+    await api.publish(ALICE, parse_package_ref("acme:hello@1.1.0"), module_variant(module, 1), sbom2, cdx)
+    await api.publish(ALICE, parse_package_ref("acme:hello@1.2.0"), module_variant(module, 2), sbom3, cdx)
+    await api.publish(ALICE, parse_package_ref("acme:hello@1.3.0"), module_variant(module, 3), sbom3, cdx)  # the same SBOM: no event
+    await api.publish(ALICE, parse_package_ref("acme:hello@1.4.0"), module_variant(module, 4))  # no SBOM at all
+    events: list[Event] = []
+    await audit(client, namespaces=frozenset({"acme"}), on_event=events.append, sbom_source=api)
+    changes = [(e.index, e.detail["previous"], e.detail["components"]) for e in events if e.kind == "sbom-change"]
+    assert changes == [
+        (2, "acme:hello@1.0.0", {"added": {"evil": "6.6.6"}, "removed": {}, "changed": {"pkg:cargo/serde": {"from": "1.0.200", "to": "1.0.201"}}}),
+        (3, "acme:hello@1.1.0", {"added": {}, "removed": {"evil": "6.6.6"}, "changed": {}}),
+        (5, "acme:hello@1.3.0", {"added": {}, "removed": {"pkg:cargo/serde": "1.0.201"}, "changed": {}}),
+    ]
+    without: list[Event] = []  # a monitor without an SBOM source reports the rest as before
+    await audit(client, namespaces=frozenset({"acme"}), on_event=without.append)
+    assert [e for e in events if e.kind != "sbom-change"] == without
+
+
 async def test_diff_of_two_releases(aiohttp_client, tmp_path) -> None:
     api, client, _, _ = await start_registry(aiohttp_client, tmp_path)
     sbom2 = CYCLONEDX.replace(b'"1.0.200"', b'"1.0.201"').replace(b"}]}", b'},{"type":"library","name":"tokio","version":"1.0.0"}]}')

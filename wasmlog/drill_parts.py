@@ -39,7 +39,10 @@ class DrillError(Exception):
 
 def hello_module(version: str, *, escalate: bool = False) -> bytes:
     """A WASI command answering "hello from VERSION" (fd_write; with escalate, it also imports sock_accept)."""
-    import wasmtime  # the sandbox extra: the agent needs it anyway
+    try:
+        import wasmtime  # the sandbox extra: the agent needs it anyway
+    except ImportError:
+        raise DrillError("the drill needs the sandbox extra (Wasmtime): pip install 'wasmlog[sandbox]'") from None
 
     text = f"hello from {version}\n"
     extra = f'(import "{WASI}" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))' if escalate else ""

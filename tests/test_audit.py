@@ -169,3 +169,21 @@ async def test_monitor_cli_posts_events_to_a_webhook(aiohttp_client, aiohttp_ser
     lines = [json.loads(line) for line in out.decode().splitlines()]
     assert [e["event"] for e in lines] == ["key-grant", "unexpected-key", "release", "unexpected-key"]
     assert received == lines
+
+
+async def test_monitor_cli_reports_sbom_changes_read_from_the_registry(aiohttp_client, tmp_path) -> None:
+    api, client, _, _ = await start_registry(aiohttp_client, tmp_path)
+    cdx = "application/vnd.cyclonedx+json"
+    module = wat_module("no_imports", tmp_path)
+    await api.publish(ALICE, parse_package_ref("acme:hello@1.0.0"), module, CYCLONEDX, cdx)
+    await api.publish(ALICE, parse_package_ref("acme:hello@1.1.0"), module_variant(module, 1),
+                      CYCLONEDX.replace(b"}]}", b'},{"type":"library","name":"evil","version":"6.6.6"}]}'), cdx)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wasmlog", "monitor", str(client.make_url("")), "--vkey", REGISTRY_KEY.vkey, "--namespace", "acme",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    changes = [e for e in map(json.loads, out.decode().splitlines()) if e["event"] == "sbom-change"]
+    assert changes == [{"event": "sbom-change", "index": 2, "namespace": "acme", "package": "acme:hello@1.1.0", "previous": "acme:hello@1.0.0",
+                        "components": {"added": {"evil": "6.6.6"}, "removed": {}, "changed": {}}}]

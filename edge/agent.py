@@ -30,6 +30,7 @@ from .agent_config import AgentConfig, ModuleConfig
 from .agent_state import ADMITTED, QUARANTINED, ModuleState, ModuleStore, StateFile
 from .agent_sweep import next_state, refresh_checkpoint
 from .sandbox import Sandbox
+from .telemetry import Telemetry
 
 logger = logging.getLogger("wasmlog.agent")
 MAX_POLICY_BYTES = 1 << 20
@@ -61,6 +62,7 @@ class Agent:
         self._writing = asyncio.Lock()  # one change of state.json at a time (a sweep, a quarantine while serving)
         self.last_sweep: dict[str, Any] | None = None
         self.sweeps = 0
+        self.telemetry = Telemetry(config.data, config.telemetry.sinks, config.telemetry.spool_bytes, config.telemetry.interval, clock)
 
     def now(self) -> int:
         return int(self.clock())
@@ -101,6 +103,7 @@ class Agent:
                     logger.info("%s: %s%s", m.ref, new.state, f" ({new.reason}: {new.message})" if new.reason else "")
             if changed != self.modules:
                 await asyncio.to_thread(self.state_file.save, changed)
+                await self.telemetry.moves(moves)  # on disk before it is served or reported
                 self.modules = changed
             return moves
 
@@ -116,6 +119,7 @@ class Agent:
             new = ModuleState(ref, QUARANTINED, reason, message, old.profile, self.now(), old.version, old.digest, old.log_index)
             changed = {**self.modules, ref: new}
             await asyncio.to_thread(self.state_file.save, changed)
+            await self.telemetry.moves([(old, new)])
             self.modules = changed
         logger.warning("%s: quarantined (%s: %s)", ref, reason, message)
 
@@ -167,6 +171,7 @@ class Agent:
             self.sweeps += 1
             self.last_sweep = {"time": now, "seconds": round(time.monotonic() - started, 3), "checkpoint": checkpoint,
                                "findings": findings, "modules": modules}
+            await self.telemetry.swept(self.last_sweep)
             return self.last_sweep
 
     def _module_json(self, m: ModuleConfig, s: ModuleState | None) -> dict[str, Any]:
@@ -198,4 +203,5 @@ class Agent:
             "last_sweep": self.last_sweep,
             "sweeps": self.sweeps,
             "sandbox": self.sandbox.status(),
+            "telemetry": self.telemetry.status(),
         }

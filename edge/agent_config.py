@@ -31,8 +31,12 @@ MAX_PATTERN = 256
 _PATTERN_SIDE = re.compile(r"[!-~]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 MAX_ENV_VALUE = 4096
+TELEMETRY_KEYS = {"telemetry", "telemetry_spool_bytes", "telemetry_interval"}
+DEFAULT_SPOOL_BYTES = 64 << 20
+MIN_SPOOL_BYTES, MAX_SPOOL_BYTES = 64 << 10, 1 << 40
+MAX_SINKS = 16
 
-TOP_KEYS = {"trust_policy", "registries", "data", "listen", "sweep_interval", "profiles", "modules"}
+TOP_KEYS = {"trust_policy", "registries", "data", "listen", "sweep_interval", "profiles", "modules", *TELEMETRY_KEYS}
 PROFILE_KEYS = {"imports", "memory_mb", "timeout_ms", "fuel", "env"}
 MODULE_KEYS = {"ref", "profile"}
 
@@ -69,6 +73,15 @@ class ModuleConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    """Where events go (OTLP/HTTP JSON logs URLs), the spool's bound in bytes, the aggregation interval in seconds."""
+
+    sinks: tuple[str, ...] = ()
+    spool_bytes: int = DEFAULT_SPOOL_BYTES
+    interval: int = 10
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     trust_policy: pathlib.Path
     registries: tuple[str, ...]
@@ -78,6 +91,7 @@ class AgentConfig:
     sweep_interval: int
     profiles: Mapping[str, ProfileConfig]
     modules: tuple[ModuleConfig, ...]
+    telemetry: TelemetryConfig = TelemetryConfig()
 
     def module(self, namespace: str, name: str) -> ModuleConfig | None:
         return next((m for m in self.modules if m.namespace == namespace and m.name == name), None)
@@ -173,6 +187,17 @@ def _url(obj: Any, key: str) -> str:
     return url.rstrip("/")
 
 
+def _telemetry(t: dict[str, Any]) -> TelemetryConfig:
+    sinks = t.get("telemetry", [])
+    if type(sinks) is not list or len(sinks) > MAX_SINKS:
+        raise ConfigError("telemetry", f"want a list of at most {MAX_SINKS} OTLP/HTTP logs URLs (http://host:4318/v1/logs)")
+    urls = tuple(_url(u, f"telemetry[{i}]") for i, u in enumerate(sinks))
+    if len(set(urls)) != len(urls):
+        raise ConfigError("telemetry", "a URL is listed twice")
+    return TelemetryConfig(urls, _int(t.get("telemetry_spool_bytes", DEFAULT_SPOOL_BYTES), "telemetry_spool_bytes", MIN_SPOOL_BYTES, MAX_SPOOL_BYTES),
+                           _int(t.get("telemetry_interval", TelemetryConfig.interval), "telemetry_interval", 1, 3600))
+
+
 def _listen(obj: Any) -> tuple[str, int]:
     listen = _str(obj, "listen")
     host, sep, port = listen.rpartition(":")
@@ -211,5 +236,5 @@ def parse_config(text: str, base: pathlib.Path) -> AgentConfig:
     return AgentConfig(
         trust_policy=base / _str(t["trust_policy"], "trust_policy"), registries=registries, data=base / _str(t["data"], "data"),
         host=host, port=port, sweep_interval=_int(t.get("sweep_interval", DEFAULT_SWEEP_INTERVAL), "sweep_interval", 1, MAX_SWEEP_INTERVAL),
-        profiles=profiles, modules=modules,
+        profiles=profiles, modules=modules, telemetry=_telemetry(t),
     )

@@ -114,6 +114,7 @@ async def run_module(request: web.Request) -> web.Response:
     m, s = found
     if s is None or s.state != ADMITTED or s.digest is None:
         why = "not admitted yet" if s is None else f"{s.state} ({s.reason}: {s.message})"
+        await agent.telemetry.request_failed(m.ref, s, None)
         raise ModuleNotServed(f"{m.ref} is {why}")
     module = agent.store.path(s.digest)
     if not module.exists():
@@ -148,6 +149,7 @@ async def run_module(request: web.Request) -> web.Response:
         metrics.runs.labels(m.ref, "403").inc()
         return error_response(e)
     except (SandboxError, CgiError) as e:
+        await agent.telemetry.request_failed(m.ref, s, e)
         response = error_response(e)
         metrics.runs.labels(m.ref, str(response.status)).inc()
         return response
@@ -207,6 +209,7 @@ def make_app(agent: Agent, *, periodic_sweeps: bool = True) -> web.Application:
     app[AGENT] = agent
     install(app, "wasmlog_agent")
     app[METRICS_KEY] = AgentMetrics(app, agent)
+    app.cleanup_ctx.append(agent.telemetry.running)  # shipping and signing; cleaned up after the sweeps stop
     run = body_limit(MAX_RUN_BODY, run_module, compressed=False)
     for path in ("/run/{namespace}/{name}", "/run/{namespace}/{name}/{tail:.*}"):
         app.router.add_get(path, run)

@@ -437,7 +437,7 @@ def readme_heredoc(name: str) -> str:
 
 async def test_the_readme_path_on_a_wasmlog_up_network(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """README "Edge agent", as written there: `wasmlog up` (witness quorum), publish, the config, serve, run, yank, sweep."""
-    port = free_ports(4)
+    port = free_ports(5)
     ready, stop = asyncio.Event(), asyncio.Event()
     network = asyncio.create_task(run_network(NetworkConfig(data=tmp_path / "wasmlog-data", port=port), ready=ready, stop=stop))
     try:

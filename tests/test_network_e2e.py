@@ -20,7 +20,7 @@ from wasmlog.network import NetworkConfig, run_network
 
 
 async def test_audit_monitor_and_mirror_on_an_up_network(aiohttp_client, tmp_path) -> None:
-    port = free_ports(4)
+    port = free_ports(5)
     ready, stop = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(run_network(NetworkConfig(data=tmp_path / "net", port=port), ready=ready, stop=stop))
     await asyncio.wait_for(ready.wait(), 20)

@@ -42,7 +42,7 @@ def free_ports(n: int) -> int:
 
 
 async def test_up_publishes_with_quorum_and_restarts_with_the_same_keys(tmp_path) -> None:
-    port = free_ports(4)
+    port = free_ports(5)
     alice = Ed25519Signer.generate("alice")
     module = wat_module("imports_all_kinds", tmp_path)
     for run in range(2):

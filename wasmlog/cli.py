@@ -29,6 +29,7 @@ from .edge_commands import verify
 from .log_commands import log_group
 from .network import NetworkConfig, run_network
 from .registry_commands import fetch, key_group, publish, registry_group, yank
+from .telemetry_commands import agent_events, collector_group, telemetry_group
 from .witness_commands import witness_group
 
 
@@ -98,3 +99,6 @@ def up(data: pathlib.Path, listen: str, limits: ServerLimits) -> None:
 
 for command in (log_group, witness_group, registry_group, publish, fetch, key_group, yank, verify, audit, monitor, diff, mirror, agent_group, drill):
     main.add_command(command)
+for command in (telemetry_group, collector_group):
+    main.add_command(command)
+agent_group.add_command(agent_events)

@@ -1,7 +1,8 @@
 """`wasmlog up`: the whole network in one process, on embedded defaults.
 
 A registry with its embedded log (LMDB) whose checkpoints are published only
-with a 2-of-3 witness quorum, and three witnesses gossiping with each other.
+with a 2-of-3 witness quorum, three witnesses gossiping with each other, and an
+OTLP/HTTP JSON logs collector for the edge agents' telemetry (port + 4).
 Keys and data live under one folder, created on the first run and reused after.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from edge.telemetry_collector import make_collector_app
 from registry.blobs import BlobStore
 from registry.server import make_app
 from registry.service import Registry
@@ -39,6 +41,7 @@ QUORUM = 2
 # entry waits at most ~100 ms more for its cosigned checkpoint. The witnesses' log list allows twice that
 # (a day's rounds, the burst and the 15-minute slots of their window fit with room to spare).
 ROUNDS_PER_DAY = 864_000
+COLLECTOR_PORT_OFFSET = 4  # the telemetry collector listens on the registry's port + 4
 
 
 @dataclass(frozen=True)
@@ -90,13 +93,16 @@ async def run_network(cfg: NetworkConfig, *, ready: asyncio.Event | None = None,
         app = make_app(registry, sequencer, witness_policy=parse_policy(policy_text.encode()), max_checkpoint_age=300.0)
         runners.append(await _start(app, cfg, cfg.port))
         write_trust_policy(cfg.data / "trust-policy.toml", policy_text)
+        collector_url = f"http://{cfg.host}:{cfg.port + COLLECTOR_PORT_OFFSET}/v1/logs"
+        runners.append(await _start(make_collector_app(cfg.data / "collector"), cfg, cfg.port + COLLECTOR_PORT_OFFSET))
         if cfg.announce:
             print(
                 f"wasmlog network up (data in {cfg.data})\n"
                 f"  registry  {registry_url}/api/v1/\n"
                 f"  log       {log_url}/   origin {log.origin}\n"
                 + "".join(f"  witness   {u}/\n" for u in witness_urls)
-                + f"  edge trust policy: {cfg.data / 'trust-policy.toml'}\n"
+                + f"  collector {collector_url}   (agent.toml: telemetry = [\"{collector_url}\"])\n"
+                f"  edge trust policy: {cfg.data / 'trust-policy.toml'}\n"
                 f"  publish:  wasmlog publish --registry {registry_url} --key KEY NAMESPACE:NAME@VERSION MODULE.wasm",
                 flush=True,
             )

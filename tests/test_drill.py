@@ -36,6 +36,7 @@ def test_the_drill_plays_every_step_and_each_behaves(tmp_path) -> None:
     assert "reason capability" in by_name["agent-refuses"] and "wasi_snapshot_preview1.sock_accept" in by_name["agent-refuses"]
     assert "capability-escalation" in by_name["detect"] and "sbom-change" in by_name["detect"]
     assert "no findings" in by_name["audit"]
+    assert "chain verified" in by_name["forensics"] and "admitted 1.0.0 -> quarantined 1.1.0 (capability) -> admitted 1.2.0" in by_name["forensics"]
     # What the drill left in --data says the same: the agent's state on disk serves 1.2.0 ...
     state = json.loads((data / "agent" / "agent-data" / "state.json").read_text())
     assert {k: state["modules"]["acme:hello"][k] for k in ("state", "version")} == {"state": "admitted", "version": "1.2.0"}

@@ -16,7 +16,6 @@ import hashlib
 import json
 import pathlib
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -40,38 +39,12 @@ from .drill_parts import (
     hello_sbom,
     network,
 )
-from .drill_steps import StepFailed, edge_decision, expect, module_entry, telemetry_replay
+from .drill_steps import Report, Step, StepFailed, edge_decision, expect, module_entry, telemetry_replay
 
 NS, NAME = "acme", "hello"
 V1, V11, V12, V13 = "1.0.0", "1.1.0", "1.2.0", "1.3.0"
 DETECT_TIMEOUT = 30.0  # seconds the monitor has to report the malicious release
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=60)
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    ok: bool
-    at: float  # seconds since the drill started, when the step's outcome was known
-    detail: str
-
-    def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "at": self.at, "detail": self.detail}
-
-
-@dataclass(frozen=True)
-class Report:
-    steps: list[Step]
-    time_to_detect_s: float | None  # the attacker's publish sent -> the monitor reported it
-    time_to_recover_s: float | None  # detection -> the agent serves the clean release
-
-    @property
-    def ok(self) -> bool:
-        return all(s.ok for s in self.steps)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"steps": [s.as_json() for s in self.steps], "time_to_detect_s": self.time_to_detect_s,
-                "time_to_recover_s": self.time_to_recover_s}
 
 
 def ref(version: str) -> PackageRef:
@@ -85,9 +58,10 @@ def index_of(proof: bytes) -> int:
 class Drill:
     """The scenario's actors and what they have done so far; play() runs the eight steps in order."""
 
-    def __init__(self, data: pathlib.Path, registry: str, session: aiohttp.ClientSession, *, grant_escalated: bool) -> None:
+    def __init__(self, data: pathlib.Path, registry: str, collector: str, session: aiohttp.ClientSession, *, grant_escalated: bool) -> None:
         self.data = data
         self.registry = registry
+        self.collector = collector
         self.session = session
         self.api = RegistryClient(registry, session)
         self.trust_policy = data / "network" / "trust-policy.toml"  # written by the network
@@ -101,6 +75,7 @@ class Drill:
                         V13: hello_module(V13, escalate=True)}
         self.sboms = {V1: hello_sbom(V1), V11: hello_sbom(V11, evil=True), V12: hello_sbom(V12), V13: hello_sbom(V13, evil=True)}
         self.index: dict[str, int] = {}  # the incident's records: what -> log index
+        self.observed: list[tuple[str, str | None, str | None]] = []  # the agent's (state, version, reason) as steps 1, 4, 6 saw it
         self.agent = AgentProcess(self._agent_config())
         self.monitor = Monitor(session, registry, self.verifiers, NS, frozenset({self.owner.vkey, self.ci.vkey}))
         self.started = time.monotonic()
@@ -113,8 +88,9 @@ class Drill:
         imports = [GRANTED_IMPORT] + ([ESCALATED_IMPORT] if self.grant_escalated else [])
         (d / "agent.toml").write_text(
             f'trust_policy = "{self.trust_policy}"\nregistries = ["{self.registry}"]\ndata = "agent-data"\n'
-            f'listen = "127.0.0.1:0"\nsweep_interval = 3600\n\n[profiles.hello]\nimports = {imports!r}\nmemory_mb = 16\n'
-            f'timeout_ms = 2000\n\n[[modules]]\nref = "{NS}:{NAME}"\nprofile = "hello"\n'.replace("'", '"'))
+            f'listen = "127.0.0.1:0"\nsweep_interval = 3600\ntelemetry = ["{self.collector}"]\n\n'
+            f'[profiles.hello]\nimports = {imports!r}\nmemory_mb = 16\ntimeout_ms = 2000\n\n'
+            f'[[modules]]\nref = "{NS}:{NAME}"\nprofile = "hello"\n'.replace("'", '"'))
         return d / "agent.toml"
 
     async def play(self) -> Report:
@@ -139,6 +115,12 @@ class Drill:
         detect = round(self.t_detect - self.t_attack, 3) if self.t_detect else None
         recover = round(self.t_recover - self.t_detect, 3) if self.t_recover and self.t_detect else None
         return Report(steps, detect, recover)
+
+    def _observe(self, m: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Note the agent's state of the module (a change of it), for step 7 to find in the telemetry."""
+        if m is not None and (not self.observed or self.observed[-1] != (m["state"], m["version"], m["reason"])):
+            self.observed.append((m["state"], m["version"], m["reason"]))
+        return m
 
     def _since(self, t: float) -> float:
         return round(t - self.started, 3)
@@ -168,6 +150,7 @@ class Drill:
         await self.agent.start()
         status, body = await self._agent("GET", "/status")
         m = module_entry(status, body, f"{NS}:{NAME}")
+        self._observe(m)
         expect(m["state"] == "admitted" and m["version"] == V1 and m["digest"] == _sha256(self.modules[V1]),
                f"the agent did not admit {ref(V1)}: {m}")
         status, body = await self._agent("GET", f"/run/{NS}/{NAME}")
@@ -209,7 +192,7 @@ class Drill:
     # 4
     async def agent_refuses(self) -> str:
         sweep = await self._sweep()
-        m = next((m for m in sweep["modules"] if m["ref"] == f"{NS}:{NAME}"), None)
+        m = self._observe(next((m for m in sweep["modules"] if m["ref"] == f"{NS}:{NAME}"), None))
         expect(m is not None and m["version"] == V11 and m["reason"] == "capability" and m["state"] in ("quarantined", "refused"),
                f"the agent's sweep did not refuse {ref(V11)} for its capability: {m}")
         assert m is not None
@@ -248,7 +231,7 @@ class Drill:
     # 6
     async def recover(self) -> str:
         sweep = await self._sweep()
-        m = next((m for m in sweep["modules"] if m["ref"] == f"{NS}:{NAME}"), None)
+        m = self._observe(next((m for m in sweep["modules"] if m["ref"] == f"{NS}:{NAME}"), None))
         expect(m is not None and m["state"] == "admitted" and m["version"] == V12 and m["digest"] == _sha256(self.modules[V12]),
                f"the agent's sweep did not move to {ref(V12)}: {m}")
         assert m is not None
@@ -266,7 +249,13 @@ class Drill:
 
     # 7
     async def forensics(self) -> str:
-        telemetry = await telemetry_replay(self.agent.config.parent, self.wall_start, time.time())
+        replay = await telemetry_replay(self.session, self.agent.url, self.collector, self.wall_start, time.time())
+        moves = replay.module_moves(f"{NS}:{NAME}")
+        expect(moves == self.observed, f"the agent's telemetry tells {moves}, the drill saw {self.observed}")
+        covered = max((e.seq for e in replay.window if e.attr("wasmlog.module.ref") == f"{NS}:{NAME}"), default=0)
+        expect(covered <= replay.signed_through, f"events up to seq {covered}, signed only through {replay.signed_through}")
+        expect(replay.checkpoint_size() > self.index["owner yanks v1.1"],
+               f"the agent's events advance its checkpoint only to size {replay.checkpoint_size()}, short of the revocation and the yank")
         d1, d2, d3 = [await self.api.release_diff(ref(a), ref(b)) for a, b in ((V1, V11), (V11, V12), (V1, V12))]
         expect(d1["imports"] == {"added": [ESCALATED_IMPORT], "removed": []} and list(d1["components"]["added"]) == [EVIL_COMPONENT],
                f"{V1} -> {V11}: {d1['imports']}, components {d1['components']}")
@@ -274,7 +263,12 @@ class Drill:
                f"{V11} -> {V12}: {d2['imports']}, components {d2['components']}")
         expect(d3["imports"] == {"added": [], "removed": []} and not d3["components"]["added"] and not d3["components"]["removed"],
                f"{V1} -> {V12} is not clean: {d3['imports']}, components {d3['components']}")
-        return (f"{telemetry}; diffs: {V1} -> {V11} adds import {ESCALATED_IMPORT} and component {EVIL_COMPONENT}; "
+        story = " -> ".join(f"{state} {version}" + (f" ({reason})" if reason else "") for state, version, reason in moves)
+        return (f"telemetry from the collector: {replay.events} events of node {replay.node[:8]}, chain verified and signed through "
+                f"seq {replay.signed_through} by the node's key; in the window {len(replay.window)} events: {NS}:{NAME} {story}, "
+                f"{replay.refused_requests(f'{NS}:{NAME}')} requests refused, checkpoint advanced to size {replay.checkpoint_size()} "
+                f"(past the revocation and the yank); "
+                f"diffs: {V1} -> {V11} adds import {ESCALATED_IMPORT} and component {EVIL_COMPONENT}; "
                 f"{V11} -> {V12} removes both; {V1} -> {V12} adds no import and no component")
 
     # 8
@@ -307,16 +301,5 @@ def _sha256(data: bytes) -> str:
 
 async def run_drill(data: pathlib.Path, *, grant_escalated: bool = False) -> Report:
     """Play the drill with everything under data (network/, agent/); return its report."""
-    async with network(data / "network") as registry, aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
-        return await Drill(data, registry, session, grant_escalated=grant_escalated).play()
-
-
-def format_timeline(report: Report) -> str:
-    lines = [f"{'+' + format(s.at, '.2f') + 's':>9}  {'ok  ' if s.ok else 'FAIL'}  {i}. {s.name}: {s.detail}"
-             for i, s in enumerate(report.steps, 1)]
-    times = [f"{what} {'-' if t is None else f'{t:.2f} s'}" for what, t in
-             (("time to detect", report.time_to_detect_s), ("time to recover", report.time_to_recover_s))]
-    failed = [s.name for s in report.steps if not s.ok]
-    lines.append("; ".join(times))
-    lines.append("drill passed: every step behaved" if not failed else f"drill FAILED: {', '.join(failed)}")
-    return "\n".join(lines)
+    async with network(data / "network") as (registry, collector), aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
+        return await Drill(data, registry, collector, session, grant_escalated=grant_escalated).play()

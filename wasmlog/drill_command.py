@@ -24,8 +24,9 @@ def drill(data: pathlib.Path | None, as_json: bool, grant_escalated: bool) -> No
     """Play the malicious-update incident on a local network it starts itself, checking every step.
 
     Exit status 0 only when every step behaved, 1 when one did not (or the network or agent could not start), 2 for an unusable --data."""
-    from .drill import format_timeline, run_drill
+    from .drill import run_drill
     from .drill_parts import DrillError
+    from .drill_steps import format_timeline
 
     if data is not None and data.exists() and any(data.iterdir()):
         raise UnusableInput(f"--data {data} is not empty: the drill starts from nothing")

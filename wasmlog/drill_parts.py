@@ -24,7 +24,7 @@ from registry.audit_state import AuditState
 from registry.client import RegistryClient
 from tlog.note import Verifier
 
-from .network import NetworkConfig, run_network
+from .network import COLLECTOR_PORT_OFFSET, NetworkConfig, run_network
 
 WASI = "wasi_snapshot_preview1"
 GRANTED_IMPORT = f"{WASI}.fd_write"  # what the agent's profile grants the module: writing its answer
@@ -86,22 +86,23 @@ def _free_port_range(n: int) -> int:
         finally:
             for t in socks:
                 t.close()
-    raise DrillError("no range of four free loopback ports")
+    raise DrillError(f"no range of {n} free loopback ports")
 
 
 @contextlib.asynccontextmanager
-async def network(data: pathlib.Path) -> AsyncIterator[str]:
-    """`wasmlog up`'s network (registry and log, three witnesses, 2-of-3 quorum) in data, on free
-    loopback ports; yields the registry's URL and stops the network on exit."""
+async def network(data: pathlib.Path) -> AsyncIterator[tuple[str, str]]:
+    """`wasmlog up`'s network (registry and log, three witnesses, 2-of-3 quorum, the telemetry collector)
+    in data, on free loopback ports; yields the registry's URL and the collector's (its /v1/logs) and
+    stops the network on exit."""
     for _ in range(10):
-        port = _free_port_range(4)
+        port = _free_port_range(COLLECTOR_PORT_OFFSET + 1)
         ready, stop = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(run_network(NetworkConfig(data=data, port=port, announce=False), ready=ready, stop=stop))
         waiter = asyncio.create_task(ready.wait())
         done, _ = await asyncio.wait({task, waiter}, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
         if waiter in done:
             try:
-                yield f"http://127.0.0.1:{port}"
+                yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + COLLECTOR_PORT_OFFSET}/v1/logs"
             finally:
                 stop.set()
                 await task

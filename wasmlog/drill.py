@@ -86,11 +86,12 @@ class Drill:
         d = self.data / "agent"
         d.mkdir(parents=True, exist_ok=True)
         imports = [GRANTED_IMPORT] + ([ESCALATED_IMPORT] if self.grant_escalated else [])
+        q = json.dumps  # a JSON string or list of strings is a TOML one
         (d / "agent.toml").write_text(
-            f'trust_policy = "{self.trust_policy}"\nregistries = ["{self.registry}"]\ndata = "agent-data"\n'
-            f'listen = "127.0.0.1:0"\nsweep_interval = 3600\ntelemetry = ["{self.collector}"]\n\n'
-            f'[profiles.hello]\nimports = {imports!r}\nmemory_mb = 16\ntimeout_ms = 2000\n\n'
-            f'[[modules]]\nref = "{NS}:{NAME}"\nprofile = "hello"\n'.replace("'", '"'))
+            f"trust_policy = {q(str(self.trust_policy))}\nregistries = {q([self.registry])}\ndata = \"agent-data\"\n"
+            f"listen = \"127.0.0.1:0\"\nsweep_interval = 3600\ntelemetry = {q([self.collector])}\n\n"
+            f"[profiles.hello]\nimports = {q(imports)}\nmemory_mb = 16\ntimeout_ms = 2000\n\n"
+            f"[[modules]]\nref = {q(f'{NS}:{NAME}')}\nprofile = \"hello\"\n")
         return d / "agent.toml"
 
     async def play(self) -> Report:

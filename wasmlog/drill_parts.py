@@ -182,7 +182,7 @@ class Monitor:
         while True:
             try:
                 await self.auditor.run()
-            except (aiohttp.ClientError, TimeoutError) as e:
+            except Exception as e:  # noqa: BLE001 -- kept for the detect step to name; the monitor goes on following
                 self.errors.append(repr(e))
             await asyncio.sleep(self.interval)
 

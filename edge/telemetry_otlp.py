@@ -247,7 +247,7 @@ def export_items(data: bytes) -> Iterator[tuple[str, Event | EventError]]:
     Each item says where it is ("line L record R"); a line that is not a request is one EventError item."""
     lines: list[tuple[int, object]] = []
     try:
-        lines.append((0, strict_json(data, "the export")))
+        lines.append((0 if b"\n" in data.strip() else 1, strict_json(data, "the export")))  # one JSON line is line 1
     except MalformedError:
         for n, line in enumerate(data.split(b"\n"), 1):
             if line.strip():

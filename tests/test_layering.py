@@ -25,7 +25,7 @@ PURE = {
              "errors", "policy", "witness_protocol", "syntax"],
     "witness": ["errors", "loglist", "rules"],
     "registry": ["wasm", "dsse", "record", "state", "sbom", "publish_body", "trust_policy", "diff"],
-    "edge": ["verify", "agent_cgi"],
+    "edge": ["verify", "agent_cgi", "telemetry_events", "telemetry_otlp", "telemetry_verify"],
 }
 IO = {"asyncio", "aiohttp", "lmdb", "click", "socket", "os", "requests", "subprocess", "pathlib", "io", "time", "shutil",
       "uvloop", "urllib", "http", "ssl", "select", "selectors", "multiprocessing", "datetime"}

@@ -14,7 +14,8 @@
   refused module (403s: telemetry events); events spooled during the flood (aggregated: a few per
   interval); baseline: the same with a flood of requests for an unconfigured name (404s, no event),
   which costs the same CPU on the shared machine but no telemetry.
-Target: served p99 during the flood within 2x of without it; the flood's events << its requests.
+Target: served p99 during the refused flood within 2x of that during the 404 flood (the machine's
+own cost of any flood); the flood's events far fewer than its requests (under a tenth).
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ async def bench_flood(d: pathlib.Path, url: str, vkey: str, seconds: float, conc
         return {"served_without_flood": quiet, "served_during_flood": served, "refused_flood": flood,
                 "baseline_served_during_404_flood": baseline[0], "baseline_404_flood": baseline[1],
                 "events_spooled_during_flood": after - before, "refused_requests_in_flood": refused,
-                "target_p99_within_2x": served["p99_ms"] <= 2 * quiet["p99_ms"], "target_events_aggregated": after - before < refused / 10}
+                "target_p99_within_2x_of_404_flood": served["p99_ms"] <= 2 * baseline[0]["p99_ms"], "target_events_aggregated": after - before < refused / 10}
     finally:
         proc.send_signal(signal.SIGTERM)
         await proc.wait()

@@ -24,8 +24,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import aiohttp
+import lmdb
 from aiohttp import web
 
+from tlog.errors import MalformedError
 from tlog.keys import load_or_create_signer
 from tlog.note import sign_note
 
@@ -34,7 +36,7 @@ from .agent_state import ADMITTED, QUARANTINED, ModuleState
 from .sandbox import DeadlineExceeded, MemoryExceeded, NoLongerAllowed, NotGranted, SandboxBusy, Trapped
 from .telemetry_events import Draft, Event, head_note_text, node_key_name
 from .telemetry_ship import Shipper
-from .telemetry_spool import Spool
+from .telemetry_spool import Spool, SpoolError
 
 logger = logging.getLogger("wasmlog.agent.telemetry")
 HEAD_INTERVAL = 60.0
@@ -84,8 +86,11 @@ def failure_name(error: Exception | None) -> tuple[str, str]:
 class Telemetry:
     def __init__(self, data: pathlib.Path, sinks: Sequence[str], spool_bytes: int, interval: float,
                  clock: Callable[[], float] = time.time) -> None:
-        self.spool = Spool(data / "telemetry", spool_bytes, sinks)
-        self.signer = load_or_create_signer(data / "telemetry" / "node", node_key_name(self.spool.node))
+        try:
+            self.spool = Spool(data / "telemetry", spool_bytes, sinks)
+            self.signer = load_or_create_signer(data / "telemetry" / "node", node_key_name(self.spool.node))
+        except (lmdb.Error, MalformedError, OSError, UnicodeDecodeError) as e:
+            raise SpoolError(f"the telemetry spool or key in {data / 'telemetry'} cannot be used: {e}") from None
         self.sinks = tuple(sinks)
         self.interval = interval
         self.clock = clock

@@ -40,7 +40,6 @@ SEVERITY: dict[str, tuple[int, str]] = {
     DEADLINE: WARN, MEMORY_CAP: WARN, DROPPED: WARN,
     INTEGRITY: ERROR,
 }
-AGGREGATED = frozenset({REQUEST_REFUSED, TRAP, DEADLINE, MEMORY_CAP})
 
 # The event's own attributes (besides event.name and wasmlog.event.*): name -> type. Anything else is refused.
 ATTRIBUTES: dict[str, type] = {
@@ -80,8 +79,9 @@ class Draft:
 
     @classmethod
     def of(cls, name: str, body: str, attrs: dict[str, Value | None] | None = None) -> Draft:
-        """A draft; attributes whose value is None are left out."""
-        return cls(name, body[:MAX_BODY], tuple(sorted((k, v) for k, v in (attrs or {}).items() if v is not None)))
+        """A draft; attributes whose value is None are left out, the body and strings cut to their bounds."""
+        items = ((k, v[:MAX_ATTR_STRING] if isinstance(v, str) else v) for k, v in (attrs or {}).items() if v is not None)
+        return cls(name, body[:MAX_BODY], tuple(sorted(items)))
 
 
 @dataclass(frozen=True)

@@ -100,17 +100,24 @@ class Shipper:
                 limit = max(1, len(events) // 2)
                 continue
             if outcome != "ok":
-                logger.warning("telemetry sink %s refused seq %d..%d: %s", self.url, events[0].seq, events[-1].seq, message)
-                await self.report(Draft.of(DROPPED, f"{self.url} refused {len(events)} events: {message}"[:1024], {
-                    "wasmlog.count": len(events), "wasmlog.dropped.first_seq": events[0].seq, "wasmlog.dropped.last_seq": events[-1].seq,
-                    "wasmlog.dropped.undelivered": len(events), "wasmlog.dropped.sink": self.url}))
+                logger.warning("telemetry sink %s refused (some of) seq %d..%d: %s", self.url, events[0].seq, events[-1].seq, message)
+                await self.report(self._refusal(events, outcome, message))
             await asyncio.to_thread(self.spool.ack, self.url, events[-1].seq)
             self.status.delivered_through = events[-1].seq
             self.status.failures, self.status.next_attempt = 0, None
             limit = BATCH_EVENTS
 
+    def _refusal(self, events: list[Event], outcome: str, message: str) -> Draft:
+        """The drop event for a refused batch: its whole range, or (a partial success) only how many were rejected."""
+        whole = not outcome.startswith("partial:")
+        rejected = len(events) if whole else int(outcome.removeprefix("partial:"))
+        return Draft.of(DROPPED, f"{self.url} refused {rejected} of seq {events[0].seq}..{events[-1].seq}: {message}", {
+            "wasmlog.count": rejected, "wasmlog.dropped.first_seq": events[0].seq if whole else None,
+            "wasmlog.dropped.last_seq": events[-1].seq if whole else None, "wasmlog.dropped.undelivered": rejected,
+            "wasmlog.dropped.sink": self.url})
+
     async def _post(self, session: aiohttp.ClientSession, events: list[Event]) -> tuple[str, float | None, str]:
-        """(ok | retry | too-large | refused | partial, Retry-After seconds, what happened)."""
+        """(ok | retry | too-large | refused | partial:<records rejected>, Retry-After seconds, what happened)."""
         body = json.dumps(encode_request(events), separators=(",", ":")).encode()
         try:
             async with session.post(self.url, data=body, headers={"Content-Type": "application/json"}, timeout=POST_TIMEOUT) as r:
@@ -135,7 +142,7 @@ def _success(text: str) -> tuple[str, None, str]:
     except (ValueError, TypeError, AttributeError):
         return "ok", None, "a 200 whose body is not an ExportLogsServiceResponse"
     if rejected > 0:
-        return "partial", None, f"partial success: {rejected} records rejected: {str(partial.get('errorMessage', ''))[:200]}"  # type: ignore[union-attr]
+        return f"partial:{rejected}", None, f"partial success: {rejected} records rejected: {str(partial.get('errorMessage', ''))[:200]}"  # type: ignore[union-attr]
     return "ok", None, "delivered"
 
 

@@ -245,15 +245,16 @@ def test_backoff_is_capped_jittered_and_honours_retry_after() -> None:
 
 
 async def test_delivery_retries_what_otlp_says_to_retry_and_nothing_else(aiohttp_client, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
-    answers = [(503, {"Retry-After": "0"}), (429, {"Retry-After": "0"}), (400, {}), (200, {})]
+    partial = {"partialSuccess": {"rejectedLogRecords": "1", "errorMessage": "one too old"}}
+    answers = [(503, {"Retry-After": "0"}, None), (429, {"Retry-After": "0"}, None), (400, {}, None), (200, {}, partial), (200, {}, {})]
     received: list[tuple[int, list[int], str]] = []
 
     async def sink(request: web.Request) -> web.Response:
         body = await request.json()
         seqs = [e.seq for _, e in events_of(parse_logs_request(body)) if isinstance(e, Event)]
-        status, headers = answers.pop(0) if answers else (200, {})
+        status, headers, body = answers.pop(0) if answers else (200, {}, {})
         received.append((status, seqs, request.headers["Content-Type"]))
-        return web.json_response({"message": "no"} if status != 200 else {}, status=status, headers=headers)
+        return web.json_response({"message": "no"} if body is None else body, status=status, headers=headers)
 
     app = web.Application()
     app.router.add_post("/v1/logs", sink)
@@ -272,15 +273,17 @@ async def test_delivery_retries_what_otlp_says_to_retry_and_nothing_else(aiohttp
     async with aiohttp.ClientSession() as session:
         task = asyncio.create_task(shipper.run(session))
         try:
-            await wait_until(lambda: shipper.status.delivered_through == 4, "the drop report delivered", 30)
+            await wait_until(lambda: shipper.status.delivered_through == 5, "both drop reports delivered", 30)
         finally:
             task.cancel()
     statuses = [s for s, _, _ in received]
-    assert statuses == [503, 429, 400, 200]  # 503 and 429 retried, 400 not: the next request carries the drop report
-    assert [seqs for _, seqs, _ in received] == [[1, 2, 3]] * 3 + [[4]]  # same events (same ids and seqs) on every retry
+    assert statuses == [503, 429, 400, 200, 200]  # 503 and 429 retried; 400 and a partial success not: drop reports follow
+    assert [seqs for _, seqs, _ in received] == [[1, 2, 3]] * 3 + [[4], [5]]  # same events (same ids and seqs) on every retry
     assert all(ct == "application/json" for _, _, ct in received)
-    assert len(reports) == 1 and reports[0].name == DROPPED and dict(reports[0].attrs)["wasmlog.dropped.sink"] == url
-    assert spool.cursor(url) == 4
+    assert [r.name for r in reports] == [DROPPED, DROPPED] and dict(reports[0].attrs)["wasmlog.dropped.sink"] == url
+    assert dict(reports[0].attrs)["wasmlog.count"] == 3 and dict(reports[0].attrs)["wasmlog.dropped.first_seq"] == 1
+    assert dict(reports[1].attrs)["wasmlog.count"] == 1 and "wasmlog.dropped.first_seq" not in dict(reports[1].attrs)  # which one: unknown
+    assert spool.cursor(url) == 5
     spool.close()
 
 
@@ -321,3 +324,32 @@ async def test_the_collector_routes_and_statuses_are_documented_both_ways(tmp_pa
     await check_both_ways(make_collector_app(tmp_path), documented(spec))
     table = spec[spec.index("| status |"):]
     assert {int(s) for s in re.findall(r"^\| (\d{3}) \|", table, re.MULTILINE)} == {s for _, s in STATUS} - {500}
+
+
+async def test_signed_heads_verify_and_catch_an_edit_of_the_tail(tmp_path: pathlib.Path) -> None:
+    from edge.telemetry import Telemetry
+    from tlog.note import Ed25519Signer
+
+    telemetry = Telemetry(tmp_path, [], 1 << 20, 10)
+    try:
+        for i in range(5):
+            await telemetry.emit(Draft.of(ADMITTED, f"event {i}"))
+        head = await telemetry.sign_head()
+        assert head is not None and await telemetry.sign_head() is None  # nothing new to sign
+        events = list(telemetry.spool.scan())
+        vkey = telemetry.signer.vkey
+    finally:
+        telemetry.spool.close()
+    items: list[tuple[str, Event | EventError]] = [(str(e.seq), e) for e in events]
+    report = verify_events(items, vkey)
+    assert report.ok and report.nodes[head.node].signed_through == 5 and report.nodes[head.node].key_pinned
+    last = events[4]  # the event the head signs: the head event's link and its signature both catch an edit
+    edited = Event(last.node, last.seq, last.id, last.time_ns, last.name, "nothing to see", last.attrs, last.prev)
+    report = verify_events([*items[:4], ("5", edited), items[5]], vkey)
+    assert sorted((f.kind, f.seq) for f in report.findings) == [("broken-link", 6), ("head-mismatch", 5)]
+    head_edit = Event(head.node, head.seq, head.id, head.time_ns + 1, head.name, head.body, head.attrs, head.prev)
+    report = verify_events([*items[:5], ("6", head_edit)], vkey)  # the newest event: nothing after it, not signed
+    assert report.ok and report.nodes[head.node].as_json()["unsigned_tail"] == 1  # reported as not covered
+    other = Ed25519Signer.generate("wasmlog-agent/" + head.node).vkey  # a key that is not the node's
+    report = verify_events(items, other)
+    assert [(f.kind, f.seq) for f in report.findings] == [("bad-signature", 6)]

@@ -57,6 +57,9 @@ async def test_up_publishes_with_quorum_and_restarts_with_the_same_keys(tmp_path
             proof = await api.publish(alice, parse_package_ref(f"acme:hello@1.0.{run}"), module)
             async with s.post(f"http://127.0.0.1:{port}/log/add", data=b"raw") as r:
                 assert r.status in (404, 405)  # the registry's log takes records only through the API
+            async with s.post(f"http://127.0.0.1:{port + 4}/v1/logs", data=b'{"resourceLogs": []}',
+                              headers={"Content-Type": "application/json"}) as r:
+                assert r.status == 200 and await r.json() == {}  # the telemetry collector, on port + 4
         tp = parse_tlog_proof(proof)
         assert tp.extra is not None
         cp, _, verified = verify_tlog_proof(

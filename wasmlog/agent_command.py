@@ -26,10 +26,11 @@ def agent_group() -> None:
 def agent_serve(config_file: pathlib.Path, limits: ServerLimits) -> None:
     """Admit the configured modules, serve them WAGI-style on /run/NS/NAME, sweep every sweep_interval.
 
-    Exit status 2 for a config, trust policy, state file or artifact key that cannot be used (one line naming the key or file)."""
+    Exit status 2 for a config, trust policy, state file, artifact key or telemetry spool that cannot be used (one line naming the key or file)."""
     from edge.agent_config import ConfigError, parse_config
     from edge.agent_state import StateError
     from edge.artifacts import KeyFileError
+    from edge.telemetry_spool import SpoolError
     from edge.verify import VerifyError
 
     try:
@@ -52,7 +53,7 @@ def agent_serve(config_file: pathlib.Path, limits: ServerLimits) -> None:
     try:
         with asyncio.Runner(loop_factory=new_loop) as runner:
             runner.run(go())
-    except (VerifyError, StateError, KeyFileError) as e:  # the trust policy, state.json, the artifact key
+    except (VerifyError, StateError, KeyFileError, SpoolError) as e:  # the trust policy, state.json, the artifact key, the spool
         raise click.exceptions.Exit(_fail(str(e))) from None
     except OSError as e:  # the listen address is taken, the data directory cannot be written
         raise click.exceptions.Exit(_fail(f"agent: {e}", 1)) from None

@@ -16,6 +16,7 @@ from tlog.note import Verifier
 
 from .audit_state import AuditState
 from .client import RegistryClient
+from .diff import component_changes, sbom_components
 from .follow import Finding, Follower, FollowState
 from .index import IndexState
 from .record import (
@@ -34,7 +35,8 @@ from .state import ValidationError
 
 @dataclass
 class Event:
-    """A monitor event: one record in a watched namespace, or a capability escalation."""
+    """A monitor event: one record in a watched namespace, an unexpected signer, a capability escalation
+    or an SBOM change."""
 
     kind: str
     index: int
@@ -75,6 +77,7 @@ class Auditor:
     follower: Follower
     state: AuditState
     registry: RegistryClient | None = None  # where blobs can be fetched
+    sbom_source: RegistryClient | None = None  # where a monitor fetches SBOMs to report what a release changes in them
     on_event: Callable[[Event], None] | None = None
     namespaces: frozenset[str] = frozenset()  # watched (monitor); empty: none
     expected_keys: frozenset[str] = frozenset()
@@ -130,19 +133,21 @@ class Auditor:
             self.findings.append(Finding("void-record", f"the registry logged a record its rules refuse: {e}", f"index {index}"))
             return
         body = record.body
-        key = None
-        previous = None
+        previous: Release | None = None
         if isinstance(body, Release):
             key = f"{body.ref.namespace}:{body.ref.name}"
             prev_version = self.state.previous.get(key)
             if prev_version is not None:
-                prev = self.state.registry.namespaces[body.ref.namespace].releases[f"{body.ref.name}@{prev_version}"]
-                previous = frozenset(i.qualified for i in prev.release.imports)
+                previous = self.state.registry.namespaces[body.ref.namespace].releases[f"{body.ref.name}@{prev_version}"].release
             self.state.previous[key] = body.ref.version
             if self.registry is not None:
                 await self._check_blobs(body, index)
         if self.on_event is not None and record.namespace in self.namespaces:
-            for event in events_for(record, index, previous, self.expected_keys):
+            previous_imports = None if previous is None else frozenset(i.qualified for i in previous.imports)
+            events = events_for(record, index, previous_imports, self.expected_keys)
+            if isinstance(body, Release) and previous is not None and self.sbom_source is not None:
+                events += await self._sbom_change(previous, body, index)
+            for event in events:
                 self.on_event(event)
 
     def _registry_record_at(self, index: int) -> None:
@@ -184,6 +189,33 @@ class Auditor:
     def _watched_changed(self, ours: IndexState) -> bool:
         """Whether a watched namespace's index keys changed since the previous index root (the monitor's index-root event)."""
         return any(key.split(":", 1)[0] in self.namespaces for key, _ in ours.changed(self._last_root_index))
+    async def _sbom_change(self, old: Release, new: Release, index: int) -> list[Event]:
+        """An "sbom-change" event when new's SBOM differs from old's (the components it adds, removes or
+        changes); none when both carry the same SBOM digest. An SBOM that cannot be fetched, or is not
+        its logged digest, is a finding instead."""
+        if old.sbom_sha256 == new.sbom_sha256:
+            return []
+        assert self.sbom_source is not None
+        where = f"index {index} ({new.ref})"
+        components = []
+        for release in (old, new):
+            sbom = None
+            if release.sbom_sha256 is not None:
+                try:
+                    sbom = await self.sbom_source.get(self.sbom_source.package_path(release.ref) + "/sbom")
+                except (TlogError, aiohttp.ClientError) as e:
+                    self.findings.append(Finding("blob-unavailable", f"SBOM of {release.ref}: {e}", where))
+                    return []
+                if hashlib.sha256(sbom).hexdigest() != release.sbom_sha256:
+                    self.findings.append(Finding("blob-mismatch", f"the served SBOM of {release.ref} is not the logged digest", where))
+                    return []
+            try:
+                components.append(sbom_components(release.sbom_media_type, sbom))
+            except TlogError as e:
+                self.findings.append(Finding("blob-mismatch", f"the SBOM of {release.ref} does not parse: {e}", where))
+                return []
+        detail = {"package": str(new.ref), "previous": str(old.ref), "components": component_changes(components[0], components[1])}
+        return [Event("sbom-change", index, new.ref.namespace, detail)]
 
     async def _check_blobs(self, release: Release, index: int) -> None:
         assert self.registry is not None

@@ -13,6 +13,7 @@ from tlog.client import FetchError, read_bounded
 from tlog.errors import MalformedError, TooLargeError
 from tlog.note import Ed25519Signer
 
+from .diff import diff_releases
 from .dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope, strict_json
 from .record import Action, PackageRef, Release, module_digest
 from .sbom import MAX_SBOM_BYTES
@@ -129,3 +130,12 @@ class RegistryClient:
 
     def package_path(self, ref: PackageRef) -> str:
         return f"/api/v1/packages/{ref.namespace}/{ref.name}/{ref.version}"
+
+    async def release_diff(self, old: PackageRef, new: PackageRef) -> dict[str, Any]:
+        """registry.diff.diff_releases of two releases, from their metadata and SBOMs as this registry serves them."""
+        metas, sboms = [], []
+        for ref in (old, new):
+            meta = await self.get_json(self.package_path(ref))
+            metas.append(meta)
+            sboms.append(await self.get(self.package_path(ref) + "/sbom") if meta["sbom"] else None)
+        return diff_releases(metas[0], metas[1], sboms[0], sboms[1])

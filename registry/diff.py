@@ -33,6 +33,15 @@ def sbom_components(media_type: str | None, data: bytes | None) -> dict[str, str
     return out
 
 
+def component_changes(old: dict[str, str], new: dict[str, str]) -> dict[str, Any]:
+    """Components (sbom_components' maps) that new adds, removes or changes the version of, over old."""
+    return {
+        "added": {k: new[k] for k in sorted(new.keys() - old.keys())},
+        "removed": {k: old[k] for k in sorted(old.keys() - new.keys())},
+        "changed": {k: {"from": old[k], "to": new[k]} for k in sorted(old.keys() & new.keys()) if old[k] != new[k]},
+    }
+
+
 def _imports(meta: dict[str, Any]) -> set[str]:
     return {f"{i['module']}.{i['name']}" if i["module"] else i["name"] for i in meta["imports"]}
 
@@ -45,11 +54,7 @@ def diff_releases(meta1: dict[str, Any], meta2: dict[str, Any], sbom1: bytes | N
     return {
         "from": meta1["package"],
         "to": meta2["package"],
-        "components": {
-            "added": {k: c2[k] for k in sorted(c2.keys() - c1.keys())},
-            "removed": {k: c1[k] for k in sorted(c1.keys() - c2.keys())},
-            "changed": {k: {"from": c1[k], "to": c2[k]} for k in sorted(c1.keys() & c2.keys()) if c1[k] != c2[k]},
-        },
+        "components": component_changes(c1, c2),
         "imports": {"added": sorted(i2 - i1), "removed": sorted(i1 - i2)},
     }
 

@@ -16,6 +16,7 @@ from registry.record import Action, parse_package_ref
 from registry.server import make_app
 from tlog.log import Log
 from tlog.note import Ed25519Signer, Ed25519Verifier
+from tlog.proof_file import parse_tlog_proof
 from tlog.sequencer import Sequencer
 from tlog.server import make_app as make_log_app
 from tlog.storage.memory import MemoryLogStore
@@ -100,6 +101,31 @@ async def test_monitor_reports_unexpected_keys_and_capability_escalation(aiohttp
     assert "fastly_http_req.send" in escalation.detail["added_imports"]
 
 
+async def test_monitor_reports_the_components_an_sbom_change_adds_removes_and_changes(aiohttp_client, tmp_path) -> None:
+    api, client, _, _ = await start_registry(aiohttp_client, tmp_path)
+    cdx = "application/vnd.cyclonedx+json"
+    sbom2 = CYCLONEDX.replace(b'"1.0.200"', b'"1.0.201"').replace(b"}]}", b'},{"type":"library","name":"evil","version":"6.6.6"}]}')
+    sbom3 = CYCLONEDX.replace(b'"1.0.200"', b'"1.0.201"')
+    module = wat_module("no_imports", tmp_path)
+    at = [parse_tlog_proof(await api.publish(ALICE, parse_package_ref("acme:hello@1.0.0"), module, CYCLONEDX, cdx)).index]
+    at.append(parse_tlog_proof(await api.publish(ALICE, parse_package_ref("acme:hello@1.1.0"), module_variant(module, 1), sbom2, cdx)).index)
+    at.append(parse_tlog_proof(await api.publish(ALICE, parse_package_ref("acme:hello@1.2.0"), module_variant(module, 2), sbom3, cdx)).index)
+    # the same SBOM: no event; then no SBOM at all
+    at.append(parse_tlog_proof(await api.publish(ALICE, parse_package_ref("acme:hello@1.3.0"), module_variant(module, 3), sbom3, cdx)).index)
+    at.append(parse_tlog_proof(await api.publish(ALICE, parse_package_ref("acme:hello@1.4.0"), module_variant(module, 4))).index)
+    events: list[Event] = []
+    await audit(client, namespaces=frozenset({"acme"}), on_event=events.append, sbom_source=api)
+    changes = [(e.index, e.detail["previous"], e.detail["components"]) for e in events if e.kind == "sbom-change"]
+    assert changes == [
+        (at[1], "acme:hello@1.0.0", {"added": {"evil": "6.6.6"}, "removed": {}, "changed": {"pkg:cargo/serde": {"from": "1.0.200", "to": "1.0.201"}}}),
+        (at[2], "acme:hello@1.1.0", {"added": {}, "removed": {"evil": "6.6.6"}, "changed": {}}),
+        (at[4], "acme:hello@1.3.0", {"added": {}, "removed": {"pkg:cargo/serde": "1.0.201"}, "changed": {}}),
+    ]
+    without: list[Event] = []  # a monitor without an SBOM source reports the rest as before
+    await audit(client, namespaces=frozenset({"acme"}), on_event=without.append)
+    assert [e for e in events if e.kind != "sbom-change"] == without
+
+
 async def test_diff_of_two_releases(aiohttp_client, tmp_path) -> None:
     api, client, _, _ = await start_registry(aiohttp_client, tmp_path)
     sbom2 = CYCLONEDX.replace(b'"1.0.200"', b'"1.0.201"').replace(b"}]}", b'},{"type":"library","name":"tokio","version":"1.0.0"}]}')
@@ -148,3 +174,21 @@ async def test_monitor_cli_posts_events_to_a_webhook(aiohttp_client, aiohttp_ser
     lines = [json.loads(line) for line in out.decode().splitlines()]
     assert [e["event"] for e in lines] == ["key-grant", "unexpected-key", "index-root", "release", "unexpected-key", "index-root"]
     assert received == lines
+
+
+async def test_monitor_cli_reports_sbom_changes_read_from_the_registry(aiohttp_client, tmp_path) -> None:
+    api, client, _, _ = await start_registry(aiohttp_client, tmp_path)
+    cdx = "application/vnd.cyclonedx+json"
+    module = wat_module("no_imports", tmp_path)
+    await api.publish(ALICE, parse_package_ref("acme:hello@1.0.0"), module, CYCLONEDX, cdx)
+    proof = await api.publish(ALICE, parse_package_ref("acme:hello@1.1.0"), module_variant(module, 1),
+                              CYCLONEDX.replace(b"}]}", b'},{"type":"library","name":"evil","version":"6.6.6"}]}'), cdx)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wasmlog", "monitor", str(client.make_url("")), "--vkey", REGISTRY_KEY.vkey, "--namespace", "acme",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    changes = [e for e in map(json.loads, out.decode().splitlines()) if e["event"] == "sbom-change"]
+    assert changes == [{"event": "sbom-change", "index": parse_tlog_proof(proof).index, "namespace": "acme", "package": "acme:hello@1.1.0", "previous": "acme:hello@1.0.0",
+                        "components": {"added": {"evil": "6.6.6"}, "removed": {}, "changed": {}}}]

@@ -120,7 +120,7 @@ def monitor(
     url: str, vkeys: tuple[str, ...], policy_file: pathlib.Path | None, state_dir: pathlib.Path | None,
     namespaces: tuple[str, ...], expected: tuple[str, ...], follow: bool, interval: float, webhook: str | None,
 ) -> None:
-    """Report releases, key changes, yanks, unexpected signers and capability escalations as JSON lines."""
+    """Report releases, key changes, yanks, unexpected signers, capability escalations and SBOM changes as JSON lines."""
     import json
     import sys
 
@@ -131,10 +131,11 @@ def monitor(
 
     async def go() -> int:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-            log_url, _ = await _log_and_registry(session, url)
+            log_url, registry_url = await _log_and_registry(session, url)
             pending: list[dict] = []  # type: ignore[type-arg]
             auditor = make_auditor(log_url=log_url, session=session, verifiers=verifiers, state=state,
                                    namespaces=frozenset(namespaces), expected_keys=frozenset(expected),
+                                   sbom_source=None if registry_url is None else RegistryClient(registry_url, session),
                                    on_event=lambda e: pending.append(e.as_json()))
             while True:
                 await auditor.run()
@@ -171,17 +172,9 @@ def diff(url: str, as_json: bool, old: PackageRef, new: PackageRef) -> None:
     """The SBOM and import differences between two releases."""
     import json
 
-    from registry.diff import diff_releases, format_diff
+    from registry.diff import format_diff
 
-    async def go(c: RegistryClient) -> dict:  # type: ignore[type-arg]
-        metas, sboms = [], []
-        for ref in (old, new):
-            meta = await c.get_json(c.package_path(ref))
-            metas.append(meta)
-            sboms.append(await c.get(c.package_path(ref) + "/sbom") if meta["sbom"] else None)
-        return diff_releases(metas[0], metas[1], sboms[0], sboms[1])
-
-    d = with_client(url, go)
+    d = with_client(url, lambda c: c.release_diff(old, new))
     click.echo(json.dumps(d, indent=1) if as_json else format_diff(d))
 
 

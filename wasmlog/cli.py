@@ -24,6 +24,7 @@ from tlog.runloop import run
 from .agent_command import agent_group
 from .audit_commands import audit, diff, mirror, monitor
 from .common import DEFAULT_LISTEN, one_line_errors, server_limit_options, split_listen
+from .drill_command import drill
 from .edge_commands import verify
 from .log_commands import log_group
 from .network import NetworkConfig, run_network
@@ -96,7 +97,7 @@ def up(data: pathlib.Path, listen: str, limits: ServerLimits) -> None:
     run(run_network(NetworkConfig(data=data, host=host, port=port, limits=limits)))
 
 
-for command in (log_group, witness_group, registry_group, publish, fetch, key_group, yank, verify, audit, monitor, diff, mirror, agent_group):
+for command in (log_group, witness_group, registry_group, publish, fetch, key_group, yank, verify, audit, monitor, diff, mirror, agent_group, drill):
     main.add_command(command)
 for command in (telemetry_group, collector_group):
     main.add_command(command)

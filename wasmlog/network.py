@@ -53,6 +53,7 @@ class NetworkConfig:
     gossip_interval: float = 60.0
     rounds_per_day: int = ROUNDS_PER_DAY  # the log's pace; the witnesses' qpd for it is twice that
     limits: ServerLimits = DEFAULT_LIMITS  # every server's connection and request bounds (tlog/httplimits.py)
+    announce: bool = True  # print the URLs once up (`wasmlog drill --json` keeps its stdout for its JSON)
 
 
 def network_policy(log_key: Ed25519Signer, witness_keys: list[Ed25519Signer], urls: list[str]) -> str:
@@ -94,16 +95,17 @@ async def run_network(cfg: NetworkConfig, *, ready: asyncio.Event | None = None,
         write_trust_policy(cfg.data / "trust-policy.toml", policy_text)
         collector_url = f"http://{cfg.host}:{cfg.port + COLLECTOR_PORT_OFFSET}/v1/logs"
         runners.append(await _start(make_collector_app(cfg.data / "collector"), cfg, cfg.port + COLLECTOR_PORT_OFFSET))
-        print(
-            f"wasmlog network up (data in {cfg.data})\n"
-            f"  registry  {registry_url}/api/v1/\n"
-            f"  log       {log_url}/   origin {log.origin}\n"
-            + "".join(f"  witness   {u}/\n" for u in witness_urls)
-            + f"  collector {collector_url}   (agent.toml: telemetry = [\"{collector_url}\"])\n"
-            f"  edge trust policy: {cfg.data / 'trust-policy.toml'}\n"
-            f"  publish:  wasmlog publish --registry {registry_url} --key KEY NAMESPACE:NAME@VERSION MODULE.wasm",
-            flush=True,
-        )
+        if cfg.announce:
+            print(
+                f"wasmlog network up (data in {cfg.data})\n"
+                f"  registry  {registry_url}/api/v1/\n"
+                f"  log       {log_url}/   origin {log.origin}\n"
+                + "".join(f"  witness   {u}/\n" for u in witness_urls)
+                + f"  collector {collector_url}   (agent.toml: telemetry = [\"{collector_url}\"])\n"
+                f"  edge trust policy: {cfg.data / 'trust-policy.toml'}\n"
+                f"  publish:  wasmlog publish --registry {registry_url} --key KEY NAMESPACE:NAME@VERSION MODULE.wasm",
+                flush=True,
+            )
         if ready is not None:
             ready.set()
         await _wait(stop)

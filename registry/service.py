@@ -13,7 +13,7 @@ import concurrent.futures
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from tlog.errors import NotFoundError, TlogError
 from tlog.hashes import leaf_hash
@@ -51,6 +51,7 @@ from .state import (
 )
 
 logger = logging.getLogger("wasmlog.registry")
+T = TypeVar("T")
 
 INLINE_IO_BYTES = 64 << 10  # blobs this small are parsed and written on the event loop: a thread hop costs more
 
@@ -228,7 +229,7 @@ class Registry:
         h = leaf_hash(entry)
         reserved = not self._logged(h)
         if reserved:
-            self.pending_state = self.pending_state.apply(record, PENDING)
+            self.pending_state = self._judged(lambda: self.pending_state.apply(record, PENDING), record)
             self._pending[h] = record
         try:
             fut = self.sequencer.submit(entry)
@@ -243,6 +244,15 @@ class Registry:
 
             fut.add_done_callback(unreserve_on_failure)
         return fut
+
+    def _judged(self, judge: Callable[[], T], record: Record) -> T:
+        """judge() against the pending state; a refusal the integrated state makes too is raised as it words
+        it, naming the logged record's index (the pending state may still hold it as not yet integrated)."""
+        try:
+            return judge()
+        except ValidationError:
+            self.state.check(record)
+            raise
 
     def _unreserve(self, h: bytes) -> None:
         if self._pending.pop(h, None) is not None:
@@ -259,7 +269,7 @@ class Registry:
         record = check_signed_release(signer=signer, envelope=envelope)
         logged = self._logged(leaf_hash(record.entry))
         if not logged:
-            self.pending_state.check(record)
+            self._judged(lambda: self.pending_state.check(record), record)
         return record, logged
 
     async def publish_authorized(self, record: Record, module: bytes, sbom: bytes | None, *, logged: bool) -> bytes:
@@ -290,7 +300,7 @@ class Registry:
         h = leaf_hash(entry)
         logged = self._logged(h)
         if not logged:
-            self.pending_state.check(record)  # verifies the signature here too: never trust a front-end's word
+            self._judged(lambda: self.pending_state.check(record), record)  # verifies the signature here too: never trust a front-end's word
         self._checked[h] = record
         while len(self._checked) > CHECKED_CACHE:
             self._checked.popitem(last=False)

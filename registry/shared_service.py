@@ -44,6 +44,7 @@ from .state import RegistryState, ValidationError
 logger = logging.getLogger("wasmlog.registry.shared")
 
 PREPARE_MAX = 65536  # records sequenced but not integrated, read before the lock (more are read under it)
+SHARED_KEPT_ROOTS = 256  # one root per sequencing transaction of every process: more roots per published checkpoint than on one machine
 Known = tuple[bytes, Record | None, bytes | None]  # an entry's leaf hash, its record (None: not a valid record), index-root entry
 
 
@@ -60,8 +61,9 @@ def _decode(entry: bytes) -> Record | None:
 
 def _known(entry: bytes) -> Known:
     """What following needs of an entry (call from a worker thread)."""
-    record = _decode(entry)
-    return leaf_hash(entry), record, entry if record is None and is_index_root(entry) else None
+    if is_index_root(entry):
+        return leaf_hash(entry), None, entry
+    return leaf_hash(entry), _decode(entry), None
 
 
 def _padded(index: IndexState, size: int) -> IndexState:
@@ -91,6 +93,7 @@ class SharedRegistry(Registry):
         self._prepared: dict[bytes, Record] = {}  # leaf hash -> others' records decoded and verified outside the lock
         sequencer.admission = self
         sequencer.boundary = is_index_root
+        self.indexer.kept_roots = SHARED_KEPT_ROOTS
 
     # ── submitting ──────────────────────────────────────────────────────────
     def _queue(self, record: Record) -> asyncio.Future[bytes]:
@@ -143,8 +146,11 @@ class SharedRegistry(Registry):
         tentative: dict[int, Known] = {}
         for i, entry in enumerate(sequenced_since(seen), start=seen):
             h = leaf_hash(entry)
+            if is_index_root(entry):  # another transaction's root: in no history
+                tentative[i] = (h, None, entry)
+                continue
             record = self._prepared.get(h) or self._submitted.get(h) or _decode(entry)
-            tentative[i] = (h, record, entry if record is None and is_index_root(entry) else None)
+            tentative[i] = (h, record, None)
             if record is not None:
                 with contextlib.suppress(ValidationError):  # a void record changes nothing (replay reports it)
                     state = state.apply(record, i)

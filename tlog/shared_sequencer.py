@@ -50,7 +50,7 @@ class SharedSequencer(Sequencer):
     (storage/shared.py) judges new entries while they are sequenced; a refused entry's submitter
     gets its error. With a boundary, every batch integrated ends with the last entry boundary()
     accepts among those read (so every checkpoint ends with one: an admission's trailer, say);
-    entries read with no such entry among them (logged before boundaries were) are integrated whole.
+    entries sequenced before boundaries were (none among them) are integrated batch_max at a time.
     """
 
     def __init__(self, log: Log, *, poll_interval: float = DEFAULT_POLL_INTERVAL, **options: Any) -> None:
@@ -153,7 +153,9 @@ class SharedSequencer(Sequencer):
             return self.store.sequenced(self.log.state.size, self.batch_max)
         entries = self.store.sequenced(self.log.state.size, self.batch_max + 1)
         ends = [i for i, entry in enumerate(entries) if self.boundary(entry)]
-        return entries[: ends[-1] + 1] if ends else entries
+        if ends:
+            return entries[: ends[-1] + 1]
+        return entries[: self.batch_max]  # only entries sequenced before boundaries were can have none
 
     async def _answer(self) -> None:
         published = self.log.published

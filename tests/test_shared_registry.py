@@ -123,6 +123,7 @@ async def test_status_proofs_from_every_node_verify_and_the_audit_of_the_bucket_
     (first, reg_a), (second, reg_b) = await nodes(), await nodes()
     await first.act(ALICE, Action("key-grant", "acme", key=ALICE.vkey, issued=1))
     await second.act(ALICE, Action("key-grant", "acme", key=BOB.vkey, issued=1))
+    await wait_until(lambda: BOB.vkey in reg_a.state.namespaces["acme"].keys, "the first node to know bob's grant")
     refs = [PackageRef("acme", f"p{i}", "1.0.0") for i in range(6)]
     modules = [with_custom_section(EMPTY_MODULE, i) for i in range(len(refs))]
     await asyncio.gather(*(api.publish(BOB, ref, module) for ref, module, api in zip(refs, modules, [first, second] * 3, strict=True)))

@@ -39,6 +39,7 @@ class Indexer:
         self._at: OrderedDict[int, IndexState] = OrderedDict()  # index-root size -> the index it commits
         self.mismatches: list[tuple[int, str]] = []  # index roots (log index, why) that do not match our index
         self._buffer: list[tuple[int, Record | None]] = []  # applied, not yet in index (see flush)
+        self.kept_roots = KEPT_ROOTS
 
     # ── upkeep ──────────────────────────────────────────────────────────────
     def trailer(self, plan: BatchPlan) -> bytes:
@@ -77,7 +78,7 @@ class Indexer:
             return self._mismatch(index, f"commits {root.root.hex()[:16]} as of {root.size} in {root.origin}; "
                                          f"the log's records give {self.index.root.hex()[:16]} as of {index}")
         self._at[index] = self.index
-        while len(self._at) > KEPT_ROOTS:
+        while len(self._at) > self.kept_roots:
             self._at.popitem(last=False)
 
     def batch_done(self, size: int) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import string
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 
 import aiohttp
 import pytest
@@ -241,3 +242,48 @@ async def test_the_bucket_checkpoint_converges_after_a_failure_between_database_
         await wait_until(lambda: bucket_size() == 1, "the checkpoint object of size 1", 20)
     assert objects.failed
     verify_tlog_proof(parse_tlog_proof(proof), leaf(b"one"), VERIFIER)
+
+
+class Trailing:
+    """An Admission that admits every entry and closes each sequencing transaction with b"T<its index>"."""
+
+    def prepare(self) -> None:
+        pass
+
+    def admit(self, next_index: int, sequenced_since: Callable[[int], list[bytes]], entries: Sequence[bytes]) -> list[TlogError | None]:
+        return [None] * len(entries)
+
+    def trailer(self, index: int) -> bytes:
+        return b"T%d" % index
+
+    def committed(self, next_index: int) -> None:
+        pass
+
+
+async def test_with_a_boundary_every_batch_ends_with_the_last_trailer_sequenced(shared) -> None:  # type: ignore[no-untyped-def]
+    legacy = [b"old 0", b"old 1"]
+    shared().sequence(legacy, [leaf(e) for e in legacy])  # sequenced with no trailer (before boundaries): integrated whole
+    batches: list[list[bytes]] = []
+    nodes = [SharedSequencer(Log(shared(before_commit=lambda plan: batches.append(list(plan.new_entries))), KEY),
+                             interval=0.005, batch_max=4) for _ in range(2)]
+    for node in nodes:
+        node.admission = Trailing()
+        node.boundary = lambda entry: entry.startswith(b"T")
+    entries = [b"entry %d" % i for i in range(60)]
+    async with contextlib.AsyncExitStack() as stack:
+        for node in nodes:
+            await stack.enter_async_context(node.running())
+        proofs = await asyncio.wait_for(asyncio.gather(*(nodes[i % 2].add(e) for i, e in enumerate(entries))), 30)
+    for e, proof in zip(entries, proofs, strict=True):
+        verify_tlog_proof(parse_tlog_proof(proof), leaf(e), VERIFIER)
+    store = nodes[0].store
+    logged = store.read_entries(0, store.committed_size())
+    trailers = [i for i, e in enumerate(logged) if e.startswith(b"T")]
+    assert all(logged[i] == b"T%d" % i for i in trailers)  # each at the index it was computed for
+    assert trailers[-1] == len(logged) - 1 and sorted(set(logged) - set(legacy)) == sorted(entries + [logged[i] for i in trailers])
+    assert len(trailers) >= len(entries) // 4  # one per transaction, of at most batch_max entries
+    batches = [b for b in batches if b]  # (a commit of no new entries: a checkpoint republished)
+    assert sum(len(b) for b in batches) == len(logged) and len(batches) > 1
+    # every checkpoint ends with a trailer, but those that take up entries sequenced with none (before boundaries were)
+    assert all(b[-1].startswith(b"T") or b[0] in legacy for b in batches), batches
+    assert all(b[-1].startswith(b"T") for b in batches[1:]), batches

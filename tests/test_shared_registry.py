@@ -11,17 +11,22 @@ import contextlib
 import hashlib
 import time
 
+import aiohttp
 import pytest
 from helpers import wait_until
 from registry_helpers import REGISTRY_KEY, with_custom_section
+from test_status import ALICE, BOB, NOW, POLICY, cosigned_proof, cosigned_status
 
+from edge.verify import VerifyError, verify_module
+from registry.audit import make_auditor
+from registry.audit_state import AuditState
 from registry.bucket_blobs import BucketBlobStore
 from registry.client import RegistryClient, RegistryError
-from registry.record import Action, PackageRef, decode_entry
+from registry.record import Action, PackageRef, decode_entry, decode_index_root, is_index_root
 from registry.server import make_app
 from registry.shared_service import SharedRegistry
 from tlog.log import Log
-from tlog.note import Ed25519Signer, Ed25519Verifier
+from tlog.note import Ed25519Signer, Ed25519Verifier, verifier_from_vkey
 from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
 from tlog.shared_sequencer import SharedSequencer
 from tlog.storage.objects import ObjectStore
@@ -85,7 +90,9 @@ async def test_concurrent_claims_of_one_namespace_through_two_nodes_exactly_one_
             await wait_until(lambda ns=ns, api=api: api.namespace(ns), f"{ns} visible")  # type: ignore[misc]
             assert (await api.namespace(ns))["keys"] == [winner.vkey]  # type: ignore[index]
     size = reg_a.log.integrated.checkpoint.size
-    assert size == len(namespaces)  # nothing refused was logged
+    entries = reg_a.log.store.read_entries(0, size)
+    assert is_index_root(entries[-1])  # every checkpoint ends with an index root
+    assert sum(not is_index_root(e) for e in entries) == len(namespaces)  # nothing refused was logged
     await wait_until(lambda: reg_b.log.integrated.checkpoint.size == size, "the other node at the same size")
     assert reg_a.rejected == reg_b.rejected == []
 
@@ -109,6 +116,43 @@ async def test_a_release_published_through_one_node_is_served_by_the_other_from_
     assert refused.value.status == 409
     again = parse_tlog_proof(await second.publish(alice, ref, module))  # the same release again: its index
     assert again.index == proof.index
+
+
+async def test_status_proofs_from_every_node_verify_and_the_audit_of_the_bucket_finds_every_index_root_correct(  # type: ignore[no-untyped-def]
+        nodes, seaweed, s3_path) -> None:
+    (first, reg_a), (second, reg_b) = await nodes(), await nodes()
+    await first.act(ALICE, Action("key-grant", "acme", key=ALICE.vkey, issued=1))
+    await second.act(ALICE, Action("key-grant", "acme", key=BOB.vkey, issued=1))
+    await wait_until(lambda: BOB.vkey in reg_a.state.namespaces["acme"].keys, "the first node to know bob's grant")
+    refs = [PackageRef("acme", f"p{i}", "1.0.0") for i in range(6)]
+    modules = [with_custom_section(EMPTY_MODULE, i) for i in range(len(refs))]
+    await asyncio.gather(*(api.publish(BOB, ref, module) for ref, module, api in zip(refs, modules, [first, second] * 3, strict=True)))
+    await second.act(ALICE, Action("yank", "acme", name="p0", version="1.0.0", issued=2, reason="CVE"))
+    size = reg_b.log.integrated.checkpoint.size
+    await wait_until(lambda: reg_a._applied_size >= size and reg_b._applied_size >= size, "both nodes follow the log")
+    for ref, module in zip(refs, modules, strict=True):
+        for api in (first, second):  # each node serves status proofs from the index it computed itself
+            path = api.package_path(ref)
+            status = cosigned_status(await api.get(path + "/status-proof"))
+            proof = cosigned_proof(await api.get(path + "/tlog-proof"))
+            if ref.name == "p0":
+                with pytest.raises(VerifyError) as refused:
+                    verify_module(module=module, proof=proof, policy=POLICY, now=NOW, status_proof=status)
+                assert refused.value.reason == "yanked"
+                continue
+            verified = verify_module(module=module, proof=proof, policy=POLICY, now=NOW, status_proof=status)
+            assert verified.status is not None and verified.status.as_of >= size - 1
+    entries = reg_a.log.store.read_entries(0, size)
+    roots = [i for i, e in enumerate(entries) if is_index_root(e)]
+    assert len(roots) >= 3 and roots[-1] == size - 1  # one per sequencing transaction (three acts at least)
+    assert all(decode_index_root(entries[i]).size == i for i in roots)
+    assert reg_a.indexer.mismatches == reg_b.indexer.mismatches == [] and reg_a.rejected == reg_b.rejected == []
+    async with aiohttp.ClientSession() as session:  # the bucket alone, over plain HTTP
+        auditor = make_auditor(log_url=f"{seaweed.endpoint}/{s3_path}/reg/log", session=session,
+                               verifiers=[verifier_from_vkey(REGISTRY_KEY.vkey)], state=AuditState())
+        audited = await auditor.run()
+    assert audited >= size and auditor.findings == []
+    assert auditor.state.index.size >= roots[-1]  # the auditor recomputed the index up to the last root
 
 
 async def _published(api: RegistryClient, path: str) -> bool:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +48,9 @@ class SharedSequencer(Sequencer):
     only the integrator has checkpoints cosigned and publishes them (store.publish); every process
     answers once the published checkpoint covers its submitters' entries. An admission
     (storage/shared.py) judges new entries while they are sequenced; a refused entry's submitter
-    gets its error.
+    gets its error. With a boundary, every batch integrated ends with the last entry boundary()
+    accepts among those read (so every checkpoint ends with one: an admission's trailer, say);
+    entries sequenced before boundaries were (none among them) are integrated batch_max at a time.
     """
 
     def __init__(self, log: Log, *, poll_interval: float = DEFAULT_POLL_INTERVAL, **options: Any) -> None:
@@ -64,6 +66,7 @@ class SharedSequencer(Sequencer):
         self._wake = asyncio.Event()
         self.leading = False
         self.admission: Admission | None = None
+        self.boundary: Callable[[bytes], bool] | None = None
 
     @property
     def pending(self) -> int:
@@ -134,12 +137,25 @@ class SharedSequencer(Sequencer):
         batches = []
         for _ in range(ROUNDS_PER_WAKE):
             started = time.monotonic()
-            entries = self.store.sequenced(self.log.state.size, self.batch_max)
+            entries = self._next_batch()
             if not entries:
                 break
             self.log.integrate(entries, dedup=False)
             batches.append((len(entries), time.monotonic() - started))
         return batches
+
+    def _next_batch(self) -> list[bytes]:
+        """The sequenced entries to integrate next: up to batch_max, or through the last boundary.
+
+        One sequencing transaction holds at most batch_max entries and its trailer, so reading one
+        more than batch_max always finds a boundary once a transaction with a trailer is committed."""
+        if self.boundary is None:
+            return self.store.sequenced(self.log.state.size, self.batch_max)
+        entries = self.store.sequenced(self.log.state.size, self.batch_max + 1)
+        ends = [i for i, entry in enumerate(entries) if self.boundary(entry)]
+        if ends:
+            return entries[: ends[-1] + 1]
+        return entries[: self.batch_max]  # only entries sequenced before boundaries were can have none
 
     async def _answer(self) -> None:
         published = self.log.published

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from ..errors import MissingDependencyError, NotFoundError, StorageUnavailableError, TlogError
+from ..hashes import leaf_hash
 from ..integrate import BatchPlan, TreeState, state_from_tiles
 from ..tiles import ENTRIES, TILE_WIDTH, TileID, encode_entry_bundle, parse_entry_bundle, tile_for_size
 from .objects import ObjectStore
@@ -65,6 +66,11 @@ class Admission(Protocol):
         """For each new entry (in order): None to sequence it (at next_index, next_index + 1, ... among
         those admitted), or the error to refuse it with. sequenced_since(i) returns every entry already
         sequenced in [i, next_index), in order. Must not keep anything until committed() is called."""
+        ...
+
+    def trailer(self, index: int) -> bytes | None:
+        """After admit() admitted at least one entry: an entry of its own to sequence at index, right
+        after them in the same transaction (None: none). Must not keep anything until committed()."""
         ...
 
     def committed(self, next_index: int) -> None:
@@ -242,7 +248,7 @@ class SharedLogStore:
 
         When this returns the entries are committed in the database; they will be integrated in order.
         With an admission, a new entry it refuses gets its error instead of an index (nothing is stored
-        for it). leaf_hashes must be distinct. Raises StorageUnavailableError.
+        for it), and its trailer (if any) is sequenced right after the admitted entries. leaf_hashes must be distinct. Raises StorageUnavailableError.
         """
         with self._txn() as cur:
             nxt = cur.execute("SELECT next FROM tlog_next FOR UPDATE").fetchone()[0]
@@ -263,6 +269,11 @@ class SharedLogStore:
                 new_idx.append(known[h])
                 new_entries.append(entry)
                 new_hashes.append(h)
+            trailer = admission.trailer(nxt + len(new_idx)) if admission is not None and new_idx else None
+            if trailer is not None:
+                new_idx.append(nxt + len(new_idx))
+                new_entries.append(trailer)
+                new_hashes.append(leaf_hash(trailer))
             if new_idx:
                 cur.execute("INSERT INTO tlog_entries SELECT * FROM unnest(%s::bigint[], %s::bytea[])", (new_idx, new_entries))
                 cur.execute("INSERT INTO tlog_dedup SELECT * FROM unnest(%s::bytea[], %s::bigint[])", (new_hashes, new_idx))

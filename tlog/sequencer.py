@@ -118,14 +118,19 @@ class Sequencer:
                 await asyncio.wait_for(self._full.wait(), timeout=self.interval)
             await self.flush()
 
-    async def flush(self) -> None:
-        """Integrate up to batch_max pending entries now."""
+    def _take_batch(self) -> tuple[list[bytes], list[tuple[bytes, asyncio.Future[bytes]]]]:
+        """Take up to batch_max pooled entries, oldest first: (their leaf hashes, their (entry, future) pairs)."""
         keys = list(self._pool)[: self.batch_max]
         batch = [self._pool.pop(k) for k in keys]
         if len(self._pool) < self.batch_max:
             self._full.clear()
         if not self._pool:
             self._nonempty.clear()
+        return keys, batch
+
+    async def flush(self) -> None:
+        """Integrate up to batch_max pending entries now."""
+        keys, batch = self._take_batch()
         if not batch:
             return
         entries = [entry for entry, _ in batch]

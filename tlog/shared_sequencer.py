@@ -81,12 +81,7 @@ class SharedSequencer(Sequencer):
 
     async def flush(self) -> None:
         """Sequence up to batch_max pooled entries now (durably); they are answered once integrated."""
-        keys = list(self._pool)[: self.batch_max]
-        batch = [self._pool.pop(k) for k in keys]
-        if len(self._pool) < self.batch_max:
-            self._full.clear()
-        if not self._pool:
-            self._nonempty.clear()
+        keys, batch = self._take_batch()
         if not batch:
             return
         entries = [entry for entry, _ in batch]

@@ -205,7 +205,8 @@ class Sandbox:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + profile.timeout_ms / 1000
         try:
-            worker = await asyncio.wait_for(self._idle.acquire(key, self._module_workers), profile.timeout_ms / 1000)
+            async with asyncio.timeout(profile.timeout_ms / 1000):  # not wait_for: see Worker.call
+                worker = await self._idle.acquire(key, self._module_workers)
         except TimeoutError:
             self.counters["no_worker_in_time"] += 1
             raise NoWorkerInTime(f"no worker came free for sha256:{digest[:16]} within its deadline of {profile.timeout_ms} ms") from None

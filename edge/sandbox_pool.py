@@ -98,9 +98,12 @@ class Worker:
 
     async def call(self, header: Mapping[str, Any], blobs: Mapping[str, bytes], timeout: float) -> tuple[dict[str, Any], dict[str, bytes]]:
         try:
-            self._writer.write(encode(header, blobs))
-            await asyncio.wait_for(self._writer.drain(), timeout)
-            return await asyncio.wait_for(read_frame_async(self._reader), timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that arrives just as
+            # the drain completes, and the caller that gave up would wait for the whole run (seen in CI).
+            async with asyncio.timeout(timeout):
+                self._writer.write(encode(header, blobs))
+                await self._writer.drain()
+                return await read_frame_async(self._reader)
         except TimeoutError:
             await self.kill()
             raise WorkerLost(f"sandbox worker pid {self.pid} did not answer within {timeout:.1f} s; killed", timed_out=True) from None

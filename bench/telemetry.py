@@ -142,7 +142,7 @@ async def load(session: aiohttp.ClientSession, url: str, seconds: float, concurr
 async def bench_flood(d: pathlib.Path, url: str, vkey: str, seconds: float, concurrency: int) -> dict[str, Any]:
     (d / "trust-policy.toml").write_text(f'tlog_policy = """\nlog {vkey}\nquorum none\n"""\n')
     (d / "agent.toml").write_text(
-        f'trust_policy = "trust-policy.toml"\nregistries = ["{url}"]\ndata = "agent-data"\nlisten = "127.0.0.1:0"\n'
+        f'trust_policy = "trust-policy.toml"\nregistries = ["{url}"]\ndata = "agent-data"\nlisten = "127.0.0.1:0"\nadmin_listen = "127.0.0.1:0"\n'
         f'sweep_interval = 86400\ntelemetry_interval = 1\n[profiles.stdout]\nimports = ["{WASI}.fd_write"]\nmemory_mb = 16\ntimeout_ms = 2000\n'
         '[[modules]]\nref = "acme:m0@1.0.0"\nprofile = "stdout"\n[[modules]]\nref = "acme:netty@1.0.0"\nprofile = "stdout"\n')
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -151,19 +151,20 @@ async def bench_flood(d: pathlib.Path, url: str, vkey: str, seconds: float, conc
     try:
         assert proc.stdout is not None
         m = re.match(rb"wasmlog agent: (http://\S+)", await asyncio.wait_for(proc.stdout.readline(), 120))
-        assert m, "the agent did not start"
-        base = m[1].decode().rstrip("/")
+        admin = re.match(rb"wasmlog agent admin: (http://\S+)", await asyncio.wait_for(proc.stdout.readline(), 120))
+        assert m and admin, "the agent did not start"
+        base, admin_base = m[1].decode().rstrip("/"), admin[1].decode().rstrip("/")
         async with aiohttp.ClientSession() as session:
             await load(session, base + "/run/acme/m0", 1.0, concurrency, 200)  # warm up
             quiet = await load(session, base + "/run/acme/m0", seconds, concurrency, 200)
             baseline = await asyncio.gather(load(session, base + "/run/acme/m0", seconds, concurrency, 200),
                                             load(session, base + "/run/acme/unknown", seconds, concurrency, 404))  # no event
-            async with session.get(base + "/status") as r:
+            async with session.get(admin_base + "/status") as r:
                 before = (await r.json())["telemetry"]["spool"]["node_events"]
             served, flood = await asyncio.gather(load(session, base + "/run/acme/m0", seconds, concurrency, 200),
                                                  load(session, base + "/run/acme/netty", seconds, concurrency, 403))
             await asyncio.sleep(1.5)  # one aggregation interval, so the flood's last counts are spooled
-            async with session.get(base + "/status") as r:
+            async with session.get(admin_base + "/status") as r:
                 after = (await r.json())["telemetry"]["spool"]["node_events"]
         refused = round(flood["requests_per_s"] * seconds)
         return {"served_without_flood": quiet, "served_during_flood": served, "refused_flood": flood,

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import pathlib
-import re
 import signal
 import socket
 import statistics
@@ -35,6 +34,7 @@ from typing import Any
 
 import aiohttp
 import wasmtime
+from common import ROOT, agent_process
 
 from edge.agent import Agent
 from edge.agent_admission import Admission
@@ -45,7 +45,6 @@ from registry.client import RegistryClient
 from registry.record import parse_package_ref
 from tlog.note import Ed25519Signer
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 WASI = "wasi_snapshot_preview1"
 LOG_VKEY: list[str] = []  # the registry's log key, once it is started
 ALICE = Ed25519Signer.generate("alice")
@@ -177,14 +176,7 @@ async def bench_cold_start(d: pathlib.Path, modules: list[bytes], rounds: int) -
 
 async def bench_wagi(d: pathlib.Path, url: str, seconds: float, concurrency: int) -> dict[str, Any]:
     cfg = write_config(d, url, ["acme:m0@1.0.0"])
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "wasmlog", "agent", "serve", "--config", str(cfg),
-                                                stdout=asyncio.subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
-    try:
-        assert proc.stdout is not None
-        m = re.match(rb"wasmlog agent: (http://\S+)", await asyncio.wait_for(proc.stdout.readline(), 120))
-        admin = re.match(rb"wasmlog agent admin: (http://\S+)", await asyncio.wait_for(proc.stdout.readline(), 120))
-        assert m and admin, "the agent did not start"
-        base, admin_base = m[1].decode().rstrip("/"), admin[1].decode().rstrip("/")
+    async with agent_process(cfg) as (base, admin_base):
         out = {}
         async with aiohttp.ClientSession() as session:
             deadline = time.monotonic() + 120
@@ -210,9 +202,6 @@ async def bench_wagi(d: pathlib.Path, url: str, seconds: float, concurrency: int
                 await asyncio.gather(*(worker() for _ in range(concurrency)))
                 out[name] = {"requests_per_s": round(len(lat) / (time.perf_counter() - start), 1), **summary(lat)}
         return out
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await proc.wait()
 
 
 async def bench_sweep(d: pathlib.Path, url: str, refs: list[str]) -> dict[str, Any]:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import pathlib
+import re
+import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 # A minimal module importing env.log; benchmarks vary it with a custom section.
 BASE_MODULE = bytes.fromhex("0061736d01000000010401600000020b0103656e76036c6f670000")
 
@@ -69,3 +75,21 @@ def local_shared_storage(stack: contextlib.ExitStack, database: str) -> tuple[st
     s3 = stack.enter_context(running(SeaweedServer))
     assert isinstance(pg, PostgresServer) and isinstance(s3, SeaweedServer)
     return pg.new_database(database), f"s3://{BUCKET}/{database}", s3.env
+
+
+@contextlib.asynccontextmanager
+async def agent_process(config: pathlib.Path) -> AsyncIterator[tuple[str, str]]:
+    """`python -m wasmlog agent serve --config config` with this tree's code: (its module listener's URL, its admin
+    listener's URL) while it runs; SIGTERM and wait at the end."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "wasmlog", "agent", "serve", "--config", str(config),
+                                                stdout=asyncio.subprocess.PIPE, cwd=ROOT, env=env)
+    try:
+        assert proc.stdout is not None
+        m = re.match(rb"wasmlog agent: (http://\S+)", await asyncio.wait_for(proc.stdout.readline(), 120))
+        admin = re.match(rb"wasmlog agent admin: (http://\S+)", await asyncio.wait_for(proc.stdout.readline(), 120))
+        assert m and admin, "the agent did not start"
+        yield m[1].decode().rstrip("/"), admin[1].decode().rstrip("/")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await proc.wait()

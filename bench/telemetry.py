@@ -25,16 +25,15 @@ import asyncio
 import json
 import os
 import pathlib
-import re
 import signal
-import sys
 import tempfile
 import time
 from typing import Any
 
 import aiohttp
 import wasmtime
-from agent import ROOT, WASI, hello, start_registry, summary
+from agent import WASI, hello, start_registry, summary
+from common import agent_process
 
 from edge.telemetry import Telemetry
 from edge.telemetry_collector import make_collector_app
@@ -145,15 +144,7 @@ async def bench_flood(d: pathlib.Path, url: str, vkey: str, seconds: float, conc
         f'trust_policy = "trust-policy.toml"\nregistries = ["{url}"]\ndata = "agent-data"\nlisten = "127.0.0.1:0"\nadmin_listen = "127.0.0.1:0"\n'
         f'sweep_interval = 86400\ntelemetry_interval = 1\n[profiles.stdout]\nimports = ["{WASI}.fd_write"]\nmemory_mb = 16\ntimeout_ms = 2000\n'
         '[[modules]]\nref = "acme:m0@1.0.0"\nprofile = "stdout"\n[[modules]]\nref = "acme:netty@1.0.0"\nprofile = "stdout"\n')
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "wasmlog", "agent", "serve", "--config", str(d / "agent.toml"),
-                                                stdout=asyncio.subprocess.PIPE, cwd=ROOT, env=env)
-    try:
-        assert proc.stdout is not None
-        m = re.match(rb"wasmlog agent: (http://\S+)", await asyncio.wait_for(proc.stdout.readline(), 120))
-        admin = re.match(rb"wasmlog agent admin: (http://\S+)", await asyncio.wait_for(proc.stdout.readline(), 120))
-        assert m and admin, "the agent did not start"
-        base, admin_base = m[1].decode().rstrip("/"), admin[1].decode().rstrip("/")
+    async with agent_process(d / "agent.toml") as (base, admin_base):
         async with aiohttp.ClientSession() as session:
             await load(session, base + "/run/acme/m0", 1.0, concurrency, 200)  # warm up
             quiet = await load(session, base + "/run/acme/m0", seconds, concurrency, 200)
@@ -171,9 +162,6 @@ async def bench_flood(d: pathlib.Path, url: str, vkey: str, seconds: float, conc
                 "baseline_served_during_404_flood": baseline[0], "baseline_404_flood": baseline[1],
                 "events_spooled_during_flood": after - before, "refused_requests_in_flood": refused,
                 "target_p99_within_2x_of_404_flood": served["p99_ms"] <= 2 * baseline[0]["p99_ms"], "target_events_aggregated": after - before < refused / 10}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await proc.wait()
 
 
 async def main() -> None:

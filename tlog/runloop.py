@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Callable, Coroutine
+import contextlib
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -34,3 +35,13 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run coro to completion on a new event loop, as asyncio.run does, and return its result."""
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(coro)
+
+
+async def cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel every task, then wait for each to end (their cancellation is expected, not raised)."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -18,6 +18,7 @@ from typing import Protocol
 from .errors import PushbackError, TlogError
 from .hashes import leaf_hash
 from .log import Log, Published
+from .runloop import cancel_all
 from .witnessing import Cosigner, RequestBudget
 
 log = logging.getLogger("wasmlog.sequencer")
@@ -212,8 +213,4 @@ class Sequencer:
         try:
             yield self
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_all(tasks)

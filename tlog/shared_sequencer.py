@@ -21,6 +21,7 @@ from typing import Any
 from .errors import PushbackError, TlogError
 from .hashes import leaf_hash
 from .log import Log
+from .runloop import cancel_all
 from .sequencer import Sequencer
 from .storage.shared import Admission, SharedLogStore
 
@@ -207,11 +208,7 @@ class SharedSequencer(Sequencer):
         try:
             yield self
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_all(tasks)
             await asyncio.to_thread(self.store.resign)
             for w in self._waiting:
                 _fail(w.futures, TlogError("the log stopped before integrating the entry (it is sequenced and will be logged)"))

@@ -49,6 +49,7 @@ from .sandbox import (
     SandboxBusy,
     SandboxError,
     Trapped,
+    WorkerCrashed,
 )
 
 logger = logging.getLogger("wasmlog.agent")
@@ -90,6 +91,15 @@ def error_response(e: Exception) -> web.Response:
 
 
 agent_errors_middleware = errors_middleware_for(error_response)
+
+
+def public_error(ref: str, e: Exception) -> Exception:
+    """The error a module's caller sees: a crashed worker's pid and stderr, or a sandbox fault's internals, stay
+    in the agent's log and telemetry (the module listener is public)."""
+    if type(e) in (WorkerCrashed, SandboxError):
+        logger.warning("%s: %s", ref, e)
+        return type(e)(f"{ref}: the worker running it died; it was replaced" if isinstance(e, WorkerCrashed) else f"{ref}: the sandbox failed")
+    return e
 
 
 class AgentMetrics:
@@ -178,7 +188,7 @@ async def run_module(request: web.Request) -> web.Response:
         return error_response(IntegrityError(f"{m.ref} is quarantined (integrity): its stored module changed on disk"))  # no path
     except (SandboxError, CgiError) as e:
         await agent.telemetry.request_failed(m.ref, s, e)
-        response = error_response(e)
+        response = error_response(public_error(m.ref, e))
         metrics.runs.labels(m.ref, str(response.status)).inc()
         return response
     finally:

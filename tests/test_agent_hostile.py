@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import pathlib
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -187,5 +189,27 @@ async def test_the_module_listener_names_the_reason_never_the_agents_sources_or_
         assert str(tmp_path) not in body["message"], body
         (m,) = [m for m in (await (await a.admin.get("/status")).json())["modules"] if m["ref"] == "acme:other@1.0.0"]
         assert (m["state"], m["reason"]) == ("quarantined", "integrity") and str(a.agent.store.path(digest)) in m["message"]
+    finally:
+        await a.close()
+
+
+async def test_a_crashed_worker_is_a_502_that_names_the_module_never_the_workers_pid(aiohttp_client, tmp_path: pathlib.Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A run worker killed mid-request answers 502 WorkerCrashed on the public listener; its pid and how it died
+    are in the agent's log (and telemetry), not in the caller's answer."""
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:spin@1.0.0", LOOP)
+    a = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:spin@1.0.0": "one_at_a_time"})
+    try:
+        assert a.agent.prewarming is not None and await a.agent.prewarming == {}
+        run = asyncio.ensure_future(a.runs.get("/run/acme/spin"))
+        await wait_until(lambda: a.sandbox.status()["busy"] == 1, "acme:spin to run")
+        pids = a.sandbox.status()["pids"]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        r = await run
+        body = await r.json()
+        assert r.status == 502 and body["error"] == "WorkerCrashed" and "acme:spin@1.0.0" in body["message"], body
+        assert not any(str(pid) in body["message"] for pid in pids), body
+        assert any("died" in record.getMessage() and any(str(pid) in record.getMessage() for pid in pids) for record in caplog.records)
     finally:
         await a.close()

@@ -80,6 +80,20 @@ def test_each_failure_has_its_own_type() -> None:
         open_checkpoint(CP.text().encode(), POLICY, NOW)
 
 
+def test_the_age_bound_is_the_quorums_not_one_witnesss() -> None:
+    """With two of three required, one witness cosigning now does not make a checkpoint the others last
+    cosigned long ago fresh: the age is the quorum time's (the second newest here)."""
+    note = note_with((W[0], NOW), (W[1], NOW - 3600), (W[2], NOW - 7200))
+    with pytest.raises(StaleCheckpointError, match="3600s old"):
+        open_checkpoint(note, POLICY, NOW, max_age=60)
+    assert open_checkpoint(note, POLICY, NOW, max_age=3600).newest_cosignature == NOW
+    assert open_checkpoint(note_with((W[0], NOW), (W[1], NOW - 60)), POLICY, NOW, max_age=60).witnesses == ("W0", "W1")
+    assert open_checkpoint(sign_note(CP.text(), [LOG]), NO_QUORUM, NOW, max_age=None).witnesses == ()
+    with pytest.raises(StaleCheckpointError, match="no cosignature"):
+        open_checkpoint(sign_note(CP.text(), [LOG]), NO_QUORUM, NOW, max_age=60)
+    assert open_checkpoint(note_with((W[0], NOW - 60)), NO_QUORUM, NOW, max_age=60).newest_cosignature == NOW - 60
+
+
 # Nested groups: (W0 and W1) or (any two of W2..W4), or all of A0..A2 (quorum none is the last policy).
 NESTED = parse_policy(("\n".join([
     f"log {LOG.vkey}", *(f"witness {n} {Ed25519Signer.generate(n.lower() + '.example', ALG_COSIGNATURE_V1).vkey}"

@@ -82,4 +82,4 @@ class QuorumNotMetError(TlogError):
 
 
 class StaleCheckpointError(TlogError):
-    """A checkpoint whose newest counted cosignature is older than the caller allows (or that has none)."""
+    """A checkpoint whose quorum time (the newest time by which a quorum had cosigned) is older than the caller allows (or that has none)."""

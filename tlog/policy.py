@@ -209,18 +209,20 @@ def open_checkpoint(
     The log is the policy's log for the checkpoint's origin, and its signature must verify; a
     cosignature counts for a policy witness when it verifies and its time is at most
     MAX_FUTURE_SKEW seconds after now (each witness counts once, at its newest time); the counted
-    witnesses must meet the quorum; with max_age, the newest counted cosignature must be at most
-    that many seconds old. Signatures by keys the policy does not name are ignored; a named key's
-    bad signature fails the note. parsed: the note and checkpoint already parsed from note_bytes.
+    witnesses must meet the quorum; with max_age, the quorum time (Policy.quorum_time: the newest
+    time by which a quorum had cosigned) must be at most that many seconds old, so one witness's
+    fresh cosignature never makes a checkpoint the rest stopped vouching for look fresh.
+    Signatures by keys the policy does not name are ignored; a named key's bad signature fails
+    the note. parsed: the note and checkpoint already parsed from note_bytes.
 
     Raises UnknownLogError, MalformedError (not a checkpoint note), SignatureError (the log's
     signature fails), UnverifiedNoteError (no log signature), CosignatureError, QuorumNotMetError,
     StaleCheckpointError.
     """
-    opened, _ = open_checkpoint_times(note_bytes, policy, now, parsed=parsed)
-    newest = opened.newest_cosignature
-    if max_age is not None and (newest is None or now - newest > max_age):
-        age = "no cosignature" if newest is None else f"newest cosignature {now - newest}s old"
+    opened, times = open_checkpoint_times(note_bytes, policy, now, parsed=parsed)
+    vouched = policy.quorum_time(times)
+    if max_age is not None and (vouched is None or now - vouched > max_age):
+        age = "no cosignature" if vouched is None else f"the quorum's cosignatures are {now - vouched}s old"
         raise StaleCheckpointError(f"checkpoint too old: {age}, the policy allows {max_age}s")
     return opened
 

@@ -71,8 +71,6 @@ def open_registry(
         except BaseException:
             lmdb_store.close()
             raise
-    if witnessed:
-        raise TlogError("--witness-policy is not supported with --store yet")
     from registry.bucket_blobs import BucketBlobStore
     from registry.shared_service import SharedRegistry
     from tlog.shared_sequencer import SharedSequencer
@@ -80,10 +78,11 @@ def open_registry(
 
     assert objects is not None
     log_url, blobs_url = objects_url_under(objects, "log"), objects_url_under(objects, "blobs")
-    shared_store = SharedLogStore(store, log_url)
+    shared_store = SharedLogStore(store, log_url, publish_integrated=not witnessed)  # witnessed: the bucket's checkpoint is the cosigned one
     try:
         blobs = BucketBlobStore(blobs_url)
-        shared = SharedSequencer(Log(shared_store, signer), **options)
+        shared = SharedSequencer(Log(shared_store, signer, witnessed=witnessed), witness_budget=witness_budget(witness_rounds_per_day),
+                                 **options)
 
         def close() -> None:
             blobs.close()

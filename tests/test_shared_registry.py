@@ -184,7 +184,7 @@ async def test_a_node_that_has_not_followed_yet_never_refuses_what_another_node_
     await first.act(ALICE, Action("key-grant", "acme", key=revoked.vkey, issued=2))
     await second.act(ALICE, Action("key-revocation", "acme", key=revoked.vkey, issued=3))  # judged under the lock: accepted
     await second.act(BOB, Action("yank", "acme", name="hello", version="1.0.1", issued=3, reason="CVE"))
-    assert revoked.vkey in (await second.namespace("acme"))["revoked"]  # type: ignore[index]
+    assert revoked.vkey in (await second.namespace("acme"))["revoked"]
     with pytest.raises(RegistryError) as refused:  # what B refuses after looking again is refused for real
         await second.publish(revoked, PackageRef("acme", "hello", "2.0.0"), module)
     assert refused.value.status == 403

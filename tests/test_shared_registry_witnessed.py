@@ -102,7 +102,7 @@ async def test_a_witnessed_shared_registry_keeps_its_cosignatures_when_the_leadi
                 await publish(apis[i % 2], PackageRef("acme", "lib", f"1.0.{i}"))
             for ref in published:
                 for api in apis:  # every process serves status proofs that verify
-                    await wait_until(lambda api=api, ref=ref: status_verifies(api, ref), f"{ref}'s status proof from {api.url}", 30)
+                    await wait_until(lambda api=api, ref=ref: status_verifies(api, ref), f"{ref}'s status proof from {api.url}", 30)  # type: ignore[misc]
             before = cosigned(bucket.get("checkpoint")).size  # the bucket's checkpoint is the cosigned one
 
             roles = [await role(session, node) for node in nodes]
@@ -114,7 +114,7 @@ async def test_a_witnessed_shared_registry_keeps_its_cosignatures_when_the_leadi
             assert await role(session, survivor) == "integrating"
             assert cosigned(bucket.get("checkpoint")).size > before
             for ref in published:
-                await wait_until(lambda ref=ref: status_verifies(api, ref), f"{ref}'s status proof from the survivor", 30)
+                await wait_until(lambda ref=ref: status_verifies(api, ref), f"{ref}'s status proof from the survivor", 30)  # type: ignore[misc]
         finally:
             for node in nodes:
                 node.kill()

@@ -91,7 +91,7 @@ async def test_concurrent_claims_of_one_namespace_through_two_nodes_exactly_one_
         assert decode_entry(proof.extra).signer == winner.vkey  # type: ignore[arg-type]
         for api in (first, second):  # every node serves every read
             await wait_until(lambda ns=ns, api=api: api.namespace(ns), f"{ns} visible")  # type: ignore[misc]
-            assert (await api.namespace(ns))["keys"] == [winner.vkey]  # type: ignore[index]
+            assert (await api.namespace(ns))["keys"] == [winner.vkey]
     size = reg_a.log.integrated.checkpoint.size
     entries = reg_a.log.store.read_entries(0, size)
     assert is_index_root(entries[-1])  # every checkpoint ends with an index root

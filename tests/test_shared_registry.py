@@ -231,7 +231,7 @@ async def test_a_node_started_later_replays_the_bucket_and_enforces_what_it_hold
 @pytest.mark.parametrize(("args", "says"), [
     (["--data", "d", "--store", "postgresql://x/y", "--objects", "s3://b/p"], "give --data DIR, or --store"),
     (["--store", "postgresql://x/y"], "give --data DIR, or --store"),
-    (["--store", "postgresql://x/y", "--objects", "s3://b/p", "--workers", "2"], "--workers is not supported with --store"),
+    (["--data", "d", "--worker-of", "1"], "--worker-of is for the processes of --workers with --store"),
 ])
 def test_registry_serve_takes_one_storage(tmp_path, args: list[str], says: str) -> None:  # type: ignore[no-untyped-def]
     import subprocess

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from tlog.addipc import ForwardedError
 from tlog.checkpoint import parse_decimal
@@ -108,13 +109,30 @@ def registry_error_response(e: TlogError) -> web.Response:
 registry_errors_middleware = errors_middleware_for(registry_error_response)
 
 
+def looked_up_again(registry: Registry) -> Middleware:
+    """A middleware: a read of the registry API that found nothing (404) is answered again once the registry
+    caught up with the log, if it had anything to take up (on shared storage another process may have just
+    logged what was asked for): a stale view never answers a final no."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except NotFoundError:
+            if request.method not in ("GET", "HEAD") or request.match_info.apps[-1] is not request.app or not await registry.caught_up():
+                raise
+            return await handler(request)
+
+    return middleware
+
+
 async def publish(request: web.Request) -> web.Response:
     """Cheapest first: the signer and envelope are checked, and the signer's grant, before the
     module and the SBOM are even read (registry/publish_reader.py)."""
     body = PublishReader(request)
     signer, envelope = await body.signed()
     registry = request.app[REGISTRY]
-    record, logged = registry.authorize_release(signer=signer, envelope=envelope)
+    record, logged = await registry.authorize_release(signer=signer, envelope=envelope)
     module, sbom = await body.contents()
     proof = await registry.publish_authorized(record, module, sbom, logged=logged)
     return web.Response(body=proof, content_type="text/plain")
@@ -249,7 +267,7 @@ def make_app(
     max_checkpoint_age: float | None = None, read_only: bool = False,
 ) -> web.Application:
     """The registry app. read_only leaves out publishing and records (a mirror)."""
-    app = web.Application(middlewares=[registry_errors_middleware])  # body limits are per route (body_limit)
+    app = web.Application(middlewares=[registry_errors_middleware, looked_up_again(registry)])  # body limits are per route (body_limit)
     app[REGISTRY] = registry
     app.on_cleanup.append(lambda _: asyncio.to_thread(registry.sbom_pool.close))  # stops its SBOM validator processes
     base = "/api/v1"

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from aiohttp import web
 
-from tlog.errors import TlogError
+from tlog.errors import StorageUnavailableError, TlogError
 from tlog.hashes import leaf_hash
 from tlog.shared_sequencer import SharedSequencer
 from tlog.storage.shared import SharedLogStore
@@ -43,6 +43,7 @@ from .state import RegistryState, ValidationError
 
 logger = logging.getLogger("wasmlog.registry.shared")
 
+READ_ATTEMPTS = 3  # reads of what is sequenced, should integration move entries from the database to the bucket meanwhile
 PREPARE_MAX = 65536  # records sequenced but not integrated, read before the lock (more are read under it)
 SHARED_KEPT_ROOTS = 256  # one root per sequencing transaction of every process: more roots per published checkpoint than on one machine
 Known = tuple[bytes, Record | None, bytes | None]  # an entry's leaf hash, its record (None: not a valid record), index-root entry
@@ -108,17 +109,35 @@ class SharedRegistry(Registry):
         fut.add_done_callback(lambda _: self._submitted.pop(h, None))
         return fut
 
-    def authorize_release(self, *, signer: str, envelope: bytes) -> tuple[Record, bool]:
-        """Registry.authorize_release against every record this process knows sequenced (the
-        authoritative check is admit's); a record the rules refuse may be a replay of a logged one."""
+    async def authorize_release(self, *, signer: str, envelope: bytes) -> tuple[Record, bool]:
+        """Registry.authorize_release against every record this process knows sequenced; a refusal is
+        final only once checked again against every record sequenced by now (another process may have
+        just logged the grant it lacks). The authoritative check is admit's."""
         record = check_signed_release(signer=signer, envelope=envelope)
         try:
             self._sequenced_state.check(record)
         except ValidationError:
-            if not self._logged(leaf_hash(record.entry)):
-                raise
-            return record, True
+            h = leaf_hash(record.entry)
+            if h in self._known_hashes or h in self._submitted:
+                return record, True
+            return record, await asyncio.to_thread(self._judge_now, record)
         return record, False
+
+    def _judge_now(self, record: Record) -> bool:
+        """Whether record is sequenced already (a replay); if not, check it against every record sequenced
+        by now, read from the database and the bucket (blocking). Raises ValidationError."""
+        h = leaf_hash(record.entry)
+        with self._lock:
+            seen, state = self._seen, self._sequenced_state
+        entries = self._read_sequenced(seen)
+        if any(leaf_hash(entry) == h for entry in entries) or self.store.lookup([h]):
+            return True
+        self._applied(seen, state, entries)[0].check(record)
+        return False
+
+    async def caught_up(self) -> bool:
+        """Take up at once what other processes integrated since this one last looked; whether there was any."""
+        return await self._take_up(await asyncio.to_thread(self.store.committed_size))
 
     def _logged(self, h: bytes) -> bool:
         return h in self._known_hashes or h in self._submitted or bool(self.store.lookup([h]))
@@ -129,31 +148,45 @@ class SharedRegistry(Registry):
         taking the sequencing lock: under it only the records sequenced meanwhile cost a verification."""
         with self._lock:
             seen = self._seen
-        committed = self.store.committed_size()
-        entries = [e for first in range(seen, committed, TILE_WIDTH) for e in self.store.read_entries(first, min(committed, first + TILE_WIDTH))]
-        entries += self.store.sequenced(max(seen, committed), PREPARE_MAX)
         prepared: dict[bytes, Record] = {}
-        for entry in entries:
+        for entry in self._read_sequenced(seen):
             h = leaf_hash(entry)
             record = self._submitted.get(h) or _decode(entry)
             if record is not None:
                 prepared[h] = record
         self._prepared = prepared
 
-    def admit(self, next_index: int, sequenced_since: Callable[[int], list[bytes]], entries: Sequence[bytes]) -> list[TlogError | None]:
-        with self._lock:
-            seen, state, index_state = self._seen, self._sequenced_state, self._sequenced_index
-        tentative: dict[int, Known] = {}
-        for i, entry in enumerate(sequenced_since(seen), start=seen):
+    def _read_sequenced(self, start: int) -> list[bytes]:
+        """Every entry sequenced from index start on, in order (blocking): the integrated ones from the
+        bucket, the others (up to PREPARE_MAX) from the database. Raises StorageUnavailableError if
+        integration keeps moving them from one to the other while they are read."""
+        for _ in range(READ_ATTEMPTS):
+            committed = self.store.committed_size()
+            entries = [e for first in range(start, committed, TILE_WIDTH) for e in self.store.read_entries(first, min(committed, first + TILE_WIDTH))]
+            pending = self.store.sequenced(max(start, committed), PREPARE_MAX)
+            if pending or self.store.committed_size() == committed:  # else their rows may have gone as their bundle filled
+                return entries + pending
+        raise StorageUnavailableError(f"the log moved on {READ_ATTEMPTS} times while its entries from {start} on were read")
+
+    def _applied(self, first: int, state: RegistryState, entries: Sequence[bytes]) -> tuple[RegistryState, dict[int, Known]]:
+        """state with the records among entries (sequenced from index first on) applied, and what following needs of each."""
+        known: dict[int, Known] = {}
+        for i, entry in enumerate(entries, start=first):
             h = leaf_hash(entry)
             if is_index_root(entry):  # another transaction's root: in no history
-                tentative[i] = (h, None, entry)
+                known[i] = (h, None, entry)
                 continue
             record = self._prepared.get(h) or self._submitted.get(h) or _decode(entry)
-            tentative[i] = (h, record, None)
+            known[i] = (h, record, None)
             if record is not None:
                 with contextlib.suppress(ValidationError):  # a void record changes nothing (replay reports it)
                     state = state.apply(record, i)
+        return state, known
+
+    def admit(self, next_index: int, sequenced_since: Callable[[int], list[bytes]], entries: Sequence[bytes]) -> list[TlogError | None]:
+        with self._lock:
+            seen, state, index_state = self._seen, self._sequenced_state, self._sequenced_index
+        state, tentative = self._applied(seen, state, sequenced_since(seen))
         verdicts: list[TlogError | None] = []
         index = next_index
         for entry in entries:
@@ -245,13 +278,19 @@ class SharedRegistry(Registry):
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
+    async def _take_up(self, size: int) -> bool:
+        """Apply the integrated records up to size (read from the bucket); whether there were any."""
+        start = self._applied_size
+        if size <= start:
+            return False
+        self._advance(size, await asyncio.to_thread(self._fetch, start, size))
+        return True
+
     async def _follow(self) -> None:
         while True:
             size = self.log.integrated.checkpoint.size
-            start = self._applied_size
-            if size > start:
-                try:
-                    self._advance(size, await asyncio.to_thread(self._fetch, start, size))
-                except TlogError as e:  # the bucket is away: the next round retries
-                    logger.warning("following the log to size %d: %s", size, e)
+            try:
+                await self._take_up(size)
+            except TlogError as e:  # the bucket is away: the next round retries
+                logger.warning("following the log to size %d: %s", size, e)
             await asyncio.sleep(self.poll_interval)

@@ -176,7 +176,7 @@ async def test_a_database_outage_is_a_503_and_the_log_carries_on_after(shared, p
 @pytest.mark.parametrize("args,message", [
     (["--store", "postgresql://x@127.0.0.1:1/x"], "--store postgresql://... with --objects"),
     (["--data", "DATA", "--store", "postgresql://x@127.0.0.1:1/x", "--objects", "s3://bucket/p"], "give --data DIR, or"),
-    (["--store", "postgresql://x@127.0.0.1:1/x", "--objects", "s3://bucket/p", "--workers", "2"], "--workers is not supported with --store"),
+    (["--data", "DATA", "--worker-of", "1"], "--worker-of is for the processes of --workers with --store"),
     (["--store", "postgresql://x@127.0.0.1:1/x", "--objects", "s3:/bucket"], "want s3://BUCKET[/PREFIX]"),
     (["--store", "postgresql://nobody@127.0.0.1:1/x", "--objects", "s3://bucket/p"], "the log's database"),
 ])

@@ -14,7 +14,7 @@ import time
 import aiohttp
 import pytest
 from helpers import wait_until
-from registry_helpers import REGISTRY_KEY, with_custom_section
+from registry_helpers import REGISTRY_KEY, release_envelope, with_custom_section
 from test_status import ALICE, BOB, NOW, POLICY, cosigned_proof, cosigned_status
 
 from edge.verify import VerifyError, verify_module
@@ -47,12 +47,15 @@ def nodes(pg_dsn, s3_path, seaweed, monkeypatch, aiohttp_client):  # type: ignor
         monkeypatch.setenv(k, v)
     closers = []
 
-    async def make() -> tuple[RegistryClient, SharedRegistry]:
+    async def make(follow_interval: float | None = None) -> tuple[RegistryClient, SharedRegistry]:
+        """follow_interval: how often the node takes up what others logged (default: its sequencer's poll)."""
         store = SharedLogStore(pg_dsn, f"s3://{s3_path}/reg/log")
         blobs = BucketBlobStore(f"s3://{s3_path}/reg/blobs")
         closers.extend([store.close, blobs.close])
         sequencer = SharedSequencer(Log(store, REGISTRY_KEY), interval=0.01)
         registry = SharedRegistry(sequencer=sequencer, blobs=blobs)
+        if follow_interval is not None:
+            registry.poll_interval = follow_interval
         client = await aiohttp_client(make_app(registry, sequencer))
         return RegistryClient(str(client.make_url("")), client.session), registry
 
@@ -88,7 +91,7 @@ async def test_concurrent_claims_of_one_namespace_through_two_nodes_exactly_one_
         assert decode_entry(proof.extra).signer == winner.vkey  # type: ignore[arg-type]
         for api in (first, second):  # every node serves every read
             await wait_until(lambda ns=ns, api=api: api.namespace(ns), f"{ns} visible")  # type: ignore[misc]
-            assert (await api.namespace(ns))["keys"] == [winner.vkey]  # type: ignore[index]
+            assert (await api.namespace(ns))["keys"] == [winner.vkey]
     size = reg_a.log.integrated.checkpoint.size
     entries = reg_a.log.store.read_entries(0, size)
     assert is_index_root(entries[-1])  # every checkpoint ends with an index root
@@ -155,6 +158,56 @@ async def test_status_proofs_from_every_node_verify_and_the_audit_of_the_bucket_
     assert auditor.state.index.size >= roots[-1]  # the auditor recomputed the index up to the last root
 
 
+async def test_a_node_that_has_not_followed_yet_never_refuses_what_another_node_just_logged(nodes) -> None:  # type: ignore[no-untyped-def]
+    """Node B takes up others' records only once an hour (its follower), so its view is stale throughout:
+    whatever it would refuse or not find, it looks again in the database and the bucket before saying no."""
+    (first, reg_a), (second, reg_b) = await nodes(), await nodes(follow_interval=3600)
+    await first.act(ALICE, Action("key-grant", "acme", key=ALICE.vkey, issued=1))
+    await first.act(ALICE, Action("key-grant", "acme", key=BOB.vkey, issued=1))
+    assert "acme" not in reg_b._sequenced_state.namespaces  # B has not seen the claim nor the grant
+    old = PackageRef("acme", "hello", "1.0.0")
+    module = with_custom_section(EMPTY_MODULE, 1)
+    signed = release_envelope(BOB, old, module, None)
+    proof = parse_tlog_proof(await second.publish_signed(BOB.vkey, signed, module))  # bob's grant, through A a moment ago: accepted
+    verify_tlog_proof(proof, leaf(proof.extra), VERIFIER)  # type: ignore[arg-type]
+    assert decode_entry(proof.extra).signer == BOB.vkey  # type: ignore[arg-type]
+    assert (await second.namespace("acme"))["keys"] == sorted([ALICE.vkey, BOB.vkey])  # not 404  # type: ignore[index]
+    new = PackageRef("acme", "hello", "1.0.1")
+    newer = parse_tlog_proof(await first.publish(BOB, new, with_custom_section(EMPTY_MODULE, 2)))
+    assert (await second.get_json(second.package_path(new)))["index"] == newer.index  # not 404: B looks again
+    assert (await second.get_json("/api/v1/packages/acme/hello"))["versions"] == ["1.0.0", "1.0.1"]
+    status = await when_published(second, second.package_path(new) + "/status-proof")  # a 503 until B's checkpoint has it, never a 404
+    checked = verify_module(module=with_custom_section(EMPTY_MODULE, 2), proof=cosigned_proof(newer.encode()), policy=POLICY, now=NOW,
+                            status_proof=cosigned_status(status))
+    assert checked.status is not None and checked.status.as_of >= newer.index
+    revoked = Ed25519Signer.generate("carol")
+    await first.act(ALICE, Action("key-grant", "acme", key=revoked.vkey, issued=2))
+    await second.act(ALICE, Action("key-revocation", "acme", key=revoked.vkey, issued=3))  # judged under the lock: accepted
+    await second.act(BOB, Action("yank", "acme", name="hello", version="1.0.1", issued=3, reason="CVE"))
+    assert revoked.vkey in (await second.namespace("acme"))["revoked"]
+    with pytest.raises(RegistryError) as refused:  # what B refuses after looking again is refused for real
+        await second.publish(revoked, PackageRef("acme", "hello", "2.0.0"), module)
+    assert refused.value.status == 403
+    again = parse_tlog_proof(await second.publish(BOB, new, with_custom_section(EMPTY_MODULE, 2)))  # a replay: its index
+    assert again.index == newer.index
+    assert reg_a.rejected == reg_b.rejected == []
+
+
+async def when_published(api: RegistryClient, path: str) -> bytes:
+    """GET path, asked again while the node answers 503 (not yet in its published checkpoint); any other refusal fails."""
+    answer: list[bytes] = []
+
+    async def answered() -> bool:
+        try:
+            answer.append(await api.get(path))
+        except RegistryError as e:
+            assert e.status == 503, e
+        return bool(answer)
+
+    await wait_until(answered, f"{path} to be served")
+    return answer[0]
+
+
 async def _published(api: RegistryClient, path: str) -> bool:
     try:
         await api.get_json(path)
@@ -178,7 +231,7 @@ async def test_a_node_started_later_replays_the_bucket_and_enforces_what_it_hold
 @pytest.mark.parametrize(("args", "says"), [
     (["--data", "d", "--store", "postgresql://x/y", "--objects", "s3://b/p"], "give --data DIR, or --store"),
     (["--store", "postgresql://x/y"], "give --data DIR, or --store"),
-    (["--store", "postgresql://x/y", "--objects", "s3://b/p", "--workers", "2"], "--workers is not supported with --store"),
+    (["--data", "d", "--worker-of", "1"], "--worker-of is for the processes of --workers with --store"),
 ])
 def test_registry_serve_takes_one_storage(tmp_path, args: list[str], says: str) -> None:  # type: ignore[no-untyped-def]
     import subprocess

@@ -104,21 +104,18 @@ def make_frontend_app(ipc_dir: str) -> web.Application:
     return app
 
 
-SUPERVISE_INTERVAL = 1.0  # seconds between checks that every front-end still runs
+SUPERVISE_INTERVAL = 1.0  # seconds between checks that every supervised process still runs (and that our parent does)
+STOP_SECONDS = 10.0  # a supervised process gets this long after SIGTERM, then SIGKILL
 
 
-def front_ends(
-    ipc_dir: str, command: list[str], count: int, servers: Mapping[str, Callable[[web.Application], AddServer]]
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A cleanup context for the sequencing process: start each AddServer on its socket in ipc_dir,
-    run count front-end processes (python -m <command>), restart any that dies, and stop them
-    (then the servers) when the app stops."""
+def supervised(command: list[str], count: int) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context: run count processes of `python -m <command>`, start another when one dies,
+    and stop them all (SIGTERM, then SIGKILL after STOP_SECONDS) when the app stops."""
 
     def spawn() -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", *command])
 
     async def run(app: web.Application) -> AsyncIterator[None]:
-        started = [await make(app).start(os.path.join(ipc_dir, name)) for name, make in servers.items()]
         procs = [spawn() for _ in range(count)]
 
         async def supervise() -> None:
@@ -126,10 +123,10 @@ def front_ends(
                 await asyncio.sleep(SUPERVISE_INTERVAL)
                 for i, p in enumerate(procs):
                     if p.poll() is not None:
-                        logger.warning("front-end %d exited with status %s; starting another", p.pid, p.returncode)
+                        logger.warning("process %d (%s) exited with status %s; starting another", p.pid, " ".join(command[:3]), p.returncode)
                         procs[i] = spawn()
 
-        supervisor = asyncio.create_task(supervise(), name="front-end-supervisor")
+        supervisor = asyncio.create_task(supervise(), name="supervisor")
         try:
             yield
         finally:
@@ -140,10 +137,47 @@ def front_ends(
                 p.terminate()
             for p in procs:
                 try:
-                    await asyncio.to_thread(p.wait, 10)
+                    await asyncio.to_thread(p.wait, STOP_SECONDS)
                 except subprocess.TimeoutExpired:
                     p.kill()
+
+    return run
+
+
+def front_ends(
+    ipc_dir: str, command: list[str], count: int, servers: Mapping[str, Callable[[web.Application], AddServer]]
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context for the sequencing process: start each AddServer on its socket in ipc_dir,
+    then the count front-end processes (supervised); stop them, then the servers, when the app stops."""
+    processes = supervised(command, count)
+
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        started = [await make(app).start(os.path.join(ipc_dir, name)) for name, make in servers.items()]
+        try:
+            async with contextlib.asynccontextmanager(processes)(app):
+                yield
+        finally:
             for server in started:
                 server.close()
+
+    return run
+
+
+def exit_with_parent(parent: int) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context for a supervised process: SIGTERM itself once its parent (pid) is gone, so that
+    no process outlives the one that started it, even a killed one."""
+
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(SUPERVISE_INTERVAL)
+                if os.getppid() != parent:
+                    break
+            logger.warning("process %d that started this one is gone: stopping", parent)
+            os.kill(os.getpid(), signal.SIGTERM)  # run_app shuts down cleanly
+
+        watcher = asyncio.create_task(watch(), name="parent-watch")
+        yield
+        watcher.cancel()
 
     return run

@@ -9,7 +9,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
@@ -20,7 +20,7 @@ from registry.client import RegistryClient
 from registry.record import PackageRef, check_label, parse_package_ref
 from tlog.addipc import AddServer
 from tlog.errors import TlogError
-from tlog.frontend import HTTP_SOCKET, front_ends
+from tlog.frontend import HTTP_SOCKET, exit_with_parent, front_ends, supervised
 from tlog.httplimits import DEFAULT_LIMITS, ServerLimits, serve
 from tlog.note import (
     Ed25519Signer,
@@ -97,6 +97,41 @@ def serve_with_front_ends(app: web.Application, workers: int, front_command: Cal
         run_app(app, None, None, path=os.path.join(ipc_dir, HTTP_SOCKET), limits=private)
     finally:
         shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
+def options_given(ctx: click.Context, leave_out: Collection[str] = ()) -> list[str]:
+    """The options of this command as invoked (defaults filled in) as arguments, but those whose
+    parameter names are in leave_out: to start another process of the same command."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if not isinstance(param, click.Option) or param.name in leave_out or value is None or value is False:
+            continue
+        name = param.opts[0]
+        if param.is_flag:
+            args.append(name)
+        else:
+            args += [a for v in (value if param.multiple else [value]) for a in (name, str(v))]
+    return args
+
+
+def worker_of_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--worker-of", "worker_of", default=None, type=int, hidden=True,
+                        help="(internal) Serve as one of the --workers processes started by this process id.")(f)
+
+
+def serve_nodes(app: web.Application, host: str, port: int, limits: ServerLimits, *, workers: int, worker_of: int | None,
+                command: Sequence[str]) -> None:
+    """Serve app on shared storage as one of `workers` full nodes sharing host:port (SO_REUSEPORT).
+
+    Started by hand (worker_of None), this process also starts the other workers - 1 as `python -m
+    <command> --worker-of <its pid>`, starts another when one dies and stops them when it stops;
+    each of those stops once the process that started it is gone, even if it was killed."""
+    if worker_of is not None:
+        app.cleanup_ctx.append(exit_with_parent(worker_of))
+    elif workers > 1:
+        app.cleanup_ctx.append(supervised([*command, "--worker-of", str(os.getpid())], workers - 1))
+    run_app(app, host, port, reuse_port=workers > 1 or worker_of is not None, limits=limits)
 
 
 def read_witness_policy(path: pathlib.Path, signer: Ed25519Signer) -> Policy:

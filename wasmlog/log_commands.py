@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -32,13 +32,16 @@ from .common import (
     DEFAULT_HEALTHZ_MAX_AGE,
     DEFAULT_LISTEN,
     SEQUENCER_OPTIONS,
+    options_given,
     read_witness_policy,
     run_app,
+    serve_nodes,
     serve_with_front_ends,
     server_limit_options,
     split_listen,
     witness_budget,
     witness_rounds_option,
+    worker_of_option,
 )
 
 
@@ -62,13 +65,15 @@ def serve_log(
     witness_timeout: float = DEFAULT_WITNESS_TIMEOUT, healthz_max_age: float = 300.0, workers: int = 1,
     witness_rounds_per_day: int | None = None,
     limits: ServerLimits = DEFAULT_LIMITS, store: str | None = None, objects: str | None = None,
+    worker_of: int | None = None, node_command: Sequence[str] = (),
 ) -> None:
     """Serve a log; with workers > 1, that many HTTP front-end processes serve the port and this one sequences.
 
-    With store and objects (shared storage), every process started so is one log with the others."""
+    With store and objects (shared storage), every process started so is one log with the others, and
+    workers > 1 runs that many such processes on the port (common.serve_nodes; node_command starts one)."""
     host, port = split_listen(listen)
-    if store is not None and workers > 1:
-        raise TlogError("--workers is not supported with --store: run more `log serve` processes on the same database instead")
+    if worker_of is not None and store is None:
+        raise TlogError("--worker-of is for the processes of --workers with --store")
     log_store = open_store(data, store, objects, witnessed=witness_policy is not None, map_size=map_size)
     try:
         log = Log(log_store, signer, origin=origin, witnessed=witness_policy is not None)
@@ -80,6 +85,9 @@ def serve_log(
         )
         app = make_app(sequencer, witness_policy=witness_policy, witness_timeout=witness_timeout, max_checkpoint_age=healthz_max_age)
         click.echo(banner or f"log {log.origin} at http://{host}:{port}/ (size {log.published.checkpoint.size})")
+        if store is not None:
+            serve_nodes(app, host, port, limits, workers=workers, worker_of=worker_of, command=node_command)
+            return
         if workers <= 1:
             run_app(app, host, port, limits=limits)
             return
@@ -96,7 +104,7 @@ def log_options(f: Callable[..., Any]) -> Callable[..., Any]:
         [
             click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve on."),
             *SEQUENCER_OPTIONS,
-            click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="With N > 1, N HTTP front-end processes share the port and forward to this one, which sequences."),
+            click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="With N > 1, N HTTP front-end processes share the port and forward to this one, which sequences; with --store, N processes that are each a full node share the port."),
             click.option("--healthz-max-age", default=DEFAULT_HEALTHZ_MAX_AGE, show_default=True, type=click.FloatRange(1), help="GET /healthz fails when a witnessed log's checkpoint is older (seconds)."),
             click.option("--map-size", default=DEFAULT_MAP_SIZE, show_default=True, type=click.IntRange(1 << 20), help="LMDB map size in bytes (address space)."),
         ]
@@ -121,6 +129,7 @@ def log_group() -> None:
 @click.option("--witness-timeout", default=DEFAULT_WITNESS_TIMEOUT, show_default=True, type=click.FloatRange(0.1), help="Seconds to wait for witnesses per checkpoint.")
 @witness_rounds_option
 @log_options
+@worker_of_option
 @server_limit_options
 def log_serve(
     data: pathlib.Path | None, store: str | None, objects: str | None, key_file: pathlib.Path, origin: str | None, policy_file: pathlib.Path | None,
@@ -130,10 +139,11 @@ def log_serve(
     try:
         signer = read_signer(key_file)
         policy = read_witness_policy(policy_file, signer) if policy_file else None
+        node_command = ["wasmlog", "log", "serve", *options_given(click.get_current_context(), {"workers", "worker_of"})]
         serve_log(
             data=data, store=store, objects=objects, signer=signer, origin=origin, witness_policy=policy,
             republish_interval=republish_interval, witness_timeout=witness_timeout,
-            witness_rounds_per_day=witness_rounds_per_day, **opts,  # type: ignore[arg-type]
+            witness_rounds_per_day=witness_rounds_per_day, node_command=node_command, **opts,  # type: ignore[arg-type]
         )
     except TlogError as e:
         raise click.ClickException(str(e)) from e

@@ -35,17 +35,20 @@ from .common import (
     key_opt,
     namespace_label,
     one_line_errors,
+    options_given,
     package_ref,
     read_witness_policy,
     registry_opt,
     run_app,
     sequencer_options,
+    serve_nodes,
     serve_with_front_ends,
     server_limit_options,
     split_listen,
     with_client,
     witness_budget,
     witness_rounds_option,
+    worker_of_option,
 )
 
 
@@ -71,8 +74,6 @@ def open_registry(
         except BaseException:
             lmdb_store.close()
             raise
-    if witnessed:
-        raise TlogError("--witness-policy is not supported with --store yet")
     from registry.bucket_blobs import BucketBlobStore
     from registry.shared_service import SharedRegistry
     from tlog.shared_sequencer import SharedSequencer
@@ -80,10 +81,11 @@ def open_registry(
 
     assert objects is not None
     log_url, blobs_url = objects_url_under(objects, "log"), objects_url_under(objects, "blobs")
-    shared_store = SharedLogStore(store, log_url)
+    shared_store = SharedLogStore(store, log_url, publish_integrated=not witnessed)  # witnessed: the bucket's checkpoint is the cosigned one
     try:
         blobs = BucketBlobStore(blobs_url)
-        shared = SharedSequencer(Log(shared_store, signer), **options)
+        shared = SharedSequencer(Log(shared_store, signer, witnessed=witnessed), witness_budget=witness_budget(witness_rounds_per_day),
+                                 **options)
 
         def close() -> None:
             blobs.close()
@@ -104,18 +106,21 @@ def open_registry(
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True)
 @sequencer_options
 @witness_rounds_option
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="With N > 1, N HTTP front-end processes share the port, check publishes and write blobs; this one keeps the state and the log.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="With N > 1, N HTTP front-end processes share the port, check publishes and write blobs; this one keeps the state and the log. With --store, N processes that are each a full node share the port.")
+@worker_of_option
 @server_limit_options
 @one_line_errors
 def registry_serve(
     data: pathlib.Path | None, store: str | None, objects: str | None, key_file: pathlib.Path, policy_file: pathlib.Path | None, listen: str,
-    interval_ms: int, batch_max: int, max_pending: int, witness_rounds_per_day: int | None, workers: int, limits: ServerLimits,
+    interval_ms: int, batch_max: int, max_pending: int, witness_rounds_per_day: int | None, workers: int, worker_of: int | None,
+    limits: ServerLimits,
 ) -> None:
     """Serve the registry API under /api/v1/ and its log under /log/."""
     if (data is None) == (store is None) or (store is None) != (objects is None):
         raise TlogError("give --data DIR, or --store postgresql://... with --objects s3://BUCKET/PREFIX")
-    if store is not None and workers > 1:
-        raise TlogError("--workers is not supported with --store: run more `registry serve` processes on the same database instead")
+    if worker_of is not None and store is None:
+        raise TlogError("--worker-of is for the processes of --workers with --store")
+    node_command = ["wasmlog", "registry", "serve", *options_given(click.get_current_context(), {"workers", "worker_of"})]
     host, port = split_listen(listen)
     signer = read_signer(key_file)
     policy = read_witness_policy(policy_file, signer) if policy_file else None
@@ -125,6 +130,9 @@ def registry_serve(
         click.echo(f"registry at http://{host}:{port}/api/v1/ with its log {sequencer.log.origin} at /log/")
         app = make_app(registry, sequencer, witness_policy=policy, witness_timeout=DEFAULT_WITNESS_TIMEOUT,
                        max_checkpoint_age=DEFAULT_HEALTHZ_MAX_AGE)
+        if store is not None:
+            serve_nodes(app, host, port, limits, workers=workers, worker_of=worker_of, command=node_command)
+            return
         if workers <= 1:
             run_app(app, host, port, limits=limits)
             return

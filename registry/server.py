@@ -114,7 +114,7 @@ async def publish(request: web.Request) -> web.Response:
     body = PublishReader(request)
     signer, envelope = await body.signed()
     registry = request.app[REGISTRY]
-    record, logged = registry.authorize_release(signer=signer, envelope=envelope)
+    record, logged = await registry.authorize_release(signer=signer, envelope=envelope)
     module, sbom = await body.contents()
     proof = await registry.publish_authorized(record, module, sbom, logged=logged)
     return web.Response(body=proof, content_type="text/plain")

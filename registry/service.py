@@ -262,7 +262,7 @@ class Registry:
         """Append a checked record; return its tlog-proof with the entry as extra data."""
         return await asyncio.shield(self._queue(record))
 
-    def authorize_release(self, *, signer: str, envelope: bytes) -> tuple[Record, bool]:
+    async def authorize_release(self, *, signer: str, envelope: bytes) -> tuple[Record, bool]:
         """The cheap checks of a release: its statement, its signature, and whether the signer may
         publish it now (403, 409), so that an unauthorized publish costs no wasm parse and no SBOM
         validation. Returns the record and whether it is already logged or pending (a replay)."""
@@ -280,7 +280,7 @@ class Registry:
 
     async def publish(self, *, signer: str, envelope: bytes, module: bytes, sbom: bytes | None) -> bytes:
         """authorize_release, then publish_authorized."""
-        record, logged = self.authorize_release(signer=signer, envelope=envelope)
+        record, logged = await self.authorize_release(signer=signer, envelope=envelope)
         return await self.publish_authorized(record, module, sbom, logged=logged)
 
     # ── for front-end processes (registry/frontend.py), over tlog/addipc.py ──

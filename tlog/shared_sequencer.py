@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +45,8 @@ class SharedSequencer(Sequencer):
     """Sequencer over a SharedLogStore. Start it with ``async with sequencer.running():``.
 
     on_integrated listeners hear of this process's own submissions (entries, indexes) once they
-    are in the served tree, before those submitters are answered. With a cosigner (a witnessed log),
+    are in the served tree, before those submitters are answered; before_answer, if set, is awaited
+    first with the tree size they need (listeners run on the event loop: what blocks goes there). With a cosigner (a witnessed log),
     only the integrator has checkpoints cosigned and publishes them (store.publish); every process
     answers once the published checkpoint covers its submitters' entries. An admission
     (storage/shared.py) judges new entries while they are sequenced; a refused entry's submitter
@@ -68,6 +69,7 @@ class SharedSequencer(Sequencer):
         self.leading = False
         self.admission: Admission | None = None
         self.boundary: Callable[[bytes], bool] | None = None
+        self.before_answer: Callable[[int], Awaitable[None]] | None = None  # awaited with a batch's tree size before its listeners
 
     @property
     def pending(self) -> int:
@@ -162,6 +164,8 @@ class SharedSequencer(Sequencer):
         for w in ready:
             self._waiting_entries -= len(w.entries)
             try:
+                if self.before_answer is not None:
+                    await self.before_answer(w.size)
                 for listener in self.on_integrated:
                     listener(w.entries, w.indexes)
                 extras = w.entries if self.entry_as_extra else None

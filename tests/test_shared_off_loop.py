@@ -28,9 +28,11 @@ from registry.shared_service import SharedRegistry
 from tlog.log import Log
 from tlog.note import Ed25519Signer
 from tlog.proof_file import parse_tlog_proof
+from tlog.server import make_app as make_log_app
 from tlog.shared_sequencer import SharedSequencer
 from tlog.storage.shared import SharedLogStore
 
+LOG_KEY = Ed25519Signer.generate("example.com/off-loop")
 FOLLOW_NEVER = 3600.0  # a node that follows the log only when it answers its own submitters
 
 
@@ -55,12 +57,21 @@ def record_calls_on_loop(obj: object, calls: list[str]) -> None:
 
 
 @pytest.fixture
-def watched_nodes(pg_dsn, s3_path, seaweed, monkeypatch, aiohttp_client):  # type: ignore[no-untyped-def]
+def closers():  # type: ignore[no-untyped-def]
+    """Close functions called at the very end (request it before aiohttp_client: the apps stop first)."""
+    closers: list[Callable[[], None]] = []
+    yield closers
+    for close in closers:
+        with contextlib.suppress(Exception):
+            close()
+
+
+@pytest.fixture
+def watched_nodes(closers, pg_dsn, s3_path, seaweed, monkeypatch, aiohttp_client):  # type: ignore[no-untyped-def]
     """A factory of registry nodes on one database and bucket whose stores record calls made on the event loop."""
     for k, v in seaweed.env.items():
         monkeypatch.setenv(k, v)
     calls: list[str] = []
-    closers = []
 
     async def make(poll_interval: float = 0.02) -> tuple[RegistryClient, SharedRegistry]:
         store = SharedLogStore(pg_dsn, f"s3://{s3_path}/reg/log")
@@ -73,10 +84,7 @@ def watched_nodes(pg_dsn, s3_path, seaweed, monkeypatch, aiohttp_client):  # typ
         client = await aiohttp_client(make_app(registry, sequencer))
         return RegistryClient(str(client.make_url("")), client.session), registry
 
-    yield make, calls
-    for close in closers:
-        with contextlib.suppress(Exception):
-            close()
+    return make, calls
 
 
 async def test_refused_publishes_and_replays_through_a_node_behind_make_no_blocking_call_on_the_loop(watched_nodes) -> None:  # type: ignore[no-untyped-def]
@@ -98,4 +106,47 @@ async def test_refused_publishes_and_replays_through_a_node_behind_make_no_block
     again = parse_tlog_proof(await second.publish_signed(alice.vkey, envelope, EMPTY_MODULE))  # refused by what it knows; a replay
     assert again.index == logged.index
     assert (await second.get_json(second.package_path(ref)))["index"] == logged.index  # it serves what it answered for
+    await wait_until(lambda: reg_b.log.published.checkpoint.size == reg_a.log.published.checkpoint.size, "both nodes at one size")
+    for api in (first, second):  # every read route, the log's too
+        path = api.package_path(ref)
+        assert await api.get(path + "/module.wasm") == EMPTY_MODULE
+        for tail in ("", "/statement", "/tlog-proof", "/tlog-proof?old=1"):
+            await api.get(path + tail)
+        await api.get("/api/v1/namespaces/acme")
+        await api.get("/api/v1/namespaces/acme/actions")
+        await api.get("/api/v1/packages/acme/hello")
+        await api.get("/log/checkpoint")
+        await api.get("/log/tile/0/000.p/1")
+        await api.get("/log/tile/entries/000.p/1")
+        await api.get("/log/proof/inclusion?index=0&size=2")
+    await first.get(first.package_path(ref) + "/status-proof")  # (the second node has not followed the index root after it)
     assert calls == []
+
+
+async def test_the_log_on_shared_storage_makes_no_blocking_call_on_the_loop(  # type: ignore[no-untyped-def]
+        closers, pg_dsn, s3_path, seaweed, monkeypatch, aiohttp_client) -> None:
+    for k, v in seaweed.env.items():
+        monkeypatch.setenv(k, v)
+    calls: list[str] = []
+    clients = []
+    for _ in range(2):
+        store = SharedLogStore(pg_dsn, f"s3://{s3_path}/log")
+        closers.append(store.close)
+        sequencer = SharedSequencer(Log(store, LOG_KEY), interval=0.01)
+        for obj in (store, store.objects):
+            record_calls_on_loop(obj, calls)
+        clients.append(await aiohttp_client(make_log_app(sequencer)))
+    for i in range(300):  # over one full tile, through both nodes, a duplicate among them
+        async with clients[i % 2].post("/add", data=b"entry %d" % min(i, 298)) as r:
+            assert r.status == 200, await r.text()
+    for client in clients:
+        for path in ("/checkpoint", "/tile/0/000", "/tile/entries/000", "/tile/0/001.p/43", "/tile/entries/001.p/43",
+                     "/proof/inclusion?index=3&size=299", "/proof/consistency?old=1&new=299", "/healthz"):
+            await wait_until(functools.partial(_answers, client, path), f"{path} answered")  # (a follower catches up)
+    assert calls == []
+
+
+async def _answers(client, path: str) -> bool:  # type: ignore[no-untyped-def]
+    async with client.get(path) as r:
+        await r.read()
+        return bool(r.status == 200)

@@ -21,7 +21,7 @@ from typing import Any
 from .errors import PushbackError, TlogError
 from .hashes import leaf_hash
 from .log import Log
-from .runloop import cancel_all
+from .runloop import cancel_all, wait_at_most
 from .sequencer import Sequencer
 from .storage.shared import Admission, SharedLogStore
 
@@ -199,8 +199,7 @@ class SharedSequencer(Sequencer):
                     self.observer.batch_failed()
             except Exception:
                 log.exception("integration round failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
+            await wait_at_most(self._wake, self.poll_interval)
             self._wake.clear()
 
     @contextlib.asynccontextmanager

@@ -1,4 +1,5 @@
-"""The test servers (tests/services.py) do not outlive the process that started them, however it ends."""
+"""The test servers themselves: PostgreSQL takes transactions, SeaweedFS speaks S3 with conditional writes;
+and they do not outlive the process that started them, however it ends (tests/service_watchdog.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import subprocess
 import sys
 import time
 
+import psycopg
 import pytest
 import service_watchdog
+from botocore.exceptions import ClientError
 
 TESTS = pathlib.Path(__file__).resolve().parent
 GONE_SECONDS = 60.0
@@ -31,6 +34,26 @@ print(json.dumps({{"pg_dir": pg.dir, "pg_port": pg.port, "weed_dir": weed.dir, "
       flush=True)
 sys.stdin.read()  # until killed
 """
+
+
+def test_postgres_commits_and_survives_a_crash(postgres, pg_dsn) -> None:  # type: ignore[no-untyped-def]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (k int PRIMARY KEY, v text)")
+        conn.execute("INSERT INTO t VALUES (1, 'one')")
+    postgres.stop("immediate")  # a crash: committed rows must come back from the WAL
+    postgres.start()
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT v FROM t WHERE k = 1").fetchone() == ("one",)
+
+
+def test_seaweed_put_get_and_conditional_write(seaweed, s3_path) -> None:  # type: ignore[no-untyped-def]
+    s3 = seaweed.client()
+    bucket, prefix = s3_path.split("/", 1)
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/a", Body=b"first", IfNoneMatch="*")
+    with pytest.raises(ClientError) as e:
+        s3.put_object(Bucket=bucket, Key=f"{prefix}/a", Body=b"second", IfNoneMatch="*")
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+    assert s3.get_object(Bucket=bucket, Key=f"{prefix}/a")["Body"].read() == b"first"
 
 
 def _alive(pid: int) -> bool:

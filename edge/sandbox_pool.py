@@ -62,7 +62,8 @@ class Worker:
         worker = cls(popen, reader, asyncio.StreamWriter(transport, protocol, None, loop), tail,
                      asyncio.ensure_future(cls._drain(errors, tail)))
         try:
-            worker.hello, _ = await asyncio.wait_for(read_frame_async(reader), STARTUP_TIMEOUT)
+            async with asyncio.timeout(STARTUP_TIMEOUT):  # not wait_for: it can swallow a cancellation (tlog/runloop.py)
+                worker.hello, _ = await read_frame_async(reader)
         except BaseException as e:
             await worker.kill()
             if not isinstance(e, (asyncio.IncompleteReadError, ProtocolError, TimeoutError)):

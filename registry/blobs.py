@@ -2,6 +2,9 @@
 
 Paths come from digests only; no user string ever reaches the filesystem.
 
+Both stores (this one and bucket_blobs.BucketBlobStore) hand a blob out for reading as a BlobReader:
+its size and its bytes in pieces, so serving a blob never holds it whole.
+
 Two ways to write: put() is durable when it returns (fsync of the file and the directory);
 write() + sync() lets many writers share one filesystem sync (group commit). A file written
 by write() may be torn after a crash until sync() returned, so an existing file is trusted
@@ -16,9 +19,9 @@ import hashlib
 import itertools
 import os
 import re
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
-from tlog.errors import MalformedError, NotFoundError
+from tlog.errors import MalformedError, NotFoundError, TlogError
 from tlog.files import atomic_write
 from tlog.syntax import lower_hex
 
@@ -40,6 +43,54 @@ def _load_syncfs() -> Any:  # a ctypes function, or None
 _syncfs = _load_syncfs()
 
 
+def checked_digest(digest: str) -> str:
+    """digest if it is 64 lowercase hex characters (a blob's name). Raises MalformedError."""
+    if not _HEX64.fullmatch(digest):
+        raise MalformedError("a blob digest is 64 lowercase hex characters")
+    return digest
+
+
+class _Stream(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class BlobReader:
+    """A blob open for reading (blocking: read from a worker thread; the caller closes it): size bytes
+    from stream, read(n) at most n at a time. With a digest, the bytes are hashed as they are read,
+    and the read that would return the last of them (or finds the stream ended early) raises TlogError
+    if they do not have it: a reader never sees the whole of a blob that is not the one named."""
+
+    def __init__(self, stream: _Stream, size: int, digest: str | None = None) -> None:
+        self.size = size
+        self._stream = stream
+        self._digest = digest
+        self._hash = hashlib.sha256() if digest is not None else None
+        self._read = 0
+
+    def read(self, n: int) -> bytes:
+        """Up to n bytes (n > 0); b"" at the end. With a digest, the last bytes are checked before they are returned."""
+        if self._read >= self.size:
+            return b""
+        chunk = self._stream.read(min(n, self.size - self._read))
+        self._read += len(chunk)
+        if self._hash is not None:
+            self._hash.update(chunk)
+            if (not chunk or self._read == self.size) and (self._read != self.size or self._hash.hexdigest() != self._digest):
+                raise TlogError(f"blob {self._digest} is stored with other bytes ({self._read} of {self.size} read)")
+        return chunk
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> BlobReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class BlobStore:
     def __init__(self, root: str) -> None:
         self.dir = os.path.join(root, "sha256")
@@ -47,9 +98,7 @@ class BlobStore:
         self._tmp_ids = itertools.count()
 
     def _path(self, digest: str) -> str:
-        if not _HEX64.fullmatch(digest):
-            raise MalformedError("a blob digest is 64 lowercase hex characters")
-        return os.path.join(self.dir, digest)
+        return os.path.join(self.dir, checked_digest(digest))
 
     def _intact(self, path: str, digest: str) -> bool:
         try:
@@ -93,12 +142,13 @@ class BlobStore:
         finally:
             os.close(fd)
 
-    def open(self, digest: str) -> BinaryIO:
+    def open(self, digest: str) -> BlobReader:
         """The blob's file, open for reading (the caller closes it); blobs never change once written."""
         try:
-            return open(self._path(digest), "rb")
+            f = open(self._path(digest), "rb")  # noqa: SIM115 - handed to the caller, who closes it
         except FileNotFoundError:
             raise NotFoundError(f"blob {digest} not found") from None
+        return BlobReader(f, os.fstat(f.fileno()).st_size)
 
     def get(self, digest: str) -> bytes:
         try:

@@ -1,24 +1,22 @@
 """Content-addressed blobs in an S3-compatible bucket: ``PREFIX/sha256/<hex>``, immutable.
 
 The same interface as blobs.BlobStore (put, write, sync, open, get), for a registry on shared
-storage. An object is written with If-None-Match: * (tlog/storage/objects.py), so it is durable
-and confirmed when write() returns: sync() has nothing left to do. Blocking: call from worker threads.
+storage; open() streams from the bucket, checking the digest on the way. An object is written with
+If-None-Match: * (tlog/storage/objects.py), so it is durable and confirmed when write() returns:
+sync() has nothing left to do. Blocking: call from worker threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO
 
-from tlog.errors import MalformedError, TlogError
+from tlog.errors import TlogError
 from tlog.storage.objects import ObjectStore
-from tlog.syntax import lower_hex
 
-_HEX64 = re.compile(lower_hex(64))
+from .blobs import BlobReader, checked_digest
+
 WRITE_THREADS = 32  # concurrent blob writes, apart from the default executor: a PUT mostly waits for the bucket
 
 
@@ -30,9 +28,7 @@ class BucketBlobStore:
         self._writers = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="blob-put")
 
     def _path(self, digest: str) -> str:
-        if not _HEX64.fullmatch(digest):
-            raise MalformedError("a blob digest is 64 lowercase hex characters")
-        return f"sha256/{digest}"
+        return f"sha256/{checked_digest(digest)}"
 
     def put(self, data: bytes) -> str:
         """Store data under its SHA-256 and return the hex digest; durable when this returns."""
@@ -49,17 +45,11 @@ class BucketBlobStore:
     def sync(self) -> None:
         """Nothing to do: every write() was confirmed by the bucket when it returned."""
 
-    def open(self, digest: str) -> BinaryIO:
-        """The blob in an anonymous temporary file, open for reading (the caller closes it)."""
-        data = self.get(digest)
-        f = tempfile.TemporaryFile()  # noqa: SIM115 - handed to the caller, who closes it
-        try:
-            f.write(data)
-            f.seek(0)
-        except BaseException:
-            f.close()
-            raise
-        return f
+    def open(self, digest: str) -> BlobReader:
+        """The blob, read from the bucket as it is asked for (the caller closes it), checked against its
+        digest on the way (see BlobReader). Raises NotFoundError, StorageUnavailableError."""
+        stream, size = self.objects.open(self._path(digest))
+        return BlobReader(stream, size, digest)
 
     def get(self, digest: str) -> bytes:
         """The blob's bytes, checked against its digest. Raises NotFoundError, StorageUnavailableError, TlogError."""

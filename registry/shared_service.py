@@ -93,6 +93,7 @@ class SharedRegistry(Registry):
         self._root: tuple[int, bytes] | None = None  # the index root admit() computed: (its index, the entry)
         self._prepared: dict[bytes, Record] = {}  # leaf hash -> others' records decoded and verified outside the lock
         sequencer.admission = self
+        sequencer.before_answer = self._catch_up
         sequencer.boundary = is_index_root
         self.indexer.kept_roots = SHARED_KEPT_ROOTS
 
@@ -140,6 +141,7 @@ class SharedRegistry(Registry):
         return await self._take_up(await asyncio.to_thread(self.store.committed_size))
 
     def _logged(self, h: bytes) -> bool:
+        """Whether h's entry is sequenced or being submitted (blocking: asks the database last)."""
         return h in self._known_hashes or h in self._submitted or bool(self.store.lookup([h]))
 
     # ── the Admission (tlog/storage/shared.py), in the sequencing thread ─────
@@ -232,10 +234,18 @@ class SharedRegistry(Registry):
             self._seen, self._sequenced_state, self._sequenced_index = next_index, state, index_state
 
     # ── following the integrated tree ───────────────────────────────────────
+    async def _catch_up(self, size: int) -> None:
+        """Before this process's submitters are answered (SharedSequencer.before_answer): read, off the event
+        loop, the records below size this process does not know (rare: a replay of a record another process
+        sequenced, which this one has not followed yet)."""
+        start = self._applied_size
+        if any(i not in self._known for i in range(start, size)):
+            self._advance(size, await asyncio.to_thread(self._fetch, start, size))
+
     def _on_integrated(self, entries: Sequence[bytes], indexes: Sequence[int]) -> None:
         """Before this process's submitters are answered: apply every record up to theirs."""
         size = max(indexes) + 1
-        self._advance(size, self._fetch(self._applied_size, size))  # reads the store only if something is not known (rare)
+        self._advance(size, self._fetch(self._applied_size, size))  # _catch_up just read what was not known: no read here
 
     def _fetch(self, start: int, end: int) -> dict[int, Known]:
         """Records [start, end) that are not known already, read from the store (blocking)."""

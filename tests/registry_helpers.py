@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -54,9 +55,9 @@ def wat_module(name: str, tmp: pathlib.Path) -> bytes:
     return out.read_bytes()
 
 
-def with_custom_section(module: bytes, size: int) -> bytes:
-    """module with a custom section of size zero bytes appended (a valid, larger module)."""
-    payload = b"\x04blob" + bytes(size)
+def with_custom_section(module: bytes, size: int, *, random: bool = False) -> bytes:
+    """module with a custom section of size zero (or random) bytes appended (a valid, larger module)."""
+    payload = b"\x04blob" + (os.urandom(size) if random else bytes(size))
     n, leb = len(payload), bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7

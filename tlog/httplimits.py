@@ -13,7 +13,7 @@
   decoding (aiohttp >= 3.13.3 inflates in bounded steps under flow control; request.read() stops
   at the request's client_max_size), and ends a body that does not arrive within the body
   timeout with 408 and a closed connection.
-- send_file streams a file from disk in chunks; each write waits under the write timeout.
+- send_file streams a file (from disk, or a bucket) in chunks; each write waits under the write timeout.
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO, cast
+from typing import Any, Protocol, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -36,6 +35,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from .errors import (
     BodyTimeoutError,
     MalformedError,
+    TlogError,
     TooLargeError,
     UnsupportedEncodingError,
 )
@@ -327,17 +327,40 @@ def client_gone(request: web.Request) -> bool:
 FILE_CHUNK = 256 << 10
 
 
-async def send_file(request: web.Request, f: BinaryIO, headers: dict[str, str]) -> web.StreamResponse:
-    """Stream the open file f (closed here) in FILE_CHUNK pieces: memory per download stays one chunk
-    plus the transport's buffer, and a client that stops reading is cut off by the write timeout."""
+class SizedReader(Protocol):
+    """What send_file streams: size bytes, read(n) at most n at a time (blocking; b"" at the end)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read(self, n: int, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+async def send_file(request: web.Request, f: SizedReader, headers: dict[str, str]) -> web.StreamResponse:
+    """Stream f (closed here) in FILE_CHUNK pieces, read in a worker thread: memory per download stays
+    one chunk plus the transport's buffer, and a client that stops reading is cut off by the write timeout.
+    A read that fails once the head is sent (the status is said) cuts the connection: the client sees a
+    short body, never a whole one."""
     try:
         response = web.StreamResponse(headers=headers)
-        response.content_length = os.fstat(f.fileno()).st_size
+        response.content_length = f.size
         await response.prepare(request)
         if request.method != "HEAD":
-            while chunk := await asyncio.to_thread(f.read, FILE_CHUNK):
+            while chunk := await _read_or_cut(request, f):
                 await response.write(chunk)
         await response.write_eof()
         return response
     finally:
         f.close()
+
+
+async def _read_or_cut(request: web.Request, f: SizedReader) -> bytes:
+    try:
+        return await asyncio.to_thread(f.read, FILE_CHUNK)
+    except (TlogError, OSError) as e:
+        logger.warning("%s %s: reading the body failed after its head was sent: %s", request.method, request.path, e)
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError(f"the body could not be read: {e}") from e

@@ -38,10 +38,25 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 async def cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Cancel every task, then wait for each to end (their cancellation is expected, not raised)."""
+    """Cancel every task, then wait for each to end; raise the first error one ended with other than
+    its cancellation. A cancellation of the caller while it waits is raised, not taken for theirs."""
     tasks = list(tasks)
     for task in tasks:
         task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
     for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            raise error
+
+
+async def wait_at_most(event: asyncio.Event, seconds: float) -> None:
+    """Wait until event is set or seconds have passed, whichever comes first.
+
+    asyncio.timeout, not asyncio.wait_for: Python 3.11's wait_for swallows a cancellation that arrives
+    in the turn the inner wait completes (it returns as if not cancelled), so a loop cancelled at
+    shutdown just as it was woken ran on forever and its cancel_all never returned."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()

@@ -18,7 +18,7 @@ from typing import Protocol
 from .errors import PushbackError, TlogError
 from .hashes import leaf_hash
 from .log import Log, Published
-from .runloop import cancel_all
+from .runloop import cancel_all, wait_at_most
 from .witnessing import Cosigner, RequestBudget
 
 log = logging.getLogger("wasmlog.sequencer")
@@ -115,8 +115,7 @@ class Sequencer:
     async def _run(self) -> None:
         while True:
             await self._nonempty.wait()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._full.wait(), timeout=self.interval)
+            await wait_at_most(self._full, self.interval)
             await self.flush()
 
     def _take_batch(self) -> tuple[list[bytes], list[tuple[bytes, asyncio.Future[bytes]]]]:

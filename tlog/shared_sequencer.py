@@ -14,14 +14,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import PushbackError, TlogError
 from .hashes import leaf_hash
 from .log import Log
-from .runloop import cancel_all
+from .runloop import cancel_all, wait_at_most
 from .sequencer import Sequencer
 from .storage.shared import Admission, SharedLogStore
 
@@ -45,7 +45,8 @@ class SharedSequencer(Sequencer):
     """Sequencer over a SharedLogStore. Start it with ``async with sequencer.running():``.
 
     on_integrated listeners hear of this process's own submissions (entries, indexes) once they
-    are in the served tree, before those submitters are answered. With a cosigner (a witnessed log),
+    are in the served tree, before those submitters are answered; before_answer, if set, is awaited
+    first with the tree size they need (listeners run on the event loop: what blocks goes there). With a cosigner (a witnessed log),
     only the integrator has checkpoints cosigned and publishes them (store.publish); every process
     answers once the published checkpoint covers its submitters' entries. An admission
     (storage/shared.py) judges new entries while they are sequenced; a refused entry's submitter
@@ -68,6 +69,7 @@ class SharedSequencer(Sequencer):
         self.leading = False
         self.admission: Admission | None = None
         self.boundary: Callable[[bytes], bool] | None = None
+        self.before_answer: Callable[[int], Awaitable[None]] | None = None  # awaited with a batch's tree size before its listeners
 
     @property
     def pending(self) -> int:
@@ -162,6 +164,8 @@ class SharedSequencer(Sequencer):
         for w in ready:
             self._waiting_entries -= len(w.entries)
             try:
+                if self.before_answer is not None:
+                    await self.before_answer(w.size)
                 for listener in self.on_integrated:
                     listener(w.entries, w.indexes)
                 extras = w.entries if self.entry_as_extra else None
@@ -195,8 +199,7 @@ class SharedSequencer(Sequencer):
                     self.observer.batch_failed()
             except Exception:
                 log.exception("integration round failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
+            await wait_at_most(self._wake, self.poll_interval)
             self._wake.clear()
 
     @contextlib.asynccontextmanager

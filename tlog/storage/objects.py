@@ -53,6 +53,27 @@ def objects_url_under(url: str, part: str) -> str:
     return f"s3://{bucket}/{prefix}/{part}" if prefix else f"s3://{bucket}/{part}"
 
 
+class ObjectStream:
+    """An object's body being read from the bucket: read(n) returns at most n bytes (b"" at the end).
+    Raises StorageUnavailableError if the connection fails on the way."""
+
+    def __init__(self, path: str, body: Any) -> None:
+        self._path = path
+        self._body = body  # botocore's StreamingBody: reads from the connection as asked
+
+    def read(self, n: int) -> bytes:
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            chunk: bytes = self._body.read(n)
+        except BotoCoreError as e:
+            raise StorageUnavailableError(f"reading {self._path}: {e}") from None
+        return chunk
+
+    def close(self) -> None:
+        self._body.close()
+
+
 class ObjectStore:
     """A bucket and prefix holding one log's tlog-tiles objects."""
 
@@ -103,6 +124,14 @@ class ObjectStore:
         if immutable:
             self._remember(path, body)
         return body
+
+    def open(self, path: str) -> tuple[ObjectStream, int]:
+        """The object's body to read in pieces, and its length (the caller closes the stream; blocking:
+        read it from a worker thread). Raises NotFoundError or StorageUnavailableError."""
+        answer = self._call(f"reading {path}", "get_object", 404, Key=self.key(path))
+        if answer is None:
+            raise NotFoundError(f"{path} is not in the bucket")
+        return ObjectStream(path, answer["Body"]), int(answer["ContentLength"])
 
     def _remember(self, path: str, body: bytes) -> None:
         with self._cache_lock:

@@ -193,6 +193,37 @@ async def test_a_node_that_has_not_followed_yet_never_refuses_what_another_node_
     assert reg_a.rejected == reg_b.rejected == []
 
 
+class IntegratesFirst(SharedLogStore):
+    """A store on which another node integrates what is sequenced (its full bundle's rows leave the
+    database) just before this one's next read of the sequenced rows."""
+
+    other: Log | None = None
+
+    def sequenced(self, start: int, limit: int) -> list[bytes]:
+        if self.other is not None:
+            other, self.other = self.other, None
+            other.integrate(other.store.sequenced(other.state.size, 4096), dedup=False)  # type: ignore[attr-defined]
+        return super().sequenced(start, limit)
+
+
+def test_what_others_sequenced_is_read_whole_while_integration_moves_it_to_the_bucket(pg_dsn, s3_path, seaweed, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    for k, v in seaweed.env.items():
+        monkeypatch.setenv(k, v)
+    store = IntegratesFirst(pg_dsn, f"s3://{s3_path}/reg/log")
+    other = SharedLogStore(pg_dsn, f"s3://{s3_path}/reg/log")
+    blobs = BucketBlobStore(f"s3://{s3_path}/reg/blobs")
+    try:
+        registry = SharedRegistry(sequencer=SharedSequencer(Log(store, REGISTRY_KEY)), blobs=blobs)
+        entries = [b"entry %d" % i for i in range(300)]  # a full bundle (256) and a partial one
+        other.sequence(entries, [leaf(e) for e in entries])
+        store.other = Log(other, REGISTRY_KEY)
+        assert registry._read_sequenced(0) == entries  # read again: from the bucket now
+        assert store.other is None and store.committed_size() == 300
+    finally:
+        for close in (store.close, other.close, blobs.close):
+            close()
+
+
 async def when_published(api: RegistryClient, path: str) -> bytes:
     """GET path, asked again while the node answers 503 (not yet in its published checkpoint); any other refusal fails."""
     answer: list[bytes] = []

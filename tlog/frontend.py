@@ -5,6 +5,9 @@ public port (SO_REUSEPORT: the kernel spreads connections), forward entries over
 tlog/addipc.py, and proxy every other request to the private socket, so every read reply,
 status and header comes from the one process that owns the log. A front-end exits when the
 sequencing process goes away.
+
+The same supervision (supervised, exit_with_parent) runs the full-node processes of
+`serve --workers N` on shared storage (wasmlog/common.py serve_nodes).
 """
 
 from __future__ import annotations

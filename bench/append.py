@@ -1,24 +1,27 @@
 """Durable append throughput and submit-to-proof latency over HTTP. Prints JSON.
 
-    python bench/append.py [--seconds 10] [--concurrency 256] [--client-procs 1] [--client wrk] [--workers N]
-                           [--store DSN|local --objects s3://BUCKET/PREFIX --shared-procs 2]
+    python bench/append.py [--seconds 10] [--concurrency 1024] [--client-procs 2] [--client wrk|python]
+                           [--workers N] [--store DSN|local [--objects s3://BUCKET/PREFIX] --shared-procs 2]
 
---workers N runs the log with N HTTP front-end processes (`log serve --workers N`); the
-bare baseline stays one process (two bare processes measured ~26.8k req/s on the 2-core
-machine, so the baseline is not what limits the log).
+Runs, with the same client and connections, in the same run: (1) a bare aiohttp POST handler (the
+baseline: HTTP alone, one process), (2) the log server (`wasmlog log serve`, LMDB, fsync per batch;
+--workers N: N HTTP front-end processes) at full load, (3) the same at half load. With --store, (4)
+the shared engine: --shared-procs `log serve --store DSN --objects URL` processes on one (empty)
+database and bucket (AWS_* variables from the environment; `--store local` starts a throwaway
+PostgreSQL and SeaweedFS on this machine, bench/common.local_shared_storage), at full and half load;
+then, with those stopped, the cost of one batch of each size (batch_costs) in this process.
 
---client wrk drives the load with wrk (apt-get install wrk), a C client that
-leaves more of the 2 cores to the server than the Python client does.
-
-Runs, in the same way and in the same run: (1) a bare aiohttp POST handler
-(the baseline: HTTP alone), (2) the log server (`wasmlog log serve`, LMDB,
-fsync per batch) at full load, (3) the log at half the load it reached.
-Load comes from separate client processes on loopback.
-
-With --store, the same run also measures (4) the shared engine: --shared-procs `log serve --store
-DSN --objects URL` processes on one database and bucket (an empty database; AWS_* variables from
-the environment), the load spread over them, at full and half load. `--store local` starts a
-throwaway PostgreSQL and SeaweedFS on this machine (tests/services.py) and uses them.
+How the load is driven (the same for every target, so the figures compare): --client-procs client
+processes at once (default 2, one per shared process), --concurrency connections in all, split evenly;
+client i loads server i (cycling), so on the shared engine each process gets its own client and
+every one-process target gets all of them. Closed loop: each connection sends its next POST /add
+(a distinct ~210-byte entry) when the last is answered, so throughput = connections / latency
+until the servers' CPU is saturated; the default 1,024 connections are enough for that on the
+2-core machine (at 256 the shared run measured latency-bound, ~1.5k/s with idle CPU). Half load is
+half the connections. The default client is wrk (`apt-get install wrk`), a C client, because the
+Python client (--client python, aiohttp, open loop at half load) eats about a core itself. Reported:
+requests/s and errors (non-2xx, socket errors, timeouts after WRK_TIMEOUT s) summed over clients,
+p50 and p99 the largest of the clients' (an upper bound of the combined percentile).
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import aiohttp
-from common import free_port
+from common import free_port, local_shared_storage
 
 BARE_SERVER = """
 from aiohttp import web
@@ -101,6 +106,7 @@ def _client(args: tuple[list[str], str, int, float, float | None]) -> tuple[int,
     return asyncio.run(_load(*args))
 
 
+WRK_TIMEOUT = 10  # seconds: a slower answer is counted as an error (a socket timeout)
 WRK_SCRIPT = """
 local counter = 0
 local next_id = 0
@@ -119,15 +125,37 @@ def _wrk_seconds(s: str) -> float:
     raise ValueError(s)
 
 
-def run_wrk(url: str, tag: str, *, concurrency: int, seconds: float, rate: float | None = None, **_: object) -> dict[str, float]:
-    """Closed-loop load with wrk; rate is ignored (wrk has no open-loop mode): use --concurrency."""
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
-        script.write(WRK_SCRIPT % tag)
-        script.flush()
-        out = subprocess.run(
-            ["wrk", "-t1", f"-c{concurrency}", f"-d{int(seconds)}s", "-s", script.name, "--latency", url],
-            check=True, capture_output=True, text=True,
-        ).stdout
+def run_wrk(url: str | list[str], tag: str, *, procs: int, concurrency: int, seconds: float, rate: float | None = None) -> dict[str, object]:
+    """Closed-loop load from procs wrk processes at once, concurrency connections in all, wrk i on url i (cycling).
+
+    rate is ignored (wrk has no open loop: half load is half the connections). Requests/s and errors are
+    summed; p50 and p99 are the largest of the processes' (an upper bound of the combined percentile)."""
+    urls = [url] if isinstance(url, str) else url
+    with tempfile.TemporaryDirectory() as d:
+        runs = []
+        for p in range(procs):
+            script = os.path.join(d, f"{p}.lua")
+            with open(script, "w") as f:
+                f.write(WRK_SCRIPT % f"{tag}{p}")
+            runs.append(subprocess.Popen(
+                ["wrk", "-t1", f"-c{max(1, concurrency // procs)}", f"-d{int(seconds)}s", f"--timeout={WRK_TIMEOUT}s", "-s", script,
+                 "--latency", urls[p % len(urls)]],
+                stdout=subprocess.PIPE, text=True,
+            ))
+        outs = [run.communicate()[0] for run in runs]
+        if any(run.returncode for run in runs):
+            raise RuntimeError(f"wrk failed: {[run.returncode for run in runs]}")
+    each = [_parse_wrk(out) for out in outs]
+    return {
+        "requests_per_s": sum(r["requests_per_s"] for r in each),
+        "errors": sum(r["errors"] for r in each),
+        "latency_p50_s": max(r["latency_p50_s"] for r in each),
+        "latency_p99_s": max(r["latency_p99_s"] for r in each),
+        "per_client": each,
+    }
+
+
+def _parse_wrk(out: str) -> dict[str, float]:
     result: dict[str, float] = {"errors": 0}
     for line in out.splitlines():
         words = line.split()
@@ -166,24 +194,24 @@ def run_load(url: str | list[str], tag: str, *, procs: int, concurrency: int, se
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=10)
-    p.add_argument("--concurrency", type=int, default=256)
-    p.add_argument("--client-procs", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=1024, help="connections in all, split over the client processes")
+    p.add_argument("--client-procs", type=int, default=2)
     p.add_argument("--interval-ms", type=int, default=100)
     p.add_argument("--workers", type=int, default=1, help="log serve --workers: HTTP front-end processes (1: one process)")
-    p.add_argument("--client", choices=["python", "wrk"], default="python")
+    p.add_argument("--client", choices=["python", "wrk"], default="wrk")
     p.add_argument("--store", default=None, help="also measure the shared engine: a PostgreSQL DSN (an empty database), or 'local'")
     p.add_argument("--objects", default=None, help="with --store DSN: s3://BUCKET/PREFIX")
     p.add_argument("--shared-procs", type=int, default=2, help="log serve processes on the shared store")
+    p.add_argument("--profile", default=None, help="with --store: py-spy each shared process under full load, raw output in this directory")
     args = p.parse_args()
     kw = {"procs": args.client_procs, "concurrency": args.concurrency, "seconds": args.seconds}
-    load = run_wrk if args.client == "wrk" else run_load
     result: dict[str, object] = {"benchmark": "append", "cores": os.cpu_count(), **vars(args)}
 
     port = free_port()
     bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER.format(port=port)])
     try:
         wait_ready(f"http://127.0.0.1:{port}")
-        result["baseline_bare_aiohttp_post"] = load(f"http://127.0.0.1:{port}", "b", **kw)
+        result["baseline_bare_aiohttp_post"] = load(args, f"http://127.0.0.1:{port}", "b", **kw)
     finally:
         bare.terminate()
         bare.wait()
@@ -200,12 +228,10 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{port}"
             wait_ready(url)
-            full = load(url, "f", **kw)
-            result["log_full_load"] = full
-            if args.client == "python":  # open loop at half the rate reached
-                result["log_half_load"] = load(url, "h", rate=full["requests_per_s"] / 2, **kw)
-            else:  # closed loop with half the connections
-                result["log_half_load"] = load(url, "h", **{**kw, "concurrency": max(1, args.concurrency // 2)})
+            with cpu_used([server.pid]) as cpu:
+                result["log_full_load"] = full = load(args, url, "f", **kw)
+            full["cpu"] = cpu
+            result["log_half_load"] = load(args, url, "h", **half(kw, full))
         finally:
             server.terminate()
             server.wait()
@@ -215,26 +241,29 @@ def main() -> None:
     print()
 
 
-def run_shared(args: argparse.Namespace, kw: dict[str, int | float]) -> dict[str, object]:
+def load(args: argparse.Namespace, url: str | list[str], tag: str, **kw: Any) -> dict[str, Any]:
+    return (run_wrk if args.client == "wrk" else run_load)(url, tag, **kw)
+
+
+def half(kw: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
+    """Half load: half the connections (wrk, closed loop), or half the rate reached (the Python client, open loop)."""
+    return {**kw, "concurrency": max(1, kw["concurrency"] // 2), "rate": full["requests_per_s"] / 2}
+
+
+def run_shared(args: argparse.Namespace, kw: dict[str, Any]) -> dict[str, object]:
     """The shared engine: args.shared_procs `log serve --store --objects` processes, the load spread over them;
     then, with those stopped, the cost of one batch of each size measured in this process on the same store."""
     with contextlib.ExitStack() as services:
         env = dict(os.environ)
         dsn, objects = args.store, args.objects
         if dsn == "local":
-            sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-            from services import BUCKET, PostgresServer, SeaweedServer, running
-
-            pg = services.enter_context(running(PostgresServer))
-            s3 = services.enter_context(running(SeaweedServer))
-            assert isinstance(pg, PostgresServer) and isinstance(s3, SeaweedServer)
-            dsn, objects = pg.new_database("bench"), f"s3://{BUCKET}/bench"
-            env.update(s3.env)
+            dsn, objects, s3_env = local_shared_storage(services, "bench")
+            env.update(s3_env)
         d = services.enter_context(tempfile.TemporaryDirectory())
         key = os.path.join(d, "log")
         subprocess.run([sys.executable, "-m", "wasmlog", "keygen", "bench.example/shared", "--out", key], check=True, capture_output=True)
         with contextlib.ExitStack() as servers:
-            urls = []
+            urls, pids = [], []
             for _ in range(args.shared_procs):
                 port = free_port()
                 server = subprocess.Popen(
@@ -245,16 +274,58 @@ def run_shared(args: argparse.Namespace, kw: dict[str, int | float]) -> dict[str
                 servers.callback(server.wait)
                 servers.callback(server.terminate)
                 urls.append(f"http://127.0.0.1:{port}")
+                pids.append(server.pid)
             for url in urls:
                 wait_ready(url)
-            load = run_wrk if args.client == "wrk" else run_load
-            full = load(urls, "sf", **kw) if args.client == "python" else load(urls[0], "sf", **kw)
+            with profiled(args.profile, pids, args.seconds), cpu_used(pids) as cpu:
+                full = load(args, urls, "sf", **kw)
+            full["cpu"] = cpu
             out: dict[str, object] = {"processes": args.shared_procs, "full_load": full, "integrator_at_full_load": integrator_costs(urls)}
-            if args.client == "python":
-                out["half_load"] = load(urls, "sh", rate=full["requests_per_s"] / 2, **kw)
+            out["half_load"] = load(args, urls, "sh", **half(kw, full))
         os.environ.update(env)
         out["batch_costs"] = batch_costs(dsn, objects, key + ".key")
         return out
+
+
+@contextlib.contextmanager
+def cpu_used(pids: list[int]) -> Iterator[dict[str, float]]:
+    """Fill in, once the block ends: the CPU seconds each of pids used during it (user + system), and how busy
+    the whole machine was (the fraction of all cores' time not idle: the servers, the client, the database,
+    the object store and anything else running)."""
+    def machine() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    def cpu(pid: int) -> float:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    out: dict[str, float] = {}
+    before, (all0, idle0) = [cpu(p) for p in pids], machine()
+    yield out
+    all1, idle1 = machine()
+    for i, (pid, b) in enumerate(zip(pids, before, strict=True)):
+        out[f"server_{i}_cpu_s"] = cpu(pid) - b
+    out["machine_busy"] = 1 - (idle1 - idle0) / max(1, all1 - all0)
+
+
+@contextlib.contextmanager
+def profiled(directory: str | None, pids: list[int], seconds: float) -> Iterator[None]:
+    """With a directory: py-spy record (raw, non-blocking) each of pids for most of the block's seconds."""
+    if directory is None:
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    spies = [subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", str(max(1, int(seconds) - 2)), "-f", "raw", "--nonblocking",
+                               "-o", os.path.join(directory, f"shared-{i}.txt")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i, pid in enumerate(pids)]
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.wait()
 
 
 def batch_costs(dsn: str, objects: str, key: str) -> dict[str, dict[str, float]]:

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -231,6 +231,7 @@ def main() -> None:
             with cpu_used([server.pid]) as cpu:
                 result["log_full_load"] = full = load(args, url, "f", **kw)
             full["cpu"] = cpu
+            cpu["cpu_ms_per_append"] = 1000 * cpu["server_0_cpu_s"] / max(1.0, full["requests_per_s"] * args.seconds)
             result["log_half_load"] = load(args, url, "h", **half(kw, full))
         finally:
             server.terminate()
@@ -277,9 +278,10 @@ def run_shared(args: argparse.Namespace, kw: dict[str, Any]) -> dict[str, object
                 pids.append(server.pid)
             for url in urls:
                 wait_ready(url)
-            with profiled(args.profile, pids, args.seconds), cpu_used(pids) as cpu:
+            with profiled(args.profile, pids, args.seconds), cpu_used(pids, lambda: service_pids(dsn, env["AWS_ENDPOINT_URL"])) as cpu:
                 full = load(args, urls, "sf", **kw)
             full["cpu"] = cpu
+            cpu["cpu_ms_per_append"] = 1000 * sum(cpu[k] for k in cpu if k.endswith("cpu_s")) / max(1.0, full["requests_per_s"] * args.seconds)
             out: dict[str, object] = {"processes": args.shared_procs, "full_load": full, "integrator_at_full_load": integrator_costs(urls)}
             out["half_load"] = load(args, urls, "sh", **half(kw, full))
         os.environ.update(env)
@@ -287,27 +289,55 @@ def run_shared(args: argparse.Namespace, kw: dict[str, Any]) -> dict[str, object
         return out
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process pid used so far; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def service_pids(dsn: str, s3_endpoint: str) -> list[int]:
+    """This run's PostgreSQL (the postmaster listening on the DSN's port, and its children) and SeaweedFS processes."""
+    pg_port, s3_port = dsn.rsplit(":", 1)[1].split("/", maxsplit=1)[0], s3_endpoint.rsplit(":", 1)[1]
+    procs = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except OSError:
+            continue
+        procs[int(pid)] = (ppid, args)
+    roots = {pid for pid, (_, args) in procs.items()
+             if (b"-p" in args and pg_port.encode() in args and args[0].endswith(b"postgres")) or f"-s3.port={s3_port}".encode() in args}
+    return sorted(pid for pid, (ppid, _) in procs.items() if pid in roots or ppid in roots)
+
+
 @contextlib.contextmanager
-def cpu_used(pids: list[int]) -> Iterator[dict[str, float]]:
-    """Fill in, once the block ends: the CPU seconds each of pids used during it (user + system), and how busy
-    the whole machine was (the fraction of all cores' time not idle: the servers, the client, the database,
-    the object store and anything else running)."""
+def cpu_used(pids: list[int], services: Callable[[], list[int]] = list) -> Iterator[dict[str, float]]:
+    """Fill in, once the block ends: the CPU seconds each of pids used during it (user + system), those of the
+    services() processes (those alive at the start or end: the database and object store), and how busy the
+    whole machine was (the fraction of all cores' time not idle: also the client and anything else running)."""
     def machine() -> tuple[int, int]:
         with open("/proc/stat") as f:
             ticks = [int(x) for x in f.readline().split()[1:]]
         return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
 
-    def cpu(pid: int) -> float:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
     out: dict[str, float] = {}
-    before, (all0, idle0) = [cpu(p) for p in pids], machine()
+    before, (all0, idle0) = [_cpu_s(p) for p in pids], machine()
+    services_before = {pid: _cpu_s(pid) for pid in services()}
     yield out
     all1, idle1 = machine()
     for i, (pid, b) in enumerate(zip(pids, before, strict=True)):
-        out[f"server_{i}_cpu_s"] = cpu(pid) - b
+        out[f"server_{i}_cpu_s"] = _cpu_s(pid) - b
+    services_after = {pid: _cpu_s(pid) for pid in services()}
+    if services_after:
+        out["services_cpu_s"] = sum(services_after.get(pid, b) - b for pid, b in services_before.items()) + sum(
+            a for pid, a in services_after.items() if pid not in services_before)
     out["machine_busy"] = 1 - (idle1 - idle0) / max(1, all1 - all0)
 
 

@@ -3,7 +3,8 @@
 Any number of processes on one database and bucket are one log. PostgreSQL holds (one log per database):
 
     tlog_next     next              the next index to assign (its row lock orders sequencing)
-    tlog_entries  idx -> entry      sequenced entries not yet in a full bundle in the bucket
+    tlog_entries  idx -> entry      sequenced entries not yet in a full bundle in the bucket, and the
+                                    last ENTRIES_KEPT that are (other processes take up trees from them)
     tlog_dedup    leaf hash -> idx  every sequenced entry (the dedup index)
     tlog_tree     size, checkpoint, published   the integrated tree (its row lock orders commits)
 
@@ -14,19 +15,24 @@ PostgreSQL when the holder's connection dies): it plans a batch from sequenced()
 writes every tile and bundle it changes to the bucket, then moves tlog_tree from the plan's old size
 (conditional: a second writer gets TlogError), then writes the checkpoint object. A crash anywhere
 is redone by the next integrator with the same entries, so the same bytes: the bucket converges.
+Every other process takes up a new tree (load) by appending the entries it can read from tlog_entries
+to the tree it has, checking the root against the committed checkpoint (from the bucket's tiles when
+it is too far behind); a commit notifies CHANNEL_TREE and a sequencing CHANNEL_SEQUENCED (listen()).
 Blocking (psycopg 3, boto3): called from worker threads; one connection per thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any, Protocol
 
+from ..checkpoint import parse_checkpoint
 from ..errors import MissingDependencyError, NotFoundError, StorageUnavailableError, TlogError
-from ..hashes import leaf_hash
-from ..integrate import BatchPlan, TreeState, state_from_tiles
+from ..hashes import HASH_SIZE, leaf_hash
+from ..integrate import BatchPlan, TreeState, plan_batch, state_from_tiles
+from ..note import parse_note
 from ..tiles import ENTRIES, TILE_WIDTH, TileID, encode_entry_bundle, parse_entry_bundle, tile_for_size
 from .objects import ObjectStore
 
@@ -39,6 +45,10 @@ else:
 
 LEADER_LOCK = 0x776C6F67  # pg_try_advisory_lock key of the integrator ("wlog")
 SCHEMA_LOCK = 0x776C6F68
+ENTRIES_KEPT = 64 * TILE_WIDTH  # integrated entries kept in tlog_entries below the last full bundle (~4 MB)
+CHANNEL_TREE = "wasmlog_tree"  # notified (payload: the new size) when a commit moves tlog_tree
+CHANNEL_SEQUENCED = "wasmlog_sequenced"  # notified when entries are sequenced
+LISTEN_SECONDS = 0.5  # the listener's longest wait between looks at whether to stop
 LEAD_KEEPALIVES = [("tcp_keepalives_idle", 5), ("tcp_keepalives_interval", 2), ("tcp_keepalives_count", 3), ("tcp_user_timeout", 11000)]
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS tlog_next (id smallint PRIMARY KEY CHECK (id = 1), next bigint NOT NULL)",
@@ -86,18 +96,24 @@ class SharedLogStore:
     """
 
     def __init__(self, dsn: str, objects_url: str, *, publish_integrated: bool = True, objects: ObjectStore | None = None,
-                 before_commit: Callable[[BatchPlan], None] | None = None) -> None:
+                 before_commit: Callable[[BatchPlan], None] | None = None, entries_kept: int = ENTRIES_KEPT) -> None:
+        """entries_kept: integrated entries this store's commits leave in tlog_entries below the last full bundle."""
         if _missing is not None:
             raise MissingDependencyError("PostgreSQL storage", "shared", _missing)
         self.dsn = dsn
         self.objects = objects if objects is not None else ObjectStore(objects_url)
         self.publish_integrated = publish_integrated
         self.before_commit = before_commit  # fault injection for tests: raise after the objects, before the database
+        self.entries_kept = entries_kept
         self._local = threading.local()
         self._conns: list[Any] = []  # every thread's connection, closed by close()
         self._conns_lock = threading.Lock()
         self._size = 0  # the committed size last seen: the width of partial tiles and bundles read
         self.bucket_checkpoint: bytes | None = None  # the checkpoint object this store last wrote
+        self._known: TreeState | None = None  # the committed tree this store last loaded or committed
+        self._closing = threading.Event()
+        self._listener: threading.Thread | None = None
+        self.listening = False  # the listener is connected and listening: notifications arrive
         self._lead_lock = threading.Lock()
         self._lead_conn: Any = None
         self._leading = False
@@ -106,16 +122,17 @@ class SharedLogStore:
             for statement in SCHEMA:
                 cur.execute(statement)
 
-    @contextmanager
-    def _txn(self) -> Iterator[Any]:
-        """A cursor in a transaction on this thread's connection; database failures become StorageUnavailableError."""
+    @contextlib.contextmanager
+    def _txn(self, atomic: bool = True) -> Iterator[Any]:
+        """A cursor in a transaction on this thread's connection (atomic=False: each statement commits
+        by itself, saving the round trips of BEGIN and COMMIT); database failures become StorageUnavailableError."""
         conn = getattr(self._local, "conn", None)
         try:
             if conn is None or conn.closed:
                 conn = self._local.conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
                 with self._conns_lock:
                     self._conns = [c for c in self._conns if not c.closed] + [conn]
-            with conn.transaction(), conn.cursor() as cur:
+            with conn.transaction() if atomic else contextlib.nullcontext(), conn.cursor() as cur:
                 yield cur
         except psycopg.Error as e:
             if conn is not None and conn.broken:
@@ -129,18 +146,35 @@ class SharedLogStore:
     # The LogStore interface.
 
     def load(self) -> tuple[TreeState, bytes | None]:
-        with self._txn() as cur:
+        """The committed tree: the one known here, extended by the entries committed since when the
+        database still has them all, else rebuilt from the bucket's tiles. A tree that does not give
+        the committed checkpoint's root is not used (the tiles are read instead)."""
+        known = self._known
+        with self._txn(atomic=False) as cur:
             size, checkpoint = cur.execute("SELECT size, checkpoint FROM tlog_tree").fetchone()
+            rows = []
+            if known is not None and known.size < size:
+                rows = cur.execute("SELECT entry FROM tlog_entries WHERE idx >= %s AND idx < %s ORDER BY idx", (known.size, size)).fetchall()
         self._size = max(self._size, size)
-        return state_from_tiles(size, lambda level, index: self._tile_at(size, level, index)), checkpoint
+        state = None
+        if known is not None and known.size <= size and len(rows) == size - known.size:  # idx is unique: all of them
+            plan = plan_batch(known, [row[0] for row in rows], lambda _: None, dedup=False)
+            if _root_of(checkpoint) == plan.state.root_hash:
+                state = plan.state
+                for (level, index), data in plan.tiles.items():
+                    self.objects.remember(TileID(level, index, len(data) // HASH_SIZE).path(), data)
+        if state is None:
+            state = state_from_tiles(size, lambda level, index: self._tile_at(size, level, index))
+        self._known = state
+        return state, checkpoint
 
     def commit(self, plan: BatchPlan, checkpoint: bytes) -> None:
         """LogStore.commit, for plans of sequenced entries only (TlogError otherwise): objects, then the tree row."""
         old, new = plan.old_size, plan.state.size
-        if plan.new_entries:
-            self._check_sequenced(plan)
         start = old - old % TILE_WIDTH
         with self._txn() as cur:
+            if plan.new_entries:
+                self._check_sequenced(cur, plan)
             if self.committed_size(cur) != old:
                 raise TlogError(f"stored size is not the batch's base size {old}: another process integrated")
             rows = cur.execute("SELECT entry FROM tlog_entries WHERE idx >= %s AND idx < %s ORDER BY idx", (start, old)).fetchall()
@@ -159,8 +193,10 @@ class SharedLogStore:
             if size != old:
                 raise TlogError(f"stored size {size} is not the batch's base size {old}: another process integrated")
             cur.execute("UPDATE tlog_tree SET size = %s, checkpoint = %s", (new, checkpoint))
-            cur.execute("DELETE FROM tlog_entries WHERE idx < %s", (new - new % TILE_WIDTH,))
+            cur.execute("DELETE FROM tlog_entries WHERE idx < %s", (new - new % TILE_WIDTH - self.entries_kept,))
+            cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL_TREE, str(new)))
         self._size = max(self._size, new)
+        self._known = plan.state
         if self.publish_integrated:
             self.put_checkpoint(checkpoint)
 
@@ -169,10 +205,9 @@ class SharedLogStore:
         self.objects.put("checkpoint", note, immutable=False)
         self.bucket_checkpoint = note
 
-    def _check_sequenced(self, plan: BatchPlan) -> None:
+    def _check_sequenced(self, cur: Any, plan: BatchPlan) -> None:
         hashes = list(plan.new_leaf_hashes)
-        with self._txn() as cur:
-            found = dict(cur.execute("SELECT hash, idx FROM tlog_dedup WHERE hash = ANY(%s)", (hashes,)).fetchall())
+        found = dict(cur.execute("SELECT hash, idx FROM tlog_dedup WHERE hash = ANY(%s)", (hashes,)).fetchall())
         for i, h in enumerate(hashes):
             if found.get(h) != plan.old_size + i:
                 raise TlogError(f"entry {plan.old_size + i} of the batch is not the one sequenced at that index")
@@ -180,16 +215,17 @@ class SharedLogStore:
     def publish(self, note: bytes) -> None:
         with self._txn() as cur:
             cur.execute("UPDATE tlog_tree SET published = %s", (note,))
+            cur.execute("SELECT pg_notify(%s, '')", (CHANNEL_TREE,))
         self.put_checkpoint(note)
 
     def published(self) -> bytes | None:
-        with self._txn() as cur:
+        with self._txn(atomic=False) as cur:
             note: bytes | None = cur.execute("SELECT published FROM tlog_tree").fetchone()[0]
         return note
 
     def lookup(self, leaf_hashes: Sequence[bytes]) -> dict[bytes, int]:
         """The index of each leaf hash that is logged (integrated); sequenced ones are not reported."""
-        with self._txn() as cur:
+        with self._txn(atomic=False) as cur:
             rows = cur.execute(
                 "SELECT d.hash, d.idx FROM tlog_dedup d, tlog_tree t WHERE d.hash = ANY(%s) AND d.idx < t.size", (list(leaf_hashes),)
             ).fetchall()
@@ -220,11 +256,12 @@ class SharedLogStore:
         return out
 
     def checkpoint(self) -> bytes | None:
-        with self._txn() as cur:
+        with self._txn(atomic=False) as cur:
             note: bytes | None = cur.execute("SELECT checkpoint FROM tlog_tree").fetchone()[0]
         return note
 
     def close(self) -> None:
+        self.stop_listening()
         self.resign()
         with self._conns_lock:
             conns, self._conns = self._conns, []
@@ -237,7 +274,7 @@ class SharedLogStore:
     def committed_size(self, cur: Any = None) -> int:
         """The integrated tree size in the database."""
         if cur is None:
-            with self._txn() as own:
+            with self._txn(atomic=False) as own:
                 return self.committed_size(own)
         size: int = cur.execute("SELECT size FROM tlog_tree").fetchone()[0]
         self._size = max(self._size, size)
@@ -278,6 +315,7 @@ class SharedLogStore:
                 cur.execute("INSERT INTO tlog_entries SELECT * FROM unnest(%s::bigint[], %s::bytea[])", (new_idx, new_entries))
                 cur.execute("INSERT INTO tlog_dedup SELECT * FROM unnest(%s::bytea[], %s::bigint[])", (new_hashes, new_idx))
                 cur.execute("UPDATE tlog_next SET next = %s", (nxt + len(new_idx),))
+                cur.execute("SELECT pg_notify(%s, '')", (CHANNEL_SEQUENCED,))
         if admission is not None and fresh:
             admission.committed(nxt + len(new_idx))
         return [refused[h] if h in refused else known[h] for h in leaf_hashes]
@@ -293,7 +331,7 @@ class SharedLogStore:
 
     def sequenced(self, start: int, limit: int) -> list[bytes]:
         """Up to limit sequenced entries from index start on, in order (stops at the first gap)."""
-        with self._txn() as cur:
+        with self._txn(atomic=False) as cur:
             rows = cur.execute("SELECT idx, entry FROM tlog_entries WHERE idx >= %s ORDER BY idx LIMIT %s", (start, limit)).fetchall()
         out: list[bytes] = []
         for idx, entry in rows:
@@ -329,3 +367,47 @@ class SharedLogStore:
             if self._lead_conn is not None:
                 self._lead_conn.close()
             self._lead_conn, self._leading = None, False
+
+    def listen(self, notified: Callable[[str], None]) -> None:
+        """From a thread of its own, until stop_listening() or close(): notified(channel) for each
+        notification of CHANNEL_TREE or CHANNEL_SEQUENCED, and notified("") whenever listening (re)starts,
+        since notifications may have been missed. Best effort: a lost connection is retried every second
+        (callers keep polling; this only makes them look sooner)."""
+        if self._listener is not None:
+            raise TlogError("this store is listening already")
+        self._closing.clear()
+        self._listener = threading.Thread(target=self._listen, args=(notified,), name="tlog-listen", daemon=True)
+        self._listener.start()
+
+    def stop_listening(self) -> None:
+        """Stop the listener (waits up to LISTEN_SECONDS for its thread)."""
+        self._closing.set()
+        if self._listener is not None:
+            self._listener.join()
+            self._listener = None
+
+    def _listen(self, notified: Callable[[str], None]) -> None:
+        while not self._closing.is_set():
+            try:
+                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                    for setting, value in LEAD_KEEPALIVES:
+                        conn.execute(f"SET {setting} = {value}")
+                    conn.execute(f"LISTEN {CHANNEL_TREE}")
+                    conn.execute(f"LISTEN {CHANNEL_SEQUENCED}")
+                    self.listening = True
+                    notified("")
+                    while not self._closing.is_set():
+                        for notification in conn.notifies(timeout=LISTEN_SECONDS):
+                            notified(notification.channel)
+            except psycopg.Error:
+                self.listening = False
+                self._closing.wait(1.0)
+        self.listening = False
+
+
+def _root_of(note: bytes | None) -> bytes | None:
+    """The root hash a checkpoint note states (not verified: the Log checks the signature), or None."""
+    try:
+        return parse_checkpoint(parse_note(note).text).root_hash if note is not None else None
+    except TlogError:
+        return None

@@ -26,7 +26,8 @@ from .hashes import leaf_hash
 from .log import Log
 from .runloop import cancel_all
 from .sequencer import Sequencer
-from .storage.shared import CHANNEL_SEQUENCED, Admission, SharedLogStore
+from .storage.admission import Admission
+from .storage.shared import CHANNEL_SEQUENCED, SharedLogStore
 
 log = logging.getLogger("wasmlog.shared_sequencer")
 

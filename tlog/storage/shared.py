@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from ..checkpoint import parse_checkpoint
 from ..errors import MissingDependencyError, NotFoundError, StorageUnavailableError, TlogError
@@ -34,6 +34,8 @@ from ..hashes import HASH_SIZE, leaf_hash
 from ..integrate import BatchPlan, TreeState, plan_batch, state_from_tiles
 from ..note import parse_note
 from ..tiles import ENTRIES, TILE_WIDTH, TileID, encode_entry_bundle, parse_entry_bundle, tile_for_size
+from .admission import Admission
+from .notify import Listener
 from .objects import ObjectStore
 
 try:
@@ -48,7 +50,6 @@ SCHEMA_LOCK = 0x776C6F68
 ENTRIES_KEPT = 64 * TILE_WIDTH  # integrated entries kept in tlog_entries below the last full bundle (~4 MB)
 CHANNEL_TREE = "wasmlog_tree"  # notified (payload: the new size) when a commit moves tlog_tree
 CHANNEL_SEQUENCED = "wasmlog_sequenced"  # notified when entries are sequenced
-LISTEN_SECONDS = 0.5  # the listener's longest wait between looks at whether to stop
 LEAD_KEEPALIVES = [("tcp_keepalives_idle", 5), ("tcp_keepalives_interval", 2), ("tcp_keepalives_count", 3), ("tcp_user_timeout", 11000)]
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS tlog_next (id smallint PRIMARY KEY CHECK (id = 1), next bigint NOT NULL)",
@@ -58,34 +59,6 @@ SCHEMA = [
     "CREATE TABLE IF NOT EXISTS tlog_tree (id smallint PRIMARY KEY CHECK (id = 1), size bigint NOT NULL, checkpoint bytea, published bytea)",
     "INSERT INTO tlog_tree VALUES (1, 0, NULL, NULL) ON CONFLICT DO NOTHING",
 ]
-
-
-class Admission(Protocol):
-    """What an application checks while entries are sequenced, under the sequencing lock (tlog_next's row lock).
-
-    Every process sequences, one transaction at a time across all of them: an admission sees every
-    entry sequenced before the ones it judges, so two processes can never both admit conflicting entries.
-    """
-
-    def prepare(self) -> None:
-        """Called before the sequencing transaction, outside its lock: the place for costly work
-        (such as reading and checking what others sequenced) that admit() can then reuse."""
-        ...
-
-    def admit(self, next_index: int, sequenced_since: Callable[[int], list[bytes]], entries: Sequence[bytes]) -> list[TlogError | None]:
-        """For each new entry (in order): None to sequence it (at next_index, next_index + 1, ... among
-        those admitted), or the error to refuse it with. sequenced_since(i) returns every entry already
-        sequenced in [i, next_index), in order. Must not keep anything until committed() is called."""
-        ...
-
-    def trailer(self, index: int) -> bytes | None:
-        """After admit() admitted at least one entry: an entry of its own to sequence at index, right
-        after them in the same transaction (None: none). Must not keep anything until committed()."""
-        ...
-
-    def committed(self, next_index: int) -> None:
-        """The transaction that called admit() committed; next_index is the next index to assign now."""
-        ...
 
 
 class SharedLogStore:
@@ -111,9 +84,7 @@ class SharedLogStore:
         self._size = 0  # the committed size last seen: the width of partial tiles and bundles read
         self.bucket_checkpoint: bytes | None = None  # the checkpoint object this store last wrote
         self._known: TreeState | None = None  # the committed tree this store last loaded or committed
-        self._closing = threading.Event()
-        self._listener: threading.Thread | None = None
-        self.listening = False  # the listener is connected and listening: notifications arrive
+        self._listener: Listener | None = None
         self._lead_lock = threading.Lock()
         self._lead_conn: Any = None
         self._leading = False
@@ -365,41 +336,23 @@ class SharedLogStore:
             self._lead_conn, self._leading = None, False
 
     def listen(self, notified: Callable[[str], None]) -> None:
-        """From a thread of its own, until stop_listening() or close(): notified(channel) for each
-        notification of CHANNEL_TREE or CHANNEL_SEQUENCED, and notified("") whenever listening (re)starts,
-        since notifications may have been missed. Best effort: a lost connection is retried every second
-        (callers keep polling; this only makes them look sooner)."""
+        """Until stop_listening() or close(), from a thread of its own (storage/notify.py): notified(channel)
+        for each notification of CHANNEL_TREE or CHANNEL_SEQUENCED, and notified("") whenever listening
+        (re)starts. Best effort: callers keep polling; this only makes them look sooner."""
         if self._listener is not None:
             raise TlogError("this store is listening already")
-        self._closing.clear()
-        self._listener = threading.Thread(target=self._listen, args=(notified,), name="tlog-listen", daemon=True)
+        self._listener = Listener(self.dsn, [CHANNEL_TREE, CHANNEL_SEQUENCED], notified, LEAD_KEEPALIVES)
         self._listener.start()
 
     def stop_listening(self) -> None:
-        """Stop the listener (waits up to LISTEN_SECONDS for its thread)."""
-        self._closing.set()
         if self._listener is not None:
-            self._listener.join()
+            self._listener.stop()
             self._listener = None
 
-    def _listen(self, notified: Callable[[str], None]) -> None:
-        while not self._closing.is_set():
-            try:
-                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
-                    for setting, value in LEAD_KEEPALIVES:
-                        conn.execute(f"SET {setting} = {value}")
-                    conn.execute(f"LISTEN {CHANNEL_TREE}")
-                    conn.execute(f"LISTEN {CHANNEL_SEQUENCED}")
-                    self.listening = True
-                    notified("")
-                    while not self._closing.is_set():
-                        for notification in conn.notifies(timeout=LISTEN_SECONDS):
-                            notified(notification.channel)
-            except psycopg.Error:
-                self.listening = False
-                self._closing.wait(1.0)
-        self.listening = False
-
+    @property
+    def listening(self) -> bool:
+        """Notifications arrive (the listener is connected and listening)."""
+        return self._listener is not None and self._listener.listening
 
 def _root_of(note: bytes | None) -> bytes | None:
     """The root hash a checkpoint note states (not verified: the Log checks the signature), or None."""

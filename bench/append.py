@@ -1,24 +1,29 @@
 """Durable append throughput and submit-to-proof latency over HTTP. Prints JSON.
 
-    python bench/append.py [--seconds 10] [--concurrency 256] [--client-procs 1] [--client wrk] [--workers N]
-                           [--store DSN|local --objects s3://BUCKET/PREFIX --shared-procs 2]
+    python bench/append.py [--seconds 10] [--concurrency 1024] [--client-procs 2] [--client wrk|python]
+                           [--workers N] [--store DSN|local [--objects s3://BUCKET/PREFIX] --shared-procs 2]
 
---workers N runs the log with N HTTP front-end processes (`log serve --workers N`); the
-bare baseline stays one process (two bare processes measured ~26.8k req/s on the 2-core
-machine, so the baseline is not what limits the log).
+Runs, with the same client and connections, in the same run: (1) a bare aiohttp POST handler (the
+baseline: HTTP alone, one process), (2) the log server (`wasmlog log serve`, LMDB, fsync per batch;
+--workers N: N HTTP front-end processes) at full load, (3) the same at half load. With --store, (4)
+the shared engine: --shared-procs `log serve --store DSN --objects URL` processes on one (empty)
+database and bucket (AWS_* variables from the environment; `--store local` starts a throwaway
+PostgreSQL and SeaweedFS on this machine, bench/common.local_shared_storage), at full and half load;
+then, with those stopped, the cost of one batch of each size (batch_costs) in this process.
 
---client wrk drives the load with wrk (apt-get install wrk), a C client that
-leaves more of the 2 cores to the server than the Python client does.
-
-Runs, in the same way and in the same run: (1) a bare aiohttp POST handler
-(the baseline: HTTP alone), (2) the log server (`wasmlog log serve`, LMDB,
-fsync per batch) at full load, (3) the log at half the load it reached.
-Load comes from separate client processes on loopback.
-
-With --store, the same run also measures (4) the shared engine: --shared-procs `log serve --store
-DSN --objects URL` processes on one database and bucket (an empty database; AWS_* variables from
-the environment), the load spread over them, at full and half load. `--store local` starts a
-throwaway PostgreSQL and SeaweedFS on this machine (tests/services.py) and uses them.
+How the load is driven (the same for every target, so the figures compare): --client-procs client
+processes at once (default 2, one per shared process), --concurrency connections in all, split evenly;
+client i loads server i (cycling), so on the shared engine each process gets its own client and
+every one-process target gets all of them. Closed loop: each connection sends its next POST /add
+(a distinct ~210-byte entry) when the last is answered, so throughput = connections / latency
+until the machine's CPU is saturated. The default 1,024 connections bring the shared run to or near
+that on the 2-core machine (at 256 it measured latency-bound, ~1.5k/s with idle CPU), and 1,024 is
+also a server's default --max-connections (beyond it a one-process target answers 503). Half load is
+half the connections. The default client is wrk (`apt-get install wrk`), a C client, because the
+Python client (--client python, aiohttp, open loop at half load) eats about a core itself. Reported:
+2xx answers/s and errors (non-2xx, socket errors, timeouts after WRK_TIMEOUT s) summed over clients,
+p50 and p99 the largest of the clients' (an upper bound of the combined percentile; wrk's latencies are
+over every answer, non-2xx ones too).
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import aiohttp
-from common import free_port
+from common import free_port, local_shared_storage
 
 BARE_SERVER = """
 from aiohttp import web
@@ -101,6 +108,7 @@ def _client(args: tuple[list[str], str, int, float, float | None]) -> tuple[int,
     return asyncio.run(_load(*args))
 
 
+WRK_TIMEOUT = 10  # seconds: a slower answer is counted as an error (a socket timeout)
 WRK_SCRIPT = """
 local counter = 0
 local next_id = 0
@@ -119,26 +127,55 @@ def _wrk_seconds(s: str) -> float:
     raise ValueError(s)
 
 
-def run_wrk(url: str, tag: str, *, concurrency: int, seconds: float, rate: float | None = None, **_: object) -> dict[str, float]:
-    """Closed-loop load with wrk; rate is ignored (wrk has no open-loop mode): use --concurrency."""
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
-        script.write(WRK_SCRIPT % tag)
-        script.flush()
-        out = subprocess.run(
-            ["wrk", "-t1", f"-c{concurrency}", f"-d{int(seconds)}s", "-s", script.name, "--latency", url],
-            check=True, capture_output=True, text=True,
-        ).stdout
-    result: dict[str, float] = {"errors": 0}
+def run_wrk(url: str | list[str], tag: str, *, procs: int, concurrency: int, seconds: float, rate: float | None = None) -> dict[str, object]:
+    """Closed-loop load from procs wrk processes at once, concurrency connections in all, wrk i on url i (cycling).
+
+    rate is ignored (wrk has no open loop: half load is half the connections). Requests/s and errors are
+    summed; p50 and p99 are the largest of the processes' (an upper bound of the combined percentile)."""
+    urls = [url] if isinstance(url, str) else url
+    with tempfile.TemporaryDirectory() as d:
+        runs = []
+        for p in range(procs):
+            script = os.path.join(d, f"{p}.lua")
+            with open(script, "w") as f:
+                f.write(WRK_SCRIPT % f"{tag}{p}")
+            runs.append(subprocess.Popen(
+                ["wrk", "-t1", f"-c{max(1, concurrency // procs)}", f"-d{int(seconds)}s", f"--timeout={WRK_TIMEOUT}s", "-s", script,
+                 "--latency", urls[p % len(urls)]],
+                stdout=subprocess.PIPE, text=True,
+            ))
+        outs = [run.communicate()[0] for run in runs]
+        if any(run.returncode for run in runs):
+            raise RuntimeError(f"wrk failed: {[run.returncode for run in runs]}")
+    each = [_parse_wrk(out) for out in outs]
+    return {
+        "requests_per_s": sum(r["requests_per_s"] for r in each),
+        "errors": sum(r["errors"] for r in each),
+        "latency_p50_s": max(r["latency_p50_s"] for r in each),
+        "latency_p99_s": max(r["latency_p99_s"] for r in each),
+        "per_client": each,
+    }
+
+
+def _parse_wrk(out: str) -> dict[str, float]:
+    """requests_per_s counts 2xx answers only (wrk's own Requests/sec counts every answer); errors are the
+    non-2xx answers plus the socket errors (connect, read, write, timeout)."""
+    result: dict[str, float] = {"non_2xx": 0, "socket_errors": 0}
+    answers, seconds = 0, 1.0
     for line in out.splitlines():
         words = line.split()
-        if line.startswith("Requests/sec:"):
-            result["requests_per_s"] = float(words[1])
+        if len(words) > 3 and words[1:3] == ["requests", "in"]:  # "N requests in 10.01s, X MB read"
+            answers, seconds = int(words[0]), _wrk_seconds(words[3].rstrip(","))
         elif words[:1] == ["50%"]:
             result["latency_p50_s"] = _wrk_seconds(words[1])
         elif words[:1] == ["99%"]:
             result["latency_p99_s"] = _wrk_seconds(words[1])
-        elif "Non-2xx" in line or "Socket errors" in line:
-            result["errors"] += sum(int(w.rstrip(",")) for w in words if w.rstrip(",").isdigit())
+        elif "Non-2xx" in line:
+            result["non_2xx"] = int(words[-1])
+        elif "Socket errors" in line:
+            result["socket_errors"] = sum(int(w.rstrip(",")) for w in words if w.rstrip(",").isdigit())
+    result["requests_per_s"] = (answers - result["non_2xx"]) / seconds
+    result["errors"] = result["non_2xx"] + result["socket_errors"]
     return result
 
 
@@ -166,24 +203,24 @@ def run_load(url: str | list[str], tag: str, *, procs: int, concurrency: int, se
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=10)
-    p.add_argument("--concurrency", type=int, default=256)
-    p.add_argument("--client-procs", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=1024, help="connections in all, split over the client processes")
+    p.add_argument("--client-procs", type=int, default=2)
     p.add_argument("--interval-ms", type=int, default=100)
     p.add_argument("--workers", type=int, default=1, help="log serve --workers: HTTP front-end processes (1: one process)")
-    p.add_argument("--client", choices=["python", "wrk"], default="python")
+    p.add_argument("--client", choices=["python", "wrk"], default="wrk")
     p.add_argument("--store", default=None, help="also measure the shared engine: a PostgreSQL DSN (an empty database), or 'local'")
     p.add_argument("--objects", default=None, help="with --store DSN: s3://BUCKET/PREFIX")
     p.add_argument("--shared-procs", type=int, default=2, help="log serve processes on the shared store")
+    p.add_argument("--profile", default=None, help="with --store: py-spy each shared process under full load, raw output in this directory")
     args = p.parse_args()
     kw = {"procs": args.client_procs, "concurrency": args.concurrency, "seconds": args.seconds}
-    load = run_wrk if args.client == "wrk" else run_load
     result: dict[str, object] = {"benchmark": "append", "cores": os.cpu_count(), **vars(args)}
 
     port = free_port()
     bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER.format(port=port)])
     try:
         wait_ready(f"http://127.0.0.1:{port}")
-        result["baseline_bare_aiohttp_post"] = load(f"http://127.0.0.1:{port}", "b", **kw)
+        result["baseline_bare_aiohttp_post"] = load(args, f"http://127.0.0.1:{port}", "b", **kw)
     finally:
         bare.terminate()
         bare.wait()
@@ -200,12 +237,11 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{port}"
             wait_ready(url)
-            full = load(url, "f", **kw)
-            result["log_full_load"] = full
-            if args.client == "python":  # open loop at half the rate reached
-                result["log_half_load"] = load(url, "h", rate=full["requests_per_s"] / 2, **kw)
-            else:  # closed loop with half the connections
-                result["log_half_load"] = load(url, "h", **{**kw, "concurrency": max(1, args.concurrency // 2)})
+            with cpu_used([server.pid]) as cpu:
+                result["log_full_load"] = full = load(args, url, "f", **kw)
+            full["cpu"] = cpu
+            cpu["cpu_ms_per_append"] = 1000 * cpu["server_0_cpu_s"] / max(1.0, full["requests_per_s"] * args.seconds)
+            result["log_half_load"] = load(args, url, "h", **half(kw, full))
         finally:
             server.terminate()
             server.wait()
@@ -215,26 +251,29 @@ def main() -> None:
     print()
 
 
-def run_shared(args: argparse.Namespace, kw: dict[str, int | float]) -> dict[str, object]:
+def load(args: argparse.Namespace, url: str | list[str], tag: str, **kw: Any) -> dict[str, Any]:
+    return (run_wrk if args.client == "wrk" else run_load)(url, tag, **kw)
+
+
+def half(kw: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
+    """Half load: half the connections (wrk, closed loop), or half the rate reached (the Python client, open loop)."""
+    return {**kw, "concurrency": max(1, kw["concurrency"] // 2), "rate": full["requests_per_s"] / 2}
+
+
+def run_shared(args: argparse.Namespace, kw: dict[str, Any]) -> dict[str, object]:
     """The shared engine: args.shared_procs `log serve --store --objects` processes, the load spread over them;
     then, with those stopped, the cost of one batch of each size measured in this process on the same store."""
     with contextlib.ExitStack() as services:
         env = dict(os.environ)
         dsn, objects = args.store, args.objects
         if dsn == "local":
-            sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-            from services import BUCKET, PostgresServer, SeaweedServer, running
-
-            pg = services.enter_context(running(PostgresServer))
-            s3 = services.enter_context(running(SeaweedServer))
-            assert isinstance(pg, PostgresServer) and isinstance(s3, SeaweedServer)
-            dsn, objects = pg.new_database("bench"), f"s3://{BUCKET}/bench"
-            env.update(s3.env)
+            dsn, objects, s3_env = local_shared_storage(services, "bench")
+            env.update(s3_env)
         d = services.enter_context(tempfile.TemporaryDirectory())
         key = os.path.join(d, "log")
         subprocess.run([sys.executable, "-m", "wasmlog", "keygen", "bench.example/shared", "--out", key], check=True, capture_output=True)
         with contextlib.ExitStack() as servers:
-            urls = []
+            urls, pids = [], []
             for _ in range(args.shared_procs):
                 port = free_port()
                 server = subprocess.Popen(
@@ -245,16 +284,87 @@ def run_shared(args: argparse.Namespace, kw: dict[str, int | float]) -> dict[str
                 servers.callback(server.wait)
                 servers.callback(server.terminate)
                 urls.append(f"http://127.0.0.1:{port}")
+                pids.append(server.pid)
             for url in urls:
                 wait_ready(url)
-            load = run_wrk if args.client == "wrk" else run_load
-            full = load(urls, "sf", **kw) if args.client == "python" else load(urls[0], "sf", **kw)
+            with profiled(args.profile, pids, args.seconds), cpu_used(pids, lambda: service_pids(dsn, env["AWS_ENDPOINT_URL"])) as cpu:
+                full = load(args, urls, "sf", **kw)
+            full["cpu"] = cpu
+            cpu["cpu_ms_per_append"] = 1000 * sum(cpu[k] for k in cpu if k.endswith("cpu_s")) / max(1.0, full["requests_per_s"] * args.seconds)
             out: dict[str, object] = {"processes": args.shared_procs, "full_load": full, "integrator_at_full_load": integrator_costs(urls)}
-            if args.client == "python":
-                out["half_load"] = load(urls, "sh", rate=full["requests_per_s"] / 2, **kw)
+            out["half_load"] = load(args, urls, "sh", **half(kw, full))
         os.environ.update(env)
         out["batch_costs"] = batch_costs(dsn, objects, key + ".key")
         return out
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process pid used so far; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def service_pids(dsn: str, s3_endpoint: str) -> list[int]:
+    """This run's PostgreSQL (the postmaster listening on the DSN's port, and its children) and SeaweedFS processes."""
+    pg_port, s3_port = dsn.rsplit(":", 1)[1].split("/", maxsplit=1)[0], s3_endpoint.rsplit(":", 1)[1]
+    procs = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except OSError:
+            continue
+        procs[int(pid)] = (ppid, args)
+    roots = {pid for pid, (_, args) in procs.items()
+             if (b"-p" in args and pg_port.encode() in args and args[0].endswith(b"postgres")) or f"-s3.port={s3_port}".encode() in args}
+    return sorted(pid for pid, (ppid, _) in procs.items() if pid in roots or ppid in roots)
+
+
+@contextlib.contextmanager
+def cpu_used(pids: list[int], services: Callable[[], list[int]] = list) -> Iterator[dict[str, float]]:
+    """Fill in, once the block ends: the CPU seconds each of pids used during it (user + system), those of the
+    services() processes (those alive at the start or end: the database and object store), and how busy the
+    whole machine was (the fraction of all cores' time not idle: also the client and anything else running)."""
+    def machine() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    out: dict[str, float] = {}
+    before, (all0, idle0) = [_cpu_s(p) for p in pids], machine()
+    services_before = {pid: _cpu_s(pid) for pid in services()}
+    yield out
+    all1, idle1 = machine()
+    for i, (pid, b) in enumerate(zip(pids, before, strict=True)):
+        out[f"server_{i}_cpu_s"] = _cpu_s(pid) - b
+    services_after = {pid: _cpu_s(pid) for pid in services()}
+    if services_after:
+        out["services_cpu_s"] = sum(services_after.get(pid, b) - b for pid, b in services_before.items()) + sum(
+            a for pid, a in services_after.items() if pid not in services_before)
+    out["machine_busy"] = 1 - (idle1 - idle0) / max(1, all1 - all0)
+
+
+@contextlib.contextmanager
+def profiled(directory: str | None, pids: list[int], seconds: float) -> Iterator[None]:
+    """With a directory: py-spy record (raw, non-blocking) each of pids for most of the block's seconds."""
+    if directory is None:
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    spies = [subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", str(max(1, int(seconds) - 2)), "-f", "raw", "--nonblocking",
+                               "-o", os.path.join(directory, f"shared-{i}.txt")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i, pid in enumerate(pids)]
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.wait()
 
 
 def batch_costs(dsn: str, objects: str, key: str) -> dict[str, dict[str, float]]:

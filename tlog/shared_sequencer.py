@@ -3,15 +3,18 @@
 Each process pools its submissions like Sequencer and, every interval, sequences the pool in one
 database transaction (durable: the entries' indexes are fixed). Whichever process holds the
 integrator's lock integrates what is sequenced, in order, into the bucket and the tree row; the
-others poll the committed size and take up each new tree (Log.refresh). A submitter is answered
-with its tlog-proof once the tree this process serves covers its entry; if the integrator dies,
-another process takes the lock and carries on from the committed tree.
+others take up each new tree (Log.refresh). Each process looks at the committed size (and the lock)
+when PostgreSQL notifies it (SharedLogStore.listen: the integrator hears of sequenced entries, the
+others of commits), and every poll_interval anyway (NOTIFIED_POLL_INTERVAL while notifications
+arrive). A submitter is answered with its tlog-proof once the tree this process serves covers its
+entry; if the integrator dies, another process takes the lock and carries on from the committed tree.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -23,11 +26,13 @@ from .hashes import leaf_hash
 from .log import Log
 from .runloop import cancel_all, wait_at_most
 from .sequencer import Sequencer
-from .storage.shared import Admission, SharedLogStore
+from .storage.admission import Admission
+from .storage.shared import CHANNEL_SEQUENCED, SharedLogStore
 
 log = logging.getLogger("wasmlog.shared_sequencer")
 
 DEFAULT_POLL_INTERVAL = 0.02  # seconds between looks at the committed size (and leadership) when idle
+NOTIFIED_POLL_INTERVAL = 0.25  # the same while PostgreSQL's notifications arrive (they wake it sooner)
 ROUNDS_PER_WAKE = 8  # integration rounds of batch_max entries before answering and looking again
 
 
@@ -199,12 +204,21 @@ class SharedSequencer(Sequencer):
                     self.observer.batch_failed()
             except Exception:
                 log.exception("integration round failed")
-            await wait_at_most(self._wake, self.poll_interval)
+            poll = max(self.poll_interval, NOTIFIED_POLL_INTERVAL) if self.store.listening else self.poll_interval
+            await wait_at_most(self._wake, poll)
             self._wake.clear()
+
+    def _notified(self, loop: asyncio.AbstractEventLoop, channel: str) -> None:
+        """In the store's listener thread: wake the integration loop, unless it is of no use to this process."""
+        if channel == CHANNEL_SEQUENCED and not self.leading:
+            return  # only the integrator acts on sequenced entries
+        with contextlib.suppress(RuntimeError):  # the loop closed
+            loop.call_soon_threadsafe(self._wake.set)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[SharedSequencer]:
         """Run the batching and integration loops for the duration of the context; resign the lead after."""
+        self.store.listen(functools.partial(self._notified, asyncio.get_running_loop()))
         tasks = [asyncio.create_task(self._run(), name="sequencer"), asyncio.create_task(self._integrate_loop(), name="integrator")]
         if self.cosigner is not None:
             tasks.append(asyncio.create_task(self._republish(), name="republisher"))  # acts only while leading
@@ -212,6 +226,7 @@ class SharedSequencer(Sequencer):
             yield self
         finally:
             await cancel_all(tasks)
+            await asyncio.to_thread(self.store.stop_listening)
             await asyncio.to_thread(self.store.resign)
             for w in self._waiting:
                 _fail(w.futures, TlogError("the log stopped before integrating the entry (it is sequenced and will be logged)"))

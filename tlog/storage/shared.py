@@ -3,7 +3,8 @@
 Any number of processes on one database and bucket are one log. PostgreSQL holds (one log per database):
 
     tlog_next     next              the next index to assign (its row lock orders sequencing)
-    tlog_entries  idx -> entry      sequenced entries not yet in a full bundle in the bucket
+    tlog_entries  idx -> entry      sequenced entries not yet in a full bundle in the bucket, and the
+                                    last ENTRIES_KEPT that are (other processes take up trees from them)
     tlog_dedup    leaf hash -> idx  every sequenced entry (the dedup index)
     tlog_tree     size, checkpoint, published   the integrated tree (its row lock orders commits)
 
@@ -14,20 +15,27 @@ PostgreSQL when the holder's connection dies): it plans a batch from sequenced()
 writes every tile and bundle it changes to the bucket, then moves tlog_tree from the plan's old size
 (conditional: a second writer gets TlogError), then writes the checkpoint object. A crash anywhere
 is redone by the next integrator with the same entries, so the same bytes: the bucket converges.
+Every other process takes up a new tree (load) by appending the entries it can read from tlog_entries
+to the tree it has, checking the root against the committed checkpoint (from the bucket's tiles when
+it is too far behind); a commit notifies CHANNEL_TREE and a sequencing CHANNEL_SEQUENCED (listen()).
 Blocking (psycopg 3, boto3): called from worker threads; one connection per thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any
 
+from ..checkpoint import parse_checkpoint
 from ..errors import MissingDependencyError, NotFoundError, StorageUnavailableError, TlogError
-from ..hashes import leaf_hash
-from ..integrate import BatchPlan, TreeState, state_from_tiles
+from ..hashes import HASH_SIZE, leaf_hash
+from ..integrate import BatchPlan, TreeState, plan_batch, state_from_tiles
+from ..note import parse_note
 from ..tiles import ENTRIES, TILE_WIDTH, TileID, encode_entry_bundle, parse_entry_bundle, tile_for_size
+from .admission import Admission
+from .notify import Listener
 from .objects import ObjectStore
 
 try:
@@ -39,6 +47,9 @@ else:
 
 LEADER_LOCK = 0x776C6F67  # pg_try_advisory_lock key of the integrator ("wlog")
 SCHEMA_LOCK = 0x776C6F68
+ENTRIES_KEPT = 64 * TILE_WIDTH  # integrated entries kept in tlog_entries below the last full bundle (~4 MB)
+CHANNEL_TREE = "wasmlog_tree"  # notified (payload: the new size) when a commit moves tlog_tree
+CHANNEL_SEQUENCED = "wasmlog_sequenced"  # notified when entries are sequenced
 LEAD_KEEPALIVES = [("tcp_keepalives_idle", 5), ("tcp_keepalives_interval", 2), ("tcp_keepalives_count", 3), ("tcp_user_timeout", 11000)]
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS tlog_next (id smallint PRIMARY KEY CHECK (id = 1), next bigint NOT NULL)",
@@ -50,34 +61,6 @@ SCHEMA = [
 ]
 
 
-class Admission(Protocol):
-    """What an application checks while entries are sequenced, under the sequencing lock (tlog_next's row lock).
-
-    Every process sequences, one transaction at a time across all of them: an admission sees every
-    entry sequenced before the ones it judges, so two processes can never both admit conflicting entries.
-    """
-
-    def prepare(self) -> None:
-        """Called before the sequencing transaction, outside its lock: the place for costly work
-        (such as reading and checking what others sequenced) that admit() can then reuse."""
-        ...
-
-    def admit(self, next_index: int, sequenced_since: Callable[[int], list[bytes]], entries: Sequence[bytes]) -> list[TlogError | None]:
-        """For each new entry (in order): None to sequence it (at next_index, next_index + 1, ... among
-        those admitted), or the error to refuse it with. sequenced_since(i) returns every entry already
-        sequenced in [i, next_index), in order. Must not keep anything until committed() is called."""
-        ...
-
-    def trailer(self, index: int) -> bytes | None:
-        """After admit() admitted at least one entry: an entry of its own to sequence at index, right
-        after them in the same transaction (None: none). Must not keep anything until committed()."""
-        ...
-
-    def committed(self, next_index: int) -> None:
-        """The transaction that called admit() committed; next_index is the next index to assign now."""
-        ...
-
-
 class SharedLogStore:
     """A LogStore (storage/base.py) over PostgreSQL at dsn and a bucket at objects_url, with sequencing.
 
@@ -86,18 +69,22 @@ class SharedLogStore:
     """
 
     def __init__(self, dsn: str, objects_url: str, *, publish_integrated: bool = True, objects: ObjectStore | None = None,
-                 before_commit: Callable[[BatchPlan], None] | None = None) -> None:
+                 before_commit: Callable[[BatchPlan], None] | None = None, entries_kept: int = ENTRIES_KEPT) -> None:
+        """entries_kept: integrated entries this store's commits leave in tlog_entries below the last full bundle."""
         if _missing is not None:
             raise MissingDependencyError("PostgreSQL storage", "shared", _missing)
         self.dsn = dsn
         self.objects = objects if objects is not None else ObjectStore(objects_url)
         self.publish_integrated = publish_integrated
         self.before_commit = before_commit  # fault injection for tests: raise after the objects, before the database
+        self.entries_kept = entries_kept
         self._local = threading.local()
         self._conns: list[Any] = []  # every thread's connection, closed by close()
         self._conns_lock = threading.Lock()
         self._size = 0  # the committed size last seen: the width of partial tiles and bundles read
         self.bucket_checkpoint: bytes | None = None  # the checkpoint object this store last wrote
+        self._known: TreeState | None = None  # the committed tree this store last loaded or committed
+        self._listener: Listener | None = None
         self._lead_lock = threading.Lock()
         self._lead_conn: Any = None
         self._leading = False
@@ -106,16 +93,17 @@ class SharedLogStore:
             for statement in SCHEMA:
                 cur.execute(statement)
 
-    @contextmanager
-    def _txn(self) -> Iterator[Any]:
-        """A cursor in a transaction on this thread's connection; database failures become StorageUnavailableError."""
+    @contextlib.contextmanager
+    def _txn(self, atomic: bool = True) -> Iterator[Any]:
+        """A cursor in a transaction on this thread's connection (atomic=False: each statement commits
+        by itself, saving the round trips of BEGIN and COMMIT); database failures become StorageUnavailableError."""
         conn = getattr(self._local, "conn", None)
         try:
             if conn is None or conn.closed:
                 conn = self._local.conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
                 with self._conns_lock:
                     self._conns = [c for c in self._conns if not c.closed] + [conn]
-            with conn.transaction(), conn.cursor() as cur:
+            with conn.transaction() if atomic else contextlib.nullcontext(), conn.cursor() as cur:
                 yield cur
         except psycopg.Error as e:
             if conn is not None and conn.broken:
@@ -129,24 +117,44 @@ class SharedLogStore:
     # The LogStore interface.
 
     def load(self) -> tuple[TreeState, bytes | None]:
-        with self._txn() as cur:
+        """The committed tree: the one known here, extended by the entries committed since when the
+        database still has them all, else rebuilt from the bucket's tiles. A tree that does not give
+        the committed checkpoint's root is not used (the tiles are read instead)."""
+        known = self._known
+        with self._txn(atomic=False) as cur:
             size, checkpoint = cur.execute("SELECT size, checkpoint FROM tlog_tree").fetchone()
+            rows = []
+            if known is not None and known.size < size:
+                query = "SELECT entry FROM tlog_entries WHERE idx >= %s AND idx < %s ORDER BY idx"
+                rows = cur.execute(query, (known.size, size), binary=True).fetchall()
         self._size = max(self._size, size)
-        return state_from_tiles(size, lambda level, index: self._tile_at(size, level, index)), checkpoint
+        state = None
+        if known is not None and known.size <= size and len(rows) == size - known.size:  # idx is unique: all of them
+            plan = plan_batch(known, [row[0] for row in rows], lambda _: None, dedup=False)
+            if _root_of(checkpoint) == plan.state.root_hash:
+                state = plan.state
+                for (level, index), data in plan.tiles.items():
+                    self.objects.remember(TileID(level, index, len(data) // HASH_SIZE).path(), data)
+        if state is None:
+            state = state_from_tiles(size, lambda level, index: self._tile_at(size, level, index))
+        self._known = state
+        return state, checkpoint
 
     def commit(self, plan: BatchPlan, checkpoint: bytes) -> None:
         """LogStore.commit, for plans of sequenced entries only (TlogError otherwise): objects, then the tree row."""
         old, new = plan.old_size, plan.state.size
-        if plan.new_entries:
-            self._check_sequenced(plan)
         start = old - old % TILE_WIDTH
         with self._txn() as cur:
             if self.committed_size(cur) != old:
                 raise TlogError(f"stored size is not the batch's base size {old}: another process integrated")
-            rows = cur.execute("SELECT entry FROM tlog_entries WHERE idx >= %s AND idx < %s ORDER BY idx", (start, old)).fetchall()
-        if len(rows) != old - start:
+            rows = cur.execute("SELECT idx, entry FROM tlog_entries WHERE idx >= %s AND idx < %s ORDER BY idx", (start, new), binary=True).fetchall()
+        rows = rows[: next((i for i, (idx, _) in enumerate(rows) if idx != start + i), len(rows))]  # up to the first gap
+        if len(rows) < old - start:
             raise TlogError(f"entries [{start}, {old}) of the partial bundle are missing from the database")
-        entries = [row[0] for row in rows] + list(plan.new_entries)
+        entries = [entry for _, entry in rows]
+        for i, entry in enumerate(plan.new_entries):  # the plan's entries must be the ones sequenced at their indexes
+            if old - start + i >= len(entries) or entries[old - start + i] != entry:
+                raise TlogError(f"entry {old + i} of the batch is not the one sequenced at that index")
         objects = [(TileID(level, index, len(data) // 32), data) for (level, index), data in plan.tiles.items()]
         for first in range(start, new, TILE_WIDTH):
             bundle = entries[first - start : first - start + TILE_WIDTH]
@@ -159,8 +167,10 @@ class SharedLogStore:
             if size != old:
                 raise TlogError(f"stored size {size} is not the batch's base size {old}: another process integrated")
             cur.execute("UPDATE tlog_tree SET size = %s, checkpoint = %s", (new, checkpoint))
-            cur.execute("DELETE FROM tlog_entries WHERE idx < %s", (new - new % TILE_WIDTH,))
+            cur.execute("DELETE FROM tlog_entries WHERE idx < %s", (new - new % TILE_WIDTH - self.entries_kept,))
+            cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL_TREE, str(new)))
         self._size = max(self._size, new)
+        self._known = plan.state
         if self.publish_integrated:
             self.put_checkpoint(checkpoint)
 
@@ -169,29 +179,22 @@ class SharedLogStore:
         self.objects.put("checkpoint", note, immutable=False)
         self.bucket_checkpoint = note
 
-    def _check_sequenced(self, plan: BatchPlan) -> None:
-        hashes = list(plan.new_leaf_hashes)
-        with self._txn() as cur:
-            found = dict(cur.execute("SELECT hash, idx FROM tlog_dedup WHERE hash = ANY(%s)", (hashes,)).fetchall())
-        for i, h in enumerate(hashes):
-            if found.get(h) != plan.old_size + i:
-                raise TlogError(f"entry {plan.old_size + i} of the batch is not the one sequenced at that index")
-
     def publish(self, note: bytes) -> None:
         with self._txn() as cur:
             cur.execute("UPDATE tlog_tree SET published = %s", (note,))
+            cur.execute("SELECT pg_notify(%s, '')", (CHANNEL_TREE,))
         self.put_checkpoint(note)
 
     def published(self) -> bytes | None:
-        with self._txn() as cur:
+        with self._txn(atomic=False) as cur:
             note: bytes | None = cur.execute("SELECT published FROM tlog_tree").fetchone()[0]
         return note
 
     def lookup(self, leaf_hashes: Sequence[bytes]) -> dict[bytes, int]:
         """The index of each leaf hash that is logged (integrated); sequenced ones are not reported."""
-        with self._txn() as cur:
+        with self._txn(atomic=False) as cur:
             rows = cur.execute(
-                "SELECT d.hash, d.idx FROM tlog_dedup d, tlog_tree t WHERE d.hash = ANY(%s) AND d.idx < t.size", (list(leaf_hashes),)
+                "SELECT d.hash, d.idx FROM tlog_dedup d, tlog_tree t WHERE d.hash = ANY(%b) AND d.idx < t.size", (list(leaf_hashes),)
             ).fetchall()
         return dict(rows)
 
@@ -220,11 +223,12 @@ class SharedLogStore:
         return out
 
     def checkpoint(self) -> bytes | None:
-        with self._txn() as cur:
+        with self._txn(atomic=False) as cur:
             note: bytes | None = cur.execute("SELECT checkpoint FROM tlog_tree").fetchone()[0]
         return note
 
     def close(self) -> None:
+        self.stop_listening()
         self.resign()
         with self._conns_lock:
             conns, self._conns = self._conns, []
@@ -237,7 +241,7 @@ class SharedLogStore:
     def committed_size(self, cur: Any = None) -> int:
         """The integrated tree size in the database."""
         if cur is None:
-            with self._txn() as own:
+            with self._txn(atomic=False) as own:
                 return self.committed_size(own)
         size: int = cur.execute("SELECT size FROM tlog_tree").fetchone()[0]
         self._size = max(self._size, size)
@@ -250,9 +254,9 @@ class SharedLogStore:
         With an admission, a new entry it refuses gets its error instead of an index (nothing is stored
         for it), and its trailer (if any) is sequenced right after the admitted entries. leaf_hashes must be distinct. Raises StorageUnavailableError.
         """
-        with self._txn() as cur:
+        with self._txn() as cur:  # arrays go in binary (%b): dumping them as text costs ~5x the CPU
             nxt = cur.execute("SELECT next FROM tlog_next FOR UPDATE").fetchone()[0]
-            known = dict(cur.execute("SELECT hash, idx FROM tlog_dedup WHERE hash = ANY(%s)", (list(leaf_hashes),)).fetchall())
+            known = dict(cur.execute("SELECT hash, idx FROM tlog_dedup WHERE hash = ANY(%b)", (list(leaf_hashes),)).fetchall())
             fresh = [(entry, h) for entry, h in zip(entries, leaf_hashes, strict=True) if h not in known]
             verdicts: list[TlogError | None] = [None] * len(fresh)
             if admission is not None and fresh:
@@ -275,16 +279,17 @@ class SharedLogStore:
                 new_entries.append(trailer)
                 new_hashes.append(leaf_hash(trailer))
             if new_idx:
-                cur.execute("INSERT INTO tlog_entries SELECT * FROM unnest(%s::bigint[], %s::bytea[])", (new_idx, new_entries))
-                cur.execute("INSERT INTO tlog_dedup SELECT * FROM unnest(%s::bytea[], %s::bigint[])", (new_hashes, new_idx))
+                cur.execute("INSERT INTO tlog_entries SELECT * FROM unnest(%b::bigint[], %b::bytea[])", (new_idx, new_entries))
+                cur.execute("INSERT INTO tlog_dedup SELECT * FROM unnest(%b::bytea[], %b::bigint[])", (new_hashes, new_idx))
                 cur.execute("UPDATE tlog_next SET next = %s", (nxt + len(new_idx),))
+                cur.execute("SELECT pg_notify(%s, '')", (CHANNEL_SEQUENCED,))
         if admission is not None and fresh:
             admission.committed(nxt + len(new_idx))
         return [refused[h] if h in refused else known[h] for h in leaf_hashes]
 
     def _sequenced_since(self, cur: Any, start: int, end: int) -> list[bytes]:
         """Entries [start, end) inside a sequencing transaction: from tlog_entries, or the bucket for integrated full bundles."""
-        rows = cur.execute("SELECT idx, entry FROM tlog_entries WHERE idx >= %s AND idx < %s ORDER BY idx", (start, end)).fetchall()
+        rows = cur.execute("SELECT idx, entry FROM tlog_entries WHERE idx >= %s AND idx < %s ORDER BY idx", (start, end), binary=True).fetchall()
         first = rows[0][0] if rows else end
         if [idx for idx, _ in rows] != list(range(first, end)):
             raise TlogError(f"sequenced entries [{first}, {end}) are not all in the database")
@@ -293,8 +298,8 @@ class SharedLogStore:
 
     def sequenced(self, start: int, limit: int) -> list[bytes]:
         """Up to limit sequenced entries from index start on, in order (stops at the first gap)."""
-        with self._txn() as cur:
-            rows = cur.execute("SELECT idx, entry FROM tlog_entries WHERE idx >= %s ORDER BY idx LIMIT %s", (start, limit)).fetchall()
+        with self._txn(atomic=False) as cur:
+            rows = cur.execute("SELECT idx, entry FROM tlog_entries WHERE idx >= %s ORDER BY idx LIMIT %s", (start, limit), binary=True).fetchall()
         out: list[bytes] = []
         for idx, entry in rows:
             if idx != start + len(out):
@@ -329,3 +334,29 @@ class SharedLogStore:
             if self._lead_conn is not None:
                 self._lead_conn.close()
             self._lead_conn, self._leading = None, False
+
+    def listen(self, notified: Callable[[str], None]) -> None:
+        """Until stop_listening() or close(), from a thread of its own (storage/notify.py): notified(channel)
+        for each notification of CHANNEL_TREE or CHANNEL_SEQUENCED, and notified("") whenever listening
+        (re)starts. Best effort: callers keep polling; this only makes them look sooner."""
+        if self._listener is not None:
+            raise TlogError("this store is listening already")
+        self._listener = Listener(self.dsn, [CHANNEL_TREE, CHANNEL_SEQUENCED], notified, LEAD_KEEPALIVES)
+        self._listener.start()
+
+    def stop_listening(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+
+    @property
+    def listening(self) -> bool:
+        """Notifications arrive (the listener is connected and listening)."""
+        return self._listener is not None and self._listener.listening
+
+def _root_of(note: bytes | None) -> bytes | None:
+    """The root hash a checkpoint note states (not verified: the Log checks the signature), or None."""
+    try:
+        return parse_checkpoint(parse_note(note).text).root_hash if note is not None else None
+    except TlogError:
+        return None

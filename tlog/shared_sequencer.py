@@ -218,7 +218,7 @@ class SharedSequencer(Sequencer):
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[SharedSequencer]:
         """Run the batching and integration loops for the duration of the context; resign the lead after."""
-        self.store.listen(functools.partial(self._notified, asyncio.get_running_loop()))
+        await asyncio.to_thread(self.store.listen, functools.partial(self._notified, asyncio.get_running_loop()))
         tasks = [asyncio.create_task(self._run(), name="sequencer"), asyncio.create_task(self._integrate_loop(), name="integrator")]
         if self.cosigner is not None:
             tasks.append(asyncio.create_task(self._republish(), name="republisher"))  # acts only while leading

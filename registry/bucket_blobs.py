@@ -1,8 +1,11 @@
 """Content-addressed blobs in an S3-compatible bucket: ``PREFIX/sha256/<hex>``, immutable.
 
 The same interface as blobs.BlobStore (put, write, sync, open, get), for a registry on shared
-storage. An object is written with If-None-Match: * (tlog/storage/objects.py), so it is durable
-and confirmed when write() returns: sync() has nothing left to do. Blocking: call from worker threads.
+storage, plus put_async for the event loop. An object is written with If-None-Match: *, so it is
+durable and confirmed when a write returns: sync() has nothing left to do. A 412 means the blob is
+there already, and its path (its SHA-256) fixes its bytes. put_async goes through
+tlog/storage/bucket_http.py (no boto3 client: a publish writes a blob, and boto3 costs more CPU than
+the rest of the publish); the other methods through ObjectStore and block: call them from worker threads.
 """
 
 from __future__ import annotations
@@ -11,23 +14,24 @@ import asyncio
 import hashlib
 import re
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 from tlog.errors import MalformedError, TlogError
+from tlog.storage.bucket_http import AsyncBucket
 from tlog.storage.objects import ObjectStore
 from tlog.syntax import lower_hex
 
 _HEX64 = re.compile(lower_hex(64))
-WRITE_THREADS = 32  # concurrent blob writes, apart from the default executor: a PUT mostly waits for the bucket
+WRITE_CONNECTIONS = 32  # concurrent blob writes from the event loop: a PUT mostly waits for the bucket
+HASH_INLINE_BYTES = 64 << 10  # larger blobs are hashed in a worker thread
 
 
 class BucketBlobStore:
     """Blobs under a bucket prefix (objects_url: s3://BUCKET/PREFIX)."""
 
     def __init__(self, objects_url: str, objects: ObjectStore | None = None) -> None:
-        self.objects = objects if objects is not None else ObjectStore(objects_url, connections=WRITE_THREADS + 8)
-        self._writers = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="blob-put")
+        self.objects = objects if objects is not None else ObjectStore(objects_url)
+        self.bucket = AsyncBucket(objects_url, connections=WRITE_CONNECTIONS)
 
     def _path(self, digest: str) -> str:
         if not _HEX64.fullmatch(digest):
@@ -43,8 +47,13 @@ class BucketBlobStore:
     write = put  # a bucket write is durable on its own: no group sync to share
 
     async def put_async(self, data: bytes) -> str:
-        """put() in this store's own writer threads (a blob write never waits behind the log's worker threads)."""
-        return await asyncio.get_running_loop().run_in_executor(self._writers, self.put, data)
+        """put() from the event loop (no worker thread). Raises StorageUnavailableError."""
+        if len(data) > HASH_INLINE_BYTES:
+            digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        else:
+            digest = hashlib.sha256(data).hexdigest()
+        await self.bucket.put(self._path(digest), data, immutable=True)
+        return digest
 
     def sync(self) -> None:
         """Nothing to do: every write() was confirmed by the bucket when it returned."""
@@ -68,6 +77,9 @@ class BucketBlobStore:
             raise TlogError(f"blob {digest} in the bucket does not have its digest")
         return data
 
+    async def aclose(self) -> None:
+        """Close put_async's connections (on the loop that used them)."""
+        await self.bucket.aclose()
+
     def close(self) -> None:
-        self._writers.shutdown(wait=True)
         self.objects.close()

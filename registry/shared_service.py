@@ -43,7 +43,6 @@ from .state import RegistryState, ValidationError
 
 logger = logging.getLogger("wasmlog.registry.shared")
 
-PREPARE_MAX = 65536  # records sequenced but not integrated, read before the lock (more are read under it)
 SHARED_KEPT_ROOTS = 256  # one root per sequencing transaction of every process: more roots per published checkpoint than on one machine
 Known = tuple[bytes, Record | None, bytes | None]  # an entry's leaf hash, its record (None: not a valid record), index-root entry
 
@@ -56,6 +55,22 @@ def _decode(entry: bytes) -> Record | None:
     except RecordError:
         return None
     _ = record.signed_by_signer
+    return record
+
+
+def _admitted(entry: bytes) -> Record | None:
+    """The record of an entry another process sequenced, its signature not verified again (None: not a
+    valid record). Sound because every record sequenced was admitted: admit() gives an index only to a
+    record that state.apply() accepted, and apply() refuses an envelope that does not verify with its
+    signer's key (the admitting process verified it, under the sequencing lock); a refused record is
+    never stored. So this trusts what PostgreSQL holds (or the full bundles our integrator wrote from
+    it to the bucket), as authorization already does; records taken up by following the integrated tree
+    (_known) and at start-up (Registry._replay) are verified."""
+    try:
+        record = decode_entry(entry)
+    except RecordError:
+        return None
+    record.__dict__["signed_by_signer"] = True  # the cached_property's value: verified by the admitting process
     return record
 
 
@@ -90,7 +105,6 @@ class SharedRegistry(Registry):
         self._submitted: dict[bytes, Record] = {}  # leaf hash -> checked record, until sequenced or refused
         self._tentative: tuple[int, RegistryState, IndexState, dict[int, Known]] | None = None
         self._root: tuple[int, bytes] | None = None  # the index root admit() computed: (its index, the entry)
-        self._prepared: dict[bytes, Record] = {}  # leaf hash -> others' records decoded and verified outside the lock
         sequencer.admission = self
         sequencer.boundary = is_index_root
         self.indexer.kept_roots = SHARED_KEPT_ROOTS
@@ -125,20 +139,7 @@ class SharedRegistry(Registry):
 
     # ── the Admission (tlog/storage/shared.py), in the sequencing thread ─────
     def prepare(self) -> None:
-        """Decode, and verify the signatures of, what others sequenced since we last looked, before
-        taking the sequencing lock: under it only the records sequenced meanwhile cost a verification."""
-        with self._lock:
-            seen = self._seen
-        committed = self.store.committed_size()
-        entries = [e for first in range(seen, committed, TILE_WIDTH) for e in self.store.read_entries(first, min(committed, first + TILE_WIDTH))]
-        entries += self.store.sequenced(max(seen, committed), PREPARE_MAX)
-        prepared: dict[bytes, Record] = {}
-        for entry in entries:
-            h = leaf_hash(entry)
-            record = self._submitted.get(h) or _decode(entry)
-            if record is not None:
-                prepared[h] = record
-        self._prepared = prepared
+        """Nothing to do before the lock: admit() decodes others' records without verifying them again (_admitted)."""
 
     def admit(self, next_index: int, sequenced_since: Callable[[int], list[bytes]], entries: Sequence[bytes]) -> list[TlogError | None]:
         with self._lock:
@@ -149,7 +150,7 @@ class SharedRegistry(Registry):
             if is_index_root(entry):  # another transaction's root: in no history
                 tentative[i] = (h, None, entry)
                 continue
-            record = self._prepared.get(h) or self._submitted.get(h) or _decode(entry)
+            record = self._submitted.get(h) or _admitted(entry)
             tentative[i] = (h, record, None)
             if record is not None:
                 with contextlib.suppress(ValidationError):  # a void record changes nothing (replay reports it)
@@ -176,7 +177,6 @@ class SharedRegistry(Registry):
             self._root = (index, root)
             index_state = index_state.with_records((), index + 1)
         self._tentative = (seen, state, index_state, tentative)
-        self._prepared = {}
         return verdicts
 
     def trailer(self, index: int) -> bytes | None:

@@ -32,11 +32,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import aiohttp
 import nacl.signing
 from append import integrator_costs, wait_ready
-from common import free_port, local_shared_storage, module_variant
+from common import CpuMeter, child_pids, free_port, local_shared_storage, module_variant
 
 from registry.client import RegistryClient, RegistryError, release_statement
 from registry.dsse import ACTION_PAYLOAD_TYPE, INTOTO_PAYLOAD_TYPE, sign_envelope
@@ -110,7 +111,7 @@ async def drive(urls: str | list[str], work) -> tuple[float, list[float], int]: 
         return time.perf_counter() - start, latencies, errors
 
 
-def summary(elapsed: float, lat: list[float], errors: int) -> dict[str, float | int]:
+def summary(elapsed: float, lat: list[float], errors: int) -> dict[str, object]:
     lat = sorted(lat)
     return {
         "publishes": len(lat),
@@ -119,6 +120,17 @@ def summary(elapsed: float, lat: list[float], errors: int) -> dict[str, float | 
         "latency_p50_s": lat[len(lat) // 2],
         "latency_p99_s": lat[int(len(lat) * 0.99)],
     }
+
+
+def measured_pass(urls: str | list[str], args: argparse.Namespace, groups: dict[str, Callable[[], list[int]]]) -> dict[str, object]:
+    """One pass over fresh namespaces (signed before the clock starts), with the CPU each group of processes,
+    the client (this process) and the whole machine used while it ran."""
+    work = prepare(args.publishers, args.per_publisher)
+    with CpuMeter(groups) as cpu:
+        result = summary(*asyncio.run(drive(urls, work)))
+    result["cpu_ms_per_publish"] = cpu.per_item_ms(int(result["publishes"]))  # type: ignore[call-overload]
+    result["machine_busy"] = round(cpu.machine_busy, 3)
+    return result
 
 
 def main() -> None:
@@ -138,7 +150,6 @@ def main() -> None:
     if args.url:
         print(json.dumps(summary(*asyncio.run(drive(args.url, prepare(args.publishers, args.per_publisher))))))
         return
-    passes = []
     with tempfile.TemporaryDirectory() as d:
         subprocess.run([sys.executable, "-m", "wasmlog", "keygen", "bench.example/registry", "--out", os.path.join(d, "reg")], check=True, capture_output=True)
         port = free_port()
@@ -148,10 +159,9 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
         )
         try:
-            time.sleep(2.0)
-            for _ in range(args.passes):
-                work = prepare(args.publishers, args.per_publisher)  # signing happens before the clock starts
-                passes.append(summary(*asyncio.run(drive(f"http://127.0.0.1:{port}", work))))
+            wait_ready(f"http://127.0.0.1:{port}/log")
+            groups = {"registry": lambda: [server.pid, *child_pids(server.pid)]}  # with its front-ends
+            passes = [measured_pass(f"http://127.0.0.1:{port}", args, groups) for _ in range(args.passes)]
         finally:
             server.terminate()
             server.wait()
@@ -177,12 +187,13 @@ def run_shared(args: argparse.Namespace) -> dict[str, object]:
     with contextlib.ExitStack() as stack:
         env = dict(os.environ)
         dsn, objects = args.store, args.objects
+        groups: dict[str, Callable[[], list[int]]] = {}
         if dsn == "local":
-            dsn, objects, s3_env = local_shared_storage(stack, "benchpublish")
+            dsn, objects, s3_env = local_shared_storage(stack, "benchpublish", groups)
             env.update(s3_env)
         d = stack.enter_context(tempfile.TemporaryDirectory())
         subprocess.run([sys.executable, "-m", "wasmlog", "keygen", "bench.example/registry", "--out", os.path.join(d, "reg")], check=True, capture_output=True)
-        urls = []
+        urls, servers = [], []
         for _ in range(args.shared_procs):
             port = free_port()
             server = subprocess.Popen(
@@ -193,12 +204,11 @@ def run_shared(args: argparse.Namespace) -> dict[str, object]:
             stack.callback(server.wait)
             stack.callback(server.terminate)
             urls.append(f"http://127.0.0.1:{port}")
+            servers.append(server)
         for url in urls:
             wait_ready(url + "/log")
-        passes = []
-        for _ in range(args.passes):
-            work = prepare(args.publishers, args.per_publisher)  # signing happens before the clock starts
-            passes.append(summary(*asyncio.run(drive(urls, work))))
+        groups["registry"] = lambda: [pid for s in servers for pid in (s.pid, *child_pids(s.pid))]
+        passes = [measured_pass(urls, args, groups) for _ in range(args.passes)]
         return {"processes": args.shared_procs, "passes": passes, "integrator": integrator_costs([url + "/log" for url in urls])}
 
 

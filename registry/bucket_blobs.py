@@ -52,7 +52,7 @@ class BucketBlobStore:
             digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
         else:
             digest = hashlib.sha256(data).hexdigest()
-        await self.bucket.put(self._path(digest), data, immutable=True)
+        await self.bucket.put(self._path(digest), data, immutable=True, sha256=digest)
         return digest
 
     def sync(self) -> None:

@@ -251,7 +251,8 @@ class SharedRegistry(Registry):
             start = self._applied_size
             if size > start:
                 try:
-                    self._advance(size, await asyncio.to_thread(self._fetch, start, size))
+                    known = all(i in self._known for i in range(start, size))  # usually: no thread hop then
+                    self._advance(size, {} if known else await asyncio.to_thread(self._fetch, start, size))
                 except TlogError as e:  # the bucket is away: the next round retries
                     logger.warning("following the log to size %d: %s", size, e)
             await asyncio.sleep(self.poll_interval)

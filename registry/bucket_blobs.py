@@ -22,7 +22,7 @@ from tlog.storage.objects import ObjectStore
 from tlog.syntax import lower_hex
 
 _HEX64 = re.compile(lower_hex(64))
-WRITE_CONNECTIONS = 32  # concurrent blob writes from the event loop: a PUT mostly waits for the bucket
+WRITE_CONNECTIONS = 128  # concurrent blob writes from the event loop: a PUT mostly waits for the bucket
 HASH_INLINE_BYTES = 64 << 10  # larger blobs are hashed in a worker thread
 
 

@@ -103,7 +103,8 @@ class SharedRegistry(Registry):
         self._known: dict[int, Known] = {}  # records in [_applied_size, _seen)
         self._known_hashes: set[bytes] = set()
         self._submitted: dict[bytes, Record] = {}  # leaf hash -> checked record, until sequenced or refused
-        self._tentative: tuple[int, RegistryState, IndexState, dict[int, Known]] | None = None
+        self._tentative: tuple[int, RegistryState, IndexState, dict[int, Known], dict[int, IndexState]] | None = None
+        self._computed: dict[int, IndexState] = {}  # index roots sequenced, not yet applied -> the index as of each (admit's)
         self._root: tuple[int, bytes] | None = None  # the index root admit() computed: (its index, the entry)
         sequencer.admission = self
         sequencer.boundary = is_index_root
@@ -145,13 +146,18 @@ class SharedRegistry(Registry):
         with self._lock:
             seen, state, index_state = self._seen, self._sequenced_state, self._sequenced_index
         tentative: dict[int, Known] = {}
+        computed: dict[int, IndexState] = {}  # index root's position -> the index as of there
+        segment: list[tuple[int, Record | None]] = []  # records since the last root, not yet in index_state
         for i, entry in enumerate(sequenced_since(seen), start=seen):
             h = leaf_hash(entry)
             if is_index_root(entry):  # another transaction's root: in no history
                 tentative[i] = (h, None, entry)
+                index_state, segment = index_state.with_records(segment, i), []
+                computed[i] = index_state
                 continue
             record = self._submitted.get(h) or _admitted(entry)
             tentative[i] = (h, record, None)
+            segment.append((i, record))
             if record is not None:
                 with contextlib.suppress(ValidationError):  # a void record changes nothing (replay reports it)
                     state = state.apply(record, i)
@@ -168,15 +174,17 @@ class SharedRegistry(Registry):
                 verdicts.append(e)
                 continue
             tentative[index] = (h, record, None)
+            segment.append((index, record))
             verdicts.append(None)
             index += 1
-        index_state = index_state.with_records(((i, tentative[i][1]) for i in range(index_state.size, index)), index)
+        index_state = index_state.with_records(segment, index)
         if index > next_index:  # records admitted: the index root follows them
             root = IndexRoot(self.log.origin, index, index_state.root).encode()
             tentative[index] = (leaf_hash(root), None, root)
             self._root = (index, root)
+            computed[index] = index_state
             index_state = index_state.with_records((), index + 1)
-        self._tentative = (seen, state, index_state, tentative)
+        self._tentative = (seen, state, index_state, tentative, computed)
         return verdicts
 
     def trailer(self, index: int) -> bytes | None:
@@ -187,7 +195,7 @@ class SharedRegistry(Registry):
 
     def committed(self, next_index: int) -> None:
         assert self._tentative is not None
-        seen, state, index_state, tentative = self._tentative
+        seen, state, index_state, tentative, computed = self._tentative
         self._tentative, self._root = None, None
         assert index_state.size == next_index, (index_state.size, next_index)
         with self._lock:
@@ -196,6 +204,7 @@ class SharedRegistry(Registry):
             for i in range(max(seen, self._applied_size), next_index):
                 self._known[i] = tentative[i]
                 self._known_hashes.add(tentative[i][0])
+            self._computed.update((i, index) for i, index in computed.items() if i >= self._applied_size)
             self._seen, self._sequenced_state, self._sequenced_index = next_index, state, index_state
 
     # ── following the integrated tree ───────────────────────────────────────
@@ -219,21 +228,31 @@ class SharedRegistry(Registry):
     def _advance(self, size: int, fetched: dict[int, Known]) -> None:
         """Apply records [_applied_size, size) to the served state (on the event loop)."""
         with self._lock:
+            segment: list[tuple[int, Record | None]] = []  # records since the last root, for the indexer
             for i in range(self._applied_size, size):
                 h, record, root = self._known.pop(i) if i in self._known else fetched[i]
                 self._known_hashes.discard(h)
-                if root is not None:
-                    self.indexer.add_root(i, root)  # checked against the index this process computed
+                if root is not None:  # checked against the index this process computed (here or while sequencing)
+                    computed = self._computed.pop(i, None)
+                    if computed is None:
+                        for j, r in segment:
+                            self.indexer.add(j, r)
+                    self.indexer.add_root(i, root, computed)
+                    segment = []
                     continue
-                self.indexer.add(i, record)
+                segment.append((i, record))
                 try:
                     if record is None:
                         raise RecordError(f"entry {i} is not a registry record")
                     self.state = self.state.apply(record, i)
                 except (RecordError, ValidationError) as e:
                     self.rejected.append((i, e))  # logged but void: replay reports it, state ignores it
+            for j, r in segment:
+                self.indexer.add(j, r)
             self.indexer.flush()
             self._applied_size = max(self._applied_size, size)
+            for i in [i for i in self._computed if i < self._applied_size]:  # roots we will not meet again
+                del self._computed[i]
             if size > self._seen:
                 self._seen, self._sequenced_state = size, self.state
                 self._sequenced_index = _padded(self.indexer.index, size)

@@ -64,8 +64,8 @@ def _admitted(entry: bytes) -> Record | None:
     record that state.apply() accepted, and apply() refuses an envelope that does not verify with its
     signer's key (the admitting process verified it, under the sequencing lock); a refused record is
     never stored. So this trusts what PostgreSQL holds (or the full bundles our integrator wrote from
-    it to the bucket), as authorization already does; records taken up by following the integrated tree
-    (_known) and at start-up (Registry._replay) are verified."""
+    it to the bucket), as authorization already does; records read from the bucket when following the
+    integrated tree (_fetch, once their bundle is full) and at start-up (Registry._replay) are verified."""
     try:
         record = decode_entry(entry)
     except RecordError:
@@ -74,11 +74,12 @@ def _admitted(entry: bytes) -> Record | None:
     return record
 
 
-def _known(entry: bytes) -> Known:
-    """What following needs of an entry (call from a worker thread)."""
+def _known(entry: bytes, admitted: bool = False) -> Known:
+    """What following needs of an entry (call from a worker thread); admitted: read from PostgreSQL's
+    sequenced entries, so its signature is not verified again (_admitted)."""
     if is_index_root(entry):
         return leaf_hash(entry), None, entry
-    return leaf_hash(entry), _decode(entry), None
+    return leaf_hash(entry), (_admitted if admitted else _decode)(entry), None
 
 
 def _padded(index: IndexState, size: int) -> IndexState:
@@ -214,9 +215,16 @@ class SharedRegistry(Registry):
         self._advance(size, self._fetch(self._applied_size, size))  # reads the store only if something is not known (rare)
 
     def _fetch(self, start: int, end: int) -> dict[int, Known]:
-        """Records [start, end) that are not known already, read from the store (blocking)."""
+        """Records [start, end) that are not known already (blocking): from PostgreSQL while their bundle
+        is partial (one query, no signature verified again: _admitted), else from the bucket (verified)."""
         missing = [i for i in range(start, end) if i not in self._known]
         out: dict[int, Known] = {}
+        if not missing:
+            return out
+        for i, entry in enumerate(self.store.sequenced(missing[0], missing[-1] + 1 - missing[0]), start=missing[0]):
+            if i not in self._known:
+                out[i] = _known(entry, admitted=True)
+        missing = [i for i in missing if i not in out]
         if not missing:
             return out
         for first in range(missing[0], missing[-1] + 1, TILE_WIDTH):

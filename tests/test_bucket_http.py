@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from tlog.errors import NotFoundError, StorageUnavailableError
+from tlog.errors import MalformedError, NotFoundError, StorageUnavailableError
 from tlog.storage.bucket_http import AsyncBucket
 from tlog.storage.objects import SHORT_LIVED, ObjectStore
 from tlog.tiles import IMMUTABLE
@@ -72,5 +72,15 @@ async def test_an_unreachable_bucket_is_storage_unavailable_after_retries(s3_env
     try:
         with pytest.raises(StorageUnavailableError, match="ClientConnectorError"):
             await bucket.put("checkpoint", b"x", immutable=False)
+    finally:
+        await bucket.aclose()
+
+
+@pytest.mark.parametrize("path", ["test$file", "a//b", "/a", "a/", "a b", "..%2f", ""])
+async def test_a_path_outside_unreserved_characters_is_refused_before_any_request(s3_env, s3_path, path: str) -> None:  # type: ignore[no-untyped-def]
+    bucket = AsyncBucket(f"s3://{s3_path}")
+    try:
+        with pytest.raises(MalformedError):
+            await bucket.put(path, b"x", immutable=True)
     finally:
         await bucket.aclose()

@@ -6,22 +6,22 @@ writes one blob per publish. AsyncBucket takes the endpoint, region and credenti
 exactly as ObjectStore's client does (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, ... or any
 other source botocore reads, refreshed by botocore when they expire), signs each request with
 tlog/sigv4.py (botocore's signer alone costs ~0.1 ms) and sends it with aiohttp, path-style
-(ENDPOINT/BUCKET/KEY). Connection failures and 5xx answers are retried (ATTEMPTS in all), as
-boto3's standard retry mode does.
+(ENDPOINT/BUCKET/KEY; keys of unreserved characters only, so a URL is its own canonical form).
+Connection failures and 5xx answers are retried (ATTEMPTS in all), as boto3's standard mode does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
-from yarl import URL
 
-from ..errors import MissingDependencyError, StorageUnavailableError
+from ..errors import MalformedError, MissingDependencyError, StorageUnavailableError
 from ..sigv4 import SigV4Signer
 from ..tiles import IMMUTABLE
 from .objects import SHORT_LIVED, parse_objects_url
@@ -30,6 +30,7 @@ ATTEMPTS = 3
 RETRY_STATUSES = {500, 502, 503, 504}
 BACKOFF = 0.1  # seconds before the second attempt, doubled for each next one
 TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
+_PATH = re.compile(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*")  # unreserved characters only: the URL is its own encoding
 
 
 class AsyncBucket:
@@ -55,9 +56,11 @@ class AsyncBucket:
         self._session: aiohttp.ClientSession | None = None
 
     def _path(self, path: str) -> str:
-        """The URI-encoded path of an object (path-style: /BUCKET/PREFIX/path)."""
-        key = f"{self.prefix}/{path}" if self.prefix else path
-        return f"{self._base}/{self.bucket}/{quote(key, safe='/-_.~')}"
+        """The URL path of an object (path-style: /BUCKET/PREFIX/path). Raises MalformedError for a path
+        that is not slash-separated segments of unreserved characters (letters, digits, '.', '_', '~', '-')."""
+        if not _PATH.fullmatch(path):
+            raise MalformedError(f"object path {path[:100]!r}: only letters, digits, '.', '_', '~', '-' and '/' between them")
+        return f"{self._base}/{self.bucket}/{self.prefix}/{path}" if self.prefix else f"{self._base}/{self.bucket}/{path}"
 
     def _signed(self, method: str, path: str, headers: dict[str, str], payload_sha256: str) -> dict[str, str]:
         """headers plus the SigV4 ones for this request, signed with the credentials of the moment."""
@@ -83,7 +86,7 @@ class AsyncBucket:
 
     async def _send(self, method: str, path: str, body: bytes, headers: dict[str, str], payload_sha256: str, ok: set[int]) -> int:
         encoded = self._path(path)
-        url = URL(self._origin + encoded, encoded=True)
+        url = self._origin + encoded  # unreserved characters only: sent as signed
         failure = ""
         for attempt in range(ATTEMPTS):
             if attempt:

@@ -10,7 +10,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # A minimal module importing env.log; benchmarks vary it with a custom section.
@@ -65,16 +65,84 @@ def proc_status(pid: int, field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def local_shared_storage(stack: contextlib.ExitStack, database: str) -> tuple[str, str, dict[str, str]]:
+def local_shared_storage(stack: contextlib.ExitStack, database: str, pids: dict[str, Callable[[], list[int]]] | None = None,
+                         ) -> tuple[str, str, dict[str, str]]:
     """A throwaway PostgreSQL and SeaweedFS on this machine (tests/services.py), stopped with stack:
-    (a new database's DSN, an s3:// URL with a prefix of its own, the AWS_* variables that reach it)."""
+    (a new database's DSN, an s3:// URL with a prefix of its own, the AWS_* variables that reach it).
+    pids, if given, gets "postgres" and "s3": each lists that server's processes now (for CpuMeter)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
     from services import BUCKET, PostgresServer, SeaweedServer, running
 
     pg = stack.enter_context(running(PostgresServer))
     s3 = stack.enter_context(running(SeaweedServer))
     assert isinstance(pg, PostgresServer) and isinstance(s3, SeaweedServer)
+    if pids is not None:
+        with open(os.path.join(pg.data, "postmaster.pid")) as f:
+            postmaster = int(f.readline())
+        pids["postgres"] = lambda: [postmaster, *child_pids(postmaster)]
+        assert s3.proc is not None
+        weed = s3.proc.pid
+        pids["s3"] = lambda: [weed, *child_pids(weed)]
     return pg.new_database(database), f"s3://{BUCKET}/{database}", s3.env
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) process pid has used so far; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is pid."""
+    out = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of every CPU since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(t) for t in f.readline().split()[1:]]
+    return ticks[0] + ticks[1] + ticks[2] + sum(ticks[5:8]), sum(ticks[:8])
+
+
+class CpuMeter:
+    """CPU seconds used by groups of processes (name -> a function listing their pids, called at both ends:
+    a process gone by the end counts 0 there, so measure processes that outlive the meter) and by this
+    process ("client"), and how busy the whole machine was (other users' processes included)."""
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        self.groups = groups
+
+    def _now(self) -> dict[str, float]:
+        used = {name: sum(cpu_seconds(pid) for pid in pids()) for name, pids in self.groups.items()}
+        used["client"] = sum(os.times()[:2])
+        return used
+
+    def __enter__(self) -> CpuMeter:
+        self._start, self._ticks = self._now(), _machine_ticks()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        end, (busy, total) = self._now(), _machine_ticks()
+        self.used = {name: end[name] - self._start[name] for name in end}
+        self.machine_busy = (busy - self._ticks[0]) / max(1, total - self._ticks[1])
+
+    def per_item_ms(self, items: int) -> dict[str, float]:
+        """Each group's CPU milliseconds per item (publish, append) and the sum, as measured by __exit__."""
+        out = {name: round(1000 * used / max(1, items), 3) for name, used in self.used.items()}
+        out["total"] = round(sum(out.values()), 3)
+        return out
 
 
 @contextlib.asynccontextmanager

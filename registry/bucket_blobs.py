@@ -1,31 +1,35 @@
 """Content-addressed blobs in an S3-compatible bucket: ``PREFIX/sha256/<hex>``, immutable.
 
 The same interface as blobs.BlobStore (put, write, sync, open, get), for a registry on shared
-storage; open() streams from the bucket, checking the digest on the way. An object is written with
-If-None-Match: * (tlog/storage/objects.py), so it is durable and confirmed when write() returns:
-sync() has nothing left to do. Blocking: call from worker threads.
+storage, plus put_async for the event loop. An object is written with If-None-Match: *, so it is
+durable and confirmed when a write returns: sync() has nothing left to do. A 412 means the blob is
+there already, and its path (its SHA-256) fixes its bytes. put_async goes through
+tlog/storage/bucket_http.py (no boto3 client: a publish writes a blob, and boto3 costs more CPU than
+the rest of the publish); open() streams from the bucket, checking the digest on the way; the other
+methods go through ObjectStore and block: call them from worker threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 
 from tlog.errors import TlogError
+from tlog.storage.bucket_http import AsyncBucket
 from tlog.storage.objects import ObjectStore
 
 from .blobs import BlobReader, checked_digest
 
-WRITE_THREADS = 32  # concurrent blob writes, apart from the default executor: a PUT mostly waits for the bucket
+WRITE_CONNECTIONS = 128  # concurrent blob writes from the event loop: a PUT mostly waits for the bucket
+HASH_INLINE_BYTES = 64 << 10  # larger blobs are hashed in a worker thread
 
 
 class BucketBlobStore:
     """Blobs under a bucket prefix (objects_url: s3://BUCKET/PREFIX)."""
 
     def __init__(self, objects_url: str, objects: ObjectStore | None = None) -> None:
-        self.objects = objects if objects is not None else ObjectStore(objects_url, connections=WRITE_THREADS + 8)
-        self._writers = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="blob-put")
+        self.objects = objects if objects is not None else ObjectStore(objects_url)
+        self.bucket = AsyncBucket(objects_url, connections=WRITE_CONNECTIONS)
 
     def _path(self, digest: str) -> str:
         return f"sha256/{checked_digest(digest)}"
@@ -39,8 +43,13 @@ class BucketBlobStore:
     write = put  # a bucket write is durable on its own: no group sync to share
 
     async def put_async(self, data: bytes) -> str:
-        """put() in this store's own writer threads (a blob write never waits behind the log's worker threads)."""
-        return await asyncio.get_running_loop().run_in_executor(self._writers, self.put, data)
+        """put() from the event loop (no worker thread). Raises StorageUnavailableError."""
+        if len(data) > HASH_INLINE_BYTES:
+            digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        else:
+            digest = hashlib.sha256(data).hexdigest()
+        await self.bucket.put(self._path(digest), data, immutable=True, sha256=digest)
+        return digest
 
     def sync(self) -> None:
         """Nothing to do: every write() was confirmed by the bucket when it returned."""
@@ -58,6 +67,9 @@ class BucketBlobStore:
             raise TlogError(f"blob {digest} in the bucket does not have its digest")
         return data
 
+    async def aclose(self) -> None:
+        """Close put_async's connections (on the loop that used them)."""
+        await self.bucket.aclose()
+
     def close(self) -> None:
-        self._writers.shutdown(wait=True)
         self.objects.close()

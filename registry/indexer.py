@@ -63,9 +63,14 @@ class Indexer:
             self.index = self.index.with_records(_with_gaps(self.index.size, self._buffer), end)
             self._buffer = []
 
-    def add_root(self, index: int, entry: bytes) -> None:
-        """An index-root record at index: check it against our index and keep that state to prove from."""
+    def add_root(self, index: int, entry: bytes, computed: IndexState | None = None) -> None:
+        """An index-root record at index: check it against our index and keep that state to prove from.
+        computed: our index as of index, computed already from the same records (by the shared registry
+        while sequencing them): adopted, so the records before index need not be added."""
         self.flush()
+        if computed is not None:
+            assert computed.size == index, (computed.size, index)
+            self.index = computed
         if self._tentative is not None and self._tentative.size == index:
             self.index, self._tentative = self._tentative, None
         if self.index.size < index:

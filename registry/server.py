@@ -34,6 +34,7 @@ from tlog.server import RETRY_AFTER_SECONDS, errors_middleware_for
 from tlog.server import make_app as make_log_app
 from tlog.witnessing import QuorumError
 
+from .bucket_blobs import BucketBlobStore
 from .dsse import MAX_ENVELOPE_BYTES, strict_json
 from .indexer import NoIndexRoot
 from .publish_reader import PublishReader
@@ -270,6 +271,9 @@ def make_app(
     app = web.Application(middlewares=[registry_errors_middleware, looked_up_again(registry)])  # body limits are per route (body_limit)
     app[REGISTRY] = registry
     app.on_cleanup.append(lambda _: asyncio.to_thread(registry.sbom_pool.close))  # stops its SBOM validator processes
+    if isinstance(registry.blobs, BucketBlobStore):
+        bucket_blobs = registry.blobs
+        app.on_cleanup.append(lambda _: bucket_blobs.aclose())  # put_async's connections
     base = "/api/v1"
     pkg = base + "/packages/{ns}/{name}/{version}"
     if not read_only:

@@ -123,7 +123,8 @@ async def store_blobs(blobs: Blobs, group: GroupSync, *datas: bytes | None) -> N
     """Write each blob and return once all are durable (one shared filesystem sync per round; a bucket
     confirms each write, made concurrently)."""
     if isinstance(blobs, BucketBlobStore):
-        await asyncio.gather(*(blobs.put_async(data) for data in datas if data is not None))
+        writes = [blobs.put_async(data) for data in datas if data is not None]
+        await (writes[0] if len(writes) == 1 else asyncio.gather(*writes))  # one blob (no SBOM): no task to make
         return
     for data in datas:
         if data is None:

@@ -44,7 +44,7 @@ from .state import RegistryState, ValidationError
 logger = logging.getLogger("wasmlog.registry.shared")
 
 READ_ATTEMPTS = 3  # reads of what is sequenced, should integration move entries from the database to the bucket meanwhile
-PREPARE_MAX = 65536  # records sequenced but not integrated, read before the lock (more are read under it)
+PREPARE_MAX = 65536  # records sequenced but not integrated, read at once to judge a refusal again
 SHARED_KEPT_ROOTS = 256  # one root per sequencing transaction of every process: more roots per published checkpoint than on one machine
 Known = tuple[bytes, Record | None, bytes | None]  # an entry's leaf hash, its record (None: not a valid record), index-root entry
 
@@ -60,11 +60,28 @@ def _decode(entry: bytes) -> Record | None:
     return record
 
 
-def _known(entry: bytes) -> Known:
-    """What following needs of an entry (call from a worker thread)."""
+def _admitted(entry: bytes) -> Record | None:
+    """The record of an entry another process sequenced, its signature not verified again (None: not a
+    valid record). Sound because every record sequenced was admitted: admit() gives an index only to a
+    record that state.apply() accepted, and apply() refuses an envelope that does not verify with its
+    signer's key (the admitting process verified it, under the sequencing lock); a refused record is
+    never stored. So this trusts what PostgreSQL holds (or the full bundles our integrator wrote from
+    it to the bucket), as authorization already does; records read from the bucket when following the
+    integrated tree (_fetch, once their bundle is full) and at start-up (Registry._replay) are verified."""
+    try:
+        record = decode_entry(entry)
+    except RecordError:
+        return None
+    record.__dict__["signed_by_signer"] = True  # the cached_property's value: verified by the admitting process
+    return record
+
+
+def _known(entry: bytes, admitted: bool = False) -> Known:
+    """What following needs of an entry (call from a worker thread); admitted: read from PostgreSQL's
+    sequenced entries, so its signature is not verified again (_admitted)."""
     if is_index_root(entry):
         return leaf_hash(entry), None, entry
-    return leaf_hash(entry), _decode(entry), None
+    return leaf_hash(entry), (_admitted if admitted else _decode)(entry), None
 
 
 def _padded(index: IndexState, size: int) -> IndexState:
@@ -89,9 +106,9 @@ class SharedRegistry(Registry):
         self._known: dict[int, Known] = {}  # records in [_applied_size, _seen)
         self._known_hashes: set[bytes] = set()
         self._submitted: dict[bytes, Record] = {}  # leaf hash -> checked record, until sequenced or refused
-        self._tentative: tuple[int, RegistryState, IndexState, dict[int, Known]] | None = None
+        self._tentative: tuple[int, RegistryState, IndexState, dict[int, Known], dict[int, IndexState]] | None = None
+        self._computed: dict[int, IndexState] = {}  # index roots sequenced, not yet applied -> the index as of each (admit's)
         self._root: tuple[int, bytes] | None = None  # the index root admit() computed: (its index, the entry)
-        self._prepared: dict[bytes, Record] = {}  # leaf hash -> others' records decoded and verified outside the lock
         sequencer.admission = self
         sequencer.before_answer = self._catch_up
         sequencer.boundary = is_index_root
@@ -133,7 +150,7 @@ class SharedRegistry(Registry):
         entries = self._read_sequenced(seen)
         if any(leaf_hash(entry) == h for entry in entries) or self.store.lookup([h]):
             return True
-        self._applied(seen, state, entries)[0].check(record)
+        self._applied(seen, state, entries).check(record)
         return False
 
     async def caught_up(self) -> bool:
@@ -145,19 +162,6 @@ class SharedRegistry(Registry):
         return h in self._known_hashes or h in self._submitted or bool(self.store.lookup([h]))
 
     # ── the Admission (tlog/storage/shared.py), in the sequencing thread ─────
-    def prepare(self) -> None:
-        """Decode, and verify the signatures of, what others sequenced since we last looked, before
-        taking the sequencing lock: under it only the records sequenced meanwhile cost a verification."""
-        with self._lock:
-            seen = self._seen
-        prepared: dict[bytes, Record] = {}
-        for entry in self._read_sequenced(seen):
-            h = leaf_hash(entry)
-            record = self._submitted.get(h) or _decode(entry)
-            if record is not None:
-                prepared[h] = record
-        self._prepared = prepared
-
     def _read_sequenced(self, start: int) -> list[bytes]:
         """Every entry sequenced from index start on, in order (blocking): the integrated ones from the
         bucket, the others (up to PREPARE_MAX) from the database. Raises StorageUnavailableError if
@@ -170,25 +174,37 @@ class SharedRegistry(Registry):
                 return entries + pending
         raise StorageUnavailableError(f"the log moved on {READ_ATTEMPTS} times while its entries from {start} on were read")
 
-    def _applied(self, first: int, state: RegistryState, entries: Sequence[bytes]) -> tuple[RegistryState, dict[int, Known]]:
-        """state with the records among entries (sequenced from index first on) applied, and what following needs of each."""
-        known: dict[int, Known] = {}
+    def _applied(self, first: int, state: RegistryState, entries: Sequence[bytes]) -> RegistryState:
+        """state with the records among entries (sequenced from index first on) applied (their signatures
+        not verified again: _admitted; a check on it is an early one, admit's is the authoritative one)."""
         for i, entry in enumerate(entries, start=first):
-            h = leaf_hash(entry)
             if is_index_root(entry):  # another transaction's root: in no history
-                known[i] = (h, None, entry)
                 continue
-            record = self._prepared.get(h) or self._submitted.get(h) or _decode(entry)
-            known[i] = (h, record, None)
+            record = self._submitted.get(leaf_hash(entry)) or _admitted(entry)
             if record is not None:
                 with contextlib.suppress(ValidationError):  # a void record changes nothing (replay reports it)
                     state = state.apply(record, i)
-        return state, known
+        return state
 
     def admit(self, next_index: int, sequenced_since: Callable[[int], list[bytes]], entries: Sequence[bytes]) -> list[TlogError | None]:
         with self._lock:
             seen, state, index_state = self._seen, self._sequenced_state, self._sequenced_index
-        state, tentative = self._applied(seen, state, sequenced_since(seen))
+        tentative: dict[int, Known] = {}
+        computed: dict[int, IndexState] = {}  # index root's position -> the index as of there
+        segment: list[tuple[int, Record | None]] = []  # records since the last root, not yet in index_state
+        for i, entry in enumerate(sequenced_since(seen), start=seen):
+            h = leaf_hash(entry)
+            if is_index_root(entry):  # another transaction's root: in no history
+                tentative[i] = (h, None, entry)
+                index_state, segment = index_state.with_records(segment, i), []
+                computed[i] = index_state
+                continue
+            record = self._submitted.get(h) or _admitted(entry)
+            tentative[i] = (h, record, None)
+            segment.append((i, record))
+            if record is not None:
+                with contextlib.suppress(ValidationError):  # a void record changes nothing (replay reports it)
+                    state = state.apply(record, i)
         verdicts: list[TlogError | None] = []
         index = next_index
         for entry in entries:
@@ -202,16 +218,17 @@ class SharedRegistry(Registry):
                 verdicts.append(e)
                 continue
             tentative[index] = (h, record, None)
+            segment.append((index, record))
             verdicts.append(None)
             index += 1
-        index_state = index_state.with_records(((i, tentative[i][1]) for i in range(index_state.size, index)), index)
+        index_state = index_state.with_records(segment, index)
         if index > next_index:  # records admitted: the index root follows them
             root = IndexRoot(self.log.origin, index, index_state.root).encode()
             tentative[index] = (leaf_hash(root), None, root)
             self._root = (index, root)
+            computed[index] = index_state
             index_state = index_state.with_records((), index + 1)
-        self._tentative = (seen, state, index_state, tentative)
-        self._prepared = {}
+        self._tentative = (seen, state, index_state, tentative, computed)
         return verdicts
 
     def trailer(self, index: int) -> bytes | None:
@@ -222,7 +239,7 @@ class SharedRegistry(Registry):
 
     def committed(self, next_index: int) -> None:
         assert self._tentative is not None
-        seen, state, index_state, tentative = self._tentative
+        seen, state, index_state, tentative, computed = self._tentative
         self._tentative, self._root = None, None
         assert index_state.size == next_index, (index_state.size, next_index)
         with self._lock:
@@ -231,6 +248,7 @@ class SharedRegistry(Registry):
             for i in range(max(seen, self._applied_size), next_index):
                 self._known[i] = tentative[i]
                 self._known_hashes.add(tentative[i][0])
+            self._computed.update((i, index) for i, index in computed.items() if i >= self._applied_size)
             self._seen, self._sequenced_state, self._sequenced_index = next_index, state, index_state
 
     # ── following the integrated tree ───────────────────────────────────────
@@ -248,9 +266,16 @@ class SharedRegistry(Registry):
         self._advance(size, self._fetch(self._applied_size, size))  # _catch_up just read what was not known: no read here
 
     def _fetch(self, start: int, end: int) -> dict[int, Known]:
-        """Records [start, end) that are not known already, read from the store (blocking)."""
+        """Records [start, end) that are not known already (blocking): from PostgreSQL while their bundle
+        is partial (one query, no signature verified again: _admitted), else from the bucket (verified)."""
         missing = [i for i in range(start, end) if i not in self._known]
         out: dict[int, Known] = {}
+        if not missing:
+            return out
+        for i, entry in enumerate(self.store.sequenced(missing[0], missing[-1] + 1 - missing[0]), start=missing[0]):
+            if i not in self._known:
+                out[i] = _known(entry, admitted=True)
+        missing = [i for i in missing if i not in out]
         if not missing:
             return out
         for first in range(missing[0], missing[-1] + 1, TILE_WIDTH):
@@ -262,21 +287,31 @@ class SharedRegistry(Registry):
     def _advance(self, size: int, fetched: dict[int, Known]) -> None:
         """Apply records [_applied_size, size) to the served state (on the event loop)."""
         with self._lock:
+            segment: list[tuple[int, Record | None]] = []  # records since the last root, for the indexer
             for i in range(self._applied_size, size):
                 h, record, root = self._known.pop(i) if i in self._known else fetched[i]
                 self._known_hashes.discard(h)
-                if root is not None:
-                    self.indexer.add_root(i, root)  # checked against the index this process computed
+                if root is not None:  # checked against the index this process computed (here or while sequencing)
+                    computed = self._computed.pop(i, None)
+                    if computed is None:
+                        for j, r in segment:
+                            self.indexer.add(j, r)
+                    self.indexer.add_root(i, root, computed)
+                    segment = []
                     continue
-                self.indexer.add(i, record)
+                segment.append((i, record))
                 try:
                     if record is None:
                         raise RecordError(f"entry {i} is not a registry record")
                     self.state = self.state.apply(record, i)
                 except (RecordError, ValidationError) as e:
                     self.rejected.append((i, e))  # logged but void: replay reports it, state ignores it
+            for j, r in segment:
+                self.indexer.add(j, r)
             self.indexer.flush()
             self._applied_size = max(self._applied_size, size)
+            for i in [i for i in self._computed if i < self._applied_size]:  # roots we will not meet again
+                del self._computed[i]
             if size > self._seen:
                 self._seen, self._sequenced_state = size, self.state
                 self._sequenced_index = _padded(self.indexer.index, size)
@@ -289,11 +324,12 @@ class SharedRegistry(Registry):
         await asyncio.gather(task, return_exceptions=True)
 
     async def _take_up(self, size: int) -> bool:
-        """Apply the integrated records up to size (read from the bucket); whether there were any."""
+        """Apply the integrated records up to size (read from the store if not known); whether there were any."""
         start = self._applied_size
         if size <= start:
             return False
-        self._advance(size, await asyncio.to_thread(self._fetch, start, size))
+        known = all(i in self._known for i in range(start, size))  # usually: no thread hop then
+        self._advance(size, {} if known else await asyncio.to_thread(self._fetch, start, size))
         return True
 
     async def _follow(self) -> None:

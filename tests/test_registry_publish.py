@@ -91,11 +91,20 @@ async def test_wrong_typed_spdx_is_422(aiohttp_client, tmp_path: pathlib.Path) -
     assert registry.sbom_pool.validations == 1
 
 
-async def test_cbor_tag_bombs_and_other_shapes_are_400_and_the_server_keeps_answering(aiohttp_client, tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("sent", ["content-length", "chunked"])
+async def test_cbor_tag_bombs_and_other_shapes_are_400_and_the_server_keeps_answering(aiohttp_client, tmp_path: pathlib.Path,
+                                                                                      sent: str) -> None:
+    """Small bodies with a Content-Length are read at once and decoded from memory, chunked ones as they
+    arrive (registry/publish_reader.py): both are refused alike."""
     _, client, _, _ = await start_registry(aiohttp_client, tmp_path)
 
+    async def chunks(body: bytes):  # type: ignore[no-untyped-def]
+        for i in range(0, len(body), 7):
+            yield body[i : i + 7]
+
     async def post(body: bytes) -> tuple[int, str]:
-        r = await client.post("/api/v1/publish", data=body, headers={"Content-Type": "application/cbor"})
+        data = body if sent == "content-length" else chunks(body)
+        r = await client.post("/api/v1/publish", data=data, headers={"Content-Type": "application/cbor"})
         return r.status, await r.text()
 
     bomb = cbor2.dumps(cbor2.CBORTag(36, "Content-Type: text/plain\n\n" + "x" * 2_400_000))

@@ -22,6 +22,7 @@ from registry.audit import make_auditor
 from registry.audit_state import AuditState
 from registry.bucket_blobs import BucketBlobStore
 from registry.client import RegistryClient, RegistryError
+from registry.index import IndexState
 from registry.record import Action, PackageRef, decode_entry, decode_index_root, is_index_root
 from registry.server import make_app
 from registry.shared_service import SharedRegistry
@@ -98,6 +99,13 @@ async def test_concurrent_claims_of_one_namespace_through_two_nodes_exactly_one_
     assert sum(not is_index_root(e) for e in entries) == len(namespaces)  # nothing refused was logged
     await wait_until(lambda: reg_b.log.integrated.checkpoint.size == size, "the other node at the same size")
     assert reg_a.rejected == reg_b.rejected == []
+    # Each node's index as of the last root (adopted from what it computed while sequencing, or computed
+    # while following) is the index of the log's records, computed here from scratch.
+    await wait_until(lambda: reg_a._applied_size >= size and reg_b._applied_size >= size, "both nodes follow the log")
+    naive = IndexState().with_records([(i, decode_entry(e)) for i, e in enumerate(entries[:-1]) if not is_index_root(e)], size - 1)
+    for reg in (reg_a, reg_b):
+        assert reg.indexer.mismatches == []
+        assert reg.indexer.index.size == size - 1 and reg.indexer.index.root == naive.root
 
 
 async def test_a_release_published_through_one_node_is_served_by_the_other_from_the_bucket(nodes, s3_path) -> None:  # type: ignore[no-untyped-def]

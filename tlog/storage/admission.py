@@ -15,11 +15,6 @@ class Admission(Protocol):
     entry sequenced before the ones it judges, so two processes can never both admit conflicting entries.
     """
 
-    def prepare(self) -> None:
-        """Called before the sequencing transaction, outside its lock: the place for costly work
-        (such as reading and checking what others sequenced) that admit() can then reuse."""
-        ...
-
     def admit(self, next_index: int, sequenced_since: Callable[[int], list[bytes]], entries: Sequence[bytes]) -> list[TlogError | None]:
         """For each new entry (in order): None to sequence it (at next_index, next_index + 1, ... among
         those admitted), or the error to refuse it with. sequenced_since(i) returns every entry already

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
-from common import free_port, local_shared_storage
+from common import CpuMeter, free_port, local_shared_storage
 
 BARE_SERVER = """
 from aiohttp import web
@@ -237,10 +237,9 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{port}"
             wait_ready(url)
-            with cpu_used([server.pid]) as cpu:
+            with CpuMeter({"server": lambda: [server.pid]}) as cpu:
                 result["log_full_load"] = full = load(args, url, "f", **kw)
-            full["cpu"] = cpu
-            cpu["cpu_ms_per_append"] = 1000 * cpu["server_0_cpu_s"] / max(1.0, full["requests_per_s"] * args.seconds)
+            full["cpu"] = cpu_report(cpu, full, args.seconds)
             result["log_half_load"] = load(args, url, "h", **half(kw, full))
         finally:
             server.terminate()
@@ -266,8 +265,9 @@ def run_shared(args: argparse.Namespace, kw: dict[str, Any]) -> dict[str, object
     with contextlib.ExitStack() as services:
         env = dict(os.environ)
         dsn, objects = args.store, args.objects
+        groups: dict[str, Callable[[], list[int]]] = {}  # postgres and s3, when they run here
         if dsn == "local":
-            dsn, objects, s3_env = local_shared_storage(services, "bench")
+            dsn, objects, s3_env = local_shared_storage(services, "bench", groups)
             env.update(s3_env)
         d = services.enter_context(tempfile.TemporaryDirectory())
         key = os.path.join(d, "log")
@@ -287,10 +287,10 @@ def run_shared(args: argparse.Namespace, kw: dict[str, Any]) -> dict[str, object
                 pids.append(server.pid)
             for url in urls:
                 wait_ready(url)
-            with profiled(args.profile, pids, args.seconds), cpu_used(pids, lambda: service_pids(dsn, env["AWS_ENDPOINT_URL"])) as cpu:
+            groups.update({f"server_{i}": (lambda pid=pid: [pid]) for i, pid in enumerate(pids)})
+            with profiled(args.profile, pids, args.seconds), CpuMeter(groups) as cpu:
                 full = load(args, urls, "sf", **kw)
-            full["cpu"] = cpu
-            cpu["cpu_ms_per_append"] = 1000 * sum(cpu[k] for k in cpu if k.endswith("cpu_s")) / max(1.0, full["requests_per_s"] * args.seconds)
+            full["cpu"] = cpu_report(cpu, full, args.seconds)
             out: dict[str, object] = {"processes": args.shared_procs, "full_load": full, "integrator_at_full_load": integrator_costs(urls)}
             out["half_load"] = load(args, urls, "sh", **half(kw, full))
         os.environ.update(env)
@@ -298,56 +298,11 @@ def run_shared(args: argparse.Namespace, kw: dict[str, Any]) -> dict[str, object
         return out
 
 
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) process pid used so far; 0 once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def service_pids(dsn: str, s3_endpoint: str) -> list[int]:
-    """This run's PostgreSQL (the postmaster listening on the DSN's port, and its children) and SeaweedFS processes."""
-    pg_port, s3_port = dsn.rsplit(":", 1)[1].split("/", maxsplit=1)[0], s3_endpoint.rsplit(":", 1)[1]
-    procs = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rpartition(")")[2].split()[1])
-        except OSError:
-            continue
-        procs[int(pid)] = (ppid, args)
-    roots = {pid for pid, (_, args) in procs.items()
-             if (b"-p" in args and pg_port.encode() in args and args[0].endswith(b"postgres")) or f"-s3.port={s3_port}".encode() in args}
-    return sorted(pid for pid, (ppid, _) in procs.items() if pid in roots or ppid in roots)
-
-
-@contextlib.contextmanager
-def cpu_used(pids: list[int], services: Callable[[], list[int]] = list) -> Iterator[dict[str, float]]:
-    """Fill in, once the block ends: the CPU seconds each of pids used during it (user + system), those of the
-    services() processes (those alive at the start or end: the database and object store), and how busy the
-    whole machine was (the fraction of all cores' time not idle: also the client and anything else running)."""
-    def machine() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
-
-    out: dict[str, float] = {}
-    before, (all0, idle0) = [_cpu_s(p) for p in pids], machine()
-    services_before = {pid: _cpu_s(pid) for pid in services()}
-    yield out
-    all1, idle1 = machine()
-    for i, (pid, b) in enumerate(zip(pids, before, strict=True)):
-        out[f"server_{i}_cpu_s"] = _cpu_s(pid) - b
-    services_after = {pid: _cpu_s(pid) for pid in services()}
-    if services_after:
-        out["services_cpu_s"] = sum(services_after.get(pid, b) - b for pid, b in services_before.items()) + sum(
-            a for pid, a in services_after.items() if pid not in services_before)
-    out["machine_busy"] = 1 - (idle1 - idle0) / max(1, all1 - all0)
+def cpu_report(cpu: CpuMeter, full: dict[str, Any], seconds: float) -> dict[str, object]:
+    """CPU seconds per group during full load, how busy the machine was, and CPU ms per append (2xx answers)."""
+    appends = int(full["requests_per_s"] * seconds)
+    return {"cpu_s": {k: round(v, 3) for k, v in cpu.used.items()}, "machine_busy": round(cpu.machine_busy, 3),
+            "cpu_ms_per_append": cpu.per_item_ms(appends)}
 
 
 @contextlib.contextmanager

@@ -119,14 +119,14 @@ def _machine_ticks() -> tuple[int, int]:
 class CpuMeter:
     """CPU seconds used by groups of processes (name -> a function listing their pids, called at both ends:
     a process gone by the end counts 0 there, so measure processes that outlive the meter) and by this
-    process ("client"), and how busy the whole machine was (other users' processes included)."""
+    process and the children it waited for meanwhile ("client"), and how busy the whole machine was (other users' processes included)."""
 
     def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
         self.groups = groups
 
     def _now(self) -> dict[str, float]:
         used = {name: sum(cpu_seconds(pid) for pid in pids()) for name, pids in self.groups.items()}
-        used["client"] = sum(os.times()[:2])
+        used["client"] = sum(os.times()[:4])  # this process, and its children waited for (wrk, client processes)
         return used
 
     def __enter__(self) -> CpuMeter:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,7 @@ from registry.dsse import ACTION_PAYLOAD_TYPE, sign_envelope
 from registry.record import Action, PackageRef, Record, record_for
 from registry.shared_service import SharedRegistry
 from registry.state import ValidationError
+from tlog.errors import TlogError
 from tlog.log import Log
 from tlog.note import Ed25519Signer
 from tlog.runloop import FreshRead
@@ -29,6 +31,7 @@ from tlog.shared_sequencer import SharedSequencer
 from tlog.storage.shared import SharedLogStore
 
 EMPTY_MODULE = b"\x00asm\x01\x00\x00\x00"
+KEY = Ed25519Signer.generate("example.com/review2")
 
 
 def leaf(entry: bytes) -> bytes:
@@ -127,3 +130,47 @@ async def test_fresh_read_callers_share_a_read_begun_after_they_called_never_an_
     assert await first == 0
     assert await asyncio.gather(*later) == [1] * 10  # one read begun after they called, shared by all
     assert counter["reads"] == 2
+
+
+class StallsIntegrating(SharedLogStore):
+    """A store whose integrator, once armed, stalls in its read of what is sequenced until released."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.armed, self.stalled, self.release = threading.Event(), threading.Event(), threading.Event()
+
+    def sequenced(self, start: int, limit: int) -> list[bytes]:
+        if self.armed.is_set():
+            self.stalled.set()
+            self.release.wait(60)
+        return super().sequenced(start, limit)
+
+
+async def test_a_log_stopped_in_a_busy_round_answers_every_waiter_stops_listening_and_resigns(pg_dsn, s3_path, seaweed, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Stopped while its integrator is in a round (whose thread runs on: a thread cannot be cancelled), the log
+    answers the submitters of entries it sequenced and of those still pooled (these were left waiting forever),
+    stops its listener thread and gives up the integrator's lock."""
+    for k, v in seaweed.env.items():
+        monkeypatch.setenv(k, v)
+    store = StallsIntegrating(pg_dsn, f"s3://{s3_path}/log")
+    other = SharedLogStore(pg_dsn, f"s3://{s3_path}/log")
+    try:
+        node = SharedSequencer(Log(store, KEY), interval=3600)
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(node.running())
+            await wait_until(lambda: node.leading, "the node integrates")
+            store.armed.set()
+            sequenced = node.submit(b"sequenced, then the log stops")
+            await node.flush()
+            await wait_until(store.stalled.is_set, "the integrator busy in a round")
+            pooled = node.submit(b"pooled when the log stops")
+        store.release.set()
+        for fut in (sequenced, pooled):  # answered, not left waiting forever
+            with pytest.raises(TlogError, match="stopped"):
+                await asyncio.wait_for(fut, 30)
+        assert store._listener is None and not any(t.name == "tlog-listen" and t.is_alive() for t in threading.enumerate())
+        assert await asyncio.to_thread(other.try_lead)  # the integrator's lock was given up
+    finally:
+        store.release.set()
+        store.close()
+        other.close()

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from aiohttp import web
 from helpers import wait_until
 from registry_helpers import REGISTRY_KEY, release_envelope, with_custom_section
 
@@ -21,9 +22,10 @@ from registry import shared_service
 from registry.bucket_blobs import BucketBlobStore
 from registry.dsse import ACTION_PAYLOAD_TYPE, sign_envelope
 from registry.record import Action, PackageRef, Record, record_for
+from registry.server import looked_up_again, registry_errors_middleware
 from registry.shared_service import SharedRegistry
 from registry.state import ValidationError
-from tlog.errors import TlogError
+from tlog.errors import NotFoundError, TlogError
 from tlog.log import Log
 from tlog.note import Ed25519Signer
 from tlog.runloop import FreshRead
@@ -174,3 +176,31 @@ async def test_a_log_stopped_in_a_busy_round_answers_every_waiter_stops_listenin
         store.release.set()
         store.close()
         other.close()
+
+
+async def test_a_read_that_found_nothing_is_tried_again_when_the_follower_took_the_record_up_meanwhile(two_stores, aiohttp_client) -> None:  # type: ignore[no-untyped-def]
+    """looked_up_again asked the registry to catch up and tried again only if that look itself took something up:
+    when the follower's own round took the record up after the handler looked and before the middleware did, the
+    look found nothing new and the stale 404 was final."""
+    registry, other = two_stores
+    alice = Ed25519Signer.generate("alice")
+    grant = claim_record(alice, "acme").entry
+    other.sequence([grant], [leaf(grant)])
+    writer = Log(other, REGISTRY_KEY)
+    await asyncio.to_thread(writer.integrate, other.sequenced(0, 1), dedup=False)  # logged through another process
+    looks: list[str] = []
+
+    async def namespace(request: web.Request) -> web.Response:
+        try:
+            return web.json_response(sorted(registry.namespace("acme").keys))
+        except NotFoundError:
+            looks.append("not found")
+            await registry._take_up(await asyncio.to_thread(registry.store.committed_size))  # the follower's round, now
+            raise
+
+    app = web.Application(middlewares=[registry_errors_middleware, looked_up_again(registry)])
+    app.router.add_get("/ns", namespace)
+    client = await aiohttp_client(app)
+    async with client.get("/ns") as r:
+        assert (r.status, looks) == (200, ["not found"])
+        assert await r.json() == [alice.vkey]

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 from aiohttp import web
 from helpers import wait_until
@@ -230,3 +231,32 @@ async def test_a_supervised_process_that_keeps_dying_is_still_started_again(tmp_
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     async with contextlib.asynccontextmanager(frontend.supervised(["dies_at_once"], 1))(web.Application()):
         await wait_until(lambda: starts.exists() and len(starts.read_text()) >= 4, "restarted three times")
+
+
+def test_a_tree_that_does_not_give_the_committed_checkpoint_is_never_served(pg_dsn, s3_path, seaweed, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Log.refresh took up the store's tree before checking it against the committed checkpoint: when neither
+    the database's entries nor the bucket's tiles gave its root, the check raised but the follower kept the
+    unchecked tree (its tiles and proofs), and, its size being the committed one, never looked again."""
+    for k, v in seaweed.env.items():
+        monkeypatch.setenv(k, v)
+    stores = [SharedLogStore(pg_dsn, f"s3://{s3_path}/log") for _ in range(2)]
+    try:
+        leader, follower = Log(stores[0], KEY), Log(stores[1], KEY)
+        entries = [b"entry %d" % i for i in range(300)]
+        stores[0].sequence(entries, [leaf(e) for e in entries])
+        leader.integrate(stores[0].sequenced(0, 100), dedup=False)
+        follower.refresh()
+        leader.integrate(stores[0].sequenced(100, 200), dedup=False)
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:  # neither copy gives the committed root
+            conn.execute("UPDATE tlog_entries SET entry = 'forged' WHERE idx = 150")
+        good = stores[0].objects.get("tile/0/001.p/44")
+        stores[0].objects.put("tile/0/001.p/44", bytes(len(good)), immutable=False)
+        before = follower.state
+        with pytest.raises(TlogError, match="does not match"):
+            follower.refresh()
+        assert follower.state == before  # still the checked tree of size 100
+        stores[0].objects.put("tile/0/001.p/44", good, immutable=False)  # the bucket repaired
+        assert follower.refresh() and follower.state == leader.state
+    finally:
+        for store in stores:
+            store.close()

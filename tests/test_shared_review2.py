@@ -33,6 +33,7 @@ from tlog.log import Log
 from tlog.note import Ed25519Signer
 from tlog.runloop import FreshRead
 from tlog.shared_sequencer import SharedSequencer
+from tlog.storage.notify import Listener
 from tlog.storage.shared import SharedLogStore
 
 EMPTY_MODULE = b"\x00asm\x01\x00\x00\x00"
@@ -260,3 +261,27 @@ def test_a_tree_that_does_not_give_the_committed_checkpoint_is_never_served(pg_d
     finally:
         for store in stores:
             store.close()
+
+
+async def test_a_listener_whose_callback_fails_carries_on_listening(pg_dsn) -> None:  # type: ignore[no-untyped-def]
+    """An exception from notified() ended the listener's thread with `listening` still True: its sequencer then
+    polled at NOTIFIED_POLL_INTERVAL (0.25 s, not 0.02 s) for notifications that never came."""
+    calls: list[str] = []
+
+    def notified(channel: str) -> None:
+        calls.append(channel)
+        if len(calls) == 1:
+            raise ValueError("a callback that fails once")
+
+    listener = Listener(pg_dsn, ["review2"], notified)
+    listener.start()
+    try:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            def heard() -> bool:
+                conn.execute("SELECT pg_notify('review2', '')")
+                return "review2" in calls or not listener._thread.is_alive()
+            await wait_until(heard, "a notification heard, or the thread gone")
+        assert listener._thread.is_alive() and listener.listening  # it carries on listening
+    finally:
+        listener.stop()
+    assert not listener.listening and not listener._thread.is_alive()

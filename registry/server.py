@@ -113,14 +113,18 @@ registry_errors_middleware = errors_middleware_for(registry_error_response)
 def looked_up_again(registry: Registry) -> Middleware:
     """A middleware: a read of the registry API that found nothing (404) is answered again once the registry
     caught up with the log, if it had anything to take up (on shared storage another process may have just
-    logged what was asked for): a stale view never answers a final no."""
+    logged what was asked for): a stale view never answers a final no. Asked again too if the registry took
+    records up by other means (its follower) since the handler began."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        applied = registry.applied_size
         try:
             return await handler(request)
         except NotFoundError:
-            if request.method not in ("GET", "HEAD") or request.match_info.apps[-1] is not request.app or not await registry.caught_up():
+            if request.method not in ("GET", "HEAD") or request.match_info.apps[-1] is not request.app:
+                raise
+            if not await registry.caught_up() and registry.applied_size == applied:
                 raise
             return await handler(request)
 

@@ -318,6 +318,11 @@ class Registry:
         return await self.submit(record_for(record_type, signer, parse_envelope(envelope)))
 
     # ── reads ───────────────────────────────────────────────────────────────
+    @property
+    def applied_size(self) -> int:
+        """The log entries below this size are applied to the state reads are answered from."""
+        return self._applied_size
+
     async def caught_up(self) -> bool:
         """Take up what other processes logged since this one last looked; whether there was any (a
         read that found nothing is then worth trying again). One process is always current: False."""

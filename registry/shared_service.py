@@ -31,6 +31,7 @@ from aiohttp import web
 
 from tlog.errors import StorageUnavailableError, TlogError
 from tlog.hashes import leaf_hash
+from tlog.runloop import FreshRead
 from tlog.shared_sequencer import SharedSequencer
 from tlog.storage.shared import SharedLogStore
 from tlog.tiles import TILE_WIDTH
@@ -47,6 +48,7 @@ READ_ATTEMPTS = 3  # reads of what is sequenced, should integration move entries
 PREPARE_MAX = 65536  # records sequenced but not integrated, read at once to judge a refusal again
 SHARED_KEPT_ROOTS = 256  # one root per sequencing transaction of every process: more roots per published checkpoint than on one machine
 Known = tuple[bytes, Record | None, bytes | None]  # an entry's leaf hash, its record (None: not a valid record), index-root entry
+View = tuple[int, RegistryState, frozenset[bytes]]  # every record sequenced below an index applied, and the leaf hashes read
 
 
 def _decode(entry: bytes) -> Record | None:
@@ -109,6 +111,9 @@ class SharedRegistry(Registry):
         self._tentative: tuple[int, RegistryState, IndexState, dict[int, Known], dict[int, IndexState]] | None = None
         self._computed: dict[int, IndexState] = {}  # index roots sequenced, not yet applied -> the index as of each (admit's)
         self._root: tuple[int, bytes] | None = None  # the index root admit() computed: (its index, the entry)
+        self._view: View | None = None  # what refusals last read (_read_view): a flood of them reads and verifies only what is new
+        self._fresh_view = FreshRead(lambda: asyncio.to_thread(self._read_view))
+        self._fresh_size = FreshRead(self._take_up_committed)
         sequencer.admission = self
         sequencer.before_answer = self._catch_up
         sequencer.boundary = is_index_root
@@ -138,23 +143,35 @@ class SharedRegistry(Registry):
             h = leaf_hash(record.entry)
             if h in self._known_hashes or h in self._submitted:
                 return record, True
-            return record, await asyncio.to_thread(self._judge_now, record)
+            _, state, hashes = await self._fresh_view()  # concurrent refusals share one read, begun after each arrived
+            if h in hashes:
+                return record, True
+            try:
+                state.check(record)
+            except ValidationError:
+                if await asyncio.to_thread(self.store.lookup, [h]):  # integrated before what was read: a replay
+                    return record, True
+                raise
         return record, False
 
-    def _judge_now(self, record: Record) -> bool:
-        """Whether record is sequenced already (a replay); if not, check it against every record sequenced
-        by now, read from the database and the bucket (blocking). Raises ValidationError."""
-        h = leaf_hash(record.entry)
+    def _read_view(self) -> View:
+        """Every record sequenced by now applied (blocking): the records read since the last view, or since
+        this process's own view (_seen) if that is further on. Raises StorageUnavailableError."""
         with self._lock:
-            seen, state = self._seen, self._sequenced_state
-        entries = self._read_sequenced(seen)
-        if any(leaf_hash(entry) == h for entry in entries) or self.store.lookup([h]):
-            return True
-        self._applied(seen, state, entries).check(record)
-        return False
+            start, state = self._seen, self._sequenced_state
+        hashes: frozenset[bytes] = frozenset()
+        if self._view is not None and self._view[0] > start:
+            start, state, hashes = self._view
+        entries = self._read_sequenced(start)
+        self._view = (start + len(entries), self._applied(start, state, entries), hashes | {leaf_hash(e) for e in entries})
+        return self._view
 
     async def caught_up(self) -> bool:
-        """Take up at once what other processes integrated since this one last looked; whether there was any."""
+        """Take up at once what other processes integrated since this one last looked; whether there was any
+        (concurrent callers share one look, begun after each called)."""
+        return await self._fresh_size()
+
+    async def _take_up_committed(self) -> bool:
         return await self._take_up(await asyncio.to_thread(self.store.committed_size))
 
     def _logged(self, h: bytes) -> bool:

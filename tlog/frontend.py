@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
@@ -109,25 +110,47 @@ def make_frontend_app(ipc_dir: str) -> web.Application:
 
 SUPERVISE_INTERVAL = 1.0  # seconds between checks that every supervised process still runs (and that our parent does)
 STOP_SECONDS = 10.0  # a supervised process gets this long after SIGTERM, then SIGKILL
+RESTART_MAX_SECONDS = 60.0  # the longest wait before another is started in place of a process that keeps dying young
+
+
+def restart_delay(previous: float, lived: float) -> float:
+    """Seconds to wait before starting another process in place of one that lived `lived` seconds, the wait
+    before it having been `previous`: none after a process that lived RESTART_MAX_SECONDS, else doubling from
+    SUPERVISE_INTERVAL up to RESTART_MAX_SECONDS (a process that dies at start, its database away say, costs
+    ~1 s of CPU to start: restarted every second, each such one took a core)."""
+    if lived >= RESTART_MAX_SECONDS:
+        return 0.0
+    return min(max(2 * previous, SUPERVISE_INTERVAL), RESTART_MAX_SECONDS)
 
 
 def supervised(command: list[str], count: int) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A cleanup context: run count processes of `python -m <command>`, start another when one dies,
-    and stop them all (SIGTERM, then SIGKILL after STOP_SECONDS) when the app stops."""
+    """A cleanup context: run count processes of `python -m <command>`, start another when one dies
+    (later and later while they keep dying young: restart_delay), and stop them all (SIGTERM, then SIGKILL
+    after STOP_SECONDS) when the app stops."""
 
     def spawn() -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", *command])
 
     async def run(app: web.Application) -> AsyncIterator[None]:
         procs = [spawn() for _ in range(count)]
+        started = [time.monotonic()] * count
+        delays = [0.0] * count
+        due: list[float | None] = [None] * count  # when another process is started in place of a dead one
 
         async def supervise() -> None:
             while True:
                 await asyncio.sleep(SUPERVISE_INTERVAL)
+                now = time.monotonic()
                 for i, p in enumerate(procs):
-                    if p.poll() is not None:
-                        logger.warning("process %d (%s) exited with status %s; starting another", p.pid, " ".join(command[:3]), p.returncode)
-                        procs[i] = spawn()
+                    if p.poll() is None:
+                        continue
+                    if due[i] is None:
+                        delays[i] = restart_delay(delays[i], now - started[i])
+                        due[i] = now + delays[i]
+                        logger.warning("process %d (%s) exited with status %s; starting another in %.0f s",
+                                       p.pid, " ".join(command[:3]), p.returncode, delays[i])
+                    if now >= (due[i] or 0.0):
+                        procs[i], started[i], due[i] = spawn(), now, None
 
         supervisor = asyncio.create_task(supervise(), name="supervisor")
         try:

@@ -72,13 +72,15 @@ class Log:
             if not witnessed:
                 self._published = self._integrated
 
-    def _check_stored(self, note: bytes) -> Published:
-        """Refuse to serve a database whose checkpoint is not ours or does not match its tiles."""
+    def _check_stored(self, note: bytes, state: TreeState | None = None) -> Published:
+        """Refuse to serve a database whose checkpoint is not ours or does not match its tiles (state: the
+        tree it is to match, if not the one served: checked before it is taken up)."""
+        state = state if state is not None else self._state
         opened, _ = open_note(note, [self.signer_verifier()])
         cp = parse_checkpoint(opened.text)
         if cp.origin != self.origin:
             raise TlogError(f"stored log has origin {cp.origin!r}, not {self.origin!r}")
-        if cp.size != self._state.size or cp.root_hash != self._state.root_hash:
+        if cp.size != state.size or cp.root_hash != state.root_hash:
             raise TlogError("stored checkpoint does not match the stored tree")
         return Published(cp, note)
 
@@ -156,9 +158,11 @@ class Log:
             except BaseException:
                 # The commit may or may not have happened (a failure after the
                 # commit point): take the truth from the store, never from memory.
-                self._state, stored = self.store.load()
-                if stored is not None:
-                    self._integrated = self._check_stored(stored)
+                state, stored = self.store.load()
+                integrated = self._check_stored(stored, state) if stored is not None else None
+                self._state = state
+                if integrated is not None:
+                    self._integrated = integrated
                     if not self.witnessed:
                         self._published = self._integrated
                 raise
@@ -178,8 +182,8 @@ class Log:
                 assert note is not None
                 if state.size < self._state.size:
                     raise TlogError(f"the store's tree ({state.size}) is smaller than this process's ({self._state.size})")
-                self._state = state
-                self._integrated = self._check_stored(note)
+                integrated = self._check_stored(note, state)  # before the tree is served
+                self._state, self._integrated = state, integrated
             if not self.witnessed:
                 self._published = self._integrated
                 return moved

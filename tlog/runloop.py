@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 WORKER_THREADS = 64  # LMDB transactions and fsyncs block: many may wait on the disk at once
@@ -60,3 +60,23 @@ async def wait_at_most(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await event.wait()
+
+
+class FreshRead(Generic[T]):
+    """Concurrent callers of an async read share one run of it that began after each of them called:
+    a flood of callers costs one read at a time, and none is answered from a read older than its call."""
+
+    def __init__(self, read: Callable[[], Awaitable[T]]) -> None:
+        self._read = read
+        self._lock = asyncio.Lock()
+        self._begun = 0  # reads begun
+        self._last: tuple[int, T] | None = None  # the number of the last read completed, and its value
+
+    async def __call__(self) -> T:
+        asked = self._begun
+        async with self._lock:
+            if self._last is None or self._last[0] <= asked:  # no read begun since this call: read now
+                self._begun += 1
+                begun = self._begun
+                self._last = (begun, await self._read())
+            return self._last[1]

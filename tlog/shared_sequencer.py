@@ -230,6 +230,8 @@ class SharedSequencer(Sequencer):
             await asyncio.to_thread(self.store.resign)
             for w in self._waiting:
                 _fail(w.futures, TlogError("the log stopped before integrating the entry (it is sequenced and will be logged)"))
+            _fail([fut for _, fut in self._pool.values()], TlogError("the log stopped before sequencing the entry (it is not logged)"))
+            self._pool.clear()
 
 
 def _fail(futures: Sequence[asyncio.Future[bytes]], e: BaseException) -> None:

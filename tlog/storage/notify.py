@@ -8,8 +8,11 @@ every RETRY_SECONDS; callers keep polling whatever they watch.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
+
+log = logging.getLogger("wasmlog.storage.notify")
 
 LISTEN_SECONDS = 0.5  # the longest wait between looks at whether to stop
 RETRY_SECONDS = 1.0
@@ -34,19 +37,28 @@ class Listener:
     def _run(self) -> None:
         import psycopg
 
-        while not self._closing.is_set():
-            try:
-                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
-                    for setting, value in self.keepalives:
-                        conn.execute(f"SET {setting} = {int(value)}")
-                    for channel in self.channels:
-                        conn.execute(f"LISTEN {channel}")
-                    self.listening = True
-                    self.notified("")
-                    while not self._closing.is_set():
-                        for notification in conn.notifies(timeout=LISTEN_SECONDS):
-                            self.notified(notification.channel)
-            except psycopg.Error:
-                self.listening = False
-                self._closing.wait(RETRY_SECONDS)
-        self.listening = False
+        try:
+            while not self._closing.is_set():
+                try:
+                    with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                        for setting, value in self.keepalives:
+                            conn.execute(f"SET {setting} = {int(value)}")
+                        for channel in self.channels:
+                            conn.execute(f"LISTEN {channel}")
+                        self.listening = True
+                        self._tell("")
+                        while not self._closing.is_set():
+                            for notification in conn.notifies(timeout=LISTEN_SECONDS):
+                                self._tell(notification.channel)
+                except psycopg.Error:
+                    self.listening = False
+                    self._closing.wait(RETRY_SECONDS)
+        finally:  # whatever ended it: notifications no longer arrive
+            self.listening = False
+
+    def _tell(self, channel: str) -> None:
+        """notified(channel); a failure of it is logged, not the end of listening."""
+        try:
+            self.notified(channel)
+        except Exception:
+            log.exception("a listener of %r failed", channel or "(re)connection")

@@ -24,14 +24,18 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from ..errors import MissingDependencyError, NotFoundError, StorageUnavailableError, TlogError
+from ..checkpoint import Checkpoint, parse_checkpoint
+from ..dsn import redact
+from ..errors import MalformedError, MissingDependencyError, NotFoundError, StorageUnavailableError, TlogError
 from ..hashes import leaf_hash
 from ..integrate import BatchPlan, TreeState, state_from_tiles
+from ..note import parse_note
 from ..tiles import ENTRIES, TILE_WIDTH, TileID, encode_entry_bundle, parse_entry_bundle, tile_for_size
 from .objects import ObjectStore
 
 try:
     import psycopg
+    import psycopg.conninfo
 except ImportError as e:  # the shared extra
     _missing: ImportError | None = e
 else:
@@ -48,6 +52,14 @@ SCHEMA = [
     "CREATE TABLE IF NOT EXISTS tlog_tree (id smallint PRIMARY KEY CHECK (id = 1), size bigint NOT NULL, checkpoint bytea, published bytea)",
     "INSERT INTO tlog_tree VALUES (1, 0, NULL, NULL) ON CONFLICT DO NOTHING",
 ]
+
+
+def _checkpoint(note: bytes) -> Checkpoint | None:
+    """The checkpoint a note signs, or None if it is not one."""
+    try:
+        return parse_checkpoint(parse_note(note).text)
+    except TlogError:
+        return None
 
 
 class Admission(Protocol):
@@ -89,6 +101,10 @@ class SharedLogStore:
                  before_commit: Callable[[BatchPlan], None] | None = None) -> None:
         if _missing is not None:
             raise MissingDependencyError("PostgreSQL storage", "shared", _missing)
+        try:
+            psycopg.conninfo.conninfo_to_dict(dsn)
+        except psycopg.Error as e:
+            raise MalformedError(redact(" ".join(f"the log's database: not a PostgreSQL DSN: {e}".split()), dsn)) from None
         self.dsn = dsn
         self.objects = objects if objects is not None else ObjectStore(objects_url)
         self.publish_integrated = publish_integrated
@@ -120,7 +136,7 @@ class SharedLogStore:
         except psycopg.Error as e:
             if conn is not None and conn.broken:
                 conn.close()
-            raise StorageUnavailableError(f"the log's database: {e}".strip()) from None
+            raise StorageUnavailableError(redact(" ".join(f"the log's database: {e}".split()), self.dsn)) from None
 
     def _tile_at(self, size: int, level: int, index: int) -> bytes:
         tile = tile_for_size(size, level, index)
@@ -165,8 +181,15 @@ class SharedLogStore:
             self.put_checkpoint(checkpoint)
 
     def put_checkpoint(self, note: bytes) -> None:
-        """Write the checkpoint object (after every tile it covers is in the bucket)."""
-        self.objects.put("checkpoint", note, immutable=False)
+        """Write the checkpoint object (after every tile it covers is in the bucket), unless the bucket has
+        this log's checkpoint of a larger tree already (a stale integrator's write never moves it back)."""
+        ours = _checkpoint(note)
+
+        def keep(current: bytes) -> bool:
+            there = _checkpoint(current)
+            return current == note or (ours is not None and there is not None and there.origin == ours.origin and there.size > ours.size)
+
+        self.objects.put_unless("checkpoint", note, keep)
         self.bucket_checkpoint = note
 
     def _check_sequenced(self, plan: BatchPlan) -> None:
@@ -178,7 +201,12 @@ class SharedLogStore:
                 raise TlogError(f"entry {plan.old_size + i} of the batch is not the one sequenced at that index")
 
     def publish(self, note: bytes) -> None:
+        """LogStore.publish; TlogError if another process published a larger tree already."""
         with self._txn() as cur:
+            current = cur.execute("SELECT published FROM tlog_tree FOR UPDATE").fetchone()[0]
+            there, ours = _checkpoint(current or b""), _checkpoint(note)
+            if there is not None and (ours is None or there.size > ours.size):
+                raise TlogError(f"refusing to publish a smaller tree than the published one of size {there.size}")
             cur.execute("UPDATE tlog_tree SET published = %s", (note,))
         self.put_checkpoint(note)
 

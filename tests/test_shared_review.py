@@ -1,0 +1,222 @@
+"""Adversarial review of the shared engine (issue 17): stale integrators, storage errors, credentials, races.
+
+Real PostgreSQL and SeaweedFS (tests/services.py). Faults are injected only at the S3 call of our own
+ObjectStore (a subclass pausing before a write), never by replacing a server.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import pytest
+import test_shared_log
+from hypothesis import given
+from hypothesis import strategies as st
+from test_shared_log import KEY, leaf
+
+from registry.bucket_blobs import BucketBlobStore
+from tlog.checkpoint import parse_checkpoint
+from tlog.dsn import redact
+from tlog.errors import StorageUnavailableError, TlogError
+from tlog.log import Log
+from tlog.note import parse_note
+from tlog.storage.objects import ObjectStore
+from tlog.storage.shared import SharedLogStore
+from tlog.tiles import TileID
+
+shared = test_shared_log.shared  # the fixture: a factory of SharedLogStores on one database and bucket
+SECRET = "pw0SECRET"
+
+
+def bucket_size(url: str) -> int:
+    """The size of the checkpoint object in the bucket at url, read by a fresh client."""
+    return parse_checkpoint(parse_note(ObjectStore(url).get("checkpoint")).text).size
+
+
+class PausedCheckpointWrite(ObjectStore):
+    """Pauses the first write of the checkpoint object just before it reaches the bucket (a process
+    frozen, or its lead lost, between the database commit and the bucket), once armed, until released."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.armed, self.paused, self.release = threading.Event(), threading.Event(), threading.Event()
+
+    def _call(self, what: str, method: str, expect: int, **kwargs: Any) -> Any:
+        if method == "put_object" and kwargs["Key"].endswith("checkpoint") and self.armed.is_set() and not self.paused.is_set():
+            self.paused.set()
+            assert self.release.wait(30)
+        return super()._call(what, method, expect, **kwargs)
+
+
+def test_a_stale_integrators_checkpoint_never_replaces_a_newer_one_in_the_bucket(shared, s3_path) -> None:  # type: ignore[no-untyped-def]
+    """Integrator A commits size 1 in the database and stalls before its checkpoint object; B takes over and
+    commits size 2 (and writes its checkpoint); then A's write lands. The bucket must not go back to 1."""
+    url = f"s3://{s3_path}/log"
+    objects = PausedCheckpointWrite(url)
+    a, b = shared(objects=objects), shared()
+    a.sequence([b"one", b"two"], [leaf(b"one"), leaf(b"two")])
+    log_a = Log(a, KEY)
+    objects.armed.set()
+    stalled = threading.Thread(target=log_a.integrate, args=([b"one"],), kwargs={"dedup": False})
+    stalled.start()
+    try:
+        assert objects.paused.wait(30)
+        log_b = Log(b, KEY)  # takes up the committed tree of size 1
+        log_b.integrate([b"two"], dedup=False)
+        assert bucket_size(url) == 2
+    finally:
+        objects.release.set()
+        stalled.join(30)
+    assert bucket_size(url) == 2
+    a.put_checkpoint(log_a.integrated.note)  # a stale process rewriting "its" checkpoint, as a new leader's first round does
+    assert bucket_size(url) == 2
+
+
+def test_a_stale_publish_never_moves_the_published_checkpoint_back(shared, s3_path) -> None:  # type: ignore[no-untyped-def]
+    """A witnessed log: an ex-integrator whose cosigning of size 1 finished late publishes it after
+    the new integrator published size 2. The database and the bucket keep size 2."""
+    a, b = shared(publish_integrated=False), shared(publish_integrated=False)
+    a.sequence([b"one", b"two"], [leaf(b"one"), leaf(b"two")])
+    log_a = Log(a, KEY, witnessed=True)
+    log_a.integrate([b"one"], dedup=False)
+    old = log_a.integrated.note
+    log_a.integrate([b"two"], dedup=False)
+    new = log_a.integrated.note
+    b.publish(new)
+    with pytest.raises(TlogError, match="smaller"):
+        a.publish(old)
+    assert b.published() == new and a.published() == new
+    assert bucket_size(f"s3://{s3_path}/log") == 2
+
+
+def test_a_missing_bucket_is_unavailable_storage_not_a_missing_object(seaweed, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    for k, v in seaweed.env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(StorageUnavailableError, match="NoSuchBucket"):
+        ObjectStore("s3://wasmlog-no-such-bucket/log").get("checkpoint")
+    with pytest.raises(StorageUnavailableError):
+        BucketBlobStore("s3://wasmlog-no-such-bucket/blobs").get("0" * 64)
+
+
+@pytest.mark.parametrize("secret", ["wrong-secret", None])
+def test_a_bucket_that_denies_access_is_unavailable_storage(seaweed, s3_path, monkeypatch, secret: str | None) -> None:  # type: ignore[no-untyped-def]
+    for k, v in seaweed.env.items():
+        monkeypatch.setenv(k, v)
+    if secret is None:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")  # an unknown key
+    else:
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    import boto3
+
+    store = ObjectStore(f"s3://{s3_path}/log", boto3.Session().client("s3"))  # (boto3's default session keeps the first credentials it read)
+    with pytest.raises(StorageUnavailableError, match=r"403|AccessDenied|SignatureDoesNotMatch|InvalidAccessKeyId"):
+        store.get("tile/0/000")
+    with pytest.raises(StorageUnavailableError):
+        store.put("tile/0/000", b"\x00" * 32 * 256, immutable=True)
+
+
+BAD_DSNS = [
+    f"postgresql://u:{SECRET}@[::1/x",  # a URI that does not parse: libpq quotes all of it
+    f"postgresql://u:{SECRET}@pw1SECRET@127.0.0.1:1/x",  # an unescaped @ in the password: a host name made of the rest
+    f"mysql://u:{SECRET}@host/x",  # not a DSN at all: quoted whole
+    f"host=127.0.0.1 port=1 password={SECRET} junk",
+    f"host=127.0.0.1 port=1 password='{SECRET} x' junk",
+    f"postgresql://u@127.0.0.1:1/x?password={SECRET}&junk",
+]
+
+
+def password(exclude: str) -> st.SearchStrategy[str]:
+    return st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zs"), blacklist_characters=exclude), min_size=1, max_size=30)
+
+
+@given(st.data(), st.text(max_size=20), st.text(max_size=20))
+def test_redact_takes_every_password_out_of_a_message_quoting_the_dsn(data: st.DataObject, before: str, after: str) -> None:
+    """Whatever the password, and however the DSN gives it, neither it nor the DSN quoted whole survives redact()."""
+    form = data.draw(st.sampled_from(["uri", "query", "keyword", "quoted"]))
+    if form == "uri":
+        secret = data.draw(password("?#"))
+        dsn = f"postgresql://user:{secret}@host:5432/db"
+    elif form == "query":
+        secret = data.draw(password("&#"))
+        dsn = f"postgresql://user@host/db?sslmode=disable&password={secret}"
+    elif form == "keyword":
+        secret = data.draw(password("'"))
+        dsn = f"host=h user=u password={secret} dbname=d"
+    else:
+        secret = data.draw(password("'\\"))
+        dsn = f"host=h password='{secret}' dbname=d"
+    for message in (f"{before}{secret}{after}", f'{before}"{dsn}"{after}'):
+        assert secret not in redact(message, dsn)
+    for piece in secret.split("@")[1:]:  # libpq reports the rest of an unescaped '@' password as the host name
+        if len(piece) >= 3:
+            assert piece not in redact(f"failed to resolve host '{piece}@host'", dsn)
+
+
+@pytest.mark.parametrize("dsn", BAD_DSNS)
+def test_a_database_error_never_echoes_the_password(dsn: str) -> None:
+    with pytest.raises(TlogError) as e:
+        SharedLogStore(dsn, "s3://bucket/p")
+    assert "SECRET" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("dsn", [BAD_DSNS[0], f"postgresql://nobody:{SECRET}@127.0.0.1:1/x"])
+def test_log_serve_with_a_password_in_a_bad_dsn_says_so_on_one_line_without_it(tmp_path, dsn: str) -> None:  # type: ignore[no-untyped-def]
+    key = tmp_path / "log.key"
+    key.write_text(KEY.private_key + "\n")
+    done = subprocess.run([sys.executable, "-m", "wasmlog", "log", "serve", "--key", str(key), "--store", dsn, "--objects", "s3://bucket/p"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "the log's database" in done.stderr, done.stderr
+    assert "SECRET" not in done.stderr and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_full_tile_written_again_with_other_bytes_is_refused_as_a_fork(seaweed, s3_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """If-None-Match on immutable objects: the second writer (a fresh client: nothing cached) reads back and refuses."""
+    for k, v in seaweed.env.items():
+        monkeypatch.setenv(k, v)
+    url = f"s3://{s3_path}/log"
+    tile = TileID(0, 0, 256)
+    first, other = bytes(range(256)) * 32, bytes(32 * 256)
+    ObjectStore(url).put_tiles([(tile, first)])
+    ObjectStore(url).put_tiles([(tile, first)])  # the same bytes again: a redo, accepted
+    with pytest.raises(TlogError, match="refusing to fork"):
+        ObjectStore(url).put_tiles([(tile, other)])
+    assert ObjectStore(url).get(tile.path()) == first
+
+
+def test_one_entry_submitted_through_two_processes_at_once_gets_one_index(shared) -> None:  # type: ignore[no-untyped-def]
+    """Eight threads on two stores sequence overlapping, shuffled batches of the same 300 entries."""
+    stores = [shared(), shared()]
+    entries = [b"dup %d" % i for i in range(300)]
+    answers: list[dict[bytes, int]] = []
+    failures: list[BaseException] = []
+
+    def submit(store: SharedLogStore, seed: int) -> None:
+        rng = random.Random(seed)
+        got: dict[bytes, int] = {}
+        try:
+            for _ in range(10):
+                batch = rng.sample(entries, 60)
+                for e, i in zip(batch, store.sequence(batch, [leaf(e) for e in batch]), strict=True):
+                    assert isinstance(i, int)
+                    got[e] = i
+        except BaseException as e:  # reported below
+            failures.append(e)
+        answers.append(got)
+
+    threads = [threading.Thread(target=submit, args=(stores[n % 2], n)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures, failures
+    index: dict[bytes, int] = {}
+    for got in answers:
+        for e, i in got.items():
+            assert index.setdefault(e, i) == i, e
+    assert sorted(index.values()) == list(range(len(index)))  # no gaps, no index given twice
+    stored = stores[0].sequenced(0, 1000)
+    assert len(stored) == len(index) and all(stored[i] == e for e, i in index.items())

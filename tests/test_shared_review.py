@@ -6,29 +6,40 @@ ObjectStore (a subclass pausing before a write), never by replacing a server.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
 import test_shared_log
+import test_shared_registry
+from helpers import wait_until
 from hypothesis import given
 from hypothesis import strategies as st
 from test_shared_log import KEY, leaf
 
 from registry.bucket_blobs import BucketBlobStore
+from registry.client import RegistryError, release_statement
+from registry.dsse import INTOTO_PAYLOAD_TYPE, sign_envelope
+from registry.record import Action, PackageRef, decode_entry, is_index_root
 from tlog.checkpoint import parse_checkpoint
 from tlog.dsn import redact
 from tlog.errors import StorageUnavailableError, TlogError
 from tlog.log import Log
-from tlog.note import parse_note
+from tlog.note import Ed25519Signer, parse_note
+from tlog.proof_file import parse_tlog_proof
 from tlog.storage.objects import ObjectStore
 from tlog.storage.shared import SharedLogStore
 from tlog.tiles import TileID
 
-shared = test_shared_log.shared  # the fixture: a factory of SharedLogStores on one database and bucket
+shared = test_shared_log.shared  # fixtures: a factory of SharedLogStores on one database and bucket,
+nodes = test_shared_registry.nodes  # and of registry nodes on one database and bucket
+EMPTY_MODULE = test_shared_registry.EMPTY_MODULE
 SECRET = "pw0SECRET"
 
 
@@ -220,3 +231,105 @@ def test_one_entry_submitted_through_two_processes_at_once_gets_one_index(shared
     assert sorted(index.values()) == list(range(len(index)))  # no gaps, no index given twice
     stored = stores[0].sequenced(0, 1000)
     assert len(stored) == len(index) and all(stored[i] == e for e, i in index.items())
+
+
+def test_a_database_restart_while_sequencing_never_answers_an_index_it_did_not_commit(shared, postgres) -> None:  # type: ignore[no-untyped-def]
+    """Four threads on two stores sequence fresh entries without pause; PostgreSQL is stopped with
+    `-m immediate` (a crash) under them and started again. Every index a submitter was given is that
+    entry's in the database after the restart; every other submission failed as StorageUnavailable."""
+    stores = [shared(), shared()]
+    answered: dict[bytes, int] = {}
+    failed: list[bytes] = []
+    odd: list[BaseException] = []
+    stop = threading.Event()
+
+    def submit(store: SharedLogStore, n: int) -> None:
+        for round_ in range(100_000):
+            if stop.is_set():
+                return
+            batch = [b"restart %d %d %d" % (n, round_, i) for i in range(20)]
+            try:
+                indexes = store.sequence(batch, [leaf(e) for e in batch])
+            except StorageUnavailableError:
+                failed.extend(batch)
+                continue
+            except BaseException as e:  # reported below
+                odd.append(e)
+                return
+            answered.update(zip(batch, indexes, strict=True))  # type: ignore[arg-type]
+
+    threads = [threading.Thread(target=submit, args=(stores[n % 2], n)) for n in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until_sync(lambda: len(answered) >= 200, "sequencing under way")
+        postgres.stop("immediate")
+        postgres.start()
+        done = len(answered)
+        wait_until_sync(lambda: len(answered) >= done + 200, "sequencing again after the restart")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not odd, odd
+    assert failed  # the restart was felt
+    for store in stores:  # this thread's connections died in the restart: the first use of each is a 503
+        with contextlib.suppress(StorageUnavailableError):
+            store.committed_size()
+    stored = stores[0].sequenced(0, 10**6)
+    assert all(stored[i] == e for e, i in answered.items())
+    # a failed submission may have committed all the same (the answer to COMMIT was lost): it keeps one index
+    again = stores[1].sequence(failed[:100], [leaf(e) for e in failed[:100]])
+    assert len(set(again)) == len(again) and not set(again) & set(answered.values())
+
+
+def wait_until_sync(ready: Any, what: str, seconds: float = 60) -> None:
+    """Poll ready() until true, failing after seconds (for tests that run threads, not an event loop)."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        assert time.monotonic() < deadline, f"{what}: not after {seconds}s"
+        time.sleep(0.01)
+
+
+async def test_a_revocation_racing_a_publish_with_the_revoked_key_through_two_nodes(nodes) -> None:  # type: ignore[no-untyped-def]
+    """Through node A the owner revokes bob's key while bob publishes through node B, in 20 namespaces
+    at once. In the log, a release by bob is only ever before his revocation; a refused one is a 403."""
+    (first, reg_a), (second, reg_b) = await nodes(), await nodes()
+    alice, bob = Ed25519Signer.generate("alice"), Ed25519Signer.generate("bob")
+    namespaces = [f"race{i}" for i in range(20)]
+    for ns in namespaces:
+        await first.act(alice, Action("key-grant", ns, key=alice.vkey, issued=1))
+        await first.act(alice, Action("key-grant", ns, key=bob.vkey, issued=2))
+
+    async def b_knows_bob() -> bool:  # else node B's own check refuses bob before the race
+        for ns in namespaces:
+            if bob.vkey not in ((await second.namespace(ns)) or {"keys": []})["keys"]:
+                return False
+        return True
+
+    await wait_until(b_knows_bob, "node B knows bob's grants")
+
+    async def publish(ns: str) -> bytes | int:
+        release = release_statement(PackageRef(ns, "m", "1.0.0"), EMPTY_MODULE, None, None)
+        envelope = sign_envelope(INTOTO_PAYLOAD_TYPE, release.statement(), bob).to_json()
+        try:
+            return await second.publish_signed(bob.vkey, envelope, EMPTY_MODULE)
+        except RegistryError as e:
+            return e.status
+
+    revocations = [first.act(alice, Action("key-revocation", ns, key=bob.vkey, issued=3)) for ns in namespaces]
+    answers = await asyncio.gather(*(x for pair in zip(revocations, map(publish, namespaces), strict=True) for x in pair))
+    size = max(parse_tlog_proof(a).index for a in answers if isinstance(a, bytes)) + 1
+    await wait_until(lambda: reg_a.log.integrated.checkpoint.size >= size, "node A at the last index")
+    entries = reg_a.log.store.read_entries(0, reg_a.log.integrated.checkpoint.size)
+    logged = {i: decode_entry(e) for i, e in enumerate(entries) if not is_index_root(e)}
+    for n, ns in enumerate(namespaces):
+        revoked, published = answers[2 * n], answers[2 * n + 1]
+        assert isinstance(revoked, bytes)  # the revocation always holds
+        revoked_at = parse_tlog_proof(revoked).index
+        releases = [i for i, r in logged.items() if r.namespace == ns and r.signer == bob.vkey]
+        if isinstance(published, bytes):
+            assert releases == [parse_tlog_proof(published).index] and releases[0] < revoked_at
+        else:
+            assert published == 403 and releases == [], (ns, published, releases)
+    assert reg_a.rejected == reg_b.rejected == []  # no void record was logged

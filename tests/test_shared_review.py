@@ -29,7 +29,7 @@ from registry.dsse import INTOTO_PAYLOAD_TYPE, sign_envelope
 from registry.record import Action, PackageRef, decode_entry, is_index_root
 from tlog.checkpoint import parse_checkpoint
 from tlog.dsn import redact
-from tlog.errors import StorageUnavailableError, TlogError
+from tlog.errors import NotFoundError, StorageUnavailableError, TlogError
 from tlog.log import Log
 from tlog.note import Ed25519Signer, parse_note
 from tlog.proof_file import parse_tlog_proof
@@ -333,3 +333,45 @@ async def test_a_revocation_racing_a_publish_with_the_revoked_key_through_two_no
         else:
             assert published == 403 and releases == [], (ns, published, releases)
     assert reg_a.rejected == reg_b.rejected == []  # no void record was logged
+
+
+@pytest.mark.parametrize("moved", [True, False])
+def test_an_interrupted_migration_resumed_against_a_target_that_moved(shared, tmp_path, s3_path, moved: bool) -> None:  # type: ignore[no-untyped-def]
+    """A copy into the shared engine dies after its second batch was sequenced in the target (not committed);
+    before it resumes, something else sequences a foreign entry there (a half copy is never served, so only
+    another copy or a hand on the database can). The resumed copy refuses the moved target; an unmoved one
+    is finished, to the source's checkpoint, in the bucket too."""
+    from reference import mth
+
+    from tlog.storage.lmdb_store import LMDBLogStore
+    from wasmlog.migrate import copy_log
+
+    entries = [b"migrated %d" % i for i in range(600)]
+    source = LMDBLogStore(str(tmp_path / "src"))
+    try:
+        Log(source, KEY).integrate(entries)
+
+        def die_on_the_second_batch(plan: Any) -> None:
+            if plan.old_size > 0:
+                raise RuntimeError("killed between the bucket and the database")
+
+        with pytest.raises(RuntimeError, match="killed"):
+            copy_log(source, shared(publish_integrated=False, before_commit=die_on_the_second_batch), batch=256)
+        target = shared(publish_integrated=False)
+        assert target.committed_size() == 256 and target.sequenced(256, 1000) == entries[256:512]
+        with pytest.raises(TlogError, match="does not match the stored tree"):
+            Log(target, KEY)  # a half copy is never served
+        if moved:
+            target.sequence([b"foreign"], [leaf(b"foreign")])
+            with pytest.raises(TlogError, match="sequenced other entries"):
+                copy_log(source, target, batch=256)
+            with pytest.raises(NotFoundError):  # nothing in the bucket claims a copy
+                ObjectStore(f"s3://{s3_path}/log").get("checkpoint")
+            return
+        report = copy_log(source, target, batch=256)
+        assert (report.size, report.copied) == (600, 344)
+        note = ObjectStore(f"s3://{s3_path}/log").get("checkpoint")
+        assert note == source.checkpoint()
+        assert parse_checkpoint(parse_note(note).text).root_hash == mth(tuple(entries))
+    finally:
+        source.close()

@@ -110,14 +110,18 @@ class SharedRegistry(Registry):
 
     def authorize_release(self, *, signer: str, envelope: bytes) -> tuple[Record, bool]:
         """Registry.authorize_release against every record this process knows sequenced (the
-        authoritative check is admit's); a record the rules refuse may be a replay of a logged one."""
+        authoritative check is admit's); a record the rules refuse may be a replay of a logged one.
+        While the log holds records this process has not taken up (a claim answered by another
+        node, say), a refusal is left to admit(), which sees them all."""
         record = check_signed_release(signer=signer, envelope=envelope)
         try:
             self._sequenced_state.check(record)
         except ValidationError:
-            if not self._logged(leaf_hash(record.entry)):
-                raise
-            return record, True
+            if self._logged(leaf_hash(record.entry)):
+                return record, True
+            if self.store.committed_size() > self._seen:
+                return record, False
+            raise
         return record, False
 
     def _logged(self, h: bytes) -> bool:

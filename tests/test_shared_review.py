@@ -375,3 +375,20 @@ def test_an_interrupted_migration_resumed_against_a_target_that_moved(shared, tm
         assert parse_checkpoint(parse_note(note).text).root_hash == mth(tuple(entries))
     finally:
         source.close()
+
+
+async def test_a_release_published_through_one_node_right_after_its_claim_through_another_is_accepted(nodes) -> None:  # type: ignore[no-untyped-def]
+    """A client behind a round-robin balancer: its claim went to node A (answered: logged), its first release
+    goes to node B at once. B must not refuse it on a view of the namespaces that is behind the log."""
+    (first, _), (second, _) = await nodes(), await nodes()
+    refused = []
+    for n in range(5):
+        owner = Ed25519Signer.generate(f"owner{n}")
+        await first.act(owner, Action("key-grant", f"rr{n}", key=owner.vkey, issued=1))
+        release = release_statement(PackageRef(f"rr{n}", "m", "1.0.0"), EMPTY_MODULE, None, None)
+        envelope = sign_envelope(INTOTO_PAYLOAD_TYPE, release.statement(), owner).to_json()
+        try:
+            await second.publish_signed(owner.vkey, envelope, EMPTY_MODULE)
+        except RegistryError as e:
+            refused.append((n, e.status, str(e)))
+    assert refused == []

@@ -278,6 +278,8 @@ class SharedLogStore:
         With an admission, a new entry it refuses gets its error instead of an index (nothing is stored
         for it), and its trailer (if any) is sequenced right after the admitted entries. leaf_hashes must be distinct. Raises StorageUnavailableError.
         """
+        if admission is not None:
+            admission.prepare()
         with self._txn() as cur:
             nxt = cur.execute("SELECT next FROM tlog_next FOR UPDATE").fetchone()[0]
             known = dict(cur.execute("SELECT hash, idx FROM tlog_dedup WHERE hash = ANY(%s)", (list(leaf_hashes),)).fetchall())

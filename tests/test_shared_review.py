@@ -420,3 +420,28 @@ def test_an_admission_is_prepared_before_each_sequencing_transaction(shared) -> 
     for n in range(2):
         store.sequence([b"p%d" % n], [leaf(b"p%d" % n)], admission)
     assert admission.calls == ["prepare", "admit", "committed"] * 2
+
+
+class Counting(ObjectStore):
+    """Counts the S3 requests made."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.requests: list[str] = []
+
+    def _call(self, what: str, method: str, expect: int, **kwargs: Any) -> Any:
+        self.requests.append(method)
+        return super()._call(what, method, expect, **kwargs)
+
+
+def test_an_integrator_replaces_its_own_checkpoint_with_one_request(shared, s3_path) -> None:  # type: ignore[no-untyped-def]
+    """The compare-and-swap reads the bucket only when someone else wrote the checkpoint since our last write."""
+    objects = Counting(f"s3://{s3_path}/log")
+    log = Log(shared(objects=objects), KEY)
+    entries = [b"c%d" % i for i in range(5)]
+    log.store.sequence(entries, [leaf(e) for e in entries])  # type: ignore[attr-defined]
+    for e in entries:
+        objects.requests.clear()
+        log.integrate([e], dedup=False)
+        assert objects.requests.count("get_object") == 0 and objects.requests.count("put_object") == 3  # tile, bundle, checkpoint
+    assert bucket_size(f"s3://{s3_path}/log") == 5

@@ -29,11 +29,11 @@ from registry.dsse import INTOTO_PAYLOAD_TYPE, sign_envelope
 from registry.record import Action, PackageRef, decode_entry, is_index_root
 from tlog.checkpoint import parse_checkpoint
 from tlog.dsn import redact
-from tlog.errors import NotFoundError, StorageUnavailableError, TlogError
+from tlog.errors import MalformedError, NotFoundError, StorageUnavailableError, TlogError
 from tlog.log import Log
 from tlog.note import Ed25519Signer, parse_note
 from tlog.proof_file import parse_tlog_proof
-from tlog.storage.objects import ObjectStore
+from tlog.storage.objects import ObjectStore, parse_objects_url
 from tlog.storage.shared import SharedLogStore
 from tlog.tiles import TileID
 
@@ -445,3 +445,10 @@ def test_an_integrator_replaces_its_own_checkpoint_with_one_request(shared, s3_p
         log.integrate([e], dedup=False)
         assert objects.requests.count("get_object") == 0 and objects.requests.count("put_object") == 3  # tile, bundle, checkpoint
     assert bucket_size(f"s3://{s3_path}/log") == 5
+
+
+@pytest.mark.parametrize("url", [f"s3://AKIAEXAMPLE:{SECRET}@bucket/p", f"s3://{SECRET}@bucket", f"https://key:{SECRET}@host/bucket"])
+def test_an_objects_url_with_credentials_in_it_is_refused_without_echoing_them(url: str) -> None:
+    with pytest.raises(MalformedError) as e:
+        parse_objects_url(url)
+    assert "SECRET" not in str(e.value) and "AWS_" in str(e.value)

@@ -45,7 +45,8 @@ def parse_objects_url(url: str) -> tuple[str, str]:
         scheme != "s3" or not _BUCKET.fullmatch(bucket) or len(prefix) > MAX_PREFIX
         or not all(_PREFIX_SEGMENT.fullmatch(p) and p not in (".", "..") for p in segments)
     ):
-        raise MalformedError(f"objects URL {url[:100]!r}: want s3://BUCKET[/PREFIX]")
+        shown = re.sub(r"^([^/]*//)[^/]*@", r"\1***@", url[:100])  # credentials, if someone wrote them in, are not echoed
+        raise MalformedError(f"objects URL {shown!r}: want s3://BUCKET[/PREFIX] (credentials come from AWS_* variables)")
     return bucket, prefix
 
 

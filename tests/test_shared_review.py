@@ -452,3 +452,31 @@ def test_an_objects_url_with_credentials_in_it_is_refused_without_echoing_them(u
     with pytest.raises(MalformedError) as e:
         parse_objects_url(url)
     assert "SECRET" not in str(e.value) and "AWS_" in str(e.value)
+
+
+async def test_an_add_while_the_bucket_is_unreachable_is_a_503_and_is_logged_after(shared, s3_path, aiohttp_client) -> None:  # type: ignore[no-untyped-def]
+    """The only node's bucket endpoint answers nothing (a closed port): its integration rounds fail. Its
+    submitter is answered 503 (not left hanging); the entry is sequenced, and once a node with the bucket
+    integrates, the same submission gets its proof at the index it was given."""
+    import boto3
+    from botocore.config import Config
+    from helpers import free_port
+
+    from tlog.server import make_app
+    from tlog.shared_sequencer import SharedSequencer
+
+    url = f"s3://{s3_path}/log"
+    Log(shared(), KEY)  # the log exists (its empty checkpoint is in the database and the bucket)
+    dead = boto3.Session().client("s3", endpoint_url=f"http://127.0.0.1:{free_port()}", region_name="us-east-1",
+                                  aws_access_key_id="x", aws_secret_access_key="y", config=Config(retries={"max_attempts": 1}))
+    node = SharedSequencer(Log(shared(objects=ObjectStore(url, dead)), KEY), interval=0.01)
+    node.answer_timeout = 0.5
+    client = await aiohttp_client(make_app(node))
+    r = await asyncio.wait_for(client.post("/add", data=b"while the bucket is away"), 60)
+    assert r.status == 503 and r.headers["Retry-After"] == "1", (r.status, await r.text())
+    assert "sequenced" in await r.text()
+    await client.close()
+    healthy = SharedSequencer(Log(shared(), KEY), interval=0.01)
+    async with healthy.running():
+        proof = await asyncio.wait_for(healthy.add(b"while the bucket is away"), 30)
+    assert parse_tlog_proof(proof).index == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import subprocess
 import sys
@@ -480,3 +481,15 @@ async def test_an_add_while_the_bucket_is_unreachable_is_a_503_and_is_logged_aft
     async with healthy.running():
         proof = await asyncio.wait_for(healthy.add(b"while the bucket is away"), 30)
     assert parse_tlog_proof(proof).index == 0
+
+
+def test_log_serve_on_a_bucket_that_does_not_exist_says_so_at_start_up(tmp_path, pg_dsn, seaweed) -> None:  # type: ignore[no-untyped-def]
+    from helpers import free_port
+
+    key = tmp_path / "log.key"
+    key.write_text(KEY.private_key + "\n")
+    done = subprocess.run([sys.executable, "-m", "wasmlog", "log", "serve", "--key", str(key), "--store", pg_dsn, "--objects",
+                           "s3://wasmlog-no-such-bucket/log", "--listen", f"127.0.0.1:{free_port()}"],
+                          env={**os.environ, **seaweed.env}, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "NoSuchBucket" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Protocol
 
 from ..checkpoint import Checkpoint, parse_checkpoint
@@ -121,6 +121,8 @@ class SharedLogStore:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))  # concurrent CREATE IF NOT EXISTS can collide
             for statement in SCHEMA:
                 cur.execute(statement)
+        with suppress(NotFoundError):  # a new log; a missing bucket or refused credentials fail here, at start-up
+            self.objects.get("checkpoint")
 
     @contextmanager
     def _txn(self) -> Iterator[Any]:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -314,9 +315,10 @@ async def test_a_revocation_racing_a_publish_with_the_revoked_key_through_two_no
         release = release_statement(PackageRef(ns, "m", "1.0.0"), EMPTY_MODULE, None, None)
         envelope = sign_envelope(INTOTO_PAYLOAD_TYPE, release.statement(), bob).to_json()
         try:
-            return await second.publish_signed(bob.vkey, envelope, EMPTY_MODULE)
+            proof: bytes = await second.publish_signed(bob.vkey, envelope, EMPTY_MODULE)
         except RegistryError as e:
-            return e.status
+            return int(e.status)
+        return proof
 
     revocations = [first.act(alice, Action("key-revocation", ns, key=bob.vkey, issued=3)) for ns in namespaces]
     answers = await asyncio.gather(*(x for pair in zip(revocations, map(publish, namespaces), strict=True) for x in pair))
@@ -455,24 +457,61 @@ def test_an_objects_url_with_credentials_in_it_is_refused_without_echoing_them(u
     assert "SECRET" not in str(e.value) and "AWS_" in str(e.value)
 
 
-async def test_an_add_while_the_bucket_is_unreachable_is_a_503_and_is_logged_after(shared, s3_path, aiohttp_client) -> None:  # type: ignore[no-untyped-def]
-    """The only node's bucket endpoint answers nothing (a closed port): its integration rounds fail. Its
-    submitter is answered 503 (not left hanging); the entry is sequenced, and once a node with the bucket
-    integrates, the same submission gets its proof at the index it was given."""
+class Relay:
+    """A TCP relay on loopback to a real server, which the test can cut (the server's network going away):
+    open connections are closed and new ones refused."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        for s in [self.listener, *self.sockets]:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+async def test_an_add_while_the_bucket_is_unreachable_is_a_503_and_is_logged_after(shared, s3_path, seaweed, aiohttp_client) -> None:  # type: ignore[no-untyped-def]
+    """The only node's way to the bucket is cut once it runs: its integration rounds fail. Its submitter is
+    answered 503 (not left hanging); the entry is sequenced, and once a node with the bucket integrates,
+    the same submission gets its proof at the index it was given."""
     import boto3
     from botocore.config import Config
-    from helpers import free_port
 
     from tlog.server import make_app
     from tlog.shared_sequencer import SharedSequencer
 
-    url = f"s3://{s3_path}/log"
-    Log(shared(), KEY)  # the log exists (its empty checkpoint is in the database and the bucket)
-    dead = boto3.Session().client("s3", endpoint_url=f"http://127.0.0.1:{free_port()}", region_name="us-east-1",
-                                  aws_access_key_id="x", aws_secret_access_key="y", config=Config(retries={"max_attempts": 1}))
-    node = SharedSequencer(Log(shared(objects=ObjectStore(url, dead)), KEY), interval=0.01)
+    relay = Relay(seaweed.s3_port)
+    env = seaweed.env
+    through_relay = boto3.Session().client("s3", endpoint_url=relay.url, region_name=env["AWS_REGION"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                                           aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], config=Config(retries={"max_attempts": 1}))
+    node = SharedSequencer(Log(shared(objects=ObjectStore(f"s3://{s3_path}/log", through_relay)), KEY), interval=0.01)
     node.answer_timeout = 0.5
     client = await aiohttp_client(make_app(node))
+    relay.cut()
     r = await asyncio.wait_for(client.post("/add", data=b"while the bucket is away"), 60)
     assert r.status == 503 and r.headers["Retry-After"] == "1", (r.status, await r.text())
     assert "sequenced" in await r.text()
@@ -493,3 +532,20 @@ def test_log_serve_on_a_bucket_that_does_not_exist_says_so_at_start_up(tmp_path,
                           env={**os.environ, **seaweed.env}, capture_output=True, text=True, timeout=30)
     assert done.returncode == 1 and "NoSuchBucket" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_bucket_that_accepts_connections_and_never_answers_is_unavailable_storage(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A black hole (a real listener on loopback that reads nothing and answers nothing): a read fails as
+    StorageUnavailableError after the store's timeout, rather than hanging on botocore's default of 60 s a try."""
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+        monkeypatch.setenv("AWS_REGION", "us-east-1")
+        with pytest.raises(StorageUnavailableError, match=r"timeout|timed out"):
+            ObjectStore("s3://bucket/log", timeout=0.5).get("checkpoint")
+    finally:
+        silent.close()

@@ -26,6 +26,7 @@ from ..tiles import CHECKPOINT_CACHE, IMMUTABLE, TileID
 
 SHORT_LIVED = "public, max-age=60"  # partial tiles and bundles: superseded as the tree grows
 PUT_THREADS = 8
+TIMEOUT = 10.0  # seconds (botocore's default, 60, with 3 attempts, left a bucket that went silent hanging every request for minutes)
 SWAP_ATTEMPTS = 16  # put_unless: conditional writes before giving up on a path others keep writing
 CACHE_BYTES = 64 << 20  # immutable objects kept in memory, least recently used first out (a full tile is 8 KiB)
 
@@ -59,8 +60,9 @@ def objects_url_under(url: str, part: str) -> str:
 class ObjectStore:
     """A bucket and prefix holding one log's tlog-tiles objects."""
 
-    def __init__(self, url: str, client: Any = None, *, connections: int = PUT_THREADS * 2) -> None:
-        """connections: the S3 client's pool (at least as many as threads that call this store at once)."""
+    def __init__(self, url: str, client: Any = None, *, connections: int = PUT_THREADS * 2, timeout: float = TIMEOUT) -> None:
+        """connections: the S3 client's pool (at least as many as threads that call this store at once);
+        timeout: seconds to connect, and between bytes read, before a request is failed (or retried)."""
         self.bucket, self.prefix = parse_objects_url(url)
         if client is None:
             try:
@@ -68,7 +70,8 @@ class ObjectStore:
                 from botocore.config import Config
             except ImportError as e:
                 raise MissingDependencyError("S3 object storage", "shared", e) from e
-            config = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=connections)
+            config = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=connections,
+                            connect_timeout=timeout, read_timeout=timeout)
             client = boto3.client("s3", config=config)
         self._s3 = client
         self._pool = ThreadPoolExecutor(PUT_THREADS, thread_name_prefix="s3-put")

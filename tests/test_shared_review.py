@@ -549,3 +549,45 @@ def test_a_bucket_that_accepts_connections_and_never_answers_is_unavailable_stor
             ObjectStore("s3://bucket/log", timeout=0.5).get("checkpoint")
     finally:
         silent.close()
+
+
+async def test_a_yank_racing_the_publish_it_names_through_two_nodes(nodes) -> None:  # type: ignore[no-untyped-def]
+    """In 20 namespaces at once, the owner publishes a release through node B and yanks it through node A.
+    A yank is logged only after its release (else it is refused 404 UnknownRelease); the release always is."""
+    (first, reg_a), (second, reg_b) = await nodes(), await nodes()
+    owner = Ed25519Signer.generate("owner")
+    namespaces = [f"yank{i}" for i in range(20)]
+    for ns in namespaces:
+        await first.act(owner, Action("key-grant", ns, key=owner.vkey, issued=1))
+
+    async def b_knows() -> bool:
+        for ns in namespaces:
+            if await second.namespace(ns) is None:
+                return False
+        return True
+
+    await wait_until(b_knows, "node B knows the namespaces")
+
+    async def publish(ns: str) -> bytes:
+        release = release_statement(PackageRef(ns, "m", "1.0.0"), EMPTY_MODULE, None, None)
+        proof: bytes = await second.publish_signed(owner.vkey, sign_envelope(INTOTO_PAYLOAD_TYPE, release.statement(), owner).to_json(), EMPTY_MODULE)
+        return proof
+
+    async def yank(ns: str) -> bytes | int:
+        try:
+            proof: bytes = await first.act(owner, Action("yank", ns, name="m", version="1.0.0", issued=2, reason="race"))
+        except RegistryError as e:
+            return int(e.status)
+        return proof
+
+    answers = await asyncio.gather(*(x for ns in namespaces for x in (publish(ns), yank(ns))))
+    for n in range(len(namespaces)):
+        published, yanked = answers[2 * n], answers[2 * n + 1]
+        assert isinstance(published, bytes)
+        if isinstance(yanked, bytes):
+            assert parse_tlog_proof(yanked).index > parse_tlog_proof(published).index
+        else:
+            assert yanked == 404
+    size = max(parse_tlog_proof(a).index for a in answers if isinstance(a, bytes)) + 1
+    await wait_until(lambda: min(reg_a.log.integrated.checkpoint.size, reg_b.log.integrated.checkpoint.size) >= size, "both nodes caught up")
+    assert reg_a.rejected == reg_b.rejected == []  # nothing void was logged

@@ -591,3 +591,34 @@ async def test_a_yank_racing_the_publish_it_names_through_two_nodes(nodes) -> No
     size = max(parse_tlog_proof(a).index for a in answers if isinstance(a, bytes)) + 1
     await wait_until(lambda: min(reg_a.log.integrated.checkpoint.size, reg_b.log.integrated.checkpoint.size) >= size, "both nodes caught up")
     assert reg_a.rejected == reg_b.rejected == []  # nothing void was logged
+
+
+async def test_the_bucket_is_a_consistent_tlog_tiles_log_at_every_moment_of_a_two_node_load(shared, seaweed, s3_path) -> None:  # type: ignore[no-untyped-def]
+    """An auditor reads the bucket over plain HTTP again and again while two nodes append (each read of the
+    checkpoint object must find every tile and bundle it covers, and be consistent with the last one read)."""
+    import aiohttp
+
+    from registry.audit import make_auditor
+    from registry.audit_state import AuditState
+    from tlog.note import Ed25519Verifier
+    from tlog.shared_sequencer import SharedSequencer
+
+    nodes = [SharedSequencer(Log(shared(), KEY), interval=0.005, batch_max=50) for _ in range(2)]
+    entries = [b"moment %d" % i for i in range(900)]
+    state, sizes, findings = AuditState(), [], []
+    async with contextlib.AsyncExitStack() as stack:
+        for node in nodes:
+            await stack.enter_async_context(node.running())
+        adding = asyncio.gather(*(nodes[i % 2].add(e) for i, e in enumerate(entries)))
+        async with aiohttp.ClientSession() as session:
+            while True:
+                finished = adding.done()
+                auditor = make_auditor(log_url=f"{seaweed.endpoint}/{s3_path}/log", session=session,
+                                       verifiers=[Ed25519Verifier(KEY.name, KEY.public_key)], state=state)
+                sizes.append(await auditor.run())
+                findings += auditor.report("bucket")["findings"]
+                if finished:
+                    break
+        await adding
+    assert findings == [] and sizes[-1] == len(entries)
+    assert sizes == sorted(sizes) and len(set(sizes)) > 2, sizes  # audited at several sizes on the way, never backwards

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -622,3 +623,45 @@ async def test_the_bucket_is_a_consistent_tlog_tiles_log_at_every_moment_of_a_tw
         await adding
     assert findings == [] and sizes[-1] == len(entries)
     assert sizes == sorted(sizes) and len(set(sizes)) > 2, sizes  # audited at several sizes on the way, never backwards
+
+
+async def test_a_frozen_integrator_loses_the_lead_and_the_log_carries_on(tmp_path, pg_dsn, seaweed, s3_path) -> None:  # type: ignore[no-untyped-def]
+    """SIGSTOP the integrating `log serve` process: its kernel still answers TCP keepalives, so only the
+    database ending its idle lock session frees the lead. The other process must take over and log new
+    entries; once the frozen one resumes (mid-round, deposed), it follows, and the bucket audits clean."""
+    import aiohttp
+    from test_shared_crash import Node
+    from test_shared_log import audit_bucket
+
+    key = tmp_path / "log.key"
+    key.write_text(KEY.private_key + "\n")
+    nodes = [Node(str(key), pg_dsn, f"s3://{s3_path}/log", seaweed.env, str(tmp_path / f"node{i}.log")) for i in range(2)]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+
+        def accepted(node: Node, entry: bytes) -> Any:
+            async def post() -> bool:
+                async with session.post(node.url + "/add", data=entry) as r:
+                    return r.status == 200
+            return post
+
+        try:
+            for node in nodes:
+                node.start()
+            for node in nodes:
+                await wait_until(lambda node=node: node.ready(session), f"node on {node.port} to serve", 60)  # type: ignore[misc]
+            await wait_until(accepted(nodes[0], b"before"), "an entry before the freeze", 30)
+            healths = [await node.health(session) for node in nodes]
+            frozen, other = (nodes[0], nodes[1]) if "integrating" in (healths[0] or "") else (nodes[1], nodes[0])
+            assert frozen.proc is not None
+            frozen.proc.send_signal(signal.SIGSTOP)
+            try:
+                await wait_until(accepted(other, b"while the integrator is frozen"), "the other process to take over", 90)
+                assert "integrating" in (await other.health(session) or "")
+            finally:
+                frozen.proc.send_signal(signal.SIGCONT)
+            await wait_until(accepted(frozen, b"through the thawed one"), "the thawed process to serve as a follower", 60)
+            assert "following" in (await frozen.health(session) or "")
+        finally:
+            for node in nodes:
+                node.kill()
+    assert await audit_bucket(seaweed, s3_path) == (3, [])

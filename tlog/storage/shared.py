@@ -44,6 +44,7 @@ else:
 LEADER_LOCK = 0x776C6F67  # pg_try_advisory_lock key of the integrator ("wlog")
 SCHEMA_LOCK = 0x776C6F68
 LEAD_KEEPALIVES = [("tcp_keepalives_idle", 5), ("tcp_keepalives_interval", 2), ("tcp_keepalives_count", 3), ("tcp_user_timeout", 11000)]
+LEAD_IDLE_MS = 10000  # idle_session_timeout of the lock session: a frozen integrator (its kernel still answers keepalives) is deposed
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS tlog_next (id smallint PRIMARY KEY CHECK (id = 1), next bigint NOT NULL)",
     "INSERT INTO tlog_next VALUES (1, 0) ON CONFLICT DO NOTHING",
@@ -345,6 +346,9 @@ class SharedLogStore:
                     # go unanswered (~11 s), and PostgreSQL then frees the lock for another process.
                     for setting, value in LEAD_KEEPALIVES:
                         self._lead_conn.execute(f"SET {setting} = {value}")
+                    # A frozen process's (SIGSTOP, a hung thread) when it has not looked for LEAD_IDLE_MS (PostgreSQL 14 on).
+                    if self._lead_conn.info.server_version >= 140000:
+                        self._lead_conn.execute(f"SET idle_session_timeout = {LEAD_IDLE_MS}")
                 if self._leading:
                     self._lead_conn.execute("SELECT 1")  # the lock lives as long as this session
                 else:

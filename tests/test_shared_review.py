@@ -31,7 +31,7 @@ from registry.client import RegistryError, release_statement
 from registry.dsse import INTOTO_PAYLOAD_TYPE, sign_envelope
 from registry.record import Action, PackageRef, decode_entry, is_index_root
 from tlog.checkpoint import parse_checkpoint
-from tlog.dsn import redact
+from tlog.dsn import MASK, redact
 from tlog.errors import MalformedError, NotFoundError, StorageUnavailableError, TlogError
 from tlog.log import Log
 from tlog.note import Ed25519Signer, parse_note
@@ -164,10 +164,10 @@ def test_redact_takes_every_password_out_of_a_message_quoting_the_dsn(data: st.D
         secret = data.draw(password("'\\"))
         dsn = f"host=h password='{secret}' dbname=d"
     for message in (f"{before}{secret}{after}", f'{before}"{dsn}"{after}'):
-        assert secret not in redact(message, dsn)
+        assert secret not in redact(message, dsn).replace(MASK, "\x00")  # (a password of '*' is not in the mask's stead)
     for piece in secret.split("@")[1:]:  # libpq reports the rest of an unescaped '@' password as the host name
         if len(piece) >= 3:
-            assert piece not in redact(f"failed to resolve host '{piece}@host'", dsn)
+            assert piece not in redact(f"failed to resolve host '{piece}@host'", dsn).replace(MASK, "\x00")
 
 
 @pytest.mark.parametrize("dsn", BAD_DSNS)

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PushbackError, TlogError
+from .errors import PushbackError, StorageUnavailableError, TlogError
 from .hashes import leaf_hash
 from .log import Log
 from .runloop import cancel_all, wait_at_most
@@ -34,6 +34,7 @@ log = logging.getLogger("wasmlog.shared_sequencer")
 DEFAULT_POLL_INTERVAL = 0.02  # seconds between looks at the committed size (and leadership) when idle
 NOTIFIED_POLL_INTERVAL = 0.25  # the same while PostgreSQL's notifications arrive (they wake it sooner)
 ROUNDS_PER_WAKE = 8  # integration rounds of batch_max entries before answering and looking again
+DEFAULT_ANSWER_TIMEOUT = 30.0  # seconds a sequenced entry's submitter waits for integration before a 503
 
 
 @dataclass
@@ -44,6 +45,7 @@ class _Waiting:
     indexes: list[int]
     entries: list[bytes]
     futures: list[asyncio.Future[bytes]]
+    since: float  # time.monotonic() when sequenced
 
 
 class SharedSequencer(Sequencer):
@@ -75,6 +77,7 @@ class SharedSequencer(Sequencer):
         self.admission: Admission | None = None
         self.boundary: Callable[[bytes], bool] | None = None
         self.before_answer: Callable[[int], Awaitable[None]] | None = None  # awaited with a batch's tree size before its listeners
+        self.answer_timeout = DEFAULT_ANSWER_TIMEOUT
 
     @property
     def pending(self) -> int:
@@ -113,7 +116,7 @@ class SharedSequencer(Sequencer):
             return
         admitted = [(e, f) for e, f, r in zip(entries, futures, results, strict=True) if not isinstance(r, TlogError)]
         entries, futures = [e for e, _ in admitted], [f for _, f in admitted]
-        self._waiting.append(_Waiting(max(indexes) + 1, indexes, entries, futures))
+        self._waiting.append(_Waiting(max(indexes) + 1, indexes, entries, futures, time.monotonic()))
         self._waiting_entries += len(entries)
         self._wake.set()
 
@@ -204,9 +207,24 @@ class SharedSequencer(Sequencer):
                     self.observer.batch_failed()
             except Exception:
                 log.exception("integration round failed")
+            self._expire()
             poll = max(self.poll_interval, NOTIFIED_POLL_INTERVAL) if self.store.listening else self.poll_interval
             await wait_at_most(self._wake, poll)
             self._wake.clear()
+
+    def _expire(self) -> None:
+        """Answer 503 to submitters still waiting answer_timeout after their entries were sequenced
+        (integration is stalled: the database or bucket is away). Their entries keep their indexes."""
+        deadline = time.monotonic() - self.answer_timeout
+        late = [w for w in self._waiting if w.since < deadline]
+        if not late:
+            return
+        self._waiting = [w for w in self._waiting if w.since >= deadline]
+        for w in late:
+            self._waiting_entries -= len(w.entries)
+            _fail(w.futures, StorageUnavailableError(
+                f"entries sequenced at indexes {min(w.indexes)}..{max(w.indexes)} are not integrated after {self.answer_timeout:g} s; "
+                "they keep their indexes: submit them again for their proofs"))
 
     def _notified(self, loop: asyncio.AbstractEventLoop, channel: str) -> None:
         """In the store's listener thread: wake the integration loop, unless it is of no use to this process."""

@@ -7,6 +7,7 @@
 Full tiles and bundles are immutable: written with If-None-Match: * (a 412 means it is there;
 its bytes are then compared, and a difference is a fork, refused). Partial ones are short-lived and
 overwritten (their content is fixed by their path once entries are sequenced, so rewriting is safe).
+The checkpoint is replaced by compare-and-swap (put_unless, If-Match), so that it never goes back.
 The client is boto3, configured the standard way (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_REGION, or any other source boto3 reads). Blocking: call from worker threads.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,6 +26,8 @@ from ..tiles import CHECKPOINT_CACHE, IMMUTABLE, TileID
 
 SHORT_LIVED = "public, max-age=60"  # partial tiles and bundles: superseded as the tree grows
 PUT_THREADS = 8
+TIMEOUT = 10.0  # seconds (botocore's default, 60, with 3 attempts, left a bucket that went silent hanging every request for minutes)
+SWAP_ATTEMPTS = 16  # put_unless: conditional writes before giving up on a path others keep writing
 CACHE_BYTES = 64 << 20  # immutable objects kept in memory, least recently used first out (a full tile is 8 KiB)
 
 
@@ -43,7 +46,8 @@ def parse_objects_url(url: str) -> tuple[str, str]:
         scheme != "s3" or not _BUCKET.fullmatch(bucket) or len(prefix) > MAX_PREFIX
         or not all(_PREFIX_SEGMENT.fullmatch(p) and p not in (".", "..") for p in segments)
     ):
-        raise MalformedError(f"objects URL {url[:100]!r}: want s3://BUCKET[/PREFIX]")
+        shown = re.sub(r"^([^/]*//)[^/]*@", r"\1***@", url[:100])  # credentials, if someone wrote them in, are not echoed
+        raise MalformedError(f"objects URL {shown!r}: want s3://BUCKET[/PREFIX] (credentials come from AWS_* variables)")
     return bucket, prefix
 
 
@@ -77,8 +81,9 @@ class ObjectStream:
 class ObjectStore:
     """A bucket and prefix holding one log's tlog-tiles objects."""
 
-    def __init__(self, url: str, client: Any = None, *, connections: int = PUT_THREADS * 2) -> None:
-        """connections: the S3 client's pool (at least as many as threads that call this store at once)."""
+    def __init__(self, url: str, client: Any = None, *, connections: int = PUT_THREADS * 2, timeout: float = TIMEOUT) -> None:
+        """connections: the S3 client's pool (at least as many as threads that call this store at once);
+        timeout: seconds to connect, and between bytes read, before a request is failed (or retried)."""
         self.bucket, self.prefix = parse_objects_url(url)
         if client is None:
             try:
@@ -89,13 +94,15 @@ class ObjectStore:
             # No client-side parameter validation or optional checksums: the requests are ours, and each
             # costs the integrator CPU per request (measured ~15% of a PUT's).
             config = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=connections, parameter_validation=False,
-                            request_checksum_calculation="when_required", response_checksum_validation="when_required")
+                            request_checksum_calculation="when_required", response_checksum_validation="when_required",
+                            connect_timeout=timeout, read_timeout=timeout)
             client = boto3.client("s3", config=config)
         self._s3 = client
         self._pool = ThreadPoolExecutor(PUT_THREADS, thread_name_prefix="s3-put")
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cached_bytes = 0
         self._cache_lock = threading.Lock()
+        self._swapped: dict[str, tuple[str, bytes]] = {}  # put_unless: path -> (ETag, bytes) of our last write
 
     def key(self, path: str) -> str:
         return f"{self.prefix}/{path}" if self.prefix else path
@@ -107,7 +114,8 @@ class ObjectStore:
         try:
             return getattr(self._s3, method)(Bucket=self.bucket, **kwargs)
         except ClientError as e:
-            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == expect:
+            status, code = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode"), e.response.get("Error", {}).get("Code")
+            if status == expect and code != "NoSuchBucket":  # a missing bucket is missing storage, not a missing object
                 return None
             raise StorageUnavailableError(f"{what}: {e}") from None
         except BotoCoreError as e:
@@ -146,19 +154,41 @@ class ObjectStore:
             while self._cached_bytes > CACHE_BYTES:
                 self._cached_bytes -= len(self._cache.popitem(last=False)[1])
 
+    def _put(self, path: str, body: bytes, *, immutable: bool, **condition: str) -> Any:
+        """PutObject with the object's cache headers; None if a condition failed (412)."""
+        cache = IMMUTABLE if immutable else (CHECKPOINT_CACHE if path == "checkpoint" else SHORT_LIVED)
+        content_type = "text/plain; charset=utf-8" if path == "checkpoint" else "application/octet-stream"
+        return self._call(
+            f"writing {path}", "put_object", 412, Key=self.key(path), Body=body, CacheControl=cache, ContentType=content_type, **condition
+        )
+
     def put(self, path: str, body: bytes, *, immutable: bool, remember: bool = True) -> None:
         """Write one object (see the module docstring); an immutable one is kept in memory unless remember is False.
         Raises StorageUnavailableError, or TlogError for a fork."""
-        cache = IMMUTABLE if immutable else (CHECKPOINT_CACHE if path == "checkpoint" else SHORT_LIVED)
-        extra = {"IfNoneMatch": "*"} if immutable else {}
-        content_type = "text/plain; charset=utf-8" if path == "checkpoint" else "application/octet-stream"
-        written = self._call(
-            f"writing {path}", "put_object", 412, Key=self.key(path), Body=body, CacheControl=cache, ContentType=content_type, **extra
-        )
+        written = self._put(path, body, immutable=immutable, **({"IfNoneMatch": "*"} if immutable else {}))
         if written is None and self.get(path) != body:  # 412: it is there already
             raise TlogError(f"{path} is already in the bucket with other bytes: refusing to fork")
         if immutable and remember:
             self.remember(path, body)
+
+    def put_unless(self, path: str, body: bytes, keep: Callable[[bytes], bool]) -> bool:
+        """Overwrite a short-lived object with body unless keep(the bytes there now) says to keep them, as a
+        compare-and-swap (If-Match on the ETag read, If-None-Match: * if there is none): a write by another
+        process in between is read and judged again. True if body was written. Raises StorageUnavailableError."""
+        last = self._swapped.get(path)  # (ETag, bytes) of our last write: still there unless someone wrote since
+        for _ in range(SWAP_ATTEMPTS):
+            if last is None:
+                answer = self._call(f"reading {path}", "get_object", 404, Key=self.key(path))
+                last = None if answer is None else (answer["ETag"], answer["Body"].read())
+            if last is not None and keep(last[1]):
+                return False
+            condition = {"IfNoneMatch": "*"} if last is None else {"IfMatch": last[0]}
+            written = self._put(path, body, immutable=False, **condition)
+            if written is not None:
+                self._swapped[path] = (written["ETag"], body)
+                return True
+            last = None  # someone else wrote it: read what is there now
+        raise StorageUnavailableError(f"writing {path}: it changed under each of {SWAP_ATTEMPTS} conditional writes")
 
     def put_tiles(self, objects: Iterable[tuple[TileID, bytes]]) -> None:
         """Write tiles and bundles concurrently; return once every one is written (or raise the first failure).

@@ -28,8 +28,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from ..checkpoint import parse_checkpoint
-from ..errors import MissingDependencyError, NotFoundError, StorageUnavailableError, TlogError
+from ..checkpoint import Checkpoint, parse_checkpoint
+from ..dsn import redact
+from ..errors import MalformedError, MissingDependencyError, NotFoundError, StorageUnavailableError, TlogError
 from ..hashes import HASH_SIZE, leaf_hash
 from ..integrate import BatchPlan, TreeState, plan_batch, state_from_tiles
 from ..note import parse_note
@@ -40,6 +41,7 @@ from .objects import ObjectStore
 
 try:
     import psycopg
+    import psycopg.conninfo
 except ImportError as e:  # the shared extra
     _missing: ImportError | None = e
 else:
@@ -51,6 +53,7 @@ ENTRIES_KEPT = 64 * TILE_WIDTH  # integrated entries kept in tlog_entries below 
 CHANNEL_TREE = "wasmlog_tree"  # notified (payload: the new size) when a commit moves tlog_tree
 CHANNEL_SEQUENCED = "wasmlog_sequenced"  # notified when entries are sequenced
 LEAD_KEEPALIVES = [("tcp_keepalives_idle", 5), ("tcp_keepalives_interval", 2), ("tcp_keepalives_count", 3), ("tcp_user_timeout", 11000)]
+LEAD_IDLE_MS = 10000  # idle_session_timeout of the lock session: a frozen integrator (its kernel still answers keepalives) is deposed
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS tlog_next (id smallint PRIMARY KEY CHECK (id = 1), next bigint NOT NULL)",
     "INSERT INTO tlog_next VALUES (1, 0) ON CONFLICT DO NOTHING",
@@ -59,6 +62,14 @@ SCHEMA = [
     "CREATE TABLE IF NOT EXISTS tlog_tree (id smallint PRIMARY KEY CHECK (id = 1), size bigint NOT NULL, checkpoint bytea, published bytea)",
     "INSERT INTO tlog_tree VALUES (1, 0, NULL, NULL) ON CONFLICT DO NOTHING",
 ]
+
+
+def _checkpoint(note: bytes) -> Checkpoint | None:
+    """The checkpoint a note signs, or None if it is not one."""
+    try:
+        return parse_checkpoint(parse_note(note).text)
+    except TlogError:
+        return None
 
 
 class SharedLogStore:
@@ -73,6 +84,10 @@ class SharedLogStore:
         """entries_kept: integrated entries this store's commits leave in tlog_entries below the last full bundle."""
         if _missing is not None:
             raise MissingDependencyError("PostgreSQL storage", "shared", _missing)
+        try:
+            psycopg.conninfo.conninfo_to_dict(dsn)
+        except psycopg.Error as e:
+            raise MalformedError(redact(" ".join(f"the log's database: not a PostgreSQL DSN: {e}".split()), dsn)) from None
         self.dsn = dsn
         self.objects = objects if objects is not None else ObjectStore(objects_url)
         self.publish_integrated = publish_integrated
@@ -92,6 +107,8 @@ class SharedLogStore:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))  # concurrent CREATE IF NOT EXISTS can collide
             for statement in SCHEMA:
                 cur.execute(statement)
+        with contextlib.suppress(NotFoundError):  # a new log; a missing bucket or refused credentials fail here, at start-up
+            self.objects.get("checkpoint")
 
     @contextlib.contextmanager
     def _txn(self, atomic: bool = True) -> Iterator[Any]:
@@ -108,7 +125,7 @@ class SharedLogStore:
         except psycopg.Error as e:
             if conn is not None and conn.broken:
                 conn.close()
-            raise StorageUnavailableError(f"the log's database: {e}".strip()) from None
+            raise StorageUnavailableError(redact(" ".join(f"the log's database: {e}".split()), self.dsn)) from None
 
     def _tile_at(self, size: int, level: int, index: int) -> bytes:
         tile = tile_for_size(size, level, index)
@@ -175,12 +192,24 @@ class SharedLogStore:
             self.put_checkpoint(checkpoint)
 
     def put_checkpoint(self, note: bytes) -> None:
-        """Write the checkpoint object (after every tile it covers is in the bucket)."""
-        self.objects.put("checkpoint", note, immutable=False)
+        """Write the checkpoint object (after every tile it covers is in the bucket), unless the bucket has
+        this log's checkpoint of a larger tree already (a stale integrator's write never moves it back)."""
+        ours = _checkpoint(note)
+
+        def keep(current: bytes) -> bool:
+            there = _checkpoint(current)
+            return current == note or (ours is not None and there is not None and there.origin == ours.origin and there.size > ours.size)
+
+        self.objects.put_unless("checkpoint", note, keep)
         self.bucket_checkpoint = note
 
     def publish(self, note: bytes) -> None:
+        """LogStore.publish; TlogError if another process published a larger tree already."""
         with self._txn() as cur:
+            current = cur.execute("SELECT published FROM tlog_tree FOR UPDATE").fetchone()[0]
+            there, ours = _checkpoint(current or b""), _checkpoint(note)
+            if there is not None and (ours is None or there.size > ours.size):
+                raise TlogError(f"refusing to publish a smaller tree than the published one of size {there.size}")
             cur.execute("UPDATE tlog_tree SET published = %s", (note,))
             cur.execute("SELECT pg_notify(%s, '')", (CHANNEL_TREE,))
         self.put_checkpoint(note)
@@ -318,6 +347,9 @@ class SharedLogStore:
                     # go unanswered (~11 s), and PostgreSQL then frees the lock for another process.
                     for setting, value in LEAD_KEEPALIVES:
                         self._lead_conn.execute(f"SET {setting} = {value}")
+                    # A frozen process's (SIGSTOP, a hung thread) when it has not looked for LEAD_IDLE_MS (PostgreSQL 14 on).
+                    if self._lead_conn.info.server_version >= 140000:
+                        self._lead_conn.execute(f"SET idle_session_timeout = {LEAD_IDLE_MS}")
                 if self._leading:
                     self._lead_conn.execute("SELECT 1")  # the lock lives as long as this session
                 else:

@@ -82,6 +82,7 @@ def test_a_follower_takes_up_trees_from_the_database_without_reading_the_bucket(
     leader = Log(shared(), KEY)
     objects = CountingObjects(f"s3://{s3_path}/log")
     follower = Log(shared(objects=objects), KEY)
+    objects.reads.clear()  # the start-up read of the checkpoint object (the bucket is there and answers)
     entries: list[bytes] = []
     for n in (1, 254, 2, 300, 70, 600):  # across tile and bundle boundaries, and a level-1 tile
         batch = [b"follow %d" % (len(entries) + i) for i in range(n)]
@@ -103,6 +104,7 @@ def test_a_follower_reads_the_bucket_when_the_database_no_longer_has_the_entries
     entries = [b"gone %d" % i for i in range(600)]
     integrate(leader, entries[:10])
     follower.refresh()
+    objects.reads.clear()  # the start-up read of the checkpoint object, and the first tree's tiles
     integrate(leader, entries[10:])  # [10, 512) leave the database
     assert objects.reads == [] and follower.refresh()
     assert objects.reads  # the partial tiles of size 600, from the bucket

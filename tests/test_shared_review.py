@@ -233,32 +233,6 @@ def test_an_interrupted_migration_resumed_against_a_target_that_moved(shared, tm
     finally:
         source.close()
 
-class Recording:
-    """An Admission that admits everything and records the order of its calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def prepare(self) -> None:
-        self.calls.append("prepare")
-
-    def admit(self, next_index: int, sequenced_since: Any, entries: Any) -> list[TlogError | None]:
-        self.calls.append("admit")
-        return [None] * len(entries)
-
-    def trailer(self, index: int) -> bytes | None:
-        return None
-
-    def committed(self, next_index: int) -> None:
-        self.calls.append("committed")
-
-def test_an_admission_is_prepared_before_each_sequencing_transaction(shared) -> None:  # type: ignore[no-untyped-def]
-    """Admission.prepare's contract (the registry verifies others' records there, outside the lock)."""
-    store, admission = shared(), Recording()
-    for n in range(2):
-        store.sequence([b"p%d" % n], [leaf(b"p%d" % n)], admission)
-    assert admission.calls == ["prepare", "admit", "committed"] * 2
-
 class Counting(ObjectStore):
     """Counts the S3 requests made."""
 

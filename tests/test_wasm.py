@@ -190,6 +190,7 @@ def code_headers(data: bytes, start: int, end: int) -> list[tuple[int, int]] | N
 
 _READ_WHOLE = {1, 2, 3, 7}  # type, import, function, export: decoded and validated completely
 _CLAIMED_MESSAGES = ("inconsistent lengths", "code section is absent", "code section has non-zero count")
+_INSTRUCTIONS_ERROR = "control frames remain at end of function body"  # reported at the body's end
 
 
 def claimed(data: bytes, offset: int | None, message: str) -> bool:
@@ -211,6 +212,8 @@ def claimed(data: bytes, offset: int | None, message: str) -> bool:
             return name is None or offset <= name[1] + name[0]
         if section_id == 10:
             ranges = code_headers(data, start, end)
+            if ranges is not None and _INSTRUCTIONS_ERROR in message:
+                return False  # the instructions before offset (a body's end, maybe the next body's start): not read
             return ranges is None or any(lo <= offset < hi for lo, hi in ranges)
         return False  # a section the reader only frames (framing is checked above)
     return False

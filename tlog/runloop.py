@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
@@ -38,10 +37,15 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 async def cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Cancel every task, then wait for each to end (their cancellation is expected, not raised)."""
+    """Cancel every task, then wait for each to end (their cancellation is expected, not raised; the
+    caller's own, as from a timeout around it, is)."""
     tasks = list(tasks)
     for task in tasks:
         task.cancel()
+    current = asyncio.current_task()
     for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await task
+        except asyncio.CancelledError:
+            if current is not None and current.cancelling():
+                raise

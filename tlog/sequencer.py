@@ -115,8 +115,9 @@ class Sequencer:
     async def _run(self) -> None:
         while True:
             await self._nonempty.wait()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._full.wait(), timeout=self.interval)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: 3.11's wait_for can swallow a cancellation
+                async with asyncio.timeout(self.interval):
+                    await self._full.wait()
             await self.flush()
 
     def _take_batch(self) -> tuple[list[bytes], list[tuple[bytes, asyncio.Future[bytes]]]]:

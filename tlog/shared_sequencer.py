@@ -199,8 +199,9 @@ class SharedSequencer(Sequencer):
             except Exception:
                 log.exception("integration round failed")
             self._expire()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: 3.11's wait_for can swallow a cancellation
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
             self._wake.clear()
 
     def _expire(self) -> None:

@@ -326,3 +326,61 @@ async def test_a_frozen_integrator_loses_the_lead_and_the_log_carries_on(tmp_pat
             for node in nodes:
                 node.kill()
     assert await audit_bucket(seaweed, s3_path) == (3, [])
+
+
+async def test_stopping_a_node_as_its_integrator_wakes_does_not_hang(shared) -> None:  # type: ignore[no-untyped-def]
+    """Python 3.11's asyncio.wait_for returns normally when a cancellation arrives as the awaited event
+    completes: the integration loop, cancelled by running()'s exit just as it was woken, went on polling
+    and the exit waited for it forever (seen as a rare hang at the end of multi-node tests)."""
+    from tlog.shared_sequencer import SharedSequencer
+
+    node = SharedSequencer(Log(shared(), KEY), interval=0.01, poll_interval=5.0)
+    deadline = asyncio.timeout(10)  # a deadline for the hang (cancel_all swallows its cancellation: see below)
+    async with deadline:
+        async with node.running():
+            await node.add(b"one")  # answered by the integration loop, which then waits (5 s) to be woken
+            node._wake.set()  # woken (as a flush does) ...
+            await asyncio.sleep(0)  # ... its wait completes, and the exit cancels it at that moment
+    assert not deadline.expired()
+    assert not [t for t in asyncio.all_tasks() if t.get_name() in ("integrator", "sequencer")]
+
+
+async def test_stopping_the_lmdb_sequencer_as_its_batch_fills_does_not_hang(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The same wait_for race in Sequencer._run (one machine): cancelled just as its pool filled up."""
+    from tlog.sequencer import Sequencer
+    from tlog.storage.lmdb_store import LMDBLogStore
+
+    store = LMDBLogStore(str(tmp_path / "log"))
+    try:
+        node = Sequencer(Log(store, KEY), interval=5.0)
+        deadline = asyncio.timeout(10)
+        async with deadline:
+            async with node.running():
+                node.submit(b"one")  # the batching loop now waits (5 s) for a full batch
+                await asyncio.sleep(0)
+                node._take_batch()  # (taken away: no batch is written while the store closes)
+                node._full.set()  # full (as batch_max submissions make it) ...
+                await asyncio.sleep(0)  # ... its wait completes, and the exit cancels it at that moment
+        assert not deadline.expired()
+        assert not [t for t in asyncio.all_tasks() if t.get_name() == "sequencer"]
+    finally:
+        store.close()
+
+
+async def test_cancel_all_passes_on_the_callers_own_cancellation() -> None:
+    """A timeout around cancel_all, waiting for a task that swallowed its first cancellation (as 3.11's
+    wait_for could), must still raise: the caller's own cancellation was suppressed with the tasks' own,
+    and a stop that overran its deadline looked like a clean one."""
+    from tlog.runloop import cancel_all
+
+    async def swallows_once() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)
+        await asyncio.sleep(30)  # the next cancellation ends it
+
+    task = asyncio.create_task(swallows_once())
+    await asyncio.sleep(0)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await cancel_all([task])
+    assert task.cancelled()

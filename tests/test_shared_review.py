@@ -383,4 +383,5 @@ async def test_cancel_all_passes_on_the_callers_own_cancellation() -> None:
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.2):
             await cancel_all([task])
+    await asyncio.wait([task], timeout=10)  # cancelled once more as the caller's own cancellation went through
     assert task.cancelled()

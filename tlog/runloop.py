@@ -39,12 +39,18 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 async def cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
     """Cancel every task, then wait for each to end; raise the first error one ended with other than
-    its cancellation. A cancellation of the caller while it waits is raised, not taken for theirs."""
+    its cancellation. A cancellation of the caller while it waits is raised, not taken for theirs
+    (the tasks still running are cancelled once more: one may have swallowed the first)."""
     tasks = list(tasks)
     for task in tasks:
         task.cancel()
     if tasks:
-        await asyncio.wait(tasks)
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:  # the caller's own (a timeout around it): ask them once more, and go
+            for task in tasks:
+                task.cancel()
+            raise
     for task in tasks:
         error = None if task.cancelled() else task.exception()
         if error is not None:

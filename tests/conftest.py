@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import sys
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -93,3 +95,24 @@ def engine(request, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
         made = SharedEngine(request.getfixturevalue("pg_dsn"), f"s3://{request.getfixturevalue('s3_path')}/log")
     yield made
     made.close()
+
+
+@pytest.fixture
+def shared(pg_dsn, s3_path, seaweed, monkeypatch):  # type: ignore[no-untyped-def]
+    """A factory of SharedLogStores (of any subclass: cls=) on one new database and bucket prefix,
+    closed at the end; the AWS_* variables reach the session's SeaweedFS."""
+    from tlog.storage.shared import SharedLogStore
+
+    for k, v in seaweed.env.items():
+        monkeypatch.setenv(k, v)
+    stores: list[SharedLogStore] = []
+
+    def make(cls: type[SharedLogStore] = SharedLogStore, **kw: Any) -> SharedLogStore:
+        store = cls(pg_dsn, f"s3://{s3_path}/log", **kw)
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        with contextlib.suppress(Exception):
+            store.close()

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
-import pytest
 import reference
 
 from tlog.log import Log
@@ -52,22 +51,6 @@ class Deaf(SharedLogStore):
         pass
 
 
-@pytest.fixture
-def shared(pg_dsn, s3_path, seaweed, monkeypatch):  # type: ignore[no-untyped-def]
-    """A factory of SharedLogStores (any class) on one database and bucket (closed at the end)."""
-    for k, v in seaweed.env.items():
-        monkeypatch.setenv(k, v)
-    stores: list[SharedLogStore] = []
-
-    def make(cls: type[SharedLogStore] = SharedLogStore, **kw: Any) -> SharedLogStore:
-        store = cls(pg_dsn, f"s3://{s3_path}/log", **kw)
-        stores.append(store)
-        return store
-
-    yield make
-    for store in stores:
-        with contextlib.suppress(Exception):
-            store.close()
 
 
 def integrate(log: Log, entries: list[bytes]) -> None:

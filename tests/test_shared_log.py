@@ -31,7 +31,6 @@ from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
 from tlog.server import make_app
 from tlog.shared_sequencer import SharedSequencer
 from tlog.storage.objects import ObjectStore, parse_objects_url
-from tlog.storage.shared import SharedLogStore
 
 KEY = Ed25519Signer.generate("example.com/shared")
 VERIFIER = Ed25519Verifier(KEY.name, KEY.public_key)
@@ -41,22 +40,6 @@ def leaf(entry: bytes) -> bytes:
     return hashlib.sha256(b"\x00" + entry).digest()
 
 
-@pytest.fixture
-def shared(pg_dsn, s3_path, seaweed, monkeypatch):  # type: ignore[no-untyped-def]
-    """A factory of SharedLogStores on one database and bucket (closed at the end)."""
-    for k, v in seaweed.env.items():
-        monkeypatch.setenv(k, v)
-    stores: list[SharedLogStore] = []
-
-    def make(**kw) -> SharedLogStore:  # type: ignore[no-untyped-def]
-        store = SharedLogStore(pg_dsn, f"s3://{s3_path}/log", **kw)
-        stores.append(store)
-        return store
-
-    yield make
-    for store in stores:
-        with contextlib.suppress(Exception):
-            store.close()
 
 
 async def audit_bucket(seaweed, bucket: str) -> tuple[int, list]:  # type: ignore[no-untyped-def,type-arg]

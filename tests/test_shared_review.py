@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 import pytest
-import test_shared_log
 from helpers import wait_until
 from test_shared_log import KEY, leaf
 
@@ -28,8 +27,6 @@ from tlog.note import parse_note
 from tlog.storage.objects import ObjectStore
 from tlog.storage.shared import SharedLogStore
 from tlog.tiles import TileID
-
-shared = test_shared_log.shared  # the fixture: a factory of SharedLogStores on one database and bucket
 
 
 def bucket_size(url: str) -> int:

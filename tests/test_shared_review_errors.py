@@ -13,7 +13,6 @@ import sys
 import threading
 
 import pytest
-import test_shared_log
 from hypothesis import given
 from hypothesis import strategies as st
 from test_shared_log import KEY
@@ -25,9 +24,6 @@ from tlog.log import Log
 from tlog.proof_file import parse_tlog_proof
 from tlog.storage.objects import ObjectStore, parse_objects_url
 from tlog.storage.shared import SharedLogStore
-
-shared = test_shared_log.shared  # the fixture: a factory of SharedLogStores on one database and bucket
-
 
 SECRET = "pw0SECRET"
 

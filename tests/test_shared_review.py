@@ -319,6 +319,11 @@ async def test_a_frozen_integrator_loses_the_lead_and_the_log_carries_on(tmp_pat
                 frozen.proc.send_signal(signal.SIGCONT)
             await wait_until(accepted(frozen, b"through the thawed one"), "the thawed process to serve as a follower", 60)
             assert "following" in (await frozen.health(session) or "")
+
+            async def converged() -> bool:  # the checkpoint object follows the database commit that answered it
+                return (await audit_bucket(seaweed, s3_path))[0] == 3
+
+            await wait_until(converged, "the bucket's checkpoint to cover all three entries", 30)
         finally:
             for node in nodes:
                 node.kill()

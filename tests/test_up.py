@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import tomllib
 
@@ -17,28 +16,10 @@ from tlog.hashes import leaf_hash
 from tlog.note import Ed25519Signer
 from tlog.policy import parse_policy
 from tlog.proof_file import parse_tlog_proof, verify_tlog_proof
+from wasmlog.drill_parts import free_port_range
 from wasmlog.network import NetworkConfig, run_network
 
-
-def free_ports(n: int) -> int:
-    """A port p with p..p+n-1 free (best effort)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        socks: list[socket.socket] = []
-        try:
-            for i in range(n):
-                t = socket.socket()
-                socks.append(t)
-                t.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
-    raise RuntimeError("no free port range")
+free_ports = free_port_range  # a port p with p..p+n-1 free (best effort): the drill's helper, one for both
 
 
 async def test_up_publishes_with_quorum_and_restarts_with_the_same_keys(tmp_path) -> None:

@@ -67,7 +67,7 @@ def hello_sbom(version: str, *, evil: bool = False) -> bytes:
                        "components": components}).encode()
 
 
-def _free_port_range(n: int) -> int:
+def free_port_range(n: int) -> int:
     """A port p with p..p+n-1 free just now (best effort: start_network retries when one is taken meanwhile)."""
     for _ in range(50):
         with socket.socket() as s:
@@ -95,7 +95,7 @@ async def network(data: pathlib.Path) -> AsyncIterator[tuple[str, str]]:
     in data, on free loopback ports; yields the registry's URL and the collector's (its /v1/logs) and
     stops the network on exit."""
     for _ in range(10):
-        port = _free_port_range(COLLECTOR_PORT_OFFSET + 1)
+        port = free_port_range(COLLECTOR_PORT_OFFSET + 1)
         ready, stop = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(run_network(NetworkConfig(data=data, port=port, announce=False), ready=ready, stop=stop))
         waiter = asyncio.create_task(ready.wait())

@@ -22,7 +22,7 @@ MAY_IMPORT = {
 }
 PURE = {
     "tlog": ["hashes", "merkle", "compact", "tiles", "note", "checkpoint", "cosignature", "proof_file", "integrate",
-             "errors", "policy", "witness_protocol", "syntax", "sigv4", "dsn"],
+             "errors", "policy", "witness_protocol", "syntax", "sigv4", "dsn", "http_answer"],
     "witness": ["errors", "loglist", "rules"],
     "registry": ["wasm", "dsse", "record", "state", "sbom", "publish_body", "trust_policy", "diff",
                  "index_map", "index", "status_proof"],

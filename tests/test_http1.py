@@ -56,6 +56,7 @@ async def test_requests_share_kept_alive_connections_within_the_bound() -> None:
     for i, answer in enumerate(answers):
         assert answer.status == 200
         assert answer.body.startswith(b"PUT /b/k%d HTTP/1.1\r\n" % i) and answer.body.endswith(b"\r\n\r\nbody%d" % i)
+        assert b"\r\nHost: 127.0.0.1:%s\r\n" % origin.rsplit(":", 1)[1].encode() in answer.body
         assert b"X-I: %d\r\n" % i in answer.body and b"Content-Length: %d\r\n" % len(b"body%d" % i) in answer.body
     assert 1 <= len(seen) <= 3
 

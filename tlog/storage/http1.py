@@ -101,7 +101,7 @@ class Origin:
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) origin: {origin[:100]!r}")
-        self.host, self.port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        self.host, self.port, self.authority = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), parts.netloc
         self._ssl: ssl.SSLContext | None = None
         if parts.scheme == "https":  # AWS_CA_BUNDLE: the CA file botocore would use
             self._ssl = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
@@ -116,8 +116,11 @@ class Origin:
         return conn
 
     async def request(self, method: str, target: str, headers: dict[str, str], body: bytes = b"") -> Answer:
-        """Send one request (target: the path, already encoded; headers without Content-Length) and read its answer."""
+        """Send one request (target: the path, already encoded; headers without Content-Length; Host is the
+        origin's unless given) and read its answer."""
         lines = [f"{method} {target} HTTP/1.1", *(f"{name}: {value}" for name, value in headers.items())]
+        if "Host" not in headers:
+            lines.insert(1, f"Host: {self.authority}")
         if body or method in ("PUT", "POST"):
             lines.append(f"Content-Length: {len(body)}")
         if any("\r" in line or "\n" in line for line in lines):

@@ -4,7 +4,7 @@
                             [--interval-ms 100] [--workers N] [--passes 2] [--url URL]
                             [--store DSN|local --objects s3://BUCKET/PREFIX --shared-procs 2]
 
-Each pass publishes with fresh keys and namespaces on the same server (the first pass also pays for a
+Each pass publishes with fresh keys, namespaces and modules on the same server (the first pass also pays for a
 fresh data directory). --workers N runs `registry serve --workers N` (front-end processes).
 
 Starts `wasmlog registry serve` (LMDB, blobs synced before their entry is logged, no witnesses) as a subprocess. Each publisher
@@ -88,6 +88,8 @@ def prepare(publishers: int, per: int) -> list[tuple[Ed25519Signer, bytes, list[
     """For each publisher: its key, its namespace claim's body, and its releases (signed envelope, module)."""
     out = []
     run = secrets.token_hex(4)  # fresh namespaces, so --url can drive the same registry again
+    salt = int(run, 16) << 32  # and fresh modules: a blob the store has already is not written again (S3: a cheap 412)
+    assert publishers <= 1 << 16 and per <= 1 << 16
     for p in range(publishers):
         key = Ed25519Signer.generate(f"bench{p}")
         ns = f"bench{p}-{run}"
@@ -95,7 +97,7 @@ def prepare(publishers: int, per: int) -> list[tuple[Ed25519Signer, bytes, list[
         claim_body = json.dumps({"type": "key-grant", "signer": key.vkey, "envelope": json.loads(claim.to_json())}).encode()
         releases = []
         for v in range(per):
-            module = module_variant(p * 1_000_000 + v)
+            module = module_variant(salt + (p << 16) + v)
             rel = release_statement(PackageRef(ns, "mod", f"1.0.{v}"), module, None, None)
             releases.append((sign_envelope(INTOTO_PAYLOAD_TYPE, rel.statement(), key).to_json(), module))
         out.append((key, claim_body, releases))

@@ -78,12 +78,24 @@ class _Connection(asyncio.Protocol):
             self.reusable = answer.keep_alive and not self.received and not at_eof
             waiter.set_result(answer)
 
-    async def exchange(self, head: bytes, body: bytes, head_only: bool) -> Answer:
+    async def exchange(self, head: bytes, body: bytes, head_only: bool, deadline: float) -> Answer:
+        """Send a request and wait for its answer until deadline (the loop's time): TimeoutError then."""
         assert self.transport is not None
-        self.waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Answer] = loop.create_future()
+        self.waiter = waiter
         self.head_only, self.reusable = head_only, False
         self.transport.writelines([head, body]) if body else self.transport.write(head)
-        return await self.waiter
+        timer = loop.call_at(deadline, self._expire)  # one timer handle: cheaper than asyncio.timeout per request
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+
+    def _expire(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(TimeoutError("no whole answer in time"))
+        self.close()
 
     def close(self) -> None:
         self.closed = True
@@ -109,9 +121,9 @@ class Origin:
         self._slots = asyncio.Semaphore(connections)
         self._idle: list[_Connection] = []
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self.connect_timeout):
+        async with asyncio.timeout_at(min(deadline, loop.time() + self.connect_timeout)):
             _, conn = await loop.create_connection(lambda: _Connection(self.max_body), self.host, self.port, ssl=self._ssl)
         return conn
 
@@ -126,13 +138,14 @@ class Origin:
         if any("\r" in line or "\n" in line for line in lines):
             raise ValueError("a request line or header contains a line break")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        async with self._slots, asyncio.timeout(self.timeout):
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        async with self._slots:
             while True:
                 conn = self._take_idle()
                 reused = conn is not None
-                conn = conn or await self._connect()
+                conn = conn or await self._connect(deadline)
                 try:
-                    answer = await conn.exchange(head, body, head_only=method == "HEAD")
+                    answer = await conn.exchange(head, body, method == "HEAD", deadline)
                 except StaleConnectionError:
                     conn.close()
                     if reused:

@@ -54,6 +54,11 @@ CHANNEL_TREE = "wasmlog_tree"  # notified (payload: the new size) when a commit 
 CHANNEL_SEQUENCED = "wasmlog_sequenced"  # notified when entries are sequenced
 LEAD_KEEPALIVES = [("tcp_keepalives_idle", 5), ("tcp_keepalives_interval", 2), ("tcp_keepalives_count", 3), ("tcp_user_timeout", 11000)]
 LEAD_IDLE_MS = 10000  # idle_session_timeout of the lock session: a frozen integrator (its kernel still answers keepalives) is deposed
+# Every other session: a statement waits at most STATEMENT_MS (a 503 then, not a request hung behind a
+# lock), and a process frozen inside a transaction (SIGSTOP, a hung thread) loses it after
+# IDLE_IN_TRANSACTION_MS, so the row locks it held (tlog_next, tlog_tree) pass to the others.
+STATEMENT_MS = 30000
+IDLE_IN_TRANSACTION_MS = 10000
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS tlog_next (id smallint PRIMARY KEY CHECK (id = 1), next bigint NOT NULL)",
     "INSERT INTO tlog_next VALUES (1, 0) ON CONFLICT DO NOTHING",
@@ -80,8 +85,10 @@ class SharedLogStore:
     """
 
     def __init__(self, dsn: str, objects_url: str, *, publish_integrated: bool = True, objects: ObjectStore | None = None,
-                 before_commit: Callable[[BatchPlan], None] | None = None, entries_kept: int = ENTRIES_KEPT) -> None:
-        """entries_kept: integrated entries this store's commits leave in tlog_entries below the last full bundle."""
+                 before_commit: Callable[[BatchPlan], None] | None = None, entries_kept: int = ENTRIES_KEPT,
+                 statement_ms: int = STATEMENT_MS, idle_in_transaction_ms: int = IDLE_IN_TRANSACTION_MS) -> None:
+        """entries_kept: integrated entries this store's commits leave in tlog_entries below the last full
+        bundle; statement_ms, idle_in_transaction_ms: the sessions' limits (see STATEMENT_MS)."""
         if _missing is not None:
             raise MissingDependencyError("PostgreSQL storage", "shared", _missing)
         try:
@@ -93,6 +100,7 @@ class SharedLogStore:
         self.publish_integrated = publish_integrated
         self.before_commit = before_commit  # fault injection for tests: raise after the objects, before the database
         self.entries_kept = entries_kept
+        self._session_limits = [("statement_timeout", statement_ms), ("idle_in_transaction_session_timeout", idle_in_transaction_ms)]
         self._local = threading.local()
         self._conns: list[Any] = []  # every thread's connection, closed by close()
         self._conns_lock = threading.Lock()
@@ -118,6 +126,8 @@ class SharedLogStore:
         try:
             if conn is None or conn.closed:
                 conn = self._local.conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+                for setting, value in self._session_limits:
+                    conn.execute(f"SET {setting} = {int(value)}")
                 with self._conns_lock:
                     self._conns = [c for c in self._conns if not c.closed] + [conn]
             with conn.transaction() if atomic else contextlib.nullcontext(), conn.cursor() as cur:

@@ -5,16 +5,21 @@ as an independent client, and against a real HTTP/1.1 server on loopback that mi
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from email.message import Message
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from tlog.errors import NotFoundError, StorageUnavailableError, TlogError
+from tlog.errors import MalformedError, NotFoundError, StorageUnavailableError, TlogError
 from tlog.storage import s3_sync
 from tlog.storage.objects import SHORT_LIVED, ObjectStore
+from tlog.storage.s3_endpoint import S3Endpoint
 from tlog.tiles import IMMUTABLE, TileID
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nETag: \"e\"\r\n\r\nok"
@@ -242,3 +247,31 @@ def test_64_tiles_written_from_eight_threads_are_each_in_the_bucket_with_their_h
     with ThreadPoolExecutor(16) as pool:
         assert list(pool.map(lambda t: fresh.get(t[0].path()), tiles * 4)) == [body for _, body in tiles * 4]
     fresh.close()
+
+
+ENDPOINT = S3Endpoint("bucket", "log", endpoint_url="http://127.0.0.1:1/base/")
+
+
+@given(st.text(st.sampled_from("ab~._-/%$ \x00é"), max_size=12))
+def test_an_object_path_is_its_own_url_or_refused(path: str) -> None:
+    """Accepted: slash-separated non-empty segments of unreserved characters, sent as they are; anything else is refused."""
+    try:
+        url_path = ENDPOINT.path(path)
+    except MalformedError:
+        assert any(not s or set(s) - set("ab~._-") for s in path.split("/"))
+        return
+    assert url_path == f"/base/bucket/log/{path}" and all(s and not set(s) - set("ab~._-") for s in path.split("/"))
+
+
+@given(st.binary(max_size=300), st.integers(100, 599))
+def test_an_error_answer_is_described_from_any_body(body: bytes, status: int) -> None:
+    answer = s3_sync.Answer(status, Message(), body)
+    assert re.fullmatch(r"[A-Za-z0-9.]{0,64}", answer.code)
+    assert answer.describe().startswith(f"HTTP {status}") and len(answer.describe()) < 300
+
+
+def test_an_error_answer_names_s3s_code_and_message() -> None:
+    body = b'<?xml version="1.0"?>\n<Error><Code>NoSuchBucket</Code><Message>The specified bucket does not exist</Message></Error>'
+    answer = s3_sync.Answer(404, Message(), body)
+    assert answer.code == "NoSuchBucket" and answer.describe() == "HTTP 404 NoSuchBucket: The specified bucket does not exist"
+    assert s3_sync.Answer(404, Message(), b"").describe() == "HTTP 404: "

@@ -77,7 +77,7 @@ def test_the_shared_profile_is_one_registry_on_the_database_and_bucket_it_starts
     """Two registry processes on the profile's PostgreSQL and S3 server, with the standard variables, the
     bucket s3-init creates, and a log key of their own (a second log must never sign with the first's key)."""
     assert all(SERVICES[name].get("profiles") == ["shared"] for name in SHARED)
-    assert "shared" in (ROOT / "Dockerfile").read_text()  # the image has psycopg and boto3
+    assert "shared" in (ROOT / "Dockerfile").read_text()  # the image has psycopg and botocore
     bucket = SERVICES["s3-init"]["entrypoint"][-1]
     assert (ROOT / "docker" / "create-bucket.py").exists()
     db = SERVICES["postgres"]["environment"]

@@ -8,6 +8,7 @@ they were not installed (Windows has no uvloop; `pip install wasmlog` has no SBO
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 
@@ -61,6 +62,17 @@ def test_log_serve_on_shared_storage_names_the_extra_without_its_drivers(tmp_pat
     key.write_text(REGISTRY_KEY.private_key + "\n")
     out = run("log", "serve", "--key", str(key), "--store", "postgresql://x@127.0.0.1:1/x", "--objects", "s3://bucket/p")
     assert out.returncode == 1 and "wasmlog[shared]" in out.stderr, out.stderr
+
+
+def test_log_serve_on_shared_storage_needs_botocore_but_not_boto3(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """boto3 is no run-time dependency (the bucket clients are our own; botocore resolves the endpoint and
+    credentials): with boto3 hidden, log serve gets past the bucket's client to the database."""
+    key = tmp_path / "log.key"
+    key.write_text(REGISTRY_KEY.private_key + "\n")
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_REGION": "us-east-1"}
+    out = subprocess.run(without(("boto3",), "log", "serve", "--key", str(key), "--store", "postgresql://x@127.0.0.1:1/x", "--objects", "s3://bucket/p"),
+                         capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert out.returncode == 1 and "the log's database" in out.stderr and "wasmlog[shared]" not in out.stderr, out.stderr
 
 
 async def _ready(url: str, server: subprocess.Popen[bytes]) -> None:

@@ -38,10 +38,10 @@ class CountingObjects(ObjectStore):
         super().__init__(url)
         self.reads: list[str] = []
 
-    def _call(self, what: str, method: str, expect: int, **kwargs: Any) -> Any:
-        if method == "get_object":
-            self.reads.append(kwargs["Key"])
-        return super()._call(what, method, expect, **kwargs)
+    def _call(self, what: str, method: str, path: str, expect: int, **kwargs: Any) -> Any:
+        if method == "GET":
+            self.reads.append(path)
+        return super()._call(what, method, path, expect, **kwargs)
 
 
 class Deaf(SharedLogStore):

@@ -2,36 +2,28 @@
 
 boto3's client spends ~1.6 ms of CPU on each request (parameter validation, endpoint rules, event
 hooks, response parsing), more than the bucket itself spends storing a small object, and a registry
-writes one blob per publish. AsyncBucket takes the endpoint, region and credentials from botocore
-exactly as ObjectStore's client does (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, ... or any
-other source botocore reads, refreshed by botocore when they expire), signs each request with
-tlog/sigv4.py (botocore's signer alone costs ~0.1 ms) and sends it over kept-alive connections of
-its own (storage/http1.py: aiohttp's client cost ~0.2 ms of CPU per request), path-style
-(ENDPOINT/BUCKET/KEY; keys of unreserved characters only, so a URL is its own canonical form).
-Connection failures and 5xx answers are retried (ATTEMPTS in all), as boto3's standard mode does.
+writes one blob per publish. AsyncBucket takes the endpoint, region and credentials from
+storage/s3_endpoint.py, as ObjectStore does (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, ...
+resolved by botocore), signs each request there with tlog/sigv4.py (botocore's signer alone costs
+~0.1 ms) and sends it over kept-alive connections of its own (storage/http1.py: aiohttp's client
+cost ~0.2 ms of CPU per request), path-style (ENDPOINT/BUCKET/KEY; keys of unreserved characters
+only, so a URL is its own canonical form). Connection failures and 5xx answers are retried
+(ATTEMPTS in all), as boto3's standard mode does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
-import time
-from typing import Any
-from urllib.parse import urlsplit
 
-from ..errors import MalformedError, MissingDependencyError, StorageUnavailableError
+from ..errors import StorageUnavailableError
 from ..http_answer import MalformedAnswerError
-from ..sigv4 import SigV4Signer
 from ..tiles import IMMUTABLE
 from .http1 import Origin
 from .objects import SHORT_LIVED, parse_objects_url
+from .s3_endpoint import ATTEMPTS, BACKOFF, RETRY_STATUSES, S3Endpoint
 
-ATTEMPTS = 3
-RETRY_STATUSES = {500, 502, 503, 504}
-BACKOFF = 0.1  # seconds before the second attempt, doubled for each next one
 MAX_ANSWER = 64 << 10  # bytes of an answer read (S3 answers a PUT with an empty body, or a short XML error)
-_PATH = re.compile(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*")  # unreserved characters only: the URL is its own encoding
 
 
 class AsyncBucket:
@@ -40,38 +32,22 @@ class AsyncBucket:
     connections bounds the requests in flight. The HTTP session is opened by the first request and
     closed by aclose()."""
 
-    def __init__(self, url: str, *, connections: int = 32) -> None:
+    def __init__(self, url: str, *, connections: int = 32, endpoint_url: str | None = None) -> None:
+        """endpoint_url: the bucket's endpoint, instead of the one botocore resolves (AWS_ENDPOINT_URL, ...)."""
         self.bucket, self.prefix = parse_objects_url(url)
-        try:
-            import botocore.session
-        except ImportError as e:
-            raise MissingDependencyError("S3 object storage", "shared", e) from e
-        session = botocore.session.get_session()
-        client = session.create_client("s3")  # resolves the endpoint and region the standard way; never sends
-        endpoint = urlsplit(client.meta.endpoint_url)
-        self.region: str = client.meta.region_name
-        self._origin, self._host, self._base = f"{endpoint.scheme}://{endpoint.netloc}", endpoint.netloc, endpoint.path.rstrip("/")
-        self._credentials: Any = session.get_credentials()
-        self._signer: SigV4Signer | None = None
+        self._endpoint = S3Endpoint(self.bucket, self.prefix, endpoint_url=endpoint_url)
+        self.region = self._endpoint.region
+        self._origin = self._endpoint.origin
         self._connections = connections
         self._http: Origin | None = None
 
     def _path(self, path: str) -> str:
-        """The URL path of an object (path-style: /BUCKET/PREFIX/path). Raises MalformedError for a path
-        that is not slash-separated segments of unreserved characters (letters, digits, '.', '_', '~', '-')."""
-        if not _PATH.fullmatch(path):
-            raise MalformedError(f"object path {path[:100]!r}: only letters, digits, '.', '_', '~', '-' and '/' between them")
-        return f"{self._base}/{self.bucket}/{self.prefix}/{path}" if self.prefix else f"{self._base}/{self.bucket}/{path}"
+        """The URL path of an object (S3Endpoint.path). Raises MalformedError."""
+        return self._endpoint.path(path)
 
     def _signed(self, method: str, path: str, headers: dict[str, str], payload_sha256: str) -> dict[str, str]:
-        """headers plus the SigV4 ones for this request, signed with the credentials of the moment."""
-        if self._credentials is None:
-            raise StorageUnavailableError("no AWS credentials found for the bucket (AWS_ACCESS_KEY_ID, ...)")
-        now = self._credentials.get_frozen_credentials()  # botocore refreshes expiring ones here
-        signer = self._signer
-        if signer is None or (signer.access_key, signer.secret_key, signer.token) != (now.access_key, now.secret_key, now.token):
-            signer = self._signer = SigV4Signer(now.access_key, now.secret_key, self.region, now.token)
-        return signer.sign(method, self._host, path, headers, payload_sha256, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+        """headers plus the SigV4 ones for this request (S3Endpoint.signed). Raises StorageUnavailableError."""
+        return self._endpoint.signed(method, path, headers, payload_sha256)
 
     async def put(self, path: str, body: bytes, *, immutable: bool, content_type: str = "application/octet-stream",
                   sha256: str | None = None) -> bool:

@@ -8,8 +8,10 @@ Full tiles and bundles are immutable: written with If-None-Match: * (a 412 means
 its bytes are then compared, and a difference is a fork, refused). Partial ones are short-lived and
 overwritten (their content is fixed by their path once entries are sequenced, so rewriting is safe).
 The checkpoint is replaced by compare-and-swap (put_unless, If-Match), so that it never goes back.
-The client is boto3, configured the standard way (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_REGION, or any other source boto3 reads). Blocking: call from worker threads.
+The client is storage/s3_sync.py (http.client, kept-alive connections, requests signed as
+storage/s3_endpoint.py resolves the endpoint and credentials the standard way: AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, or any other source botocore reads).
+Blocking: call from worker threads.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
-from ..errors import MalformedError, MissingDependencyError, NotFoundError, StorageUnavailableError, TlogError
+from ..errors import MalformedError, NotFoundError, StorageUnavailableError, TlogError
 from ..tiles import CHECKPOINT_CACHE, IMMUTABLE, TileID
+from .s3_endpoint import S3Endpoint
+from .s3_sync import Answer, ObjectStream, SyncBucket
 
 SHORT_LIVED = "public, max-age=60"  # partial tiles and bundles: superseded as the tree grows
 PUT_THREADS = 8
@@ -57,69 +60,30 @@ def objects_url_under(url: str, part: str) -> str:
     return f"s3://{bucket}/{prefix}/{part}" if prefix else f"s3://{bucket}/{part}"
 
 
-class ObjectStream:
-    """An object's body being read from the bucket: read(n) returns at most n bytes (b"" at the end).
-    Raises StorageUnavailableError if the connection fails on the way."""
-
-    def __init__(self, path: str, body: Any) -> None:
-        self._path = path
-        self._body = body  # botocore's StreamingBody: reads from the connection as asked
-
-    def read(self, n: int) -> bytes:
-        from botocore.exceptions import BotoCoreError
-
-        try:
-            chunk: bytes = self._body.read(n)
-        except BotoCoreError as e:
-            raise StorageUnavailableError(f"reading {self._path}: {e}") from None
-        return chunk
-
-    def close(self) -> None:
-        self._body.close()
-
-
 class ObjectStore:
     """A bucket and prefix holding one log's tlog-tiles objects."""
 
-    def __init__(self, url: str, client: Any = None, *, connections: int = PUT_THREADS * 2, timeout: float = TIMEOUT) -> None:
-        """connections: the S3 client's pool (at least as many as threads that call this store at once);
-        timeout: seconds to connect, and between bytes read, before a request is failed (or retried)."""
+    def __init__(self, url: str, *, connections: int = PUT_THREADS * 2, timeout: float = TIMEOUT, endpoint_url: str | None = None) -> None:
+        """connections: idle connections kept (at least as many as threads that call this store at once);
+        timeout: seconds to connect, and between bytes read, before a request is failed (or retried);
+        endpoint_url: the bucket's endpoint, instead of the one botocore resolves (AWS_ENDPOINT_URL, ...)."""
         self.bucket, self.prefix = parse_objects_url(url)
-        if client is None:
-            try:
-                import boto3
-                from botocore.config import Config
-            except ImportError as e:
-                raise MissingDependencyError("S3 object storage", "shared", e) from e
-            # No client-side parameter validation or optional checksums: the requests are ours, and each
-            # costs the integrator CPU per request (measured ~15% of a PUT's).
-            config = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=connections, parameter_validation=False,
-                            request_checksum_calculation="when_required", response_checksum_validation="when_required",
-                            connect_timeout=timeout, read_timeout=timeout)
-            client = boto3.client("s3", config=config)
-        self._s3 = client
+        self._s3 = SyncBucket(S3Endpoint(self.bucket, self.prefix, endpoint_url=endpoint_url), connections=connections, timeout=timeout)
         self._pool = ThreadPoolExecutor(PUT_THREADS, thread_name_prefix="s3-put")
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cached_bytes = 0
         self._cache_lock = threading.Lock()
         self._swapped: dict[str, tuple[str, bytes]] = {}  # put_unless: path -> (ETag, bytes) of our last write
 
-    def key(self, path: str) -> str:
-        return f"{self.prefix}/{path}" if self.prefix else path
-
-    def _call(self, what: str, method: str, expect: int, **kwargs: Any) -> Any:
-        """The client's answer, or None for the expected failure status (404 or 412). Raises StorageUnavailableError."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return getattr(self._s3, method)(Bucket=self.bucket, **kwargs)
-        except ClientError as e:
-            status, code = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode"), e.response.get("Error", {}).get("Code")
-            if status == expect and code != "NoSuchBucket":  # a missing bucket is missing storage, not a missing object
-                return None
-            raise StorageUnavailableError(f"{what}: {e}") from None
-        except BotoCoreError as e:
-            raise StorageUnavailableError(f"{what}: {e}") from None
+    def _call(self, what: str, method: str, path: str, expect: int, *, body: bytes = b"", headers: dict[str, str] | None = None,
+              stream: bool = False) -> Answer | None:
+        """The bucket's 2xx answer, or None for the expected failure status (404 or 412). Raises StorageUnavailableError."""
+        answer = self._s3.request(method, path, body=body, headers=headers, stream=stream)
+        if 200 <= answer.status < 300:
+            return answer
+        if answer.status == expect and answer.code != "NoSuchBucket":  # a missing bucket is missing storage, not a missing object
+            return None
+        raise StorageUnavailableError(f"{what}: {answer.describe()}")
 
     def get(self, path: str, *, immutable: bool = False) -> bytes:
         """The object's bytes (kept in memory if immutable). Raises NotFoundError or StorageUnavailableError."""
@@ -128,10 +92,10 @@ class ObjectStore:
             if cached is not None:
                 self._cache.move_to_end(path)
                 return cached
-        answer = self._call(f"reading {path}", "get_object", 404, Key=self.key(path))
+        answer = self._call(f"reading {path}", "GET", path, 404)
         if answer is None:
             raise NotFoundError(f"{path} is not in the bucket")
-        body: bytes = answer["Body"].read()
+        body = answer.body
         if immutable:
             self.remember(path, body)
         return body
@@ -139,10 +103,15 @@ class ObjectStore:
     def open(self, path: str) -> tuple[ObjectStream, int]:
         """The object's body to read in pieces, and its length (the caller closes the stream; blocking:
         read it from a worker thread). Raises NotFoundError or StorageUnavailableError."""
-        answer = self._call(f"reading {path}", "get_object", 404, Key=self.key(path))
+        answer = self._call(f"reading {path}", "GET", path, 404, stream=True)
         if answer is None:
             raise NotFoundError(f"{path} is not in the bucket")
-        return ObjectStream(path, answer["Body"]), int(answer["ContentLength"])
+        assert answer.stream is not None
+        length = answer.headers.get("Content-Length", "")
+        if not (length.isascii() and length.isdigit()):
+            answer.stream.close()
+            raise StorageUnavailableError(f"reading {path}: the bucket's answer has no Content-Length")
+        return answer.stream, int(length)
 
     def remember(self, path: str, body: bytes) -> None:
         """Keep an object's bytes in memory (for an object whose path fixes its content: not the checkpoint)."""
@@ -154,18 +123,16 @@ class ObjectStore:
             while self._cached_bytes > CACHE_BYTES:
                 self._cached_bytes -= len(self._cache.popitem(last=False)[1])
 
-    def _put(self, path: str, body: bytes, *, immutable: bool, **condition: str) -> Any:
-        """PutObject with the object's cache headers; None if a condition failed (412)."""
+    def _put(self, path: str, body: bytes, *, immutable: bool, condition: dict[str, str]) -> Answer | None:
+        """PUT with the object's cache headers and condition; None if the condition failed (412)."""
         cache = IMMUTABLE if immutable else (CHECKPOINT_CACHE if path == "checkpoint" else SHORT_LIVED)
         content_type = "text/plain; charset=utf-8" if path == "checkpoint" else "application/octet-stream"
-        return self._call(
-            f"writing {path}", "put_object", 412, Key=self.key(path), Body=body, CacheControl=cache, ContentType=content_type, **condition
-        )
+        return self._call(f"writing {path}", "PUT", path, 412, body=body, headers={"Cache-Control": cache, "Content-Type": content_type, **condition})
 
     def put(self, path: str, body: bytes, *, immutable: bool, remember: bool = True) -> None:
         """Write one object (see the module docstring); an immutable one is kept in memory unless remember is False.
         Raises StorageUnavailableError, or TlogError for a fork."""
-        written = self._put(path, body, immutable=immutable, **({"IfNoneMatch": "*"} if immutable else {}))
+        written = self._put(path, body, immutable=immutable, condition={"If-None-Match": "*"} if immutable else {})
         if written is None and self.get(path) != body:  # 412: it is there already
             raise TlogError(f"{path} is already in the bucket with other bytes: refusing to fork")
         if immutable and remember:
@@ -178,14 +145,14 @@ class ObjectStore:
         last = self._swapped.get(path)  # (ETag, bytes) of our last write: still there unless someone wrote since
         for _ in range(SWAP_ATTEMPTS):
             if last is None:
-                answer = self._call(f"reading {path}", "get_object", 404, Key=self.key(path))
-                last = None if answer is None else (answer["ETag"], answer["Body"].read())
+                answer = self._call(f"reading {path}", "GET", path, 404)
+                last = None if answer is None else (_etag(answer, f"reading {path}"), answer.body)
             if last is not None and keep(last[1]):
                 return False
-            condition = {"IfNoneMatch": "*"} if last is None else {"IfMatch": last[0]}
-            written = self._put(path, body, immutable=False, **condition)
+            condition = {"If-None-Match": "*"} if last is None else {"If-Match": last[0]}
+            written = self._put(path, body, immutable=False, condition=condition)
             if written is not None:
-                self._swapped[path] = (written["ETag"], body)
+                self._swapped[path] = (_etag(written, f"writing {path}"), body)
                 return True
             last = None  # someone else wrote it: read what is there now
         raise StorageUnavailableError(f"writing {path}: it changed under each of {SWAP_ATTEMPTS} conditional writes")
@@ -202,4 +169,13 @@ class ObjectStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._s3.close()
+
+
+def _etag(answer: Answer, what: str) -> str:
+    """The answer's ETag header (for If-Match). Raises StorageUnavailableError if it has none."""
+    etag = answer.headers.get("ETag")
+    if not etag:
+        raise StorageUnavailableError(f"{what}: the bucket's answer has no ETag")
+    return etag
 

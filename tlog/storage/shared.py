@@ -18,7 +18,7 @@ is redone by the next integrator with the same entries, so the same bytes: the b
 Every other process takes up a new tree (load) by appending the entries it can read from tlog_entries
 to the tree it has, checking the root against the committed checkpoint (from the bucket's tiles when
 it is too far behind); a commit notifies CHANNEL_TREE and a sequencing CHANNEL_SEQUENCED (listen()).
-Blocking (psycopg 3, boto3): called from worker threads; one connection per thread.
+Blocking (psycopg 3, storage/s3_sync.py): called from worker threads; one connection per thread.
 """
 
 from __future__ import annotations

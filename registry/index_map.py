@@ -89,11 +89,11 @@ def _leaf(kh: bytes, vh: bytes, payload: Any = None) -> Leaf:
 def _find(t: Tree, kh: bytes, depth: int) -> Leaf | None:
     """kh's leaf in the subtree t at depth, if there is one."""
     path, shift = int.from_bytes(kh, "big"), 8 * HASH_SIZE - 1 - depth  # the key's bit at depth is path >> shift & 1
-    while t is not None and type(t[1]) is not bytes:  # a node (hash, left, right)
-        node = cast(Node, t)
-        t = node[2] if path >> shift & 1 else node[1]
+    node: Any = t  # a node (hash, left, right) while its [1] is not bytes (typed Any: no cast call per level)
+    while node is not None and type(node[1]) is not bytes:
+        node = node[2] if path >> shift & 1 else node[1]
         shift -= 1
-    return t if t is not None and t[1] == kh else None
+    return node if node is not None and node[1] == kh else None
 
 
 def _changed(a: Tree, b: Tree, depth: int) -> Iterator[Leaf]:

@@ -67,12 +67,13 @@ class IndexState:
                 for key in index_keys(record):
                     added.setdefault(key, []).append((index, TYPE_CODES[record.type]))
         tree = self.map
+        updates = []
         for key, items in added.items():  # each key's path is hashed once per call, however many records it got
             kh = key_hash(key)
             old = tree.payload(kh)
             history = (() if old is None else old[1]) + tuple(items)
-            tree = tree.set(kh, history_hash(history), (key, history))
-        return IndexState(size, tree)
+            updates.append((kh, history_hash(history), (key, history)))
+        return IndexState(size, tree.set_many(updates))  # and each node once, however many keys' paths cross it
 
     def history(self, key: str) -> History:
         entry: tuple[str, History] | None = self.map.payload(key_hash(key))

@@ -17,6 +17,7 @@ subtree it does not touch, so an update costs O(log n) hashes and the old map st
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
@@ -78,7 +79,7 @@ def _hash(t: Tree) -> bytes:
 
 
 def _node(left: Tree, right: Tree) -> Node:
-    return node_hash(_hash(left), _hash(right)), left, right
+    return _sha256(_NODE + (EMPTY if left is None else left[0]) + (EMPTY if right is None else right[0])).digest(), left, right
 
 
 def _leaf(kh: bytes, vh: bytes, payload: Any = None) -> Leaf:
@@ -87,10 +88,12 @@ def _leaf(kh: bytes, vh: bytes, payload: Any = None) -> Leaf:
 
 def _find(t: Tree, kh: bytes, depth: int) -> Leaf | None:
     """kh's leaf in the subtree t at depth, if there is one."""
-    while t is not None and not _is_leaf(t):
-        t = _children(t)[bit(kh, depth)]
-        depth += 1
-    return t if t is not None and t[1] == kh else None
+    path, shift = int.from_bytes(kh, "big"), 8 * HASH_SIZE - 1 - depth  # the key's bit at depth is path >> shift & 1
+    node: Any = t  # a node (hash, left, right) while its [1] is not bytes (typed Any: no cast call per level)
+    while node is not None and type(node[1]) is not bytes:
+        node = node[2] if path >> shift & 1 else node[1]
+        shift -= 1
+    return node if node is not None and node[1] == kh else None
 
 
 def _changed(a: Tree, b: Tree, depth: int) -> Iterator[Leaf]:
@@ -125,28 +128,54 @@ def _join(a: Leaf, b: Leaf, depth: int) -> Node:
 def _set(t: Tree, new: Leaf, depth: int) -> Leaf | Node:
     if t is None:
         return new
-    if _is_leaf(t):
+    if type(t[1]) is bytes:  # a leaf
         return new if t[1] == new[1] else _join(t, new, depth)
-    left, right = _children(t)
+    _, left, right = cast(Node, t)
     if bit(new[1], depth):
         return _node(left, _set(right, new, depth + 1))
     return _node(_set(left, new, depth + 1), right)
 
 
-def _build(items: Sequence[tuple[bytes, bytes, Any]], depth: int) -> Tree:
-    """The subtree of items (key hash, value hash, payload), sorted by key hash and distinct, at depth."""
-    if not items:
-        return None
-    if len(items) == 1:
-        return _leaf(*items[0])
-    lo, hi = 0, len(items)  # first item whose bit at depth is 1
+def _first_one(leaves: Sequence[Leaf], depth: int) -> int:
+    """The position of the first of leaves (sorted by key hash) whose key bit at depth is 1."""
+    lo, hi = 0, len(leaves)
     while lo < hi:
         mid = (lo + hi) // 2
-        if bit(items[mid][0], depth):
+        if bit(leaves[mid][1], depth):
             hi = mid
         else:
             lo = mid + 1
-    return _node(_build(items[:lo], depth + 1), _build(items[lo:], depth + 1))
+    return lo
+
+
+def _build(leaves: Sequence[Leaf], depth: int) -> Tree:
+    """The subtree of leaves, sorted by key hash and distinct, at depth."""
+    if not leaves:
+        return None
+    if len(leaves) == 1:
+        return leaves[0]
+    split = _first_one(leaves, depth)
+    return _node(_build(leaves[:split], depth + 1), _build(leaves[split:], depth + 1))
+
+
+def _set_many(t: Tree, leaves: Sequence[Leaf], depth: int) -> Tree:
+    """The subtree t at depth with leaves (sorted by key hash, distinct) set: each node on the
+    leaves' paths is hashed once, however many of them pass through it."""
+    if not leaves:
+        return t
+    if len(leaves) == 1:
+        return _set(t, leaves[0], depth)
+    if t is None:
+        return _build(leaves, depth)
+    if _is_leaf(t):  # t's key joins the new leaves unless one of them replaces it
+        keys = [leaf[1] for leaf in leaves]
+        at = bisect.bisect_left(keys, t[1])
+        if at < len(keys) and keys[at] == t[1]:
+            return _build(leaves, depth)
+        return _build([*leaves[:at], t, *leaves[at:]], depth)
+    left, right = _children(t)
+    split = _first_one(leaves, depth)
+    return _node(_set_many(left, leaves[:split], depth + 1), _set_many(right, leaves[split:], depth + 1))
 
 
 @dataclass(frozen=True)
@@ -171,12 +200,18 @@ class SparseMap:
     def set(self, kh: bytes, vh: bytes, payload: Any = None) -> SparseMap:
         return SparseMap(_set(self.tree, _leaf(kh, vh, payload), 0))
 
+    def set_many(self, items: Iterable[tuple[bytes, bytes, Any]]) -> SparseMap:
+        """The map with each (key hash, value hash, payload) set (the last one wins for a repeated key):
+        the same map as set() one by one, each node shared by their paths hashed once."""
+        latest = {kh: (kh, vh, payload) for kh, vh, payload in items}
+        return SparseMap(_set_many(self.tree, [_leaf(*latest[kh]) for kh in sorted(latest)], 0))
+
     @classmethod
     def build(cls, items: Iterable[tuple[bytes, bytes]], payloads: Iterable[Any] = ()) -> SparseMap:
         """The map of these (key hash, value hash) pairs, with these payloads in the same order if
         given (the last one wins for a repeated key)."""
         with_payloads = {kh: (kh, vh, payload) for (kh, vh), payload in itertools.zip_longest(items, payloads)}
-        return cls(_build([with_payloads[kh] for kh in sorted(with_payloads)], 0))
+        return cls(_build([_leaf(*with_payloads[kh]) for kh in sorted(with_payloads)], 0))
 
     def get(self, kh: bytes) -> bytes | None:
         leaf = _find(self.tree, kh, 0)

@@ -63,6 +63,12 @@ class Indexer:
             self.index = self.index.with_records(_with_gaps(self.index.size, self._buffer), end)
             self._buffer = []
 
+    def adopt(self, computed: IndexState) -> None:
+        """Our index as of computed.size, computed already from the same records (by the shared registry
+        while sequencing them): it replaces the index and what add() buffered, which it covers."""
+        assert computed.size >= self.index.size and (not self._buffer or self._buffer[-1][0] < computed.size), (computed.size, self.index.size)
+        self.index, self._buffer = computed, []
+
     def add_root(self, index: int, entry: bytes, computed: IndexState | None = None) -> None:
         """An index-root record at index: check it against our index and keep that state to prove from.
         computed: our index as of index, computed already from the same records (by the shared registry

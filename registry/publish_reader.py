@@ -74,39 +74,42 @@ class PublishReader:
 
     async def _read_through(self, name: str | None) -> None:
         """Read until the part name is read (None: to the end of the body)."""
+        if self._whole is not None and self._body is None:
+            try:
+                self._body = memoryview(await self._request.content.readexactly(self._whole))
+            except asyncio.IncompleteReadError:
+                raise MalformedError(ENDS_EARLY) from None
         while not self._done and (name is None or name not in self.parts):
-            if self._decoder is not None:
-                await self._cbor_step(self._decoder)
-            else:
+            if self._decoder is None:
                 await self._multipart_part()
+            elif self._body is not None:  # a whole small body: decoded from memory, no await per CBOR head
+                if self._feed(self._decoder, self._take(self._need)) and self._pos != len(self._body):
+                    raise MalformedError(TRAILING)
+            elif self._feed(self._decoder, await self._read(self._need)) and await self._request.content.read(1):
+                raise MalformedError(TRAILING)
 
     async def _read(self, n: int) -> bytes:
-        """The body's next n bytes. Raises MalformedError if it ends first."""
+        """The body's next n bytes from the stream. Raises MalformedError if it ends first."""
         try:
-            if self._whole is None:
-                return await self._request.content.readexactly(n)
-            if self._body is None:
-                self._body = memoryview(await self._request.content.readexactly(self._whole))
+            return await self._request.content.readexactly(n)
         except asyncio.IncompleteReadError:
             raise MalformedError(ENDS_EARLY) from None
+
+    def _take(self, n: int) -> bytes:
+        """The whole body's next n bytes. Raises MalformedError if it ends first."""
+        assert self._body is not None
         if self._pos + n > len(self._body):
             raise MalformedError(ENDS_EARLY)
         self._pos += n
         return bytes(self._body[self._pos - n : self._pos])
 
-    async def _at_end(self) -> bool:
-        if self._body is not None:
-            return self._pos == len(self._body)
-        return not await self._request.content.read(1)
-
-    async def _cbor_step(self, decoder: Decoder) -> None:
-        chunk = await self._read(self._need)
+    def _feed(self, decoder: Decoder, chunk: bytes) -> bool:
+        """Send the decoder the bytes it asked for; whether it is done (the map is complete)."""
         try:
             self._need = decoder.send(chunk)
         except StopIteration:
             self._done = True
-            if not await self._at_end():
-                raise MalformedError(TRAILING) from None
+        return self._done
 
     async def _multipart_part(self) -> None:
         try:

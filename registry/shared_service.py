@@ -323,9 +323,13 @@ class SharedRegistry(Registry):
                     self.state = self.state.apply(record, i)
                 except (RecordError, ValidationError) as e:
                     self.rejected.append((i, e))  # logged but void: replay reports it, state ignores it
-            for j, r in segment:
-                self.indexer.add(j, r)
-            self.indexer.flush()
+            computed = self._computed.get(size)  # the index as of the root that follows, computed while sequencing: it covers the segment
+            if computed is not None:
+                self.indexer.adopt(computed)
+            else:
+                for j, r in segment:
+                    self.indexer.add(j, r)
+                self.indexer.flush()
             self._applied_size = max(self._applied_size, size)
             for i in [i for i in self._computed if i < self._applied_size]:  # roots we will not meet again
                 del self._computed[i]

@@ -75,6 +75,22 @@ def test_the_map_matches_the_naive_root_and_proves_presence_and_absence(items, p
                 verify_map_proof(built.root, kh, items[other], built.prove(other))
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(key_hashes, values, max_size=30), st.lists(st.tuples(key_hashes, values), max_size=30), st.randoms())
+def test_setting_many_keys_at_once_is_setting_them_one_by_one(items, updates, rnd) -> None:  # type: ignore[no-untyped-def]
+    updates += [(kh, vh) for kh, vh in items.items() if rnd.random() < 0.3]  # replaced values (repeated keys: the last wins)
+    rnd.shuffle(updates)
+    before = SparseMap.build(items.items(), items)
+    one_by_one = before
+    for kh, vh in updates:
+        one_by_one = one_by_one.set(kh, vh, vh)
+    at_once = before.set_many((kh, vh, vh) for kh, vh in updates)
+    assert at_once.tree == one_by_one.tree  # the same shape, hashes and payloads
+    assert at_once.root == naive_root({**items, **dict(updates)})
+    assert SparseMap().set_many((kh, vh, None) for kh, vh in items.items()).root == before.root
+    assert before.root == naive_root(items)  # the old map is untouched
+
+
 def test_an_updated_value_changes_only_its_path_and_old_maps_stay_valid() -> None:
     a = SparseMap().set(key_hash("acme"), bytes(32)).set(key_hash("acme:hello"), bytes(32))
     b = a.set(key_hash("acme"), b"\x01" * 32)

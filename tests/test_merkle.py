@@ -17,6 +17,7 @@ from tlog.hashes import EMPTY_ROOT, leaf_hash, node_hash
 from tlog.merkle import (
     consistency_proof,
     inclusion_proof,
+    inclusion_proofs,
     root_from_inclusion_proof,
     tree_hash,
     verify_consistency,
@@ -82,6 +83,28 @@ def test_inclusion_matches_reference(size: int) -> None:
         verify_inclusion(index, size, leaf_hash(ENTRIES[index]), proof, root)
 
 
+@settings(max_examples=300, deadline=None)
+@given(size=st.integers(1, N), data=st.data())
+def test_batched_inclusion_proofs_are_the_one_at_a_time_proofs(size: int, data: st.DataObject) -> None:
+    """Any indexes (runs of neighbours as a batch answers, scattered ones, repeats, any order): each
+    proof is inclusion_proof's and the naive reference's, in the order asked."""
+    start = data.draw(st.integers(0, size - 1))
+    run = list(range(start, min(size, start + data.draw(st.integers(1, 130)))))
+    indexes = data.draw(st.one_of(st.just(run), st.lists(st.integers(0, size - 1), max_size=40), st.permutations(run)))
+    r = reader(STORE, summaries=data.draw(st.booleans()))
+    proofs = inclusion_proofs(indexes, size, r)
+    assert proofs == [inclusion_proof(i, size, r) for i in indexes]
+    assert proofs == [reference.inclusion_proof(i, size, ENTRIES) for i in indexes]
+
+
+def test_batched_inclusion_proofs_refuse_an_index_outside_the_tree() -> None:
+    r = reader(STORE)
+    assert inclusion_proofs([], 5, r) == []
+    for indexes, bad in (([5], 5), ([0, 4, 5], 5), ([-1, 0], -1)):
+        with pytest.raises(ProofError, match=f"index {bad} in a tree of size 5"):
+            inclusion_proofs(indexes, 5, r)
+
+
 @pytest.mark.parametrize("new", range(1, N + 1))
 def test_consistency_matches_reference(new: int) -> None:
     r = reader(STORE, summaries=new % 2 == 1)
@@ -101,6 +124,8 @@ def test_large_tree_crosses_three_tile_levels() -> None:
         assert tree_hash(70_000, r) == reference.mth(ref) == state.root_hash
         for index, size in [(0, 70_000), (65_535, 65_536), (65_536, 69_999), (69_999, 70_000), (12_345, 66_000)]:
             assert inclusion_proof(index, size, r) == reference.inclusion_proof(index, size, ref)
+        batch = [*range(65_300, 65_800), 3, 69_999]  # across index 65,536 (a new level-1 tile), plus far ones
+        assert inclusion_proofs(batch, 70_000, r) == [inclusion_proof(i, 70_000, r) for i in batch]  # inclusion_proof: the reference above
         for old, new in [(1, 70_000), (256, 65_537), (65_536, 70_000), (69_999, 70_000), (4097, 65_535)]:
             assert consistency_proof(old, new, r) == reference.consistency_proof(old, new, ref)
 

@@ -22,6 +22,14 @@ from .storage.base import LogStore
 from .tiles import ENTRIES, TILE_WIDTH, TileID, TileNodeReader, encode_entry_bundle, tile_for_size
 
 
+class _Base64Memo(dict[bytes, str]):
+    """The base64 of each hash asked for, computed on first use."""
+
+    def __missing__(self, h: bytes) -> str:
+        s = self[h] = b64encode(h)
+        return s
+
+
 @dataclass(frozen=True)
 class Published:
     """The latest signed checkpoint: parsed, and as the exact note bytes served."""
@@ -223,14 +231,7 @@ class Log:
     ) -> list[bytes]:
         """c2sp.org/tlog-proofs of many entries against one published checkpoint (extras: each one's extra line)."""
         proofs = inclusion_proofs(indexes, published.checkpoint.size, self.reader)
-        encoded: dict[bytes, str] = {}  # neighbours share most proof hashes: encode each once
-
-        def b64(h: bytes) -> str:
-            s = encoded.get(h)
-            if s is None:
-                s = encoded[h] = b64encode(h)
-            return s
-
+        b64 = _Base64Memo().__getitem__  # neighbours share most proof hashes: each encoded once, looked up in C
         extras = extras if extras is not None else [None] * len(indexes)
         return [
             TlogProof(i, tuple(p), published.note, x).encode(b64)

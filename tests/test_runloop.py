@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 
 import pytest
 from helpers import wait_until
@@ -105,3 +107,27 @@ async def test_a_shared_sequencer_stopped_as_it_is_woken_stops(pg_dsn, s3_path, 
                 await stack.aclose()
     finally:
         store.close()
+
+
+SERVING_GC_PROBE = """
+import gc, weakref
+from tlog.runloop import GC_YOUNG_THRESHOLD, serving_gc
+
+class Node:
+    pass
+
+kept = Node(); kept.self = kept  # start-up state: frozen, never collected again
+gone = Node(); gone.self = gone; left = weakref.ref(gone); del gone  # start-up garbage: collected
+serving_gc()
+assert left() is None and gc.get_freeze_count() > 0 and gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+later = Node(); later.self = later; dropped = weakref.ref(later); del later  # a cycle made while serving
+gc.collect()
+assert dropped() is None and kept.self is kept
+print("ok")
+"""
+
+
+def test_a_server_process_collects_start_up_garbage_freezes_the_rest_and_still_collects_cycles_later() -> None:
+    """serving_gc (wasmlog/common.py run_app calls it before serving), in a process of its own."""
+    done = subprocess.run([sys.executable, "-c", SERVING_GC_PROBE], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr

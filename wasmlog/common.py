@@ -26,7 +26,7 @@ from tlog.note import (
     Ed25519Signer,
 )
 from tlog.policy import NONE, Policy, parse_policy
-from tlog.runloop import new_loop, run
+from tlog.runloop import new_loop, run, serving_gc
 from tlog.sequencer import (
     DEFAULT_BATCH_MAX,
     DEFAULT_INTERVAL,
@@ -54,6 +54,7 @@ def run_app(app: web.Application, host: str | None, port: int | None, *, path: s
 
     path: serve on this Unix socket (also, or only when port is None); reuse_port: share the port.
     """
+    serving_gc()
     with asyncio.Runner(loop_factory=new_loop) as runner:
         runner.run(serve(app, limits, host, port, path=path, reuse_port=reuse_port))
 

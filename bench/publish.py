@@ -27,8 +27,10 @@ timed loop the client only does HTTP, over kept-alive connections (tlog/storage/
 CPU a publish, reported as "client"; --client aiohttp sends through RegistryClient.publish_signed
 instead, ~0.25 ms: on a 2-core machine the client's CPU is taken from the servers). A closed loop
 measures publishers / latency until the CPU saturates: at 64 publishers and the 100 ms interval,
-LMDB measured ~430/s (64 / 0.15 s) with CPU to spare, so the default is 256, enough for both engines
-to be limited by CPU rather than by the interval. Each pass reports the CPU milliseconds per publish
+LMDB measured ~430/s (64 / 0.15 s) with CPU to spare, so the default is 256. Since the registry's
+CPU per publish fell (~0.55 ms), 256 bind LMDB's one process by the interval again (~1,100/s at
+0.23 s, the machine a third busy: more publishers raise it), while the shared engine's two
+processes and SeaweedFS use ~85% of the machine. Each pass reports the CPU milliseconds per publish
 of the registry processes, PostgreSQL and SeaweedFS (with --store local) and the client, and how
 busy the whole machine was (other users' processes included: figures from a busy machine are
 capacity shared with them).

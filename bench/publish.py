@@ -29,7 +29,7 @@ instead, ~0.25 ms: on a 2-core machine the client's CPU is taken from the server
 measures publishers / latency until the CPU saturates: at 64 publishers and the 100 ms interval,
 LMDB measured ~430/s (64 / 0.15 s) with CPU to spare, so the default is 256. Since the registry's
 CPU per publish fell (~0.55 ms), 256 bind LMDB's one process by the interval again (~1,100/s at
-0.23 s, the machine a third busy: more publishers raise it), while the shared engine's two
+0.23 s, the machine a third busy), while the shared engine's two
 processes and SeaweedFS use ~85% of the machine. Each pass reports the CPU milliseconds per publish
 of the registry processes, PostgreSQL and SeaweedFS (with --store local) and the client, and how
 busy the whole machine was (other users' processes included: figures from a busy machine are

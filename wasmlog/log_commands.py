@@ -92,7 +92,7 @@ def serve_log(
             run_app(app, host, port, limits=limits)
             return
         serve_with_front_ends(
-            app, workers, lambda ipc_dir: ["wasmlog", "log", "front", "--ipc", ipc_dir, "--listen", listen],
+            app, (host, port), workers, lambda ipc_dir: ["wasmlog", "log", "front", "--ipc", ipc_dir, "--listen", listen],
             {ADD_SOCKET: lambda a: AddServer(a[SEQUENCER].submit, status_for)}, limits,
         )
     finally:
@@ -145,7 +145,7 @@ def log_serve(
             republish_interval=republish_interval, witness_timeout=witness_timeout,
             witness_rounds_per_day=witness_rounds_per_day, node_command=node_command, **opts,  # type: ignore[arg-type]
         )
-    except TlogError as e:
+    except (TlogError, OSError) as e:  # OSError: the port is taken (claimed_port), a file unreadable
         raise click.ClickException(str(e)) from e
 
 

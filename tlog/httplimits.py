@@ -194,13 +194,15 @@ def claimed_port(host: str | None, port: int) -> Iterator[None]:
     other group. Connections of an earlier run in TIME_WAIT do not count (the probe sets
     SO_REUSEADDR, as servers do); if they keep a claim from binding, the probe is all there is."""
     with contextlib.ExitStack() as claims:
-        for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+        for family, kind, proto, _, addr in set(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)):
             with socket.socket(family, kind, proto) as probe:
                 _v6only(probe)
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     probe.bind(addr)
                 except OSError as e:
+                    if e.errno == errno.EADDRNOTAVAIL:
+                        continue  # as create_server: a family not enabled here is not served either
                     if e.errno != errno.EADDRINUSE:
                         raise
                     raise OSError(errno.EADDRINUSE, f"{host or '*'}:{port} is already in use by another process"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import os
@@ -136,10 +135,12 @@ def serve_nodes(app: web.Application, host: str, port: int, limits: ServerLimits
         app.cleanup_ctx.append(exit_with_parent(worker_of))
         run_app(app, host, port, reuse_port=True, limits=limits)
         return
-    with claimed_port(host, port) if workers > 1 else contextlib.nullcontext():
-        if workers > 1:
-            app.cleanup_ctx.append(supervised([*command, "--worker-of", str(os.getpid())], workers - 1))
-        run_app(app, host, port, reuse_port=workers > 1, limits=limits)
+    if workers <= 1:
+        run_app(app, host, port, limits=limits)
+        return
+    with claimed_port(host, port):
+        app.cleanup_ctx.append(supervised([*command, "--worker-of", str(os.getpid())], workers - 1))
+        run_app(app, host, port, reuse_port=True, limits=limits)
 
 
 def read_witness_policy(path: pathlib.Path, signer: Ed25519Signer) -> Policy:

@@ -23,17 +23,20 @@ from registry_helpers import CYCLONEDX, REGISTRY_KEY, start_registry, with_custo
 from registry.blobs import BlobStore
 from registry.bucket_blobs import BucketBlobStore
 from registry.record import PackageRef
+from tlog.errors import UnverifiedNoteError
 from tlog.log import Log
+from tlog.note import Ed25519Signer, parse_note, sign_note, verifier_from_vkey
 from tlog.storage.lmdb_store import LMDBLogStore
 from tlog.storage.shared import SharedLogStore
 from tlog.tiles import TILE_WIDTH
 
 EMPTY_MODULE = b"\x00asm\x01\x00\x00\x00"
 RELEASES = 300  # more than one full tile and bundle
+REGISTRY_VERIFIER = verifier_from_vkey(REGISTRY_KEY.vkey)
 
 
 def migrate(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "wasmlog", "log", "migrate", "--registry", *args], env={**os.environ, **env},
+    return subprocess.run([sys.executable, "-m", "wasmlog", "log", "migrate", "--vkey", REGISTRY_KEY.vkey, "--registry", *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=300)
 
 
@@ -56,8 +59,6 @@ def logged_size(data: pathlib.Path) -> int:
 @pytest.fixture
 async def lmdb_registry(tmp_path, aiohttp_client):  # type: ignore[no-untyped-def]
     """A registry data directory (LMDB log, blobs) with RELEASES releases, some with an SBOM; returns (dir, modules)."""
-    from tlog.note import Ed25519Signer
-
     data = tmp_path / "src"
     api, _, _, store = await start_registry(aiohttp_client, data)
     alice = Ed25519Signer.generate("alice")
@@ -123,7 +124,7 @@ async def test_an_interrupted_migration_resumes_and_a_tampered_source_is_refused
             raise RuntimeError(f"killed at {done} of {size}")
 
         with pytest.raises(RuntimeError, match="killed at 256 of"):
-            copy_log(source, partial, progress=killed, batch=TILE_WIDTH)
+            copy_log(source, partial, REGISTRY_VERIFIER, progress=killed, batch=TILE_WIDTH)
         assert partial.load()[0].size > 0
         with pytest.raises(Exception, match="does not match the stored tree"):
             Log(partial, REGISTRY_KEY)  # a half copy is never served
@@ -170,11 +171,74 @@ def test_a_copy_interrupted_after_any_batch_and_resumed_is_the_source_tree(count
                     raise RuntimeError("killed")
 
             with contextlib.suppress(RuntimeError):
-                copy_log(source, target, progress=killed, batch=batch_tiles * TILE_WIDTH)
-            report = copy_log(source, target, batch=batch_tiles * TILE_WIDTH)
+                copy_log(source, target, REGISTRY_VERIFIER, progress=killed, batch=batch_tiles * TILE_WIDTH)
+            report = copy_log(source, target, REGISTRY_VERIFIER, batch=batch_tiles * TILE_WIDTH)
             assert report.size == count
             assert contents(target) == contents(source)
             assert Log(target, REGISTRY_KEY).integrated.checkpoint.root_hash == mth(tuple(entries))
         finally:
             source.close()
             target.close()
+
+
+def lmdb_log(directory: pathlib.Path, signer: Ed25519Signer, entries: list[bytes]) -> None:
+    store = LMDBLogStore(str(directory))
+    try:
+        Log(store, signer).integrate(entries)
+    finally:
+        store.close()
+
+
+def test_a_source_rewritten_and_signed_by_another_key_is_refused(tmp_path: pathlib.Path) -> None:
+    """Entries and checkpoint both rewritten, by a key of the log's name: the tree is consistent, the
+    signature is not the log's, and nothing is copied."""
+    impostor = Ed25519Signer.generate(REGISTRY_KEY.name)
+    lmdb_log(tmp_path / "src", impostor, [b"rewritten %d" % i for i in range(300)])
+    (tmp_path / "log.vkey").write_text(REGISTRY_KEY.vkey + "\n")
+
+    def run(vkey: str, to: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "wasmlog", "log", "migrate", "--vkey", vkey, "--from", str(tmp_path / "src"),
+                               "--to", str(tmp_path / to)], capture_output=True, text=True, timeout=300)
+
+    refused = run(str(tmp_path / "log.vkey"), "copy")  # the vkey from its file
+    assert refused.returncode == 1, refused.stderr
+    assert f"the source's checkpoint is not signed by the log's key {REGISTRY_KEY.name}+{REGISTRY_KEY.key_id:08x}" in refused.stderr
+    assert not (tmp_path / "copy").exists() or logged_lmdb_size(tmp_path / "copy") == 0
+    assert run(impostor.vkey, "copy").returncode == 0  # the same source under its own key copies
+    assert run("not a vkey", "other").returncode == 2
+
+
+def logged_lmdb_size(directory: pathlib.Path) -> int:
+    store = LMDBLogStore(str(directory))
+    try:
+        return store.load()[0].size
+    finally:
+        store.close()
+
+
+def test_a_target_or_published_checkpoint_signed_by_another_key_is_refused(tmp_path: pathlib.Path) -> None:
+    from wasmlog.migrate import copy_log
+
+    entries = [b"entry %d" % i for i in range(600)]
+    impostor = Ed25519Signer.generate(REGISTRY_KEY.name)
+    lmdb_log(tmp_path / "src", REGISTRY_KEY, entries)
+    lmdb_log(tmp_path / "dst", impostor, entries[:300])  # a prefix of the source's tree, under another key
+    source, target = LMDBLogStore(str(tmp_path / "src")), LMDBLogStore(str(tmp_path / "dst"))
+    try:
+        with pytest.raises(UnverifiedNoteError, match="the target's checkpoint is not signed by the log's key"):
+            copy_log(source, target, REGISTRY_VERIFIER)
+        assert target.load()[0].size == 300  # untouched
+        text = parse_note(source.load()[1] or b"").text
+        source.publish(sign_note(text, [impostor]))  # the tree the log signed, "published" under another key
+        fresh = LMDBLogStore(str(tmp_path / "fresh"))
+        try:
+            with pytest.raises(UnverifiedNoteError, match="the source's published checkpoint is not signed"):
+                copy_log(source, fresh, REGISTRY_VERIFIER)
+            source.publish(sign_note(text, [REGISTRY_KEY]))
+            assert copy_log(source, fresh, REGISTRY_VERIFIER).size == 600
+            assert fresh.published() == source.published()
+        finally:
+            fresh.close()
+    finally:
+        source.close()
+        target.close()

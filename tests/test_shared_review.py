@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from helpers import wait_until
-from test_shared_log import KEY, leaf
+from test_shared_log import KEY, VERIFIER, leaf
 
 from tlog.checkpoint import parse_checkpoint
 from tlog.errors import NotFoundError, StorageUnavailableError, TlogError
@@ -210,7 +210,7 @@ def test_an_interrupted_migration_resumed_against_a_target_that_moved(shared, tm
                 raise RuntimeError("killed between the bucket and the database")
 
         with pytest.raises(RuntimeError, match="killed"):
-            copy_log(source, shared(publish_integrated=False, before_commit=die_on_the_second_batch), batch=256)
+            copy_log(source, shared(publish_integrated=False, before_commit=die_on_the_second_batch), VERIFIER, batch=256)
         target = shared(publish_integrated=False)
         assert target.committed_size() == 256 and target.sequenced(256, 1000) == entries[256:512]
         with pytest.raises(TlogError, match="does not match the stored tree"):
@@ -218,11 +218,11 @@ def test_an_interrupted_migration_resumed_against_a_target_that_moved(shared, tm
         if moved:
             target.sequence([b"foreign"], [leaf(b"foreign")])
             with pytest.raises(TlogError, match="sequenced other entries"):
-                copy_log(source, target, batch=256)
+                copy_log(source, target, VERIFIER, batch=256)
             with pytest.raises(NotFoundError):  # nothing in the bucket claims a copy
                 ObjectStore(f"s3://{s3_path}/log").get("checkpoint")
             return
-        report = copy_log(source, target, batch=256)
+        report = copy_log(source, target, VERIFIER, batch=256)
         assert (report.size, report.copied) == (600, 344)
         note = ObjectStore(f"s3://{s3_path}/log").get("checkpoint")
         assert note == source.checkpoint()

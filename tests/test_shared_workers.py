@@ -59,8 +59,8 @@ def running(pid: int) -> bool:
 class Workers:
     """`wasmlog <group> serve --store ... --workers 2` on a free port."""
 
-    def __init__(self, group: str, key: str, dsn: str, objects: str, env: dict[str, str], logfile: str) -> None:
-        self.port = free_port()
+    def __init__(self, group: str, key: str, dsn: str, objects: str, env: dict[str, str], logfile: str, port: int = 0) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.health = self.url + ("/log/healthz" if group == "registry" else "/healthz")
         self.logfile = logfile
@@ -139,6 +139,16 @@ async def test_registry_workers_on_shared_storage_take_publishes_and_none_outliv
     try:
         assert await workers.roles() == {"integrating", "following"}
         [worker] = children(workers.proc.pid)
+        # Another group started on the port by mistake refuses it instead of sharing it (claimed_port).
+        second = Workers("registry", str(tmp_path / "registry.key"), pg_dsn, f"s3://{s3_path}/reg", seaweed.env,
+                         str(tmp_path / "second.log"), port=workers.port)
+        try:
+            assert await asyncio.to_thread(second.proc.wait, 60) == 1
+        finally:
+            second.stop()
+        last = pathlib.Path(second.logfile).read_text().strip().splitlines()[-1]
+        assert f"127.0.0.1:{workers.port} is already in use by another process" in last, last
+        assert children(workers.proc.pid) == [worker]
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
             api = RegistryClient(workers.url, session)
 

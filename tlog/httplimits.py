@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -179,6 +180,44 @@ class GuardedSite(web.BaseSite):
             self._server = await loop.create_server(factory, self.host, self.port, reuse_port=self.reuse_port or None)
             sock: socket.socket = self._server.sockets[0]
             self.port = sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def claimed_port(host: str | None, port: int) -> Iterator[None]:
+    """For the first process of a group that will share (host, port) with SO_REUSEPORT, around all
+    of the group's serving: raise OSError(EADDRINUSE) when anyone else has the port bound (a bind
+    without SO_REUSEPORT fails, as a lone server's would), else hold the port until the block ends.
+
+    Without this, a second group (same user, SO_REUSEPORT too) would silently share the port. The
+    port is held by sockets bound with SO_REUSEPORT, without SO_REUSEADDR and not listening: they
+    take no connections, let the group's own listeners bind, and make this check fail for any
+    other group. Connections of an earlier run in TIME_WAIT do not count (the probe sets
+    SO_REUSEADDR, as servers do); if they keep a claim from binding, the probe is all there is."""
+    with contextlib.ExitStack() as claims:
+        for family, kind, proto, _, addr in set(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)):
+            with socket.socket(family, kind, proto) as probe:
+                _v6only(probe)
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(addr)
+                except OSError as e:
+                    if e.errno == errno.EADDRNOTAVAIL:
+                        continue  # as create_server: a family not enabled here is not served either
+                    if e.errno != errno.EADDRINUSE:
+                        raise
+                    raise OSError(errno.EADDRINUSE, f"{host or '*'}:{port} is already in use by another process"
+                                  " (another server or --workers group?): stop it or choose another --listen") from None
+            claim = claims.enter_context(socket.socket(family, kind, proto))
+            _v6only(claim)
+            claim.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            with contextlib.suppress(OSError):
+                claim.bind(addr)
+        yield
+
+
+def _v6only(sock: socket.socket) -> None:
+    if sock.family == socket.AF_INET6:  # as asyncio's create_server: IPv4 is bound on its own
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
 
 
 async def start_server(app: web.Application, limits: ServerLimits, host: str | None = None, port: int | None = None, *,

@@ -21,7 +21,7 @@ from registry.record import PackageRef, check_label, parse_package_ref
 from tlog.addipc import AddServer
 from tlog.errors import TlogError
 from tlog.frontend import HTTP_SOCKET, exit_with_parent, front_ends, supervised
-from tlog.httplimits import DEFAULT_LIMITS, ServerLimits, serve
+from tlog.httplimits import DEFAULT_LIMITS, ServerLimits, claimed_port, serve
 from tlog.note import (
     Ed25519Signer,
 )
@@ -82,22 +82,24 @@ def server_limit_options(f: Callable[..., Any]) -> Callable[..., Any]:
 PRIVATE_IDLE_TIMEOUT = 60.0
 
 
-def serve_with_front_ends(app: web.Application, workers: int, front_command: Callable[[str], list[str]],
+def serve_with_front_ends(app: web.Application, listen: tuple[str, int], workers: int, front_command: Callable[[str], list[str]],
                           servers: Mapping[str, Callable[[web.Application], AddServer]], limits: ServerLimits) -> None:
-    """Serve app on a private Unix socket with `workers` front-end processes on the public port.
+    """Serve app on a private Unix socket with `workers` front-end processes on the public port
+    listen (host, port), which must be free (claimed_port).
 
     front_command gets the socket directory; the front-ends get limits as flags after it. The
     private socket (only the front-ends reach it) admits all their connections and keeps idle
     ones longer than their connection pools do (aiohttp's default: 15 s)."""
-    ipc_dir = tempfile.mkdtemp(prefix="wasmlog-")  # mode 0700: only this user reaches the sockets
-    try:
-        command = front_command(ipc_dir) + limits.as_args()
-        app.cleanup_ctx.append(front_ends(ipc_dir, command, workers, servers))  # supervised
-        private = dataclasses.replace(limits, header_timeout=max(limits.header_timeout, PRIVATE_IDLE_TIMEOUT),
-                                      max_connections=limits.max_connections * workers)
-        run_app(app, None, None, path=os.path.join(ipc_dir, HTTP_SOCKET), limits=private)
-    finally:
-        shutil.rmtree(ipc_dir, ignore_errors=True)
+    with claimed_port(*listen):
+        ipc_dir = tempfile.mkdtemp(prefix="wasmlog-")  # mode 0700: only this user reaches the sockets
+        try:
+            command = front_command(ipc_dir) + limits.as_args()
+            app.cleanup_ctx.append(front_ends(ipc_dir, command, workers, servers))  # supervised
+            private = dataclasses.replace(limits, header_timeout=max(limits.header_timeout, PRIVATE_IDLE_TIMEOUT),
+                                          max_connections=limits.max_connections * workers)
+            run_app(app, None, None, path=os.path.join(ipc_dir, HTTP_SOCKET), limits=private)
+        finally:
+            shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
 def options_given(ctx: click.Context, leave_out: Collection[str] = ()) -> list[str]:
@@ -125,14 +127,20 @@ def serve_nodes(app: web.Application, host: str, port: int, limits: ServerLimits
                 command: Sequence[str]) -> None:
     """Serve app on shared storage as one of `workers` full nodes sharing host:port (SO_REUSEPORT).
 
-    Started by hand (worker_of None), this process also starts the other workers - 1 as `python -m
-    <command> --worker-of <its pid>`, starts another when one dies and stops them when it stops;
-    each of those stops once the process that started it is gone, even if it was killed."""
+    Started by hand (worker_of None), this process refuses a port already bound by anyone else
+    (claimed_port), then also starts the other workers - 1 as `python -m <command> --worker-of <its
+    pid>`, starts another when one dies and stops them when it stops; each of those stops once the
+    process that started it is gone, even if it was killed."""
     if worker_of is not None:
         app.cleanup_ctx.append(exit_with_parent(worker_of))
-    elif workers > 1:
+        run_app(app, host, port, reuse_port=True, limits=limits)
+        return
+    if workers <= 1:
+        run_app(app, host, port, limits=limits)
+        return
+    with claimed_port(host, port):
         app.cleanup_ctx.append(supervised([*command, "--worker-of", str(os.getpid())], workers - 1))
-    run_app(app, host, port, reuse_port=workers > 1 or worker_of is not None, limits=limits)
+        run_app(app, host, port, reuse_port=True, limits=limits)
 
 
 def read_witness_policy(path: pathlib.Path, signer: Ed25519Signer) -> Policy:

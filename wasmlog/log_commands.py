@@ -16,6 +16,8 @@ from tlog.keys import read_signer
 from tlog.log import Log
 from tlog.note import (
     Ed25519Signer,
+    Ed25519Verifier,
+    verifier_from_vkey,
 )
 from tlog.policy import Policy
 from tlog.sequencer import (
@@ -92,7 +94,7 @@ def serve_log(
             run_app(app, host, port, limits=limits)
             return
         serve_with_front_ends(
-            app, workers, lambda ipc_dir: ["wasmlog", "log", "front", "--ipc", ipc_dir, "--listen", listen],
+            app, (host, port), workers, lambda ipc_dir: ["wasmlog", "log", "front", "--ipc", ipc_dir, "--listen", listen],
             {ADD_SOCKET: lambda a: AddServer(a[SEQUENCER].submit, status_for)}, limits,
         )
     finally:
@@ -145,7 +147,7 @@ def log_serve(
             republish_interval=republish_interval, witness_timeout=witness_timeout,
             witness_rounds_per_day=witness_rounds_per_day, node_command=node_command, **opts,  # type: ignore[arg-type]
         )
-    except TlogError as e:
+    except (TlogError, OSError) as e:  # OSError: the port is taken (claimed_port), a file unreadable
         raise click.ClickException(str(e)) from e
 
 
@@ -159,6 +161,15 @@ def log_front(ipc_dir: str, listen: str, limits: ServerLimits) -> None:
     run_app(make_frontend_app(ipc_dir), host, port, reuse_port=True, limits=limits)
 
 
+def log_verifier(_ctx: click.Context, _param: click.Parameter, value: str) -> Ed25519Verifier:
+    """A --vkey value: the vkey text, or a file holding it."""
+    path = pathlib.Path(value)
+    try:
+        return verifier_from_vkey(path.read_text().strip() if path.is_file() else value)
+    except (TlogError, OSError, UnicodeDecodeError) as e:
+        raise click.BadParameter(f"not a vkey or a file holding one: {e}") from None
+
+
 @log_group.command("migrate")
 @click.option("--from", "from_dir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path), help="Copy from this LMDB directory ...")
 @click.option("--from-store", default=None, help="... or from this PostgreSQL DSN (with --from-objects).")
@@ -167,9 +178,12 @@ def log_front(ipc_dir: str, listen: str, limits: ServerLimits) -> None:
 @click.option("--to-store", default=None, help="... or into this PostgreSQL DSN (with --to-objects).")
 @click.option("--to-objects", default=None, help="s3://BUCKET/PREFIX of --to-store.")
 @click.option("--registry", is_flag=True, help="A registry's data: DIR/log and DIR/blobs, PREFIX/log and PREFIX/blobs (blobs are copied too).")
+@click.option("--vkey", "verifier", required=True, callback=log_verifier,
+              help="The log's verifier key (its vkey, or a file holding it: PREFIX.vkey of wasmlog keygen). The source's checkpoint, and the target's when resuming, must be signed by it.")
 def log_migrate(from_dir: pathlib.Path | None, from_store: str | None, from_objects: str | None, to_dir: pathlib.Path | None,
-                to_store: str | None, to_objects: str | None, registry: bool) -> None:
-    """Copy a log between LMDB and PostgreSQL + S3, recomputing every hash; run it again to resume."""
+                to_store: str | None, to_objects: str | None, registry: bool, verifier: Ed25519Verifier) -> None:
+    """Copy a log between LMDB and PostgreSQL + S3, recomputing every hash and checking the log's
+    signature on the source's checkpoint; run it again to resume."""
     from registry.bucket_blobs import BucketBlobStore
 
     from .migrate import migrate, open_lmdb, open_shared
@@ -183,7 +197,7 @@ def log_migrate(from_dir: pathlib.Path | None, from_store: str | None, from_obje
     try:
         opened.append(side(from_dir, from_store, from_objects, "from"))
         opened.append(side(to_dir, to_store, to_objects, "to"))
-        report = migrate(opened[0], opened[1], progress=lambda done, size: click.echo(f"{done}/{size}", err=True))
+        report = migrate(opened[0], opened[1], verifier, progress=lambda done, size: click.echo(f"{done}/{size}", err=True))
     except TlogError as e:
         raise click.ClickException(str(e)) from e
     finally:

@@ -1,8 +1,10 @@
 """`wasmlog log migrate`: copy a log (and a registry's blobs) between LMDB and the shared engine.
 
 Every entry is read from the source and its tree recomputed (plan_batch, as when it was first
-logged); the copy is refused if the recomputed root is not the one in the source's checkpoint, or
-if the target holds anything that is not a prefix of the source. Batches are committed with the
+logged); the copy is refused if the source's checkpoint (or published checkpoint) is not signed by
+the log's key, if the recomputed root is not the one in the source's checkpoint, if the target
+already has a checkpoint the log's key did not sign, or if the target holds anything that is not a
+prefix of the source. Batches are committed with the
 source's final checkpoint, which matches the target's tree only once the last batch is in: a half
 copied target is refused by `serve` (the stored checkpoint does not match the stored tree), and
 running migrate again resumes from the target's size. Blobs are copied (and their digests checked)
@@ -19,11 +21,11 @@ from registry.blobs import BlobStore
 from registry.bucket_blobs import BucketBlobStore
 from registry.record import RecordError, Release, decode_entry
 from tlog.checkpoint import Checkpoint, parse_checkpoint
-from tlog.errors import TlogError
+from tlog.errors import SignatureError, TlogError, UnverifiedNoteError
 from tlog.hashes import leaf_hash
 from tlog.integrate import TreeState, plan_batch
 from tlog.merkle import tree_hash
-from tlog.note import parse_note
+from tlog.note import Verifier, open_note
 from tlog.storage.base import LogStore
 from tlog.storage.lmdb_store import LMDBLogStore
 from tlog.storage.objects import objects_url_under
@@ -50,11 +52,20 @@ def _reader(store: LogStore, state: TreeState) -> TileNodeReader:
     return TileNodeReader(fetch, cache_tiles=64)
 
 
-def _source_checkpoint(source: LogStore) -> tuple[TreeState, Checkpoint, bytes]:
+def _signed(note: bytes, verifier: Verifier, whose: str) -> Checkpoint:
+    """The checkpoint in note, which the log's key (verifier) must have signed. Raises TlogError."""
+    try:
+        text = open_note(note, [verifier])[0].text
+    except (SignatureError, UnverifiedNoteError) as e:
+        raise type(e)(f"{whose} checkpoint is not signed by the log's key {verifier.name}+{verifier.key_id:08x} ({e}): refusing to copy") from None
+    return parse_checkpoint(text)
+
+
+def _source_checkpoint(source: LogStore, verifier: Verifier) -> tuple[TreeState, Checkpoint, bytes]:
     state, note = source.load()
     if note is None:
         raise TlogError("the source log is empty (no checkpoint)")
-    cp = parse_checkpoint(parse_note(note).text)
+    cp = _signed(note, verifier, "the source's")
     if (cp.size, cp.root_hash) != (state.size, state.root_hash):
         raise TlogError("the source's checkpoint does not match its own tree")
     return state, cp, note
@@ -77,11 +88,18 @@ def copy_blobs(entries: Sequence[bytes], source: Blobs, target: Blobs) -> int:
     return copied
 
 
-def copy_log(source: LogStore, target: LogStore, *, before_batch: Callable[[Sequence[bytes]], int] | None = None,
+def copy_log(source: LogStore, target: LogStore, verifier: Verifier, *, before_batch: Callable[[Sequence[bytes]], int] | None = None,
              progress: Callable[[int, int], None] | None = None, batch: int = BATCH) -> Report:
-    """Copy source's tree into target, resuming from target's size; see the module docstring. Raises TlogError."""
-    source_state, cp, note = _source_checkpoint(source)
-    state, _ = target.load()
+    """Copy source's tree into target, resuming from target's size; every checkpoint read (the source's,
+    its published one, the target's) must be signed by the log's key, verifier. See the module
+    docstring. Raises TlogError."""
+    source_state, cp, note = _source_checkpoint(source, verifier)
+    published = source.published()
+    if published is not None:
+        _signed(published, verifier, "the source's published")
+    state, target_note = target.load()
+    if target_note is not None:
+        _signed(target_note, verifier, "the target's")
     if state.size > cp.size or (state.size and tree_hash(state.size, _reader(source, source_state)) != state.root_hash):
         raise TlogError(f"the target's tree of size {state.size} is not a prefix of the source's (size {cp.size}): refusing to copy into it")
     shared = target if isinstance(target, SharedLogStore) else None
@@ -105,7 +123,6 @@ def copy_log(source: LogStore, target: LogStore, *, before_batch: Callable[[Sequ
         raise TlogError("the target's root is not the source checkpoint's")
     if shared is not None:
         shared.put_checkpoint(note)  # only now: the bucket's checkpoint covers tiles that are all there
-    published = source.published()
     if published is not None:
         target.publish(published)
     return Report(cp.size, cp.size - start, blobs)
@@ -123,11 +140,11 @@ def open_shared(dsn: str, objects: str, registry: bool) -> tuple[SharedLogStore,
     return store, BucketBlobStore(objects_url_under(objects, "blobs")) if registry else None
 
 
-def migrate(source: tuple[LogStore, Blobs | None], target: tuple[LogStore, Blobs | None],
+def migrate(source: tuple[LogStore, Blobs | None], target: tuple[LogStore, Blobs | None], verifier: Verifier,
             progress: Callable[[int, int], None] | None = None) -> Report:
-    """Copy a log, and with registry blob stores on both sides every blob its releases name."""
+    """Copy the log whose key is verifier, and with registry blob stores on both sides every blob its releases name."""
     (source_log, source_blobs), (target_log, target_blobs) = source, target
     hook = None
     if source_blobs is not None and target_blobs is not None:
         hook = lambda entries: copy_blobs(entries, source_blobs, target_blobs)
-    return copy_log(source_log, target_log, before_batch=hook, progress=progress)
+    return copy_log(source_log, target_log, verifier, before_batch=hook, progress=progress)

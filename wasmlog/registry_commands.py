@@ -137,7 +137,7 @@ def registry_serve(
             run_app(app, host, port, limits=limits)
             return
         serve_with_front_ends(
-            app, workers,
+            app, (host, port), workers,
             lambda ipc_dir: ["wasmlog", "registry", "front", "--ipc", ipc_dir, "--data", str(data), "--listen", listen],
             {
                 CHECK_SOCKET: lambda _: AddServer(registry.check_entry, status_for, error_body),

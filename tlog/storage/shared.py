@@ -24,6 +24,7 @@ Blocking (psycopg 3, storage/s3_sync.py): called from worker threads; one connec
 from __future__ import annotations
 
 import contextlib
+import select
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -121,21 +122,42 @@ class SharedLogStore:
     @contextlib.contextmanager
     def _txn(self, atomic: bool = True) -> Iterator[Any]:
         """A cursor in a transaction on this thread's connection (atomic=False: each statement commits
-        by itself, saving the round trips of BEGIN and COMMIT); database failures become StorageUnavailableError."""
-        conn = getattr(self._local, "conn", None)
+        by itself, saving the round trips of BEGIN and COMMIT); database failures become StorageUnavailableError.
+
+        A pooled connection is replaced before use when its session has ended (_ended: no round trip),
+        and an atomic transaction whose BEGIN fails on a pooled connection that turns out broken is
+        begun once more on a new one: BEGIN is its first round trip, so nothing of it was committed.
+        (A non-atomic one's first round trip is its caller's first statement: it is not retried.)"""
+        conn: Any = getattr(self._local, "conn", None)
         try:
-            if conn is None or conn.closed:
-                conn = self._local.conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
-                for setting, value in self._session_limits:
-                    conn.execute(f"SET {setting} = {int(value)}")
-                with self._conns_lock:
-                    self._conns = [c for c in self._conns if not c.closed] + [conn]
-            with conn.transaction() if atomic else contextlib.nullcontext(), conn.cursor() as cur:
-                yield cur
+            pooled = conn is not None and not conn.closed and not _ended(conn)
+            if not pooled:
+                conn = self._connect(conn)
+            with contextlib.ExitStack() as txn:
+                if atomic:
+                    try:
+                        txn.enter_context(conn.transaction())
+                    except psycopg.OperationalError:
+                        if not (pooled and conn.broken):
+                            raise
+                        conn = self._connect(conn)
+                        txn.enter_context(conn.transaction())
+                yield txn.enter_context(conn.cursor())
         except psycopg.Error as e:
             if conn is not None and conn.broken:
                 conn.close()
             raise StorageUnavailableError(redact(" ".join(f"the log's database: {e}".split()), self.dsn)) from None
+
+    def _connect(self, old: Any) -> Any:
+        """A new connection for this thread in place of old (closed, if any)."""
+        if old is not None:
+            old.close()
+        conn = self._local.conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+        for setting, value in self._session_limits:
+            conn.execute(f"SET {setting} = {int(value)}")
+        with self._conns_lock:
+            self._conns = [c for c in self._conns if not c.closed] + [conn]
+        return conn
 
     def _tile_at(self, size: int, level: int, index: int) -> bytes:
         tile = tile_for_size(size, level, index)
@@ -395,6 +417,15 @@ class SharedLogStore:
     def listening(self) -> bool:
         """Notifications arrive (the listener is connected and listening)."""
         return self._listener is not None and self._listener.listening
+
+def _ended(conn: Any) -> bool:
+    """Whether an idle connection has anything to read, without a round trip: the server speaks to an idle
+    session unasked to end it (a restart, pg_terminate_backend: a FATAL error, then the socket's end),
+    or (rarely) with a notice; either way a new connection is the safe one to use."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
 
 def _root_of(note: bytes | None) -> bytes | None:
     """The root hash a checkpoint note states (not verified: the Log checks the signature), or None."""

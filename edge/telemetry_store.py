@@ -26,7 +26,7 @@ import os
 import pathlib
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .telemetry_events import Event
@@ -98,12 +98,12 @@ class LogStore:
     def append(self, request: Any, resources: list[ResourceLogs]) -> int:
         """Store request (parsed as resources) without the events already stored; the records stored."""
         with self._lock:
+            hashes = {n: e.hash for n, e in events_of(resources) if isinstance(e, Event)}
             known, seen = set(), set()
-            for n, e in events_of(resources):
-                if isinstance(e, Event):
-                    if e.hash in self._window or e.hash in seen:
-                        known.add(n)
-                    seen.add(e.hash)
+            for n, h in hashes.items():
+                if h in self._window or h in seen:
+                    known.add(n)
+                seen.add(h)
             total = sum(len(r.records) for r in resources)
             self.redelivered += len(known)
             if len(known) == total:
@@ -116,17 +116,16 @@ class LogStore:
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
-            self._remember(e for n, e in events_of(resources) if n not in known)
+            self._remember(h for n, h in hashes.items() if n not in known)
             self.requests += 1
             self.records += total - len(known)
             self._apply_retention()
             return total - len(known)
 
-    def _remember(self, items: Iterator[Event | Exception]) -> None:
-        for e in items:
-            if isinstance(e, Event):
-                self._window[e.hash] = None
-                self._window.move_to_end(e.hash)
+    def _remember(self, hashes: Iterable[str]) -> None:
+        for h in hashes:
+            self._window[h] = None
+            self._window.move_to_end(h)
         while len(self._window) > WINDOW:
             self._window.popitem(last=False)
 
@@ -139,7 +138,7 @@ class LogStore:
             tail = f.read()
         if size > TAIL_BYTES:
             tail = tail[tail.find(b"\n") + 1:]  # from the first whole line
-        self._remember(e for _, e in export_items(tail) if isinstance(e, Event))
+        self._remember(e.hash for _, e in export_items(tail) if isinstance(e, Event))
 
     def _close_segment(self) -> None:
         closed = segments(self.data)[:-1]

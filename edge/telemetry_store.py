@@ -54,12 +54,14 @@ def segments(data: pathlib.Path) -> list[pathlib.Path]:
 
 
 def read_retention(data: pathlib.Path) -> dict[str, Any]:
-    """retention.json, or an empty record when retention has dropped nothing."""
+    """retention.json, or an empty record when retention has dropped nothing. Raises ValueError
+    (json.JSONDecodeError included) for a file that is not a retention record."""
     try:
         obj = json.loads((data / RETENTION).read_bytes())
     except FileNotFoundError:
         return {"segments": 0, "requests": 0, "nodes": {}}
-    if type(obj) is not dict or type(obj.get("nodes")) is not dict:
+    if type(obj) is not dict or type(obj.get("nodes")) is not dict or type(obj.get("segments")) is not int \
+            or type(obj.get("requests")) is not int:
         raise ValueError(f"{data / RETENTION} is not a retention record")
     return obj
 
@@ -93,6 +95,7 @@ class LogStore:
         self._lock = threading.Lock()
         self.requests = self.records = self.redelivered = 0
         self._window: collections.OrderedDict[str, None] = collections.OrderedDict()
+        dropped_through(read_retention(data))  # a damaged retention record stops the collector here, not at a rotation
         self._refill_window()
 
     def append(self, request: Any, resources: list[ResourceLogs]) -> int:

@@ -10,6 +10,7 @@ import pathlib
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from click.testing import CliRunner
 from helpers import wait_until
@@ -137,3 +138,7 @@ async def test_retention_keeps_the_newest_segments_and_verify_reads_across_them(
     (data_dir / "retention.json").unlink()
     code, report = verify()  # without the record, retention's drop is a gap like any other
     assert code == 1 and [(f["kind"], f["seq"]) for f in report["findings"]] == [("gap", 1)]
+    (data_dir / "retention.json").write_text('{"nodes": []}')
+    assert CliRunner().invoke(main, ["telemetry", "verify", str(data_dir)]).exit_code == 2  # unusable input, named
+    with pytest.raises(ValueError, match="not a retention record"):
+        make_collector_app(data_dir, MIN_RETAIN_BYTES)  # nor does the collector start on it

@@ -115,7 +115,11 @@ def telemetry_verify(source: pathlib.Path, key: str | None, as_json: bool) -> No
             finally:
                 spool.close()
         elif source.is_dir() and segments(source):  # a collector's data directory
-            report = verify_events(stored_items(source), key, dropped_through(read_retention(source)))
+            try:
+                retention = dropped_through(read_retention(source))
+            except ValueError as e:
+                raise click.exceptions.Exit(_fail(f"{source}: {e}")) from None
+            report = verify_events(stored_items(source), key, retention)
         elif source.is_dir():
             raise click.exceptions.Exit(_fail(f"{source} holds no telemetry spool and no collector's logs.jsonl"))
         else:

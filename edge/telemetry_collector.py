@@ -1,20 +1,20 @@
 """A small OTLP/HTTP JSON logs collector: accepts `POST /v1/logs`, stores each request, serves them back.
 
 Each accepted ExportLogsServiceRequest (parsed strictly and bounded, edge/telemetry_otlp.py) is
-appended as one line of compact JSON to DATA/logs.jsonl and fsynced before the 200 is sent, so
-what was acknowledged survives a crash (at-least-once delivery may store a batch twice: the
-events' ids say so, and `wasmlog telemetry verify` skips such duplicates). `GET /v1/logs/export`
-answers the file as it is (JSON lines), the format `wasmlog telemetry verify` reads.
+appended, without the events already stored (a redelivered batch), as one line of compact JSON to
+DATA/logs.jsonl and fsynced before the 200 is sent, so what was acknowledged survives a crash;
+the lines are kept in numbered segments under a total size bound (edge/telemetry_store.py).
+`GET /v1/logs/export` answers every segment as it is, oldest first (JSON lines, the format
+`wasmlog telemetry verify` reads), `GET /v1/logs/retention` what retention dropped.
 Errors are answered with a google.rpc.Status JSON body, statuses from STATUS (spec/telemetry.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import os
 import pathlib
-import threading
 
 from aiohttp import web
 
@@ -23,7 +23,8 @@ from tlog.errors import BodyTimeoutError, MalformedError, TlogError, TooLargeErr
 from tlog.httplimits import body_limit
 from tlog.server import errors_middleware_for
 
-from .telemetry_otlp import OtlpError, parse_logs_request, record_count
+from .telemetry_otlp import OtlpError, parse_logs_request
+from .telemetry_store import DEFAULT_RETAIN_BYTES, LogStore, read_retention, segments
 
 MAX_REQUEST_BYTES = 8 << 20  # after decoding; OTLP recommends a limit and a 413 beyond it
 
@@ -48,25 +49,6 @@ def error_response(e: Exception) -> web.Response:
     return web.json_response({"code": 3 if status < 500 else 13, "message": str(e)}, status=status)  # INVALID_ARGUMENT / INTERNAL
 
 
-class LogStore:
-    """DATA/logs.jsonl: one accepted request per line, appended and fsynced under a lock."""
-
-    def __init__(self, data: pathlib.Path) -> None:
-        data.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.path = data / "logs.jsonl"
-        self._lock = threading.Lock()
-        self.requests = self.records = 0
-
-    def append(self, request: object, records: int) -> None:
-        line = json.dumps(request, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
-        with self._lock, open(self.path, "ab") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-            self.requests += 1
-            self.records += records
-
-
 STORE = web.AppKey("telemetry_store", LogStore)
 EXPORT_CHUNK = 256 << 10
 
@@ -80,42 +62,51 @@ async def post_logs(request: web.Request) -> web.Response:
         resources = parse_logs_request(obj)
     except MalformedError as e:
         raise OtlpError(str(e)) from None
-    count = record_count(resources)
-    if count:
-        await asyncio.to_thread(request.app[STORE].append, obj, count)
+    await asyncio.to_thread(request.app[STORE].append, obj, resources)
     return web.json_response({})  # full success: partialSuccess left unset
 
 
 async def get_export(request: web.Request) -> web.StreamResponse:
-    """The stored lines as they are at the request (lines appended meanwhile wait for the next export)."""
-    path = request.app[STORE].path
-    if not path.exists():
-        return web.Response(body=b"", content_type="application/x-ndjson")
-    with await asyncio.to_thread(open, path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    """Every segment as it is at the request, oldest first (lines appended meanwhile wait for the next export)."""
+    data = request.app[STORE].data
+    with contextlib.ExitStack() as files:
+        opened = []
+        for path in await asyncio.to_thread(segments, data):
+            try:  # a segment retention drops meanwhile is gone; one opened stays readable
+                f = files.enter_context(await asyncio.to_thread(open, path, "rb"))
+            except FileNotFoundError:
+                continue
+            opened.append((f.fileno(), os.fstat(f.fileno()).st_size))
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        response.content_length = size
+        response.content_length = sum(size for _, size in opened)
         await response.prepare(request)
-        sent = 0
-        while sent < size:
-            chunk = await asyncio.to_thread(os.pread, f.fileno(), min(EXPORT_CHUNK, size - sent), sent)
-            if not chunk:
-                break
-            await response.write(chunk)
-            sent += len(chunk)
+        for fd, size in opened:
+            sent = 0
+            while sent < size:
+                chunk = await asyncio.to_thread(os.pread, fd, min(EXPORT_CHUNK, size - sent), sent)
+                if not chunk:
+                    break
+                await response.write(chunk)
+                sent += len(chunk)
         await response.write_eof()
         return response
 
 
+async def get_retention(request: web.Request) -> web.Response:
+    return web.json_response(await asyncio.to_thread(read_retention, request.app[STORE].data))
+
+
 async def get_healthz(request: web.Request) -> web.Response:
     store = request.app[STORE]
-    return web.Response(text=f"ok: {store.requests} requests, {store.records} log records stored since start\n")
+    return web.Response(text=f"ok: {store.requests} requests, {store.records} log records stored since start, "
+                             f"{store.redelivered} redelivered ones not stored again\n")
 
 
-def make_collector_app(data: pathlib.Path) -> web.Application:
+def make_collector_app(data: pathlib.Path, retain_bytes: int = DEFAULT_RETAIN_BYTES) -> web.Application:
     app = web.Application(middlewares=[errors_middleware_for(error_response)])
-    app[STORE] = LogStore(data)
+    app[STORE] = LogStore(data, retain_bytes)
     app.router.add_post("/v1/logs", body_limit(MAX_REQUEST_BYTES, post_logs))
     app.router.add_get("/v1/logs/export", get_export)
+    app.router.add_get("/v1/logs/retention", get_retention)
     app.router.add_get("/healthz", get_healthz)
     return app

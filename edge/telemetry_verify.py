@@ -11,11 +11,14 @@ number, a spool seq), or why a record there is not an event. Per node:
 - each signed chain head (wasmlog.telemetry.head_signed) must verify with the node's key (pinned with
   `key`, else the one the event names) and name the hash of the event at its seq (`head-mismatch`).
 Events after the last signed head are reported as `unsigned_tail`: an edit there cannot be seen.
+A collector's retention may have dropped a node's oldest events: given, per node, the highest seq
+it dropped and that event's hash, the seqs up to it are counted as `retention_dropped` (not a gap)
+and the next event must link to that hash (`broken-link` otherwise).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from tlog.errors import TlogError
@@ -43,6 +46,7 @@ class NodeReport:
     first_seq: int = 0
     last_seq: int = 0
     declared_dropped: int = 0  # seqs missing here that the node said it dropped
+    retention_dropped: int = 0  # seqs missing here that the collector's retention dropped
     signed_through: int = 0  # the newest seq covered by a verified head signature
     key_pinned: bool = False
 
@@ -74,8 +78,10 @@ def _ranges(seqs: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def verify_events(items: Iterable[tuple[str, Event | EventError]], key: str | None = None) -> Report:
-    """Check items (where, event or the error of a record that is not one) as described above."""
+def verify_events(items: Iterable[tuple[str, Event | EventError]], key: str | None = None,
+                  retained_after: Mapping[str, tuple[int, str]] | None = None) -> Report:
+    """Check items (where, event or the error of a record that is not one) as described above;
+    retained_after: per node, (the highest seq the collector's retention dropped, that event's hash)."""
     report = Report()
     by_node: dict[str, dict[int, tuple[str, Event]]] = {}
     ids: dict[str, Event] = {}
@@ -105,14 +111,20 @@ def verify_events(items: Iterable[tuple[str, Event | EventError]], key: str | No
         if e.node not in last or e.seq > last[e.node][0]:
             last[e.node] = (e.seq, where)
     for node_id, seqs in by_node.items():
-        _check_node(report, node_id, seqs, key)
+        _check_node(report, node_id, seqs, key, (retained_after or {}).get(node_id))
     return report
 
 
-def _check_node(report: Report, node_id: str, seqs: dict[int, tuple[str, Event]], key: str | None) -> None:
+def _check_node(report: Report, node_id: str, seqs: dict[int, tuple[str, Event]], key: str | None,
+                retention: tuple[int, str] | None) -> None:
     node = report.nodes[node_id]
     order = sorted(seqs)
     node.first_seq, node.last_seq = order[0], order[-1]
+    through, through_hash = retention or (0, "")
+    if through and through + 1 in seqs and seqs[through + 1][1].prev != through_hash:
+        where = seqs[through + 1][0]
+        report.findings.append(Finding("broken-link", node_id, through + 1, where,
+                                       f"seq {through + 1}'s prev is not the hash of seq {through}, the last event retention dropped"))
     for s in order:
         where, e = seqs[s]
         if s - 1 in seqs and seqs[s - 1][1].hash != e.prev:
@@ -123,7 +135,8 @@ def _check_node(report: Report, node_id: str, seqs: dict[int, tuple[str, Event]]
         first, last = e.attr("wasmlog.dropped.first_seq"), e.attr("wasmlog.dropped.last_seq")
         if e.name == DROPPED and type(first) is int and type(last) is int and first <= last < e.seq:
             declared.update(range(first, last + 1))  # bounded: a drop names seqs before its own
-    missing = [s for s in range(1, order[-1] + 1) if s not in seqs]
+    missing = [s for s in range(through + 1, order[-1] + 1) if s not in seqs]
+    node.retention_dropped = sum(s not in seqs for s in range(1, min(through, order[-1]) + 1))
     node.declared_dropped = sum(s in declared for s in missing)
     for lo, hi in _ranges([s for s in missing if s not in declared]):
         after = seqs[lo - 1][0] if lo - 1 in seqs else "the start"

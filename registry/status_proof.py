@@ -11,7 +11,9 @@ Canonical CBOR (deterministic encoding, as log entries):
      "records": [{"index": I, "entry": <log entry>, "proof": [...]}, ...]}   # revocations and yanks, in index order
 
 Parsing is strict and bounded: exactly these fields and types, nothing that does not
-re-encode to the same bytes.
+re-encode to the same bytes. Before any Python object is built, one pass over the CBOR heads
+(scan_heads) refuses a file with more items, containers or nesting than the largest valid status proof
+has: a hostile file of tiny maps would otherwise cost some 70 bytes of memory per input byte.
 """
 
 from __future__ import annotations
@@ -37,6 +39,17 @@ MAX_STATUS_PROOF_BYTES = 4 << 20
 MAX_RECORDS = 1024  # grants, revocations and yanks of one namespace and package
 MAX_HISTORY = 1 << 17  # records under one key
 _MAX_KEY = 2 * MAX_LABEL + 1
+
+# The largest valid status proof, counted in CBOR data items (each map key and value, each array
+# element and each container itself is one), containers and nesting, from the bounds above.
+_INCLUDED_ITEMS = 1 + 2 * 3 + MAX_PROOF_HASHES  # the map, its keys and values, the proof's hashes
+_KEY_ITEMS = 1 + 2 * 5 + 2 + MAX_DEPTH + MAX_HISTORY  # the map, its keys and values, other's pair, siblings, indexes
+# The top map, its 5 keys, v, checkpoint, the keys and records arrays; the root; 2 keys; the records.
+MAX_ITEMS = 1 + 5 + 4 + _INCLUDED_ITEMS + 2 * _KEY_ITEMS + MAX_RECORDS * _INCLUDED_ITEMS
+MAX_CONTAINERS = 1 + 2 + 1 + 2 * 4 + 1 + MAX_RECORDS * 2  # top; root, its proof; keys, 2 x (map, other, proof, indexes); records, each map and proof
+MAX_NESTING = 4  # top map > keys > a key's map > other
+MAX_PAIRS = 5  # the largest map: the top one, and a key's
+MAX_ARRAY = max(MAX_HISTORY, MAX_RECORDS, MAX_DEPTH, MAX_PROOF_HASHES)  # the longest array
 
 
 class StatusProofError(MalformedError):
@@ -89,6 +102,7 @@ def parse_status_proof(data: bytes) -> StatusProof:
     """Parse a status-proof file. Raises StatusProofError (TooLargeError past the size bound)."""
     if len(data) > MAX_STATUS_PROOF_BYTES:
         raise TooLargeError(f"status proof of {len(data)} bytes is over {MAX_STATUS_PROOF_BYTES}")
+    scan_heads(data)
     try:
         obj = cbor2.loads(data)
     except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError, OverflowError) as e:
@@ -109,6 +123,64 @@ def parse_status_proof(data: bytes) -> StatusProof:
     if cbor2.dumps(obj) != data:
         raise StatusProofError("status proof is not canonical CBOR")
     return proof
+
+
+def scan_heads(data: bytes) -> None:
+    """Walk the heads of the one CBOR item that must fill data, without building it: only unsigned
+    integers, byte and text strings, arrays, maps and null, definite lengths, and no more items,
+    containers, nesting or entries per container than a valid status proof has. A container's
+    declared length counts against the bounds at its head, before its items are read."""
+    pos, end = 0, len(data)
+    items, containers = 1, 0  # items: declared so far
+    open_counts: list[int] = []  # items left to read in each enclosing container
+    left = 1  # items left to read at this level
+    while True:
+        while not left:
+            if not open_counts:
+                if pos != end:
+                    raise StatusProofError(f"status proof has {end - pos} bytes after its end")
+                return
+            left = open_counts.pop()
+        left -= 1
+        if pos >= end:
+            raise StatusProofError("status proof is not CBOR: it ends inside an item")
+        at, head = pos, data[pos]
+        pos += 1
+        if head < 24:  # an unsigned integer in its head (the commonest item: history increases)
+            continue
+        major, info = head >> 5, head & 31
+        if info < 24:
+            arg = info
+        elif info < 28:
+            pos += 1 << (info - 24)
+            if pos > end:
+                raise StatusProofError("status proof is not CBOR: it ends inside an item's head")
+            if major == 0:
+                continue
+            arg = int.from_bytes(data[at + 1:pos], "big")
+        else:
+            raise StatusProofError(f"status proof: an indefinite length or reserved head {head:#04x} at byte {at}")
+        if major in (2, 3):
+            if arg > end - pos:
+                raise StatusProofError("status proof is not CBOR: a string runs past its end")
+            pos += arg
+            continue
+        if head == 0xF6:  # null
+            continue
+        if major not in (4, 5):
+            raise StatusProofError(f"status proof: {_KINDS[major]} at byte {at} (only unsigned integers, strings, arrays, maps and null)")
+        if (arg > MAX_ARRAY) if major == 4 else (arg > MAX_PAIRS):
+            raise StatusProofError(f"status proof: {_KINDS[major]} of {arg} entries, more than any in a valid status proof")
+        containers += 1
+        items += arg if major == 4 else 2 * arg
+        if containers > MAX_CONTAINERS or items > MAX_ITEMS or len(open_counts) >= MAX_NESTING:
+            raise StatusProofError(f"status proof has more items, arrays and maps or nesting than a valid one "
+                                   f"(at most {MAX_ITEMS} items, {MAX_CONTAINERS} arrays and maps, nested {MAX_NESTING} deep)")
+        open_counts.append(left)
+        left = arg if major == 4 else 2 * arg
+
+
+_KINDS = ("an integer", "a negative integer", "a byte string", "a text string", "an array", "a map", "a tag", "a float or simple value")
 
 
 def _key_proof(obj: object) -> KeyProof:

@@ -609,3 +609,34 @@ async def test_the_readme_path_on_a_wasmlog_up_network(tmp_path) -> None:  # typ
     finally:
         stop.set()
         await network
+
+
+async def test_an_ns_name_whose_newest_release_escalates_is_quarantined_not_rolled_back(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """spec/agent.md "A newest release the profile refuses": the node fails closed. It does not keep
+    serving (or fall back to) an older release the profile allows: only a proven withdrawal (a yank)
+    takes it back, and a newer release the profile allows moves it on."""
+    api, _, _, _ = await start_registry(aiohttp_client, tmp_path / "registry")
+    await publish(api, "acme:hello@1.0.0", HELLO)
+    escalated = printing_module(b"Content-Type: text/plain\n\nlistening\n", NET_MODULE_IMPORT)
+    a = await in_process_agent(aiohttp_client, tmp_path, [api.url], {"acme:hello": "stdout"})
+    try:
+        assert (await a.runs.get("/run/acme/hello")).status == 200
+        await publish(api, "acme:hello@1.1.0", escalated)
+        for _ in range(2):  # and it stays so: nothing proved 1.1.0 withdrawn
+            (m,) = (await (await a.admin.post("/sweep")).json())["modules"]
+            assert (m["state"], m["reason"], m["version"]) == ("quarantined", "capability", "1.1.0")
+            (m,) = (await (await a.admin.get("/status")).json())["modules"]
+            assert m["digest"] == hashlib.sha256(escalated).hexdigest() and "sock_accept" in m["message"]
+            r = await a.runs.get("/run/acme/hello")
+            assert r.status == 403 and "capability" in await r.text()
+        assert not (tmp_path / "edge" / "agent-data" / "modules" / "sha256" / hashlib.sha256(escalated).hexdigest()).exists()
+
+        await api.act(ALICE, Action("yank", "acme", name="hello", version="1.1.0", issued=2, reason="escalation"))
+        (m,) = (await (await a.admin.post("/sweep")).json())["modules"]
+        assert (m["state"], m["version"]) == ("admitted", "1.0.0")  # withdrawn: the newest good one again
+        assert (await a.runs.get("/run/acme/hello")).status == 200
+        await publish(api, "acme:hello@1.2.0", with_custom_section(HELLO, 8))
+        (m,) = (await (await a.admin.post("/sweep")).json())["modules"]
+        assert (m["state"], m["version"]) == ("admitted", "1.2.0")
+    finally:
+        await a.close()

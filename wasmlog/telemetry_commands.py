@@ -88,13 +88,15 @@ def telemetry_group() -> None:
 @click.option("--key", help="The node's telemetry vkey (or a file holding it): pins whose signatures count.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def telemetry_verify(source: pathlib.Path, key: str | None, as_json: bool) -> None:
-    """Check SOURCE (an OTLP JSON export, JSON lines as the collector stores them, or an agent's data
-    directory or spool) for gaps, edits, reordering and bad chain-head signatures.
+    """Check SOURCE (an OTLP JSON export, JSON lines as the collector stores them, a collector's data
+    directory: every segment and what retention dropped, or an agent's data directory or spool) for
+    gaps, edits, reordering and bad chain-head signatures.
 
     Exit status 0 when everything verifies, 1 with each finding and where it is, 2 for unusable input."""
     from edge.telemetry_events import Event, EventError
     from edge.telemetry_otlp import export_items
     from edge.telemetry_spool import Spool, SpoolError
+    from edge.telemetry_store import dropped_through, read_retention, segments, stored_items
     from edge.telemetry_verify import verify_events
 
     if key is not None and pathlib.Path(key).is_file():
@@ -112,8 +114,14 @@ def telemetry_verify(source: pathlib.Path, key: str | None, as_json: bool) -> No
                 report = verify_events(spooled(), key)
             finally:
                 spool.close()
+        elif source.is_dir() and segments(source):  # a collector's data directory
+            try:
+                retention = dropped_through(read_retention(source))
+            except ValueError as e:
+                raise click.exceptions.Exit(_fail(f"{source}: {e}")) from None
+            report = verify_events(stored_items(source), key, retention)
         elif source.is_dir():
-            raise click.exceptions.Exit(_fail(f"{source} holds no telemetry spool"))
+            raise click.exceptions.Exit(_fail(f"{source} holds no telemetry spool and no collector's logs.jsonl"))
         else:
             report = verify_events(export_items(source.read_bytes()), key)
     except (OSError, SpoolError) as e:
@@ -126,7 +134,7 @@ def telemetry_verify(source: pathlib.Path, key: str | None, as_json: bool) -> No
         for node, r in report.nodes.items():
             tail = r.last_seq - r.signed_through
             click.echo(f"node {node}: {r.events} events, seq {r.first_seq}..{r.last_seq}, {r.duplicates} redelivered, "
-                       f"{r.declared_dropped} declared dropped, signed through seq {r.signed_through}"
+                       f"{r.declared_dropped} declared dropped, {r.retention_dropped} dropped by the collector's retention, signed through seq {r.signed_through}"
                        f"{' (key pinned)' if r.key_pinned else ' (key not pinned: pass --key)'}"
                        f"{f', {tail} events after the last signed head' if tail else ''}")
         for f in report.findings:
@@ -144,14 +152,17 @@ def collector_group() -> None:
 @collector_group.command("serve")
 @click.option("--data", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path), help="Where logs.jsonl is kept.")
 @click.option("--listen", default=DEFAULT_COLLECTOR_LISTEN, show_default=True, help="HOST:PORT.")
+@click.option("--retain-bytes", type=click.IntRange(64 << 10), default=1 << 30, show_default=True,
+              help="Keep at most this many bytes of logs (segments of a quarter of it, at most 16 MiB; the oldest go first).")
 @server_limit_options
-def collector_serve(data: pathlib.Path, listen: str, limits: ServerLimits) -> None:
-    """Accept OTLP/HTTP JSON logs at POST /v1/logs; store them in DATA/logs.jsonl; GET /v1/logs/export."""
+def collector_serve(data: pathlib.Path, listen: str, retain_bytes: int, limits: ServerLimits) -> None:
+    """Accept OTLP/HTTP JSON logs at POST /v1/logs; store them in DATA/logs.jsonl and its numbered
+    segments; GET /v1/logs/export, GET /v1/logs/retention."""
     from edge.telemetry_collector import make_collector_app
 
     host, port = split_listen(listen)
     click.echo(f"wasmlog collector: http://{host}:{port}/v1/logs", err=True)
-    run_app(make_collector_app(data), host, port, limits=limits)
+    run_app(make_collector_app(data, retain_bytes), host, port, limits=limits)
 
 
 def _fail(message: str, code: int = 2) -> int:

@@ -139,3 +139,21 @@ async def test_a_header_with_a_line_break_is_never_sent() -> None:
     http = Origin("http://127.0.0.1:9", connections=1)
     with pytest.raises(ValueError, match="line break"):
         await http.request("PUT", "/a", {"X": "a\r\nInjected: yes"}, b"x")
+
+
+async def test_an_unreadable_length_fails_the_request_at_once() -> None:
+    """Content-Length "\xb2" once made the answer reader raise ValueError inside data_received: the request then
+    waited for its whole timeout and failed as a TimeoutError, not as the malformed answer it was."""
+    async def odd_length(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nab")
+        await reader.read()
+
+    server, origin, _ = await serve(odd_length)
+    http = Origin(origin, connections=1, timeout=3)
+    try:
+        with pytest.raises(MalformedAnswerError, match="Content-Length"):
+            await http.request("PUT", "/a", {}, b"x")
+    finally:
+        http.close()
+        server.close()

@@ -278,3 +278,20 @@ def test_an_error_answer_names_s3s_code_and_message() -> None:
     answer = s3_sync.Answer(404, Message(), body)
     assert answer.code == "NoSuchBucket" and answer.describe() == "HTTP 404 NoSuchBucket: The specified bucket does not exist"
     assert s3_sync.Answer(404, Message(), b"").describe() == "HTTP 404: "
+
+
+def test_an_interim_answer_is_never_taken_for_the_final_one_nor_leaves_it_to_the_next_request(serve) -> None:  # type: ignore[no-untyped-def]
+    """http.client skips only 100 Continue: a 103 Early Hints (or 102 Processing) came back as the answer, with
+    no body, and its connection went back to the pool with the real answer still to come, which the next
+    request on it then read as its own."""
+    def respond(r: Request) -> tuple[bytes, bool]:
+        if "early" in r.line:
+            return b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n", False  # the final answer comes later (with the next request)
+        late = answer("200 OK", b"the early request's") if r.number else b""
+        return late + answer("200 OK", b"mine"), False
+
+    server, store = serve(respond)
+    with pytest.raises(StorageUnavailableError, match="103"):
+        store.get("early")
+    assert store.get("other") == b"mine"
+    assert [r.number for r in server.requests] == [0] * len(server.requests)  # no connection carried a second request

@@ -8,7 +8,8 @@ use when it shows as readable, and if the server turns out to have closed it any
 meets a reset or no answer at all), the request is sent once more on a fresh connection, not counted
 as a failed attempt. Connection failures and 5xx answers are retried (ATTEMPTS in all, BACKOFF
 apart), as boto3's standard mode does; the timeout bounds the connect and every read. An error
-answer's body is read at most ERROR_BODY_BYTES.
+answer's body is read at most ERROR_BODY_BYTES. An interim answer other than 100 Continue (102, 103:
+http.client would return it as the answer) fails the attempt and closes its connection.
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ class SyncBucket:
                 if not (reused and isinstance(e, ConnectionError)):
                     raise
                 conn, reused = self._connect(), False  # a kept-alive connection the server had closed: once more on a fresh one
+        if response.status < 200:  # http.client skips only 100 Continue: the final answer would still follow on this connection
+            conn.close()
+            raise http.client.HTTPException(f"an interim answer ({response.status} {response.reason}) where only the final one is read")
         ok = 200 <= response.status < 300
         if ok and stream is not None:
             return Answer(response.status, response.headers, b"", ObjectStream(stream, response, lambda whole: self._give(conn, whole)))

@@ -88,7 +88,7 @@ class SyncBucket:
     def __init__(self, endpoint: S3Endpoint, *, connections: int, timeout: float) -> None:
         self.endpoint = endpoint
         self._keep, self._timeout = connections, timeout
-        self._tls = ssl.create_default_context() if endpoint.scheme == "https" else None
+        self._tls = ssl.create_default_context(cafile=endpoint.ca_bundle) if endpoint.scheme == "https" else None
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._closed = False

@@ -337,3 +337,14 @@ async def test_a_bucket_over_tls_is_verified_with_the_ca_bundle_botocore_resolve
     _, untrusting = serve(lambda r: (OK, False), tls=tls)
     with pytest.raises(StorageUnavailableError, match="CERTIFICATE_VERIFY_FAILED"):
         untrusting.get("checkpoint")
+
+
+@pytest.mark.parametrize("head", [b"Content-Length: 2\r\nContent-Length: 7", b"Content-Length: 2, 7"])
+def test_an_answer_with_an_invalid_content_length_is_refused(serve, head: bytes) -> None:  # type: ignore[no-untyped-def]
+    """RFC 9112 6.3: an invalid Content-Length is unrecoverable, the answer discarded and its connection closed;
+    http.client read the body by the first value and kept the connection, or (for "2, 7") read until the server
+    closed, here until the timeout (tlog/http_answer.py refuses both)."""
+    server, store = serve(lambda r: (b"HTTP/1.1 200 OK\r\n" + head + b"\r\n\r\nok, not", False), timeout=30)
+    with pytest.raises(StorageUnavailableError, match="Content-Length"):
+        store.get("checkpoint")
+    assert len({r.connection for r in server.requests}) == len(server.requests) == 3  # each attempt on a new connection

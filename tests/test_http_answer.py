@@ -155,3 +155,24 @@ def test_chunk_framing_is_bounded_so_a_body_is_not_reparsed_forever() -> None:
     usual = head + b"".join(b"1000\r\n" + b"x" * 0x1000 + b"\r\n" for _ in range(256)) + b"0\r\n\r\n"  # 1 MiB in 4 KiB chunks
     answer = parse_answer(usual, max_body=1 << 20)
     assert answer is not None and len(answer.body) == 1 << 20
+
+
+
+_PIECES = [b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 101 Up\r\n", b"HTTP/1.1 103 Hints\r\n", b"HTTP/1.0 204 \r\n", b"Content-Length: ",
+           b"Transfer-Encoding: chunked", b"Connection: close", b"\r\n", b"\n", b"\r\n\r\n", b"5", b"00", b"a;ext=1", b" ", b":",
+           b"\t", b"x" * 20, b"0\r\n\r\n"]
+_LATIN_1 = st.one_of(st.text("0123456789\xb2\xb3\xb9\xbc ,+-", max_size=4),  # digits and what str.isdigit() also takes
+                     st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=3))
+
+
+@settings(max_examples=1000)
+@given(st.lists(st.sampled_from(_PIECES), max_size=10), _LATIN_1, st.lists(st.sampled_from(_PIECES), max_size=6), st.booleans(), st.booleans())
+def test_any_bytes_give_an_answer_none_or_malformed_answer_error(before: list[bytes], length: str, after: list[bytes], at_eof: bool,
+                                                                 head_only: bool) -> None:
+    """Nothing else escapes the reader (a ValueError inside data_received left its request waiting for its timeout)."""
+    raw = b"".join(before) + b"HTTP/1.1 200 OK\r\nContent-Length: " + length.encode("latin-1") + b"\r\n\r\n" + b"".join(after)
+    try:
+        answer = parse_answer(raw, max_body=64, at_eof=at_eof, head_only=head_only)
+    except MalformedAnswerError:
+        return
+    assert answer is None or (200 <= answer.status <= 999 and answer.used <= len(raw) and len(answer.body) <= 64)

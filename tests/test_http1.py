@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -139,3 +140,54 @@ async def test_a_header_with_a_line_break_is_never_sent() -> None:
     http = Origin("http://127.0.0.1:9", connections=1)
     with pytest.raises(ValueError, match="line break"):
         await http.request("PUT", "/a", {"X": "a\r\nInjected: yes"}, b"x")
+
+
+async def test_an_unreadable_length_fails_the_request_at_once() -> None:
+    """Content-Length "\xb2" once made the answer reader raise ValueError inside data_received: the request then
+    waited for its whole timeout and failed as a TimeoutError, not as the malformed answer it was."""
+    async def odd_length(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nab")
+        await reader.read()
+
+    server, origin, _ = await serve(odd_length)
+    http = Origin(origin, connections=1, timeout=3)
+    try:
+        with pytest.raises(MalformedAnswerError, match="Content-Length"):
+            await http.request("PUT", "/a", {}, b"x")
+    finally:
+        http.close()
+        server.close()
+
+
+@pytest.mark.parametrize("give_up", ["cancel", "timeout"])
+async def test_an_answer_arriving_after_its_request_was_cancelled_or_timed_out_is_never_the_next_ones(give_up: str) -> None:
+    """The connection of a cancelled (or timed-out) request is closed, not pooled: the late answer the server
+    sends on it afterwards cannot be read as the answer to the next request, and the bound is given back."""
+    got_first, late = asyncio.Event(), asyncio.Event()
+
+    async def late_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while (request := await read_request(reader)) is not None:
+            line = request[0].split(b"\r\n")[0]
+            if n == 0:
+                got_first.set()
+                await late.wait()
+            with contextlib.suppress(ConnectionError):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(line), line))
+                await writer.drain()
+
+    server, origin, seen = await serve(late_first)
+    http = Origin(origin, connections=1, timeout=1 if give_up == "timeout" else 60)
+    try:
+        first = asyncio.ensure_future(http.request("PUT", "/first", {}, b"x"))
+        await got_first.wait()
+        if give_up == "cancel":
+            first.cancel()
+        with pytest.raises(asyncio.CancelledError if give_up == "cancel" else TimeoutError):
+            await first
+        late.set()  # the server answers the first request now, on its connection
+        second = await asyncio.wait_for(http.request("PUT", "/second", {}, b"y"), 10)  # the one slot is free again
+    finally:
+        http.close()
+        server.close()
+    assert second.body == b"PUT /second HTTP/1.1" and len(seen) == 2

@@ -119,3 +119,60 @@ def test_a_head_that_never_ends_is_refused_at_its_bound() -> None:
     raw = b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * (MAX_HEAD // 6 + 1)
     with pytest.raises(MalformedAnswerError, match="longer than"):
         parse_answer(raw, max_body=10)
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nab",  # Latin-1 superscript two: str.isdigit() says yes, int() says no
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n",  # two framings (RFC 9112 6.3: an error)
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",  # not asked for: what follows is not HTTP/1.1
+])
+def test_answers_framed_ambiguously_or_switching_protocols_are_refused(raw: bytes) -> None:
+    with pytest.raises(MalformedAnswerError):
+        parse_answer(raw, max_body=10)
+
+
+def test_interim_answers_are_bounded_in_all() -> None:
+    storm = b"HTTP/1.1 100 Continue\r\n\r\n" * (MAX_HEAD // 25 + 1)  # each one small, together past the head's bound
+    with pytest.raises(MalformedAnswerError, match="interim"):
+        parse_answer(storm, max_body=10)
+    assert parse_answer(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 3 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", max_body=10) is not None
+
+
+def test_chunked_trailers_are_bounded_in_all() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"X: y\r\n" * (MAX_HEAD // 6 + 1)
+    with pytest.raises(MalformedAnswerError, match="trailer"):
+        parse_answer(raw, max_body=10)
+
+
+def test_chunk_framing_is_bounded_so_a_body_is_not_reparsed_forever() -> None:
+    """A body of 1-byte chunks with long extensions would otherwise hold ~1000 received bytes per body byte,
+    and every new piece received would walk all the chunks again."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with pytest.raises(MalformedAnswerError, match="framing"):
+        parse_answer(head + (b"1;" + b"e" * 1000 + b"\r\nx\r\n") * 100, max_body=1 << 20)
+    with pytest.raises(MalformedAnswerError, match="framing"):
+        parse_answer(head + b"1\r\nx\r\n" * 100_000, max_body=1 << 20)
+    usual = head + b"".join(b"1000\r\n" + b"x" * 0x1000 + b"\r\n" for _ in range(256)) + b"0\r\n\r\n"  # 1 MiB in 4 KiB chunks
+    answer = parse_answer(usual, max_body=1 << 20)
+    assert answer is not None and len(answer.body) == 1 << 20
+
+
+
+_PIECES = [b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 101 Up\r\n", b"HTTP/1.1 103 Hints\r\n", b"HTTP/1.0 204 \r\n", b"Content-Length: ",
+           b"Transfer-Encoding: chunked", b"Connection: close", b"\r\n", b"\n", b"\r\n\r\n", b"5", b"00", b"a;ext=1", b" ", b":",
+           b"\t", b"x" * 20, b"0\r\n\r\n"]
+_LATIN_1 = st.one_of(st.text("0123456789\xb2\xb3\xb9\xbc ,+-", max_size=4),  # digits and what str.isdigit() also takes
+                     st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=3))
+
+
+@settings(max_examples=1000)
+@given(st.lists(st.sampled_from(_PIECES), max_size=10), _LATIN_1, st.lists(st.sampled_from(_PIECES), max_size=6), st.booleans(), st.booleans())
+def test_any_bytes_give_an_answer_none_or_malformed_answer_error(before: list[bytes], length: str, after: list[bytes], at_eof: bool,
+                                                                 head_only: bool) -> None:
+    """Nothing else escapes the reader (a ValueError inside data_received left its request waiting for its timeout)."""
+    raw = b"".join(before) + b"HTTP/1.1 200 OK\r\nContent-Length: " + length.encode("latin-1") + b"\r\n\r\n" + b"".join(after)
+    try:
+        answer = parse_answer(raw, max_body=64, at_eof=at_eof, head_only=head_only)
+    except MalformedAnswerError:
+        return
+    assert answer is None or (200 <= answer.status <= 999 and answer.used <= len(raw) and len(answer.body) <= 64)

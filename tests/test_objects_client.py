@@ -8,6 +8,8 @@ import contextlib
 import functools
 import re
 import socket
+import ssl
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,7 @@ from hypothesis import strategies as st
 
 from tlog.errors import MalformedError, NotFoundError, StorageUnavailableError, TlogError
 from tlog.storage import s3_sync
+from tlog.storage.bucket_http import AsyncBucket
 from tlog.storage.objects import SHORT_LIVED, ObjectStore
 from tlog.storage.s3_endpoint import S3Endpoint
 from tlog.tiles import IMMUTABLE, TileID
@@ -39,10 +42,10 @@ class MisbehavingServer:
     """A real HTTP/1.1 server on loopback (threads, raw sockets). respond(request) gives the bytes to send
     and whether to close the connection after them; None closes it at once without an answer."""
 
-    def __init__(self, respond: Callable[[Request], tuple[bytes, bool] | None]) -> None:
-        self.respond = respond
+    def __init__(self, respond: Callable[[Request], tuple[bytes, bool] | None], tls: ssl.SSLContext | None = None) -> None:
+        self.respond, self.tls = respond, tls
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.listener.getsockname()[1]}"
         self.requests: list[Request] = []
         self.closed = threading.Semaphore(0)  # released once for each connection the server has closed
         self._lock = threading.Lock()
@@ -60,6 +63,13 @@ class MisbehavingServer:
             threading.Thread(target=self._serve, args=(sock, n), daemon=True).start()
 
     def _serve(self, sock: socket.socket, connection: int) -> None:
+        if self.tls is not None:
+            try:
+                sock = self.tls.wrap_socket(sock, server_side=True)
+            except OSError:  # the client refused our certificate
+                sock.close()
+                self.closed.release()
+                return
         with sock, contextlib.suppress(OSError), sock.makefile("rb") as f:
             for number in range(1 << 20):
                 line = f.readline().decode()
@@ -93,8 +103,9 @@ def serve(monkeypatch) -> Iterator[Callable[..., tuple[MisbehavingServer, Object
         monkeypatch.setenv(k, v)
     made: list[tuple[MisbehavingServer, ObjectStore]] = []
 
-    def make(respond: Callable[[Request], tuple[bytes, bool] | None], **kw: object) -> tuple[MisbehavingServer, ObjectStore]:
-        server = MisbehavingServer(respond)
+    def make(respond: Callable[[Request], tuple[bytes, bool] | None], tls: ssl.SSLContext | None = None,
+             **kw: object) -> tuple[MisbehavingServer, ObjectStore]:
+        server = MisbehavingServer(respond, tls)
         made.append((server, ObjectStore("s3://bucket/log", endpoint_url=server.url, **kw)))  # type: ignore[arg-type]
         return made[-1]
 
@@ -278,3 +289,62 @@ def test_an_error_answer_names_s3s_code_and_message() -> None:
     answer = s3_sync.Answer(404, Message(), body)
     assert answer.code == "NoSuchBucket" and answer.describe() == "HTTP 404 NoSuchBucket: The specified bucket does not exist"
     assert s3_sync.Answer(404, Message(), b"").describe() == "HTTP 404: "
+
+
+def test_an_interim_answer_is_never_taken_for_the_final_one_nor_leaves_it_to_the_next_request(serve) -> None:  # type: ignore[no-untyped-def]
+    """http.client skips only 100 Continue: a 103 Early Hints (or 102 Processing) came back as the answer, with
+    no body, and its connection went back to the pool with the real answer still to come, which the next
+    request on it then read as its own."""
+    def respond(r: Request) -> tuple[bytes, bool]:
+        if "early" in r.line:
+            return b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n", False  # the final answer comes later (with the next request)
+        late = answer("200 OK", b"the early request's") if r.number else b""
+        return late + answer("200 OK", b"mine"), False
+
+    server, store = serve(respond)
+    with pytest.raises(StorageUnavailableError, match="103"):
+        store.get("early")
+    assert store.get("other") == b"mine"
+    assert [r.number for r in server.requests] == [0] * len(server.requests)  # no connection carried a second request
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    """A self-signed certificate for 127.0.0.1 and its key (files), made by the openssl command (PostgreSQL's packages install it)."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = str(d / "cert.pem"), str(d / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+async def test_a_bucket_over_tls_is_verified_with_the_ca_bundle_botocore_resolves(serve, certificate, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """ObjectStore's client verified an https endpoint against the system's CAs only: a bucket whose CA is named by
+    AWS_CA_BUNDLE (which boto3 honoured, and AsyncBucket does) was unreachable. Both clients now use the one botocore resolves."""
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(*certificate)
+    monkeypatch.setenv("AWS_CA_BUNDLE", certificate[0])
+    server, store = serve(lambda r: (OK, False), tls=tls)
+    assert store.get("checkpoint") == b"ok"
+    bucket = AsyncBucket("s3://bucket/log", endpoint_url=server.url)
+    try:
+        assert await bucket.put("checkpoint", b"ok", immutable=False)
+    finally:
+        await bucket.aclose()
+    assert [r.line.split()[0] for r in server.requests] == ["GET", "PUT"]
+    monkeypatch.delenv("AWS_CA_BUNDLE")
+    _, untrusting = serve(lambda r: (OK, False), tls=tls)
+    with pytest.raises(StorageUnavailableError, match="CERTIFICATE_VERIFY_FAILED"):
+        untrusting.get("checkpoint")
+
+
+@pytest.mark.parametrize("head", [b"Content-Length: 2\r\nContent-Length: 7", b"Content-Length: 2, 7"])
+def test_an_answer_with_an_invalid_content_length_is_refused(serve, head: bytes) -> None:  # type: ignore[no-untyped-def]
+    """RFC 9112 6.3: an invalid Content-Length is unrecoverable, the answer discarded and its connection closed;
+    http.client read the body by the first value and kept the connection, or (for "2, 7") read until the server
+    closed, here until the timeout (tlog/http_answer.py refuses both)."""
+    server, store = serve(lambda r: (b"HTTP/1.1 200 OK\r\n" + head + b"\r\n\r\nok, not", False), timeout=30)
+    with pytest.raises(StorageUnavailableError, match="Content-Length"):
+        store.get("checkpoint")
+    assert len({r.connection for r in server.requests}) == len(server.requests) == 3  # each attempt on a new connection

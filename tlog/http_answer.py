@@ -3,8 +3,11 @@
 parse_answer(received) returns None while the answer is incomplete, and an Answer once its head and
 its whole body are there: the body framed by Transfer-Encoding: chunked, by Content-Length, or (with
 neither) by the end of the connection (at_eof). Interim 1xx answers before the final one are skipped.
-Strict and bounded: a head over MAX_HEAD bytes, a body over max_body, a malformed status line,
-header, length or chunk is MalformedAnswerError. Trailers of a chunked body are read and dropped.
+Strict and bounded: a head (or the interim answers before it, or a chunked body's trailers) over
+MAX_HEAD bytes, a body over max_body, a chunked body's framing (size lines, CRLFs) over
+MAX_HEAD + max_body // 64 bytes, a malformed status line, header, length or chunk, both
+Content-Length and Transfer-Encoding, or a 101 (no upgrade is ever asked for) is
+MalformedAnswerError. Trailers of a chunked body are read and dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ _STATUS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: [^\r\n]*)?")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})(?:;[^\r\n]*)?")
 _VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")  # field content: no control characters but tab
+_LENGTH = re.compile(r"[0-9]{1,18}")  # ASCII digits only (str.isdigit() also takes "\xb2", which int() refuses)
 
 
 class MalformedAnswerError(TlogError):
@@ -62,7 +66,10 @@ def _chunked(received: bytes | bytearray, start: int, max_body: int) -> tuple[by
     """The body of a chunked answer at start and where it ends, or None if incomplete."""
     pieces: list[bytes] = []
     size, at = 0, start
+    max_framing = MAX_HEAD + max_body // 64  # size lines and CRLFs: each walk of the chunks received stays short
     while True:
+        if at - start - size > max_framing:
+            raise MalformedAnswerError(f"chunked framing longer than {max_framing} bytes")
         eol = received.find(b"\r\n", at, at + 1024)
         if eol < 0:
             if len(received) - at > 1024:
@@ -83,12 +90,12 @@ def _chunked(received: bytes | bytearray, start: int, max_body: int) -> tuple[by
             raise MalformedAnswerError("chunk not followed by CRLF")
         pieces.append(bytes(received[eol + 2 : eol + 2 + n]))
         at = eol + 4 + n
-    at = eol + 2
+    at = trailer = eol + 2
     while True:  # trailer fields, up to an empty line
-        eol = received.find(b"\r\n", at, at + MAX_HEAD)
+        eol = received.find(b"\r\n", at, trailer + MAX_HEAD)
         if eol < 0:
-            if len(received) - at > MAX_HEAD:
-                raise MalformedAnswerError("chunked trailer longer than its bound")
+            if len(received) - trailer > MAX_HEAD:
+                raise MalformedAnswerError(f"chunked trailer longer than {MAX_HEAD} bytes")
             return None
         if eol == at:
             return b"".join(pieces), eol + 2
@@ -109,11 +116,17 @@ def parse_answer(received: bytes | bytearray, *, max_body: int, at_eof: bool = F
         minor, status, headers, body_at = head
         if status >= 200:
             break
+        if status == 101:
+            raise MalformedAnswerError("101 Switching Protocols, though no upgrade was asked for")
+        if body_at > MAX_HEAD:
+            raise MalformedAnswerError(f"interim (1xx) answers longer than {MAX_HEAD} bytes in all")
         start = body_at  # an interim answer (100 Continue, 103 Early Hints): the final one follows
     keep_alive = minor == 1 and "close" not in headers.get("connection", "").lower()
     if head_only or status in (204, 304):
         return Answer(status, headers, b"", body_at, keep_alive)
     if "transfer-encoding" in headers:
+        if "content-length" in headers:
+            raise MalformedAnswerError("both Transfer-Encoding and Content-Length (RFC 9112 6.3: a smuggling attempt)")
         if headers["transfer-encoding"].lower() != "chunked":
             raise MalformedAnswerError(f"unsupported Transfer-Encoding {headers['transfer-encoding'][:40]!r}")
         chunked = _chunked(received, body_at, max_body)
@@ -124,7 +137,7 @@ def parse_answer(received: bytes | bytearray, *, max_body: int, at_eof: bool = F
         return Answer(status, headers, chunked[0], chunked[1], keep_alive)
     if "content-length" in headers:
         length = headers["content-length"]
-        if not length.isdigit() or len(length) > 18:
+        if not _LENGTH.fullmatch(length):
             raise MalformedAnswerError(f"malformed Content-Length {length[:40]!r}")
         n = int(length)
         if n > max_body:

@@ -81,7 +81,7 @@ class AsyncBucket:
 
     def _open(self) -> Origin:
         if self._http is None:
-            self._http = Origin(self._origin, connections=self._connections, max_body=MAX_ANSWER)
+            self._http = Origin(self._origin, connections=self._connections, max_body=MAX_ANSWER, cafile=self._endpoint.ca_bundle)
         return self._http
 
     async def aclose(self) -> None:

@@ -13,7 +13,6 @@ through it must be idempotent: the bucket's are).
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 from urllib.parse import urlsplit
 
@@ -109,14 +108,13 @@ class Origin:
     MalformedAnswerError for an answer this cannot read."""
 
     def __init__(self, origin: str, *, connections: int, max_body: int = 1 << 20, timeout: float = TIMEOUT,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT, cafile: str | None = None) -> None:
+        """cafile: the CA certificates an https origin is verified with (None: the system's)."""
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) origin: {origin[:100]!r}")
         self.host, self.port, self.authority = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), parts.netloc
-        self._ssl: ssl.SSLContext | None = None
-        if parts.scheme == "https":  # AWS_CA_BUNDLE: the CA file botocore would use
-            self._ssl = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
+        self._ssl = ssl.create_default_context(cafile=cafile) if parts.scheme == "https" else None
         self.max_body, self.timeout, self.connect_timeout = max_body, timeout, connect_timeout
         self._slots = asyncio.Semaphore(connections)
         self._idle: list[_Connection] = []

@@ -1,8 +1,8 @@
 """Where an S3-compatible bucket is and how to sign a request to it: what both bucket clients share
 (storage/objects.py's, synchronous, and storage/bucket_http.py's, on the event loop).
 
-The endpoint, region and credentials come from botocore's session, the standard way
-(AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, the
+The endpoint, region, CA bundle and credentials come from botocore's session, the standard way
+(AWS_ENDPOINT_URL, AWS_REGION, AWS_CA_BUNDLE, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, the
 shared config files, or any other source botocore reads; credentials that expire are refreshed by
 botocore when asked for). botocore only resolves them: it never sends a request. Requests are
 path-style (ENDPOINT/BUCKET/PREFIX/PATH) with object paths of unreserved characters only, so a
@@ -41,6 +41,8 @@ class S3Endpoint:
         self.region: str = client.meta.region_name
         self.scheme, self.host, self.base = endpoint.scheme, endpoint.netloc, endpoint.path.rstrip("/")
         self.origin = f"{self.scheme}://{self.host}"
+        # The CA file botocore would verify an https endpoint with (AWS_CA_BUNDLE, ca_bundle in the config file); None: the system's.
+        self.ca_bundle: str | None = session.get_config_variable("ca_bundle") or None
         self._credentials: Any = session.get_credentials()
         self._signer: SigV4Signer | None = None
 

@@ -8,7 +8,9 @@ use when it shows as readable, and if the server turns out to have closed it any
 meets a reset or no answer at all), the request is sent once more on a fresh connection, not counted
 as a failed attempt. Connection failures and 5xx answers are retried (ATTEMPTS in all, BACKOFF
 apart), as boto3's standard mode does; the timeout bounds the connect and every read. An error
-answer's body is read at most ERROR_BODY_BYTES.
+answer's body is read at most ERROR_BODY_BYTES. An interim answer other than 100 Continue (102, 103:
+http.client would return it as the answer), or an answer whose Content-Length is repeated or not a
+number (it would read the body by the first one, or until the server closes), fails the attempt and closes its connection.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ ERROR_BODY_BYTES = 4096
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")  # S3's XML error (not parsed as XML: it is only shown)
 _MESSAGE = re.compile(rb"<Message>([^<]{0,200})")
+_LENGTH = re.compile(r"[0-9]{1,18}")
 
 
 class ObjectStream:
@@ -87,7 +90,7 @@ class SyncBucket:
     def __init__(self, endpoint: S3Endpoint, *, connections: int, timeout: float) -> None:
         self.endpoint = endpoint
         self._keep, self._timeout = connections, timeout
-        self._tls = ssl.create_default_context() if endpoint.scheme == "https" else None
+        self._tls = ssl.create_default_context(cafile=endpoint.ca_bundle) if endpoint.scheme == "https" else None
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -126,6 +129,13 @@ class SyncBucket:
                 if not (reused and isinstance(e, ConnectionError)):
                     raise
                 conn, reused = self._connect(), False  # a kept-alive connection the server had closed: once more on a fresh one
+        if response.status < 200:  # http.client skips only 100 Continue: the final answer would still follow on this connection
+            conn.close()
+            raise http.client.HTTPException(f"an interim answer ({response.status} {response.reason}) where only the final one is read")
+        lengths = response.headers.get_all("Content-Length", [])
+        if len(lengths) > 1 or (lengths and not _LENGTH.fullmatch(lengths[0].strip())):  # RFC 9112 6.3: unrecoverable
+            conn.close()  # (http.client would read by the first one, or until the server closes)
+            raise http.client.HTTPException(f"an answer with the Content-Length {', '.join(lengths)[:60]!r}")
         ok = 200 <= response.status < 300
         if ok and stream is not None:
             return Answer(response.status, response.headers, b"", ObjectStream(stream, response, lambda whole: self._give(conn, whole)))

@@ -9,18 +9,22 @@ import contextlib
 import hashlib
 import io
 import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import pytest
+from helpers import free_port, wait_ready
 from hypothesis import given
 from hypothesis import strategies as st
 from registry_helpers import start_registry, with_custom_section
+from test_registry_frontend import serve_with_two_front_ends
 from test_shared_registry import EMPTY_MODULE, nodes  # noqa: F401 - the fixture of registry nodes on one database and bucket
 
 from registry.blobs import BlobReader, RangeReader
 from registry.byte_range import MAX_DIGITS, MAX_HEADER, ByteRange, RangeNotSatisfiable, parse_range, range_applies
+from registry.client import RegistryClient
 from registry.record import PackageRef
 from tlog.errors import TlogError
 from tlog.httplimits import FILE_CHUNK
@@ -262,3 +266,30 @@ async def test_a_range_of_a_blob_stored_with_other_bytes_is_never_sent_whole(ser
             assert r.status == 206
             with pytest.raises(aiohttp.ClientPayloadError):
                 await r.read()
+
+
+async def test_head_and_ranges_pass_through_the_front_ends(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`registry serve --workers 2`: the front-ends proxy HEAD and Range to the registry process, answers unchanged."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = serve_with_two_front_ends(tmp_path, tmp_path / "data", port)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            await wait_ready(session, url + "/log", proc)
+            api = RegistryClient(url, session)
+            for size in (100, 3 * FILE_CHUNK):  # answered whole by the proxy, and streamed through it
+                module = with_custom_section(EMPTY_MODULE, size, random=True)
+                ref = PackageRef("acme", "ranged", f"1.0.{size}")
+                await api.publish(ALICE, ref, module)
+                blob = url + api.package_path(ref) + "/module.wasm"
+                async with session.head(blob) as r:
+                    assert r.status == 200 and r.headers["Content-Length"] == str(len(module))
+                    assert r.headers["ETag"] == f'"sha256:{hashlib.sha256(module).hexdigest()}"'
+                async with session.get(blob, headers={"Range": "bytes=-9"}) as r:
+                    assert r.status == 206 and await r.read() == module[-9:]
+                    assert r.headers["Content-Range"] == f"bytes {len(module) - 9}-{len(module) - 1}/{len(module)}"
+                async with session.get(blob, headers={"Range": f"bytes={len(module)}-"}) as r:
+                    assert r.status == 416 and r.headers["Content-Range"] == f"bytes */{len(module)}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -69,6 +69,11 @@ class BlobReader:
         self._hash = hashlib.sha256() if digest is not None else None
         self._read = 0
 
+    @property
+    def checked(self) -> bool:
+        """Whether the bytes are checked against a digest as they are read."""
+        return self._digest is not None
+
     def read(self, n: int) -> bytes:
         """Up to n bytes (n > 0); b"" at the end. With a digest, the last bytes are checked before they are returned."""
         if self._read >= self.size:
@@ -89,6 +94,42 @@ class BlobReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class RangeReader:
+    """Bytes [start, stop) of a blob read through its digest check (blob.checked), as a reader of
+    size stop - start: what precedes the range is read and dropped, and the range's last piece is
+    returned only once the rest of the blob was read too and the whole had its digest, so a reader
+    never sees the whole of a range of a blob that is not the one named (TlogError instead)."""
+
+    def __init__(self, blob: BlobReader, start: int, stop: int) -> None:
+        if not blob.checked or not 0 <= start < stop <= blob.size:
+            raise ValueError("a range is read from a digest-checked blob, within its size")
+        self.size = stop - start
+        self._blob, self._start = blob, start
+        self._skipped = self._sent = 0
+
+    def read(self, n: int) -> bytes:
+        """Up to n bytes of the range (n > 0); b"" at its end. Raises TlogError (see the class), OSError."""
+        if self._sent >= self.size:
+            return b""
+        while self._skipped < self._start:
+            self._skipped += len(self._piece(min(n, self._start - self._skipped)))
+        chunk = self._piece(min(n, self.size - self._sent))
+        self._sent += len(chunk)
+        if self._sent == self.size:
+            while self._blob.read(n):  # the rest of the blob, through the digest check
+                pass
+        return chunk
+
+    def _piece(self, n: int) -> bytes:
+        chunk = self._blob.read(n)
+        if not chunk:  # a checked reader raises first; this is a guard
+            raise TlogError("the blob ended before its size")
+        return chunk
+
+    def close(self) -> None:
+        self._blob.close()
 
 
 class BlobStore:
@@ -142,13 +183,22 @@ class BlobStore:
         finally:
             os.close(fd)
 
-    def open(self, digest: str) -> BlobReader:
-        """The blob's file, open for reading (the caller closes it); blobs never change once written."""
+    def open(self, digest: str, *, verify: bool = False) -> BlobReader:
+        """The blob's file, open for reading (the caller closes it); blobs never change once written.
+        verify: its bytes are checked against the digest as they are read (see BlobReader); a file is
+        trusted otherwise (it had its digest when written), and a client can check a whole blob itself."""
         try:
             f = open(self._path(digest), "rb")  # noqa: SIM115 - handed to the caller, who closes it
         except FileNotFoundError:
             raise NotFoundError(f"blob {digest} not found") from None
-        return BlobReader(f, os.fstat(f.fileno()).st_size)
+        return BlobReader(f, os.fstat(f.fileno()).st_size, digest if verify else None)
+
+    def size(self, digest: str) -> int:
+        """The blob's length, from its file's metadata (nothing read). Raises NotFoundError."""
+        try:
+            return os.stat(self._path(digest)).st_size
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {digest} not found") from None
 
     def get(self, digest: str) -> bytes:
         try:

@@ -1,11 +1,11 @@
 """Content-addressed blobs in an S3-compatible bucket: ``PREFIX/sha256/<hex>``, immutable.
 
-The same interface as blobs.BlobStore (put, write, sync, open, get), for a registry on shared
+The same interface as blobs.BlobStore (put, write, sync, open, size, get), for a registry on shared
 storage, plus put_async for the event loop. An object is written with If-None-Match: *, so it is
 durable and confirmed when a write returns: sync() has nothing left to do. A 412 means the blob is
 there already, and its path (its SHA-256) fixes its bytes. put_async goes through
 tlog/storage/bucket_http.py (no boto3 client: a publish writes a blob, and boto3 costs more CPU than
-the rest of the publish); open() streams from the bucket, checking the digest on the way; the other
+the rest of the publish); open() streams from the bucket, checking the digest on the way; size() is a HEAD request; the other
 methods go through ObjectStore and block: call them from worker threads.
 """
 
@@ -54,11 +54,15 @@ class BucketBlobStore:
     def sync(self) -> None:
         """Nothing to do: every write() was confirmed by the bucket when it returned."""
 
-    def open(self, digest: str) -> BlobReader:
+    def open(self, digest: str, *, verify: bool = True) -> BlobReader:
         """The blob, read from the bucket as it is asked for (the caller closes it), checked against its
-        digest on the way (see BlobReader). Raises NotFoundError, StorageUnavailableError."""
+        digest on the way (see BlobReader), whatever verify says. Raises NotFoundError, StorageUnavailableError."""
         stream, size = self.objects.open(self._path(digest))
         return BlobReader(stream, size, digest)
+
+    def size(self, digest: str) -> int:
+        """The blob's length, from a HEAD request (its bytes are not read). Raises NotFoundError, StorageUnavailableError."""
+        return self.objects.size(self._path(digest))
 
     def get(self, digest: str) -> bytes:
         """The blob's bytes, checked against its digest. Raises NotFoundError, StorageUnavailableError, TlogError."""

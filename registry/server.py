@@ -34,7 +34,9 @@ from tlog.server import RETRY_AFTER_SECONDS, errors_middleware_for
 from tlog.server import make_app as make_log_app
 from tlog.witnessing import QuorumError
 
+from .blobs import RangeReader
 from .bucket_blobs import BucketBlobStore
+from .byte_range import RangeNotSatisfiable, blob_etag, parse_range, range_applies, repr_digest
 from .dsse import MAX_ENVELOPE_BYTES, strict_json
 from .indexer import NoIndexRoot
 from .publish_reader import PublishReader
@@ -77,6 +79,7 @@ STATUS: list[tuple[type[TlogError], int]] = [
     (MalformedError, 400),
     (BodyTimeoutError, 408),
     (NotFoundError, 404),
+    (RangeNotSatisfiable, 416),
     (MissingDependencyError, 415),  # an SBOM media type this installation cannot validate
     (PushbackError, 503),
     (QuorumError, 503),
@@ -102,6 +105,8 @@ def error_body(e: TlogError) -> bytes:
 def registry_error_response(e: TlogError) -> web.Response:
     status = status_for(e)
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else {}
+    if isinstance(e, RangeNotSatisfiable):
+        headers["Content-Range"] = f"bytes */{e.size}"
     if isinstance(e, ForwardedError) and e.body is not None:  # the registry process's own reply
         return web.Response(body=e.body, status=status, headers=headers, content_type="application/json")
     return web.Response(body=error_body(e), status=status, headers=headers, content_type="application/json")
@@ -218,20 +223,45 @@ async def get_metadata(request: web.Request) -> web.Response:
     return web.json_response(request.app[REGISTRY].metadata(_ref(request)))
 
 
+async def send_blob(request: web.Request, digest: str, headers: dict[str, str]) -> web.StreamResponse:
+    """The blob with this digest, with headers and its validators (ETag, Repr-Digest, Accept-Ranges).
+    HEAD: its length only, its bytes unread (a stat on disk, a HEAD request to the bucket). GET: whole
+    (200), or the single byte range of a Range header it honours (206 with Content-Range, byte_range.py):
+    a range is read through the whole blob's digest check and its last piece is sent only once the whole
+    blob had its digest (RangeReader); a failure cuts the connection, as for a whole blob.
+    Raises RangeNotSatisfiable (416), NotFoundError."""
+    blobs = request.app[REGISTRY].blobs
+    etag = blob_etag(digest)
+    headers = {**headers, "ETag": etag, "Repr-Digest": repr_digest(digest), "Accept-Ranges": "bytes"}
+    if request.method == "HEAD":  # RFC 9110 14.2: ranges are for GET only
+        response = web.StreamResponse(headers=headers)
+        response.content_length = await asyncio.to_thread(blobs.size, digest)
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+    ranges = request.headers.getall("Range", [])
+    wanted = bool(ranges) and range_applies(request.headers.getall("If-Range", []), etag)
+    f = await asyncio.to_thread(blobs.open, digest, verify=wanted)
+    try:
+        part = parse_range(ranges, f.size) if wanted else None
+    except RangeNotSatisfiable:
+        f.close()
+        raise
+    if part is None:
+        return await send_file(request, f, headers)
+    return await send_file(request, RangeReader(f, part.start, part.stop), {**headers, "Content-Range": part.content_range()}, status=206)
+
+
 async def get_module(request: web.Request) -> web.StreamResponse:
-    registry = request.app[REGISTRY]
-    digest = registry.release(_ref(request)).release.module_sha256
-    f = await asyncio.to_thread(registry.blobs.open, digest)
-    return await send_file(request, f, {"Content-Type": "application/wasm", "Cache-Control": "public, max-age=31536000, immutable"})
+    digest = request.app[REGISTRY].release(_ref(request)).release.module_sha256
+    return await send_blob(request, digest, {"Content-Type": "application/wasm", "Cache-Control": "public, max-age=31536000, immutable"})
 
 
 async def get_sbom(request: web.Request) -> web.StreamResponse:
-    registry = request.app[REGISTRY]
-    rel = registry.release(_ref(request)).release
+    rel = request.app[REGISTRY].release(_ref(request)).release
     if rel.sbom_sha256 is None or rel.sbom_media_type is None:
         raise NotFoundError("this release has no SBOM")
-    f = await asyncio.to_thread(registry.blobs.open, rel.sbom_sha256)
-    return await send_file(request, f, {"Content-Type": rel.sbom_media_type})
+    return await send_blob(request, rel.sbom_sha256, {"Content-Type": rel.sbom_media_type})
 
 
 async def get_statement(request: web.Request) -> web.Response:

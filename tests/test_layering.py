@@ -25,7 +25,7 @@ PURE = {
              "errors", "policy", "witness_protocol", "syntax", "sigv4", "dsn", "http_answer"],
     "witness": ["errors", "loglist", "rules"],
     "registry": ["wasm", "dsse", "record", "state", "sbom", "publish_body", "trust_policy", "diff",
-                 "index_map", "index", "status_proof"],
+                 "index_map", "index", "status_proof", "byte_range"],
     "edge": ["verify", "agent_cgi", "telemetry_events", "telemetry_otlp", "telemetry_verify", "sandbox_types", "memory_export", "status"],
 }
 IO = {"asyncio", "aiohttp", "lmdb", "click", "socket", "os", "requests", "subprocess", "pathlib", "io", "time", "shutil",

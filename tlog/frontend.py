@@ -55,7 +55,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     body = await request.read() if request.body_exists else None
     async with request.app[UPSTREAM].request(request.method, request.rel_url, headers=headers, data=body) as r:
         out = {k: v for k, v in r.headers.items() if k.lower() not in _HOP_BY_HOP}
-        if r.content_length is not None and r.content_length <= PROXY_BUFFER:
+        if r.content_length is not None and r.content_length <= PROXY_BUFFER and request.method != "HEAD":  # a HEAD keeps its length
             return web.Response(status=r.status, body=await r.read(), headers=out)
         response = web.StreamResponse(status=r.status, headers=out)
         if r.content_length is not None:

@@ -377,13 +377,13 @@ class SizedReader(Protocol):
     def close(self) -> None: ...
 
 
-async def send_file(request: web.Request, f: SizedReader, headers: dict[str, str]) -> web.StreamResponse:
+async def send_file(request: web.Request, f: SizedReader, headers: dict[str, str], *, status: int = 200) -> web.StreamResponse:
     """Stream f (closed here) in FILE_CHUNK pieces, read in a worker thread: memory per download stays
     one chunk plus the transport's buffer, and a client that stops reading is cut off by the write timeout.
     A read that fails once the head is sent (the status is said) cuts the connection: the client sees a
     short body, never a whole one."""
     try:
-        response = web.StreamResponse(headers=headers)
+        response = web.StreamResponse(status=status, headers=headers)
         response.content_length = f.size
         await response.prepare(request)
         if request.method != "HEAD":

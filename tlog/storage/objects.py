@@ -107,11 +107,19 @@ class ObjectStore:
         if answer is None:
             raise NotFoundError(f"{path} is not in the bucket")
         assert answer.stream is not None
-        length = answer.headers.get("Content-Length", "")
-        if not (length.isascii() and length.isdigit()):
+        try:
+            return answer.stream, _content_length(answer, f"reading {path}")
+        except StorageUnavailableError:
             answer.stream.close()
-            raise StorageUnavailableError(f"reading {path}: the bucket's answer has no Content-Length")
-        return answer.stream, int(length)
+            raise
+
+    def size(self, path: str) -> int:
+        """The object's length, from a HEAD request (its bytes are not read). Raises NotFoundError or
+        StorageUnavailableError (a HEAD answer has no body: a missing bucket is a 404 like a missing object)."""
+        answer = self._call(f"reading {path}", "HEAD", path, 404)
+        if answer is None:
+            raise NotFoundError(f"{path} is not in the bucket")
+        return _content_length(answer, f"reading {path}")
 
     def remember(self, path: str, body: bytes) -> None:
         """Keep an object's bytes in memory (for an object whose path fixes its content: not the checkpoint)."""
@@ -170,6 +178,14 @@ class ObjectStore:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._s3.close()
+
+
+def _content_length(answer: Answer, what: str) -> int:
+    """The answer's Content-Length header. Raises StorageUnavailableError if it has none (or not a decimal)."""
+    length = answer.headers.get("Content-Length", "")
+    if not (length.isascii() and length.isdigit()):
+        raise StorageUnavailableError(f"{what}: the bucket's answer has no Content-Length")
+    return int(length)
 
 
 def _etag(answer: Answer, what: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import subprocess
 import time
@@ -32,9 +33,29 @@ def reader(store: MemoryLogStore, *, summaries: bool = False) -> TileNodeReader:
     return TileNodeReader(store.read_tile, cache_tiles=16, summary=store.read_summary if summaries else None)
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to sockets bound to port 0 and to outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on loopback that was free a moment ago."""
-    with socket.socket() as s:
+    """A TCP port on loopback that was free a moment ago, below the kernel's ephemeral range: a port
+    taken from that range could be handed, before the test binds it, to a server on port 0 or to an
+    outgoing connection (a test failed so: "Address already in use")."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded range: any free port
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

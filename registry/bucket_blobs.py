@@ -29,7 +29,7 @@ class BucketBlobStore:
 
     def __init__(self, objects_url: str, objects: ObjectStore | None = None) -> None:
         self.objects = objects if objects is not None else ObjectStore(objects_url)
-        self.bucket = AsyncBucket(objects_url, connections=WRITE_CONNECTIONS)
+        self.bucket = AsyncBucket(objects_url, connections=WRITE_CONNECTIONS, endpoint=self.objects.endpoint)
 
     def _path(self, digest: str) -> str:
         return f"sha256/{checked_digest(digest)}"

@@ -85,3 +85,18 @@ async def test_a_path_outside_unreserved_characters_is_refused_before_any_reques
             await bucket.put(path, b"x", immutable=True)
     finally:
         await bucket.aclose()
+
+
+async def test_a_blob_store_resolves_its_endpoint_once_and_an_endpoint_of_another_prefix_is_refused(s3_env, s3_path) -> None:  # type: ignore[no-untyped-def]
+    from registry.bucket_blobs import BucketBlobStore
+
+    blobs = BucketBlobStore(f"s3://{s3_path}/blobs")
+    try:
+        assert blobs.bucket._endpoint is blobs.objects.endpoint  # one botocore resolution (~0.1 s) for both clients
+        digest = await blobs.put_async(b"\x00asm\x01\x00\x00\x00")
+        assert blobs.objects.get(f"sha256/{digest}") == b"\x00asm\x01\x00\x00\x00"
+        with pytest.raises(ValueError, match="not s3://"):
+            AsyncBucket(f"s3://{s3_path}/other", endpoint=blobs.objects.endpoint)
+    finally:
+        await blobs.aclose()
+        blobs.close()

@@ -68,7 +68,8 @@ class ObjectStore:
         timeout: seconds to connect, and between bytes read, before a request is failed (or retried);
         endpoint_url: the bucket's endpoint, instead of the one botocore resolves (AWS_ENDPOINT_URL, ...)."""
         self.bucket, self.prefix = parse_objects_url(url)
-        self._s3 = SyncBucket(S3Endpoint(self.bucket, self.prefix, endpoint_url=endpoint_url), connections=connections, timeout=timeout)
+        self.endpoint = S3Endpoint(self.bucket, self.prefix, endpoint_url=endpoint_url)  # resolved once: AsyncBucket may share it
+        self._s3 = SyncBucket(self.endpoint, connections=connections, timeout=timeout)
         self._pool = ThreadPoolExecutor(PUT_THREADS, thread_name_prefix="s3-put")
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cached_bytes = 0

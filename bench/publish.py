@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import cbor2
@@ -113,62 +113,66 @@ async def drive(urls: str | list[str], work, client: str = "lean") -> tuple[floa
     urls = [urls] if isinstance(urls, str) else urls
     if client == "lean":
         return await drive_lean(urls, work)
-    latencies: list[float] = []
-    errors = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=len(work))) as session:
-        async def claim(url: str, body: bytes) -> None:
-            async with session.post(url + "/api/v1/records", data=body, headers={"Content-Type": "application/json"}) as r:
+        apis = [RegistryClient(urls[p % len(urls)], session) for p in range(len(work))]
+
+        async def claim(p: int, body: bytes) -> None:
+            async with session.post(apis[p].url + "/api/v1/records", data=body, headers={"Content-Type": "application/json"}) as r:
                 assert r.status == 200, await r.text()
 
-        await asyncio.gather(*(claim(urls[p % len(urls)], c) for p, (_, c, _) in enumerate(work)))
+        async def publish(p: int, i: int) -> bool:
+            key, _, releases = work[p]
+            try:
+                await apis[p].publish_signed(key.vkey, *releases[i])
+            except RegistryError:
+                return False
+            return True
 
-        async def publisher(api: RegistryClient, key: Ed25519Signer, releases: list[tuple[bytes, bytes]]) -> None:
-            nonlocal errors
-            for envelope, module in releases:
-                t = time.perf_counter()
-                try:
-                    await api.publish_signed(key.vkey, envelope, module)
-                except RegistryError:
-                    errors += 1
-                latencies.append(time.perf_counter() - t)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(publisher(RegistryClient(urls[p % len(urls)], session), k, rel) for p, (k, _, rel) in enumerate(work)))
-        return time.perf_counter() - start, latencies, errors
+        return await closed_loop(work, claim, publish)
 
 
 async def drive_lean(urls: list[str], work) -> tuple[float, list[float], int]:  # type: ignore[no-untyped-def]
     """drive() with pre-encoded bodies over Origin: the same requests as RegistryClient.publish_signed sends."""
     origins = [Origin(url, connections=len(work)) for url in urls]
     headers = {"Content-Type": "application/cbor"}
-    latencies: list[float] = []
-    errors = 0
     bodies = [[cbor2.dumps({"signer": key.vkey.encode(), "envelope": envelope, "module": module}) for envelope, module in releases]
               for key, _, releases in work]
 
-    async def claim(http: Origin, body: bytes) -> None:
-        answer = await http.request("POST", "/api/v1/records", {**headers, "Content-Type": "application/json"}, body)
+    async def claim(p: int, body: bytes) -> None:
+        answer = await origins[p % len(urls)].request("POST", "/api/v1/records", {"Content-Type": "application/json"}, body)
         assert answer.status == 200, answer.body[:300]
 
-    async def publisher(http: Origin, mine: list[bytes]) -> None:
-        nonlocal errors
-        for body in mine:
-            t = time.perf_counter()
-            try:
-                answer = await http.request("POST", "/api/v1/publish", headers, body)
-                errors += answer.status != 200
-            except (OSError, TimeoutError, TlogError):
-                errors += 1
-            latencies.append(time.perf_counter() - t)
+    async def publish(p: int, i: int) -> bool:
+        try:
+            return (await origins[p % len(urls)].request("POST", "/api/v1/publish", headers, bodies[p][i])).status == 200
+        except (OSError, TimeoutError, TlogError):
+            return False
 
     try:
-        await asyncio.gather(*(claim(origins[p % len(urls)], c) for p, (_, c, _) in enumerate(work)))
-        start = time.perf_counter()
-        await asyncio.gather(*(publisher(origins[p % len(urls)], bodies[p]) for p in range(len(work))))
-        return time.perf_counter() - start, latencies, errors
+        return await closed_loop(work, claim, publish)
     finally:
         for http in origins:
             http.close()
+
+
+async def closed_loop(work, claim: Callable[[int, bytes], Awaitable[None]], publish: Callable[[int, int], Awaitable[bool]]  # type: ignore[no-untyped-def]
+                      ) -> tuple[float, list[float], int]:
+    """Every publisher's claim at once, then publisher p sends its publishes i = 0, 1, ... one after another
+    (publish(p, i): True if accepted), all publishers at once: (seconds, latencies, errors) of the publishes."""
+    await asyncio.gather(*(claim(p, body) for p, (_, body, _) in enumerate(work)))
+    latencies: list[float] = []
+    errors = 0
+
+    async def publisher(p: int, count: int) -> None:
+        nonlocal errors
+        for i in range(count):
+            t = time.perf_counter()
+            errors += not await publish(p, i)
+            latencies.append(time.perf_counter() - t)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(publisher(p, len(releases)) for p, (_, _, releases) in enumerate(work)))
+    return time.perf_counter() - start, latencies, errors
 
 
 def summary(elapsed: float, lat: list[float], errors: int) -> dict[str, object]:

@@ -12,6 +12,8 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
+from .pg import connect
+
 log = logging.getLogger("wasmlog.storage.notify")
 
 LISTEN_SECONDS = 0.5  # the longest wait between looks at whether to stop
@@ -40,9 +42,7 @@ class Listener:
         try:
             while not self._closing.is_set():
                 try:
-                    with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
-                        for setting, value in self.keepalives:
-                            conn.execute(f"SET {setting} = {int(value)}")
+                    with connect(self.dsn, self.keepalives) as conn:
                         for channel in self.channels:
                             conn.execute(f"LISTEN {channel}")
                         self.listening = True

@@ -39,6 +39,7 @@ from ..tiles import ENTRIES, TILE_WIDTH, TileID, encode_entry_bundle, parse_entr
 from .admission import Admission
 from .notify import Listener
 from .objects import ObjectStore
+from .pg import connect
 
 try:
     import psycopg
@@ -152,9 +153,7 @@ class SharedLogStore:
         """A new connection for this thread in place of old (closed, if any)."""
         if old is not None:
             old.close()
-        conn = self._local.conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
-        for setting, value in self._session_limits:
-            conn.execute(f"SET {setting} = {int(value)}")
+        conn = self._local.conn = connect(self.dsn, self._session_limits)
         with self._conns_lock:
             self._conns = [c for c in self._conns if not c.closed] + [conn]
         return conn
@@ -374,11 +373,9 @@ class SharedLogStore:
             try:
                 if self._lead_conn is None or self._lead_conn.closed:
                     self._leading = False
-                    self._lead_conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
                     # A killed process's session ends at once; a vanished machine's once these keepalives
                     # go unanswered (~11 s), and PostgreSQL then frees the lock for another process.
-                    for setting, value in LEAD_KEEPALIVES:
-                        self._lead_conn.execute(f"SET {setting} = {value}")
+                    self._lead_conn = connect(self.dsn, LEAD_KEEPALIVES)
                     # A frozen process's (SIGSTOP, a hung thread) when it has not looked for LEAD_IDLE_MS (PostgreSQL 14 on).
                     if self._lead_conn.info.server_version >= 140000:
                         self._lead_conn.execute(f"SET idle_session_timeout = {LEAD_IDLE_MS}")
